@@ -1,0 +1,745 @@
+//! Configuration: TOML in, a validated [`Config`] out, or every problem at once.
+//!
+//! An operator editing a config at 3 a.m. wants to see all of its mistakes in one go, each with
+//! the TOML path that holds it (`tenants[2].api_key_sha256: expected 64 hex characters`). So the
+//! file is read in two passes: serde checks the *shape* (unknown keys and wrong types are errors,
+//! reported with their path), then [`validate`] turns the raw strings into typed values (durations,
+//! sizes, addresses, key digests), collecting every problem instead of stopping at the first.
+//!
+//! Nothing here is read on the request path: the proxy compiles a [`Config`] into its runtime
+//! tables once (see `runtime.rs`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::{Method, Uri};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Defaults, each with the reason it is what it is.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Where the proxy listens when `server.listen` is not set: loopback, so a first run exposes nothing.
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    /// The admin listener (metrics, health, reload) stays on loopback by default.
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9090";
+    /// Where `bureau-guard mock-bureau` listens by default, so the example config runs as is.
+    pub const MOCK_BUREAU_URL: &str = "http://127.0.0.1:8081";
+    /// Credit look-up bodies are a few hundred bytes; 64 KiB leaves room for batch requests.
+    pub const MAX_BODY: u64 = 64 * 1024;
+    /// Same order as nginx's `large_client_header_buffers` (4 × 8k).
+    pub const MAX_HEADER_BYTES: u64 = 16 * 1024;
+    /// A client that has not sent its headers in 5 s is a slowloris, not a bank.
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+    /// End-to-end bound on one request, queueing and the bureau included.
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Time given to in-flight requests on shutdown before connections are closed.
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+    /// The bureau is on a private network: a connect that takes a second has failed.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+    /// A credit report normally takes tens of milliseconds; 5 s is a bureau in trouble.
+    pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Idle keep-alive connections kept to the bureau; enough for a few thousand req/s.
+    pub const POOL_MAX_IDLE: usize = 256;
+    /// Idle connections older than this are closed (below typical server keep-alive of 60-120 s).
+    pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+    /// Bureau responses are buffered; a credit report is a few KiB, 1 MiB is an anomaly.
+    pub const MAX_RESPONSE_BODY: u64 = 1024 * 1024;
+}
+
+/// One problem in a config, with the TOML path where it sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// TOML path such as `tenants[2].api_key_sha256`; empty for the file as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.path, self.message) }
+    }
+}
+
+/// Every problem found in a config; never empty.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A validated configuration. Every value is typed; every default applied.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+    pub routes: Vec<RouteConfig>,
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body: u64,
+    pub max_header_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub request_timeout: Duration,
+    pub drain_timeout: Duration,
+    /// Forward requests that match no route instead of answering 404.
+    pub pass_unmatched: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `http://host:port[/prefix]`; the prefix (without trailing slash) is put before every path.
+    pub url: Uri,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub pool_max_idle: usize,
+    pub pool_idle_timeout: Duration,
+    pub max_response_body: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// One line per request (tenant, route, status, outcome, latency, request id).
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Metric label and log field: `[A-Za-z0-9_-]`, unique.
+    pub name: String,
+    pub method: Method,
+    /// Path pattern with `{param}` segments, e.g. `/v1/score/{subject_id}`.
+    pub path: String,
+    /// Weight of one request of this route in rate and fair-share accounting.
+    pub cost: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    /// Stable identifier: metric label, `x-tenant` header value, log field.
+    pub id: String,
+    pub name: String,
+    /// SHA-256 digests of the tenant's API keys (several during a key rotation).
+    pub key_digests: Vec<[u8; 32]>,
+    /// Share of the bureau under contention, relative to other tenants.
+    pub weight: u32,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`, resolving `api_key_env` from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![Problem { path: String::new(), message: format!("cannot read {}: {e}", path.display()) }],
+        })?;
+        Config::from_toml(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates `text`; `env` resolves the variables named by `api_key_env`.
+    pub fn from_toml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let raw = parse_raw(text)?;
+        validate(raw, env)
+    }
+}
+
+fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
+    let one = |path: String, message: String| ConfigError { problems: vec![Problem { path, message }] };
+    let de = toml::Deserializer::parse(text).map_err(|e| one(String::new(), toml_message(text, &e)))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        one(path, toml_message(text, e.inner()))
+    })
+}
+
+/// The toml error's own message plus its line number, on one line.
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{msg} (line {line})")
+        }
+        None => msg,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw shape: what serde reads. Strings stay strings until `validate` parses them with a path.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    #[serde(default)]
+    tenants: Vec<RawTenant>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    max_body: Option<String>,
+    max_header_bytes: Option<String>,
+    header_read_timeout: Option<String>,
+    request_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    pass_unmatched: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Option<String>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    pool_max_idle: Option<usize>,
+    pool_idle_timeout: Option<String>,
+    max_response_body: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    access_log: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+    cost: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    id: Option<String>,
+    name: Option<String>,
+    api_key_sha256: Option<OneOrMany>,
+    api_key_env: Option<OneOrMany>,
+    weight: Option<i64>,
+}
+
+/// `key = "x"` or `key = ["x", "y"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// Each value with the path suffix that addresses it (`""` for a lone string, `[i]` in a list).
+    fn items(&self) -> Vec<(String, &str)> {
+        match self {
+            OneOrMany::One(s) => vec![(String::new(), s.as_str())],
+            OneOrMany::Many(v) => v.iter().enumerate().map(|(i, s)| (format!("[{i}]"), s.as_str())).collect(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation: every raw value becomes a typed one, or a problem with its path.
+
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem { path: path.into(), message: message.into() });
+    }
+
+    fn duration(&mut self, path: &str, raw: Option<&str>, default: Duration) -> Duration {
+        let Some(s) = raw else { return default };
+        match humantime::parse_duration(s) {
+            Ok(d) if d.is_zero() => {
+                self.add(path, "must be greater than zero");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.add(path, format!("invalid duration {s:?} ({e}); use e.g. \"250ms\", \"2s\", \"1m\""));
+                default
+            }
+        }
+    }
+
+    fn size(&mut self, path: &str, raw: Option<&str>, default: u64) -> u64 {
+        let Some(s) = raw else { return default };
+        match s.parse::<bytesize::ByteSize>() {
+            Ok(b) if b.as_u64() == 0 => {
+                self.add(path, "must be greater than zero");
+                default
+            }
+            Ok(b) => b.as_u64(),
+            Err(_) => {
+                self.add(path, format!("invalid size {s:?}; use e.g. \"64KiB\", \"1MiB\""));
+                default
+            }
+        }
+    }
+
+    fn addr(&mut self, path: &str, raw: Option<&str>, default: &str) -> SocketAddr {
+        let s = raw.unwrap_or(default);
+        s.parse().unwrap_or_else(|_| {
+            self.add(path, format!("invalid address {s:?}; expected IP:PORT such as \"127.0.0.1:8080\""));
+            default.parse().expect("default addresses are valid")
+        })
+    }
+}
+
+fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let mut p = Problems(Vec::new());
+
+    let s = &raw.server;
+    let max_header_bytes = p.size("server.max_header_bytes", s.max_header_bytes.as_deref(), defaults::MAX_HEADER_BYTES);
+    if max_header_bytes < 1024 {
+        p.add("server.max_header_bytes", "must be at least 1KiB");
+    }
+    let server = ServerConfig {
+        listen: p.addr("server.listen", s.listen.as_deref(), defaults::LISTEN),
+        max_body: p.size("server.max_body", s.max_body.as_deref(), defaults::MAX_BODY),
+        max_header_bytes,
+        header_read_timeout: p.duration(
+            "server.header_read_timeout",
+            s.header_read_timeout.as_deref(),
+            defaults::HEADER_READ_TIMEOUT,
+        ),
+        request_timeout: p.duration("server.request_timeout", s.request_timeout.as_deref(), defaults::REQUEST_TIMEOUT),
+        drain_timeout: p.duration("server.drain_timeout", s.drain_timeout.as_deref(), defaults::DRAIN_TIMEOUT),
+        pass_unmatched: s.pass_unmatched.unwrap_or(false),
+    };
+
+    let admin = AdminConfig { listen: p.addr("admin.listen", raw.admin.listen.as_deref(), defaults::ADMIN_LISTEN) };
+    if admin.listen == server.listen {
+        p.add("admin.listen", format!("must differ from server.listen ({})", server.listen));
+    }
+
+    let u = &raw.upstream;
+    let upstream = UpstreamConfig {
+        url: upstream_url(&mut p, u.url.as_deref()),
+        connect_timeout: p.duration(
+            "upstream.connect_timeout",
+            u.connect_timeout.as_deref(),
+            defaults::CONNECT_TIMEOUT,
+        ),
+        response_timeout: p.duration(
+            "upstream.response_timeout",
+            u.response_timeout.as_deref(),
+            defaults::RESPONSE_TIMEOUT,
+        ),
+        pool_max_idle: u.pool_max_idle.unwrap_or(defaults::POOL_MAX_IDLE),
+        pool_idle_timeout: p.duration(
+            "upstream.pool_idle_timeout",
+            u.pool_idle_timeout.as_deref(),
+            defaults::POOL_IDLE_TIMEOUT,
+        ),
+        max_response_body: p.size(
+            "upstream.max_response_body",
+            u.max_response_body.as_deref(),
+            defaults::MAX_RESPONSE_BODY,
+        ),
+    };
+
+    let log = LogConfig {
+        format: match raw.log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                p.add("log.format", format!("unknown format {other:?}; expected \"text\" or \"json\""));
+                LogFormat::Text
+            }
+        },
+        access_log: raw.log.access_log.unwrap_or(true),
+    };
+
+    let routes = validate_routes(&mut p, &raw.routes);
+    if routes.is_empty() && !server.pass_unmatched && raw.routes.is_empty() {
+        p.add("routes", "at least one [[routes]] entry is required (or set server.pass_unmatched = true)");
+    }
+    let tenants = validate_tenants(&mut p, &raw.tenants, env);
+
+    if p.0.is_empty() {
+        Ok(Config { server, admin, upstream, log, routes, tenants })
+    } else {
+        Err(ConfigError { problems: p.0 })
+    }
+}
+
+fn upstream_url(p: &mut Problems, raw: Option<&str>) -> Uri {
+    let fallback = || Uri::from_static(defaults::MOCK_BUREAU_URL);
+    let Some(s) = raw else {
+        p.add("upstream.url", "required: the bureau's base URL, e.g. \"http://127.0.0.1:8081\"");
+        return fallback();
+    };
+    let uri: Uri = match s.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            p.add("upstream.url", format!("unparsable URL {s:?}: {e}"));
+            return fallback();
+        }
+    };
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            p.add("upstream.url", "https upstreams are not supported yet (TLS to the bureau is planned); use http://");
+            return fallback();
+        }
+        _ => {
+            p.add("upstream.url", format!("{s:?} must start with http://"));
+            return fallback();
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        p.add("upstream.url", format!("{s:?} has no host"));
+        return fallback();
+    }
+    if uri.query().is_some() {
+        p.add("upstream.url", "must not carry a query string");
+    }
+    uri
+}
+
+fn is_label_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+fn validate_routes(p: &mut Problems, raw: &[RawRoute]) -> Vec<RouteConfig> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut patterns: HashMap<(String, &str), usize> = HashMap::new();
+    for (i, r) in raw.iter().enumerate() {
+        let at = |field: &str| format!("routes[{i}].{field}");
+        let name = match r.name.as_deref() {
+            None => {
+                p.add(at("name"), "required");
+                None
+            }
+            Some(n) if !is_label_safe(n) || n.starts_with('_') => {
+                p.add(at("name"), format!("{n:?} must be 1-64 characters of A-Z a-z 0-9 _ - . and not start with _"));
+                None
+            }
+            Some(n) => {
+                if let Some(first) = names.insert(n, i) {
+                    p.add(at("name"), format!("duplicate route name {n:?} (also routes[{first}])"));
+                }
+                Some(n)
+            }
+        };
+        let method = match r.method.as_deref() {
+            None => {
+                p.add(at("method"), "required, e.g. \"GET\" or \"POST\"");
+                None
+            }
+            Some(m) => match Method::from_bytes(m.as_bytes()) {
+                Ok(method) if m.bytes().all(|b| b.is_ascii_uppercase()) => Some(method),
+                _ => {
+                    p.add(at("method"), format!("invalid HTTP method {m:?}; use upper case, e.g. \"GET\""));
+                    None
+                }
+            },
+        };
+        let path = match r.path.as_deref() {
+            None => {
+                p.add(at("path"), "required, e.g. \"/v1/score/{subject_id}\"");
+                None
+            }
+            Some(path) if !path.starts_with('/') => {
+                p.add(at("path"), format!("{path:?} must start with /"));
+                None
+            }
+            Some(path) => match crate::route::check_pattern(path) {
+                Ok(()) => Some(path),
+                Err(e) => {
+                    p.add(at("path"), e);
+                    None
+                }
+            },
+        };
+        if let (Some(m), Some(path)) = (&method, path)
+            && let Some(first) = patterns.insert((m.to_string(), path), i)
+        {
+            p.add(at("path"), format!("{m} {path} is already routes[{first}]"));
+        }
+        let cost = match r.cost {
+            None => 1,
+            Some(c) if (1..=1_000_000).contains(&c) => c as u32,
+            Some(c) => {
+                p.add(at("cost"), format!("{c} must be between 1 and 1000000"));
+                1
+            }
+        };
+        if let (Some(name), Some(method), Some(path)) = (name, method, path) {
+            out.push(RouteConfig { name: name.to_string(), method, path: path.to_string(), cost });
+        }
+    }
+    if out.len() == raw.len()
+        && let Err(e) = crate::route::RouteTable::new(&out)
+    {
+        p.add("routes", e);
+    }
+    out
+}
+
+fn validate_tenants(p: &mut Problems, raw: &[RawTenant], env: &dyn Fn(&str) -> Option<String>) -> Vec<TenantConfig> {
+    if raw.is_empty() {
+        p.add("tenants", "at least one [[tenants]] entry is required");
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut keys: HashMap<[u8; 32], String> = HashMap::new();
+    for (i, t) in raw.iter().enumerate() {
+        let at = |field: &str| format!("tenants[{i}].{field}");
+        let id = match t.id.as_deref() {
+            None => {
+                p.add(at("id"), "required");
+                None
+            }
+            Some(id) if !is_label_safe(id) || id.starts_with('_') => {
+                p.add(at("id"), format!("{id:?} must be 1-64 characters of A-Z a-z 0-9 _ - . and not start with _"));
+                None
+            }
+            Some(id) => {
+                if let Some(first) = ids.insert(id, i) {
+                    p.add(at("id"), format!("duplicate tenant id {id:?} (also tenants[{first}])"));
+                }
+                Some(id)
+            }
+        };
+
+        let mut digests = Vec::new();
+        let mut add_digest = |p: &mut Problems, path: String, d: [u8; 32]| {
+            if let Some(first) = keys.get(&d) {
+                p.add(path, format!("duplicate api key (also {first})"));
+            } else {
+                keys.insert(d, path);
+                digests.push(d);
+            }
+        };
+        if let Some(list) = &t.api_key_sha256 {
+            for (suffix, hex_str) in list.items() {
+                let path = format!("{}{suffix}", at("api_key_sha256"));
+                let mut d = [0u8; 32];
+                if hex_str.len() != 64 || hex::decode_to_slice(hex_str, &mut d).is_err() {
+                    p.add(path, "expected 64 hex characters (the SHA-256 of the key, e.g. from `sha256sum`)");
+                } else {
+                    add_digest(p, path, d);
+                }
+            }
+        }
+        if let Some(list) = &t.api_key_env {
+            for (suffix, var) in list.items() {
+                let path = format!("{}{suffix}", at("api_key_env"));
+                match env(var) {
+                    Some(key) if !key.is_empty() => add_digest(p, path, Sha256::digest(key.as_bytes()).into()),
+                    _ => p.add(path, format!("environment variable {var} is not set or empty")),
+                }
+            }
+        }
+        if t.api_key_sha256.is_none() && t.api_key_env.is_none() {
+            p.add(at("api_key_sha256"), "each tenant needs api_key_sha256 or api_key_env");
+        }
+
+        let weight = match t.weight {
+            None => 1,
+            Some(w) if (1..=1000).contains(&w) => w as u32,
+            Some(w) => {
+                p.add(at("weight"), format!("{w} must be between 1 and 1000"));
+                1
+            }
+        };
+        if let Some(id) = id {
+            out.push(TenantConfig {
+                id: id.to_string(),
+                name: t.name.clone().unwrap_or_else(|| id.to_string()),
+                key_digests: digests,
+                weight,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_HEX: &str = "5b2cd6b7a9d6b8bb4c6e1a5ec4d1a4a6e3c0f7d0b5e1d4a8c7f2e0b6a9d3c1e4";
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn minimal() -> String {
+        format!(
+            r#"
+[upstream]
+url = "http://127.0.0.1:8081"
+[[routes]]
+name = "score"
+method = "GET"
+path = "/v1/score/{{subject_id}}"
+[[tenants]]
+id = "bank-a"
+api_key_sha256 = "{KEY_HEX}"
+"#
+        )
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::from_toml(text, &no_env) {
+            Ok(_) => vec![],
+            Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml(&minimal(), &no_env).expect("valid");
+        assert_eq!(c.server.listen, defaults::LISTEN.parse().unwrap());
+        assert_eq!(c.server.max_body, defaults::MAX_BODY);
+        assert_eq!(c.tenants[0].weight, 1);
+        assert_eq!(c.tenants[0].name, "bank-a");
+        assert_eq!(c.routes[0].cost, 1);
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_its_path() {
+        let text = minimal().replace("[upstream]", "[upstream]\ncolour = \"blue\"");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("upstream.colour: unknown field `colour`"), "{p:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_not_just_the_first() {
+        let text = format!(
+            r#"
+[server]
+max_body = "lots"
+request_timeout = "soon"
+[upstream]
+url = "ftp://bureau"
+[[routes]]
+name = "score"
+method = "get"
+path = "v1/score"
+[[tenants]]
+id = "a"
+api_key_sha256 = "{KEY_HEX}"
+[[tenants]]
+id = "a"
+api_key_sha256 = "{KEY_HEX}"
+[[tenants]]
+id = "c"
+api_key_sha256 = "abc"
+weight = 0
+"#
+        );
+        let p = problems(&text);
+        let expect = [
+            "server.max_body: invalid size \"lots\"",
+            "server.request_timeout: invalid duration \"soon\"",
+            "upstream.url: \"ftp://bureau\" must start with http://",
+            "routes[0].method: invalid HTTP method \"get\"",
+            "routes[0].path: \"v1/score\" must start with /",
+            "tenants[1].id: duplicate tenant id \"a\" (also tenants[0])",
+            "tenants[1].api_key_sha256: duplicate api key (also tenants[0].api_key_sha256)",
+            "tenants[2].api_key_sha256: expected 64 hex characters",
+            "tenants[2].weight: 0 must be between 1 and 1000",
+        ];
+        for e in expect {
+            assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+    }
+
+    #[test]
+    fn api_key_from_env_is_hashed_and_missing_env_is_an_error() {
+        let text = minimal().replace(&format!("api_key_sha256 = \"{KEY_HEX}\""), "api_key_env = [\"K1\", \"K2\"]");
+        let env = |name: &str| (name == "K1").then(|| "secret".to_string());
+        let err = Config::from_toml(&text, &env).unwrap_err();
+        assert_eq!(err.to_string(), "tenants[0].api_key_env[1]: environment variable K2 is not set or empty");
+        let env = |name: &str| Some(format!("secret-{name}"));
+        let c = Config::from_toml(&text, &env).expect("valid");
+        let want: [u8; 32] = Sha256::digest(b"secret-K1").into();
+        assert_eq!(c.tenants[0].key_digests[0], want);
+        assert_eq!(c.tenants[0].key_digests.len(), 2);
+    }
+
+    #[test]
+    fn conflicting_route_patterns_are_rejected() {
+        let text = minimal()
+            + r#"
+[[routes]]
+name = "score2"
+method = "GET"
+path = "/v1/score/{id}"
+"#;
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("routes: "), "{p:?}");
+    }
+
+    #[test]
+    fn bad_types_and_syntax_are_reported_with_line() {
+        let p = problems("[server]\nlisten = 8080\n");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("server.listen: invalid type: integer `8080`, expected a string"), "{p:?}");
+        let p = problems("[server\n");
+        assert!(p[0].contains("(line 1)"), "{p:?}");
+    }
+}

@@ -1,0 +1,170 @@
+//! Prometheus metrics: registered once into a struct of handles, exported on the admin listener.
+//!
+//! Labels are bounded by the config: `tenant` is a configured tenant id (or `_none` before one is
+//! known), `route` a configured route name (or `_none` / `_passthrough`), `outcome` one of the
+//! fixed [`Outcome`] labels. Never a subject id, never a key.
+//!
+//! The request path must not take the registry's lock per request, so handles for each
+//! (tenant, route) pair are resolved on first use and kept in a [`RequestCells`] table that lives
+//! with the compiled config.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::respond::Outcome;
+
+/// Label for "no tenant identified" / "no route matched".
+pub const NONE_LABEL: &str = "_none";
+/// Route label of requests forwarded by `server.pass_unmatched`.
+pub const PASSTHROUGH_LABEL: &str = "_passthrough";
+
+/// Latency buckets from 0.5 ms (a cache hit) to 10 s (the request timeout).
+const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Every metric of the process.
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub request_duration_seconds: HistogramVec,
+    pub requests_in_flight: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new("bureau_guard_requests_total", "Requests answered, by tenant, route and outcome."),
+            &["tenant", "route", "outcome"],
+        )
+        .expect("valid metric");
+        let request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "bureau_guard_request_duration_seconds",
+                "Time from request head received to response ready, by tenant and route.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["tenant", "route"],
+        )
+        .expect("valid metric");
+        let requests_in_flight = IntGauge::new("bureau_guard_requests_in_flight", "Requests inside bureau-guard now.")
+            .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("bureau_guard_build_info", "Always 1; the version label tells which build runs."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+        for c in [
+            Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration_seconds.clone()),
+            Box::new(requests_in_flight.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics { registry, requests_total, request_duration_seconds, requests_in_flight }
+    }
+
+    /// The text exposition format of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("writing to a Vec cannot fail");
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Handles for one (tenant, route) pair.
+pub struct Cell {
+    duration: Histogram,
+    outcomes: [OnceLock<IntCounter>; Outcome::COUNT],
+    tenant: String,
+    route: String,
+}
+
+/// Lazily resolved metric handles per (tenant, route), so the hot path touches no registry lock.
+pub struct RequestCells {
+    tenant_labels: Vec<String>,
+    route_labels: Vec<String>,
+    cells: Box<[OnceLock<Cell>]>,
+}
+
+impl RequestCells {
+    /// `tenants` and `routes` are the configured ids and names; `_none` (and `_passthrough` for
+    /// routes) are added at the end.
+    pub fn new(tenants: impl Iterator<Item = String>, routes: impl Iterator<Item = String>) -> RequestCells {
+        let mut tenant_labels: Vec<String> = tenants.collect();
+        tenant_labels.push(NONE_LABEL.to_string());
+        let mut route_labels: Vec<String> = routes.collect();
+        route_labels.push(NONE_LABEL.to_string());
+        route_labels.push(PASSTHROUGH_LABEL.to_string());
+        let n = tenant_labels.len() * route_labels.len();
+        RequestCells { tenant_labels, route_labels, cells: (0..n).map(|_| OnceLock::new()).collect() }
+    }
+
+    /// Index of the `_none` route label.
+    pub fn route_none(&self) -> usize {
+        self.route_labels.len() - 2
+    }
+
+    /// Index of the `_passthrough` route label.
+    pub fn route_passthrough(&self) -> usize {
+        self.route_labels.len() - 1
+    }
+
+    /// The label of route index `route`.
+    pub fn route_label(&self, route: usize) -> &str {
+        &self.route_labels[route]
+    }
+
+    /// Records one finished request. `tenant`/`route` of `None` map to `_none`.
+    pub fn record(&self, metrics: &Metrics, tenant: Option<usize>, route: usize, outcome: Outcome, seconds: f64) {
+        let t = tenant.unwrap_or(self.tenant_labels.len() - 1);
+        let i = t * self.route_labels.len() + route;
+        let cell = self.cells[i].get_or_init(|| Cell {
+            duration: metrics
+                .request_duration_seconds
+                .with_label_values(&[&self.tenant_labels[t], &self.route_labels[route]]),
+            outcomes: std::array::from_fn(|_| OnceLock::new()),
+            tenant: self.tenant_labels[t].clone(),
+            route: self.route_labels[route].clone(),
+        });
+        cell.duration.observe(seconds);
+        cell.outcomes[outcome.index()]
+            .get_or_init(|| metrics.requests_total.with_label_values(&[&cell.tenant, &cell.route, outcome.as_str()]))
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::respond::ErrorKind;
+
+    #[test]
+    fn records_with_bounded_labels() {
+        let m = Metrics::new();
+        let cells = RequestCells::new(["bank-a".to_string()].into_iter(), ["score".to_string()].into_iter());
+        cells.record(&m, Some(0), 0, Outcome::Bureau, 0.002);
+        cells.record(&m, Some(0), 0, Outcome::Bureau, 0.002);
+        cells.record(&m, None, cells.route_none(), Outcome::Rejected(ErrorKind::MissingApiKey), 0.0001);
+        assert_eq!(m.requests_total.with_label_values(&["bank-a", "score", "bureau"]).get(), 2);
+        assert_eq!(m.requests_total.with_label_values(&["_none", "_none", "missing_api_key"]).get(), 1);
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(
+            text.contains("bureau_guard_request_duration_seconds_count{route=\"score\",tenant=\"bank-a\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("bureau_guard_build_info{version="));
+    }
+}

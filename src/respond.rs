@@ -1,0 +1,210 @@
+//! The one place where a failed request becomes a status code and a JSON body.
+//!
+//! Every stage of the request path answers with a [`ProxyError`] when it stops a request; the
+//! kind says who is to blame and picks the status and the stable `error` code that clients and
+//! dashboards rely on (DESIGN.md, "Errors"). Nothing else in the crate writes an error response.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+/// The response body type of the proxy: bodies are buffered (bounded) end to end.
+pub type Body = Full<Bytes>;
+
+/// Who caused a request to fail: decides log level and which dashboard row it lands in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The client sent something wrong (auth, path, size).
+    Client,
+    /// The bureau failed, was unreachable or too slow.
+    Bureau,
+    /// bureau-guard itself (shutting down, internal limit).
+    Proxy,
+}
+
+/// Why a request was answered by bureau-guard instead of the bureau.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    MissingApiKey,
+    InvalidApiKey,
+    RouteNotFound,
+    BadRequest,
+    BodyTooLarge,
+    HeadersTooLarge,
+    BureauUnreachable,
+    BureauBadResponse,
+    BureauTimeout,
+    RequestTimeout,
+}
+
+impl ErrorKind {
+    /// Every kind, for pre-registering metric label values and tests.
+    pub const ALL: [ErrorKind; 10] = [
+        ErrorKind::MissingApiKey,
+        ErrorKind::InvalidApiKey,
+        ErrorKind::RouteNotFound,
+        ErrorKind::BadRequest,
+        ErrorKind::BodyTooLarge,
+        ErrorKind::HeadersTooLarge,
+        ErrorKind::BureauUnreachable,
+        ErrorKind::BureauBadResponse,
+        ErrorKind::BureauTimeout,
+        ErrorKind::RequestTimeout,
+    ];
+
+    /// The stable `error` code in the JSON body; also the `outcome` metric label.
+    pub const fn code(self) -> &'static str {
+        match self {
+            ErrorKind::MissingApiKey => "missing_api_key",
+            ErrorKind::InvalidApiKey => "invalid_api_key",
+            ErrorKind::RouteNotFound => "route_not_found",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::BodyTooLarge => "body_too_large",
+            ErrorKind::HeadersTooLarge => "headers_too_large",
+            ErrorKind::BureauUnreachable => "bureau_unreachable",
+            ErrorKind::BureauBadResponse => "bureau_bad_response",
+            ErrorKind::BureauTimeout => "bureau_timeout",
+            ErrorKind::RequestTimeout => "request_timeout",
+        }
+    }
+
+    pub const fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::MissingApiKey | ErrorKind::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            ErrorKind::RouteNotFound => StatusCode::NOT_FOUND,
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::BureauUnreachable | ErrorKind::BureauBadResponse => StatusCode::BAD_GATEWAY,
+            ErrorKind::BureauTimeout | ErrorKind::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub const fn blame(self) -> Blame {
+        match self {
+            ErrorKind::MissingApiKey
+            | ErrorKind::InvalidApiKey
+            | ErrorKind::RouteNotFound
+            | ErrorKind::BadRequest
+            | ErrorKind::BodyTooLarge
+            | ErrorKind::HeadersTooLarge => Blame::Client,
+            ErrorKind::BureauUnreachable | ErrorKind::BureauBadResponse | ErrorKind::BureauTimeout => Blame::Bureau,
+            ErrorKind::RequestTimeout => Blame::Proxy,
+        }
+    }
+}
+
+/// A request stopped by bureau-guard. Rendered by [`error_response`].
+#[derive(Debug, Clone)]
+pub struct ProxyError {
+    pub kind: ErrorKind,
+    /// Human-readable detail; never contains an api key, a subject id or a body.
+    pub message: String,
+    /// Seconds after which a retry may succeed; sets `Retry-After`.
+    pub retry_after_s: Option<u64>,
+}
+
+impl ProxyError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ProxyError {
+        ProxyError { kind, message: message.into(), retry_after_s: None }
+    }
+}
+
+impl std::fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.code(), self.message)
+    }
+}
+
+/// What happened to a request, as one bounded label for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered by the bureau (whatever status it gave).
+    Bureau,
+    /// Answered by bureau-guard with an error.
+    Rejected(ErrorKind),
+}
+
+impl Outcome {
+    /// Number of distinct outcomes; sizes per-outcome metric tables.
+    pub const COUNT: usize = 1 + ErrorKind::ALL.len();
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Bureau => "bureau",
+            Outcome::Rejected(kind) => kind.code(),
+        }
+    }
+
+    /// Dense index in `0..COUNT`.
+    pub fn index(self) -> usize {
+        match self {
+            Outcome::Bureau => 0,
+            Outcome::Rejected(kind) => 1 + kind as usize,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'static str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_s: Option<u64>,
+}
+
+/// Renders `err` as the JSON error response of DESIGN.md, attributed to `tenant` when known.
+pub fn error_response(err: &ProxyError, tenant: Option<&Arc<str>>) -> Response<Body> {
+    let body = ErrorBody {
+        error: err.kind.code(),
+        message: &err.message,
+        tenant: tenant.map(|t| &**t),
+        retry_after_s: err.retry_after_s,
+    };
+    let json = serde_json::to_vec(&body).expect("serializing a struct of strings and integers cannot fail");
+    let mut resp = Response::new(Full::new(Bytes::from(json)));
+    *resp.status_mut() = err.kind.status();
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(s) = err.retry_after_s {
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn outcome_indexes_are_dense_and_labels_unique() {
+        let mut seen = std::collections::HashSet::new();
+        let all = std::iter::once(Outcome::Bureau).chain(ErrorKind::ALL.iter().map(|k| Outcome::Rejected(*k)));
+        for (i, o) in all.enumerate() {
+            assert_eq!(o.index(), i);
+            assert!(seen.insert(o.as_str()));
+        }
+        assert_eq!(seen.len(), Outcome::COUNT);
+    }
+
+    #[tokio::test]
+    async fn error_body_follows_the_design() {
+        let mut err = ProxyError::new(ErrorKind::BureauTimeout, "no answer in 5s");
+        err.retry_after_s = Some(2);
+        let resp = error_response(&err, Some(&Arc::from("bank-a")));
+        assert_eq!(resp.status(), 504);
+        assert_eq!(resp.headers()[RETRY_AFTER], "2");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": "bureau_timeout", "message": "no answer in 5s", "tenant": "bank-a", "retry_after_s": 2})
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! The running proxy's state: a compiled config snapshot behind an atomic pointer, plus the
+//! process-wide parts (metrics, request ids, readiness) that outlive any one config.
+//!
+//! A request loads the snapshot once and uses it to the end, so a reload (which stores a new
+//! snapshot) never changes the rules under a request in flight, and the request path takes no
+//! lock to read its config.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::headers::RequestIds;
+use crate::metrics::{Metrics, RequestCells};
+use crate::route::RouteTable;
+use crate::tenant::TenantTable;
+use crate::upstream::Upstream;
+
+/// What the request path needs from `[server]` and `[log]`, copied out of the config.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body: u64,
+    pub max_header_bytes: u64,
+    pub request_timeout: Duration,
+    pub pass_unmatched: bool,
+    pub access_log: bool,
+}
+
+/// A route as the request path sees it.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub cost: u32,
+}
+
+/// One config, compiled into the tables the request path reads.
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub limits: Limits,
+    pub tenants: TenantTable,
+    pub route_table: RouteTable,
+    pub routes: Vec<Route>,
+    pub upstream: Upstream,
+    pub cells: RequestCells,
+}
+
+impl Snapshot {
+    /// Compiles a validated config. Cheap enough to run on every reload; never on the request path.
+    pub fn compile(config: Arc<Config>) -> Snapshot {
+        let route_table = RouteTable::new(&config.routes).expect("validated routes compile");
+        Snapshot {
+            limits: Limits {
+                max_body: config.server.max_body,
+                max_header_bytes: config.server.max_header_bytes,
+                request_timeout: config.server.request_timeout,
+                pass_unmatched: config.server.pass_unmatched,
+                access_log: config.log.access_log,
+            },
+            tenants: TenantTable::new(&config.tenants),
+            route_table,
+            routes: config.routes.iter().map(|r| Route { name: Arc::from(r.name.as_str()), cost: r.cost }).collect(),
+            upstream: Upstream::new(&config.upstream),
+            cells: RequestCells::new(
+                config.tenants.iter().map(|t| t.id.clone()),
+                config.routes.iter().map(|r| r.name.clone()),
+            ),
+            config,
+        }
+    }
+}
+
+/// State shared by every connection of one running proxy.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Metrics,
+    pub ids: RequestIds,
+    /// False until the listeners are bound, and again once draining starts.
+    pub ready: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Arc<Shared> {
+        Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::compile(Arc::new(config))),
+            metrics: Metrics::new(),
+            ids: RequestIds::default(),
+            ready: AtomicBool::new(false),
+        })
+    }
+}

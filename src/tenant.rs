@@ -1,0 +1,174 @@
+//! Stage 1 of the request path: which institution sent this request.
+//!
+//! Everything after this stage (quotas, fair share, cache scope, metrics, audit) is per tenant, so
+//! an unidentified request never gets further. Keys arrive as `x-api-key: KEY` or
+//! `Authorization: Bearer KEY`; the config holds only their SHA-256 digests. The presented key is
+//! hashed, its first 8 digest bytes pick a bucket, and the full digest is compared in constant
+//! time (`subtle`), so neither the key nor how much of a digest matched leaks through timing.
+//! The header that carried the key is removed here, so it can never reach the bureau.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::TenantConfig;
+use crate::respond::{ErrorKind, ProxyError};
+
+/// Header carrying the api key.
+pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// A configured tenant, as the request path sees it.
+#[derive(Debug)]
+pub struct Tenant {
+    /// Position in the config's `tenants`, for per-tenant tables.
+    pub index: usize,
+    pub id: Arc<str>,
+    pub name: String,
+    pub weight: u32,
+    /// `x-tenant` value sent to the bureau, prepared once.
+    pub header_value: HeaderValue,
+}
+
+/// Key digest → tenant, built once per config.
+#[derive(Debug)]
+pub struct TenantTable {
+    tenants: Vec<Arc<Tenant>>,
+    /// Bucketed by the first 8 bytes of the digest; the full digest is compared in constant time.
+    by_key: HashMap<u64, Vec<([u8; 32], usize)>>,
+    by_id: HashMap<Arc<str>, usize>,
+}
+
+impl TenantTable {
+    /// Builds the table from validated tenants (ids and keys already known to be unique).
+    pub fn new(configs: &[TenantConfig]) -> TenantTable {
+        let mut tenants = Vec::with_capacity(configs.len());
+        let mut by_key: HashMap<u64, Vec<([u8; 32], usize)>> = HashMap::new();
+        let mut by_id = HashMap::new();
+        for (index, c) in configs.iter().enumerate() {
+            let id: Arc<str> = Arc::from(c.id.as_str());
+            for d in &c.key_digests {
+                by_key.entry(bucket(d)).or_default().push((*d, index));
+            }
+            by_id.insert(id.clone(), index);
+            tenants.push(Arc::new(Tenant {
+                index,
+                header_value: HeaderValue::from_str(&c.id).expect("validated ids are header-safe"),
+                id,
+                name: c.name.clone(),
+                weight: c.weight,
+            }));
+        }
+        TenantTable { tenants, by_key, by_id }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tenants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Tenant>> {
+        self.tenants.iter()
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&Arc<Tenant>> {
+        self.by_id.get(id).map(|&i| &self.tenants[i])
+    }
+
+    /// The tenant whose key this is, comparing digests in constant time.
+    pub fn by_key(&self, key: &[u8]) -> Option<&Arc<Tenant>> {
+        let digest: [u8; 32] = Sha256::digest(key).into();
+        let candidates = self.by_key.get(&bucket(&digest))?;
+        let mut found = None;
+        for (d, index) in candidates {
+            if bool::from(d.ct_eq(&digest)) {
+                found = Some(*index);
+            }
+        }
+        found.map(|i| &self.tenants[i])
+    }
+
+    /// Identifies the tenant of a request and removes the header that carried its key.
+    pub fn identify(&self, headers: &mut HeaderMap) -> Result<&Arc<Tenant>, ProxyError> {
+        let (header, key) = match presented_key(headers) {
+            Some(found) => found,
+            None => {
+                return Err(ProxyError::new(
+                    ErrorKind::MissingApiKey,
+                    "send your api key as `x-api-key: KEY` or `Authorization: Bearer KEY`",
+                ));
+            }
+        };
+        let tenant = self.by_key(key.as_bytes());
+        headers.remove(header);
+        tenant.ok_or_else(|| ProxyError::new(ErrorKind::InvalidApiKey, "the api key is not known"))
+    }
+}
+
+fn bucket(digest: &[u8; 32]) -> u64 {
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// The key and the header it came in: `x-api-key` first, else a Bearer `authorization`.
+fn presented_key(headers: &HeaderMap) -> Option<(&'static HeaderName, HeaderValue)> {
+    if let Some(v) = headers.get(&X_API_KEY) {
+        return Some((&X_API_KEY, v.clone()));
+    }
+    let auth = headers.get(AUTHORIZATION)?.as_bytes();
+    let scheme = auth.get(..7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = auth[7..].trim_ascii();
+    if token.is_empty() {
+        return None;
+    }
+    Some((&AUTHORIZATION, HeaderValue::from_bytes(token).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> TenantTable {
+        let t = |id: &str, keys: &[&str]| TenantConfig {
+            id: id.into(),
+            name: id.into(),
+            key_digests: keys.iter().map(|k| Sha256::digest(k.as_bytes()).into()).collect(),
+            weight: 1,
+        };
+        TenantTable::new(&[t("a", &["key-a", "key-a2"]), t("b", &["key-b"])])
+    }
+
+    #[test]
+    fn identifies_by_either_header_and_strips_it() {
+        let t = table();
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("key-a2"));
+        assert_eq!(&*t.identify(&mut h).unwrap().id, "a");
+        assert!(h.get("x-api-key").is_none());
+
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_static("bearer  key-b "));
+        assert_eq!(&*t.identify(&mut h).unwrap().id, "b");
+        assert!(h.get(AUTHORIZATION).is_none());
+    }
+
+    #[test]
+    fn missing_and_unknown_keys_are_distinct_errors() {
+        let t = table();
+        let mut h = HeaderMap::new();
+        assert_eq!(t.identify(&mut h).unwrap_err().kind, ErrorKind::MissingApiKey);
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
+        assert_eq!(t.identify(&mut h).unwrap_err().kind, ErrorKind::MissingApiKey);
+        h.insert("x-api-key", HeaderValue::from_static("key-c"));
+        assert_eq!(t.identify(&mut h).unwrap_err().kind, ErrorKind::InvalidApiKey);
+        assert!(h.get("x-api-key").is_none(), "an unknown key is not forwarded either");
+    }
+}

@@ -1,0 +1,115 @@
+//! The last stage: one call to the bureau over a pooled keep-alive client.
+//!
+//! The bureau is the resource everything else protects, so this stage is deliberately plain: it
+//! knows nothing about tenants beyond the `x-tenant` header already set, rewrites the target to
+//! the configured base URL, bounds the call in time (connect and response) and in size (the
+//! response is buffered up to `max_response_body`, so it can be cached and fanned out later), and
+//! turns every failure into a [`ProxyError`] that says the bureau is to blame.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Response, Uri, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::UpstreamConfig;
+use crate::headers::strip_hop_by_hop;
+use crate::respond::{Body, ErrorKind, ProxyError};
+
+/// A pooled client bound to the bureau's base URL.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix of the base URL without its trailing slash; usually empty.
+    prefix: String,
+    response_timeout: Duration,
+    max_response_body: usize,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle)
+            .build(connector);
+        let parts = cfg.url.clone().into_parts();
+        Upstream {
+            client,
+            scheme: parts.scheme.unwrap_or(Scheme::HTTP),
+            authority: parts.authority.expect("validated upstream url has a host"),
+            prefix: cfg.url.path().trim_end_matches('/').to_string(),
+            response_timeout: cfg.response_timeout,
+            max_response_body: usize::try_from(cfg.max_response_body).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Sends the request (headers already prepared by the proxy) and buffers the response.
+    pub async fn send(&self, mut parts: Parts, body: Bytes) -> Result<Response<Body>, ProxyError> {
+        parts.uri = self.target(&parts.uri)?;
+        // The bureau hop is HTTP/1.1 whatever the client spoke; Host comes from the new URI.
+        parts.version = Version::HTTP_11;
+        parts.headers.remove(http::header::HOST);
+        let req = http::Request::from_parts(parts, Full::new(body));
+
+        let call = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    ProxyError::new(ErrorKind::BureauUnreachable, "cannot connect to the bureau")
+                } else {
+                    ProxyError::new(
+                        ErrorKind::BureauBadResponse,
+                        "the bureau closed the connection or sent an invalid response",
+                    )
+                }
+            })?;
+            let (mut head, body) = resp.into_parts();
+            let bytes = Limited::new(body, self.max_response_body).collect().await.map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ProxyError::new(
+                        ErrorKind::BureauBadResponse,
+                        "the bureau's response exceeds upstream.max_response_body",
+                    )
+                } else {
+                    ProxyError::new(ErrorKind::BureauBadResponse, "the bureau's response body was cut off")
+                }
+            })?;
+            strip_hop_by_hop(&mut head.headers);
+            Ok(Response::from_parts(head, Full::new(bytes.to_bytes())))
+        };
+        match tokio::time::timeout(self.response_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(ProxyError::new(
+                ErrorKind::BureauTimeout,
+                format!("the bureau did not answer within {:?}", self.response_timeout),
+            )),
+        }
+    }
+
+    fn target(&self, original: &Uri) -> Result<Uri, ProxyError> {
+        let pq = original.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let pq = if self.prefix.is_empty() {
+            pq
+        } else {
+            PathAndQuery::try_from(format!("{}{}", self.prefix, pq.as_str()))
+                .map_err(|_| ProxyError::new(ErrorKind::BadRequest, "invalid request target"))?
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::new(ErrorKind::BadRequest, "invalid request target"))
+    }
+}
