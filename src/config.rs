@@ -362,7 +362,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     };
 
     let admin = AdminConfig { listen: p.addr("admin.listen", raw.admin.listen.as_deref(), defaults::ADMIN_LISTEN) };
-    if admin.listen == server.listen {
+    if admin.listen == server.listen && server.listen.port() != 0 {
         p.add("admin.listen", format!("must differ from server.listen ({})", server.listen));
     }
 
