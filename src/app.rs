@@ -1,9 +1,10 @@
-//! `serve`: bind, run until told to stop, drain. The config is already validated when it gets
-//! here, so a bad config never binds a port.
+//! `serve`: restore state, bind, run until told to stop, drain, persist. The config is already
+//! validated when it gets here, so a bad config never binds a port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -12,8 +13,10 @@ use tokio::task::JoinHandle;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::proxy::Proxy;
+use crate::quota::{Clock, SystemClock, Windows};
 use crate::runtime::Shared;
 use crate::server::{self, ConnLimits};
+use crate::state::{CounterStore, FileStore, Loaded, SavedState};
 
 /// A running proxy: its bound addresses and the means to stop it.
 pub struct Running {
@@ -25,24 +28,39 @@ pub struct Running {
     stop: watch::Sender<bool>,
     proxy_task: JoinHandle<bool>,
     admin_task: JoinHandle<bool>,
+    persist_task: JoinHandle<()>,
 }
 
 /// Binds both listeners from `config` and starts serving. Port 0 picks a free port (tests).
 pub async fn start(config: Config) -> std::io::Result<Running> {
+    start_with_clock(config, Arc::new(SystemClock)).await
+}
+
+/// [`start`] with an injected wall clock for quota windows (tests cross midnight with it).
+pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> std::io::Result<Running> {
     let listener = TcpListener::bind(config.server.listen).await?;
     let admin_listener = TcpListener::bind(config.admin.listen).await?;
-    Ok(start_on(config, listener, admin_listener))
+    Ok(start_on(config, listener, admin_listener, clock))
 }
 
 /// Starts serving on listeners the caller already bound.
-pub fn start_on(config: Config, listener: TcpListener, admin_listener: TcpListener) -> Running {
+pub fn start_on(config: Config, listener: TcpListener, admin_listener: TcpListener, clock: Arc<dyn Clock>) -> Running {
     let addr = listener.local_addr().expect("a bound listener has an address");
     let admin_addr = admin_listener.local_addr().expect("a bound listener has an address");
     let limits = ConnLimits::for_max_header_bytes(config.server.max_header_bytes, config.server.header_read_timeout);
     let drain = config.server.drain_timeout;
-    let shared = Shared::new(config);
-    let (stop, stopped) = watch::channel(false);
+    let store = config.state.file.clone().map(FileStore::new);
+    let flush_interval = config.state.flush_interval;
+    let shared = Shared::with_clock(config, clock);
 
+    // Counters from the last run, before the first request can touch them.
+    if let Some(store) = &store {
+        restore(&shared, store);
+    } else {
+        tracing::warn!("state.file not set: quota counters are kept in memory only and restart from zero");
+    }
+
+    let (stop, stopped) = watch::channel(false);
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -50,21 +68,111 @@ pub fn start_on(config: Config, listener: TcpListener, admin_listener: TcpListen
         tokio::spawn(server::serve(listener, Proxy::new(shared.clone()), limits, wait(stopped.clone()), drain));
     // The admin listener keeps answering /metrics and /readyz (false) while the proxy drains.
     let admin_limits = ConnLimits::for_max_header_bytes(16 * 1024, limits.header_read_timeout);
-    let admin_task =
-        tokio::spawn(server::serve(admin_listener, Admin::new(shared.clone()), admin_limits, wait(stopped), drain));
+    let admin_shared = shared.clone();
+    let admin_task = tokio::spawn(server::serve_with_peer(
+        admin_listener,
+        move |peer| Admin::new(admin_shared.clone(), Some(peer)),
+        admin_limits,
+        wait(stopped.clone()),
+        drain,
+    ));
+    let persist_task = tokio::spawn(persist_loop(shared.clone(), store, flush_interval, wait(stopped)));
     shared.ready.store(true, Ordering::Release);
     tracing::info!(%addr, %admin_addr, "bureau-guard serving");
-    Running { addr, admin_addr, shared, stop, proxy_task, admin_task }
+    Running { addr, admin_addr, shared, stop, proxy_task, admin_task, persist_task }
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish within the drain timeout, and returns
-    /// whether every connection closed in time.
+    /// Stops accepting, lets in-flight requests finish within the drain timeout, writes the
+    /// counters one last time, and returns whether every connection closed in time.
     pub async fn shutdown(self) -> bool {
         self.shared.ready.store(false, Ordering::Release);
         let _ = self.stop.send(true);
         let proxy_drained = self.proxy_task.await.unwrap_or(false);
         let _ = self.admin_task.await;
+        let _ = self.persist_task.await;
         proxy_drained
+    }
+}
+
+fn restore(shared: &Shared, store: &FileStore) {
+    match store.load() {
+        Loaded::Empty => {
+            tracing::info!(file = %store.path().display(), "no saved quota state; counters start from zero")
+        }
+        Loaded::Found(saved) => {
+            shared.states.restore(&saved);
+            tracing::info!(file = %store.path().display(), tenants = saved.tenants.len(), "quota counters restored");
+        }
+        Loaded::Corrupt { reason, moved_to } => {
+            shared.metrics.state_load_errors_total.inc();
+            tracing::error!(
+                file = %store.path().display(),
+                moved_to = %moved_to.as_ref().map_or("(could not move)".to_string(), |p| p.display().to_string()),
+                %reason,
+                "quota state file is corrupt; it was moved aside and counters start from zero"
+            );
+        }
+    }
+}
+
+/// Every `interval`: refresh the quota gauges and, if anything changed, write the counters.
+/// On stop: one final write.
+async fn persist_loop(
+    shared: Arc<Shared>,
+    store: Option<FileStore>,
+    interval: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_saved: Option<SavedState> = None;
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            () = &mut stop => true,
+        };
+        update_quota_gauges(&shared);
+        if let Some(store) = &store {
+            let now = shared.states.snapshot();
+            if last_saved.as_ref() != Some(&now) {
+                let s = store.clone();
+                let to_save = now.clone();
+                // fsync blocks: keep it off the runtime's worker threads.
+                let result = tokio::task::spawn_blocking(move || s.save(&to_save)).await;
+                match result {
+                    Ok(Ok(())) => {
+                        shared.metrics.state_last_save_timestamp_seconds.set(shared.clock.now_unix_ms() / 1000);
+                        last_saved = Some(now);
+                    }
+                    Ok(Err(e)) => {
+                        shared.metrics.state_save_errors_total.inc();
+                        tracing::error!(file = %store.path().display(), error = %e, "cannot write quota state");
+                    }
+                    Err(e) => tracing::error!(error = %e, "quota state writer panicked"),
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+fn update_quota_gauges(shared: &Shared) {
+    let snap = shared.snapshot.load();
+    let w = Windows::at(shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
+    let m = &shared.metrics;
+    for t in snap.tenants.iter() {
+        let id = &*t.id;
+        m.quota_used.with_label_values(&[id, "daily"]).set(t.state.daily.get(w.day) as i64);
+        m.quota_used.with_label_values(&[id, "monthly"]).set(t.state.monthly.get(w.month) as i64);
+        if let Some(q) = t.limits.daily_quota {
+            m.quota_limit.with_label_values(&[id, "daily"]).set(q as i64);
+        }
+        if let Some(q) = t.limits.monthly_quota {
+            m.quota_limit.with_label_values(&[id, "monthly"]).set(q as i64);
+        }
     }
 }

@@ -45,6 +45,10 @@ pub mod defaults {
     pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
     /// Idle keep-alive connections kept to the bureau; enough for a few thousand req/s.
     pub const POOL_MAX_IDLE: usize = 256;
+    /// Korea Standard Time: the bureau's day starts at local midnight there.
+    pub const UTC_OFFSET_SECS: i32 = 9 * 3600;
+    /// A crash loses at most about one second of quota counts.
+    pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
     /// Idle connections older than this are closed (below typical server keep-alive of 60-120 s).
     pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
     /// Bureau responses are buffered; a credit report is a few KiB, 1 MiB is an anomaly.
@@ -92,8 +96,24 @@ pub struct Config {
     pub admin: AdminConfig,
     pub upstream: UpstreamConfig,
     pub log: LogConfig,
+    pub quota: QuotaConfig,
+    pub state: StateConfig,
     pub routes: Vec<RouteConfig>,
     pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuotaConfig {
+    /// Daily and monthly windows reset at local midnight of this offset from UTC.
+    pub utc_offset: chrono::FixedOffset,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    /// Where quota counters are persisted; `None` keeps them in memory only.
+    pub file: Option<std::path::PathBuf>,
+    /// How often counters are written (a crash loses at most about this much).
+    pub flush_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +131,9 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// SHA-256 of the token that `POST /admin/...` requests must present as `Authorization:
+    /// Bearer TOKEN`. Without one, admin mutations are open to whoever reaches the admin listener.
+    pub token_digest: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone)]
@@ -157,6 +180,33 @@ pub struct TenantConfig {
     pub key_digests: Vec<[u8; 32]>,
     /// Share of the bureau under contention, relative to other tenants.
     pub weight: u32,
+    pub limits: TenantLimits,
+}
+
+/// A tenant's contract. `None` means no limit of that kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantLimits {
+    /// Sustained requests per second, in route cost units.
+    pub rate: Option<f64>,
+    /// Cost units that may be spent at once after an idle period (defaults to one second of `rate`).
+    pub burst: u32,
+    /// Requests of this tenant inside bureau-guard at once.
+    pub max_in_flight: Option<u32>,
+    /// Bureau calls per local day.
+    pub daily_quota: Option<u64>,
+    /// Bureau calls per local calendar month.
+    pub monthly_quota: Option<u64>,
+    /// Limits that are computed, logged and counted but not enforced.
+    pub dry_run: DryRun,
+}
+
+/// Which limits run in dry-run mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DryRun {
+    pub rate: bool,
+    pub in_flight: bool,
+    pub daily: bool,
+    pub monthly: bool,
 }
 
 impl Config {
@@ -212,9 +262,26 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
+    quota: RawQuota,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
     routes: Vec<RawRoute>,
     #[serde(default)]
     tenants: Vec<RawTenant>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    utc_offset: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    file: Option<String>,
+    flush_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +300,8 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<String>,
+    token_sha256: Option<String>,
+    token_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -270,6 +339,20 @@ struct RawTenant {
     api_key_sha256: Option<OneOrMany>,
     api_key_env: Option<OneOrMany>,
     weight: Option<i64>,
+    rate: Option<f64>,
+    burst: Option<i64>,
+    max_in_flight: Option<i64>,
+    daily_quota: Option<i64>,
+    monthly_quota: Option<i64>,
+    dry_run: Option<BoolOrList>,
+}
+
+/// `dry_run = true` or `dry_run = ["rate", "daily"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum BoolOrList {
+    Bool(bool),
+    List(Vec<String>),
 }
 
 /// `key = "x"` or `key = ["x", "y"]`.
@@ -361,7 +444,33 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         pass_unmatched: s.pass_unmatched.unwrap_or(false),
     };
 
-    let admin = AdminConfig { listen: p.addr("admin.listen", raw.admin.listen.as_deref(), defaults::ADMIN_LISTEN) };
+    let token_digest = match (&raw.admin.token_sha256, &raw.admin.token_env) {
+        (Some(_), Some(_)) => {
+            p.add("admin.token_env", "give either token_sha256 or token_env, not both");
+            None
+        }
+        (Some(hex_str), None) => {
+            let mut d = [0u8; 32];
+            if hex_str.len() != 64 || hex::decode_to_slice(hex_str, &mut d).is_err() {
+                p.add("admin.token_sha256", "expected 64 hex characters (the SHA-256 of the token)");
+                None
+            } else {
+                Some(d)
+            }
+        }
+        (None, Some(var)) => match env(var) {
+            Some(t) if !t.is_empty() => Some(Sha256::digest(t.as_bytes()).into()),
+            _ => {
+                p.add("admin.token_env", format!("environment variable {var} is not set or empty"));
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let admin = AdminConfig {
+        listen: p.addr("admin.listen", raw.admin.listen.as_deref(), defaults::ADMIN_LISTEN),
+        token_digest,
+    };
     if admin.listen == server.listen && server.listen.port() != 0 {
         p.add("admin.listen", format!("must differ from server.listen ({})", server.listen));
     }
@@ -404,14 +513,28 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         access_log: raw.log.access_log.unwrap_or(true),
     };
 
+    let quota = QuotaConfig { utc_offset: utc_offset(&mut p, raw.quota.utc_offset.as_deref()) };
+    let state = StateConfig {
+        file: raw.state.file.as_deref().map(std::path::PathBuf::from),
+        flush_interval: p.duration(
+            "state.flush_interval",
+            raw.state.flush_interval.as_deref(),
+            defaults::FLUSH_INTERVAL,
+        ),
+    };
+    if raw.state.file.as_deref() == Some("") {
+        p.add("state.file", "must not be empty; leave it out to keep counters in memory only");
+    }
+
     let routes = validate_routes(&mut p, &raw.routes);
     if routes.is_empty() && !server.pass_unmatched && raw.routes.is_empty() {
         p.add("routes", "at least one [[routes]] entry is required (or set server.pass_unmatched = true)");
     }
-    let tenants = validate_tenants(&mut p, &raw.tenants, env);
+    let max_cost = routes.iter().map(|r| r.cost).max().unwrap_or(1);
+    let tenants = validate_tenants(&mut p, &raw.tenants, env, max_cost);
 
     if p.0.is_empty() {
-        Ok(Config { server, admin, upstream, log, routes, tenants })
+        Ok(Config { server, admin, upstream, log, quota, state, routes, tenants })
     } else {
         Err(ConfigError { problems: p.0 })
     }
@@ -449,6 +572,31 @@ fn upstream_url(p: &mut Problems, raw: Option<&str>) -> Uri {
         p.add("upstream.url", "must not carry a query string");
     }
     uri
+}
+
+fn utc_offset(p: &mut Problems, raw: Option<&str>) -> chrono::FixedOffset {
+    let default = chrono::FixedOffset::east_opt(defaults::UTC_OFFSET_SECS).expect("+09:00 is a valid offset");
+    let Some(s) = raw else { return default };
+    let parsed = (|| {
+        let (sign, rest) = match s.as_bytes().first()? {
+            b'+' => (1, &s[1..]),
+            b'-' => (-1, &s[1..]),
+            _ => return None,
+        };
+        let (h, m) = rest.split_once(':')?;
+        if h.len() != 2 || m.len() != 2 {
+            return None;
+        }
+        let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+        if h > 14 || m > 59 {
+            return None;
+        }
+        chrono::FixedOffset::east_opt(sign * (h * 3600 + m * 60))
+    })();
+    parsed.unwrap_or_else(|| {
+        p.add("quota.utc_offset", format!("invalid offset {s:?}; expected \"+HH:MM\" or \"-HH:MM\", e.g. \"+09:00\""));
+        default
+    })
 }
 
 fn is_label_safe(s: &str) -> bool {
@@ -534,7 +682,12 @@ fn validate_routes(p: &mut Problems, raw: &[RawRoute]) -> Vec<RouteConfig> {
     out
 }
 
-fn validate_tenants(p: &mut Problems, raw: &[RawTenant], env: &dyn Fn(&str) -> Option<String>) -> Vec<TenantConfig> {
+fn validate_tenants(
+    p: &mut Problems,
+    raw: &[RawTenant],
+    env: &dyn Fn(&str) -> Option<String>,
+    max_cost: u32,
+) -> Vec<TenantConfig> {
     if raw.is_empty() {
         p.add("tenants", "at least one [[tenants]] entry is required");
     }
@@ -601,16 +754,79 @@ fn validate_tenants(p: &mut Problems, raw: &[RawTenant], env: &dyn Fn(&str) -> O
                 1
             }
         };
+        let limits = validate_limits(p, i, t, max_cost);
         if let Some(id) = id {
             out.push(TenantConfig {
                 id: id.to_string(),
                 name: t.name.clone().unwrap_or_else(|| id.to_string()),
                 key_digests: digests,
                 weight,
+                limits,
             });
         }
     }
     out
+}
+
+fn validate_limits(p: &mut Problems, i: usize, t: &RawTenant, max_cost: u32) -> TenantLimits {
+    let at = |field: &str| format!("tenants[{i}].{field}");
+    let positive = |p: &mut Problems, field: &str, v: Option<i64>, max: i64| -> Option<i64> {
+        match v {
+            None => None,
+            Some(n) if (1..=max).contains(&n) => Some(n),
+            Some(n) => {
+                p.add(at(field), format!("{n} must be between 1 and {max}"));
+                None
+            }
+        }
+    };
+    let rate = match t.rate {
+        None => None,
+        Some(r) if r.is_finite() && r > 0.0 && r <= 1e9 => Some(r),
+        Some(r) => {
+            p.add(at("rate"), format!("{r} must be a number of requests per second above 0"));
+            None
+        }
+    };
+    let burst = positive(p, "burst", t.burst, u32::MAX as i64).map(|b| b as u32);
+    if burst.is_some() && rate.is_none() {
+        p.add(at("burst"), "only meaningful with `rate`");
+    }
+    // Default burst: one second's worth of rate, at least the dearest route so it can ever pass.
+    let burst = burst.unwrap_or_else(|| rate.map_or(1, |r| r.ceil() as u32).max(max_cost));
+    if rate.is_some() && burst < max_cost {
+        p.add(
+            at("burst"),
+            format!("{burst} is below the cost of the dearest route ({max_cost}); such requests could never pass"),
+        );
+    }
+    let mut dry_run = DryRun::default();
+    match &t.dry_run {
+        None | Some(BoolOrList::Bool(false)) => {}
+        Some(BoolOrList::Bool(true)) => dry_run = DryRun { rate: true, in_flight: true, daily: true, monthly: true },
+        Some(BoolOrList::List(names)) => {
+            for (j, name) in names.iter().enumerate() {
+                match name.as_str() {
+                    "rate" => dry_run.rate = true,
+                    "in_flight" => dry_run.in_flight = true,
+                    "daily" => dry_run.daily = true,
+                    "monthly" => dry_run.monthly = true,
+                    other => p.add(
+                        format!("{}[{j}]", at("dry_run")),
+                        format!("unknown limit {other:?}; expected \"rate\", \"in_flight\", \"daily\" or \"monthly\""),
+                    ),
+                }
+            }
+        }
+    }
+    TenantLimits {
+        rate,
+        burst,
+        max_in_flight: positive(p, "max_in_flight", t.max_in_flight, 1_000_000).map(|n| n as u32),
+        daily_quota: positive(p, "daily_quota", t.daily_quota, i64::MAX).map(|n| n as u64),
+        monthly_quota: positive(p, "monthly_quota", t.monthly_quota, i64::MAX).map(|n| n as u64),
+        dry_run,
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::respond::Outcome;
+use crate::respond::{ErrorKind, Outcome};
 
 /// Label for "no tenant identified" / "no route matched".
 pub const NONE_LABEL: &str = "_none";
@@ -31,6 +31,12 @@ pub struct Metrics {
     pub requests_total: IntCounterVec,
     pub request_duration_seconds: HistogramVec,
     pub requests_in_flight: IntGauge,
+    pub limit_rejections_total: IntCounterVec,
+    pub quota_used: IntGaugeVec,
+    pub quota_limit: IntGaugeVec,
+    pub state_load_errors_total: IntCounter,
+    pub state_save_errors_total: IntCounter,
+    pub state_last_save_timestamp_seconds: IntGauge,
 }
 
 impl Metrics {
@@ -58,16 +64,64 @@ impl Metrics {
         )
         .expect("valid metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let limit_rejections_total = IntCounterVec::new(
+            Opts::new(
+                "bureau_guard_limit_rejections_total",
+                "Requests over a tenant limit, by reason; mode=dry_run ones were let through.",
+            ),
+            &["tenant", "reason", "mode"],
+        )
+        .expect("valid metric");
+        let quota_used = IntGaugeVec::new(
+            Opts::new("bureau_guard_quota_used", "Bureau calls charged in the current window."),
+            &["tenant", "window"],
+        )
+        .expect("valid metric");
+        let quota_limit = IntGaugeVec::new(
+            Opts::new("bureau_guard_quota_limit", "Bureau calls allowed per window."),
+            &["tenant", "window"],
+        )
+        .expect("valid metric");
+        let state_load_errors_total = IntCounter::new(
+            "bureau_guard_state_load_errors_total",
+            "Quota state files found unreadable at start-up (moved aside; counters started from zero).",
+        )
+        .expect("valid metric");
+        let state_save_errors_total =
+            IntCounter::new("bureau_guard_state_save_errors_total", "Failed writes of the quota state file.")
+                .expect("valid metric");
+        let state_last_save_timestamp_seconds = IntGauge::new(
+            "bureau_guard_state_last_save_timestamp_seconds",
+            "Unix time of the last successful write of the quota state file.",
+        )
+        .expect("valid metric");
 
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration_seconds.clone()),
             Box::new(requests_in_flight.clone()),
             Box::new(build_info),
+            Box::new(limit_rejections_total.clone()),
+            Box::new(quota_used.clone()),
+            Box::new(quota_limit.clone()),
+            Box::new(state_load_errors_total.clone()),
+            Box::new(state_save_errors_total.clone()),
+            Box::new(state_last_save_timestamp_seconds.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        Metrics { registry, requests_total, request_duration_seconds, requests_in_flight }
+        Metrics {
+            registry,
+            requests_total,
+            request_duration_seconds,
+            requests_in_flight,
+            limit_rejections_total,
+            quota_used,
+            quota_limit,
+            state_load_errors_total,
+            state_save_errors_total,
+            state_last_save_timestamp_seconds,
+        }
     }
 
     /// The text exposition format of every metric.
@@ -97,7 +151,17 @@ pub struct RequestCells {
     tenant_labels: Vec<String>,
     route_labels: Vec<String>,
     cells: Box<[OnceLock<Cell>]>,
+    /// `limit_rejections_total` handles: tenant × reason × mode.
+    limits: Box<[OnceLock<IntCounter>]>,
 }
+
+/// The limit reasons, in `limits` table order.
+const LIMIT_REASONS: [ErrorKind; 4] = [
+    ErrorKind::RateLimited,
+    ErrorKind::TooManyInFlight,
+    ErrorKind::DailyQuotaExhausted,
+    ErrorKind::MonthlyQuotaExhausted,
+];
 
 impl RequestCells {
     /// `tenants` and `routes` are the configured ids and names; `_none` (and `_passthrough` for
@@ -109,7 +173,13 @@ impl RequestCells {
         route_labels.push(NONE_LABEL.to_string());
         route_labels.push(PASSTHROUGH_LABEL.to_string());
         let n = tenant_labels.len() * route_labels.len();
-        RequestCells { tenant_labels, route_labels, cells: (0..n).map(|_| OnceLock::new()).collect() }
+        let l = tenant_labels.len() * LIMIT_REASONS.len() * 2;
+        RequestCells {
+            tenant_labels,
+            route_labels,
+            cells: (0..n).map(|_| OnceLock::new()).collect(),
+            limits: (0..l).map(|_| OnceLock::new()).collect(),
+        }
     }
 
     /// Index of the `_none` route label.
@@ -125,6 +195,18 @@ impl RequestCells {
     /// The label of route index `route`.
     pub fn route_label(&self, route: usize) -> &str {
         &self.route_labels[route]
+    }
+
+    /// Counts a request over a tenant limit (`reason` is one of the 429 kinds).
+    pub fn record_limit(&self, metrics: &Metrics, tenant: usize, reason: ErrorKind, dry_run: bool) {
+        let Some(r) = LIMIT_REASONS.iter().position(|k| *k == reason) else { return };
+        let i = (tenant * LIMIT_REASONS.len() + r) * 2 + usize::from(dry_run);
+        self.limits[i]
+            .get_or_init(|| {
+                let mode = if dry_run { "dry_run" } else { "enforced" };
+                metrics.limit_rejections_total.with_label_values(&[&self.tenant_labels[tenant], reason.code(), mode])
+            })
+            .inc();
     }
 
     /// Records one finished request. `tenant`/`route` of `None` map to `_none`.

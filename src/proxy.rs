@@ -2,11 +2,12 @@
 //! with a [`ProxyError`]; the order is deliberate: cheap rejections first, the bureau last.
 //!
 //! ```text
-//! limits ─▶ tenant ─▶ route ─▶ body ─▶ forward headers ─▶ upstream ─▶ respond (+ metrics, log)
+//! limits ─▶ tenant ─▶ route ─▶ ratelimit (rate, in-flight) ─▶ body ─▶ quota (reserve)
+//!        ─▶ forward headers ─▶ upstream (quota committed) ─▶ respond (+ RateLimit fields, metrics, log)
 //! ```
 //!
-//! Later stages (rate limit, cache, quota, coalesce, fair scheduler) slot in between `route` and
-//! `upstream`, each in its own file, in the order of DESIGN.md.
+//! Later stages (cache, coalesce, fair scheduler) slot in at their places of DESIGN.md, each in
+//! its own file.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,15 +16,20 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::header::HeaderValue;
+use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::headers::{X_REQUEST_ID, X_TENANT, strip_hop_by_hop};
 use crate::limits;
-use crate::respond::{Body, ErrorKind, Outcome, ProxyError, error_response};
+use crate::quota::{self, Exhausted, Windows, retry_after_secs};
+use crate::ratelimit::{InFlightGuard, RateDecision};
+use crate::respond::{Body, ErrorKind, Outcome, ProxyError, RateLimitState, error_response};
 use crate::runtime::{Shared, Snapshot};
 use crate::tenant::Tenant;
+
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
 /// The proxy as a tower `Service`: cheap to clone (one `Arc`), one clone per connection.
 #[derive(Clone)]
@@ -37,6 +43,10 @@ struct Ctx {
     tenant: Option<Arc<Tenant>>,
     /// Index into the metric cells' route labels.
     route: usize,
+    /// The rate decision, for the `RateLimit` response field.
+    rate: Option<RateDecision>,
+    /// The quota windows the request was counted in.
+    windows: Option<Windows>,
 }
 
 impl Proxy {
@@ -51,7 +61,7 @@ impl Proxy {
         // One load per request: a reload during this request does not change its rules.
         let snap = self.shared.snapshot.load_full();
         let request_id = self.shared.ids.for_request(req.headers());
-        let mut ctx = Ctx { tenant: None, route: snap.cells.route_none() };
+        let mut ctx = Ctx { tenant: None, route: snap.cells.route_none(), rate: None, windows: None };
 
         let timeout = snap.limits.request_timeout;
         let result = match tokio::time::timeout(timeout, self.stages(&snap, &mut ctx, req, &request_id)).await {
@@ -65,6 +75,9 @@ impl Proxy {
             Err(err) => (error_response(&err, ctx.tenant.as_ref().map(|t| &t.id)), Outcome::Rejected(err.kind)),
         };
         resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+        if let Some(tenant) = &ctx.tenant {
+            self.ratelimit_fields(&snap, tenant, &ctx, resp.headers_mut());
+        }
 
         let elapsed = started.elapsed();
         let tenant_index = ctx.tenant.as_ref().map(|t| t.index);
@@ -100,28 +113,131 @@ impl Proxy {
         let tenant = snap.tenants.identify(&mut parts.headers)?.clone();
         ctx.tenant = Some(tenant.clone());
 
-        // Route: names the request for metrics and (later) picks its cost and cache policy.
-        match snap.route_table.find(&parts.method, parts.uri.path()) {
-            Some(m) => ctx.route = m.index,
-            None if snap.limits.pass_unmatched => ctx.route = snap.cells.route_passthrough(),
+        // Route: names the request for metrics, gives its cost and (later) its cache policy.
+        let cost = match snap.route_table.find(&parts.method, parts.uri.path()) {
+            Some(m) => {
+                ctx.route = m.index;
+                snap.routes[m.index].cost
+            }
+            None if snap.limits.pass_unmatched => {
+                ctx.route = snap.cells.route_passthrough();
+                1
+            }
             None => {
                 return Err(ProxyError::new(
                     ErrorKind::RouteNotFound,
                     format!("no route for {} {}", parts.method, parts.uri.path()),
                 ));
             }
+        };
+
+        // Rate: every request of the tenant pays, cache hits included; it shapes the tenant's pace.
+        if let Some(rate) = &tenant.rate {
+            let decision = rate.check(cost);
+            ctx.rate = Some(decision);
+            if let RateDecision::Limited { retry_after } = decision {
+                let err = ProxyError::new(
+                    ErrorKind::RateLimited,
+                    format!("over {} requests/s (burst {})", rate.rate, rate.burst),
+                )
+                .retry_after(retry_after_secs(retry_after));
+                self.over_limit(snap, &tenant, err, tenant.limits.dry_run.rate)?;
+            }
         }
 
-        // Body: read only for identified, routed requests, and bounded.
+        // In flight: the tenant's share of bureau-guard itself; a guard, so every exit releases it.
+        let _in_flight =
+            match InFlightGuard::enter(&tenant.state, tenant.limits.max_in_flight, !tenant.limits.dry_run.in_flight) {
+                Ok((guard, over)) => {
+                    if over {
+                        self.over_limit(snap, &tenant, self.in_flight_error(&tenant), true)?;
+                    }
+                    guard
+                }
+                Err(_) => {
+                    return Err(self.over_limit(snap, &tenant, self.in_flight_error(&tenant), false).unwrap_err());
+                }
+            };
+
+        // Body: read only for identified, admitted requests, and bounded.
         let body = limits::read_body(body, snap.limits.max_body).await?;
+
+        // Quota: reserve a bureau call now, charge it only when the call is made (below).
+        let windows = Windows::at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
+        ctx.windows = Some(windows);
+        let reservation = match quota::reserve(&tenant.state, &tenant.limits, &windows) {
+            Ok(reserved) => {
+                if let Some(hit) = reserved.dry_run_hit {
+                    self.over_limit(snap, &tenant, quota_error(hit), true)?;
+                }
+                reserved.reservation
+            }
+            Err(exhausted) => {
+                let err = quota_error(exhausted);
+                return Err(self.over_limit(snap, &tenant, err, false).unwrap_err());
+            }
+        };
 
         // Forward headers: the bureau sees who asked and which request this is, never the key.
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(&X_TENANT, tenant.header_value.clone());
         parts.headers.insert(&X_REQUEST_ID, request_id.clone());
 
-        // Upstream: the bureau is touched last.
+        // Upstream: the bureau is touched last; from here on the call counts against the quota.
+        reservation.commit();
         snap.upstream.send(parts, body).await
+    }
+
+    fn in_flight_error(&self, tenant: &Tenant) -> ProxyError {
+        let max = tenant.limits.max_in_flight.unwrap_or(0);
+        ProxyError::new(ErrorKind::TooManyInFlight, format!("more than {max} requests in flight")).retry_after(1)
+    }
+
+    /// A request over one of its tenant's limits: counted, and refused unless `dry_run`, in
+    /// which case it is logged and let through.
+    fn over_limit(&self, snap: &Snapshot, tenant: &Tenant, err: ProxyError, dry_run: bool) -> Result<(), ProxyError> {
+        snap.cells.record_limit(&self.shared.metrics, tenant.index, err.kind, dry_run);
+        if dry_run {
+            tracing::info!(target: "bureau_guard::dry_run", tenant = &*tenant.id, reason = err.kind.code(), "limit exceeded (dry run: not enforced)");
+            Ok(())
+        } else {
+            Err(err)
+        }
+    }
+
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) for the tenant.
+    fn ratelimit_fields(&self, snap: &Snapshot, tenant: &Tenant, ctx: &Ctx, headers: &mut http::HeaderMap) {
+        let Some(policy) = &tenant.policy_header else { return };
+        let w =
+            ctx.windows.unwrap_or_else(|| Windows::at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset));
+        let l = &tenant.limits;
+        let state = RateLimitState {
+            rate: ctx.rate.map(|d| match d {
+                RateDecision::Allowed { remaining, reset } => (u64::from(remaining), reset.as_secs_f64().ceil() as u64),
+                RateDecision::Limited { retry_after } => (0, retry_after_secs(retry_after)),
+            }),
+            daily: l.daily_quota.map(|q| (q.saturating_sub(tenant.state.daily.get(w.day)), w.day_resets_in_s)),
+            monthly: l
+                .monthly_quota
+                .map(|q| (q.saturating_sub(tenant.state.monthly.get(w.month)), w.month_resets_in_s)),
+        };
+        headers.insert(&RATELIMIT_POLICY, policy.clone());
+        if let Some(v) = state.header() {
+            headers.insert(&RATELIMIT, v);
+        }
+    }
+}
+
+fn quota_error(e: Exhausted) -> ProxyError {
+    match e {
+        Exhausted::Daily { limit, retry_after_s } => {
+            ProxyError::new(ErrorKind::DailyQuotaExhausted, format!("daily quota of {limit} bureau calls used up"))
+                .retry_after(retry_after_s)
+        }
+        Exhausted::Monthly { limit, retry_after_s } => {
+            ProxyError::new(ErrorKind::MonthlyQuotaExhausted, format!("monthly quota of {limit} bureau calls used up"))
+                .retry_after(retry_after_s)
+        }
     }
 }
 

@@ -20,6 +20,8 @@ pub type Body = Full<Bytes>;
 pub enum Blame {
     /// The client sent something wrong (auth, path, size).
     Client,
+    /// The tenant is over its own contracted limits.
+    Tenant,
     /// The bureau failed, was unreachable or too slow.
     Bureau,
     /// bureau-guard itself (shutting down, internal limit).
@@ -39,11 +41,15 @@ pub enum ErrorKind {
     BureauBadResponse,
     BureauTimeout,
     RequestTimeout,
+    RateLimited,
+    TooManyInFlight,
+    DailyQuotaExhausted,
+    MonthlyQuotaExhausted,
 }
 
 impl ErrorKind {
     /// Every kind, for pre-registering metric label values and tests.
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::MissingApiKey,
         ErrorKind::InvalidApiKey,
         ErrorKind::RouteNotFound,
@@ -54,6 +60,10 @@ impl ErrorKind {
         ErrorKind::BureauBadResponse,
         ErrorKind::BureauTimeout,
         ErrorKind::RequestTimeout,
+        ErrorKind::RateLimited,
+        ErrorKind::TooManyInFlight,
+        ErrorKind::DailyQuotaExhausted,
+        ErrorKind::MonthlyQuotaExhausted,
     ];
 
     /// The stable `error` code in the JSON body; also the `outcome` metric label.
@@ -69,6 +79,10 @@ impl ErrorKind {
             ErrorKind::BureauBadResponse => "bureau_bad_response",
             ErrorKind::BureauTimeout => "bureau_timeout",
             ErrorKind::RequestTimeout => "request_timeout",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::TooManyInFlight => "too_many_in_flight",
+            ErrorKind::DailyQuotaExhausted => "daily_quota_exhausted",
+            ErrorKind::MonthlyQuotaExhausted => "monthly_quota_exhausted",
         }
     }
 
@@ -81,6 +95,10 @@ impl ErrorKind {
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::BureauUnreachable | ErrorKind::BureauBadResponse => StatusCode::BAD_GATEWAY,
             ErrorKind::BureauTimeout | ErrorKind::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::RateLimited
+            | ErrorKind::TooManyInFlight
+            | ErrorKind::DailyQuotaExhausted
+            | ErrorKind::MonthlyQuotaExhausted => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -94,6 +112,10 @@ impl ErrorKind {
             | ErrorKind::HeadersTooLarge => Blame::Client,
             ErrorKind::BureauUnreachable | ErrorKind::BureauBadResponse | ErrorKind::BureauTimeout => Blame::Bureau,
             ErrorKind::RequestTimeout => Blame::Proxy,
+            ErrorKind::RateLimited
+            | ErrorKind::TooManyInFlight
+            | ErrorKind::DailyQuotaExhausted
+            | ErrorKind::MonthlyQuotaExhausted => Blame::Tenant,
         }
     }
 }
@@ -111,6 +133,12 @@ pub struct ProxyError {
 impl ProxyError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> ProxyError {
         ProxyError { kind, message: message.into(), retry_after_s: None }
+    }
+
+    /// The same error with a `Retry-After` of `secs` (at least 1).
+    pub fn retry_after(mut self, secs: u64) -> ProxyError {
+        self.retry_after_s = Some(secs.max(1));
+        self
     }
 }
 
@@ -146,6 +174,48 @@ impl Outcome {
             Outcome::Bureau => 0,
             Outcome::Rejected(kind) => 1 + kind as usize,
         }
+    }
+}
+
+/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers): the tenant's policies, or `None`
+/// if it has none. Built once per config.
+pub fn ratelimit_policy(limits: &crate::config::TenantLimits) -> Option<HeaderValue> {
+    let mut items = Vec::new();
+    if let (Some(rate), burst) = (limits.rate, limits.burst) {
+        let window = (f64::from(burst) / rate).ceil().max(1.0) as u64;
+        items.push(format!("\"rate\";q={burst};w={window}"));
+    }
+    if let Some(q) = limits.daily_quota {
+        items.push(format!("\"daily\";q={q};w=86400"));
+    }
+    if let Some(q) = limits.monthly_quota {
+        items.push(format!("\"monthly\";q={q}"));
+    }
+    if items.is_empty() { None } else { HeaderValue::from_str(&items.join(", ")).ok() }
+}
+
+/// Live state of each policy, for the `RateLimit` field: remaining units and seconds to reset.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RateLimitState {
+    pub rate: Option<(u64, u64)>,
+    pub daily: Option<(u64, u64)>,
+    pub monthly: Option<(u64, u64)>,
+}
+
+impl RateLimitState {
+    /// The `RateLimit` field value, e.g. `"rate";r=9;t=1, "daily";r=990;t=3600`.
+    pub fn header(&self) -> Option<HeaderValue> {
+        use std::fmt::Write;
+        let mut out = String::new();
+        for (name, item) in [("rate", self.rate), ("daily", self.daily), ("monthly", self.monthly)] {
+            if let Some((r, t)) = item {
+                if !out.is_empty() {
+                    out.push_str(", ");
+                }
+                let _ = write!(out, "\"{name}\";r={r};t={t}");
+            }
+        }
+        if out.is_empty() { None } else { HeaderValue::from_str(&out).ok() }
     }
 }
 

@@ -14,7 +14,9 @@ use arc_swap::ArcSwap;
 use crate::config::Config;
 use crate::headers::RequestIds;
 use crate::metrics::{Metrics, RequestCells};
+use crate::quota::{Clock, SystemClock};
 use crate::route::RouteTable;
+use crate::state::StateRegistry;
 use crate::tenant::TenantTable;
 use crate::upstream::Upstream;
 
@@ -48,7 +50,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Compiles a validated config. Cheap enough to run on every reload; never on the request path.
-    pub fn compile(config: Arc<Config>) -> Snapshot {
+    /// Live tenant state comes from `states`; rate buckets carry over from `previous`.
+    pub fn compile(config: Arc<Config>, states: &StateRegistry, previous: Option<&Snapshot>) -> Snapshot {
         let route_table = RouteTable::new(&config.routes).expect("validated routes compile");
         Snapshot {
             limits: Limits {
@@ -58,7 +61,7 @@ impl Snapshot {
                 pass_unmatched: config.server.pass_unmatched,
                 access_log: config.log.access_log,
             },
-            tenants: TenantTable::new(&config.tenants),
+            tenants: TenantTable::new(&config.tenants, states, previous.map(|p| &p.tenants)),
             route_table,
             routes: config.routes.iter().map(|r| Route { name: Arc::from(r.name.as_str()), cost: r.cost }).collect(),
             upstream: Upstream::new(&config.upstream),
@@ -74,6 +77,10 @@ impl Snapshot {
 /// State shared by every connection of one running proxy.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
+    /// Per-tenant counters, by id; outlive snapshots.
+    pub states: StateRegistry,
+    /// Wall clock for quota windows (injectable for tests).
+    pub clock: Arc<dyn Clock>,
     pub metrics: Metrics,
     pub ids: RequestIds,
     /// False until the listeners are bound, and again once draining starts.
@@ -82,8 +89,16 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Config) -> Arc<Shared> {
+        Shared::with_clock(config, Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Arc<Shared> {
+        let states = StateRegistry::default();
+        let snapshot = Snapshot::compile(Arc::new(config), &states, None);
         Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::compile(Arc::new(config))),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            states,
+            clock,
             metrics: Metrics::new(),
             ids: RequestIds::default(),
             ready: AtomicBool::new(false),

@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -50,6 +51,21 @@ where
     S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
+    serve_with_peer(listener, move |_| service.clone(), limits, shutdown, drain_timeout).await
+}
+
+/// Like [`serve`], with a service made per connection from the peer's address.
+pub async fn serve_with_peer<S>(
+    listener: TcpListener,
+    make_service: impl Fn(SocketAddr) -> S,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) -> bool
+where
+    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -67,7 +83,7 @@ where
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
                         // EMFILE and friends: back off briefly instead of spinning.
@@ -77,7 +93,7 @@ where
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()));
+                let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(make_service(peer)));
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
                     // Errors here are the client's connection going away or a malformed request

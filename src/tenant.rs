@@ -15,8 +15,10 @@ use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::TenantConfig;
+use crate::config::{TenantConfig, TenantLimits};
+use crate::ratelimit::RateLimit;
 use crate::respond::{ErrorKind, ProxyError};
+use crate::state::{StateRegistry, TenantState};
 
 /// Header carrying the api key.
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -31,6 +33,13 @@ pub struct Tenant {
     pub weight: u32,
     /// `x-tenant` value sent to the bureau, prepared once.
     pub header_value: HeaderValue,
+    pub limits: TenantLimits,
+    /// The token bucket, if the tenant has a `rate`; kept across reloads while rate and burst stay.
+    pub rate: Option<Arc<RateLimit>>,
+    /// Live counters, shared with every snapshot that has this tenant and with persistence.
+    pub state: Arc<TenantState>,
+    /// `RateLimit-Policy` response field, prepared once; `None` if the tenant has no limits.
+    pub policy_header: Option<HeaderValue>,
 }
 
 /// Key digest → tenant, built once per config.
@@ -43,8 +52,9 @@ pub struct TenantTable {
 }
 
 impl TenantTable {
-    /// Builds the table from validated tenants (ids and keys already known to be unique).
-    pub fn new(configs: &[TenantConfig]) -> TenantTable {
+    /// Builds the table from validated tenants (ids and keys already known to be unique). Live
+    /// state comes from `states`; token buckets whose policy did not change come from `previous`.
+    pub fn new(configs: &[TenantConfig], states: &StateRegistry, previous: Option<&TenantTable>) -> TenantTable {
         let mut tenants = Vec::with_capacity(configs.len());
         let mut by_key: HashMap<u64, Vec<([u8; 32], usize)>> = HashMap::new();
         let mut by_id = HashMap::new();
@@ -54,12 +64,23 @@ impl TenantTable {
                 by_key.entry(bucket(d)).or_default().push((*d, index));
             }
             by_id.insert(id.clone(), index);
+            let rate = c.limits.rate.map(|r| {
+                previous
+                    .and_then(|p| p.by_id(&c.id))
+                    .and_then(|t| t.rate.clone())
+                    .filter(|old| old.same_policy(r, c.limits.burst))
+                    .unwrap_or_else(|| Arc::new(RateLimit::new(r, c.limits.burst)))
+            });
             tenants.push(Arc::new(Tenant {
                 index,
                 header_value: HeaderValue::from_str(&c.id).expect("validated ids are header-safe"),
                 id,
                 name: c.name.clone(),
                 weight: c.weight,
+                policy_header: crate::respond::ratelimit_policy(&c.limits),
+                limits: c.limits.clone(),
+                rate,
+                state: states.get_or_create(&c.id),
             }));
         }
         TenantTable { tenants, by_key, by_id }
@@ -142,8 +163,16 @@ mod tests {
             name: id.into(),
             key_digests: keys.iter().map(|k| Sha256::digest(k.as_bytes()).into()).collect(),
             weight: 1,
+            limits: TenantLimits {
+                rate: None,
+                burst: 1,
+                max_in_flight: None,
+                daily_quota: None,
+                monthly_quota: None,
+                dry_run: Default::default(),
+            },
         };
-        TenantTable::new(&[t("a", &["key-a", "key-a2"]), t("b", &["key-b"])])
+        TenantTable::new(&[t("a", &["key-a", "key-a2"]), t("b", &["key-b"])], &StateRegistry::default(), None)
     }
 
     #[test]

@@ -1,0 +1,244 @@
+//! Stage 5 of the request path: the tenant's daily and monthly look-up quota.
+//!
+//! A contract counts bureau calls, so only a request that is actually sent to the bureau is
+//! charged. The quota is *reserved* here (so concurrent requests cannot overshoot it) and the
+//! [`Reservation`] is committed when the bureau call starts; a request that ends before that
+//! (answered from cache, joined an identical in-flight call, shed by the scheduler) drops its
+//! reservation and the count is given back. Windows reset at local midnight of the configured
+//! UTC offset (the bureau's day), monthly on the first of the month.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use chrono::{Datelike, FixedOffset, NaiveDate, TimeZone};
+
+use crate::config::TenantLimits;
+use crate::state::TenantState;
+
+/// Wall-clock time, injectable so tests can cross midnight without waiting for it.
+pub trait Clock: Send + Sync {
+    /// Milliseconds since the Unix epoch.
+    fn now_unix_ms(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_unix_ms(&self) -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    }
+}
+
+/// A clock that moves only when told to (tests).
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new(unix_ms: i64) -> ManualClock {
+        ManualClock(AtomicI64::new(unix_ms))
+    }
+
+    pub fn set(&self, unix_ms: i64) {
+        self.0.store(unix_ms, Ordering::Release);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_unix_ms(&self) -> i64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// The daily and monthly windows at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windows {
+    /// Local day number since 1970-01-01.
+    pub day: u32,
+    /// `year * 12 + month0` of the local date.
+    pub month: u32,
+    /// Seconds until the next local midnight (at least 1).
+    pub day_resets_in_s: u64,
+    /// Seconds until the first of next month, local midnight (at least 1).
+    pub month_resets_in_s: u64,
+}
+
+impl Windows {
+    /// The windows at `unix_ms` for a bureau whose day is that of `offset`.
+    pub fn at(unix_ms: i64, offset: FixedOffset) -> Windows {
+        let secs = unix_ms.div_euclid(1000);
+        let local = offset.timestamp_opt(secs, 0).single().expect("fixed offsets are unambiguous");
+        let date = local.date_naive();
+        let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid date");
+        let day = (date - epoch).num_days().max(0) as u32;
+        let month = (date.year().max(0) as u32) * 12 + date.month0();
+        let midnight_after = |d: NaiveDate| -> i64 {
+            let naive = d.and_hms_opt(0, 0, 0).expect("midnight exists");
+            offset.from_local_datetime(&naive).single().expect("fixed offsets are unambiguous").timestamp()
+        };
+        let next_day = date.succ_opt().expect("dates before year 262143");
+        let (y, m) = if date.month() == 12 { (date.year() + 1, 1) } else { (date.year(), date.month() + 1) };
+        let next_month = NaiveDate::from_ymd_opt(y, m, 1).expect("the first of a month exists");
+        let until = |t: i64| ((t * 1000 - unix_ms).max(0) as u64).div_ceil(1000).max(1);
+        Windows {
+            day,
+            month,
+            day_resets_in_s: until(midnight_after(next_day)),
+            month_resets_in_s: until(midnight_after(next_month)),
+        }
+    }
+}
+
+/// Which quota a request ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exhausted {
+    Daily { limit: u64, retry_after_s: u64 },
+    Monthly { limit: u64, retry_after_s: u64 },
+}
+
+/// A reserved unit of quota: given back on drop unless [`Reservation::commit`] was called.
+#[derive(Debug)]
+pub struct Reservation {
+    state: Arc<TenantState>,
+    day: u32,
+    month: u32,
+    committed: bool,
+}
+
+impl Reservation {
+    /// The bureau call is happening: the charge stays.
+    pub fn commit(mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.state.daily.sub(self.day, 1);
+            self.state.monthly.sub(self.month, 1);
+        }
+    }
+}
+
+/// Outcome of [`reserve`], including limits that were hit in dry-run mode.
+#[derive(Debug)]
+pub struct Reserved {
+    pub reservation: Reservation,
+    /// A limit that would have refused this request, were it enforced.
+    pub dry_run_hit: Option<Exhausted>,
+}
+
+/// Reserves one bureau call against the tenant's daily and monthly quotas.
+pub fn reserve(state: &Arc<TenantState>, limits: &TenantLimits, w: &Windows) -> Result<Reserved, Exhausted> {
+    let mut dry_run_hit = None;
+    let daily = state.daily.try_add(w.day, 1, limits.daily_quota, !limits.dry_run.daily);
+    match (daily, limits.daily_quota) {
+        (Err(_), Some(limit)) => return Err(Exhausted::Daily { limit, retry_after_s: w.day_resets_in_s }),
+        (Ok(n), Some(limit)) if n > limit => {
+            dry_run_hit = Some(Exhausted::Daily { limit, retry_after_s: w.day_resets_in_s });
+        }
+        _ => {}
+    }
+    let monthly = state.monthly.try_add(w.month, 1, limits.monthly_quota, !limits.dry_run.monthly);
+    match (monthly, limits.monthly_quota) {
+        (Err(_), Some(limit)) => {
+            state.daily.sub(w.day, 1);
+            return Err(Exhausted::Monthly { limit, retry_after_s: w.month_resets_in_s });
+        }
+        (Ok(n), Some(limit)) if n > limit && dry_run_hit.is_none() => {
+            dry_run_hit = Some(Exhausted::Monthly { limit, retry_after_s: w.month_resets_in_s });
+        }
+        _ => {}
+    }
+    Ok(Reserved {
+        reservation: Reservation { state: state.clone(), day: w.day, month: w.month, committed: false },
+        dry_run_hit,
+    })
+}
+
+/// Seconds as a `Retry-After` value for a duration (rounded up, at least 1).
+pub fn retry_after_secs(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000).max(1) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DryRun;
+
+    fn kst() -> FixedOffset {
+        FixedOffset::east_opt(9 * 3600).unwrap()
+    }
+
+    fn limits(daily: Option<u64>, monthly: Option<u64>) -> TenantLimits {
+        TenantLimits {
+            rate: None,
+            burst: 1,
+            max_in_flight: None,
+            daily_quota: daily,
+            monthly_quota: monthly,
+            dry_run: DryRun::default(),
+        }
+    }
+
+    // 2026-11-23T14:59:59Z is 23:59:59 in Seoul.
+    const BEFORE_KST_MIDNIGHT_MS: i64 = 1_795_445_999_000;
+
+    #[test]
+    fn windows_follow_the_local_day_of_the_offset() {
+        let w = Windows::at(BEFORE_KST_MIDNIGHT_MS, kst());
+        assert_eq!(w.day_resets_in_s, 1);
+        let next = Windows::at(BEFORE_KST_MIDNIGHT_MS + 1000, kst());
+        assert_eq!(next.day, w.day + 1);
+        assert_eq!(next.day_resets_in_s, 86_400);
+        assert_eq!(next.month, w.month, "still November");
+        // The same instant in UTC is mid-afternoon: no reset for an offset of zero.
+        let utc = FixedOffset::east_opt(0).unwrap();
+        assert_eq!(Windows::at(BEFORE_KST_MIDNIGHT_MS + 1000, utc).day, Windows::at(BEFORE_KST_MIDNIGHT_MS, utc).day);
+        // 2026-11-30T15:00:00Z is 2026-12-01 00:00 in Seoul: a new month.
+        let dec = Windows::at(1_796_050_800_000, kst());
+        assert_eq!(dec.month, w.month + 1);
+        assert_eq!(Windows::at(1_796_050_799_000, kst()).month_resets_in_s, 1);
+    }
+
+    #[test]
+    fn daily_quota_is_reserved_refunded_and_resets_at_midnight() {
+        let state = Arc::new(TenantState::default());
+        let l = limits(Some(2), None);
+        let w = Windows::at(BEFORE_KST_MIDNIGHT_MS, kst());
+        reserve(&state, &l, &w).unwrap().reservation.commit();
+        let second = reserve(&state, &l, &w).unwrap();
+        assert_eq!(reserve(&state, &l, &w).unwrap_err(), Exhausted::Daily { limit: 2, retry_after_s: 1 });
+        drop(second); // never sent to the bureau: given back
+        reserve(&state, &l, &w).unwrap().reservation.commit();
+        assert!(reserve(&state, &l, &w).is_err());
+        let tomorrow = Windows::at(BEFORE_KST_MIDNIGHT_MS + 1000, kst());
+        reserve(&state, &l, &tomorrow).expect("a new day, a new quota").reservation.commit();
+        assert_eq!(state.daily.get(tomorrow.day), 1);
+    }
+
+    #[test]
+    fn monthly_quota_refuses_and_returns_the_daily_unit() {
+        let state = Arc::new(TenantState::default());
+        let l = limits(Some(10), Some(1));
+        let w = Windows::at(BEFORE_KST_MIDNIGHT_MS, kst());
+        reserve(&state, &l, &w).unwrap().reservation.commit();
+        assert!(matches!(reserve(&state, &l, &w), Err(Exhausted::Monthly { limit: 1, .. })));
+        assert_eq!(state.daily.get(w.day), 1, "the refused request is not charged to the day");
+    }
+
+    #[test]
+    fn dry_run_counts_but_does_not_refuse() {
+        let state = Arc::new(TenantState::default());
+        let mut l = limits(Some(1), None);
+        l.dry_run.daily = true;
+        let w = Windows::at(BEFORE_KST_MIDNIGHT_MS, kst());
+        let first = reserve(&state, &l, &w).unwrap();
+        assert!(first.dry_run_hit.is_none());
+        let r = reserve(&state, &l, &w).unwrap();
+        assert!(matches!(r.dry_run_hit, Some(Exhausted::Daily { .. })));
+    }
+}

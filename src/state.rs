@@ -1,0 +1,280 @@
+//! Live per-tenant state that outlives a config: quota counters and in-flight counts.
+//!
+//! A reload compiles a new config snapshot, but a tenant's daily count must not start over
+//! because its rate limit changed, and a restart must not hand every bank a fresh day. So the
+//! counters live here, keyed by tenant id, outside any snapshot; snapshots hold `Arc`s to them.
+//! A [`CounterStore`] persists them: [`FileStore`] writes an atomic, fsynced JSON file every
+//! flush interval and at shutdown. A shared store (Redis, for several replicas) is planned to
+//! replace it behind the same trait.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+/// A counter for one window (a day, a month), packed with the window's id into one atomic so a
+/// window change and a count are never seen apart: `window << 40 | count`.
+#[derive(Debug, Default)]
+pub struct WindowCounter(AtomicU64);
+
+const COUNT_BITS: u32 = 40;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+
+fn pack(window: u32, count: u64) -> u64 {
+    (u64::from(window) << COUNT_BITS) | count.min(COUNT_MASK)
+}
+
+fn unpack(v: u64) -> (u32, u64) {
+    ((v >> COUNT_BITS) as u32, v & COUNT_MASK)
+}
+
+impl WindowCounter {
+    /// Count in `window`; a counter still holding an older window counts 0.
+    pub fn get(&self, window: u32) -> u64 {
+        let (w, c) = unpack(self.0.load(Ordering::Acquire));
+        if w == window { c } else { 0 }
+    }
+
+    /// Adds `n` in `window` if the result stays within `limit` (or `limit` is `None`, or
+    /// `enforce` is false). Returns the new count, or `Err(current)` when it would exceed.
+    pub fn try_add(&self, window: u32, n: u64, limit: Option<u64>, enforce: bool) -> Result<u64, u64> {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            let (w, c) = unpack(cur);
+            let c = if w == window { c } else { 0 };
+            let next = c + n;
+            if enforce && limit.is_some_and(|l| next > l) {
+                return Err(c);
+            }
+            match self.0.compare_exchange_weak(cur, pack(window, next), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(next),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Takes back `n` added in `window`; a refund for a window that has since rolled over is void.
+    pub fn sub(&self, window: u32, n: u64) {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            let (w, c) = unpack(cur);
+            if w != window {
+                return;
+            }
+            match self.0.compare_exchange_weak(cur, pack(w, c.saturating_sub(n)), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Sets the counter (restore from a store, or reset to zero).
+    pub fn set(&self, window: u32, count: u64) {
+        self.0.store(pack(window, count), Ordering::Release);
+    }
+
+    /// The raw window and count, for persistence.
+    pub fn load(&self) -> (u32, u64) {
+        unpack(self.0.load(Ordering::Acquire))
+    }
+}
+
+/// One tenant's live state.
+#[derive(Debug, Default)]
+pub struct TenantState {
+    /// Requests of this tenant inside bureau-guard now (see `ratelimit::InFlightGuard`).
+    pub in_flight: AtomicU32,
+    /// Bureau calls charged today (window = local day number).
+    pub daily: WindowCounter,
+    /// Bureau calls charged this month (window = year * 12 + month0).
+    pub monthly: WindowCounter,
+}
+
+/// The counters of every tenant ever configured in this process, by id.
+///
+/// Its mutex is taken when a config is compiled, when counters are persisted, and by admin
+/// resets; never on the request path, which holds `Arc<TenantState>` from its snapshot.
+#[derive(Debug, Default)]
+pub struct StateRegistry {
+    tenants: Mutex<HashMap<String, Arc<TenantState>>>,
+}
+
+impl StateRegistry {
+    /// The state of tenant `id`, created empty on first use.
+    pub fn get_or_create(&self, id: &str) -> Arc<TenantState> {
+        let mut map = self.tenants.lock().expect("state registry lock not poisoned");
+        map.entry(id.to_string()).or_default().clone()
+    }
+
+    /// A copy of all counters, for persistence.
+    pub fn snapshot(&self) -> SavedState {
+        let map = self.tenants.lock().expect("state registry lock not poisoned");
+        let tenants = map
+            .iter()
+            .map(|(id, s)| {
+                let (day, daily) = s.daily.load();
+                let (month, monthly) = s.monthly.load();
+                (id.clone(), SavedCounters { day, daily, month, monthly })
+            })
+            .collect();
+        SavedState { version: 1, tenants }
+    }
+
+    /// Loads counters saved earlier (before any traffic).
+    pub fn restore(&self, saved: &SavedState) {
+        for (id, c) in &saved.tenants {
+            let s = self.get_or_create(id);
+            s.daily.set(c.day, c.daily);
+            s.monthly.set(c.month, c.monthly);
+        }
+    }
+}
+
+/// Persisted form of the counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedState {
+    pub version: u32,
+    pub tenants: BTreeMap<String, SavedCounters>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedCounters {
+    pub day: u32,
+    pub daily: u64,
+    pub month: u32,
+    pub monthly: u64,
+}
+
+/// What loading a store found.
+#[derive(Debug)]
+pub enum Loaded {
+    /// Nothing saved yet: start from zero.
+    Empty,
+    Found(SavedState),
+    /// The saved state could not be read; it was moved aside to `moved_to` (if it could be).
+    Corrupt {
+        reason: String,
+        moved_to: Option<PathBuf>,
+    },
+}
+
+/// Where counters persist between runs.
+pub trait CounterStore: Send + Sync {
+    /// Reads the saved counters. Never fails the start-up: corruption is reported in [`Loaded`].
+    fn load(&self) -> Loaded;
+    /// Writes the counters durably (a crash after it returns loses nothing written).
+    fn save(&self, state: &SavedState) -> std::io::Result<()>;
+}
+
+/// Counters in a local JSON file, replaced atomically: write a temporary file, fsync it, rename
+/// it over the old one, fsync the directory.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    path: PathBuf,
+}
+
+impl FileStore {
+    pub fn new(path: impl Into<PathBuf>) -> FileStore {
+        FileStore { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl CounterStore for FileStore {
+    fn load(&self) -> Loaded {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Empty,
+            Err(e) => return Loaded::Corrupt { reason: format!("cannot read: {e}"), moved_to: None },
+        };
+        match serde_json::from_slice::<SavedState>(&bytes) {
+            Ok(s) if s.version == 1 => Loaded::Found(s),
+            Ok(s) => self.move_aside(format!("unknown version {}", s.version)),
+            Err(e) => self.move_aside(format!("not valid state JSON: {e}")),
+        }
+    }
+
+    fn save(&self, state: &SavedState) -> std::io::Result<()> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut tmp_name = self.path.file_name().unwrap_or_default().to_os_string();
+        tmp_name.push(".tmp");
+        let tmp = dir.join(tmp_name);
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        std::fs::File::open(&dir)?.sync_all()
+    }
+}
+
+impl FileStore {
+    fn move_aside(&self, reason: String) -> Loaded {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut aside = self.path.clone().into_os_string();
+        aside.push(format!(".corrupt-{secs}"));
+        let aside = PathBuf::from(aside);
+        let moved_to = std::fs::rename(&self.path, &aside).ok().map(|()| aside);
+        Loaded::Corrupt { reason, moved_to }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_counter_limits_rolls_over_and_ignores_stale_refunds() {
+        let c = WindowCounter::default();
+        assert_eq!(c.try_add(7, 1, Some(2), true), Ok(1));
+        assert_eq!(c.try_add(7, 1, Some(2), true), Ok(2));
+        assert_eq!(c.try_add(7, 1, Some(2), true), Err(2));
+        assert_eq!(c.try_add(7, 1, Some(2), false), Ok(3), "dry run counts past the limit");
+        c.sub(7, 1);
+        assert_eq!(c.get(7), 2);
+        assert_eq!(c.get(8), 0, "a new window starts at zero");
+        assert_eq!(c.try_add(8, 1, Some(2), true), Ok(1));
+        c.sub(7, 1);
+        assert_eq!(c.get(8), 1, "a refund from yesterday does not touch today");
+    }
+
+    #[test]
+    fn file_store_round_trips_and_moves_corrupt_files_aside() {
+        let dir = std::env::temp_dir().join(format!("bg-state-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = FileStore::new(dir.join("state.json"));
+        assert!(matches!(store.load(), Loaded::Empty));
+
+        let reg = StateRegistry::default();
+        reg.get_or_create("a").daily.set(100, 5);
+        reg.get_or_create("a").monthly.set(7, 50);
+        store.save(&reg.snapshot()).unwrap();
+        let Loaded::Found(saved) = store.load() else { panic!("saved state loads") };
+        let reg2 = StateRegistry::default();
+        reg2.restore(&saved);
+        assert_eq!(reg2.get_or_create("a").daily.get(100), 5);
+        assert_eq!(reg2.get_or_create("a").monthly.get(7), 50);
+
+        std::fs::write(store.path(), b"{ not json").unwrap();
+        match store.load() {
+            Loaded::Corrupt { moved_to: Some(p), .. } => {
+                assert!(p.exists());
+                assert!(!store.path().exists(), "the corrupt file is moved, not left to fail the next start");
+            }
+            other => panic!("expected corrupt, got {other:?}"),
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
