@@ -64,8 +64,11 @@ impl Admin {
             }
             (&Method::GET, "/admin/tenants") => json(StatusCode::OK, &self.tenants()),
             (&Method::POST, p) if p.starts_with("/admin/") => {
-                if let Err(resp) = self.authorize(req) {
-                    return resp;
+                if !self.authorized(req) {
+                    return json(
+                        StatusCode::UNAUTHORIZED,
+                        &serde_json::json!({"error": "unauthorized", "message": "send the admin token as `Authorization: Bearer TOKEN`"}),
+                    );
                 }
                 match p.strip_prefix("/admin/tenants/").and_then(|rest| rest.strip_suffix("/reset")) {
                     Some(id) => self.reset(id, req),
@@ -76,21 +79,16 @@ impl Admin {
         }
     }
 
-    fn authorize(&self, req: &Request<Incoming>) -> Result<(), Response<Body>> {
-        let Some(want) = self.shared.snapshot.load().config.admin.token_digest else { return Ok(()) };
+    /// Whether the request carries the admin token (or no token is configured).
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(want) = self.shared.snapshot.load().config.admin.token_digest else { return true };
         let presented = req
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(|t| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
-        match presented {
-            Some(d) if bool::from(d.ct_eq(&want)) => Ok(()),
-            _ => Err(json(
-                StatusCode::UNAUTHORIZED,
-                &serde_json::json!({"error": "unauthorized", "message": "send the admin token as `Authorization: Bearer TOKEN`"}),
-            )),
-        }
+        presented.is_some_and(|d| bool::from(d.ct_eq(&want)))
     }
 
     fn who(&self, req: &Request<Incoming>) -> String {
