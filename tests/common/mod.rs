@@ -22,10 +22,28 @@ pub fn sha(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
+/// Lines added to sections of the test config.
+#[derive(Default, Clone)]
+pub struct Extras<'a> {
+    pub server: &'a str,
+    pub admin: &'a str,
+    pub upstream: &'a str,
+    /// Whole sections (e.g. `[state]`), placed before the routes.
+    pub sections: &'a str,
+    pub tenant_a: &'a str,
+    pub tenant_b: &'a str,
+}
+
 /// A config for tests: ephemeral ports, tenants `a` (key-a) and `b` (key-b), routes `score`,
 /// `report` and `echo` (any of GET/POST under /echo/). `extra` is appended to `[server]`,
 /// `upstream_extra` to `[upstream]`.
 pub fn config_text(upstream_url: &str, server_extra: &str, upstream_extra: &str) -> String {
+    config_with(upstream_url, &Extras { server: server_extra, upstream: upstream_extra, ..Extras::default() })
+}
+
+/// The test config with [`Extras`].
+pub fn config_with(upstream_url: &str, x: &Extras) -> String {
+    let Extras { server: server_extra, admin: admin_extra, upstream: upstream_extra, sections, tenant_a, tenant_b } = x;
     format!(
         r#"
 [server]
@@ -33,11 +51,13 @@ listen = "127.0.0.1:0"
 {server_extra}
 [admin]
 listen = "127.0.0.1:0"
+{admin_extra}
 [upstream]
 url = "{upstream_url}"
 {upstream_extra}
 [log]
 access_log = false
+{sections}
 [[routes]]
 name = "score"
 method = "GET"
@@ -57,9 +77,11 @@ path = "/echo/{{*rest}}"
 [[tenants]]
 id = "a"
 api_key_sha256 = "{}"
+{tenant_a}
 [[tenants]]
 id = "b"
 api_key_sha256 = "{}"
+{tenant_b}
 "#,
         sha(KEY_A),
         sha(KEY_B)
@@ -75,9 +97,12 @@ pub fn fast_mock() -> MockConfig {
     MockConfig { service_time: Duration::ZERO, jitter: Duration::ZERO, workers: 64, ..MockConfig::default() }
 }
 
+pub fn parse(text: &str) -> Config {
+    Config::from_toml(text, &|_| None).unwrap_or_else(|e| panic!("test config invalid:\n{e}"))
+}
+
 pub async fn start_proxy(text: &str) -> Running {
-    let config = Config::from_toml(text, &|_| None).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-    app::start(config).await.unwrap()
+    app::start(parse(text)).await.unwrap()
 }
 
 /// Mock (fast unless given) + proxy with default test config plus extras.
@@ -93,9 +118,41 @@ impl Env {
         Env { mock, proxy }
     }
 
+    pub async fn with(mock: MockConfig, x: &Extras<'_>) -> Env {
+        let mock = start_mock(mock).await;
+        let proxy = start_proxy(&config_with(&mock.url(), x)).await;
+        Env { mock, proxy }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.proxy.addr, path)
     }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy.admin_addr, path)
+    }
+
+    /// `GET /admin/tenants`, as `id → entry`.
+    pub async fn tenants(&self) -> serde_json::Value {
+        let list = get(&self.admin_url("/admin/tenants"), &[]).await.json();
+        let mut map = serde_json::Map::new();
+        for t in list.as_array().expect("a list of tenants") {
+            map.insert(t["id"].as_str().unwrap().to_string(), t.clone());
+        }
+        serde_json::Value::Object(map)
+    }
+}
+
+/// A value of a metric line in Prometheus text, e.g. `metric_value(text, "x_total{a=\"b\"}")`.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+}
+
+/// A unique temporary directory for one test.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("bg-{name}-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 pub type TestClient = Client<HttpConnector, Full<Bytes>>;
