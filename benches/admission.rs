@@ -37,6 +37,7 @@ fn table() -> (TenantTable, Vec<HeaderValue>) {
                 max_in_flight: Some(1_000),
                 daily_quota: Some(u64::MAX >> 30),
                 monthly_quota: None,
+                max_queue: 0,
                 dry_run: DryRun::default(),
             },
         })

@@ -51,6 +51,13 @@ pub mod defaults {
     pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
     /// Idle connections older than this are closed (below typical server keep-alive of 60-120 s).
     pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+    /// Bureau capacity budget when none is configured: generous, so an unset value never
+    /// throttles a small deployment, but finite, so the bureau is never offered unbounded load.
+    pub const MAX_CONCURRENCY: usize = 64;
+    /// A look-up waiting longer than this for a bureau slot is better refused (and retried later).
+    pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Requests one tenant may have waiting for a bureau slot.
+    pub const MAX_QUEUE: usize = 256;
     /// Bureau responses are buffered; a credit report is a few KiB, 1 MiB is an anomaly.
     pub const MAX_RESPONSE_BODY: u64 = 1024 * 1024;
 }
@@ -145,6 +152,10 @@ pub struct UpstreamConfig {
     pub pool_max_idle: usize,
     pub pool_idle_timeout: Duration,
     pub max_response_body: u64,
+    /// The bureau capacity budget: most requests in flight to the bureau at once.
+    pub max_concurrency: usize,
+    /// Longest a request waits for a bureau slot before 503 `bureau_busy`.
+    pub queue_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,6 +207,8 @@ pub struct TenantLimits {
     pub daily_quota: Option<u64>,
     /// Bureau calls per local calendar month.
     pub monthly_quota: Option<u64>,
+    /// Requests that may wait for a bureau slot; one more gets 503 `bureau_busy` at once.
+    pub max_queue: usize,
     /// Limits that are computed, logged and counted but not enforced.
     pub dry_run: DryRun,
 }
@@ -313,6 +326,8 @@ struct RawUpstream {
     pool_max_idle: Option<usize>,
     pool_idle_timeout: Option<String>,
     max_response_body: Option<String>,
+    max_concurrency: Option<i64>,
+    queue_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -344,6 +359,7 @@ struct RawTenant {
     max_in_flight: Option<i64>,
     daily_quota: Option<i64>,
     monthly_quota: Option<i64>,
+    max_queue: Option<i64>,
     dry_run: Option<BoolOrList>,
 }
 
@@ -499,6 +515,15 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             u.max_response_body.as_deref(),
             defaults::MAX_RESPONSE_BODY,
         ),
+        max_concurrency: match u.max_concurrency {
+            None => defaults::MAX_CONCURRENCY,
+            Some(n) if (1..=100_000).contains(&n) => n as usize,
+            Some(n) => {
+                p.add("upstream.max_concurrency", format!("{n} must be between 1 and 100000"));
+                defaults::MAX_CONCURRENCY
+            }
+        },
+        queue_timeout: p.duration("upstream.queue_timeout", u.queue_timeout.as_deref(), defaults::QUEUE_TIMEOUT),
     };
 
     let log = LogConfig {
@@ -825,6 +850,14 @@ fn validate_limits(p: &mut Problems, i: usize, t: &RawTenant, max_cost: u32) -> 
         max_in_flight: positive(p, "max_in_flight", t.max_in_flight, 1_000_000).map(|n| n as u32),
         daily_quota: positive(p, "daily_quota", t.daily_quota, i64::MAX).map(|n| n as u64),
         monthly_quota: positive(p, "monthly_quota", t.monthly_quota, i64::MAX).map(|n| n as u64),
+        max_queue: match t.max_queue {
+            None => defaults::MAX_QUEUE,
+            Some(n) if (0..=1_000_000).contains(&n) => n as usize,
+            Some(n) => {
+                p.add(at("max_queue"), format!("{n} must be between 0 and 1000000"));
+                defaults::MAX_QUEUE
+            }
+        },
         dry_run,
     }
 }

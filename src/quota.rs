@@ -180,6 +180,7 @@ mod tests {
             max_in_flight: None,
             daily_quota: daily,
             monthly_quota: monthly,
+            max_queue: 0,
             dry_run: DryRun::default(),
         }
     }

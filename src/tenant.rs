@@ -210,6 +210,7 @@ mod tests {
                 max_in_flight: None,
                 daily_quota: None,
                 monthly_quota: None,
+                max_queue: 0,
                 dry_run: Default::default(),
             },
         };
