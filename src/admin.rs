@@ -57,6 +57,7 @@ impl Admin {
                 }
             }
             (&Method::GET, "/metrics") => {
+                self.shared.refresh_gauges();
                 let mut resp = Response::new(Full::new(Bytes::from(self.shared.metrics.encode())));
                 resp.headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

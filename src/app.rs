@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::proxy::Proxy;
-use crate::quota::{Clock, SystemClock, Windows};
+use crate::quota::{Clock, SystemClock};
 use crate::runtime::Shared;
 use crate::server::{self, ConnLimits};
 use crate::state::{CounterStore, FileStore, Loaded, SavedState};
@@ -116,8 +116,7 @@ fn restore(shared: &Shared, store: &FileStore) {
     }
 }
 
-/// Every `interval`: refresh the quota gauges and, if anything changed, write the counters.
-/// On stop: one final write.
+/// Every `interval`, if anything changed, write the counters. On stop: one final write.
 async fn persist_loop(
     shared: Arc<Shared>,
     store: Option<FileStore>,
@@ -133,7 +132,6 @@ async fn persist_loop(
             _ = tick.tick() => false,
             () = &mut stop => true,
         };
-        update_quota_gauges(&shared);
         if let Some(store) = &store {
             let now = shared.states.snapshot();
             if last_saved.as_ref() != Some(&now) {
@@ -156,23 +154,6 @@ async fn persist_loop(
         }
         if stopping {
             return;
-        }
-    }
-}
-
-fn update_quota_gauges(shared: &Shared) {
-    let snap = shared.snapshot.load();
-    let w = Windows::at(shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
-    let m = &shared.metrics;
-    for t in snap.tenants.iter() {
-        let id = &*t.id;
-        m.quota_used.with_label_values(&[id, "daily"]).set(t.state.daily.get(w.day) as i64);
-        m.quota_used.with_label_values(&[id, "monthly"]).set(t.state.monthly.get(w.month) as i64);
-        if let Some(q) = t.limits.daily_quota {
-            m.quota_limit.with_label_values(&[id, "daily"]).set(q as i64);
-        }
-        if let Some(q) = t.limits.monthly_quota {
-            m.quota_limit.with_label_values(&[id, "monthly"]).set(q as i64);
         }
     }
 }

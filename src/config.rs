@@ -156,6 +156,19 @@ pub struct UpstreamConfig {
     pub max_concurrency: usize,
     /// Longest a request waits for a bureau slot before 503 `bureau_busy`.
     pub queue_timeout: Duration,
+    /// Move the budget between `min` and `max` from observed bureau latency and errors.
+    pub adaptive: Option<AdaptiveSettings>,
+}
+
+/// `[upstream.adaptive]`: see `adaptive.rs` for the controller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptiveSettings {
+    pub min: usize,
+    pub max: usize,
+    /// Latency above `tolerance` × the healthy baseline counts as overload.
+    pub tolerance: f64,
+    /// Multiplicative decrease on overload (0 < backoff < 1).
+    pub backoff: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,6 +341,16 @@ struct RawUpstream {
     max_response_body: Option<String>,
     max_concurrency: Option<i64>,
     queue_timeout: Option<String>,
+    adaptive: Option<RawAdaptive>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdaptive {
+    min: Option<i64>,
+    max: Option<i64>,
+    tolerance: Option<f64>,
+    backoff: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -524,7 +547,12 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             }
         },
         queue_timeout: p.duration("upstream.queue_timeout", u.queue_timeout.as_deref(), defaults::QUEUE_TIMEOUT),
+        adaptive: None,
     };
+    let mut upstream = upstream;
+    if let Some(a) = &u.adaptive {
+        upstream.adaptive = validate_adaptive(&mut p, a, upstream.max_concurrency);
+    }
 
     let log = LogConfig {
         format: match raw.log.format.as_deref() {
@@ -622,6 +650,35 @@ fn utc_offset(p: &mut Problems, raw: Option<&str>) -> chrono::FixedOffset {
         p.add("quota.utc_offset", format!("invalid offset {s:?}; expected \"+HH:MM\" or \"-HH:MM\", e.g. \"+09:00\""));
         default
     })
+}
+
+fn validate_adaptive(p: &mut Problems, a: &RawAdaptive, budget: usize) -> Option<AdaptiveSettings> {
+    let before = p.0.len();
+    let max = match a.max {
+        None => budget,
+        Some(m) if m >= 1 && m as usize <= budget => m as usize,
+        Some(m) => {
+            p.add("upstream.adaptive.max", format!("{m} must be between 1 and upstream.max_concurrency ({budget})"));
+            budget
+        }
+    };
+    let min = match a.min {
+        None => 1.max(max / 8),
+        Some(m) if m >= 1 && m as usize <= max => m as usize,
+        Some(m) => {
+            p.add("upstream.adaptive.min", format!("{m} must be between 1 and upstream.adaptive.max ({max})"));
+            1
+        }
+    };
+    let tolerance = a.tolerance.unwrap_or(2.0);
+    if !(tolerance > 1.0 && tolerance <= 100.0) {
+        p.add("upstream.adaptive.tolerance", format!("{tolerance} must be above 1 (e.g. 2.0: twice the baseline)"));
+    }
+    let backoff = a.backoff.unwrap_or(0.9);
+    if !(backoff > 0.0 && backoff < 1.0) {
+        p.add("upstream.adaptive.backoff", format!("{backoff} must be between 0 and 1 (e.g. 0.9)"));
+    }
+    (p.0.len() == before).then_some(AdaptiveSettings { min, max, tolerance, backoff })
 }
 
 fn is_label_safe(s: &str) -> bool {

@@ -7,14 +7,18 @@
 //! - [`limits`]: head and body size limits (431, 413)
 //! - [`tenant`]: who is asking (api key → tenant, constant-time), key removed (401)
 //! - [`route`]: which configured route (404)
+//! - [`ratelimit`]: the tenant's rate and in-flight cap (429)
+//! - [`quota`]: the tenant's daily/monthly bureau calls, reserved then charged (429)
+//! - [`scheduler`]: a bureau slot, shared by weighted fair queuing ([`adaptive`] sizes it) (503)
 //! - [`upstream`]: the pooled call to the bureau (502, 504)
 //! - [`respond`]: every error's status and JSON body, and the [`respond::Outcome`] labels
 //!
 //! Around it: [`config`] (TOML → validated config, every problem reported), [`runtime`] (the
-//! compiled config behind an atomic pointer), [`metrics`], [`admin`] (health, metrics), [`app`]
+//! compiled config behind an atomic pointer), [`state`] (live counters and their persistence), [`metrics`], [`admin`] (health, metrics), [`app`]
 //! (bind, run, drain), [`mock_bureau`] (a bureau with a capacity model), [`loadgen`] (open-loop
 //! load for benchmarks and the demo), [`cli`].
 
+pub mod adaptive;
 pub mod admin;
 pub mod app;
 pub mod cli;
@@ -29,6 +33,7 @@ pub mod ratelimit;
 pub mod respond;
 pub mod route;
 pub mod runtime;
+pub mod scheduler;
 pub mod server;
 pub mod state;
 pub mod tenant;

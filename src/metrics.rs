@@ -37,6 +37,12 @@ pub struct Metrics {
     pub state_load_errors_total: IntCounter,
     pub state_save_errors_total: IntCounter,
     pub state_last_save_timestamp_seconds: IntGauge,
+    pub queue_wait_seconds: HistogramVec,
+    pub sheds_total: IntCounterVec,
+    pub queue_depth: IntGaugeVec,
+    pub bureau_in_flight: IntGauge,
+    pub bureau_concurrency_limit: IntGauge,
+    pub bureau_duration_seconds: Histogram,
 }
 
 impl Metrics {
@@ -96,8 +102,49 @@ impl Metrics {
         )
         .expect("valid metric");
 
+        let queue_wait_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "bureau_guard_queue_wait_seconds",
+                "Time requests waited for a bureau slot (granted ones), by tenant.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        let sheds_total = IntCounterVec::new(
+            Opts::new(
+                "bureau_guard_sheds_total",
+                "Requests answered 503 bureau_busy without reaching the bureau, by tenant and reason.",
+            ),
+            &["tenant", "reason"],
+        )
+        .expect("valid metric");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new("bureau_guard_queue_depth", "Requests waiting for a bureau slot, by tenant."),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        let bureau_in_flight =
+            IntGauge::new("bureau_guard_bureau_in_flight", "Requests at the bureau now.").expect("valid metric");
+        let bureau_concurrency_limit = IntGauge::new(
+            "bureau_guard_bureau_concurrency_limit",
+            "Current bureau capacity budget (moves with the adaptive limit).",
+        )
+        .expect("valid metric");
+        let bureau_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new("bureau_guard_bureau_duration_seconds", "Time the bureau took to answer a call.")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(queue_wait_seconds.clone()),
+            Box::new(sheds_total.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(bureau_in_flight.clone()),
+            Box::new(bureau_concurrency_limit.clone()),
+            Box::new(bureau_duration_seconds.clone()),
             Box::new(request_duration_seconds.clone()),
             Box::new(requests_in_flight.clone()),
             Box::new(build_info),
@@ -121,6 +168,12 @@ impl Metrics {
             state_load_errors_total,
             state_save_errors_total,
             state_last_save_timestamp_seconds,
+            queue_wait_seconds,
+            sheds_total,
+            queue_depth,
+            bureau_in_flight,
+            bureau_concurrency_limit,
+            bureau_duration_seconds,
         }
     }
 
@@ -153,6 +206,15 @@ pub struct RequestCells {
     cells: Box<[OnceLock<Cell>]>,
     /// `limit_rejections_total` handles: tenant × reason × mode.
     limits: Box<[OnceLock<IntCounter>]>,
+    /// Scheduler handles per tenant.
+    tenants: Box<[OnceLock<TenantCell>]>,
+}
+
+/// Scheduler metric handles of one tenant.
+pub struct TenantCell {
+    pub queue_wait: Histogram,
+    pub shed_queue_full: IntCounter,
+    pub shed_queue_timeout: IntCounter,
 }
 
 /// The limit reasons, in `limits` table order.
@@ -174,11 +236,13 @@ impl RequestCells {
         route_labels.push(PASSTHROUGH_LABEL.to_string());
         let n = tenant_labels.len() * route_labels.len();
         let l = tenant_labels.len() * LIMIT_REASONS.len() * 2;
+        let t = tenant_labels.len();
         RequestCells {
             tenant_labels,
             route_labels,
             cells: (0..n).map(|_| OnceLock::new()).collect(),
             limits: (0..l).map(|_| OnceLock::new()).collect(),
+            tenants: (0..t).map(|_| OnceLock::new()).collect(),
         }
     }
 
@@ -207,6 +271,18 @@ impl RequestCells {
                 metrics.limit_rejections_total.with_label_values(&[&self.tenant_labels[tenant], reason.code(), mode])
             })
             .inc();
+    }
+
+    /// Scheduler metric handles of tenant index `tenant`.
+    pub fn tenant(&self, metrics: &Metrics, tenant: usize) -> &TenantCell {
+        self.tenants[tenant].get_or_init(|| {
+            let id = self.tenant_labels[tenant].as_str();
+            TenantCell {
+                queue_wait: metrics.queue_wait_seconds.with_label_values(&[id]),
+                shed_queue_full: metrics.sheds_total.with_label_values(&[id, "queue_full"]),
+                shed_queue_timeout: metrics.sheds_total.with_label_values(&[id, "queue_timeout"]),
+            }
+        })
     }
 
     /// Records one finished request. `tenant`/`route` of `None` map to `_none`.

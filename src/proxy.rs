@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! limits ─▶ tenant ─▶ route ─▶ ratelimit (rate, in-flight) ─▶ body ─▶ quota (reserve)
-//!        ─▶ forward headers ─▶ upstream (quota committed) ─▶ respond (+ RateLimit fields, metrics, log)
+//!        ─▶ scheduler (a fair share of the bureau) ─▶ forward headers
+//!        ─▶ upstream (quota committed) ─▶ respond (+ RateLimit fields, metrics, log)
 //! ```
 //!
 //! Later stages (cache, coalesce, fair scheduler) slot in at their places of DESIGN.md, each in
@@ -26,6 +27,7 @@ use crate::quota::{self, Exhausted, Windows, retry_after_secs};
 use crate::ratelimit::{InFlightGuard, RateDecision};
 use crate::respond::{Body, ErrorKind, Outcome, ProxyError, RateLimitState, error_response};
 use crate::runtime::{Shared, Snapshot};
+use crate::scheduler::{Ask, ShedReason};
 use crate::tenant::Tenant;
 
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -178,14 +180,55 @@ impl Proxy {
             }
         };
 
+        // Fair share: wait for one of the bureau's slots. Slots go to tenants by weighted fair
+        // queuing, so a surge lengthens only the surging tenant's queue; a request that cannot
+        // get one in time is shed here, before it can add to the bureau's load.
+        let queued_at = tokio::time::Instant::now();
+        let ask = Ask {
+            tenant: tenant.state.index,
+            weight: tenant.weight,
+            cost,
+            max_queue: tenant.limits.max_queue,
+            deadline: queued_at + snap.config.upstream.queue_timeout,
+        };
+        let cells = snap.cells.tenant(&self.shared.metrics, tenant.index);
+        let permit = match self.shared.scheduler.acquire(ask).await {
+            Ok(permit) => permit,
+            Err(shed) => {
+                let message = match shed.reason {
+                    ShedReason::QueueFull => {
+                        cells.shed_queue_full.inc();
+                        format!(
+                            "the bureau is at capacity and {} of your requests are already waiting",
+                            tenant.limits.max_queue
+                        )
+                    }
+                    ShedReason::QueueTimeout => {
+                        cells.shed_queue_timeout.inc();
+                        format!("no bureau slot within {:?}", snap.config.upstream.queue_timeout)
+                    }
+                };
+                return Err(ProxyError::new(ErrorKind::BureauBusy, message).retry_after(shed.retry_after.as_secs()));
+            }
+        };
+        let called_at = tokio::time::Instant::now();
+        cells.queue_wait.observe((called_at - queued_at).as_secs_f64());
+
         // Forward headers: the bureau sees who asked and which request this is, never the key.
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(&X_TENANT, tenant.header_value.clone());
         parts.headers.insert(&X_REQUEST_ID, request_id.clone());
 
         // Upstream: the bureau is touched last; from here on the call counts against the quota.
+        // The permit is held for the call and released on every exit (a dropped future included);
+        // the latency and outcome feed the adaptive limit.
         reservation.commit();
-        snap.upstream.send(parts, body).await
+        let result = snap.upstream.send(parts, body).await;
+        let latency = called_at.elapsed();
+        self.shared.metrics.bureau_duration_seconds.observe(latency.as_secs_f64());
+        let healthy = result.as_ref().is_ok_and(|r| !r.status().is_server_error());
+        permit.complete(latency, healthy);
+        result
     }
 
     fn in_flight_error(&self, tenant: &Tenant) -> ProxyError {

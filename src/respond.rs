@@ -24,6 +24,8 @@ pub enum Blame {
     Tenant,
     /// The bureau failed, was unreachable or too slow.
     Bureau,
+    /// The bureau's capacity is spoken for: the request was shed before reaching it.
+    Capacity,
     /// bureau-guard itself (shutting down, internal limit).
     Proxy,
 }
@@ -45,11 +47,12 @@ pub enum ErrorKind {
     TooManyInFlight,
     DailyQuotaExhausted,
     MonthlyQuotaExhausted,
+    BureauBusy,
 }
 
 impl ErrorKind {
     /// Every kind, for pre-registering metric label values and tests.
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::MissingApiKey,
         ErrorKind::InvalidApiKey,
         ErrorKind::RouteNotFound,
@@ -64,6 +67,7 @@ impl ErrorKind {
         ErrorKind::TooManyInFlight,
         ErrorKind::DailyQuotaExhausted,
         ErrorKind::MonthlyQuotaExhausted,
+        ErrorKind::BureauBusy,
     ];
 
     /// The stable `error` code in the JSON body; also the `outcome` metric label.
@@ -83,6 +87,7 @@ impl ErrorKind {
             ErrorKind::TooManyInFlight => "too_many_in_flight",
             ErrorKind::DailyQuotaExhausted => "daily_quota_exhausted",
             ErrorKind::MonthlyQuotaExhausted => "monthly_quota_exhausted",
+            ErrorKind::BureauBusy => "bureau_busy",
         }
     }
 
@@ -99,6 +104,7 @@ impl ErrorKind {
             | ErrorKind::TooManyInFlight
             | ErrorKind::DailyQuotaExhausted
             | ErrorKind::MonthlyQuotaExhausted => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::BureauBusy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -116,6 +122,8 @@ impl ErrorKind {
             | ErrorKind::TooManyInFlight
             | ErrorKind::DailyQuotaExhausted
             | ErrorKind::MonthlyQuotaExhausted => Blame::Tenant,
+            // The shared bureau budget is used up: nobody's fault in particular, shed early.
+            ErrorKind::BureauBusy => Blame::Capacity,
         }
     }
 }

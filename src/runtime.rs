@@ -11,11 +11,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use crate::adaptive::{AdaptiveConfig, AdaptiveLimit};
 use crate::config::Config;
 use crate::headers::RequestIds;
 use crate::metrics::{Metrics, RequestCells};
-use crate::quota::{Clock, SystemClock};
+use crate::quota::{Clock, SystemClock, Windows};
 use crate::route::RouteTable;
+use crate::scheduler::Scheduler;
 use crate::state::StateRegistry;
 use crate::tenant::TenantTable;
 use crate::upstream::Upstream;
@@ -81,6 +83,8 @@ pub struct Shared {
     pub states: StateRegistry,
     /// Wall clock for quota windows (injectable for tests).
     pub clock: Arc<dyn Clock>,
+    /// The bureau capacity budget, shared fairly; outlives snapshots (slots in use carry over).
+    pub scheduler: Arc<Scheduler>,
     pub metrics: Metrics,
     pub ids: RequestIds,
     /// False until the listeners are bound, and again once draining starts.
@@ -94,14 +98,49 @@ impl Shared {
 
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Arc<Shared> {
         let states = StateRegistry::default();
+        let scheduler = Scheduler::new(config.upstream.max_concurrency);
+        scheduler.set_controller(adaptive_controller(&config));
         let snapshot = Snapshot::compile(Arc::new(config), &states, None);
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             states,
             clock,
+            scheduler,
             metrics: Metrics::new(),
             ids: RequestIds::default(),
             ready: AtomicBool::new(false),
         })
+    }
+}
+
+/// The adaptive controller `[upstream.adaptive]` asks for, if any; it starts at the full budget.
+pub fn adaptive_controller(config: &Config) -> Option<Arc<AdaptiveLimit>> {
+    let a = config.upstream.adaptive.as_ref()?;
+    let mut cfg = AdaptiveConfig::new(a.min, a.max, a.max);
+    cfg.tolerance = a.tolerance;
+    cfg.backoff = a.backoff;
+    Some(Arc::new(AdaptiveLimit::new(cfg)))
+}
+
+impl Shared {
+    /// Sets the gauges that mirror live state (quota use, scheduler); called at each scrape.
+    pub fn refresh_gauges(&self) {
+        let snap = self.snapshot.load();
+        let w = Windows::at(self.clock.now_unix_ms(), snap.config.quota.utc_offset);
+        let m = &self.metrics;
+        m.bureau_in_flight.set(self.scheduler.in_flight() as i64);
+        m.bureau_concurrency_limit.set(self.scheduler.limit() as i64);
+        for t in snap.tenants.iter() {
+            let id = &*t.id;
+            m.queue_depth.with_label_values(&[id]).set(self.scheduler.queued(t.state.index) as i64);
+            m.quota_used.with_label_values(&[id, "daily"]).set(t.state.daily.get(w.day) as i64);
+            m.quota_used.with_label_values(&[id, "monthly"]).set(t.state.monthly.get(w.month) as i64);
+            if let Some(q) = t.limits.daily_quota {
+                m.quota_limit.with_label_values(&[id, "daily"]).set(q as i64);
+            }
+            if let Some(q) = t.limits.monthly_quota {
+                m.quota_limit.with_label_values(&[id, "monthly"]).set(q as i64);
+            }
+        }
     }
 }

@@ -85,6 +85,8 @@ impl WindowCounter {
 /// One tenant's live state.
 #[derive(Debug, Default)]
 pub struct TenantState {
+    /// Dense, process-stable index of this tenant id (the fair scheduler's queue index).
+    pub index: usize,
     /// Requests of this tenant inside bureau-guard now (see `ratelimit::InFlightGuard`).
     pub in_flight: AtomicU32,
     /// Bureau calls charged today (window = local day number).
@@ -106,7 +108,10 @@ impl StateRegistry {
     /// The state of tenant `id`, created empty on first use.
     pub fn get_or_create(&self, id: &str) -> Arc<TenantState> {
         let mut map = self.tenants.lock().expect("state registry lock not poisoned");
-        map.entry(id.to_string()).or_default().clone()
+        let next = map.len();
+        map.entry(id.to_string())
+            .or_insert_with(|| Arc::new(TenantState { index: next, ..TenantState::default() }))
+            .clone()
     }
 
     /// A copy of all counters, for persistence.
