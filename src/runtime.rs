@@ -85,6 +85,8 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     /// The bureau capacity budget, shared fairly; outlives snapshots (slots in use carry over).
     pub scheduler: Arc<Scheduler>,
+    /// The adaptive controller sizing the scheduler's budget, if `[upstream.adaptive]` is set.
+    pub adaptive: Option<Arc<AdaptiveLimit>>,
     pub metrics: Metrics,
     pub ids: RequestIds,
     /// False until the listeners are bound, and again once draining starts.
@@ -99,13 +101,15 @@ impl Shared {
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Arc<Shared> {
         let states = StateRegistry::default();
         let scheduler = Scheduler::new(config.upstream.max_concurrency);
-        scheduler.set_controller(adaptive_controller(&config));
+        let adaptive = adaptive_controller(&config);
+        scheduler.set_controller(adaptive.clone());
         let snapshot = Snapshot::compile(Arc::new(config), &states, None);
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             states,
             clock,
             scheduler,
+            adaptive,
             metrics: Metrics::new(),
             ids: RequestIds::default(),
             ready: AtomicBool::new(false),

@@ -1,0 +1,167 @@
+//! The bureau's capacity as a shared, fairly scheduled resource, end to end.
+
+mod common;
+
+use std::time::Duration;
+
+use bureau_guard::mock_bureau::MockConfig;
+use common::*;
+
+fn bureau(workers: usize, service_ms: u64) -> MockConfig {
+    MockConfig {
+        workers,
+        service_time: Duration::from_millis(service_ms),
+        jitter: Duration::ZERO,
+        queue: 10_000,
+        queue_timeout: Duration::from_secs(30),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_is_never_exceeded_under_heavy_concurrency() {
+    let env = Env::with(
+        bureau(64, 5),
+        &Extras { upstream: "max_concurrency = 4\nqueue_timeout = \"30s\"", ..Extras::default() },
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (url, key) = (env.url(&format!("/v1/score/S-{i}")), if i % 3 == 0 { KEY_B } else { KEY_A });
+        tasks.push(tokio::spawn(async move { get(&url, &[("x-api-key", key)]).await.status }));
+    }
+    // Cancel some while they wait: the budget must hold on that path too.
+    for t in tasks.iter().step_by(7) {
+        t.abort();
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if let Ok(status) = t.await {
+            assert_eq!(status, 200);
+            ok += 1;
+        }
+    }
+    let stats = env.mock.bureau.stats();
+    assert!(stats.max_in_flight <= 4, "bureau saw {} at once with a budget of 4", stats.max_in_flight);
+    assert!(stats.max_in_flight >= 2, "the budget was used");
+    assert!(ok >= 170);
+    let shared = env.proxy.shared.clone();
+    wait_until("every slot back", || shared.scheduler.in_flight() == 0 && shared.scheduler.queued_total() == 0).await;
+}
+
+#[tokio::test]
+async fn a_full_queue_sheds_with_503_bureau_busy_without_touching_the_bureau() {
+    let env = Env::with(
+        bureau(8, 500),
+        &Extras {
+            upstream: "max_concurrency = 1\nqueue_timeout = \"10s\"",
+            tenant_a: "max_queue = 1",
+            ..Extras::default()
+        },
+    )
+    .await;
+    let holder = tokio::spawn(get_owned(env.url("/v1/score/S-1"), KEY_A));
+    let shared = env.proxy.shared.clone();
+    wait_until("the slot taken", || shared.scheduler.in_flight() == 1).await;
+    let waiter = tokio::spawn(get_owned(env.url("/v1/score/S-2"), KEY_A));
+    wait_until("one queued", || shared.scheduler.queued_total() == 1).await;
+
+    let r = get(&env.url("/v1/score/S-3"), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.status, 503);
+    let j = r.json();
+    assert_eq!(j["error"], "bureau_busy");
+    assert_eq!(j["tenant"], "a");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(j["retry_after_s"], retry);
+
+    assert_eq!(holder.await.unwrap(), 200);
+    assert_eq!(waiter.await.unwrap(), 200);
+    assert_eq!(env.mock.bureau.stats().calls_total, 2, "the shed request never reached the bureau");
+    let text = String::from_utf8(get(&env.admin_url("/metrics"), &[]).await.body.to_vec()).unwrap();
+    assert_eq!(metric_value(&text, r#"bureau_guard_sheds_total{reason="queue_full",tenant="a"}"#), Some(1.0), "{text}");
+}
+
+async fn get_owned(url: String, key: &'static str) -> http::StatusCode {
+    get(&url, &[("x-api-key", key)]).await.status
+}
+
+#[tokio::test]
+async fn a_request_that_waits_past_the_queue_timeout_gets_503() {
+    let env = Env::with(
+        bureau(8, 1500),
+        &Extras { upstream: "max_concurrency = 1\nqueue_timeout = \"100ms\"", ..Extras::default() },
+    )
+    .await;
+    let holder = tokio::spawn(get_owned(env.url("/v1/score/S-1"), KEY_A));
+    let shared = env.proxy.shared.clone();
+    wait_until("the slot taken", || shared.scheduler.in_flight() == 1).await;
+    let r = get(&env.url("/v1/score/S-2"), &[("x-api-key", KEY_B)]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"], "bureau_busy");
+    assert!(r.json()["message"].as_str().unwrap().contains("no bureau slot within"));
+    assert_eq!(holder.await.unwrap(), 200);
+    assert_eq!(env.mock.bureau.stats().calls_total, 1);
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_while_queued_leaves_without_taking_a_slot() {
+    let env = Env::with(
+        bureau(8, 800),
+        &Extras { upstream: "max_concurrency = 1\nqueue_timeout = \"10s\"", ..Extras::default() },
+    )
+    .await;
+    let holder = tokio::spawn(get_owned(env.url("/v1/score/S-1"), KEY_A));
+    let shared = env.proxy.shared.clone();
+    wait_until("the slot taken", || shared.scheduler.in_flight() == 1).await;
+    let gone = tokio::spawn(get_owned(env.url("/v1/score/S-2"), KEY_B));
+    wait_until("one queued", || shared.scheduler.queued_total() == 1).await;
+    gone.abort();
+    let _ = gone.await;
+    wait_until("the queue empty", || shared.scheduler.queued_total() == 0).await;
+    assert_eq!(holder.await.unwrap(), 200);
+    wait_until("the slot free", || shared.scheduler.in_flight() == 0).await;
+    let stats = env.mock.bureau.stats();
+    assert_eq!(stats.calls_total, 1, "the departed request never reached the bureau");
+    assert_eq!(stats.calls_by_tenant.get("b"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_limit_shrinks_when_the_bureau_slows_and_grows_back() {
+    let env = Env::with(
+        bureau(64, 5),
+        &Extras {
+            upstream: "max_concurrency = 32\nqueue_timeout = \"30s\"\n[upstream.adaptive]\nmin = 2\nmax = 32",
+            ..Extras::default()
+        },
+    )
+    .await;
+    let shared = env.proxy.shared.clone();
+    assert_eq!(shared.scheduler.limit(), 32);
+
+    // Closed-loop load from 24 clients for as long as the test needs it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for w in 0..24 {
+        let (url, stop) = (env.url(&format!("/v1/score/S-{w}")), stop.clone());
+        load.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                send(&c, http::Method::GET, &url, &[("x-api-key", KEY_A)], b"").await;
+            }
+        }));
+    }
+    // Healthy: a baseline is learnt at ~5 ms. Then the bureau slows tenfold.
+    let limiter = shared.clone();
+    let controller = shared.adaptive.clone().expect("adaptive configured");
+    wait_until("a healthy baseline", || controller.baseline().is_some()).await;
+    env.mock.bureau.set_service_time(Duration::from_millis(60));
+    wait_until("the limit to shrink", || limiter.scheduler.limit() <= 16).await;
+    let shrunk = shared.scheduler.limit();
+    env.mock.bureau.set_service_time(Duration::from_millis(5));
+    wait_until("the limit to grow back", || limiter.scheduler.limit() > shrunk + 4).await;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+}
