@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# End-to-end proxy overhead benchmark: direct to the mock bureau vs through
+# bureau-guard vs through nginx, open-loop load at increasing rates.
+#
+#   bash benches/proxy_overhead.sh            # full run, a few minutes
+#   bash benches/proxy_overhead.sh --quick    # smoke run (CI), well under a minute once built
+#   bash benches/proxy_overhead.sh --help     # every option
+#
+# All load targets 127.0.0.1. See benches/README.md for the scenario and the criterion.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# nginx is the reference proxy; install it the Debian way if it is missing (we run as root).
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  echo "proxy_overhead.sh: installing nginx" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q nginx
+fi
+
+# Open-loop load opens as many connections as a slow target needs: allow as
+# many descriptors as the hard limit permits (children inherit it).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+exec cargo bench --locked --bench proxy_overhead -- "$@"
