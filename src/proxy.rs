@@ -135,7 +135,7 @@ impl Proxy {
 
         // Rate: every request of the tenant pays, cache hits included; it shapes the tenant's pace.
         if let Some(rate) = &tenant.rate {
-            let decision = rate.check(cost);
+            let decision = rate.check(&tenant.state.rate_tat, crate::ratelimit::now_ns(), cost);
             ctx.rate = Some(decision);
             if let RateDecision::Limited { retry_after } = decision {
                 let err = ProxyError::new(

@@ -52,8 +52,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Compiles a validated config. Cheap enough to run on every reload; never on the request path.
-    /// Live tenant state comes from `states`; rate buckets carry over from `previous`.
-    pub fn compile(config: Arc<Config>, states: &StateRegistry, previous: Option<&Snapshot>) -> Snapshot {
+    /// Live tenant state (counters, rate buckets) comes from `states`.
+    pub fn compile(config: Arc<Config>, states: &StateRegistry) -> Snapshot {
         let route_table = RouteTable::new(&config.routes).expect("validated routes compile");
         Snapshot {
             limits: Limits {
@@ -63,7 +63,7 @@ impl Snapshot {
                 pass_unmatched: config.server.pass_unmatched,
                 access_log: config.log.access_log,
             },
-            tenants: TenantTable::new(&config.tenants, states, previous.map(|p| &p.tenants)),
+            tenants: TenantTable::new(&config.tenants, states),
             route_table,
             routes: config.routes.iter().map(|r| Route { name: Arc::from(r.name.as_str()), cost: r.cost }).collect(),
             upstream: Upstream::new(&config.upstream),
@@ -103,7 +103,7 @@ impl Shared {
         let scheduler = Scheduler::new(config.upstream.max_concurrency);
         let adaptive = adaptive_controller(&config);
         scheduler.set_controller(adaptive.clone());
-        let snapshot = Snapshot::compile(Arc::new(config), &states, None);
+        let snapshot = Snapshot::compile(Arc::new(config), &states);
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             states,

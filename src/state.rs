@@ -89,6 +89,8 @@ pub struct TenantState {
     pub index: usize,
     /// Requests of this tenant inside bureau-guard now (see `ratelimit::InFlightGuard`).
     pub in_flight: AtomicU32,
+    /// GCRA theoretical arrival time of the tenant's rate bucket (`ratelimit::now_ns` base).
+    pub rate_tat: AtomicU64,
     /// Bureau calls charged today (window = local day number).
     pub daily: WindowCounter,
     /// Bureau calls charged this month (window = year * 12 + month0).

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{TenantConfig, TenantLimits};
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::RatePolicy;
 use crate::respond::{ErrorKind, ProxyError};
 use crate::state::{StateRegistry, TenantState};
 
@@ -34,8 +34,8 @@ pub struct Tenant {
     /// `x-tenant` value sent to the bureau, prepared once.
     pub header_value: HeaderValue,
     pub limits: TenantLimits,
-    /// The token bucket, if the tenant has a `rate`; kept across reloads while rate and burst stay.
-    pub rate: Option<Arc<RateLimit>>,
+    /// The rate policy, if the tenant has a `rate`; the bucket itself is `state.rate_tat`.
+    pub rate: Option<RatePolicy>,
     /// Live counters, shared with every snapshot that has this tenant and with persistence.
     pub state: Arc<TenantState>,
     /// `RateLimit-Policy` response field, prepared once; `None` if the tenant has no limits.
@@ -56,8 +56,8 @@ pub struct TenantTable {
 
 impl TenantTable {
     /// Builds the table from validated tenants (ids and keys already known to be unique). Live
-    /// state comes from `states`; token buckets whose policy did not change come from `previous`.
-    pub fn new(configs: &[TenantConfig], states: &StateRegistry, previous: Option<&TenantTable>) -> TenantTable {
+    /// state (counters, rate buckets) comes from `states`, so it carries over across reloads.
+    pub fn new(configs: &[TenantConfig], states: &StateRegistry) -> TenantTable {
         let mut tenants = Vec::with_capacity(configs.len());
         let mut by_key: HashMap<u64, ([u8; 32], usize), DigestPrefix> = HashMap::default();
         let mut by_key_collisions = Vec::new();
@@ -70,13 +70,7 @@ impl TenantTable {
                 }
             }
             by_id.insert(id.clone(), index);
-            let rate = c.limits.rate.map(|r| {
-                previous
-                    .and_then(|p| p.by_id(&c.id))
-                    .and_then(|t| t.rate.clone())
-                    .filter(|old| old.same_policy(r, c.limits.burst))
-                    .unwrap_or_else(|| Arc::new(RateLimit::new(r, c.limits.burst)))
-            });
+            let rate = c.limits.rate.map(|r| RatePolicy::new(r, c.limits.burst));
             tenants.push(Arc::new(Tenant {
                 index,
                 header_value: HeaderValue::from_str(&c.id).expect("validated ids are header-safe"),
@@ -214,7 +208,7 @@ mod tests {
                 dry_run: Default::default(),
             },
         };
-        TenantTable::new(&[t("a", &["key-a", "key-a2"]), t("b", &["key-b"])], &StateRegistry::default(), None)
+        TenantTable::new(&[t("a", &["key-a", "key-a2"]), t("b", &["key-b"])], &StateRegistry::default())
     }
 
     #[test]

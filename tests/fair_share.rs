@@ -165,3 +165,41 @@ async fn adaptive_limit_shrinks_when_the_bureau_slows_and_grows_back() {
         l.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn surging_tenant_does_not_delay_others() {
+    use bureau_guard::surge::{Scenario, Target, replay};
+    // A small 2017: a bureau of 4 x 20 ms (~200 req/s), two banks at 20 req/s, one at 600 req/s.
+    let s = Scenario {
+        bureau: MockConfig {
+            workers: 4,
+            service_time: Duration::from_millis(20),
+            jitter: Duration::from_millis(2),
+            queue: 64,
+            queue_timeout: Duration::from_secs(1),
+        },
+        quiet_rate: 20.0,
+        surge_rate: 600.0,
+        calm: Duration::from_secs(1),
+        surge: Duration::from_secs(3),
+        ..Scenario::default()
+    };
+    let guarded = replay(&s, Target::Guard, |_| {}).await.unwrap();
+    assert!(guarded.bureau.max_in_flight <= 4, "the bureau saw {} at once", guarded.bureau.max_in_flight);
+    for quiet in ["bank-b", "card-c"] {
+        let t = guarded.total.stream(quiet).unwrap();
+        assert_eq!(t.class_count(2), t.sent, "{quiet}: every look-up answered: {t:?}");
+        let p99 = t.success_summary().p99;
+        assert!(p99 < Duration::from_millis(100), "{quiet} p99 {p99:?}");
+    }
+    let a = guarded.surge.stream("bank-a").unwrap();
+    let leftover = s.bureau_capacity() - 2.0 * s.quiet_rate;
+    let goodput = a.class_count(2) as f64 / s.surge.as_secs_f64();
+    assert!(goodput > 0.75 * leftover, "bank-a got {goodput:.0} req/s of {leftover:.0} left over (work conservation)");
+    assert!(a.rejected_summary().p99 < Duration::from_millis(600), "the excess is answered quickly");
+
+    // The same traffic straight to the bureau: the quiet banks fail with the surging one.
+    let direct = replay(&s, Target::Direct, |_| {}).await.unwrap();
+    let b = direct.total.stream("bank-b").unwrap();
+    assert!(b.class_count(2) < b.sent, "without bureau-guard the quiet bank loses look-ups: {b:?}");
+}
