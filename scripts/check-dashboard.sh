@@ -1,0 +1,400 @@
+#!/usr/bin/env bash
+# Proves grafana/bureau-guard.json against a real Prometheus.
+#
+# Starts a mock bureau, bureau-guard (temp config, ephemeral ports) and our own Prometheus
+# (temp config and data dir, ephemeral 127.0.0.1 port, scraping bureau-guard's admin /metrics
+# every second), drives traffic that produces every outcome the dashboard shows (200s, 401,
+# 404, 429 rate/quota, dry-run limits, 503 sheds, 504 bureau timeouts), then runs EVERY `expr`
+# of every panel target through Prometheus's /api/v1/query. Fails, listing the panels, if an
+# expression does not parse or returns no data (a 0-valued series counts as data; a NaN-only
+# result, e.g. a quantile over a window without observations, does not). Also lints
+# the dashboard: stable uid, units on every panel, `tenant=~"$tenant"` on every selector of a
+# metric that has a tenant label.
+#
+# Usage (from the repo root):  bash scripts/check-dashboard.sh
+# Environment:
+#   BUREAU_GUARD_BIN   use this binary instead of `cargo build --release --locked`
+#   PROMETHEUS_BIN     use this prometheus binary (default: `prometheus` on PATH, installed with
+#                      apt-get if missing; needs root)
+#   DASHBOARD          the dashboard to check (default grafana/bureau-guard.json)
+#   CHECK_DEADLINE_S   seconds allowed for traffic + queries to satisfy every panel (default 75)
+#
+# The packaged Prometheus service (Debian's `prometheus` listens on :9090, the same port as
+# bureau-guard's default admin listener) is never used: the install is done with a policy-rc.d
+# that forbids starting services, and the unit is disabled where systemd runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DASHBOARD=${DASHBOARD:-grafana/bureau-guard.json}
+DEADLINE_S=${CHECK_DEADLINE_S:-75}
+# Grafana's interval variables, for the check. 15 s = 15 scrapes at our 1 s scrape interval.
+RATE_INTERVAL=15s
+
+log() { printf '== %s\n' "$*" >&2; }
+die() { printf 'check-dashboard: %s\n' "$*" >&2; exit 1; }
+
+[ -f "$DASHBOARD" ] || die "$DASHBOARD not found (run from the repo root)"
+command -v python3 >/dev/null || die "python3 is required"
+command -v curl >/dev/null || die "curl is required"
+
+# ---------------------------------------------------------------- children and cleanup
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/check-dashboard.XXXXXX")
+PIDS=()
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  set +m  # no "Terminated" job notices for the children we stop
+  for pid in "${PIDS[@]}"; do
+    # Each child runs in its own process group (set -m below), so its own children go too.
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  if [ "$rc" -ne 0 ] && [ -d "$TMP" ]; then
+    for f in "$TMP"/*.log; do
+      [ -s "$f" ] || continue
+      printf -- '--- last lines of %s\n' "$(basename "$f")" >&2
+      tail -n 15 "$f" >&2
+    done
+  fi
+  rm -rf "$TMP"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+# Background jobs get their own process group, so cleanup can kill a job and its children.
+set -m
+
+start() { # start NAME CMD...: runs CMD in the background, output to $TMP/NAME.log
+  local name=$1; shift
+  "$@" >"$TMP/$name.log" 2>&1 &
+  PIDS+=("$!")
+}
+
+wait_http() { # wait_http URL SECONDS WHAT: polls until URL answers 2xx
+  local url=$1 limit=$2 what=$3 end=$((SECONDS + $2))
+  until curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; do
+    [ "$SECONDS" -lt "$end" ] || die "$what not ready at $url after ${limit}s"
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null || die "$what: a started process exited early"; done
+    sleep 0.1
+  done
+}
+
+# ---------------------------------------------------------------- prometheus
+PROMETHEUS=${PROMETHEUS_BIN:-$(command -v prometheus || true)}
+if [ -z "$PROMETHEUS" ]; then
+  [ "$(id -u)" -eq 0 ] || die "prometheus is not installed and installing it needs root (apt-get install prometheus)"
+  log "installing prometheus (apt-get; its packaged service is kept from starting)"
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    # Debian's standard switch: maintainer scripts may not start services while it exits 101.
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    own_policy=1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  install_rc=0
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; } >"$TMP/apt.log" 2>&1 ||
+    install_rc=$?
+  [ "$own_policy" -eq 0 ] || rm -f "$policy"
+  [ "$install_rc" -eq 0 ] || { tail -n 20 "$TMP/apt.log" >&2; die "apt-get install prometheus failed"; }
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+  PROMETHEUS=$(command -v prometheus) || die "prometheus still not on PATH after install"
+fi
+log "prometheus: $("$PROMETHEUS" --version 2>&1 | head -n 1)"
+
+# ---------------------------------------------------------------- bureau-guard
+if [ -n "${BUREAU_GUARD_BIN:-}" ]; then
+  BIN=$BUREAU_GUARD_BIN
+else
+  log "cargo build --release --locked"
+  cargo build --release --locked --quiet
+  BIN=target/release/bureau-guard
+fi
+[ -x "$BIN" ] || die "$BIN is not an executable"
+
+T0=$SECONDS
+
+# Ephemeral ports: ask the kernel for free ones (all bound at once, so they are distinct).
+read -r BUREAU_PORT PROXY_PORT ADMIN_PORT PROM_PORT < <(python3 - <<'EOF'
+import socket
+socks = [socket.socket() for _ in range(4)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+for s in socks:
+    s.close()
+EOF
+)
+PROXY=http://127.0.0.1:$PROXY_PORT
+ADMIN=http://127.0.0.1:$ADMIN_PORT
+BUREAU=http://127.0.0.1:$BUREAU_PORT
+PROM=http://127.0.0.1:$PROM_PORT
+
+sha() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
+KEY_A=check-key-bank-a   # low rate and a small daily quota: 429 rate_limited, daily_quota_exhausted
+KEY_B=check-key-bank-b   # max_queue = 1: 503 queue_full when it bursts
+KEY_C=check-key-card-c   # deep queue: 503 queue_timeout; in-flight limit in dry run; monthly quota
+
+cat >"$TMP/bureau-guard.toml" <<EOF
+# Written by scripts/check-dashboard.sh; removed when it exits.
+[server]
+listen = "127.0.0.1:$PROXY_PORT"
+request_timeout = "5s"
+drain_timeout = "1s"
+
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+
+[upstream]
+url = "$BUREAU"
+connect_timeout = "500ms"
+# The script slows the mock bureau past this for a moment: 504 bureau_timeout.
+response_timeout = "150ms"
+max_concurrency = 2
+queue_timeout = "50ms"
+
+[state]
+file = "$TMP/state.json"
+flush_interval = "1s"
+
+[log]
+access_log = false
+
+[[routes]]
+name = "credit_report"
+method = "POST"
+path = "/v1/credit-report"
+cost = 1
+
+[[routes]]
+name = "score"
+method = "GET"
+path = "/v1/score/{subject_id}"
+cost = 1
+
+[[tenants]]
+id = "bank-a"
+api_key_sha256 = "$(sha "$KEY_A")"
+weight = 2
+rate = 20
+burst = 10
+daily_quota = 60
+
+[[tenants]]
+id = "bank-b"
+api_key_sha256 = "$(sha "$KEY_B")"
+weight = 1
+max_queue = 1
+
+[[tenants]]
+id = "card-c"
+api_key_sha256 = "$(sha "$KEY_C")"
+weight = 1
+max_in_flight = 2
+dry_run = ["in_flight"]
+monthly_quota = 1000000
+EOF
+
+cat >"$TMP/prometheus.yml" <<EOF
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: bureau-guard
+    static_configs:
+      - targets: ["127.0.0.1:$ADMIN_PORT"]
+EOF
+
+log "starting mock bureau ($BUREAU), bureau-guard ($PROXY, admin $ADMIN), prometheus ($PROM)"
+"$BIN" check --config "$TMP/bureau-guard.toml" >"$TMP/check.log" 2>&1 || { cat "$TMP/check.log" >&2; die "temp config rejected"; }
+start mock-bureau "$BIN" mock-bureau --listen "127.0.0.1:$BUREAU_PORT" --workers 4 --service-ms 5
+start bureau-guard env RUST_LOG=warn "$BIN" serve --config "$TMP/bureau-guard.toml"
+start prometheus "$PROMETHEUS" --config.file="$TMP/prometheus.yml" --storage.tsdb.path="$TMP/prometheus-data" \
+  --web.listen-address="127.0.0.1:$PROM_PORT" --log.level=warn
+wait_http "$BUREAU/stats" 20 "mock bureau"
+wait_http "$ADMIN/healthz" 20 "bureau-guard"
+wait_http "$PROM/-/ready" 30 "prometheus"
+
+# ---------------------------------------------------------------- traffic
+# Bounded: at most $ROUNDS rounds of a few bursts each; stopped early once every panel has data.
+ROUNDS=60
+burst() { # burst KEY COUNT PARALLEL TAG [score|report]: COUNT requests, PARALLEL at once
+  local key=$1 n=$2 par=$3 tag=$4 kind=${5:-score}
+  local hdr=()
+  [ -z "$key" ] || hdr=(-H "x-api-key: $key")
+  if [ "$kind" = report ]; then
+    curl -s --no-progress-meter -Z --parallel-max "$par" --max-time 5 "${hdr[@]}" -H 'content-type: application/json' \
+      -d '{"subject_id":"S-1","report_type":"full"}' -o /dev/null -w '%{http_code}\n' \
+      "$PROXY/v1/credit-report?n=[1-$n]" || true
+  else
+    curl -s --no-progress-meter -Z --parallel-max "$par" --max-time 5 "${hdr[@]}" -o /dev/null -w '%{http_code}\n' \
+      "$PROXY/v1/score/S-$tag-[1-$n]" || true
+  fi
+}
+bureau_service_ms() { curl -fsS -o /dev/null --max-time 2 -d "{\"service_ms\": $1}" "$BUREAU/control" || true; }
+traffic() {
+  local r
+  for r in $(seq "$ROUNDS"); do
+    burst "$KEY_A" 30 4 "a$r"                 # over rate 20/burst 10, later over daily_quota 60: 429
+    burst "$KEY_B" 10 2 "b$r" report          # steady
+    burst "$KEY_C" 10 2 "c$r"                 # steady
+    burst "$KEY_B" 30 15 "bb$r"               # max_queue 1: 503 queue_full
+    burst "$KEY_C" 80 40 "cc$r"               # deep queue, 50 ms queue_timeout: 503 queue_timeout;
+                                              # over max_in_flight 2 in dry run
+    burst "wrong-key" 3 3 "x$r"               # 401 invalid_api_key
+    burst "" 2 2 "y$r"                        # 401 missing_api_key
+    curl -s -o /dev/null -w '%{http_code}\n' --max-time 2 -H "x-api-key: $KEY_B" "$PROXY/v1/nowhere" || true  # 404
+    if [ $((r % 3)) -eq 1 ]; then             # the bureau slows past response_timeout: 504
+      bureau_service_ms 300
+      burst "$KEY_B" 2 2 "slow$r"
+      bureau_service_ms 5
+    fi
+    sleep 0.2
+  done
+}
+start traffic traffic
+
+# ---------------------------------------------------------------- evaluate the dashboard
+log "waiting for data, then evaluating every panel expression (deadline ${DEADLINE_S}s)"
+rc=0
+python3 - "$DASHBOARD" "$PROM" "$DEADLINE_S" "$RATE_INTERVAL" <<'EOF' || rc=$?
+import json, re, sys, time, urllib.parse, urllib.request
+
+path, prom, deadline_s, rate_interval = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+deadline = time.monotonic() + deadline_s
+dash = json.load(open(path))
+
+
+def api(endpoint, **params):
+    url = f"{prom}/api/v1/{endpoint}?{urllib.parse.urlencode(params, doseq=True)}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:  # 400 = bad expression: the body says why
+        try:
+            return json.load(e)
+        except Exception:
+            return {"status": "error", "error": f"HTTP {e.code}"}
+    except Exception as e:
+        return {"status": "error", "error": str(e)}
+
+
+def substitute(expr):
+    for var, value in [("${__rate_interval}", rate_interval), ("$__rate_interval", rate_interval),
+                       ("${__interval}", rate_interval), ("$__interval", rate_interval),
+                       ("${__range}", "5m"), ("$__range", "5m")]:
+        expr = expr.replace(var, value)
+    return re.sub(r"\$\{tenant(:[a-z]+)?\}|\$tenant\b", ".*", expr)
+
+
+def panels(ps):
+    for p in ps:
+        yield p
+        yield from panels(p.get("panels", []))
+
+
+# ---- static lint of the dashboard
+problems = []
+if dash.get("uid") != "bureau-guard":
+    problems.append(f"uid is {dash.get('uid')!r}, expected 'bureau-guard'")
+names = [v.get("name") for v in dash.get("templating", {}).get("list", [])]
+for want in ("datasource", "tenant"):
+    if want not in names:
+        problems.append(f"no ${want} variable")
+ids = [p.get("id") for p in panels(dash["panels"])]
+if len(ids) != len(set(ids)):
+    problems.append("duplicate panel ids")
+checks = []  # (panel title, refId, raw expr)
+for p in panels(dash["panels"]):
+    if p.get("type") == "row":
+        continue
+    title = p.get("title", f"panel {p.get('id')}")
+    if not p.get("fieldConfig", {}).get("defaults", {}).get("unit"):
+        problems.append(f"{title}: no unit")
+    if not p.get("description"):
+        problems.append(f"{title}: no description")
+    targets = p.get("targets", [])
+    if not targets:
+        problems.append(f"{title}: no targets")
+    for t in targets:
+        if not t.get("expr"):
+            problems.append(f"{title} [{t.get('refId')}]: target without expr")
+            continue
+        checks.append((title, t.get("refId", "?"), t["expr"]))
+
+# Which metrics carry a tenant label, as bureau-guard actually exports them.
+end = time.monotonic() + min(30, deadline_s)
+tenant_metrics = set()
+while time.monotonic() < end:
+    r = api("series", **{"match[]": '{__name__=~"bureau_guard_.+", tenant!=""}'})
+    tenant_metrics = {s["__name__"] for s in r.get("data", [])} if r.get("status") == "success" else set()
+    if "bureau_guard_requests_total" in tenant_metrics:
+        break
+    time.sleep(0.5)
+if not tenant_metrics:
+    problems.append("prometheus has no bureau_guard_* series with a tenant label: is the scrape working?")
+sel = re.compile(r"\b(bureau_guard_[a-z0-9_]+)\s*(\{[^}]*\})?")
+for title, ref, expr in checks:
+    for m in sel.finditer(expr):
+        if m.group(1) in tenant_metrics and 'tenant=~"$tenant"' not in (m.group(2) or ""):
+            problems.append(f'{title} [{ref}]: {m.group(1)} is not filtered by tenant=~"$tenant"')
+
+# ---- every expression must parse and return data; poll until then or the deadline
+results = {}
+while True:
+    for i, (title, ref, expr) in enumerate(checks):
+        if results.get(i, (None, 0))[1] > 0 or results.get(i, ("",))[0].startswith("error: bad_data"):
+            continue  # has data, or does not parse (that will not change)
+        r = api("query", query=substitute(expr))
+        if r.get("status") != "success":
+            results[i] = (f"error: {r.get('errorType', '')} {r.get('error', '')}".strip(), 0)
+        else:
+            data = r["data"]["result"]
+            if r["data"]["resultType"] == "vector":
+                values = [s["value"][1] for s in data]
+            else:  # scalar
+                values = [data[1]]
+            # NaN-only (e.g. a quantile over a window without observations) is not yet proof of data.
+            finite = [v for v in values if v not in ("NaN", "+Inf", "-Inf")]
+            results[i] = ("ok" if finite else ("only NaN" if values else "no data"), len(values) if finite else 0)
+    waiting = [i for i in range(len(checks)) if results[i][1] == 0 and not results[i][0].startswith("error: bad_data")]
+    if not waiting or time.monotonic() > deadline:
+        break
+    time.sleep(1)
+
+w = max(len(f"{t} [{r}]") for t, r, _ in checks)
+print(f"{'panel [ref]':<{w}}  {'series':>6}  expr")
+for i, (title, ref, expr) in enumerate(checks):
+    status, n = results[i]
+    shown = re.sub(r"\s+", " ", expr)
+    flag = "" if n else f"   <-- {status}"
+    print(f"{f'{title} [{ref}]':<{w}}  {n:>6}  {shown}{flag}")
+failed = [(checks[i][0], checks[i][1], results[i][0]) for i in range(len(checks)) if results[i][1] == 0]
+for title, ref, status in failed:
+    problems.append(f"{title} [{ref}]: {status}")
+print()
+if problems:
+    print(f"FAIL: {len(problems)} problem(s):")
+    for p in problems:
+        print(f"  - {p}")
+    sys.exit(1)
+print(f"OK: {len(checks)} expressions in {sum(1 for p in panels(dash['panels']) if p.get('type') != 'row')} "
+      f"panels parse and return data; every panel has a unit; tenant filter on every tenant-labelled metric.")
+EOF
+
+# Responses the traffic got, for the record.
+if [ -s "$TMP/traffic.log" ]; then
+  printf 'traffic so far (HTTP status: count): %s\n' \
+    "$(grep -E '^[0-9]{3}$' "$TMP/traffic.log" | sort | uniq -c | awk '{printf "%s: %s  ", $2, $1}')"
+fi
+log "done in $((SECONDS - T0))s after the build"
+exit "$rc"
