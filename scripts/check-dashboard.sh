@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317  # cleanup, burst and traffic run via trap and start(), which shellcheck cannot see
 # Proves grafana/bureau-guard.json against a real Prometheus.
 #
 # Starts a mock bureau, bureau-guard (temp config, ephemeral ports) and our own Prometheus
@@ -55,6 +56,7 @@ cleanup() {
   wait 2>/dev/null || true
   if [ "$rc" -ne 0 ] && [ -d "$TMP" ]; then
     for f in "$TMP"/*.log; do
+      [ "$(basename "$f")" != traffic.log ] || continue
       [ -s "$f" ] || continue
       printf -- '--- last lines of %s\n' "$(basename "$f")" >&2
       tail -n 15 "$f" >&2
@@ -265,8 +267,8 @@ start traffic traffic
 
 # ---------------------------------------------------------------- evaluate the dashboard
 log "waiting for data, then evaluating every panel expression (deadline ${DEADLINE_S}s)"
-rc=0
-python3 - "$DASHBOARD" "$PROM" "$DEADLINE_S" "$RATE_INTERVAL" <<'EOF' || rc=$?
+# In the background and waited for, so that a signal interrupts the wait and cleanup runs at once.
+python3 - "$DASHBOARD" "$PROM" "$DEADLINE_S" "$RATE_INTERVAL" >"$TMP/result.txt" <<'EOF' &
 import json, re, sys, time, urllib.parse, urllib.request
 
 path, prom, deadline_s, rate_interval = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
@@ -390,6 +392,11 @@ if problems:
 print(f"OK: {len(checks)} expressions in {sum(1 for p in panels(dash['panels']) if p.get('type') != 'row')} "
       f"panels parse and return data; every panel has a unit; tenant filter on every tenant-labelled metric.")
 EOF
+CHECKER=$!
+PIDS+=("$CHECKER")
+rc=0
+wait "$CHECKER" || rc=$?
+cat "$TMP/result.txt"
 
 # Responses the traffic got, for the record.
 if [ -s "$TMP/traffic.log" ]; then

@@ -8,6 +8,7 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /admin/tenants` | every tenant's limits and live usage, JSON |
 //! | `POST /admin/tenants/{id}/reset` | zero a tenant's daily and monthly counters (token) |
+//! | `POST /admin/reload` | re-read and apply the config file (token); 200 applied, 422 rejected |
 //!
 //! `POST` endpoints require `Authorization: Bearer TOKEN` when `admin.token_sha256`/`token_env`
 //! is configured; each is logged with the peer address and the `x-operator` header, if sent.
@@ -45,6 +46,27 @@ impl Admin {
         Admin { shared, peer }
     }
 
+    /// `POST /admin/reload`: file reading and compiling run off the async workers.
+    async fn reload(self, req: Request<Incoming>) -> Response<Body> {
+        if !self.authorized(&req) {
+            return unauthorized();
+        }
+        let who = self.who(&req);
+        let shared = self.shared.clone();
+        let outcome = tokio::task::spawn_blocking(move || crate::reload::reload_from_file(&shared)).await;
+        match outcome {
+            Ok(out) => {
+                tracing::info!(by = %who, result = out.result, "reload requested");
+                let status = if out.applied() { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+                json(status, &out)
+            }
+            Err(_) => json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &serde_json::json!({"result": "rejected", "changes": [], "problems": ["the reload task failed; the running config is unchanged"]}),
+            ),
+        }
+    }
+
     fn handle(&self, req: &Request<Incoming>) -> Response<Body> {
         let path = req.uri().path();
         match (req.method(), path) {
@@ -66,10 +88,7 @@ impl Admin {
             (&Method::GET, "/admin/tenants") => json(StatusCode::OK, &self.tenants()),
             (&Method::POST, p) if p.starts_with("/admin/") => {
                 if !self.authorized(req) {
-                    return json(
-                        StatusCode::UNAUTHORIZED,
-                        &serde_json::json!({"error": "unauthorized", "message": "send the admin token as `Authorization: Bearer TOKEN`"}),
-                    );
+                    return unauthorized();
                 }
                 match p.strip_prefix("/admin/tenants/").and_then(|rest| rest.strip_suffix("/reset")) {
                     Some(id) => self.reset(id, req),
@@ -191,6 +210,13 @@ struct UsageView {
     monthly_resets_in_s: u64,
 }
 
+fn unauthorized() -> Response<Body> {
+    json(
+        StatusCode::UNAUTHORIZED,
+        &serde_json::json!({"error": "unauthorized", "message": "send the admin token as `Authorization: Bearer TOKEN`"}),
+    )
+}
+
 fn not_found() -> Response<Body> {
     text(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz, /metrics or /admin/tenants\n")
 }
@@ -220,6 +246,10 @@ impl tower::Service<Request<Incoming>> for Admin {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        if req.method() == Method::POST && req.uri().path() == "/admin/reload" {
+            let admin = self.clone();
+            return Box::pin(async move { Ok(admin.reload(req).await) });
+        }
         let resp = self.handle(&req);
         Box::pin(async move { Ok(resp) })
     }

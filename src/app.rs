@@ -26,6 +26,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub shared: Arc<Shared>,
     stop: watch::Sender<bool>,
+    stop_admin: watch::Sender<bool>,
     proxy_task: JoinHandle<bool>,
     admin_task: JoinHandle<bool>,
     persist_task: JoinHandle<()>,
@@ -38,20 +39,40 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
 
 /// [`start`] with an injected wall clock for quota windows (tests cross midnight with it).
 pub async fn start_with_clock(config: Config, clock: Arc<dyn Clock>) -> std::io::Result<Running> {
+    start_with(config, Options { clock, config_path: None }).await
+}
+
+/// How to start, beyond the config.
+pub struct Options {
+    /// Wall clock for quota windows.
+    pub clock: Arc<dyn Clock>,
+    /// The file the config came from; `reload` re-reads it.
+    pub config_path: Option<std::path::PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { clock: Arc::new(SystemClock), config_path: None }
+    }
+}
+
+/// [`start`] with [`Options`].
+pub async fn start_with(config: Config, options: Options) -> std::io::Result<Running> {
     let listener = TcpListener::bind(config.server.listen).await?;
     let admin_listener = TcpListener::bind(config.admin.listen).await?;
-    Ok(start_on(config, listener, admin_listener, clock))
+    Ok(start_on(config, listener, admin_listener, options))
 }
 
 /// Starts serving on listeners the caller already bound.
-pub fn start_on(config: Config, listener: TcpListener, admin_listener: TcpListener, clock: Arc<dyn Clock>) -> Running {
+pub fn start_on(config: Config, listener: TcpListener, admin_listener: TcpListener, options: Options) -> Running {
     let addr = listener.local_addr().expect("a bound listener has an address");
     let admin_addr = admin_listener.local_addr().expect("a bound listener has an address");
     let limits = ConnLimits::for_max_header_bytes(config.server.max_header_bytes, config.server.header_read_timeout);
     let drain = config.server.drain_timeout;
     let store = config.state.file.clone().map(FileStore::new);
     let flush_interval = config.state.flush_interval;
-    let shared = Shared::with_clock(config, clock);
+    let shared = Shared::build(config, options.clock, options.config_path);
+    shared.metrics.reload_last_success_timestamp_seconds.set(shared.clock.now_unix_ms() / 1000);
 
     // Counters from the last run, before the first request can touch them.
     if let Some(store) = &store {
@@ -61,6 +82,7 @@ pub fn start_on(config: Config, listener: TcpListener, admin_listener: TcpListen
     }
 
     let (stop, stopped) = watch::channel(false);
+    let (stop_admin, admin_stopped) = watch::channel(false);
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -73,24 +95,27 @@ pub fn start_on(config: Config, listener: TcpListener, admin_listener: TcpListen
         admin_listener,
         move |peer| Admin::new(admin_shared.clone(), Some(peer)),
         admin_limits,
-        wait(stopped.clone()),
+        wait(admin_stopped),
         drain,
     ));
     let persist_task = tokio::spawn(persist_loop(shared.clone(), store, flush_interval, wait(stopped)));
     shared.ready.store(true, Ordering::Release);
     tracing::info!(%addr, %admin_addr, "bureau-guard serving");
-    Running { addr, admin_addr, shared, stop, proxy_task, admin_task, persist_task }
+    Running { addr, admin_addr, shared, stop, stop_admin, proxy_task, admin_task, persist_task }
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish within the drain timeout, writes the
-    /// counters one last time, and returns whether every connection closed in time.
+    /// Readiness goes false first; then the proxy stops accepting and lets in-flight requests
+    /// finish within the drain timeout (the admin listener keeps answering meanwhile), the
+    /// counters are written one last time, and the admin listener closes. Returns whether every
+    /// proxy connection closed in time.
     pub async fn shutdown(self) -> bool {
         self.shared.ready.store(false, Ordering::Release);
         let _ = self.stop.send(true);
         let proxy_drained = self.proxy_task.await.unwrap_or(false);
-        let _ = self.admin_task.await;
         let _ = self.persist_task.await;
+        let _ = self.stop_admin.send(true);
+        let _ = self.admin_task.await;
         proxy_drained
     }
 }

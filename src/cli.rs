@@ -1,4 +1,4 @@
-//! The `bureau-guard` command line: `serve`, `check`, `mock-bureau`, `demo`.
+//! The `bureau-guard` command line: `serve`, `check`, `reload`, `mock-bureau`, `demo`.
 //!
 //! `serve` runs in three phases, as linkerd's main does: parse and validate the config (fail
 //! before binding anything), bind and run until SIGTERM/SIGINT, then drain.
@@ -32,6 +32,19 @@ pub enum Command {
     Check {
         #[arg(long, short, env = "BUREAU_GUARD_CONFIG")]
         config: PathBuf,
+        /// Also print what the config changes relative to this one (e.g. the running config).
+        #[arg(long, value_name = "OLD_CONFIG")]
+        diff: Option<PathBuf>,
+    },
+    /// Ask a running proxy to re-read its config file; print the outcome and every change or
+    /// problem; exit 1 if the new config was rejected (the running one is then unchanged).
+    Reload {
+        /// The proxy's admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9090", env = "BUREAU_GUARD_ADMIN")]
+        admin: String,
+        /// The admin token (`admin.token_sha256` / `token_env` of the running config).
+        #[arg(long, env = "BUREAU_GUARD_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Run a credit-bureau stand-in with a capacity model (workers, queue, overload errors).
     MockBureau {
@@ -76,7 +89,8 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, diff } => check(&config, diff.as_deref()),
+        Command::Reload { admin, token } => reload(&admin, token.as_deref()),
         Command::Serve { config } => serve(&config),
         Command::MockBureau { listen, workers, service_ms, jitter_ms, queue, queue_timeout_ms } => {
             let cfg = MockConfig {
@@ -156,7 +170,7 @@ fn demo(s: crate::surge::Scenario) -> ExitCode {
     })
 }
 
-fn check(path: &Path) -> ExitCode {
+fn check(path: &Path, diff_against: Option<&Path>) -> ExitCode {
     match Config::load(path) {
         Ok(c) => {
             println!(
@@ -166,6 +180,23 @@ fn check(path: &Path) -> ExitCode {
                 c.routes.len(),
                 c.upstream.url
             );
+            if let Some(old_path) = diff_against {
+                let old = match Config::load(old_path) {
+                    Ok(old) => old,
+                    Err(e) => {
+                        println!("{}: cannot diff against it, {} problem(s)", old_path.display(), e.problems.len());
+                        for p in &e.problems {
+                            println!("  {p}");
+                        }
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let changes = crate::reload::diff(&old, &c);
+                println!("changes relative to {}: {}", old_path.display(), changes.len());
+                for ch in &changes {
+                    println!("  {ch}");
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -197,14 +228,36 @@ fn serve(path: &Path) -> ExitCode {
     let _log_guard = init_logging(config.log.format);
     runtime().block_on(async {
         // Phase 2: bind and serve.
-        let running = match crate::app::start(config).await {
+        let options = crate::app::Options { config_path: Some(path.to_path_buf()), ..Default::default() };
+        let running = match crate::app::start_with(config, options).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot bind");
                 return ExitCode::FAILURE;
             }
         };
-        let signal = wait_for_signal().await;
+        // SIGHUP reloads, as `bureau-guard reload` does; SIGTERM/SIGINT drain and exit.
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the SIGHUP handler");
+                return ExitCode::FAILURE;
+            }
+        };
+        let stop = wait_for_signal();
+        tokio::pin!(stop);
+        let signal = loop {
+            tokio::select! {
+                s = &mut stop => break s,
+                _ = hup.recv() => {
+                    let shared = running.shared.clone();
+                    let out = tokio::task::spawn_blocking(move || crate::reload::reload_from_file(&shared)).await;
+                    if let Ok(out) = out {
+                        tracing::info!(result = out.result, "SIGHUP reload");
+                    }
+                }
+            }
+        };
         // Phase 3: drain.
         tracing::info!(signal, "shutting down: draining in-flight requests");
         if running.shutdown().await {
@@ -213,6 +266,63 @@ fn serve(path: &Path) -> ExitCode {
             tracing::warn!("drain timeout reached; closed remaining connections");
         }
         ExitCode::SUCCESS
+    })
+}
+
+fn reload(admin: &str, token: Option<&str>) -> ExitCode {
+    use http_body_util::{BodyExt, Full};
+    let url = format!("{}/admin/reload", admin.trim_end_matches('/'));
+    runtime().block_on(async {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let mut req = http::Request::post(&url);
+        if let Some(t) = token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = match req.body(Full::new(bytes::Bytes::new())) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("invalid admin URL {admin}: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let resp = match tokio::time::timeout(Duration::from_secs(30), client.request(req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                eprintln!("cannot reach {url}: {e}");
+                return ExitCode::from(2);
+            }
+            Err(_) => {
+                eprintln!("no answer from {url} within 30 s");
+                return ExitCode::from(2);
+            }
+        };
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        if status == http::StatusCode::UNAUTHORIZED {
+            eprintln!("the admin endpoint refused the token: pass --token or set BUREAU_GUARD_ADMIN_TOKEN");
+            return ExitCode::FAILURE;
+        }
+        let Ok(out) = serde_json::from_slice::<serde_json::Value>(&body) else {
+            eprintln!("unexpected answer ({status}): {}", String::from_utf8_lossy(&body));
+            return ExitCode::FAILURE;
+        };
+        let list = |key: &str| -> Vec<serde_json::Value> { out[key].as_array().cloned().unwrap_or_default() };
+        if out["result"] == "applied" {
+            let changes = list("changes");
+            println!("reload applied: {} change(s)", changes.len());
+            for c in changes {
+                let restart = if c["needs_restart"] == true { " (needs a restart)" } else { "" };
+                println!("  {}: {}{restart}", c["path"].as_str().unwrap_or(""), c["what"].as_str().unwrap_or(""));
+            }
+            ExitCode::SUCCESS
+        } else {
+            let problems = list("problems");
+            println!("reload rejected: {} problem(s); the running config is unchanged", problems.len());
+            for p in problems {
+                println!("  {}", p.as_str().unwrap_or(""));
+            }
+            ExitCode::FAILURE
+        }
     })
 }
 

@@ -77,7 +77,7 @@ impl fmt::Display for Problem {
 }
 
 /// Every problem found in a config; never empty.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub problems: Vec<Problem>,
 }
@@ -97,7 +97,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// A validated configuration. Every value is typed; every default applied.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
     pub admin: AdminConfig,
@@ -109,13 +109,13 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QuotaConfig {
     /// Daily and monthly windows reset at local midnight of this offset from UTC.
     pub utc_offset: chrono::FixedOffset,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StateConfig {
     /// Where quota counters are persisted; `None` keeps them in memory only.
     pub file: Option<std::path::PathBuf>,
@@ -123,7 +123,7 @@ pub struct StateConfig {
     pub flush_interval: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body: u64,
@@ -135,7 +135,7 @@ pub struct ServerConfig {
     pub pass_unmatched: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
     /// SHA-256 of the token that `POST /admin/...` requests must present as `Authorization:
@@ -143,7 +143,7 @@ pub struct AdminConfig {
     pub token_digest: Option<[u8; 32]>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// `http://host:port[/prefix]`; the prefix (without trailing slash) is put before every path.
     pub url: Uri,
@@ -177,14 +177,14 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub format: LogFormat,
     /// One line per request (tenant, route, status, outcome, latency, request id).
     pub access_log: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// Metric label and log field: `[A-Za-z0-9_-]`, unique.
     pub name: String,
@@ -195,7 +195,7 @@ pub struct RouteConfig {
     pub cost: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TenantConfig {
     /// Stable identifier: metric label, `x-tenant` header value, log field.
     pub id: String,

@@ -31,6 +31,7 @@ pub mod mock_bureau;
 pub mod proxy;
 pub mod quota;
 pub mod ratelimit;
+pub mod reload;
 pub mod respond;
 pub mod route;
 pub mod runtime;

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub bureau_in_flight: IntGauge,
     pub bureau_concurrency_limit: IntGauge,
     pub bureau_duration_seconds: Histogram,
+    pub reloads_total: IntCounterVec,
+    pub reload_last_success_timestamp_seconds: IntGauge,
 }
 
 impl Metrics {
@@ -137,8 +139,24 @@ impl Metrics {
         )
         .expect("valid metric");
 
+        let reloads_total = IntCounterVec::new(
+            Opts::new("bureau_guard_reloads_total", "Config reloads, by result (applied or rejected)."),
+            &["result"],
+        )
+        .expect("valid metric");
+        for result in ["applied", "rejected"] {
+            reloads_total.with_label_values(&[result]);
+        }
+        let reload_last_success_timestamp_seconds = IntGauge::new(
+            "bureau_guard_reload_last_success_timestamp_seconds",
+            "Unix time of the last applied config (start-up counts).",
+        )
+        .expect("valid metric");
+
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reloads_total.clone()),
+            Box::new(reload_last_success_timestamp_seconds.clone()),
             Box::new(queue_wait_seconds.clone()),
             Box::new(sheds_total.clone()),
             Box::new(queue_depth.clone()),
@@ -174,6 +192,8 @@ impl Metrics {
             bureau_in_flight,
             bureau_concurrency_limit,
             bureau_duration_seconds,
+            reloads_total,
+            reload_last_success_timestamp_seconds,
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::adaptive::{AdaptiveConfig, AdaptiveLimit};
 use crate::config::Config;
@@ -52,8 +52,9 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Compiles a validated config. Cheap enough to run on every reload; never on the request path.
-    /// Live tenant state (counters, rate buckets) comes from `states`.
-    pub fn compile(config: Arc<Config>, states: &StateRegistry) -> Snapshot {
+    /// Live tenant state (counters, rate buckets) comes from `states`; the bureau client (and its
+    /// pool of open connections) is kept from `previous` when `[upstream]` did not change.
+    pub fn compile(config: Arc<Config>, states: &StateRegistry, previous: Option<&Snapshot>) -> Snapshot {
         let route_table = RouteTable::new(&config.routes).expect("validated routes compile");
         Snapshot {
             limits: Limits {
@@ -66,7 +67,10 @@ impl Snapshot {
             tenants: TenantTable::new(&config.tenants, states),
             route_table,
             routes: config.routes.iter().map(|r| Route { name: Arc::from(r.name.as_str()), cost: r.cost }).collect(),
-            upstream: Upstream::new(&config.upstream),
+            upstream: match previous {
+                Some(p) if same_client(&p.config.upstream, &config.upstream) => p.upstream.clone(),
+                _ => Upstream::new(&config.upstream),
+            },
             cells: RequestCells::new(
                 config.tenants.iter().map(|t| t.id.clone()),
                 config.routes.iter().map(|r| r.name.clone()),
@@ -74,6 +78,16 @@ impl Snapshot {
             config,
         }
     }
+}
+
+/// Whether two `[upstream]` sections build the same client (budget and queue settings aside).
+fn same_client(a: &crate::config::UpstreamConfig, b: &crate::config::UpstreamConfig) -> bool {
+    a.url == b.url
+        && a.connect_timeout == b.connect_timeout
+        && a.response_timeout == b.response_timeout
+        && a.pool_max_idle == b.pool_max_idle
+        && a.pool_idle_timeout == b.pool_idle_timeout
+        && a.max_response_body == b.max_response_body
 }
 
 /// State shared by every connection of one running proxy.
@@ -86,7 +100,11 @@ pub struct Shared {
     /// The bureau capacity budget, shared fairly; outlives snapshots (slots in use carry over).
     pub scheduler: Arc<Scheduler>,
     /// The adaptive controller sizing the scheduler's budget, if `[upstream.adaptive]` is set.
-    pub adaptive: Option<Arc<AdaptiveLimit>>,
+    pub adaptive: ArcSwapOption<AdaptiveLimit>,
+    /// The file `reload` re-reads (None when started from a config in memory).
+    pub config_path: Option<std::path::PathBuf>,
+    /// Serializes reloads (never taken on the request path).
+    pub reload_lock: std::sync::Mutex<()>,
     pub metrics: Metrics,
     pub ids: RequestIds,
     /// False until the listeners are bound, and again once draining starts.
@@ -99,17 +117,24 @@ impl Shared {
     }
 
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Arc<Shared> {
+        Shared::build(config, clock, None)
+    }
+
+    /// Shared state for `config`, read from `config_path` (re-read on reload).
+    pub fn build(config: Config, clock: Arc<dyn Clock>, config_path: Option<std::path::PathBuf>) -> Arc<Shared> {
         let states = StateRegistry::default();
         let scheduler = Scheduler::new(config.upstream.max_concurrency);
         let adaptive = adaptive_controller(&config);
         scheduler.set_controller(adaptive.clone());
-        let snapshot = Snapshot::compile(Arc::new(config), &states);
+        let snapshot = Snapshot::compile(Arc::new(config), &states, None);
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             states,
             clock,
             scheduler,
-            adaptive,
+            adaptive: ArcSwapOption::new(adaptive),
+            config_path,
+            reload_lock: std::sync::Mutex::new(()),
             metrics: Metrics::new(),
             ids: RequestIds::default(),
             ready: AtomicBool::new(false),

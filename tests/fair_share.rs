@@ -152,7 +152,7 @@ async fn adaptive_limit_shrinks_when_the_bureau_slows_and_grows_back() {
     }
     // Healthy: a baseline is learnt at ~5 ms. Then the bureau slows tenfold.
     let limiter = shared.clone();
-    let controller = shared.adaptive.clone().expect("adaptive configured");
+    let controller = shared.adaptive.load_full().expect("adaptive configured");
     wait_until("a healthy baseline", || controller.baseline().is_some()).await;
     env.mock.bureau.set_service_time(Duration::from_millis(60));
     wait_until("the limit to shrink", || limiter.scheduler.limit() <= 16).await;

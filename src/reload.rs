@@ -1,0 +1,272 @@
+//! Reload: change quotas, tenants and routes in the middle of a surge without a restart.
+//!
+//! The new config is read and validated in full before anything changes; a rejected config
+//! changes nothing and says why. An accepted one is compiled into a new snapshot and swapped in
+//! with one atomic store: requests in flight finish under the snapshot they started with, the
+//! next request sees the new one. Live state carries over because it belongs to tenant ids, not
+//! to a config (quota counters, rate buckets, in-flight counts; the bureau budget's slots).
+//! Settings fixed when the process bound its sockets (listen addresses, hyper's connection
+//! limits, log format, the state file) are reported as needing a restart, never silently dropped.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::{Config, Problem, RouteConfig, TenantConfig};
+use crate::runtime::{Shared, Snapshot, adaptive_controller};
+
+/// One difference between two configs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    /// TOML path, e.g. `tenants[bank-a].rate` (tenants and routes by id/name, not position).
+    pub path: String,
+    /// What changed, e.g. `50 → 80`, `added`, `removed`.
+    pub what: String,
+    /// The running process keeps the old value until it is restarted.
+    pub needs_restart: bool,
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}{}", self.path, self.what, if self.needs_restart { " (needs a restart)" } else { "" })
+    }
+}
+
+/// The result of a reload attempt, as printed by `bureau-guard reload` and returned by
+/// `POST /admin/reload`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// `applied` or `rejected`.
+    pub result: &'static str,
+    pub changes: Vec<Change>,
+    /// Every problem of a rejected config, `path: message`.
+    pub problems: Vec<String>,
+}
+
+impl Outcome {
+    pub fn applied(&self) -> bool {
+        self.result == "applied"
+    }
+
+    fn rejected(problems: &[Problem]) -> Outcome {
+        Outcome {
+            result: "rejected",
+            changes: Vec::new(),
+            problems: problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+/// Re-reads the config file the proxy was started with and applies it (see the module doc).
+pub fn reload_from_file(shared: &Shared) -> Outcome {
+    let Some(path) = shared.config_path.as_deref() else {
+        return Outcome {
+            result: "rejected",
+            changes: Vec::new(),
+            problems: vec!["this proxy was started without a config file; nothing to re-read".to_string()],
+        };
+    };
+    match Config::load(path) {
+        Ok(config) => apply(shared, config),
+        Err(e) => {
+            let out = Outcome::rejected(&e.problems);
+            record(shared, &out);
+            out
+        }
+    }
+}
+
+/// Applies a validated config: compile, swap, resize the bureau budget. Serialized, so two
+/// reloads never interleave.
+pub fn apply(shared: &Shared, config: Config) -> Outcome {
+    let _one_at_a_time = shared.reload_lock.lock().expect("reload lock not poisoned");
+    let old = shared.snapshot.load_full();
+    let changes = diff(&old.config, &config);
+    let new_config = Arc::new(config);
+    let snapshot = Snapshot::compile(new_config.clone(), &shared.states, Some(&old));
+
+    // The bureau budget: a new adaptive controller if its settings changed, else the new fixed limit.
+    let u_old = &old.config.upstream;
+    let u_new = &new_config.upstream;
+    if u_old.adaptive != u_new.adaptive || u_old.max_concurrency != u_new.max_concurrency {
+        let controller = adaptive_controller(&new_config);
+        shared.adaptive.store(controller.clone());
+        shared.scheduler.set_controller(controller.clone());
+        if controller.is_none() {
+            shared.scheduler.set_limit(u_new.max_concurrency);
+        }
+    }
+    shared.snapshot.store(Arc::new(snapshot));
+    let out = Outcome { result: "applied", changes, problems: Vec::new() };
+    record(shared, &out);
+    out
+}
+
+fn record(shared: &Shared, out: &Outcome) {
+    let m = &shared.metrics;
+    m.reloads_total.with_label_values(&[out.result]).inc();
+    if out.applied() {
+        m.reload_last_success_timestamp_seconds.set(shared.clock.now_unix_ms() / 1000);
+        let restart = out.changes.iter().filter(|c| c.needs_restart).count();
+        tracing::info!(changes = out.changes.len(), needs_restart = restart, "config reloaded");
+        for c in &out.changes {
+            tracing::info!(change = %c, "config change");
+        }
+    } else {
+        tracing::warn!(problems = out.problems.len(), "config reload rejected; the running config is unchanged");
+        for p in &out.problems {
+            tracing::warn!(problem = %p, "config problem");
+        }
+    }
+}
+
+/// What `new` changes relative to `old`.
+pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
+    let mut out = Vec::new();
+    let mut field = |path: &str, a: String, b: String, needs_restart: bool| {
+        if a != b {
+            out.push(Change { path: path.to_string(), what: format!("{a} → {b}"), needs_restart });
+        }
+    };
+    let (s0, s1) = (&old.server, &new.server);
+    field("server.listen", s0.listen.to_string(), s1.listen.to_string(), true);
+    field("server.max_header_bytes", s0.max_header_bytes.to_string(), s1.max_header_bytes.to_string(), true);
+    field("server.header_read_timeout", dur(s0.header_read_timeout), dur(s1.header_read_timeout), true);
+    field("server.max_body", s0.max_body.to_string(), s1.max_body.to_string(), false);
+    field("server.request_timeout", dur(s0.request_timeout), dur(s1.request_timeout), false);
+    field("server.drain_timeout", dur(s0.drain_timeout), dur(s1.drain_timeout), true);
+    field("server.pass_unmatched", s0.pass_unmatched.to_string(), s1.pass_unmatched.to_string(), false);
+    field("admin.listen", old.admin.listen.to_string(), new.admin.listen.to_string(), true);
+    if old.admin.token_digest != new.admin.token_digest {
+        field("admin.token", "(old)".into(), "(new)".into(), false);
+    }
+    let (u0, u1) = (&old.upstream, &new.upstream);
+    field("upstream.url", u0.url.to_string(), u1.url.to_string(), false);
+    field("upstream.connect_timeout", dur(u0.connect_timeout), dur(u1.connect_timeout), false);
+    field("upstream.response_timeout", dur(u0.response_timeout), dur(u1.response_timeout), false);
+    field("upstream.pool_max_idle", u0.pool_max_idle.to_string(), u1.pool_max_idle.to_string(), false);
+    field("upstream.pool_idle_timeout", dur(u0.pool_idle_timeout), dur(u1.pool_idle_timeout), false);
+    field("upstream.max_response_body", u0.max_response_body.to_string(), u1.max_response_body.to_string(), false);
+    field("upstream.max_concurrency", u0.max_concurrency.to_string(), u1.max_concurrency.to_string(), false);
+    field("upstream.queue_timeout", dur(u0.queue_timeout), dur(u1.queue_timeout), false);
+    field("upstream.adaptive", format!("{:?}", u0.adaptive), format!("{:?}", u1.adaptive), false);
+    field("quota.utc_offset", old.quota.utc_offset.to_string(), new.quota.utc_offset.to_string(), false);
+    field("state.file", format!("{:?}", old.state.file), format!("{:?}", new.state.file), true);
+    field("state.flush_interval", dur(old.state.flush_interval), dur(new.state.flush_interval), true);
+    field("log.format", format!("{:?}", old.log.format), format!("{:?}", new.log.format), true);
+    field("log.access_log", old.log.access_log.to_string(), new.log.access_log.to_string(), false);
+
+    diff_named(&mut out, "routes", &old.routes, &new.routes, |r| &r.name, route_fields);
+    diff_named(&mut out, "tenants", &old.tenants, &new.tenants, |t| &t.id, tenant_fields);
+    out
+}
+
+fn dur(d: std::time::Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn route_fields(r: &RouteConfig) -> Vec<(&'static str, String)> {
+    vec![("method", r.method.to_string()), ("path", r.path.clone()), ("cost", r.cost.to_string())]
+}
+
+fn tenant_fields(t: &TenantConfig) -> Vec<(&'static str, String)> {
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "none".to_string());
+    let l = &t.limits;
+    vec![
+        ("name", t.name.clone()),
+        ("api keys", format!("{} key(s) {:016x}", t.key_digests.len(), keys_fingerprint(&t.key_digests))),
+        ("weight", t.weight.to_string()),
+        ("rate", opt(l.rate.map(|r| r.to_string()))),
+        ("burst", l.burst.to_string()),
+        ("max_in_flight", opt(l.max_in_flight.map(|n| n.to_string()))),
+        ("daily_quota", opt(l.daily_quota.map(|n| n.to_string()))),
+        ("monthly_quota", opt(l.monthly_quota.map(|n| n.to_string()))),
+        ("max_queue", l.max_queue.to_string()),
+        ("dry_run", format!("{:?}", l.dry_run)),
+    ]
+}
+
+/// A short fingerprint of a key set, so a rotation shows as a change without printing digests.
+fn keys_fingerprint(digests: &[[u8; 32]]) -> u64 {
+    digests.iter().fold(0u64, |acc, d| acc.rotate_left(7) ^ u64::from_le_bytes(d[..8].try_into().expect("8 bytes")))
+}
+
+fn diff_named<T>(
+    out: &mut Vec<Change>,
+    section: &str,
+    old: &[T],
+    new: &[T],
+    name: impl Fn(&T) -> &String,
+    fields: impl Fn(&T) -> Vec<(&'static str, String)>,
+) {
+    for o in old {
+        match new.iter().find(|n| name(n) == name(o)) {
+            None => out.push(Change {
+                path: format!("{section}[{}]", name(o)),
+                what: "removed".into(),
+                needs_restart: false,
+            }),
+            Some(n) => {
+                for ((f, a), (_, b)) in fields(o).into_iter().zip(fields(n)) {
+                    if a != b {
+                        // Key changes are described without the digests themselves.
+                        let what = if f == "api keys" { "rotated".to_string() } else { format!("{a} → {b}") };
+                        out.push(Change { path: format!("{section}[{}].{f}", name(o)), what, needs_restart: false });
+                    }
+                }
+            }
+        }
+    }
+    for n in new {
+        if !old.iter().any(|o| name(o) == name(n)) {
+            out.push(Change { path: format!("{section}[{}]", name(n)), what: "added".into(), needs_restart: false });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra_tenant: &str, rate: &str) -> Config {
+        let text = format!(
+            r#"
+[upstream]
+url = "http://127.0.0.1:8081"
+[[routes]]
+name = "score"
+method = "GET"
+path = "/v1/score/{{subject_id}}"
+[[tenants]]
+id = "a"
+api_key_sha256 = "{}"
+{rate}
+{extra_tenant}
+"#,
+            "ab".repeat(32)
+        );
+        Config::from_toml(&text, &|_| None).unwrap()
+    }
+
+    #[test]
+    fn diff_names_tenants_and_fields_and_flags_restarts() {
+        let old = config("", "rate = 50");
+        let mut new =
+            config(&format!("[[tenants]]\nid = \"b\"\napi_key_sha256 = \"{}\"", "cd".repeat(32)), "rate = 80");
+        new.server.listen = "127.0.0.1:1".parse().unwrap();
+        let changes: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
+        assert!(
+            changes.contains(&"server.listen: 127.0.0.1:8080 → 127.0.0.1:1 (needs a restart)".to_string()),
+            "{changes:?}"
+        );
+        assert!(changes.contains(&"tenants[a].rate: 50 → 80".to_string()), "{changes:?}");
+        assert!(changes.contains(&"tenants[b]: added".to_string()), "{changes:?}");
+        assert!(
+            changes.iter().any(|c| c.starts_with("tenants[a].burst: 50 → 80")),
+            "burst follows the rate by default"
+        );
+        assert!(diff(&new, &old).iter().any(|c| c.to_string() == "tenants[b]: removed"));
+        assert!(diff(&old, &old).is_empty());
+    }
+}
