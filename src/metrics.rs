@@ -153,8 +153,12 @@ impl Metrics {
         )
         .expect("valid metric");
 
+        // Process metrics (CPU, memory, open files): process_* names, the convention dashboards expect.
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+
         for c in [
-            Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(process) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests_total.clone()),
             Box::new(reloads_total.clone()),
             Box::new(reload_last_success_timestamp_seconds.clone()),
             Box::new(queue_wait_seconds.clone()),

@@ -255,8 +255,15 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let bureau = env.mock.bureau.clone();
     wait_until("all requests at the bureau", || bureau.stats().in_flight == n).await;
 
-    let addr = env.proxy.addr;
-    let drained = env.proxy.shutdown().await;
+    let (addr, admin) = (env.proxy.addr, env.proxy.admin_addr);
+    assert_eq!(get(&format!("http://{admin}/readyz"), &[]).await.status, 200);
+    let shared = env.proxy.shared.clone();
+    let draining = tokio::spawn(env.proxy.shutdown());
+    wait_until("readiness false", || !shared.ready.load(std::sync::atomic::Ordering::Acquire)).await;
+    // Requests are still at the bureau: the admin listener says "not ready" meanwhile.
+    assert!(bureau.stats().in_flight > 0);
+    assert_eq!(get(&format!("http://{admin}/readyz"), &[]).await.status, 503, "load balancers see draining");
+    let drained = draining.await.unwrap();
     assert!(drained, "drain completed within the drain timeout");
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200, "no in-flight request is lost");
