@@ -5,7 +5,8 @@
 # Starts a mock bureau, bureau-guard (temp config, ephemeral ports) and our own Prometheus
 # (temp config and data dir, ephemeral 127.0.0.1 port, scraping bureau-guard's admin /metrics
 # every second), drives traffic that produces every outcome the dashboard shows (200s, 401,
-# 404, 429 rate/quota, dry-run limits, 503 sheds, 504 bureau timeouts), then runs EVERY `expr`
+# 404, 429 rate/quota, dry-run limits, 503 sheds, 504 bureau timeouts, an applied and a
+# rejected config reload), then runs EVERY `expr`
 # of every panel target through Prometheus's /api/v1/query. Fails, listing the panels, if an
 # expression does not parse or returns no data (a 0-valued series counts as data; a NaN-only
 # result, e.g. a quantile over a window without observations, does not). Also lints
@@ -255,6 +256,13 @@ traffic() {
     burst "wrong-key" 3 3 "x$r"               # 401 invalid_api_key
     burst "" 2 2 "y$r"                        # 401 missing_api_key
     curl -s -o /dev/null -w '%{http_code}\n' --max-time 2 -H "x-api-key: $KEY_B" "$PROXY/v1/nowhere" || true  # 404
+    if [ "$r" -eq 2 ]; then                   # one applied and one rejected config reload
+      curl -s -o /dev/null -X POST --max-time 5 "$ADMIN/admin/reload" || true
+      cp "$TMP/bureau-guard.toml" "$TMP/good.toml"
+      echo 'not_a_key = 1' >>"$TMP/bureau-guard.toml"
+      curl -s -o /dev/null -X POST --max-time 5 "$ADMIN/admin/reload" || true
+      cp "$TMP/good.toml" "$TMP/bureau-guard.toml"
+    fi
     if [ $((r % 3)) -eq 1 ]; then             # the bureau slows past response_timeout: 504
       bureau_service_ms 300
       burst "$KEY_B" 2 2 "slow$r"

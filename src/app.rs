@@ -159,7 +159,10 @@ async fn persist_loop(
         };
         if let Some(store) = &store {
             let now = shared.states.snapshot();
-            if last_saved.as_ref() != Some(&now) {
+            if last_saved.as_ref() == Some(&now) {
+                // Nothing changed: the file on disk is current as of this tick.
+                shared.metrics.state_last_save_timestamp_seconds.set(shared.clock.now_unix_ms() / 1000);
+            } else {
                 let s = store.clone();
                 let to_save = now.clone();
                 // fsync blocks: keep it off the runtime's worker threads.

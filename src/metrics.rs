@@ -45,6 +45,8 @@ pub struct Metrics {
     pub bureau_duration_seconds: Histogram,
     pub reloads_total: IntCounterVec,
     pub reload_last_success_timestamp_seconds: IntGauge,
+    /// Bureau answers by status class, indexed 0..=4 for 1xx..5xx (pre-resolved: no lock per call).
+    pub bureau_responses: [IntCounter; 5],
 }
 
 impl Metrics {
@@ -100,7 +102,7 @@ impl Metrics {
                 .expect("valid metric");
         let state_last_save_timestamp_seconds = IntGauge::new(
             "bureau_guard_state_last_save_timestamp_seconds",
-            "Unix time of the last successful write of the quota state file.",
+            "Unix time at which the quota state file was last known current (written, or unchanged since the last write).",
         )
         .expect("valid metric");
 
@@ -153,6 +155,17 @@ impl Metrics {
         )
         .expect("valid metric");
 
+        let bureau_responses_total = IntCounterVec::new(
+            Opts::new(
+                "bureau_guard_bureau_responses_total",
+                "Answers from the bureau by status class (its own 5xx are passed through with outcome=bureau).",
+            ),
+            &["class"],
+        )
+        .expect("valid metric");
+        let bureau_responses =
+            ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| bureau_responses_total.with_label_values(&[class]));
+
         // Process metrics (CPU, memory, open files): process_* names, the convention dashboards expect.
         let process = prometheus::process_collector::ProcessCollector::for_self();
 
@@ -160,6 +173,7 @@ impl Metrics {
             Box::new(process) as Box<dyn prometheus::core::Collector>,
             Box::new(requests_total.clone()),
             Box::new(reloads_total.clone()),
+            Box::new(bureau_responses_total),
             Box::new(reload_last_success_timestamp_seconds.clone()),
             Box::new(queue_wait_seconds.clone()),
             Box::new(sheds_total.clone()),
@@ -198,6 +212,7 @@ impl Metrics {
             bureau_duration_seconds,
             reloads_total,
             reload_last_success_timestamp_seconds,
+            bureau_responses,
         }
     }
 

@@ -226,6 +226,10 @@ impl Proxy {
         let result = snap.upstream.send(parts, body).await;
         let latency = called_at.elapsed();
         self.shared.metrics.bureau_duration_seconds.observe(latency.as_secs_f64());
+        if let Ok(resp) = &result {
+            let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
+            self.shared.metrics.bureau_responses[class].inc();
+        }
         let healthy = result.as_ref().is_ok_and(|r| !r.status().is_server_error());
         permit.complete(latency, healthy);
         result
