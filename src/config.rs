@@ -15,9 +15,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use http::{Method, Uri};
+use http::{Method, StatusCode, Uri};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+use crate::cache_key::{KeyPart, KeySecret, Scope};
 
 /// Defaults, each with the reason it is what it is.
 pub mod defaults {
@@ -60,6 +62,14 @@ pub mod defaults {
     pub const MAX_QUEUE: usize = 256;
     /// Bureau responses are buffered; a credit report is a few KiB, 1 MiB is an anomaly.
     pub const MAX_RESPONSE_BODY: u64 = 1024 * 1024;
+    /// Cache memory: a credit report is a few KiB, so 256 MiB holds tens of thousands of them,
+    /// a small part of a server's memory.
+    pub const CACHE_MAX_BYTES: u64 = 256 * 1024 * 1024;
+    /// A response this large is a batch or an anomaly, not a repeated look-up; storing it would
+    /// crowd out a hundred ordinary reports.
+    pub const CACHE_MAX_ENTRY_BYTES: u64 = 256 * 1024;
+    /// Only a successful report is worth repeating; an error is not an answer to keep.
+    pub const CACHE_STATUSES: [u16; 1] = [200];
 }
 
 /// One problem in a config, with the TOML path where it sits.
@@ -105,8 +115,32 @@ pub struct Config {
     pub log: LogConfig,
     pub quota: QuotaConfig,
     pub state: StateConfig,
+    pub cache: CacheConfig,
+    pub audit: AuditConfig,
     pub routes: Vec<RouteConfig>,
     pub tenants: Vec<TenantConfig>,
+}
+
+/// `[cache]`: the response cache shared by all routes that set `cache_ttl`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    /// Bound on the cache's weighted size (bodies, headers, a fixed overhead per entry).
+    pub max_bytes: u64,
+    /// Bodies larger than this are not stored.
+    pub max_entry_bytes: u64,
+    /// The secret of the keyed hashes that name look-ups; `None`: random per process (a restart
+    /// then changes every key, which is fine for the cache but not for audit subject hashes).
+    pub key_secret: Option<KeySecret>,
+}
+
+/// `[audit]`: the optional append-only log of who received which answer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditConfig {
+    /// JSON lines are appended here; `None` disables the audit log.
+    pub file: Option<std::path::PathBuf>,
+    /// Once a record has been lost, refuse (503) answers that would go unaudited, instead of
+    /// serving them while readiness reports the failure.
+    pub fail_closed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -193,6 +227,54 @@ pub struct RouteConfig {
     pub path: String,
     /// Weight of one request of this route in rate and fair-share accounting.
     pub cost: u32,
+    /// Caching and coalescing; all off unless the route opts in.
+    pub cache: RouteCache,
+}
+
+/// How a route's identical look-ups share bureau calls. The default does nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteCache {
+    /// Identical look-ups in flight at once share one bureau call.
+    pub coalesce: bool,
+    /// Answers are kept this long at most (the bureau's `Cache-Control` may say less); `None`:
+    /// not cached.
+    pub cache_ttl: Option<Duration>,
+    /// How long after expiry an entry may be served when the bureau fails; zero: never.
+    pub stale_if_error: Duration,
+    /// Response statuses that are cached.
+    pub cache_statuses: Vec<StatusCode>,
+    /// What identifies a look-up; required when coalescing or caching (may be empty: every
+    /// request of the route is the same look-up).
+    pub cache_key: Vec<KeyPart>,
+    /// Whose requests may share an answer.
+    pub scope: Scope,
+}
+
+impl Default for RouteCache {
+    fn default() -> Self {
+        RouteCache {
+            coalesce: false,
+            cache_ttl: None,
+            stale_if_error: Duration::ZERO,
+            cache_statuses: default_cache_statuses(),
+            cache_key: Vec::new(),
+            scope: Scope::Tenant,
+        }
+    }
+}
+
+fn default_cache_statuses() -> Vec<StatusCode> {
+    defaults::CACHE_STATUSES
+        .iter()
+        .map(|s| StatusCode::from_u16(*s).expect("the defaults are valid statuses"))
+        .collect()
+}
+
+impl RouteCache {
+    /// Whether the route caches or coalesces at all.
+    pub fn enabled(&self) -> bool {
+        self.coalesce || self.cache_ttl.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -292,6 +374,10 @@ struct RawConfig {
     #[serde(default)]
     state: RawState,
     #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
     routes: Vec<RawRoute>,
     #[serde(default)]
     tenants: Vec<RawTenant>,
@@ -308,6 +394,22 @@ struct RawQuota {
 struct RawState {
     file: Option<String>,
     flush_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    max_bytes: Option<String>,
+    max_entry_bytes: Option<String>,
+    key_secret_hex: Option<String>,
+    key_secret_env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    file: Option<String>,
+    fail_closed: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -367,6 +469,12 @@ struct RawRoute {
     method: Option<String>,
     path: Option<String>,
     cost: Option<i64>,
+    coalesce: Option<bool>,
+    cache_ttl: Option<String>,
+    cache_key: Option<Vec<String>>,
+    scope: Option<String>,
+    stale_if_error: Option<String>,
+    cache_statuses: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -579,6 +687,18 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         p.add("state.file", "must not be empty; leave it out to keep counters in memory only");
     }
 
+    let cache = validate_cache(&mut p, &raw.cache, env);
+    let audit = AuditConfig {
+        file: raw.audit.file.as_deref().map(std::path::PathBuf::from),
+        fail_closed: raw.audit.fail_closed.unwrap_or(false),
+    };
+    if raw.audit.file.as_deref() == Some("") {
+        p.add("audit.file", "must not be empty; leave it out to disable the audit log");
+    }
+    if audit.fail_closed && raw.audit.file.is_none() {
+        p.add("audit.fail_closed", "only meaningful with audit.file");
+    }
+
     let routes = validate_routes(&mut p, &raw.routes);
     if routes.is_empty() && !server.pass_unmatched && raw.routes.is_empty() {
         p.add("routes", "at least one [[routes]] entry is required (or set server.pass_unmatched = true)");
@@ -587,7 +707,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let tenants = validate_tenants(&mut p, &raw.tenants, env, max_cost);
 
     if p.0.is_empty() {
-        Ok(Config { server, admin, upstream, log, quota, state, routes, tenants })
+        Ok(Config { server, admin, upstream, log, quota, state, cache, audit, routes, tenants })
     } else {
         Err(ConfigError { problems: p.0 })
     }
@@ -752,8 +872,9 @@ fn validate_routes(p: &mut Problems, raw: &[RawRoute]) -> Vec<RouteConfig> {
                 1
             }
         };
+        let cache = validate_route_cache(p, i, r, method.as_ref(), path);
         if let (Some(name), Some(method), Some(path)) = (name, method, path) {
-            out.push(RouteConfig { name: name.to_string(), method, path: path.to_string(), cost });
+            out.push(RouteConfig { name: name.to_string(), method, path: path.to_string(), cost, cache });
         }
     }
     if out.len() == raw.len()
@@ -762,6 +883,167 @@ fn validate_routes(p: &mut Problems, raw: &[RawRoute]) -> Vec<RouteConfig> {
         p.add("routes", e);
     }
     out
+}
+
+fn validate_cache(p: &mut Problems, c: &RawCache, env: &dyn Fn(&str) -> Option<String>) -> CacheConfig {
+    let max_bytes = p.size("cache.max_bytes", c.max_bytes.as_deref(), defaults::CACHE_MAX_BYTES);
+    let max_entry_bytes =
+        p.size("cache.max_entry_bytes", c.max_entry_bytes.as_deref(), defaults::CACHE_MAX_ENTRY_BYTES);
+    if max_entry_bytes > max_bytes {
+        p.add("cache.max_entry_bytes", format!("{max_entry_bytes} bytes is more than cache.max_bytes ({max_bytes})"));
+    } else if max_entry_bytes > u64::from(u32::MAX / 2) {
+        p.add("cache.max_entry_bytes", "must be below 2GiB");
+    }
+    let hint = "64 hex characters, e.g. from `openssl rand -hex 32`";
+    let key_secret = match (&c.key_secret_hex, &c.key_secret_env) {
+        (Some(_), Some(_)) => {
+            p.add("cache.key_secret_env", "give either key_secret_hex or key_secret_env, not both");
+            None
+        }
+        (Some(hex_str), None) => KeySecret::from_hex(hex_str).or_else(|| {
+            p.add("cache.key_secret_hex", format!("expected {hint}"));
+            None
+        }),
+        (None, Some(var)) => match env(var) {
+            Some(v) if !v.is_empty() => KeySecret::from_hex(v.trim()).or_else(|| {
+                p.add("cache.key_secret_env", format!("environment variable {var} must hold {hint}"));
+                None
+            }),
+            _ => {
+                p.add("cache.key_secret_env", format!("environment variable {var} is not set or empty"));
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    CacheConfig { max_bytes, max_entry_bytes, key_secret }
+}
+
+/// Methods whose requests carry a body a key can read.
+fn has_body(method: &Method) -> bool {
+    *method == Method::POST || *method == Method::PUT || *method == Method::PATCH
+}
+
+/// The caching and coalescing settings of `routes[i]`. `method` and `path` are `None` when
+/// invalid (already reported); checks that need them are skipped then.
+fn validate_route_cache(
+    p: &mut Problems,
+    i: usize,
+    r: &RawRoute,
+    method: Option<&Method>,
+    path: Option<&str>,
+) -> RouteCache {
+    let at = |field: &str| format!("routes[{i}].{field}");
+    let cache_ttl = r.cache_ttl.as_deref().map(|s| p.duration(&at("cache_ttl"), Some(s), Duration::ZERO));
+    let coalesce = r.coalesce.unwrap_or(false);
+    let enabled = coalesce || r.cache_ttl.is_some();
+    let no_effect = "has no effect without coalesce = true or cache_ttl";
+    let needs_ttl = "only meaningful with cache_ttl";
+
+    let stale_if_error = match r.stale_if_error.as_deref() {
+        None => Duration::ZERO,
+        Some(_) if r.cache_ttl.is_none() => {
+            p.add(at("stale_if_error"), if enabled { needs_ttl } else { no_effect });
+            Duration::ZERO
+        }
+        Some(s) => p.duration(&at("stale_if_error"), Some(s), Duration::ZERO),
+    };
+
+    let mut cache_statuses: Vec<StatusCode> = Vec::new();
+    match &r.cache_statuses {
+        None => cache_statuses = default_cache_statuses(),
+        Some(_) if r.cache_ttl.is_none() => p.add(at("cache_statuses"), if enabled { needs_ttl } else { no_effect }),
+        Some(list) if list.is_empty() => p.add(at("cache_statuses"), "must not be empty; leave it out for [200]"),
+        Some(list) => {
+            for (j, s) in list.iter().enumerate() {
+                let item_at = format!("{}[{j}]", at("cache_statuses"));
+                match u16::try_from(*s)
+                    .ok()
+                    .filter(|s| (200..=499).contains(s))
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                {
+                    None => p.add(
+                        item_at,
+                        format!(
+                            "{s} must be a status from 200 to 499 (a cached bureau failure would hide its recovery)"
+                        ),
+                    ),
+                    Some(code) if cache_statuses.contains(&code) => p.add(item_at, format!("{s} is listed twice")),
+                    Some(code) => cache_statuses.push(code),
+                }
+            }
+        }
+    }
+
+    let scope = match r.scope.as_deref() {
+        None => Scope::Tenant,
+        Some(_) if !enabled => {
+            p.add(at("scope"), no_effect);
+            Scope::Tenant
+        }
+        Some("tenant") => Scope::Tenant,
+        Some("shared") => Scope::Shared,
+        Some(other) => {
+            p.add(
+                at("scope"),
+                format!(
+                    "unknown scope {other:?}; expected \"tenant\" (the default) or \"shared\" (non-personal data only)"
+                ),
+            );
+            Scope::Tenant
+        }
+    };
+
+    let mut cache_key = Vec::new();
+    match &r.cache_key {
+        None if enabled => p.add(
+            at("cache_key"),
+            "required with coalesce or cache_ttl: name what identifies a look-up, e.g. [\"path.subject_id\"] or \
+             [\"body.subject_id\", \"body.report_type\"] ([] if every request of the route is the same look-up)",
+        ),
+        None => {}
+        Some(_) if !enabled => p.add(at("cache_key"), no_effect),
+        Some(list) => {
+            let params = path.map(crate::route::param_names);
+            for (j, s) in list.iter().enumerate() {
+                let item_at = format!("{}[{j}]", at("cache_key"));
+                let part = match KeyPart::parse(s) {
+                    Ok(part) => part,
+                    Err(e) => {
+                        p.add(item_at, e);
+                        continue;
+                    }
+                };
+                match (&part, &params, method) {
+                    (KeyPart::Path(name), Some(params), _) if !params.contains(&name.as_str()) => {
+                        let have = if params.is_empty() {
+                            "it has none".to_string()
+                        } else {
+                            format!("it has {}", params.join(", "))
+                        };
+                        p.add(item_at, format!("{s:?}: {{{name}}} is not a parameter of the route's path ({have})"));
+                    }
+                    (KeyPart::Body(_), _, Some(m)) if !has_body(m) => {
+                        p.add(
+                            item_at,
+                            format!("{s:?} needs a method with a body (POST, PUT or PATCH); this route is {m}"),
+                        );
+                    }
+                    _ if cache_key.contains(&part) => p.add(item_at, format!("{s:?} is listed twice")),
+                    _ => cache_key.push(part),
+                }
+            }
+        }
+    }
+
+    RouteCache {
+        coalesce,
+        cache_ttl: cache_ttl.filter(|d| !d.is_zero()),
+        stale_if_error,
+        cache_statuses,
+        cache_key,
+        scope,
+    }
 }
 
 fn validate_tenants(
@@ -1047,5 +1329,172 @@ path = "/v1/score/{id}"
         assert!(p[0].starts_with("server.listen: invalid type: integer `8080`, expected a string"), "{p:?}");
         let p = problems("[server\n");
         assert!(p[0].contains("(line 1)"), "{p:?}");
+    }
+
+    #[test]
+    fn caching_is_off_by_default_and_cache_defaults_apply() {
+        let c = Config::from_toml(&minimal(), &no_env).expect("valid");
+        assert_eq!(c.routes[0].cache, RouteCache::default());
+        assert!(!c.routes[0].cache.enabled());
+        assert_eq!(c.cache.max_bytes, defaults::CACHE_MAX_BYTES);
+        assert_eq!(c.cache.max_entry_bytes, defaults::CACHE_MAX_ENTRY_BYTES);
+        assert!(c.cache.key_secret.is_none());
+        assert!(c.audit.file.is_none());
+        assert!(!c.audit.fail_closed);
+    }
+
+    #[test]
+    fn route_cache_settings_are_parsed() {
+        let text = minimal()
+            + r#"
+[[routes]]
+name = "report"
+method = "POST"
+path = "/v1/credit-report"
+coalesce = true
+cache_ttl = "10m"
+cache_key = ["body.subject_id", "body.report_type", "query.purpose"]
+stale_if_error = "1h"
+cache_statuses = [200, 404]
+[[routes]]
+name = "codes"
+method = "GET"
+path = "/v1/codes/{kind}"
+cache_ttl = "1h"
+cache_key = ["path.kind"]
+scope = "shared"
+[[routes]]
+name = "batch"
+method = "POST"
+path = "/v1/batch"
+coalesce = true
+cache_key = []
+[cache]
+max_bytes = "64MiB"
+max_entry_bytes = "32KiB"
+key_secret_hex = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+[audit]
+file = "/var/log/bureau-guard/audit.jsonl"
+fail_closed = true
+"#;
+        let c = Config::from_toml(&text, &no_env).expect("valid");
+        let report = &c.routes[1].cache;
+        assert!(report.coalesce);
+        assert_eq!(report.cache_ttl, Some(Duration::from_secs(600)));
+        assert_eq!(report.stale_if_error, Duration::from_secs(3600));
+        assert_eq!(report.cache_statuses, [StatusCode::OK, StatusCode::NOT_FOUND]);
+        assert_eq!(
+            report.cache_key,
+            [
+                KeyPart::Body(vec!["subject_id".into()]),
+                KeyPart::Body(vec!["report_type".into()]),
+                KeyPart::Query("purpose".into())
+            ]
+        );
+        assert_eq!(report.scope, Scope::Tenant);
+        let codes = &c.routes[2].cache;
+        assert_eq!((codes.coalesce, codes.scope), (false, Scope::Shared));
+        assert_eq!(codes.cache_statuses, [StatusCode::OK], "default statuses");
+        let batch = &c.routes[3].cache;
+        assert!(batch.enabled() && batch.cache_key.is_empty() && batch.cache_ttl.is_none());
+        assert_eq!(c.cache.max_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.cache.max_entry_bytes, 32 * 1024);
+        assert_eq!(c.cache.key_secret, KeySecret::from_hex(&hex::encode((0u8..32).collect::<Vec<u8>>())));
+        assert_eq!(c.audit.file.as_deref(), Some(Path::new("/var/log/bureau-guard/audit.jsonl")));
+        assert!(c.audit.fail_closed);
+    }
+
+    #[test]
+    fn cache_problems_are_reported_with_their_paths() {
+        let text = minimal()
+            + r#"
+[[routes]]
+name = "a"
+method = "GET"
+path = "/a/{subject_id}"
+coalesce = true
+[[routes]]
+name = "b"
+method = "GET"
+path = "/b/{subject_id}"
+cache_ttl = "1m"
+cache_key = ["path.id", "body.subject_id", "header.x", "path.subject_id", "path.subject_id", "subject_id"]
+scope = "everyone"
+cache_statuses = [500, 200, 200]
+[[routes]]
+name = "c"
+method = "POST"
+path = "/c"
+cache_key = ["body.subject_id"]
+stale_if_error = "1m"
+scope = "shared"
+[[routes]]
+name = "d"
+method = "POST"
+path = "/d"
+coalesce = true
+cache_key = []
+stale_if_error = "1m"
+cache_statuses = [200]
+[[routes]]
+name = "e"
+method = "POST"
+path = "/e"
+cache_ttl = "0s"
+cache_key = ["body.x"]
+cache_statuses = []
+[cache]
+max_bytes = "1MiB"
+max_entry_bytes = "2MiB"
+key_secret_hex = "zz"
+[audit]
+fail_closed = true
+"#;
+        let p = problems(&text);
+        let expect = [
+            "routes[1].cache_key: required with coalesce or cache_ttl",
+            "routes[2].cache_key[0]: \"path.id\": {id} is not a parameter of the route's path (it has subject_id)",
+            "routes[2].cache_key[1]: \"body.subject_id\" needs a method with a body (POST, PUT or PATCH); this route is GET",
+            "routes[2].cache_key[2]: \"header.x\": unknown source \"header\"",
+            "routes[2].cache_key[4]: \"path.subject_id\" is listed twice",
+            "routes[2].cache_key[5]: \"subject_id\": expected \"path.NAME\", \"query.NAME\" or \"body.FIELD\"",
+            "routes[2].scope: unknown scope \"everyone\"",
+            "routes[2].cache_statuses[0]: 500 must be a status from 200 to 499",
+            "routes[2].cache_statuses[2]: 200 is listed twice",
+            "routes[3].stale_if_error: has no effect without coalesce = true or cache_ttl",
+            "routes[3].scope: has no effect without coalesce = true or cache_ttl",
+            "routes[3].cache_key: has no effect without coalesce = true or cache_ttl",
+            "routes[4].stale_if_error: only meaningful with cache_ttl",
+            "routes[4].cache_statuses: only meaningful with cache_ttl",
+            "routes[5].cache_ttl: must be greater than zero",
+            "routes[5].cache_statuses: must not be empty",
+            "cache.max_entry_bytes: 2097152 bytes is more than cache.max_bytes (1048576)",
+            "cache.key_secret_hex: expected 64 hex characters",
+            "audit.fail_closed: only meaningful with audit.file",
+        ];
+        for e in expect {
+            assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+    }
+
+    #[test]
+    fn the_key_secret_can_come_from_the_environment() {
+        let text = minimal() + "[cache]\nkey_secret_env = \"BG_KEY\"\n";
+        let good = "ab".repeat(32);
+        let c = Config::from_toml(&text, &|_: &str| Some(good.clone())).expect("valid");
+        assert_eq!(c.cache.key_secret, KeySecret::from_hex(&good));
+        let err = Config::from_toml(&text, &|_: &str| Some("hunter2".into())).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cache.key_secret_env: environment variable BG_KEY must hold 64 hex characters, e.g. from `openssl rand -hex 32`"
+        );
+        assert!(!err.to_string().contains("hunter2"), "a wrong secret is not echoed");
+        let err = Config::from_toml(&text, &no_env).unwrap_err();
+        assert_eq!(err.to_string(), "cache.key_secret_env: environment variable BG_KEY is not set or empty");
+        let both = text.replace("[cache]\n", &format!("[cache]\nkey_secret_hex = \"{good}\"\n"));
+        let err = Config::from_toml(&both, &|_: &str| Some(good.clone())).unwrap_err();
+        assert_eq!(err.to_string(), "cache.key_secret_env: give either key_secret_hex or key_secret_env, not both");
+        assert!(!format!("{:?}", c.cache).contains(&good), "Debug never shows the secret");
     }
 }

@@ -8,10 +8,14 @@
 //! - [`tenant`]: who is asking (api key → tenant, constant-time), key removed (401)
 //! - [`route`]: which configured route (404)
 //! - [`ratelimit`]: the tenant's rate and in-flight cap (429)
+//! - [`cache`]: repeated look-ups answered from memory, keyed by [`cache_key`] (per tenant
+//!   unless a route is shared; 400 for a body that is not JSON)
 //! - [`quota`]: the tenant's daily/monthly bureau calls, reserved then charged (429)
+//! - [`coalesce`]: identical look-ups in flight share one bureau call, detached from any client
 //! - [`scheduler`]: a bureau slot, shared by weighted fair queuing ([`adaptive`] sizes it) (503)
 //! - [`upstream`]: the pooled call to the bureau (502, 504)
 //! - [`respond`]: every error's status and JSON body, and the [`respond::Outcome`] labels
+//! - [`audit`]: the optional log of who received which answer
 //!
 //! Around it: [`config`] (TOML → validated config, every problem reported), [`runtime`] (the
 //! compiled config behind an atomic pointer), [`state`] (live counters and their persistence), [`metrics`], [`admin`] (health, metrics), [`app`]
@@ -21,7 +25,11 @@
 pub mod adaptive;
 pub mod admin;
 pub mod app;
+pub mod audit;
+pub mod cache;
+pub mod cache_key;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod headers;
 pub mod limits;

@@ -47,6 +47,16 @@ pub struct Metrics {
     pub reload_last_success_timestamp_seconds: IntGauge,
     /// Bureau answers by status class, indexed 0..=4 for 1xx..5xx (pre-resolved: no lock per call).
     pub bureau_responses: [IntCounter; 5],
+    pub cache_lookups_total: IntCounterVec,
+    pub cache_stores_total: IntCounterVec,
+    pub cache_evictions_total: IntCounterVec,
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
+    pub coalesce_in_flight: IntGauge,
+    pub audit_records_total: IntCounter,
+    pub audit_write_errors_total: IntCounter,
+    pub audit_dropped_total: IntCounter,
+    pub audit_healthy: IntGauge,
 }
 
 impl Metrics {
@@ -169,12 +179,78 @@ impl Metrics {
         // Process metrics (CPU, memory, open files): process_* names, the convention dashboards expect.
         let process = prometheus::process_collector::ProcessCollector::for_self();
 
+        let cache_lookups_total = IntCounterVec::new(
+            Opts::new(
+                "bureau_guard_cache_lookups_total",
+                "Cache look-ups by result: hit, miss, or stale (expired but within stale_if_error: served only \
+                 if the bureau fails).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let cache_stores_total = IntCounterVec::new(
+            Opts::new(
+                "bureau_guard_cache_stores_total",
+                "Bureau answers offered to the cache, by result: stored, or the reason they were not.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let cache_evictions_total = IntCounterVec::new(
+            Opts::new(
+                "bureau_guard_cache_evictions_total",
+                "Entries that left the cache, by cause: size, expired, purged, replaced.",
+            ),
+            &["cause"],
+        )
+        .expect("valid metric");
+        let cache_entries =
+            IntGauge::new("bureau_guard_cache_entries", "Entries in the cache (approximate).").expect("valid metric");
+        let cache_bytes = IntGauge::new(
+            "bureau_guard_cache_bytes",
+            "Weighted size of the cache: bodies, headers and a fixed overhead per entry (bounded by cache.max_bytes).",
+        )
+        .expect("valid metric");
+        let coalesce_in_flight = IntGauge::new(
+            "bureau_guard_coalesce_in_flight",
+            "Bureau calls in flight that identical look-ups can join.",
+        )
+        .expect("valid metric");
+        let audit_records_total =
+            IntCounter::new("bureau_guard_audit_records_total", "Audit lines written.").expect("valid metric");
+        let audit_write_errors_total = IntCounter::new(
+            "bureau_guard_audit_write_errors_total",
+            "Audit lines that could not be written (disk full, file gone): each one is a lost record.",
+        )
+        .expect("valid metric");
+        let audit_dropped_total = IntCounter::new(
+            "bureau_guard_audit_dropped_total",
+            "Audit records not queued because the writer was behind or stopped: each one is a lost record.",
+        )
+        .expect("valid metric");
+        let audit_healthy = IntGauge::new(
+            "bureau_guard_audit_healthy",
+            "1 while the audit log is written without loss (or not configured), 0 after a lost record.",
+        )
+        .expect("valid metric");
+        audit_healthy.set(1);
+
         for c in [
             Box::new(process) as Box<dyn prometheus::core::Collector>,
             Box::new(requests_total.clone()),
             Box::new(reloads_total.clone()),
             Box::new(bureau_responses_total),
             Box::new(reload_last_success_timestamp_seconds.clone()),
+            Box::new(cache_lookups_total.clone()),
+            Box::new(cache_stores_total.clone()),
+            Box::new(cache_evictions_total.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(coalesce_in_flight.clone()),
+            Box::new(audit_records_total.clone()),
+            Box::new(audit_write_errors_total.clone()),
+            Box::new(audit_dropped_total.clone()),
+            Box::new(audit_healthy.clone()),
             Box::new(queue_wait_seconds.clone()),
             Box::new(sheds_total.clone()),
             Box::new(queue_depth.clone()),
@@ -213,6 +289,44 @@ impl Metrics {
             reloads_total,
             reload_last_success_timestamp_seconds,
             bureau_responses,
+            cache_lookups_total,
+            cache_stores_total,
+            cache_evictions_total,
+            cache_entries,
+            cache_bytes,
+            coalesce_in_flight,
+            audit_records_total,
+            audit_write_errors_total,
+            audit_dropped_total,
+            audit_healthy,
+        }
+    }
+
+    /// Handles for the cache, resolved once (see `cache.rs`).
+    pub fn cache_handles(&self) -> CacheMetrics {
+        let lookup = |r: &str| self.cache_lookups_total.with_label_values(&[r]);
+        let evicted = |c: &str| self.cache_evictions_total.with_label_values(&[c]);
+        CacheMetrics {
+            hits: lookup("hit"),
+            misses: lookup("miss"),
+            stale: lookup("stale"),
+            stores: self.cache_stores_total.clone(),
+            evicted_size: evicted("size"),
+            evicted_expired: evicted("expired"),
+            evicted_purged: evicted("purged"),
+            evicted_replaced: evicted("replaced"),
+            entries: self.cache_entries.clone(),
+            bytes: self.cache_bytes.clone(),
+        }
+    }
+
+    /// Handles for the audit log (see `audit.rs`).
+    pub fn audit_handles(&self) -> AuditMetrics {
+        AuditMetrics {
+            records: self.audit_records_total.clone(),
+            write_errors: self.audit_write_errors_total.clone(),
+            dropped: self.audit_dropped_total.clone(),
+            healthy: self.audit_healthy.clone(),
         }
     }
 
@@ -228,6 +342,31 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// The cache's metric handles: look-up results, stores, evictions by cause, size gauges.
+#[derive(Clone)]
+pub struct CacheMetrics {
+    pub hits: IntCounter,
+    pub misses: IntCounter,
+    pub stale: IntCounter,
+    /// By result: `stored` or the reason an answer was not cached (rare path: one per bureau call).
+    pub stores: IntCounterVec,
+    pub evicted_size: IntCounter,
+    pub evicted_expired: IntCounter,
+    pub evicted_purged: IntCounter,
+    pub evicted_replaced: IntCounter,
+    pub entries: IntGauge,
+    pub bytes: IntGauge,
+}
+
+/// The audit log's metric handles.
+#[derive(Clone)]
+pub struct AuditMetrics {
+    pub records: IntCounter,
+    pub write_errors: IntCounter,
+    pub dropped: IntCounter,
+    pub healthy: IntGauge,
 }
 
 /// Handles for one (tenant, route) pair.

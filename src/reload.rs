@@ -156,6 +156,16 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     field("state.flush_interval", dur(old.state.flush_interval), dur(new.state.flush_interval), true);
     field("log.format", format!("{:?}", old.log.format), format!("{:?}", new.log.format), true);
     field("log.access_log", old.log.access_log.to_string(), new.log.access_log.to_string(), false);
+    // The cache and the audit writer are built once per process (their entries and queue
+    // outlive snapshots); the key secret is read per snapshot (a new one only makes the old
+    // entries unreachable until they expire).
+    field("cache.max_bytes", old.cache.max_bytes.to_string(), new.cache.max_bytes.to_string(), true);
+    field("cache.max_entry_bytes", old.cache.max_entry_bytes.to_string(), new.cache.max_entry_bytes.to_string(), true);
+    if old.cache.key_secret != new.cache.key_secret {
+        field("cache.key_secret", "(old)".into(), "(new)".into(), false);
+    }
+    field("audit.file", format!("{:?}", old.audit.file), format!("{:?}", new.audit.file), true);
+    field("audit.fail_closed", old.audit.fail_closed.to_string(), new.audit.fail_closed.to_string(), true);
 
     diff_named(&mut out, "routes", &old.routes, &new.routes, |r| &r.name, route_fields);
     diff_named(&mut out, "tenants", &old.tenants, &new.tenants, |t| &t.id, tenant_fields);
@@ -167,7 +177,19 @@ fn dur(d: std::time::Duration) -> String {
 }
 
 fn route_fields(r: &RouteConfig) -> Vec<(&'static str, String)> {
-    vec![("method", r.method.to_string()), ("path", r.path.clone()), ("cost", r.cost.to_string())]
+    let c = &r.cache;
+    let list = |v: Vec<String>| format!("[{}]", v.join(", "));
+    vec![
+        ("method", r.method.to_string()),
+        ("path", r.path.clone()),
+        ("cost", r.cost.to_string()),
+        ("coalesce", c.coalesce.to_string()),
+        ("cache_ttl", c.cache_ttl.map_or_else(|| "none".to_string(), dur)),
+        ("cache_key", list(c.cache_key.iter().map(ToString::to_string).collect())),
+        ("scope", c.scope.as_str().to_string()),
+        ("stale_if_error", dur(c.stale_if_error)),
+        ("cache_statuses", list(c.cache_statuses.iter().map(|s| s.as_u16().to_string()).collect())),
+    ]
 }
 
 fn tenant_fields(t: &TenantConfig) -> Vec<(&'static str, String)> {
@@ -268,5 +290,29 @@ api_key_sha256 = "{}"
         );
         assert!(diff(&new, &old).iter().any(|c| c.to_string() == "tenants[b]: removed"));
         assert!(diff(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn diff_shows_cache_settings_and_which_need_a_restart() {
+        let old = config("", "");
+        let mut new = old.clone();
+        new.routes[0].cache.coalesce = true;
+        new.routes[0].cache.cache_ttl = Some(std::time::Duration::from_secs(60));
+        new.routes[0].cache.cache_key = vec![crate::cache_key::KeyPart::parse("path.subject_id").unwrap()];
+        new.cache.max_bytes = 1 << 20;
+        new.cache.key_secret = Some(crate::cache_key::KeySecret::from_bytes([9; 32]));
+        new.audit.file = Some("audit.jsonl".into());
+        let changes: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
+        for want in [
+            "routes[score].coalesce: false → true",
+            "routes[score].cache_ttl: none → 1m",
+            "routes[score].cache_key: [] → [path.subject_id]",
+            "cache.max_bytes: 268435456 → 1048576 (needs a restart)",
+            "cache.key_secret: (old) → (new)",
+            "audit.file: None → Some(\"audit.jsonl\") (needs a restart)",
+        ] {
+            assert!(changes.contains(&want.to_string()), "missing {want:?} in {changes:#?}");
+        }
+        assert_eq!(changes.len(), 6, "{changes:#?}");
     }
 }

@@ -48,11 +48,12 @@ pub enum ErrorKind {
     DailyQuotaExhausted,
     MonthlyQuotaExhausted,
     BureauBusy,
+    AuditUnavailable,
 }
 
 impl ErrorKind {
     /// Every kind, for pre-registering metric label values and tests.
-    pub const ALL: [ErrorKind; 15] = [
+    pub const ALL: [ErrorKind; 16] = [
         ErrorKind::MissingApiKey,
         ErrorKind::InvalidApiKey,
         ErrorKind::RouteNotFound,
@@ -68,6 +69,7 @@ impl ErrorKind {
         ErrorKind::DailyQuotaExhausted,
         ErrorKind::MonthlyQuotaExhausted,
         ErrorKind::BureauBusy,
+        ErrorKind::AuditUnavailable,
     ];
 
     /// The stable `error` code in the JSON body; also the `outcome` metric label.
@@ -88,6 +90,7 @@ impl ErrorKind {
             ErrorKind::DailyQuotaExhausted => "daily_quota_exhausted",
             ErrorKind::MonthlyQuotaExhausted => "monthly_quota_exhausted",
             ErrorKind::BureauBusy => "bureau_busy",
+            ErrorKind::AuditUnavailable => "audit_unavailable",
         }
     }
 
@@ -104,7 +107,7 @@ impl ErrorKind {
             | ErrorKind::TooManyInFlight
             | ErrorKind::DailyQuotaExhausted
             | ErrorKind::MonthlyQuotaExhausted => StatusCode::TOO_MANY_REQUESTS,
-            ErrorKind::BureauBusy => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::BureauBusy | ErrorKind::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -117,7 +120,8 @@ impl ErrorKind {
             | ErrorKind::BodyTooLarge
             | ErrorKind::HeadersTooLarge => Blame::Client,
             ErrorKind::BureauUnreachable | ErrorKind::BureauBadResponse | ErrorKind::BureauTimeout => Blame::Bureau,
-            ErrorKind::RequestTimeout => Blame::Proxy,
+            // `audit.fail_closed`: no report leaves without its audit record.
+            ErrorKind::RequestTimeout | ErrorKind::AuditUnavailable => Blame::Proxy,
             ErrorKind::RateLimited
             | ErrorKind::TooManyInFlight
             | ErrorKind::DailyQuotaExhausted
@@ -159,19 +163,32 @@ impl std::fmt::Display for ProxyError {
 /// What happened to a request, as one bounded label for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Answered by the bureau (whatever status it gave).
+    /// Answered by the bureau (whatever status it gave), for this request.
     Bureau,
+    /// Answered from the cache with a fresh entry: no bureau call.
+    CacheHit,
+    /// Joined an identical bureau call already in flight and received its answer.
+    Coalesced,
+    /// The bureau failed (or the request would have been shed) and an expired entry within the
+    /// route's `stale_if_error` window was served instead.
+    Stale,
     /// Answered by bureau-guard with an error.
     Rejected(ErrorKind),
 }
 
 impl Outcome {
+    /// The outcomes that are not errors, in index order.
+    const ANSWERED: usize = 4;
+
     /// Number of distinct outcomes; sizes per-outcome metric tables.
-    pub const COUNT: usize = 1 + ErrorKind::ALL.len();
+    pub const COUNT: usize = Outcome::ANSWERED + ErrorKind::ALL.len();
 
     pub const fn as_str(self) -> &'static str {
         match self {
             Outcome::Bureau => "bureau",
+            Outcome::CacheHit => "cache_hit",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Stale => "stale",
             Outcome::Rejected(kind) => kind.code(),
         }
     }
@@ -180,7 +197,10 @@ impl Outcome {
     pub fn index(self) -> usize {
         match self {
             Outcome::Bureau => 0,
-            Outcome::Rejected(kind) => 1 + kind as usize,
+            Outcome::CacheHit => 1,
+            Outcome::Coalesced => 2,
+            Outcome::Stale => 3,
+            Outcome::Rejected(kind) => Outcome::ANSWERED + kind as usize,
         }
     }
 }
@@ -263,7 +283,8 @@ mod tests {
     #[test]
     fn outcome_indexes_are_dense_and_labels_unique() {
         let mut seen = std::collections::HashSet::new();
-        let all = std::iter::once(Outcome::Bureau).chain(ErrorKind::ALL.iter().map(|k| Outcome::Rejected(*k)));
+        let answered = [Outcome::Bureau, Outcome::CacheHit, Outcome::Coalesced, Outcome::Stale];
+        let all = answered.into_iter().chain(ErrorKind::ALL.iter().map(|k| Outcome::Rejected(*k)));
         for (i, o) in all.enumerate() {
             assert_eq!(o.index(), i);
             assert!(seen.insert(o.as_str()));

@@ -27,6 +27,24 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
     Router::new().insert(pattern, ()).map_err(|e| format!("invalid path pattern {pattern:?}: {e}"))
 }
 
+/// The parameter names of a path pattern: `x` for `{x}` and `rest` for `{*rest}`; `{{` and `}}`
+/// are literal braces.
+pub fn param_names(pattern: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = pattern;
+    while let Some(open) = rest.find('{') {
+        if rest[open + 1..].starts_with('{') {
+            rest = &rest[open + 2..];
+            continue;
+        }
+        let Some(len) = rest[open + 1..].find('}') else { break };
+        let name = &rest[open + 1..open + 1 + len];
+        names.push(name.strip_prefix('*').unwrap_or(name));
+        rest = &rest[open + 2 + len..];
+    }
+    names
+}
+
 impl RouteTable {
     /// Builds the table; fails if two patterns are ambiguous (e.g. `/a/{x}` and `/a/{y}`).
     pub fn new(routes: &[RouteConfig]) -> Result<RouteTable, String> {
@@ -57,7 +75,7 @@ mod tests {
     use super::*;
 
     fn route(name: &str, method: Method, path: &str) -> RouteConfig {
-        RouteConfig { name: name.into(), method, path: path.into(), cost: 1 }
+        RouteConfig { name: name.into(), method, path: path.into(), cost: 1, cache: Default::default() }
     }
 
     #[test]
@@ -76,6 +94,14 @@ mod tests {
         assert!(t.find(&Method::GET, "/v1/credit-report").is_none(), "wrong method");
         assert!(t.find(&Method::GET, "/v1/score").is_none());
         assert!(t.find(&Method::GET, "/v1/score/1/2").is_none());
+    }
+
+    #[test]
+    fn param_names_of_patterns() {
+        assert_eq!(param_names("/v1/score/{subject_id}"), ["subject_id"]);
+        assert_eq!(param_names("/v1/{kind}/x/{*rest}"), ["kind", "rest"]);
+        assert_eq!(param_names("/v1/{{literal}}/{id}"), ["id"]);
+        assert!(param_names("/v1/credit-report").is_empty());
     }
 
     #[test]

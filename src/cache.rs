@@ -1,0 +1,771 @@
+//! Stage: answer repeated look-ups from memory instead of the bureau.
+//!
+//! During a surge many look-ups repeat (the same applicant checked by several steps of one loan
+//! flow, client retries, batch re-runs); each one answered here is bureau capacity left for
+//! everybody else. But a cached credit report is personal data that must reach only those allowed
+//! to see it, must not outlive what the bureau allows, and must not crowd out the process's memory.
+//! So:
+//!
+//! - entries are found by [`CacheKey`] only, and a key already carries the tenant (or the
+//!   explicit shared scope), see `cache_key.rs`: a tenant can only ever hit its own entries;
+//! - a route opts in with `cache_ttl`; the bureau's `Cache-Control` can only shorten it
+//!   (`max-age`/`s-maxage`) or forbid storing (`no-store`, `no-cache`, `private`); responses that
+//!   vary by request headers (`Vary`) or set cookies are not stored either, and only the route's
+//!   `cache_statuses` (default 200) are;
+//! - the cache ([`moka`]) is bounded in bytes (`cache.max_bytes`, weighed as body + headers + a
+//!   fixed overhead), and a body over `cache.max_entry_bytes` is not stored at all;
+//! - an entry stays usable as *stale* for the route's `stale_if_error` after it expires: the
+//!   proxy serves it, marked, only when the bureau fails or the request would be shed;
+//! - the operator can purge all, one tenant's, or one route's entries (the bureau corrected a
+//!   record); a purge also voids answers still in flight, so it cannot be undone by a bureau call
+//!   that started before it.
+//!
+//! Freshness is judged with `tokio::time::Instant`, so tests move time with a paused clock; moka
+//! drops each entry on its own once its stale window has passed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AGE, CACHE_CONTROL, HeaderName, HeaderValue, SET_COOKIE, VARY, WARNING};
+use http::{HeaderMap, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use moka::notification::RemovalCause;
+use tokio::time::Instant;
+
+use crate::cache_key::CacheKey;
+use crate::config::RouteCache;
+use crate::headers::{X_REQUEST_ID, X_TENANT};
+use crate::metrics::CacheMetrics;
+use crate::respond::{Blame, Body, ErrorKind};
+
+/// `x-cache: HIT | MISS | COALESCED | STALE` on responses of routes that cache or coalesce.
+pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// Weight of an entry besides its body and headers: the entry, its key, moka's node and queues.
+/// An estimate; it keeps many tiny entries from slipping past `max_bytes`.
+pub const ENTRY_OVERHEAD: u32 = 256;
+
+/// Per header field, as HTTP/2 counts a field's size (RFC 7541 §4.1): name + value + 32.
+const HEADER_OVERHEAD: usize = 32;
+
+/// What the `x-cache` header says about a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Served from a fresh entry.
+    Hit,
+    /// Fetched from the bureau for this request.
+    Miss,
+    /// Received from an identical bureau call another request started.
+    Coalesced,
+    /// Served from an expired entry because the bureau failed or was out of capacity.
+    Stale,
+}
+
+impl CacheStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Coalesced => "COALESCED",
+            CacheStatus::Stale => "STALE",
+        }
+    }
+
+    pub fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(self.as_str())
+    }
+}
+
+/// A route's caching rules, compiled from its config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutePolicy {
+    /// How long an answer is fresh, at most (the bureau may say less).
+    pub ttl: Duration,
+    /// How long after expiry an entry may still be served when the bureau fails.
+    pub stale_if_error: Duration,
+    /// Statuses worth storing.
+    pub statuses: Vec<StatusCode>,
+}
+
+impl RoutePolicy {
+    /// The policy of a route, or `None` if the route does not cache (`cache_ttl` unset).
+    pub fn from_config(cfg: &RouteCache) -> Option<RoutePolicy> {
+        Some(RoutePolicy {
+            ttl: cfg.cache_ttl?,
+            stale_if_error: cfg.stale_if_error,
+            statuses: cfg.cache_statuses.clone(),
+        })
+    }
+}
+
+/// A bureau answer, buffered: what the cache stores and coalesced requests share.
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: StatusCode,
+    /// The bureau's headers, hop-by-hop fields already removed by `upstream.rs`, and the fields
+    /// that name one request (`x-request-id`, `x-tenant`) removed here: replayed to another
+    /// request they would be wrong, and to another tenant a leak.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// When the bureau's answer arrived: `Age` and freshness count from here.
+    pub received_at: Instant,
+}
+
+impl Fetched {
+    /// A bureau answer received now.
+    pub fn new(status: StatusCode, mut headers: HeaderMap, body: Bytes) -> Fetched {
+        headers.remove(&X_REQUEST_ID);
+        headers.remove(&X_TENANT);
+        Fetched { status, headers, body, received_at: Instant::now() }
+    }
+
+    /// A buffered response from `upstream.rs` (its body is already in memory), received now.
+    pub async fn from_response(resp: Response<Body>) -> Fetched {
+        let (head, body) = resp.into_parts();
+        let body = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(never) => match never {},
+        };
+        Fetched::new(head.status, head.headers, body)
+    }
+
+    /// The answer as a response (the body is shared, not copied), with `x-cache: status`.
+    pub fn response(&self, status: CacheStatus) -> Response<Body> {
+        let mut resp = Response::new(Full::new(self.body.clone()));
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers.clone();
+        resp.headers_mut().insert(&X_CACHE, status.header_value());
+        resp
+    }
+
+    /// Age the bureau (or a cache in front of it) already gave the answer, in seconds.
+    fn upstream_age(&self) -> u64 {
+        self.headers.get(AGE).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    }
+}
+
+/// A stored answer with its freshness and attribution.
+#[derive(Debug)]
+pub struct Entry {
+    pub response: Arc<Fetched>,
+    /// Served as fresh before this instant.
+    pub fresh_until: Instant,
+    /// Served as stale (bureau failing) before this instant; equal to `fresh_until` without
+    /// `stale_if_error`.
+    pub stale_until: Instant,
+    /// The tenant whose request fetched the answer (purges, attribution).
+    pub tenant: Arc<str>,
+    pub route: Arc<str>,
+    /// Age the answer had when it arrived (the bureau's `Age` header).
+    initial_age: u64,
+    /// Time left to `stale_until` when stored: moka drops the entry after it.
+    live_for: Duration,
+    /// Weight in `cache.max_bytes` units.
+    weight: u32,
+}
+
+impl Entry {
+    /// `Age` in seconds at `now` (RFC 9111 §4.2.3: the age it arrived with plus the time here).
+    pub fn age(&self, now: Instant) -> u64 {
+        self.initial_age + now.saturating_duration_since(self.response.received_at).as_secs()
+    }
+
+    /// The entry as a response at `now`: `x-cache`, `Age`, and for stale entries a `Warning`.
+    pub fn response(&self, now: Instant, status: CacheStatus) -> Response<Body> {
+        let mut resp = self.response.response(status);
+        resp.headers_mut().insert(AGE, HeaderValue::from(self.age(now)));
+        if status == CacheStatus::Stale {
+            // RFC 7234 §5.5.1; obsolete in RFC 9111 but still what clients and people recognise.
+            resp.headers_mut().insert(WARNING, HeaderValue::from_static("110 - \"Response is Stale\""));
+        }
+        resp
+    }
+}
+
+/// Whether a request that failed with `kind` may be answered from a stale entry instead
+/// (`stale_if_error`): the bureau failed or was too slow, or its capacity was spoken for (the
+/// request was shed), or the request ran out of time. Never for the client's or the tenant's own
+/// faults (a bad request, a quota), which a stale answer would hide.
+pub fn stale_may_answer(kind: ErrorKind) -> bool {
+    matches!(kind.blame(), Blame::Bureau | Blame::Capacity) || kind == ErrorKind::RequestTimeout
+}
+
+/// Whether a bureau answer with `status` is a failure a stale entry may stand in for (5xx,
+/// as RFC 5861 counts errors).
+pub fn stale_may_replace(status: StatusCode) -> bool {
+    status.is_server_error()
+}
+
+/// What a look-up found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// A fresh entry: answer with it (`x-cache: HIT`).
+    Fresh(Arc<Entry>),
+    /// An expired entry within its stale window: go to the bureau, and serve this one only if
+    /// the bureau fails, times out or the request would be shed.
+    Stale(Arc<Entry>),
+    Miss,
+}
+
+/// Why an answer was not stored; `as_str` is the `cache_stores_total` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The status is not in the route's `cache_statuses`.
+    Status,
+    /// `Cache-Control: no-store` or `no-cache` (we cannot revalidate, so no-cache means no).
+    NoStore,
+    /// `Cache-Control: private`: meant for one user, and this is a cache many requests share.
+    Private,
+    /// `Vary`: the answer depends on request headers the key does not contain.
+    Vary,
+    /// `Set-Cookie`: a per-client state that must not be replayed.
+    SetCookie,
+    /// Body over `cache.max_entry_bytes`.
+    TooLarge,
+    /// `max-age=0` or an `Age` already past it: expired on arrival.
+    Expired,
+    /// A purge happened while the answer was being fetched: it may predate a correction.
+    Purged,
+}
+
+impl Skip {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Skip::Status => "status",
+            Skip::NoStore => "no_store",
+            Skip::Private => "private",
+            Skip::Vary => "vary",
+            Skip::SetCookie => "set_cookie",
+            Skip::TooLarge => "too_large",
+            Skip::Expired => "expired",
+            Skip::Purged => "purged",
+        }
+    }
+}
+
+/// What the cache did with an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Stored,
+    Skipped(Skip),
+}
+
+impl Admission {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Admission::Stored => "stored",
+            Admission::Skipped(skip) => skip.as_str(),
+        }
+    }
+}
+
+/// Which entries a purge removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purge<'a> {
+    All,
+    /// Entries fetched for this tenant id (shared-scope entries it fetched included).
+    Tenant(&'a str),
+    /// Entries of this route name.
+    Route(&'a str),
+}
+
+impl Purge<'_> {
+    fn matches(&self, e: &Entry) -> bool {
+        match self {
+            Purge::All => true,
+            Purge::Tenant(t) => &*e.tenant == *t,
+            Purge::Route(r) => &*e.route == *r,
+        }
+    }
+}
+
+/// Taken before a bureau call whose answer may be stored: a purge in between voids it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(u64);
+
+/// The response cache: one per process, shared by every snapshot.
+pub struct Cache {
+    inner: moka::future::Cache<CacheKey, Arc<Entry>>,
+    max_entry_bytes: u64,
+    /// Bumped by every purge; see [`Ticket`].
+    epoch: AtomicU64,
+    metrics: CacheMetrics,
+}
+
+/// moka's per-entry expiry: drop an entry once its stale window is over.
+struct StaleWindow;
+
+impl moka::Expiry<CacheKey, Arc<Entry>> for StaleWindow {
+    fn expire_after_create(&self, _: &CacheKey, e: &Arc<Entry>, _: std::time::Instant) -> Option<Duration> {
+        Some(e.live_for)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &CacheKey,
+        e: &Arc<Entry>,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        // A replacement is a new answer with its own lifetime, not the old one's remainder.
+        Some(e.live_for)
+    }
+}
+
+impl Cache {
+    /// A cache of at most `max_bytes` (weighed), storing bodies up to `max_entry_bytes`.
+    pub fn new(max_bytes: u64, max_entry_bytes: u64, metrics: CacheMetrics) -> Cache {
+        let m = metrics.clone();
+        let inner = moka::future::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_: &CacheKey, e: &Arc<Entry>| e.weight)
+            .expire_after(StaleWindow)
+            .eviction_listener(move |_, _, cause| match cause {
+                RemovalCause::Size => m.evicted_size.inc(),
+                RemovalCause::Expired => m.evicted_expired.inc(),
+                RemovalCause::Explicit => m.evicted_purged.inc(),
+                RemovalCause::Replaced => m.evicted_replaced.inc(),
+            })
+            .build();
+        Cache { inner, max_entry_bytes, epoch: AtomicU64::new(0), metrics }
+    }
+
+    /// Looks `key` up at the current time.
+    pub async fn lookup(&self, key: &CacheKey) -> Lookup {
+        let now = Instant::now();
+        match self.inner.get(key).await {
+            Some(e) if now < e.fresh_until => {
+                self.metrics.hits.inc();
+                Lookup::Fresh(e)
+            }
+            Some(e) if now < e.stale_until => {
+                self.metrics.stale.inc();
+                Lookup::Stale(e)
+            }
+            _ => {
+                self.metrics.misses.inc();
+                Lookup::Miss
+            }
+        }
+    }
+
+    /// Take one before the bureau call whose answer will be offered to [`Cache::store`].
+    pub fn ticket(&self) -> Ticket {
+        Ticket(self.epoch.load(Ordering::SeqCst))
+    }
+
+    /// Stores `response` under `key` if the route's `policy`, the bureau's `Cache-Control` and
+    /// the size limit allow it, attributed to `tenant` and `route`. `ticket` was taken before
+    /// the bureau call.
+    pub async fn store(
+        &self,
+        ticket: Ticket,
+        key: CacheKey,
+        response: &Arc<Fetched>,
+        policy: &RoutePolicy,
+        tenant: &Arc<str>,
+        route: &Arc<str>,
+    ) -> Admission {
+        let admission = self.try_store(ticket, key, response, policy, tenant, route).await;
+        self.metrics.stores.with_label_values(&[admission.as_str()]).inc();
+        admission
+    }
+
+    async fn try_store(
+        &self,
+        ticket: Ticket,
+        key: CacheKey,
+        response: &Arc<Fetched>,
+        policy: &RoutePolicy,
+        tenant: &Arc<str>,
+        route: &Arc<str>,
+    ) -> Admission {
+        if !policy.statuses.contains(&response.status) {
+            return Admission::Skipped(Skip::Status);
+        }
+        if response.body.len() as u64 > self.max_entry_bytes {
+            return Admission::Skipped(Skip::TooLarge);
+        }
+        let h = &response.headers;
+        if h.contains_key(VARY) {
+            return Admission::Skipped(Skip::Vary);
+        }
+        if h.contains_key(SET_COOKIE) {
+            return Admission::Skipped(Skip::SetCookie);
+        }
+        let cc = CacheControl::parse(h);
+        if cc.no_store {
+            return Admission::Skipped(Skip::NoStore);
+        }
+        if cc.private {
+            return Admission::Skipped(Skip::Private);
+        }
+        let initial_age = response.upstream_age();
+        let mut ttl = policy.ttl;
+        // We are a shared cache: s-maxage overrides max-age (RFC 9111 §5.2.2.10).
+        if let Some(lifetime) = cc.s_maxage.or(cc.max_age) {
+            ttl = ttl.min(Duration::from_secs(lifetime.saturating_sub(initial_age)));
+        }
+        if ttl.is_zero() {
+            return Admission::Skipped(Skip::Expired);
+        }
+        let fresh_until = response.received_at + ttl;
+        let stale_until = fresh_until + policy.stale_if_error;
+        let live_for = stale_until.saturating_duration_since(Instant::now());
+        if live_for.is_zero() {
+            return Admission::Skipped(Skip::Expired);
+        }
+        if self.epoch.load(Ordering::SeqCst) != ticket.0 {
+            return Admission::Skipped(Skip::Purged);
+        }
+        let entry = Entry {
+            weight: weight(response, tenant, route),
+            response: response.clone(),
+            fresh_until,
+            stale_until,
+            tenant: tenant.clone(),
+            route: route.clone(),
+            initial_age,
+            live_for,
+        };
+        self.inner.insert(key, Arc::new(entry)).await;
+        // A purge may have started between the check above and the insert, and missed this
+        // entry: it bumped the epoch first, so one of the two always sees the other.
+        if self.epoch.load(Ordering::SeqCst) != ticket.0 {
+            self.inner.invalidate(&key).await;
+            return Admission::Skipped(Skip::Purged);
+        }
+        Admission::Stored
+    }
+
+    /// Removes the entries `what` names and voids answers being fetched; returns how many
+    /// entries were removed.
+    pub async fn purge(&self, what: Purge<'_>) -> u64 {
+        // First the epoch: answers in flight from now on cannot be stored with an older ticket.
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let keys: Vec<Arc<CacheKey>> = self.inner.iter().filter(|(_, e)| what.matches(e)).map(|(k, _)| k).collect();
+        let mut removed = 0;
+        for key in keys {
+            if self.inner.remove(&*key).await.is_some() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Entries in the cache (approximate: moka counts lazily).
+    pub fn entries(&self) -> u64 {
+        self.inner.entry_count()
+    }
+
+    /// Weighted size in bytes (approximate: moka counts lazily).
+    pub fn weighted_bytes(&self) -> u64 {
+        self.inner.weighted_size()
+    }
+
+    /// Sets the size gauges; call before each metrics scrape.
+    pub fn update_gauges(&self) {
+        self.metrics.entries.set(self.entries() as i64);
+        self.metrics.bytes.set(self.weighted_bytes() as i64);
+    }
+
+    /// Runs moka's pending maintenance (evictions, counts) now. Tests, and before a scrape.
+    pub async fn run_pending_tasks(&self) {
+        self.inner.run_pending_tasks().await;
+    }
+}
+
+/// An entry's weight: body, headers, attribution and a fixed overhead.
+fn weight(response: &Fetched, tenant: &str, route: &str) -> u32 {
+    let headers: usize = response.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + HEADER_OVERHEAD).sum();
+    let total = response.body.len() + headers + tenant.len() + route.len();
+    u32::try_from(total).unwrap_or(u32::MAX).saturating_add(ENTRY_OVERHEAD)
+}
+
+/// The directives of `Cache-Control` that decide whether and how long to store.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct CacheControl {
+    no_store: bool,
+    private: bool,
+    max_age: Option<u64>,
+    s_maxage: Option<u64>,
+}
+
+impl CacheControl {
+    /// Reads every `Cache-Control` field. Doubtful input errs towards not storing: an unreadable
+    /// field or a `max-age` that is not a number counts as `no-store` / zero (RFC 9111 §4.2.1).
+    fn parse(headers: &HeaderMap) -> CacheControl {
+        let mut cc = CacheControl::default();
+        for value in headers.get_all(CACHE_CONTROL) {
+            let Ok(value) = value.to_str() else {
+                cc.no_store = true;
+                continue;
+            };
+            for directive in value.split(',') {
+                let (name, arg) = match directive.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    None => (directive.trim(), None),
+                };
+                let seconds = || arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0);
+                match name.to_ascii_lowercase().as_str() {
+                    "no-store" | "no-cache" => cc.no_store = true,
+                    "private" => cc.private = true,
+                    // Several values: the smallest, to be safe.
+                    "max-age" => cc.max_age = Some(cc.max_age.map_or(seconds(), |m| m.min(seconds()))),
+                    "s-maxage" => cc.s_maxage = Some(cc.s_maxage.map_or(seconds(), |m| m.min(seconds()))),
+                    _ => {}
+                }
+            }
+        }
+        cc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    fn policy() -> RoutePolicy {
+        RoutePolicy { ttl: TTL, stale_if_error: Duration::ZERO, statuses: vec![StatusCode::OK] }
+    }
+
+    fn cache(metrics: &Metrics) -> Cache {
+        Cache::new(1024 * 1024, 64 * 1024, metrics.cache_handles())
+    }
+
+    fn key(n: u8) -> CacheKey {
+        CacheKey::from_bytes([n; 32])
+    }
+
+    fn answer(status: u16, headers: &[(&'static str, &'static str)], body: &'static str) -> Arc<Fetched> {
+        let mut h = HeaderMap::new();
+        for (n, v) in headers {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        Arc::new(Fetched::new(StatusCode::from_u16(status).unwrap(), h, Bytes::from_static(body.as_bytes())))
+    }
+
+    fn ids(t: &str, r: &str) -> (Arc<str>, Arc<str>) {
+        (Arc::from(t), Arc::from(r))
+    }
+
+    async fn store(c: &Cache, k: CacheKey, a: &Arc<Fetched>, p: &RoutePolicy) -> Admission {
+        let (t, r) = ids("bank-a", "report");
+        c.store(c.ticket(), k, a, p, &t, &r).await
+    }
+
+    fn is_fresh(l: &Lookup) -> bool {
+        matches!(l, Lookup::Fresh(_))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fresh_until_the_ttl_then_stale_within_the_window_then_gone() {
+        let m = Metrics::new();
+        let c = cache(&m);
+        let p = RoutePolicy { stale_if_error: Duration::from_secs(30), ..policy() };
+        assert_eq!(store(&c, key(1), &answer(200, &[], "report"), &p).await, Admission::Stored);
+
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let Lookup::Fresh(e) = c.lookup(&key(1)).await else { panic!("fresh before the ttl") };
+        let resp = e.response(Instant::now(), CacheStatus::Hit);
+        assert_eq!(resp.headers()[&X_CACHE], "HIT");
+        assert_eq!(resp.headers()[AGE], "59");
+        assert!(resp.headers().get(WARNING).is_none());
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "report");
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let Lookup::Stale(e) = c.lookup(&key(1)).await else { panic!("stale after the ttl") };
+        let resp = e.response(Instant::now(), CacheStatus::Stale);
+        assert_eq!(resp.headers()[&X_CACHE], "STALE");
+        assert_eq!(resp.headers()[WARNING], "110 - \"Response is Stale\"");
+
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(matches!(c.lookup(&key(1)).await, Lookup::Miss), "past the stale window");
+        assert_eq!(m.cache_lookups_total.with_label_values(&["hit"]).get(), 1);
+        assert_eq!(m.cache_lookups_total.with_label_values(&["stale"]).get(), 1);
+        assert_eq!(m.cache_lookups_total.with_label_values(&["miss"]).get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_stale_if_error_an_expired_entry_is_a_miss() {
+        let c = cache(&Metrics::new());
+        store(&c, key(1), &answer(200, &[], "r"), &policy()).await;
+        tokio::time::advance(TTL).await;
+        assert!(matches!(c.lookup(&key(1)).await, Lookup::Miss));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cache_control_can_forbid_or_shorten_but_never_lengthen() {
+        let c = cache(&Metrics::new());
+        for (cc, skip) in [
+            ("no-store", Skip::NoStore),
+            ("No-Cache", Skip::NoStore),
+            ("private", Skip::Private),
+            ("public, private=\"x-a\"", Skip::Private),
+            ("max-age=0", Skip::Expired),
+            ("max-age=soon", Skip::Expired),
+        ] {
+            let a = Arc::new(Fetched::new(
+                StatusCode::OK,
+                HeaderMap::from_iter([(CACHE_CONTROL, HeaderValue::from_str(cc).unwrap())]),
+                Bytes::new(),
+            ));
+            assert_eq!(store(&c, key(1), &a, &policy()).await, Admission::Skipped(skip), "{cc}");
+            assert!(matches!(c.lookup(&key(1)).await, Lookup::Miss), "{cc}");
+        }
+
+        let ttl_of = |cc: &'static str, age: &'static str, n: u8| {
+            let c = &c;
+            async move {
+                let a = answer(200, &[("cache-control", cc), ("age", age)], "r");
+                assert_eq!(store(c, key(n), &a, &policy()).await, Admission::Stored, "{cc}");
+                let Lookup::Fresh(e) = c.lookup(&key(n)).await else { panic!("{cc}") };
+                e.fresh_until - a.received_at
+            }
+        };
+        assert_eq!(ttl_of("max-age=10", "0", 2).await, Duration::from_secs(10), "max-age lowers the ttl");
+        assert_eq!(ttl_of("public, max-age=3600", "0", 3).await, TTL, "but cannot raise it");
+        assert_eq!(ttl_of("max-age=10, s-maxage=20", "0", 4).await, Duration::from_secs(20), "s-maxage wins");
+        assert_eq!(ttl_of("max-age=10", "4", 5).await, Duration::from_secs(6), "the age it arrived with counts");
+
+        let Lookup::Fresh(e) = c.lookup(&key(5)).await else { panic!() };
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(e.response(Instant::now(), CacheStatus::Hit).headers()[AGE], "6", "4 s upstream + 2 s here");
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(matches!(c.lookup(&key(5)).await, Lookup::Miss));
+    }
+
+    #[tokio::test]
+    async fn only_configured_statuses_and_plain_answers_are_stored() {
+        let c = cache(&Metrics::new());
+        assert_eq!(store(&c, key(1), &answer(500, &[], "down"), &policy()).await, Admission::Skipped(Skip::Status));
+        assert_eq!(store(&c, key(1), &answer(404, &[], "none"), &policy()).await, Admission::Skipped(Skip::Status));
+        let p = RoutePolicy { statuses: vec![StatusCode::OK, StatusCode::NOT_FOUND], ..policy() };
+        assert_eq!(store(&c, key(1), &answer(404, &[], "none"), &p).await, Admission::Stored);
+        assert!(is_fresh(&c.lookup(&key(1)).await));
+        let vary = answer(200, &[("vary", "accept-language")], "r");
+        assert_eq!(store(&c, key(2), &vary, &policy()).await, Admission::Skipped(Skip::Vary));
+        let cookie = answer(200, &[("set-cookie", "s=1")], "r");
+        assert_eq!(store(&c, key(2), &cookie, &policy()).await, Admission::Skipped(Skip::SetCookie));
+    }
+
+    #[tokio::test]
+    async fn bodies_over_max_entry_bytes_are_not_stored() {
+        let m = Metrics::new();
+        let c = Cache::new(1024 * 1024, 4, m.cache_handles());
+        assert_eq!(store(&c, key(1), &answer(200, &[], "12345"), &policy()).await, Admission::Skipped(Skip::TooLarge));
+        assert_eq!(store(&c, key(2), &answer(200, &[], "1234"), &policy()).await, Admission::Stored);
+        assert_eq!(m.cache_stores_total.with_label_values(&["too_large"]).get(), 1);
+        assert_eq!(m.cache_stores_total.with_label_values(&["stored"]).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn answers_do_not_carry_another_requests_ids() {
+        let a = answer(200, &[("x-request-id", "leader-1"), ("x-tenant", "bank-a"), ("content-type", "json")], "r");
+        let resp = a.response(CacheStatus::Coalesced);
+        assert!(resp.headers().get("x-request-id").is_none());
+        assert!(resp.headers().get("x-tenant").is_none());
+        assert_eq!(resp.headers()["content-type"], "json");
+        assert_eq!(resp.headers()[&X_CACHE], "COALESCED");
+    }
+
+    #[tokio::test]
+    async fn purge_by_tenant_by_route_and_all() {
+        let m = Metrics::new();
+        let c = cache(&m);
+        let a = answer(200, &[], "r");
+        for (n, t, r) in
+            [(1, "bank-a", "report"), (2, "bank-a", "score"), (3, "bank-b", "report"), (4, "bank-b", "score")]
+        {
+            let (t, r) = ids(t, r);
+            assert_eq!(c.store(c.ticket(), key(n), &a, &policy(), &t, &r).await, Admission::Stored);
+        }
+        assert_eq!(c.purge(Purge::Tenant("bank-a")).await, 2);
+        assert!(matches!(c.lookup(&key(1)).await, Lookup::Miss));
+        assert!(matches!(c.lookup(&key(2)).await, Lookup::Miss));
+        assert!(is_fresh(&c.lookup(&key(3)).await));
+        assert_eq!(c.purge(Purge::Route("score")).await, 1);
+        assert!(matches!(c.lookup(&key(4)).await, Lookup::Miss));
+        assert!(is_fresh(&c.lookup(&key(3)).await));
+        assert_eq!(c.purge(Purge::Tenant("bank-z")).await, 0);
+        assert_eq!(c.purge(Purge::All).await, 1);
+        assert!(matches!(c.lookup(&key(3)).await, Lookup::Miss));
+        c.run_pending_tasks().await;
+        assert_eq!(c.entries(), 0);
+        assert_eq!(m.cache_evictions_total.with_label_values(&["purged"]).get(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_purge_voids_answers_fetched_across_it() {
+        let c = cache(&Metrics::new());
+        let (t, r) = ids("bank-a", "report");
+        let before = c.ticket();
+        c.purge(Purge::Tenant("bank-a")).await;
+        let a = answer(200, &[], "uncorrected");
+        assert_eq!(c.store(before, key(1), &a, &policy(), &t, &r).await, Admission::Skipped(Skip::Purged));
+        assert!(matches!(c.lookup(&key(1)).await, Lookup::Miss));
+        assert_eq!(c.store(c.ticket(), key(1), &a, &policy(), &t, &r).await, Admission::Stored);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replacement_gets_its_own_lifetime() {
+        let c = cache(&Metrics::new());
+        store(&c, key(1), &answer(200, &[("cache-control", "max-age=1")], "old"), &policy()).await;
+        store(&c, key(1), &answer(200, &[], "new"), &policy()).await;
+        let Lookup::Fresh(e) = c.lookup(&key(1)).await else { panic!() };
+        assert_eq!(e.response.body, "new");
+        assert_eq!(e.live_for, TTL);
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_holds_with_many_entries() {
+        let m = Metrics::new();
+        let max = 64 * 1024;
+        let c = Cache::new(max, 4096, m.cache_handles());
+        let body: &'static str = Box::leak("x".repeat(1000).into_boxed_str());
+        for i in 0..1000u32 {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            store(&c, CacheKey::from_bytes(k), &answer(200, &[("content-type", "application/json")], body), &policy())
+                .await;
+        }
+        c.run_pending_tasks().await;
+        assert!(c.weighted_bytes() <= max, "{} > {max}", c.weighted_bytes());
+        assert!(c.entries() > 10, "the cache is used: {}", c.entries());
+        assert!(m.cache_evictions_total.with_label_values(&["size"]).get() > 0);
+        c.update_gauges();
+        assert_eq!(m.cache_bytes.get() as u64, c.weighted_bytes());
+    }
+
+    #[test]
+    fn stale_answers_stand_in_only_for_the_bureau_and_capacity() {
+        let may: Vec<&str> = ErrorKind::ALL.iter().filter(|k| stale_may_answer(**k)).map(|k| k.code()).collect();
+        assert_eq!(
+            may,
+            ["bureau_unreachable", "bureau_bad_response", "bureau_timeout", "request_timeout", "bureau_busy"]
+        );
+        assert!(stale_may_replace(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(!stale_may_replace(StatusCode::NOT_FOUND));
+    }
+
+    #[tokio::test]
+    async fn a_buffered_upstream_response_becomes_an_answer() {
+        let mut resp = Response::new(Full::new(Bytes::from_static(b"report")));
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+        resp.headers_mut().insert("x-request-id", HeaderValue::from_static("leader"));
+        let f = Fetched::from_response(resp).await;
+        assert_eq!((f.status, f.body.clone()), (StatusCode::NOT_FOUND, Bytes::from_static(b"report")));
+        assert!(f.headers.is_empty());
+    }
+
+    #[test]
+    fn entries_weigh_their_body_headers_and_overhead() {
+        let a = answer(200, &[("content-type", "json")], "12345");
+        assert_eq!(weight(&a, "t", "r"), 5 + (12 + 4 + 32) + 2 + ENTRY_OVERHEAD);
+    }
+}
