@@ -9,6 +9,7 @@
 //! | `GET /admin/tenants` | every tenant's limits and live usage, JSON |
 //! | `POST /admin/tenants/{id}/reset` | zero a tenant's daily and monthly counters (token) |
 //! | `POST /admin/reload` | re-read and apply the config file (token); 200 applied, 422 rejected |
+//! | `POST /admin/cache/purge[?tenant=ID\|?route=NAME]` | drop cached answers: a tenant's, a route's, or all (token) |
 //!
 //! `POST` endpoints require `Authorization: Bearer TOKEN` when `admin.token_sha256`/`token_env`
 //! is configured; each is logged with the peer address and the `x-operator` header, if sent.
@@ -67,12 +68,50 @@ impl Admin {
         }
     }
 
+    /// `POST /admin/cache/purge`: for when the bureau corrects a record.
+    async fn purge(self, req: Request<Incoming>) -> Response<Body> {
+        use crate::cache::Purge;
+        if !self.authorized(&req) {
+            return unauthorized();
+        }
+        let query = req.uri().query().unwrap_or("");
+        let mut tenant = None;
+        let mut route = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("tenant", v)) if !v.is_empty() => tenant = Some(v.to_string()),
+                Some(("route", v)) if !v.is_empty() => route = Some(v.to_string()),
+                _ => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": "bad_request", "message": "use ?tenant=ID, ?route=NAME, or nothing for all"}),
+                    );
+                }
+            }
+        }
+        let what = match (&tenant, &route) {
+            (Some(_), Some(_)) => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "bad_request", "message": "give tenant or route, not both"}),
+                );
+            }
+            (Some(t), None) => Purge::Tenant(t),
+            (None, Some(r)) => Purge::Route(r),
+            (None, None) => Purge::All,
+        };
+        let scope = format!("{what:?}");
+        let purged = self.shared.cache.purge(what).await;
+        tracing::warn!(by = %self.who(&req), %scope, purged, "cache purged");
+        json(StatusCode::OK, &serde_json::json!({"purged": purged}))
+    }
+
     fn handle(&self, req: &Request<Incoming>) -> Response<Body> {
         let path = req.uri().path();
         match (req.method(), path) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => {
-                if self.shared.ready.load(Ordering::Acquire) {
+                if self.shared.is_ready() {
                     text(StatusCode::OK, "ready\n")
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -249,6 +288,10 @@ impl tower::Service<Request<Incoming>> for Admin {
         if req.method() == Method::POST && req.uri().path() == "/admin/reload" {
             let admin = self.clone();
             return Box::pin(async move { Ok(admin.reload(req).await) });
+        }
+        if req.method() == Method::POST && req.uri().path() == "/admin/cache/purge" {
+            let admin = self.clone();
+            return Box::pin(async move { Ok(admin.purge(req).await) });
         }
         let resp = self.handle(&req);
         Box::pin(async move { Ok(resp) })

@@ -56,22 +56,32 @@ impl Default for Options {
     }
 }
 
-/// [`start`] with [`Options`].
+/// [`start`] with [`Options`]. Opens the audit log (if any) before binding anything.
 pub async fn start_with(config: Config, options: Options) -> std::io::Result<Running> {
-    let listener = TcpListener::bind(config.server.listen).await?;
-    let admin_listener = TcpListener::bind(config.admin.listen).await?;
-    Ok(start_on(config, listener, admin_listener, options))
-}
-
-/// Starts serving on listeners the caller already bound.
-pub fn start_on(config: Config, listener: TcpListener, admin_listener: TcpListener, options: Options) -> Running {
-    let addr = listener.local_addr().expect("a bound listener has an address");
-    let admin_addr = admin_listener.local_addr().expect("a bound listener has an address");
+    let (listen, admin_listen) = (config.server.listen, config.admin.listen);
     let limits = ConnLimits::for_max_header_bytes(config.server.max_header_bytes, config.server.header_read_timeout);
     let drain = config.server.drain_timeout;
     let store = config.state.file.clone().map(FileStore::new);
     let flush_interval = config.state.flush_interval;
-    let shared = Shared::build(config, options.clock, options.config_path);
+    let shared = Shared::build(config, options.clock, options.config_path)?;
+    let listener = TcpListener::bind(listen).await?;
+    let admin_listener = TcpListener::bind(admin_listen).await?;
+    Ok(start_on(shared, listener, admin_listener, Settings { limits, drain, store, flush_interval }))
+}
+
+/// What `start_on` needs beyond the shared state, fixed at start-up.
+struct Settings {
+    limits: ConnLimits,
+    drain: std::time::Duration,
+    store: Option<FileStore>,
+    flush_interval: std::time::Duration,
+}
+
+/// Starts serving on bound listeners.
+fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListener, settings: Settings) -> Running {
+    let Settings { limits, drain, store, flush_interval } = settings;
+    let addr = listener.local_addr().expect("a bound listener has an address");
+    let admin_addr = admin_listener.local_addr().expect("a bound listener has an address");
     shared.metrics.reload_last_success_timestamp_seconds.set(shared.clock.now_unix_ms() / 1000);
 
     // Counters from the last run, before the first request can touch them.
@@ -114,6 +124,9 @@ impl Running {
         let _ = self.stop.send(true);
         let proxy_drained = self.proxy_task.await.unwrap_or(false);
         let _ = self.persist_task.await;
+        if let Some(audit) = &self.shared.audit {
+            audit.flush().await;
+        }
         let _ = self.stop_admin.send(true);
         let _ = self.admin_task.await;
         proxy_drained

@@ -2,13 +2,11 @@
 //! with a [`ProxyError`]; the order is deliberate: cheap rejections first, the bureau last.
 //!
 //! ```text
-//! limits ─▶ tenant ─▶ route ─▶ ratelimit (rate, in-flight) ─▶ body ─▶ quota (reserve)
-//!        ─▶ scheduler (a fair share of the bureau) ─▶ forward headers
-//!        ─▶ upstream (quota committed) ─▶ respond (+ RateLimit fields, metrics, log)
+//! limits ─▶ tenant ─▶ route ─▶ ratelimit (rate, in-flight) ─▶ body ─▶ cache_key ─▶ cache ──hit──▶ respond
+//!        ─▶ quota (reserve) ─▶ coalesce (join or lead) ─▶ scheduler (a fair share of the bureau)
+//!        ─▶ forward headers ─▶ upstream (quota committed) ─▶ fill cache, fan out
+//!        ─▶ respond (+ stale-if-error, audit, RateLimit fields, metrics, log)
 //! ```
-//!
-//! Later stages (cache, coalesce, fair scheduler) slot in at their places of DESIGN.md, each in
-//! its own file.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,6 +19,10 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use crate::audit::Record;
+use crate::cache::{self, CacheStatus, Entry, Fetched, Lookup};
+use crate::cache_key::{CacheKey, KeyError};
+use crate::coalesce::Role;
 use crate::headers::{X_REQUEST_ID, X_TENANT, strip_hop_by_hop};
 use crate::limits;
 use crate::quota::{self, Exhausted, Windows, retry_after_secs};
@@ -49,6 +51,10 @@ struct Ctx {
     rate: Option<RateDecision>,
     /// The quota windows the request was counted in.
     windows: Option<Windows>,
+    /// The look-up's keyed hash (routes with a `cache_key`): the audit's subject.
+    subject: Option<CacheKey>,
+    /// An expired entry within `stale_if_error`, to answer with if the bureau fails.
+    stale: Option<Arc<Entry>>,
 }
 
 impl Proxy {
@@ -63,7 +69,8 @@ impl Proxy {
         // One load per request: a reload during this request does not change its rules.
         let snap = self.shared.snapshot.load_full();
         let request_id = self.shared.ids.for_request(req.headers());
-        let mut ctx = Ctx { tenant: None, route: snap.cells.route_none(), rate: None, windows: None };
+        let mut ctx =
+            Ctx { tenant: None, route: snap.cells.route_none(), rate: None, windows: None, subject: None, stale: None };
 
         let timeout = snap.limits.request_timeout;
         let result = match tokio::time::timeout(timeout, self.stages(&snap, &mut ctx, req, &request_id)).await {
@@ -72,10 +79,35 @@ impl Proxy {
                 Err(ProxyError::new(ErrorKind::RequestTimeout, format!("request not completed within {timeout:?}")))
             }
         };
-        let (mut resp, outcome) = match result {
-            Ok(resp) => (resp, Outcome::Bureau),
+        let (mut resp, mut outcome) = match result {
+            // Stale-if-error: the bureau failed (or was too slow, or out of capacity) and an
+            // expired answer within the route's window is better than an error.
+            Ok((resp, _)) if cache::stale_may_replace(resp.status()) && ctx.stale.is_some() => self.stale(&ctx),
+            Err(err) if cache::stale_may_answer(err.kind) && ctx.stale.is_some() => self.stale(&ctx),
+            Ok(answer) => answer,
             Err(err) => (error_response(&err, ctx.tenant.as_ref().map(|t| &t.id)), Outcome::Rejected(err.kind)),
         };
+        // Audit: every answer carrying bureau data, attributed to the tenant that received it.
+        if let (Some(audit), Some(tenant)) = (&self.shared.audit, &ctx.tenant)
+            && matches!(outcome, Outcome::Bureau | Outcome::CacheHit | Outcome::Coalesced | Outcome::Stale)
+        {
+            let record = Record {
+                unix_ms: self.shared.clock.now_unix_ms(),
+                tenant: tenant.id.clone(),
+                route: snap
+                    .routes
+                    .get(ctx.route)
+                    .map_or_else(|| Arc::from(snap.cells.route_label(ctx.route)), |r| r.name.clone()),
+                subject: ctx.subject,
+                outcome,
+                status: resp.status().as_u16(),
+                request_id: request_id.clone(),
+            };
+            if let Err(err) = audit.admit().and_then(|()| audit.record(record)) {
+                resp = error_response(&err, Some(&tenant.id));
+                outcome = Outcome::Rejected(err.kind);
+            }
+        }
         resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
         if let Some(tenant) = &ctx.tenant {
             self.ratelimit_fields(&snap, tenant, &ctx, resp.headers_mut());
@@ -99,13 +131,18 @@ impl Proxy {
         resp
     }
 
+    fn stale(&self, ctx: &Ctx) -> (Response<Body>, Outcome) {
+        let entry = ctx.stale.as_ref().expect("checked by the caller");
+        (entry.response(tokio::time::Instant::now(), CacheStatus::Stale), Outcome::Stale)
+    }
+
     async fn stages(
         &self,
-        snap: &Snapshot,
+        snap: &Arc<Snapshot>,
         ctx: &mut Ctx,
         req: Request<Incoming>,
         request_id: &HeaderValue,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<(Response<Body>, Outcome), ProxyError> {
         let (mut parts, body) = req.into_parts();
 
         // Limits first: refusing an oversized head costs nothing and needs no identity.
@@ -115,15 +152,17 @@ impl Proxy {
         let tenant = snap.tenants.identify(&mut parts.headers)?.clone();
         ctx.tenant = Some(tenant.clone());
 
-        // Route: names the request for metrics, gives its cost and (later) its cache policy.
-        let cost = match snap.route_table.find(&parts.method, parts.uri.path()) {
+        // Route: names the request for metrics, gives its cost and its cache policy.
+        let matched = snap.route_table.find(&parts.method, parts.uri.path());
+        let (cost, caching, params) = match matched {
             Some(m) => {
                 ctx.route = m.index;
-                snap.routes[m.index].cost
+                let route = &snap.routes[m.index];
+                (route.cost, route.cache.as_ref(), Some(m.params))
             }
             None if snap.limits.pass_unmatched => {
                 ctx.route = snap.cells.route_passthrough();
-                1
+                (1, None, None)
             }
             None => {
                 return Err(ProxyError::new(
@@ -164,6 +203,37 @@ impl Proxy {
         // Body: read only for identified, admitted requests, and bounded.
         let body = limits::read_body(body, snap.limits.max_body).await?;
 
+        // Cache key: a keyed hash of what identifies the look-up, scoped to the tenant unless the
+        // route is shared; a body that should be JSON and is not never reaches the bureau.
+        let key = match (caching, &params) {
+            (Some(c), Some(params)) => {
+                match c.key.key(&snap.key_secret, &tenant.id, params, parts.uri.query(), &body) {
+                    Ok(key) => Some(key),
+                    Err(KeyError::InvalidJson(why)) => {
+                        return Err(ProxyError::new(ErrorKind::BadRequest, format!("the body must be JSON: {why}")));
+                    }
+                    // A look-up that cannot be named exactly is neither cached nor coalesced.
+                    Err(_) => None,
+                }
+            }
+            _ => None,
+        };
+        drop(params);
+        ctx.subject = key;
+
+        // Cache: a fresh answer costs the bureau nothing (and the tenant no quota); an expired
+        // one within `stale_if_error` is kept aside in case the bureau fails below.
+        let policy = caching.and_then(|c| c.policy.clone());
+        if let (Some(key), Some(_)) = (&key, &policy) {
+            match self.shared.cache.lookup(key).await {
+                Lookup::Fresh(entry) => {
+                    return Ok((entry.response(tokio::time::Instant::now(), CacheStatus::Hit), Outcome::CacheHit));
+                }
+                Lookup::Stale(entry) => ctx.stale = Some(entry),
+                Lookup::Miss => {}
+            }
+        }
+
         // Quota: reserve a bureau call now, charge it only when the call is made (below).
         let windows = Windows::at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
         ctx.windows = Some(windows);
@@ -180,59 +250,39 @@ impl Proxy {
             }
         };
 
-        // Fair share: wait for one of the bureau's slots. Slots go to tenants by weighted fair
-        // queuing, so a surge lengthens only the surging tenant's queue; a request that cannot
-        // get one in time is shed here, before it can add to the bureau's load.
-        let queued_at = tokio::time::Instant::now();
-        let ask = Ask {
-            tenant: tenant.state.index,
-            weight: tenant.weight,
-            cost,
-            max_queue: tenant.limits.max_queue,
-            deadline: queued_at + snap.config.upstream.queue_timeout,
+        let call = BureauCall { shared: self.shared.clone(), snap: snap.clone(), tenant, cost, reservation };
+        let Some(key) = key.filter(|_| policy.is_some() || caching.is_some_and(|c| c.coalesce)) else {
+            // Neither cached nor coalesced: the call belongs to this request (a client that goes
+            // away while queued leaves the queue without taking a slot).
+            let resp = call.run(parts, body, request_id.clone()).await?;
+            return Ok((resp, Outcome::Bureau));
         };
-        let cells = snap.cells.tenant(&self.shared.metrics, tenant.index);
-        let permit = match self.shared.scheduler.acquire(ask).await {
-            Ok(permit) => permit,
-            Err(shed) => {
-                let message = match shed.reason {
-                    ShedReason::QueueFull => {
-                        cells.shed_queue_full.inc();
-                        format!(
-                            "the bureau is at capacity and {} of your requests are already waiting",
-                            tenant.limits.max_queue
-                        )
-                    }
-                    ShedReason::QueueTimeout => {
-                        cells.shed_queue_timeout.inc();
-                        format!("no bureau slot within {:?}", snap.config.upstream.queue_timeout)
-                    }
-                };
-                return Err(ProxyError::new(ErrorKind::BureauBusy, message).retry_after(shed.retry_after.as_secs()));
+
+        // The call is detached from this request: it fills the cache, and when coalescing, every
+        // identical request that arrives meanwhile joins it instead of calling the bureau again.
+        let route = snap.routes[ctx.route].name.clone();
+        let ticket = self.shared.cache.ticket();
+        let (id, shared) = (request_id.clone(), self.shared.clone());
+        let fetch = async move {
+            let tenant_id = call.tenant.id.clone();
+            let resp = call.run(parts, body, id).await?;
+            let fetched = Arc::new(Fetched::from_response(resp).await);
+            if let Some(policy) = &policy {
+                shared.cache.store(ticket, key, &fetched, policy, &tenant_id, &route).await;
             }
+            Ok(fetched)
         };
-        let called_at = tokio::time::Instant::now();
-        cells.queue_wait.observe((called_at - queued_at).as_secs_f64());
-
-        // Forward headers: the bureau sees who asked and which request this is, never the key.
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.insert(&X_TENANT, tenant.header_value.clone());
-        parts.headers.insert(&X_REQUEST_ID, request_id.clone());
-
-        // Upstream: the bureau is touched last; from here on the call counts against the quota.
-        // The permit is held for the call and released on every exit (a dropped future included);
-        // the latency and outcome feed the adaptive limit.
-        reservation.commit();
-        let result = snap.upstream.send(parts, body).await;
-        let latency = called_at.elapsed();
-        self.shared.metrics.bureau_duration_seconds.observe(latency.as_secs_f64());
-        if let Ok(resp) = &result {
-            let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
-            self.shared.metrics.bureau_responses[class].inc();
+        if caching.is_some_and(|c| c.coalesce) {
+            let deadline = tokio::time::Instant::now() + snap.limits.request_timeout;
+            let (fetched, role) = self.shared.coalescer.run(key, deadline, move || fetch).await?;
+            Ok(match role {
+                Role::Leader => (fetched.response(CacheStatus::Miss), Outcome::Bureau),
+                Role::Follower => (fetched.response(CacheStatus::Coalesced), Outcome::Coalesced),
+            })
+        } else {
+            let fetched = fetch.await?;
+            Ok((fetched.response(CacheStatus::Miss), Outcome::Bureau))
         }
-        let healthy = result.as_ref().is_ok_and(|r| !r.status().is_server_error());
-        permit.complete(latency, healthy);
-        result
     }
 
     fn in_flight_error(&self, tenant: &Tenant) -> ProxyError {
@@ -272,6 +322,80 @@ impl Proxy {
         if let Some(v) = state.header() {
             headers.insert(&RATELIMIT, v);
         }
+    }
+}
+
+/// One bureau call with everything it needs, owned, so it can run detached from the request
+/// that started it (coalescing) as well as inline.
+struct BureauCall {
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    tenant: Arc<Tenant>,
+    cost: u32,
+    reservation: quota::Reservation,
+}
+
+impl BureauCall {
+    /// Fair share, then the bureau. Slots go to tenants by weighted fair queuing, so a surge
+    /// lengthens only the surging tenant's queue; a request that cannot get a slot in time is
+    /// shed here, before it can add to the bureau's load. The quota is charged only once the
+    /// call is really made; the permit is held for the call and released on every exit.
+    async fn run(
+        self,
+        mut parts: http::request::Parts,
+        body: bytes::Bytes,
+        request_id: HeaderValue,
+    ) -> Result<Response<Body>, ProxyError> {
+        let BureauCall { shared, snap, tenant, cost, reservation } = self;
+        let queued_at = tokio::time::Instant::now();
+        let ask = Ask {
+            tenant: tenant.state.index,
+            weight: tenant.weight,
+            cost,
+            max_queue: tenant.limits.max_queue,
+            deadline: queued_at + snap.config.upstream.queue_timeout,
+        };
+        let cells = snap.cells.tenant(&shared.metrics, tenant.index);
+        let permit = match shared.scheduler.acquire(ask).await {
+            Ok(permit) => permit,
+            Err(shed) => {
+                let message = match shed.reason {
+                    ShedReason::QueueFull => {
+                        cells.shed_queue_full.inc();
+                        format!(
+                            "the bureau is at capacity and {} of your requests are already waiting",
+                            tenant.limits.max_queue
+                        )
+                    }
+                    ShedReason::QueueTimeout => {
+                        cells.shed_queue_timeout.inc();
+                        format!("no bureau slot within {:?}", snap.config.upstream.queue_timeout)
+                    }
+                };
+                return Err(ProxyError::new(ErrorKind::BureauBusy, message).retry_after(shed.retry_after.as_secs()));
+            }
+        };
+        let called_at = tokio::time::Instant::now();
+        cells.queue_wait.observe((called_at - queued_at).as_secs_f64());
+
+        // Forward headers: the bureau sees who asked and which request this is, never the key.
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(&X_TENANT, tenant.header_value.clone());
+        parts.headers.insert(&X_REQUEST_ID, request_id);
+
+        // Upstream: the bureau is touched last; from here on the call counts against the quota.
+        reservation.commit();
+        let result = snap.upstream.send(parts, body).await;
+        let latency = called_at.elapsed();
+        shared.metrics.bureau_duration_seconds.observe(latency.as_secs_f64());
+        if let Ok(resp) = &result {
+            let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
+            shared.metrics.bureau_responses[class].inc();
+        }
+        // The latency and outcome feed the adaptive limit.
+        let healthy = result.as_ref().is_ok_and(|r| !r.status().is_server_error());
+        permit.complete(latency, healthy);
+        result
     }
 }
 

@@ -84,7 +84,7 @@ pub fn apply(shared: &Shared, config: Config) -> Outcome {
     let old = shared.snapshot.load_full();
     let changes = diff(&old.config, &config);
     let new_config = Arc::new(config);
-    let snapshot = Snapshot::compile(new_config.clone(), &shared.states, Some(&old));
+    let snapshot = Snapshot::compile(new_config.clone(), &shared.states, Some(&old), &shared.random_secret);
 
     // The bureau budget: a new adaptive controller if its settings changed, else the new fixed limit.
     let u_old = &old.config.upstream;

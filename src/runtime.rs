@@ -12,6 +12,10 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::adaptive::{AdaptiveConfig, AdaptiveLimit};
+use crate::audit::AuditLog;
+use crate::cache::{Cache, RoutePolicy};
+use crate::cache_key::{KeySecret, KeySpec};
+use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::headers::RequestIds;
 use crate::metrics::{Metrics, RequestCells};
@@ -37,6 +41,17 @@ pub struct Limits {
 pub struct Route {
     pub name: Arc<str>,
     pub cost: u32,
+    /// Cache and coalescing policy, if the route opts in.
+    pub cache: Option<RouteCaching>,
+}
+
+/// How a route's look-ups are keyed, cached and coalesced.
+#[derive(Debug)]
+pub struct RouteCaching {
+    pub key: KeySpec,
+    /// `None`: not cached (coalescing only).
+    pub policy: Option<RoutePolicy>,
+    pub coalesce: bool,
 }
 
 /// One config, compiled into the tables the request path reads.
@@ -48,13 +63,20 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
     pub upstream: Upstream,
     pub cells: RequestCells,
+    /// Secret of the keyed look-up hashes (config, else random per process).
+    pub key_secret: KeySecret,
 }
 
 impl Snapshot {
     /// Compiles a validated config. Cheap enough to run on every reload; never on the request path.
     /// Live tenant state (counters, rate buckets) comes from `states`; the bureau client (and its
     /// pool of open connections) is kept from `previous` when `[upstream]` did not change.
-    pub fn compile(config: Arc<Config>, states: &StateRegistry, previous: Option<&Snapshot>) -> Snapshot {
+    pub fn compile(
+        config: Arc<Config>,
+        states: &StateRegistry,
+        previous: Option<&Snapshot>,
+        random_secret: &KeySecret,
+    ) -> Snapshot {
         let route_table = RouteTable::new(&config.routes).expect("validated routes compile");
         Snapshot {
             limits: Limits {
@@ -66,7 +88,20 @@ impl Snapshot {
             },
             tenants: TenantTable::new(&config.tenants, states),
             route_table,
-            routes: config.routes.iter().map(|r| Route { name: Arc::from(r.name.as_str()), cost: r.cost }).collect(),
+            routes: config
+                .routes
+                .iter()
+                .map(|r| Route {
+                    name: Arc::from(r.name.as_str()),
+                    cost: r.cost,
+                    cache: r.cache.enabled().then(|| RouteCaching {
+                        key: KeySpec::new(&r.name, r.cache.scope, r.cache.cache_key.clone()),
+                        policy: RoutePolicy::from_config(&r.cache),
+                        coalesce: r.cache.coalesce,
+                    }),
+                })
+                .collect(),
+            key_secret: config.cache.key_secret.clone().unwrap_or_else(|| random_secret.clone()),
             upstream: match previous {
                 Some(p) if same_client(&p.config.upstream, &config.upstream) => p.upstream.clone(),
                 _ => Upstream::new(&config.upstream),
@@ -105,6 +140,14 @@ pub struct Shared {
     pub config_path: Option<std::path::PathBuf>,
     /// Serializes reloads (never taken on the request path).
     pub reload_lock: std::sync::Mutex<()>,
+    /// Bureau answers kept for repeated look-ups; outlives snapshots.
+    pub cache: Cache,
+    /// Identical look-ups in flight share one bureau call.
+    pub coalescer: Coalescer,
+    /// The look-up key secret when the config gives none (random per process).
+    pub random_secret: KeySecret,
+    /// Who received which answer, if `[audit] file` is set.
+    pub audit: Option<AuditLog>,
     pub metrics: Metrics,
     pub ids: RequestIds,
     /// False until the listeners are bound, and again once draining starts.
@@ -112,22 +155,35 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Shared state for `config` (tests and benches: no audit file may fail to open there).
     pub fn new(config: Config) -> Arc<Shared> {
-        Shared::with_clock(config, Arc::new(SystemClock))
+        Shared::build(config, Arc::new(SystemClock), None).expect("no audit file to open")
     }
 
-    pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Arc<Shared> {
-        Shared::build(config, clock, None)
-    }
-
-    /// Shared state for `config`, read from `config_path` (re-read on reload).
-    pub fn build(config: Config, clock: Arc<dyn Clock>, config_path: Option<std::path::PathBuf>) -> Arc<Shared> {
+    /// Shared state for `config`, read from `config_path` (re-read on reload). Fails if the
+    /// audit log cannot be opened, before anything binds.
+    pub fn build(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        config_path: Option<std::path::PathBuf>,
+    ) -> std::io::Result<Arc<Shared>> {
+        let metrics = Metrics::new();
+        let audit = match &config.audit.file {
+            Some(path) => {
+                Some(AuditLog::open(path, config.audit.fail_closed, metrics.audit_handles()).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot open the audit log {}: {e}", path.display()))
+                })?)
+            }
+            None => None,
+        };
+        let cache = Cache::new(config.cache.max_bytes, config.cache.max_entry_bytes, metrics.cache_handles());
+        let random_secret = KeySecret::random();
         let states = StateRegistry::default();
         let scheduler = Scheduler::new(config.upstream.max_concurrency);
         let adaptive = adaptive_controller(&config);
         scheduler.set_controller(adaptive.clone());
-        let snapshot = Snapshot::compile(Arc::new(config), &states, None);
-        Arc::new(Shared {
+        let snapshot = Snapshot::compile(Arc::new(config), &states, None, &random_secret);
+        Ok(Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             states,
             clock,
@@ -135,10 +191,19 @@ impl Shared {
             adaptive: ArcSwapOption::new(adaptive),
             config_path,
             reload_lock: std::sync::Mutex::new(()),
-            metrics: Metrics::new(),
+            cache,
+            coalescer: Coalescer::new(),
+            random_secret,
+            audit,
+            metrics,
             ids: RequestIds::default(),
             ready: AtomicBool::new(false),
-        })
+        }))
+    }
+
+    /// Ready for traffic: serving, not draining, and the audit log (if any) writing.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire) && self.audit.as_ref().is_none_or(AuditLog::healthy)
     }
 }
 
@@ -158,6 +223,8 @@ impl Shared {
         let w = Windows::at(self.clock.now_unix_ms(), snap.config.quota.utc_offset);
         let m = &self.metrics;
         m.bureau_in_flight.set(self.scheduler.in_flight() as i64);
+        m.coalesce_in_flight.set(self.coalescer.in_flight() as i64);
+        self.cache.update_gauges();
         m.bureau_concurrency_limit.set(self.scheduler.limit() as i64);
         for t in snap.tenants.iter() {
             let id = &*t.id;
