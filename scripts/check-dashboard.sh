@@ -6,11 +6,14 @@
 # (temp config and data dir, ephemeral 127.0.0.1 port, scraping bureau-guard's admin /metrics
 # every second), drives traffic that produces every outcome the dashboard shows (200s, 401,
 # 404, 429 rate/quota, dry-run limits, 503 sheds, 504 bureau timeouts, an applied and a
-# rejected config reload), then runs EVERY `expr`
-# of every panel target through Prometheus's /api/v1/query. Fails, listing the panels, if an
-# expression does not parse or returns no data (a 0-valued series counts as data; a NaN-only
-# result, e.g. a quantile over a window without observations, does not). Also lints
-# the dashboard: stable uid, units on every panel, `tenant=~"$tenant"` on every selector of a
+# rejected config reload; cache hits, coalesced look-ups against a slowed bureau, stale answers
+# while the bureau times out, size evictions from a small cache, audit records), then runs EVERY
+# `expr` of every panel target through Prometheus's /api/v1/query. Fails, listing the panels, if
+# an expression does not parse or returns no data (a 0-valued series counts as data; a NaN-only
+# result, e.g. a quantile over a window without observations, does not), or if the traffic did not
+# really produce a cache hit, a coalesced and a stale answer, a stored answer, a size eviction and
+# an audit record (counters that exist at 0 would otherwise pass). Also lints the dashboard:
+# stable uid, units and descriptions on every panel, `tenant=~"$tenant"` on every selector of a
 # metric that has a tenant label.
 #
 # Usage (from the repo root):  bash scripts/check-dashboard.sh
@@ -171,17 +174,34 @@ flush_interval = "1s"
 [log]
 access_log = false
 
+# Small on purpose: the distinct subjects of the traffic below fill it, so it evicts by size.
+# (max_entry_bytes must not exceed max_bytes; a credit report is ~1.5 KB.)
+[cache]
+max_bytes = "64KiB"
+max_entry_bytes = "8KiB"
+
+[audit]
+file = "$TMP/audit.jsonl"
+
+# Expires after 1 s but may be served stale for 1 h: answers it while the bureau times out.
 [[routes]]
 name = "credit_report"
 method = "POST"
 path = "/v1/credit-report"
 cost = 1
+cache_ttl = "1s"
+stale_if_error = "1h"
+cache_key = ["body.subject_id", "body.report_type"]
 
+# Cached and coalesced: repeated subjects hit, identical concurrent look-ups share one call.
 [[routes]]
 name = "score"
 method = "GET"
 path = "/v1/score/{subject_id}"
 cost = 1
+coalesce = true
+cache_ttl = "10m"
+cache_key = ["path.subject_id"]
 
 [[tenants]]
 id = "bank-a"
@@ -230,26 +250,38 @@ wait_http "$PROM/-/ready" 30 "prometheus"
 # ---------------------------------------------------------------- traffic
 # Bounded: at most $ROUNDS rounds of a few bursts each; stopped early once every panel has data.
 ROUNDS=60
-burst() { # burst KEY COUNT PARALLEL TAG [score|report]: COUNT requests, PARALLEL at once
+# burst KEY COUNT PARALLEL TAG [KIND]: COUNT requests, PARALLEL at once. KIND:
+#   score   GET  /v1/score/S-TAG-1 .. S-TAG-COUNT    (distinct subjects: misses, cache fills)
+#   same    GET  /v1/score/S-TAG, COUNT times        (one subject: coalesced, then cache hits)
+#   report  POST /v1/credit-report, subject S-TAG   (the same look-up COUNT times)
+burst() {
   local key=$1 n=$2 par=$3 tag=$4 kind=${5:-score}
-  local hdr=()
+  local hdr=() opts=() url
   [ -z "$key" ] || hdr=(-H "x-api-key: $key")
+  # curl holds parallel transfers to one host back until it knows whether the first connection can
+  # multiplex (HTTP/1.1: no); identical look-ups must arrive together to be coalesced.
+  [ "$kind" != same ] || opts=(--parallel-immediate)
   if [ "$kind" = report ]; then
     curl -s --no-progress-meter -Z --parallel-max "$par" --max-time 5 "${hdr[@]}" -H 'content-type: application/json' \
-      -d '{"subject_id":"S-1","report_type":"full"}' -o /dev/null -w '%{http_code}\n' \
+      -d "{\"subject_id\":\"S-$tag\",\"report_type\":\"full\"}" -o /dev/null -w '%{http_code}\n' \
       "$PROXY/v1/credit-report?n=[1-$n]" || true
   else
-    curl -s --no-progress-meter -Z --parallel-max "$par" --max-time 5 "${hdr[@]}" -o /dev/null -w '%{http_code}\n' \
-      "$PROXY/v1/score/S-$tag-[1-$n]" || true
+    url="$PROXY/v1/score/S-$tag-[1-$n]"
+    [ "$kind" != same ] || url="$PROXY/v1/score/S-$tag?n=[1-$n]"  # the query is not part of the cache key
+    curl -s --no-progress-meter -Z "${opts[@]}" --parallel-max "$par" --max-time 5 "${hdr[@]}" -o /dev/null \
+      -w '%{http_code}\n' "$url" || true
   fi
 }
 bureau_service_ms() { curl -fsS -o /dev/null --max-time 2 -d "{\"service_ms\": $1}" "$BUREAU/control" || true; }
 traffic() {
   local r
+  burst "$KEY_B" 1 1 stale report             # cached now; expired (1 s) when a slow bureau comes below
   for r in $(seq "$ROUNDS"); do
     burst "$KEY_A" 30 4 "a$r"                 # over rate 20/burst 10, later over daily_quota 60: 429
-    burst "$KEY_B" 10 2 "b$r" report          # steady
+    burst "$KEY_B" 10 2 report report         # steady; one look-up, cached for 1 s: hits, stale look-ups
     burst "$KEY_C" 10 2 "c$r"                 # steady
+    burst "$KEY_B" 20 4 hot same              # the same subject again and again: cache hits
+    burst "$KEY_C" 20 4 hot same
     burst "$KEY_B" 30 15 "bb$r"               # max_queue 1: 503 queue_full
     burst "$KEY_C" 80 40 "cc$r"               # deep queue, 50 ms queue_timeout: 503 queue_timeout;
                                               # over max_in_flight 2 in dry run
@@ -263,10 +295,15 @@ traffic() {
       curl -s -o /dev/null -X POST --max-time 5 "$ADMIN/admin/reload" || true
       cp "$TMP/good.toml" "$TMP/bureau-guard.toml"
     fi
+    bureau_service_ms 100                     # slower, still within response_timeout: identical
+    burst "$KEY_C" 12 12 "co$r" same          # concurrent look-ups join one bureau call (coalesced)
+    bureau_service_ms 5
     if [ $((r % 3)) -eq 1 ]; then             # the bureau slows past response_timeout: 504
       bureau_service_ms 300
       burst "$KEY_B" 2 2 "slow$r"
+      burst "$KEY_B" 1 1 stale report         # expired entry within stale_if_error: a stale answer
       bureau_service_ms 5
+      burst "$KEY_B" 1 1 stale report         # the bureau is back: refreshed (expires again in 1 s)
     fi
     sleep 0.2
   done
@@ -358,9 +395,38 @@ for title, ref, expr in checks:
         if m.group(1) in tenant_metrics and 'tenant=~"$tenant"' not in (m.group(2) or ""):
             problems.append(f'{title} [{ref}]: {m.group(1)} is not filtered by tenant=~"$tenant"')
 
+# ---- the traffic must really have produced what the cache, coalescing and audit panels show:
+# their counters exist at 0 (or appear on first use), so "returns data" alone would not prove it.
+proofs = [
+    ("a cache hit", 'sum(bureau_guard_requests_total{outcome="cache_hit"})'),
+    ("a coalesced answer", 'sum(bureau_guard_requests_total{outcome="coalesced"})'),
+    ("a stale answer", 'sum(bureau_guard_requests_total{outcome="stale"})'),
+    ("an answer stored in the cache", 'sum(bureau_guard_cache_stores_total{result="stored"})'),
+    ("a size eviction", 'sum(bureau_guard_cache_evictions_total{cause="size"})'),
+    ("a 2xx bureau answer", 'sum(bureau_guard_bureau_responses_total{class="2xx"})'),
+    ("an audit record written", "sum(bureau_guard_audit_records_total)"),
+    ("the audit log healthy", "min(bureau_guard_audit_healthy)"),
+]
+proved = {}
+
+
+def prove(again=False):
+    for what, expr in proofs:
+        if proved.get(what, 0) > 0 and not again:
+            continue
+        r = api("query", query=expr)
+        data = r.get("data", {}).get("result", []) if r.get("status") == "success" else []
+        try:
+            value = max((float(s["value"][1]) for s in data), default=0)
+        except ValueError:
+            value = 0
+        proved[what] = max(value, proved.get(what, 0))
+
+
 # ---- every expression must parse and return data; poll until then or the deadline
 results = {}
 while True:
+    prove()
     for i, (title, ref, expr) in enumerate(checks):
         if results.get(i, (None, 0))[1] > 0 or results.get(i, ("",))[0].startswith("error: bad_data"):
             continue  # has data, or does not parse (that will not change)
@@ -377,6 +443,7 @@ while True:
             finite = [v for v in values if v not in ("NaN", "+Inf", "-Inf")]
             results[i] = ("ok" if finite else ("only NaN" if values else "no data"), len(values) if finite else 0)
     waiting = [i for i in range(len(checks)) if results[i][1] == 0 and not results[i][0].startswith("error: bad_data")]
+    waiting += [what for what, _ in proofs if proved.get(what, 0) <= 0]
     if not waiting or time.monotonic() > deadline:
         break
     time.sleep(1)
@@ -392,13 +459,20 @@ failed = [(checks[i][0], checks[i][1], results[i][0]) for i in range(len(checks)
 for title, ref, status in failed:
     problems.append(f"{title} [{ref}]: {status}")
 print()
+prove(again=True)  # the totals at the end, for the record
+print("traffic produced: " + ", ".join(f"{what} ({proved.get(what, 0):g})" for what, _ in proofs))
+for what, expr in proofs:
+    if proved.get(what, 0) <= 0:
+        problems.append(f"traffic: no proof of {what} ({expr} is 0 or absent)")
+print()
 if problems:
     print(f"FAIL: {len(problems)} problem(s):")
     for p in problems:
         print(f"  - {p}")
     sys.exit(1)
 print(f"OK: {len(checks)} expressions in {sum(1 for p in panels(dash['panels']) if p.get('type') != 'row')} "
-      f"panels parse and return data; every panel has a unit; tenant filter on every tenant-labelled metric.")
+      f"panels parse and return data; every panel has a unit and a description; tenant filter on every "
+      f"tenant-labelled metric; the traffic produced every cache, coalescing and audit outcome.")
 EOF
 CHECKER=$!
 PIDS+=("$CHECKER")
@@ -411,5 +485,6 @@ if [ -s "$TMP/traffic.log" ]; then
   printf 'traffic so far (HTTP status: count): %s\n' \
     "$(grep -E '^[0-9]{3}$' "$TMP/traffic.log" | sort | uniq -c | awk '{printf "%s: %s  ", $2, $1}')"
 fi
+[ ! -f "$TMP/audit.jsonl" ] || printf 'audit log: %s lines\n' "$(wc -l <"$TMP/audit.jsonl")"
 log "done in $((SECONDS - T0))s after the build"
 exit "$rc"
