@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# End-to-end proxy overhead benchmark: direct to the mock bureau vs through
-# bureau-guard vs through nginx, open-loop load at increasing rates.
+# End-to-end proxy benchmark: direct to the mock bureau vs through bureau-guard
+# vs through nginx, open-loop load at increasing rates, in two scenarios:
+# overhead (every request reaches the mock) and cache-hit (every request is
+# answered from the proxy's cache; issue 5).
 #
-#   bash benches/proxy_overhead.sh            # full run, a few minutes
-#   bash benches/proxy_overhead.sh --quick    # smoke run (CI), well under a minute once built
-#   bash benches/proxy_overhead.sh --help     # every option
+#   bash benches/proxy_overhead.sh                    # full run, both scenarios: ~8 minutes
+#   bash benches/proxy_overhead.sh --mode overhead    # full run, overhead only: ~3 minutes
+#   bash benches/proxy_overhead.sh --mode cache-hit   # full run, cache hits only: ~4.5 minutes
+#   bash benches/proxy_overhead.sh --quick            # smoke run (CI), both scenarios: ~25 s once built
+#   bash benches/proxy_overhead.sh --help             # every option
 #
 # All load targets 127.0.0.1. See benches/README.md for the scenario and the criterion.
 set -euo pipefail
