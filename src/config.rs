@@ -35,7 +35,8 @@ pub mod defaults {
     pub const MAX_BODY: u64 = 64 * 1024;
     /// Same order as nginx's `large_client_header_buffers` (4 × 8k).
     pub const MAX_HEADER_BYTES: u64 = 16 * 1024;
-    /// A client that has not sent its headers in 5 s is a slowloris, not a bank.
+    /// A client that has not sent its headers in 5 s is a slowloris, not a bank. hyper also closes
+    /// a keep-alive connection idle this long; responses say so (`Keep-Alive: timeout=4`).
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
     /// End-to-end bound on one request, queueing and the bureau included.
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

@@ -33,6 +33,7 @@ use crate::scheduler::{Ask, ShedReason};
 use crate::tenant::Tenant;
 
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
 /// The proxy as a tower `Service`: cheap to clone (one `Arc`), one clone per connection.
@@ -69,6 +70,7 @@ impl Proxy {
         // One load per request: a reload during this request does not change its rules.
         let snap = self.shared.snapshot.load_full();
         let request_id = self.shared.ids.for_request(req.headers());
+        let http1 = req.version() == http::Version::HTTP_11;
         let mut ctx =
             Ctx { tenant: None, route: snap.cells.route_none(), rate: None, windows: None, subject: None, stale: None };
 
@@ -109,6 +111,9 @@ impl Proxy {
             }
         }
         resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+        if http1 {
+            resp.headers_mut().insert(&KEEP_ALIVE, self.shared.keep_alive.clone());
+        }
         if let Some(tenant) = &ctx.tenant {
             self.ratelimit_fields(&snap, tenant, &ctx, resp.headers_mut());
         }

@@ -152,6 +152,10 @@ pub struct Shared {
     pub ids: RequestIds,
     /// False until the listeners are bound, and again once draining starts.
     pub ready: AtomicBool,
+    /// `Keep-Alive: timeout=N` for HTTP/1.1 answers: hyper closes a connection that stays idle
+    /// for `server.header_read_timeout`; saying so lets pooling clients retire it first instead
+    /// of racing a request against the close.
+    pub keep_alive: http::HeaderValue,
 }
 
 impl Shared {
@@ -178,6 +182,9 @@ impl Shared {
         };
         let cache = Cache::new(config.cache.max_bytes, config.cache.max_entry_bytes, metrics.cache_handles());
         let random_secret = KeySecret::random();
+        let idle_s = config.server.header_read_timeout.as_secs().saturating_sub(1).max(1);
+        let keep_alive =
+            http::HeaderValue::from_str(&format!("timeout={idle_s}")).expect("digits are a valid header value");
         let states = StateRegistry::default();
         let scheduler = Scheduler::new(config.upstream.max_concurrency);
         let adaptive = adaptive_controller(&config);
@@ -198,6 +205,7 @@ impl Shared {
             metrics,
             ids: RequestIds::default(),
             ready: AtomicBool::new(false),
+            keep_alive,
         }))
     }
 

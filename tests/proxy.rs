@@ -30,6 +30,9 @@ async fn forwards_method_path_query_body_and_headers_with_tenant_and_without_key
     .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.headers["x-request-id"], "bank-a:req-42", "client's request id comes back");
+    // Idle connections close after the header read timeout (5 s): clients are told, so their pools
+    // retire a connection before a request can race the close.
+    assert_eq!(r.headers["keep-alive"], "timeout=4");
     let seen = r.json();
     assert_eq!(seen["method"], "POST");
     assert_eq!(seen["path"], "/echo/lookup/1");
