@@ -27,6 +27,7 @@ pub struct Running {
     pub shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     stop_admin: watch::Sender<bool>,
+    stop_persist: watch::Sender<bool>,
     proxy_task: JoinHandle<bool>,
     admin_task: JoinHandle<bool>,
     persist_task: JoinHandle<()>,
@@ -93,6 +94,8 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
 
     let (stop, stopped) = watch::channel(false);
     let (stop_admin, admin_stopped) = watch::channel(false);
+    // Counters are written one last time after the drain: requests finishing during it still charge.
+    let (stop_persist, persist_stopped) = watch::channel(false);
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -108,10 +111,13 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
         wait(admin_stopped),
         drain,
     ));
-    let persist_task = tokio::spawn(persist_loop(shared.clone(), store, flush_interval, wait(stopped)));
+    let persist_task = tokio::spawn(persist_loop(shared.clone(), store, flush_interval, wait(persist_stopped)));
+    if !admin_addr.ip().is_loopback() && shared.snapshot.load().config.admin.token_digest.is_none() {
+        tracing::warn!(%admin_addr, "the admin listener is reachable beyond this host and has no token: anyone who reaches it can reload, reset quotas and purge the cache; set admin.token_sha256 or admin.token_env");
+    }
     shared.ready.store(true, Ordering::Release);
     tracing::info!(%addr, %admin_addr, "bureau-guard serving");
-    Running { addr, admin_addr, shared, stop, stop_admin, proxy_task, admin_task, persist_task }
+    Running { addr, admin_addr, shared, stop, stop_admin, stop_persist, proxy_task, admin_task, persist_task }
 }
 
 impl Running {
@@ -123,6 +129,7 @@ impl Running {
         self.shared.ready.store(false, Ordering::Release);
         let _ = self.stop.send(true);
         let proxy_drained = self.proxy_task.await.unwrap_or(false);
+        let _ = self.stop_persist.send(true);
         let _ = self.persist_task.await;
         if let Some(audit) = &self.shared.audit {
             audit.flush().await;

@@ -1147,9 +1147,9 @@ fn validate_limits(p: &mut Problems, i: usize, t: &RawTenant, max_cost: u32) -> 
     };
     let rate = match t.rate {
         None => None,
-        Some(r) if r.is_finite() && r > 0.0 && r <= 1e9 => Some(r),
+        Some(r) if r.is_finite() && (1e-6..=1e9).contains(&r) => Some(r),
         Some(r) => {
-            p.add(at("rate"), format!("{r} must be a number of requests per second above 0"));
+            p.add(at("rate"), format!("{r} must be a number of requests per second between 0.000001 and 1e9"));
             None
         }
     };
@@ -1159,6 +1159,12 @@ fn validate_limits(p: &mut Problems, i: usize, t: &RawTenant, max_cost: u32) -> 
     }
     // Default burst: one second's worth of rate, at least the dearest route so it can ever pass.
     let burst = burst.unwrap_or_else(|| rate.map_or(1, |r| r.ceil() as u32).max(max_cost));
+    // The bucket's depth in time must fit the limiter's nanosecond arithmetic (and be sane).
+    if let Some(r) = rate
+        && f64::from(burst) / r > 1e9
+    {
+        p.add(at("burst"), format!("{burst} at {r}/s takes more than 1e9 s to refill; lower burst or raise rate"));
+    }
     if rate.is_some() && burst < max_cost {
         p.add(
             at("burst"),
@@ -1188,8 +1194,9 @@ fn validate_limits(p: &mut Problems, i: usize, t: &RawTenant, max_cost: u32) -> 
         rate,
         burst,
         max_in_flight: positive(p, "max_in_flight", t.max_in_flight, 1_000_000).map(|n| n as u32),
-        daily_quota: positive(p, "daily_quota", t.daily_quota, i64::MAX).map(|n| n as u64),
-        monthly_quota: positive(p, "monthly_quota", t.monthly_quota, i64::MAX).map(|n| n as u64),
+        // Counters hold 40 bits (state.rs): a larger quota could never be reached.
+        daily_quota: positive(p, "daily_quota", t.daily_quota, (1 << 40) - 1).map(|n| n as u64),
+        monthly_quota: positive(p, "monthly_quota", t.monthly_quota, (1 << 40) - 1).map(|n| n as u64),
         max_queue: match t.max_queue {
             None => defaults::MAX_QUEUE,
             Some(n) if (0..=1_000_000).contains(&n) => n as usize,

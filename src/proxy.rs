@@ -239,6 +239,12 @@ impl Proxy {
             }
         }
 
+        // Audit (fail-closed only): an answer that could not be audited must not cost the bureau
+        // a call or the tenant a unit of quota; refuse before either.
+        if let Some(audit) = &self.shared.audit {
+            audit.admit()?;
+        }
+
         // Quota: reserve a bureau call now, charge it only when the call is made (below).
         let windows = Windows::at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
         ctx.windows = Some(windows);
@@ -377,7 +383,9 @@ impl BureauCall {
                         format!("no bureau slot within {:?}", snap.config.upstream.queue_timeout)
                     }
                 };
-                return Err(ProxyError::new(ErrorKind::BureauBusy, message).retry_after(shed.retry_after.as_secs()));
+                return Err(
+                    ProxyError::new(ErrorKind::BureauBusy, message).retry_after(retry_after_secs(shed.retry_after))
+                );
             }
         };
         let called_at = tokio::time::Instant::now();
@@ -388,9 +396,13 @@ impl BureauCall {
         parts.headers.insert(&X_TENANT, tenant.header_value.clone());
         parts.headers.insert(&X_REQUEST_ID, request_id);
 
-        // Upstream: the bureau is touched last; from here on the call counts against the quota.
-        reservation.commit();
+        // Upstream: the bureau is touched last. The call counts against the quota unless it
+        // never reached the bureau (no connection, or a target that could not be built).
         let result = snap.upstream.send(parts, body).await;
+        match &result {
+            Err(e) if matches!(e.kind, ErrorKind::BureauUnreachable | ErrorKind::BadRequest) => drop(reservation),
+            _ => reservation.commit(),
+        }
         let latency = called_at.elapsed();
         shared.metrics.bureau_duration_seconds.observe(latency.as_secs_f64());
         if let Ok(resp) = &result {

@@ -81,7 +81,8 @@ impl Snapshot {
         Snapshot {
             limits: Limits {
                 max_body: config.server.max_body,
-                max_header_bytes: config.server.max_header_bytes,
+                // Needs a restart (hyper's hard cap is fixed at bind): keep the running value.
+                max_header_bytes: previous.map_or(config.server.max_header_bytes, |p| p.limits.max_header_bytes),
                 request_timeout: config.server.request_timeout,
                 pass_unmatched: config.server.pass_unmatched,
                 access_log: config.log.access_log,

@@ -44,7 +44,16 @@ impl WindowCounter {
         let mut cur = self.0.load(Ordering::Acquire);
         loop {
             let (w, c) = unpack(cur);
-            let c = if w == window { c } else { 0 };
+            // A request that computed its window just before a rollover must not move the
+            // counter back to yesterday: it is charged to the newer window already stored (a
+            // later refund for its own window is then void, erring towards charging).
+            let (window, c) = if w > window {
+                (w, c)
+            } else if w == window {
+                (window, c)
+            } else {
+                (window, 0)
+            };
             let next = c + n;
             if enforce && limit.is_some_and(|l| next > l) {
                 return Err(c);
@@ -255,6 +264,8 @@ mod tests {
         assert_eq!(c.try_add(8, 1, Some(2), true), Ok(1));
         c.sub(7, 1);
         assert_eq!(c.get(8), 1, "a refund from yesterday does not touch today");
+        assert_eq!(c.try_add(7, 1, Some(5), true), Ok(2), "a late request from yesterday is charged to today");
+        assert_eq!(c.get(8), 2, "and never moves the counter back");
     }
 
     #[test]

@@ -132,6 +132,14 @@ impl TenantTable {
         };
         let tenant = self.by_key(key.as_bytes());
         headers.remove(header);
+        // A client may send the key both ways: neither copy may reach the bureau.
+        headers.remove(&X_API_KEY);
+        if headers
+            .get(AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes().get(..7).is_some_and(|s| s.eq_ignore_ascii_case(b"bearer ")))
+        {
+            headers.remove(AUTHORIZATION);
+        }
         tenant.ok_or_else(|| ProxyError::new(ErrorKind::InvalidApiKey, "the api key is not known"))
     }
 }
@@ -223,6 +231,13 @@ mod tests {
         h.insert(AUTHORIZATION, HeaderValue::from_static("bearer  key-b "));
         assert_eq!(&*t.identify(&mut h).unwrap().id, "b");
         assert!(h.get(AUTHORIZATION).is_none());
+
+        // Both headers at once: both are removed.
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("key-a"));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer key-a"));
+        assert_eq!(&*t.identify(&mut h).unwrap().id, "a");
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

@@ -24,6 +24,7 @@ async fn forwards_method_path_query_body_and_headers_with_tenant_and_without_key
             ("connection", "x-hop-secret"),
             ("x-hop-secret", "must-not-pass"),
             ("x-request-id", "bank-a:req-42"),
+            ("authorization", &format!("Bearer {KEY_A}")),
         ],
         br#"{"subject_id":"S-1"}"#,
     )
@@ -46,6 +47,7 @@ async fn forwards_method_path_query_body_and_headers_with_tenant_and_without_key
     assert_eq!(h["x-request-id"], "bank-a:req-42");
     assert_eq!(h["host"], env.mock.addr.to_string());
     assert!(h.get("x-api-key").is_none(), "the key must never reach the bureau: {h}");
+    assert!(h.get("authorization").is_none(), "nor its second copy: {h}");
     assert!(h.get("x-hop-secret").is_none(), "fields named by Connection are hop-by-hop: {h}");
     assert!(h.get("connection").is_none(), "{h}");
 }
@@ -183,6 +185,9 @@ async fn unreachable_bureau_is_502() {
     let j = r.json();
     assert_eq!(j["error"], "bureau_unreachable");
     assert_eq!(j["tenant"], "a");
+    let tenants = get(&format!("http://{}/admin/tenants", proxy.admin_addr), &[]).await.json();
+    let a = tenants.as_array().unwrap().iter().find(|t| t["id"] == "a").unwrap().clone();
+    assert_eq!(a["usage"]["daily_used"], 0, "a call that never reached the bureau is not charged");
 }
 
 #[tokio::test]
