@@ -28,6 +28,8 @@ pub struct Running {
     stop: watch::Sender<bool>,
     stop_admin: watch::Sender<bool>,
     stop_persist: watch::Sender<bool>,
+    /// `server.readiness_grace`: not ready, still accepting.
+    grace: std::time::Duration,
     proxy_task: JoinHandle<bool>,
     admin_task: JoinHandle<bool>,
     persist_task: JoinHandle<()>,
@@ -67,7 +69,8 @@ pub async fn start_with(config: Config, options: Options) -> std::io::Result<Run
     let shared = Shared::build(config, options.clock, options.config_path)?;
     let listener = TcpListener::bind(listen).await?;
     let admin_listener = TcpListener::bind(admin_listen).await?;
-    Ok(start_on(shared, listener, admin_listener, Settings { limits, drain, store, flush_interval }))
+    let grace = shared.snapshot.load().config.server.readiness_grace;
+    Ok(start_on(shared, listener, admin_listener, Settings { limits, drain, store, flush_interval, grace }))
 }
 
 /// What `start_on` needs beyond the shared state, fixed at start-up.
@@ -76,11 +79,12 @@ struct Settings {
     drain: std::time::Duration,
     store: Option<FileStore>,
     flush_interval: std::time::Duration,
+    grace: std::time::Duration,
 }
 
 /// Starts serving on bound listeners.
 fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListener, settings: Settings) -> Running {
-    let Settings { limits, drain, store, flush_interval } = settings;
+    let Settings { limits, drain, store, flush_interval, grace } = settings;
     let addr = listener.local_addr().expect("a bound listener has an address");
     let admin_addr = admin_listener.local_addr().expect("a bound listener has an address");
     shared.metrics.reload_last_success_timestamp_seconds.set(shared.clock.now_unix_ms() / 1000);
@@ -117,7 +121,7 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
     }
     shared.ready.store(true, Ordering::Release);
     tracing::info!(%addr, %admin_addr, "bureau-guard serving");
-    Running { addr, admin_addr, shared, stop, stop_admin, stop_persist, proxy_task, admin_task, persist_task }
+    Running { addr, admin_addr, shared, stop, stop_admin, stop_persist, grace, proxy_task, admin_task, persist_task }
 }
 
 impl Running {
@@ -127,6 +131,10 @@ impl Running {
     /// proxy connection closed in time.
     pub async fn shutdown(self) -> bool {
         self.shared.ready.store(false, Ordering::Release);
+        if !self.grace.is_zero() {
+            tracing::info!(grace = ?self.grace, "not ready; still accepting while load balancers notice");
+            tokio::time::sleep(self.grace).await;
+        }
         let _ = self.stop.send(true);
         let proxy_drained = self.proxy_task.await.unwrap_or(false);
         let _ = self.stop_persist.send(true);

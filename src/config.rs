@@ -168,6 +168,9 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Forward requests that match no route instead of answering 404.
     pub pass_unmatched: bool,
+    /// On shutdown, `/readyz` answers 503 this long before the listener stops accepting, so load
+    /// balancers stop sending new connections first. Zero: stop at once.
+    pub readiness_grace: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -423,6 +426,7 @@ struct RawServer {
     request_timeout: Option<String>,
     drain_timeout: Option<String>,
     pass_unmatched: Option<bool>,
+    readiness_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -590,6 +594,13 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         request_timeout: p.duration("server.request_timeout", s.request_timeout.as_deref(), defaults::REQUEST_TIMEOUT),
         drain_timeout: p.duration("server.drain_timeout", s.drain_timeout.as_deref(), defaults::DRAIN_TIMEOUT),
         pass_unmatched: s.pass_unmatched.unwrap_or(false),
+        readiness_grace: match s.readiness_grace.as_deref() {
+            None => Duration::ZERO,
+            Some(v) => humantime::parse_duration(v).unwrap_or_else(|e| {
+                p.add("server.readiness_grace", format!("invalid duration {v:?} ({e}); use e.g. \"0s\", \"5s\""));
+                Duration::ZERO
+            }),
+        },
     };
 
     let token_digest = match (&raw.admin.token_sha256, &raw.admin.token_env) {

@@ -137,6 +137,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     field("server.request_timeout", dur(s0.request_timeout), dur(s1.request_timeout), false);
     field("server.drain_timeout", dur(s0.drain_timeout), dur(s1.drain_timeout), true);
     field("server.pass_unmatched", s0.pass_unmatched.to_string(), s1.pass_unmatched.to_string(), false);
+    field("server.readiness_grace", dur(s0.readiness_grace), dur(s1.readiness_grace), true);
     field("admin.listen", old.admin.listen.to_string(), new.admin.listen.to_string(), true);
     if old.admin.token_digest != new.admin.token_digest {
         field("admin.token", "(old)".into(), "(new)".into(), false);

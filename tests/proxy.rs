@@ -278,3 +278,16 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     }
     assert!(TcpStream::connect(addr).await.is_err(), "no new connections after shutdown");
 }
+
+#[tokio::test]
+async fn readiness_grace_keeps_accepting_while_readyz_says_draining() {
+    let env = Env::new(fast_mock(), r#"readiness_grace = "1s""#, "").await;
+    let (url, admin) = (env.url("/v1/score/S-1"), env.proxy.admin_addr);
+    let shared = env.proxy.shared.clone();
+    let draining = tokio::spawn(env.proxy.shutdown());
+    wait_until("readiness false", || !shared.ready.load(std::sync::atomic::Ordering::Acquire)).await;
+    assert_eq!(get(&format!("http://{admin}/readyz"), &[]).await.status, 503);
+    assert_eq!(get(&url, &[("x-api-key", KEY_A)]).await.status, 200, "new connections are still served in the grace");
+    assert!(draining.await.unwrap());
+    assert!(TcpStream::connect(url.trim_start_matches("http://").split('/').next().unwrap()).await.is_err());
+}
