@@ -111,6 +111,8 @@ pub struct Fetched {
     pub body: Bytes,
     /// When the bureau's answer arrived: `Age` and freshness count from here.
     pub received_at: Instant,
+    /// The tenant whose request fetched it (set by the proxy), for shared-route fan-out checks.
+    pub fetched_for: Option<std::sync::Arc<str>>,
 }
 
 impl Fetched {
@@ -118,7 +120,7 @@ impl Fetched {
     pub fn new(status: StatusCode, mut headers: HeaderMap, body: Bytes) -> Fetched {
         headers.remove(&X_REQUEST_ID);
         headers.remove(&X_TENANT);
-        Fetched { status, headers, body, received_at: Instant::now() }
+        Fetched { status, headers, body, received_at: Instant::now(), fetched_for: None }
     }
 
     /// A buffered response from `upstream.rs` (its body is already in memory), received now.
@@ -138,6 +140,12 @@ impl Fetched {
         *resp.headers_mut() = self.headers.clone();
         resp.headers_mut().insert(&X_CACHE, status.header_value());
         resp
+    }
+
+    /// Whether the bureau marked this answer as meant for its requester alone (`Cache-Control:
+    /// private`, or a cookie): it must not be handed to another tenant, even on a shared route.
+    pub fn private_to_requester(&self) -> bool {
+        self.headers.contains_key(SET_COOKIE) || CacheControl::parse(&self.headers).private
     }
 
     /// Age the bureau (or a cache in front of it) already gave the answer, in seconds.
@@ -527,6 +535,17 @@ impl CacheControl {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
+
+    #[test]
+    fn private_answers_and_cookies_belong_to_their_requester() {
+        let mut h = HeaderMap::new();
+        assert!(!Fetched::new(StatusCode::OK, h.clone(), Bytes::new()).private_to_requester());
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("max-age=60, private"));
+        assert!(Fetched::new(StatusCode::OK, h, Bytes::new()).private_to_requester());
+        let mut h = HeaderMap::new();
+        h.insert(SET_COOKIE, HeaderValue::from_static("s=1"));
+        assert!(Fetched::new(StatusCode::OK, h, Bytes::new()).private_to_requester());
+    }
 
     const TTL: Duration = Duration::from_secs(60);
 

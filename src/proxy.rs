@@ -261,6 +261,7 @@ impl Proxy {
             }
         };
 
+        let ctx_tenant = tenant.id.clone();
         let call = BureauCall { shared: self.shared.clone(), snap: snap.clone(), tenant, cost, reservation };
         let Some(key) = key.filter(|_| policy.is_some() || caching.is_some_and(|c| c.coalesce)) else {
             // Neither cached nor coalesced: the call belongs to this request (a client that goes
@@ -277,7 +278,9 @@ impl Proxy {
         let fetch = async move {
             let tenant_id = call.tenant.id.clone();
             let resp = call.run(parts, body, id).await?;
-            let fetched = Arc::new(Fetched::from_response(resp).await);
+            let mut fetched = Fetched::from_response(resp).await;
+            fetched.fetched_for = Some(tenant_id.clone());
+            let fetched = Arc::new(fetched);
             if let Some(policy) = &policy {
                 shared.cache.store(ticket, key, &fetched, policy, &tenant_id, &route).await;
             }
@@ -288,6 +291,17 @@ impl Proxy {
             let (fetched, role) = self.shared.coalescer.run(key, deadline, move || fetch).await?;
             Ok(match role {
                 Role::Leader => (fetched.response(CacheStatus::Miss), Outcome::Bureau),
+                // On a shared route an answer the bureau marked private (or that sets a cookie)
+                // still belongs to the tenant that fetched it: another tenant retries for its own.
+                Role::Follower
+                    if fetched.private_to_requester() && fetched.fetched_for.as_deref() != Some(&*ctx_tenant) =>
+                {
+                    return Err(ProxyError::new(
+                        ErrorKind::BureauBusy,
+                        "the identical look-up in flight was answered privately for another institution; retry",
+                    )
+                    .retry_after(1));
+                }
                 Role::Follower => (fetched.response(CacheStatus::Coalesced), Outcome::Coalesced),
             })
         } else {
