@@ -18,9 +18,11 @@
 //! - [`audit`]: the optional log of who received which answer
 //!
 //! Around it: [`config`] (TOML → validated config, every problem reported), [`runtime`] (the
-//! compiled config behind an atomic pointer), [`state`] (live counters and their persistence), [`metrics`], [`admin`] (health, metrics), [`app`]
-//! (bind, run, drain), [`mock_bureau`] (a bureau with a capacity model), [`loadgen`] (open-loop
-//! load for benchmarks and the demo), [`cli`].
+//! compiled config behind an atomic pointer), [`state`] (live counters and their persistence),
+//! [`reload`] (validate, diff, swap), [`metrics`], [`admin`] (health, metrics, tenants, reload,
+//! purge), [`app`] (bind, run, drain), [`headers`] (hop-by-hop, request ids), [`mock_bureau`] (a
+//! bureau with a capacity model), [`loadgen`] (open-loop load), [`surge`] (the 2017 scenario for
+//! the demo and benchmark), [`cli`].
 
 pub mod adaptive;
 pub mod admin;
