@@ -3,7 +3,7 @@
 //! An operator editing a config at 3 a.m. wants to see all of its mistakes in one go, each with
 //! the TOML path that holds it (`tenants[2].api_key_sha256: expected 64 hex characters`). So the
 //! file is read in two passes: serde checks the *shape* (unknown keys and wrong types are errors,
-//! reported with their path), then [`validate`] turns the raw strings into typed values (durations,
+//! reported with their path), then `validate` turns the raw strings into typed values (durations,
 //! sizes, addresses, key digests), collecting every problem instead of stopping at the first.
 //!
 //! Nothing here is read on the request path: the proxy compiles a [`Config`] into its runtime
