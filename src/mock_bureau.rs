@@ -95,6 +95,8 @@ pub struct MockBureau {
     in_flight: AtomicI64,
     max_in_flight: AtomicI64,
     by_tenant: Mutex<BTreeMap<String, u64>>,
+    /// `Cache-Control` sent with look-up answers (none by default), changeable live.
+    cache_control: arc_swap::ArcSwapOption<HeaderValue>,
 }
 
 impl MockBureau {
@@ -110,6 +112,7 @@ impl MockBureau {
             in_flight: AtomicI64::new(0),
             max_in_flight: AtomicI64::new(0),
             by_tenant: Mutex::new(BTreeMap::new()),
+            cache_control: arc_swap::ArcSwapOption::empty(),
             cfg,
         })
     }
@@ -124,6 +127,19 @@ impl MockBureau {
             calls_by_tenant: self.by_tenant.lock().expect("stats lock not poisoned").clone(),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             max_in_flight: self.max_in_flight.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sends `Cache-Control: value` with look-up answers from now on (`None`: no header), as a
+    /// bureau marking its answers private or uncacheable would.
+    pub fn set_cache_control(&self, value: Option<&'static str>) {
+        self.cache_control.store(value.map(|v| std::sync::Arc::new(HeaderValue::from_static(v))));
+    }
+
+    fn look_up_headers(&self, resp: &mut Response<Body>) {
+        resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(cc) = self.cache_control.load_full() {
+            resp.headers_mut().insert(http::header::CACHE_CONTROL, (*cc).clone());
         }
     }
 
@@ -155,7 +171,7 @@ impl MockBureau {
                 }
                 self.calls_ok.fetch_add(1, Ordering::Relaxed);
                 let mut resp = Response::new(Full::new(Bytes::from(credit_report(&ask.subject_id, &ask.report_type))));
-                resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                self.look_up_headers(&mut resp);
                 resp
             }
             (Method::GET, p) if p.starts_with("/v1/score/") && p.len() > "/v1/score/".len() => {
@@ -168,7 +184,7 @@ impl MockBureau {
                 let h = fnv(subject.as_bytes());
                 let body = format!(r#"{{"score":{},"grade":{},"model":"mock-v1"}}"#, 300 + h % 600, 1 + h % 10);
                 let mut resp = Response::new(Full::new(Bytes::from(body)));
-                resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                self.look_up_headers(&mut resp);
                 resp
             }
             _ => error(StatusCode::NOT_FOUND, "not_found", "unknown bureau endpoint"),

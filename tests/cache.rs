@@ -267,3 +267,46 @@ async fn the_audit_log_attributes_every_answer_without_raw_subject_ids() {
     assert_eq!(lines[0]["subject"], lines[1]["subject"], "same look-up, same keyed hash");
     assert_ne!(lines[0]["subject"], lines[2]["subject"], "scoped per tenant");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_answer_on_a_shared_route_never_reaches_another_tenant() {
+    // The score route, shared and coalescing, in front of a bureau that marks answers private.
+    let (mock, proxy) = env(slow(600), "cache_ttl = \"10m\"\nscope = \"shared\"", "", "").await;
+    mock.bureau.set_cache_control(Some("private, max-age=60"));
+    let url = format!("http://{}/v1/score/S-77", proxy.addr);
+    let leader = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url, &[("x-api-key", KEY_A)]).await }
+    });
+    let shared = proxy.shared.clone();
+    wait_until("a's call in flight", || shared.coalescer.in_flight() == 1).await;
+    let other = get(&url, &[("x-api-key", KEY_B)]).await;
+    let a = leader.await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers["x-cache"], "MISS");
+    assert_eq!(other.status, 503, "b joined a's call but must not receive a's private answer");
+    assert_eq!(other.json()["error"], "bureau_busy");
+    assert_eq!(other.headers["retry-after"], "1");
+    // And the private answer was not cached either: b's retry goes to the bureau for b.
+    let retry = get(&url, &[("x-api-key", KEY_B)]).await;
+    assert_eq!(retry.status, 200);
+    assert_eq!(retry.headers["x-cache"], "MISS");
+    assert_eq!(mock.bureau.stats().calls_by_tenant.get("b"), Some(&1));
+}
+
+#[tokio::test]
+async fn the_bureaus_no_store_is_honoured() {
+    let (mock, proxy) = env(fast_mock(), "cache_ttl = \"10m\"", "", "").await;
+    mock.bureau.set_cache_control(Some("no-store"));
+    let url = format!("http://{}/v1/score/S-8", proxy.addr);
+    assert_eq!(get(&url, &[("x-api-key", KEY_A)]).await.headers["x-cache"], "MISS");
+    assert_eq!(get(&url, &[("x-api-key", KEY_A)]).await.headers["x-cache"], "MISS", "not stored");
+    mock.bureau.set_cache_control(Some("max-age=0"));
+    get(&url, &[("x-api-key", KEY_A)]).await;
+    assert_eq!(
+        get(&url, &[("x-api-key", KEY_A)]).await.headers["x-cache"],
+        "MISS",
+        "max-age=0 lowers the TTL to nothing"
+    );
+    assert_eq!(mock.bureau.stats().calls_total, 4);
+}
