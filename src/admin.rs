@@ -129,10 +129,7 @@ impl Admin {
                 if !self.authorized(req) {
                     return unauthorized();
                 }
-                match p.strip_prefix("/admin/tenants/").and_then(|rest| rest.strip_suffix("/reset")) {
-                    Some(id) => self.reset(id, req),
-                    None => not_found(),
-                }
+                not_found()
             }
             _ => not_found(),
         }
@@ -164,8 +161,14 @@ impl Admin {
         }
     }
 
-    fn reset(&self, id: &str, req: &Request<Incoming>) -> Response<Body> {
-        let snap = self.shared.snapshot.load();
+    /// `POST /admin/tenants/{id}/reset`.
+    async fn reset(self, req: Request<Incoming>) -> Response<Body> {
+        if !self.authorized(&req) {
+            return unauthorized();
+        }
+        let path = req.uri().path();
+        let id = path.strip_prefix("/admin/tenants/").and_then(|rest| rest.strip_suffix("/reset")).unwrap_or("");
+        let snap = self.shared.snapshot.load_full();
         let Some(tenant) = snap.tenants.by_id(id) else {
             return json(
                 StatusCode::NOT_FOUND,
@@ -173,10 +176,22 @@ impl Admin {
             );
         };
         let w = Windows::at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
-        let (daily, monthly) = (tenant.state.daily.get(w.day), tenant.state.monthly.get(w.month));
+        let (mut daily, mut monthly) = (tenant.state.daily.get(w.day), tenant.state.monthly.get(w.month));
+        if let Some(redis) = &self.shared.redis {
+            // The shared counts, for every replica.
+            match redis.reset(tenant, &w).await {
+                Some(was) => (daily, monthly) = was,
+                None => {
+                    return json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({"error": "state_unavailable", "message": "Redis did not answer; nothing was reset"}),
+                    );
+                }
+            }
+        }
         tenant.state.daily.set(w.day, 0);
         tenant.state.monthly.set(w.month, 0);
-        tracing::warn!(tenant = id, by = %self.who(req), daily_was = daily, monthly_was = monthly, "quota counters reset");
+        tracing::warn!(tenant = id, by = %self.who(&req), daily_was = daily, monthly_was = monthly, "quota counters reset");
         json(StatusCode::OK, &serde_json::json!({"tenant": id, "reset": {"daily_was": daily, "monthly_was": monthly}}))
     }
 
@@ -187,6 +202,7 @@ impl Admin {
             .iter()
             .map(|t| {
                 let l = &t.limits;
+                let used = self.shared.quota_used(t, &w);
                 TenantView {
                     id: t.id.to_string(),
                     name: t.name.clone(),
@@ -210,9 +226,9 @@ impl Admin {
                     },
                     usage: UsageView {
                         in_flight: t.state.in_flight.load(Ordering::Acquire),
-                        daily_used: t.state.daily.get(w.day),
+                        daily_used: used.0,
                         daily_resets_in_s: w.day_resets_in_s,
-                        monthly_used: t.state.monthly.get(w.month),
+                        monthly_used: used.1,
                         monthly_resets_in_s: w.month_resets_in_s,
                     },
                 }
@@ -292,6 +308,13 @@ impl tower::Service<Request<Incoming>> for Admin {
         if req.method() == Method::POST && req.uri().path() == "/admin/cache/purge" {
             let admin = self.clone();
             return Box::pin(async move { Ok(admin.purge(req).await) });
+        }
+        if req.method() == Method::POST
+            && req.uri().path().starts_with("/admin/tenants/")
+            && req.uri().path().ends_with("/reset")
+        {
+            let admin = self.clone();
+            return Box::pin(async move { Ok(admin.reset(req).await) });
         }
         let resp = self.handle(&req);
         Box::pin(async move { Ok(resp) })

@@ -11,9 +11,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
-use crate::config::Config;
+use crate::config::{Config, StateBackend};
 use crate::proxy::Proxy;
-use crate::quota::{Clock, SystemClock};
+use crate::quota::{Clock, SystemClock, Windows};
 use crate::runtime::Shared;
 use crate::server::{self, ConnLimits};
 use crate::state::{CounterStore, FileStore, Loaded, SavedState};
@@ -67,6 +67,15 @@ pub async fn start_with(config: Config, options: Options) -> std::io::Result<Run
     let store = config.state.file.clone().map(FileStore::new);
     let flush_interval = config.state.flush_interval;
     let shared = Shared::build(config, options.clock, options.config_path)?;
+    if let Some(redis) = &shared.redis {
+        // Count this replica in before taking traffic, so its first requests already use its
+        // share of the bureau budget. A Redis that is down is not fatal: on_unavailable applies.
+        if redis.heartbeat().await {
+            tracing::info!(replica = redis.replica_id(), replicas = redis.replicas(), "joined the replicas sharing limits through Redis");
+        } else {
+            tracing::error!(replica = redis.replica_id(), "Redis unreachable at start-up; serving under state.redis.on_unavailable until it answers");
+        }
+    }
     let listener = TcpListener::bind(listen).await?;
     let admin_listener = TcpListener::bind(admin_listen).await?;
     let grace = shared.snapshot.load().config.server.readiness_grace;
@@ -92,7 +101,7 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
     // Counters from the last run, before the first request can touch them.
     if let Some(store) = &store {
         restore(&shared, store);
-    } else {
+    } else if shared.redis.is_none() {
         tracing::warn!("state.file not set: quota counters are kept in memory only and restart from zero");
     }
 
@@ -108,6 +117,7 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
     // The admin listener keeps answering /metrics and /readyz (false) while the proxy drains.
     let admin_limits = ConnLimits::for_max_header_bytes(16 * 1024, limits.header_read_timeout);
     let admin_shared = shared.clone();
+    let shared_for_persist = shared.clone();
     let admin_task = tokio::spawn(server::serve_with_peer(
         admin_listener,
         move |peer| Admin::new(admin_shared.clone(), Some(peer)),
@@ -115,7 +125,12 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
         wait(admin_stopped),
         drain,
     ));
-    let persist_task = tokio::spawn(persist_loop(shared.clone(), store, flush_interval, wait(persist_stopped)));
+    let persist_task = tokio::spawn(async move {
+        tokio::join!(
+            persist_loop(shared_for_persist.clone(), store, flush_interval, wait(persist_stopped.clone())),
+            redis_loop(shared_for_persist, wait(persist_stopped)),
+        );
+    });
     if !admin_addr.ip().is_loopback() && shared.snapshot.load().config.admin.token_digest.is_none() {
         tracing::warn!(%admin_addr, "the admin listener is reachable beyond this host and has no token: anyone who reaches it can reload, reset quotas and purge the cache; set admin.token_sha256 or admin.token_env");
     }
@@ -167,6 +182,29 @@ fn restore(shared: &Shared, store: &FileStore) {
             );
         }
     }
+}
+
+/// With the Redis backend: heartbeats, lease renewals and recovery every heartbeat interval;
+/// on stop (after the drain), everything this replica holds goes back to Redis.
+async fn redis_loop(shared: Arc<Shared>, stop: impl std::future::Future<Output = ()>) {
+    let Some(redis) = shared.redis.clone() else { return };
+    let StateBackend::Redis(settings) = &shared.snapshot.load().config.state.backend else { return };
+    let mut tick = tokio::time::interval(settings.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = &mut stop => break,
+        }
+        let snap = shared.snapshot.load_full();
+        let now_ms = shared.clock.now_unix_ms();
+        let w = Windows::at(now_ms, snap.config.quota.utc_offset);
+        let tenants: Vec<_> = snap.tenants.iter().cloned().collect();
+        redis.tick(&tenants, &w, now_ms / 1000).await;
+    }
+    let tenants: Vec<_> = shared.snapshot.load().tenants.iter().cloned().collect();
+    redis.release_all(&tenants).await;
 }
 
 /// Every `interval`, if anything changed, write the counters. On stop: one final write.

@@ -71,6 +71,18 @@ pub mod defaults {
     pub const CACHE_MAX_ENTRY_BYTES: u64 = 256 * 1024;
     /// Only a successful report is worth repeating; an error is not an answer to keep.
     pub const CACHE_STATUSES: [u16; 1] = [200];
+    /// Keys of replicas that share limits start with this.
+    pub const REDIS_KEY_PREFIX: &str = "bureau-guard";
+    /// A request waits at most this for Redis: well under the bureau's own latency, and about
+    /// ten local round trips to a healthy Redis.
+    pub const REDIS_TIMEOUT: Duration = Duration::from_millis(5);
+    /// A batch of leased units should last about this long: at 2,000 req/s that is a round trip
+    /// per 200 requests, and what one replica holds unused is a tenth of a second of rate.
+    pub const REDIS_LEASE: Duration = Duration::from_millis(100);
+    /// Heartbeats every second: the replica count follows a change within a few seconds.
+    pub const REDIS_HEARTBEAT: Duration = Duration::from_secs(1);
+    /// Five missed heartbeats and a replica is counted out and its in-flight leases freed.
+    pub const REDIS_LEASE_TTL: Duration = Duration::from_secs(5);
 }
 
 /// One problem in a config, with the TOML path where it sits.
@@ -156,6 +168,76 @@ pub struct StateConfig {
     pub file: Option<std::path::PathBuf>,
     /// How often counters are written (a crash loses at most about this much).
     pub flush_interval: Duration,
+    /// Where live limits are kept: this process alone, or Redis shared by every replica.
+    pub backend: StateBackend,
+}
+
+/// `state.backend`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateBackend {
+    /// In memory, persisted to `state.file`: one replica.
+    Local,
+    /// Shared through Redis by every replica (see `redis_state.rs`).
+    Redis(RedisSettings),
+}
+
+/// `[state.redis]`: how replicas share rate, quota and in-flight limits and the bureau budget.
+#[derive(Clone, PartialEq)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` (TLS). Holds a password: never
+    /// printed (see the `Debug` impl).
+    pub url: String,
+    /// Prefix of every key; replicas that share limits share it.
+    pub key_prefix: String,
+    /// Longest the request path waits for Redis (the hot-path budget).
+    pub timeout: Duration,
+    /// What a request gets when Redis does not answer within `timeout`.
+    pub on_unavailable: FailPolicy,
+    /// How long a batch of leased units should last at the tenant's current pace; zero: lease
+    /// one unit per request (one Redis round trip per decision).
+    pub lease: Duration,
+    /// How often a replica says it is alive (and renews its in-flight leases).
+    pub heartbeat_interval: Duration,
+    /// A replica silent this long is counted out, and its in-flight leases expire.
+    pub lease_ttl: Duration,
+    /// This replica's name in Redis; default: host name, process id and a random suffix.
+    pub replica_id: Option<String>,
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &redact_url(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("on_unavailable", &self.on_unavailable)
+            .field("lease", &self.lease)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("replica_id", &self.replica_id)
+            .finish()
+    }
+}
+
+/// A Redis URL with its password replaced, for logs and diffs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// `state.redis.on_unavailable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPolicy {
+    /// Decide locally with this replica's share of each limit (`rate / replicas`, ...).
+    FailOpen,
+    /// Refuse with 503 `state_unavailable`.
+    FailClosed,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -398,6 +480,22 @@ struct RawQuota {
 struct RawState {
     file: Option<String>,
     flush_interval: Option<String>,
+    backend: Option<String>,
+    redis: Option<RawRedis>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Option<String>,
+    url_env: Option<String>,
+    key_prefix: Option<String>,
+    timeout: Option<String>,
+    on_unavailable: Option<String>,
+    lease: Option<String>,
+    heartbeat_interval: Option<String>,
+    lease_ttl: Option<String>,
+    replica_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -694,6 +792,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             raw.state.flush_interval.as_deref(),
             defaults::FLUSH_INTERVAL,
         ),
+        backend: validate_backend(&mut p, &raw.state, env),
     };
     if raw.state.file.as_deref() == Some("") {
         p.add("state.file", "must not be empty; leave it out to keep counters in memory only");
@@ -781,6 +880,99 @@ fn utc_offset(p: &mut Problems, raw: Option<&str>) -> chrono::FixedOffset {
     parsed.unwrap_or_else(|| {
         p.add("quota.utc_offset", format!("invalid offset {s:?}; expected \"+HH:MM\" or \"-HH:MM\", e.g. \"+09:00\""));
         default
+    })
+}
+
+fn validate_backend(p: &mut Problems, raw: &RawState, env: &dyn Fn(&str) -> Option<String>) -> StateBackend {
+    match (raw.backend.as_deref(), &raw.redis) {
+        (None | Some("local"), None) => return StateBackend::Local,
+        (None | Some("local"), Some(_)) => {
+            p.add("state.redis", "only used with state.backend = \"redis\"");
+            return StateBackend::Local;
+        }
+        (Some("redis"), _) => {}
+        (Some(other), _) => {
+            p.add("state.backend", format!("unknown backend {other:?}; expected \"local\" or \"redis\""));
+            return StateBackend::Local;
+        }
+    }
+    if raw.file.is_some() {
+        p.add("state.file", "counters live in Redis with state.backend = \"redis\"; remove state.file");
+    }
+    let r = raw.redis.clone().unwrap_or_default();
+    let url = match (&r.url, &r.url_env) {
+        (Some(_), Some(_)) => {
+            p.add("state.redis.url_env", "give either url or url_env, not both");
+            None
+        }
+        (Some(u), None) => Some(u.clone()),
+        (None, Some(var)) => match env(var) {
+            Some(u) if !u.is_empty() => Some(u),
+            _ => {
+                p.add("state.redis.url_env", format!("environment variable {var} is not set or empty"));
+                None
+            }
+        },
+        (None, None) => {
+            p.add("state.redis.url", "required with state.backend = \"redis\", e.g. \"redis://127.0.0.1:6379\"");
+            None
+        }
+    };
+    let path = if r.url_env.is_some() { "state.redis.url_env" } else { "state.redis.url" };
+    let url = url.and_then(|u| match redis::Client::open(u.as_str()) {
+        Ok(_) => Some(u),
+        Err(e) => {
+            // The message may quote the URL: keep the password out of it.
+            let why = e.to_string().replace(&u, &redact_url(&u));
+            p.add(path, format!("invalid Redis URL {:?}: {why}", redact_url(&u)));
+            None
+        }
+    });
+    let key_prefix = r.key_prefix.clone().unwrap_or_else(|| defaults::REDIS_KEY_PREFIX.to_string());
+    if key_prefix.is_empty() || key_prefix.contains(['{', '}']) || key_prefix.chars().any(char::is_whitespace) {
+        p.add("state.redis.key_prefix", "must be non-empty, without braces or spaces (they would break hash tags)");
+    }
+    let timeout = p.duration("state.redis.timeout", r.timeout.as_deref(), defaults::REDIS_TIMEOUT);
+    if timeout.is_zero() || timeout > Duration::from_secs(1) {
+        p.add("state.redis.timeout", "must be between 1ms and 1s: it is how long a request may wait for Redis");
+    }
+    let on_unavailable = match r.on_unavailable.as_deref() {
+        None | Some("fail_open") => FailPolicy::FailOpen,
+        Some("fail_closed") => FailPolicy::FailClosed,
+        Some(other) => {
+            p.add(
+                "state.redis.on_unavailable",
+                format!("unknown policy {other:?}; expected \"fail_open\" or \"fail_closed\""),
+            );
+            FailPolicy::FailOpen
+        }
+    };
+    let lease = p.duration("state.redis.lease", r.lease.as_deref(), defaults::REDIS_LEASE);
+    let heartbeat_interval =
+        p.duration("state.redis.heartbeat_interval", r.heartbeat_interval.as_deref(), defaults::REDIS_HEARTBEAT);
+    let lease_ttl = p.duration("state.redis.lease_ttl", r.lease_ttl.as_deref(), defaults::REDIS_LEASE_TTL);
+    if heartbeat_interval.is_zero() {
+        p.add("state.redis.heartbeat_interval", "must be above zero");
+    } else if lease_ttl < heartbeat_interval * 2 {
+        p.add(
+            "state.redis.lease_ttl",
+            format!("must be at least twice heartbeat_interval ({heartbeat_interval:?}), or a slow heartbeat counts a live replica out"),
+        );
+    }
+    if let Some(id) = &r.replica_id
+        && (id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)))
+    {
+        p.add("state.redis.replica_id", "1 to 128 characters of [A-Za-z0-9-_.:]");
+    }
+    StateBackend::Redis(RedisSettings {
+        url: url.unwrap_or_default(),
+        key_prefix,
+        timeout,
+        on_unavailable,
+        lease,
+        heartbeat_interval,
+        lease_ttl,
+        replica_id: r.replica_id.clone(),
     })
 }
 

@@ -179,7 +179,10 @@ impl Proxy {
 
         // Rate: every request of the tenant pays, cache hits included; it shapes the tenant's pace.
         if let Some(rate) = &tenant.rate {
-            let decision = rate.check(&tenant.state.rate_tat, crate::ratelimit::now_ns(), cost);
+            let decision = match &self.shared.redis {
+                None => rate.check(&tenant.state.rate_tat, crate::ratelimit::now_ns(), cost),
+                Some(redis) => redis.rate(&tenant, rate, cost).await?,
+            };
             ctx.rate = Some(decision);
             if let RateDecision::Limited { retry_after } = decision {
                 let err = ProxyError::new(
@@ -192,8 +195,16 @@ impl Proxy {
         }
 
         // In flight: the tenant's share of bureau-guard itself; a guard, so every exit releases it.
-        let _in_flight =
-            match InFlightGuard::enter(&tenant.state, tenant.limits.max_in_flight, !tenant.limits.dry_run.in_flight) {
+        let _in_flight = match (&self.shared.redis, tenant.limits.max_in_flight) {
+            // Shared with other replicas: counted here, held as a slot in Redis.
+            (Some(redis), Some(max)) => {
+                let (guard, _) = InFlightGuard::enter(&tenant.state, None, false).expect("no max: always enters");
+                if redis.in_flight(&tenant, max).await? {
+                    self.over_limit(snap, &tenant, self.in_flight_error(&tenant), tenant.limits.dry_run.in_flight)?;
+                }
+                guard
+            }
+            _ => match InFlightGuard::enter(&tenant.state, tenant.limits.max_in_flight, !tenant.limits.dry_run.in_flight) {
                 Ok((guard, over)) => {
                     if over {
                         self.over_limit(snap, &tenant, self.in_flight_error(&tenant), true)?;
@@ -203,7 +214,8 @@ impl Proxy {
                 Err(_) => {
                     return Err(self.over_limit(snap, &tenant, self.in_flight_error(&tenant), false).unwrap_err());
                 }
-            };
+            },
+        };
 
         // Body: read only for identified, admitted requests, and bounded.
         let body = limits::read_body(body, snap.limits.max_body).await?;
@@ -248,7 +260,11 @@ impl Proxy {
         // Quota: reserve a bureau call now, charge it only when the call is made (below).
         let windows = Windows::at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
         ctx.windows = Some(windows);
-        let reservation = match quota::reserve(&tenant.state, &tenant.limits, &windows) {
+        let reserved = match &self.shared.redis {
+            None => quota::reserve(&tenant.state, &tenant.limits, &windows),
+            Some(redis) => redis.reserve(&tenant, &windows, self.shared.clock.now_unix_ms() / 1000).await?,
+        };
+        let reservation = match reserved {
             Ok(reserved) => {
                 if let Some(hit) = reserved.dry_run_hit {
                     self.over_limit(snap, &tenant, quota_error(hit), true)?;

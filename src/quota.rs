@@ -98,16 +98,41 @@ pub enum Exhausted {
     Monthly { limit: u64, retry_after_s: u64 },
 }
 
+/// Where a reserved unit of one quota came from, so an unused one goes back there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// No such quota.
+    None,
+    /// This process's counter (`state.backend = "local"`).
+    Counter,
+    /// The units leased from Redis (`lease.rs`).
+    Pool,
+    /// Counted here while Redis was unreachable (fail-open), added to Redis later.
+    Outage,
+}
+
 /// A reserved unit of quota: given back on drop unless [`Reservation::commit`] was called.
 #[derive(Debug)]
 pub struct Reservation {
     state: Arc<TenantState>,
     day: u32,
     month: u32,
+    daily: Source,
+    monthly: Source,
     committed: bool,
 }
 
 impl Reservation {
+    /// A reservation of the shared (Redis) backend; the monthly unit is added once taken.
+    pub fn shared(state: Arc<TenantState>, w: &Windows, daily: Source, monthly: Source) -> Reservation {
+        Reservation { state, day: w.day, month: w.month, daily, monthly, committed: false }
+    }
+
+    /// Records where the monthly unit came from.
+    pub fn set_monthly(&mut self, source: Source) {
+        self.monthly = source;
+    }
+
     /// The bureau call is happening: the charge stays.
     pub fn commit(mut self) {
         self.committed = true;
@@ -116,9 +141,21 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if !self.committed {
-            self.state.daily.sub(self.day, 1);
-            self.state.monthly.sub(self.month, 1);
+        if self.committed {
+            return;
+        }
+        let s = &self.state;
+        match self.daily {
+            Source::None => {}
+            Source::Counter => s.daily.sub(self.day, 1),
+            Source::Pool => s.leases.daily.avail.put(self.day, 1),
+            Source::Outage => s.leases.outage_daily.sub(self.day, 1),
+        }
+        match self.monthly {
+            Source::None => {}
+            Source::Counter => s.monthly.sub(self.month, 1),
+            Source::Pool => s.leases.monthly.avail.put(self.month, 1),
+            Source::Outage => s.leases.outage_monthly.sub(self.month, 1),
         }
     }
 }
@@ -154,7 +191,14 @@ pub fn reserve(state: &Arc<TenantState>, limits: &TenantLimits, w: &Windows) -> 
         _ => {}
     }
     Ok(Reserved {
-        reservation: Reservation { state: state.clone(), day: w.day, month: w.month, committed: false },
+        reservation: Reservation {
+            state: state.clone(),
+            day: w.day,
+            month: w.month,
+            daily: Source::Counter,
+            monthly: Source::Counter,
+            committed: false,
+        },
         dry_run_hit,
     })
 }

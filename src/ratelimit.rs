@@ -55,6 +55,11 @@ impl RatePolicy {
         RatePolicy { rate, burst, t_ns, tau_ns: t_ns.saturating_mul(u64::from(burst.max(1))) }
     }
 
+    /// Time per cost unit (the emission interval).
+    pub fn emission(&self) -> Duration {
+        Duration::from_nanos(self.t_ns)
+    }
+
     /// Takes `cost` units at time `now` from the bucket whose theoretical arrival time is `tat`.
     pub fn check(&self, tat: &AtomicU64, now: u64, cost: u32) -> RateDecision {
         let inc = self.t_ns.saturating_mul(u64::from(cost.max(1)));

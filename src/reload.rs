@@ -155,6 +155,8 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     field("quota.utc_offset", old.quota.utc_offset.to_string(), new.quota.utc_offset.to_string(), false);
     field("state.file", format!("{:?}", old.state.file), format!("{:?}", new.state.file), true);
     field("state.flush_interval", dur(old.state.flush_interval), dur(new.state.flush_interval), true);
+    // The Redis connection, replica id and leases are set up at start-up.
+    field("state.backend", backend(&old.state.backend), backend(&new.state.backend), true);
     field("log.format", format!("{:?}", old.log.format), format!("{:?}", new.log.format), true);
     field("log.access_log", old.log.access_log.to_string(), new.log.access_log.to_string(), false);
     // The cache and the audit writer are built once per process (their entries and queue
@@ -315,5 +317,13 @@ api_key_sha256 = "{}"
             assert!(changes.contains(&want.to_string()), "missing {want:?} in {changes:#?}");
         }
         assert_eq!(changes.len(), 6, "{changes:#?}");
+    }
+}
+
+/// `state.backend` and its settings as the diff shows them (the URL without its password).
+fn backend(b: &crate::config::StateBackend) -> String {
+    match b {
+        crate::config::StateBackend::Local => "local".to_string(),
+        crate::config::StateBackend::Redis(r) => format!("{r:?}"),
     }
 }

@@ -49,11 +49,12 @@ pub enum ErrorKind {
     MonthlyQuotaExhausted,
     BureauBusy,
     AuditUnavailable,
+    StateUnavailable,
 }
 
 impl ErrorKind {
     /// Every kind, for pre-registering metric label values and tests.
-    pub const ALL: [ErrorKind; 16] = [
+    pub const ALL: [ErrorKind; 17] = [
         ErrorKind::MissingApiKey,
         ErrorKind::InvalidApiKey,
         ErrorKind::RouteNotFound,
@@ -70,6 +71,7 @@ impl ErrorKind {
         ErrorKind::MonthlyQuotaExhausted,
         ErrorKind::BureauBusy,
         ErrorKind::AuditUnavailable,
+        ErrorKind::StateUnavailable,
     ];
 
     /// The stable `error` code in the JSON body; also the `outcome` metric label.
@@ -91,6 +93,7 @@ impl ErrorKind {
             ErrorKind::MonthlyQuotaExhausted => "monthly_quota_exhausted",
             ErrorKind::BureauBusy => "bureau_busy",
             ErrorKind::AuditUnavailable => "audit_unavailable",
+            ErrorKind::StateUnavailable => "state_unavailable",
         }
     }
 
@@ -107,7 +110,9 @@ impl ErrorKind {
             | ErrorKind::TooManyInFlight
             | ErrorKind::DailyQuotaExhausted
             | ErrorKind::MonthlyQuotaExhausted => StatusCode::TOO_MANY_REQUESTS,
-            ErrorKind::BureauBusy | ErrorKind::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::BureauBusy | ErrorKind::AuditUnavailable | ErrorKind::StateUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -121,7 +126,7 @@ impl ErrorKind {
             | ErrorKind::HeadersTooLarge => Blame::Client,
             ErrorKind::BureauUnreachable | ErrorKind::BureauBadResponse | ErrorKind::BureauTimeout => Blame::Bureau,
             // `audit.fail_closed`: no report leaves without its audit record.
-            ErrorKind::RequestTimeout | ErrorKind::AuditUnavailable => Blame::Proxy,
+            ErrorKind::RequestTimeout | ErrorKind::AuditUnavailable | ErrorKind::StateUnavailable => Blame::Proxy,
             ErrorKind::RateLimited
             | ErrorKind::TooManyInFlight
             | ErrorKind::DailyQuotaExhausted

@@ -16,10 +16,11 @@ use crate::audit::AuditLog;
 use crate::cache::{Cache, RoutePolicy};
 use crate::cache_key::{KeySecret, KeySpec};
 use crate::coalesce::Coalescer;
-use crate::config::Config;
+use crate::config::{Config, StateBackend};
 use crate::headers::RequestIds;
 use crate::metrics::{Metrics, RequestCells};
 use crate::quota::{Clock, SystemClock, Windows};
+use crate::redis_state::RedisState;
 use crate::route::RouteTable;
 use crate::scheduler::Scheduler;
 use crate::state::StateRegistry;
@@ -135,6 +136,9 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     /// The bureau capacity budget, shared fairly; outlives snapshots (slots in use carry over).
     pub scheduler: Arc<Scheduler>,
+    /// Limits shared with other replicas through Redis (`state.backend = "redis"`); fixed at
+    /// start-up.
+    pub redis: Option<Arc<RedisState>>,
     /// The adaptive controller sizing the scheduler's budget, if `[upstream.adaptive]` is set.
     pub adaptive: ArcSwapOption<AdaptiveLimit>,
     /// The file `reload` re-reads (None when started from a config in memory).
@@ -190,8 +194,16 @@ impl Shared {
         let scheduler = Scheduler::new(config.upstream.max_concurrency);
         let adaptive = adaptive_controller(&config);
         scheduler.set_controller(adaptive.clone());
+        let redis = match &config.state.backend {
+            StateBackend::Local => None,
+            StateBackend::Redis(settings) => Some(
+                RedisState::new(settings, scheduler.clone(), &metrics.registry)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            ),
+        };
         let snapshot = Snapshot::compile(Arc::new(config), &states, None, &random_secret);
         Ok(Arc::new(Shared {
+            redis,
             snapshot: ArcSwap::from_pointee(snapshot),
             states,
             clock,
@@ -226,6 +238,15 @@ pub fn adaptive_controller(config: &Config) -> Option<Arc<AdaptiveLimit>> {
 }
 
 impl Shared {
+    /// A tenant's daily and monthly use: this process's counters, or with Redis the units all
+    /// replicas have charged as last seen here.
+    pub fn quota_used(&self, t: &crate::tenant::Tenant, w: &Windows) -> (u64, u64) {
+        match &self.redis {
+            None => (t.state.daily.get(w.day), t.state.monthly.get(w.month)),
+            Some(r) => r.quota_used(t, w),
+        }
+    }
+
     /// Sets the gauges that mirror live state (quota use, scheduler); called at each scrape.
     pub fn refresh_gauges(&self) {
         let snap = self.snapshot.load();
@@ -238,8 +259,9 @@ impl Shared {
         for t in snap.tenants.iter() {
             let id = &*t.id;
             m.queue_depth.with_label_values(&[id]).set(self.scheduler.queued(t.state.index) as i64);
-            m.quota_used.with_label_values(&[id, "daily"]).set(t.state.daily.get(w.day) as i64);
-            m.quota_used.with_label_values(&[id, "monthly"]).set(t.state.monthly.get(w.month) as i64);
+            let (daily, monthly) = self.quota_used(t, &w);
+            m.quota_used.with_label_values(&[id, "daily"]).set(daily as i64);
+            m.quota_used.with_label_values(&[id, "monthly"]).set(monthly as i64);
             if let Some(q) = t.limits.daily_quota {
                 m.quota_limit.with_label_values(&[id, "daily"]).set(q as i64);
             }

@@ -158,7 +158,13 @@ pub struct TenantStats {
 pub struct Scheduler {
     /// Lets `&self` methods (`set_limit`, a permit's release) mint permits, which own an `Arc`.
     me: Weak<Scheduler>,
+    /// The limit in force: this replica's share of `base`.
     limit: AtomicUsize,
+    /// The budget as configured (or as the adaptive controller sets it), for all replicas.
+    base: AtomicUsize,
+    /// This replica's `(rank, replicas)` among those sharing the budget, packed `rank << 32 |
+    /// replicas`; `(0, 1)` alone.
+    share: AtomicU64,
     in_flight: AtomicUsize,
     /// Waiters in all queues. Written only under `state`; read without it by the fast path,
     /// which must not overtake anyone queued.
@@ -190,6 +196,8 @@ impl Scheduler {
         Arc::new_cyclic(|me| Scheduler {
             me: me.clone(),
             limit: AtomicUsize::new(limit),
+            base: AtomicUsize::new(limit),
+            share: AtomicU64::new(1),
             in_flight: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             released: AtomicU64::new(0),
@@ -205,6 +213,24 @@ impl Scheduler {
     /// adaptive controller installed the controller also sets the limit, so a config reload
     /// should install a new controller rather than call this.
     pub fn set_limit(&self, limit: usize) {
+        self.base.store(limit, Ordering::SeqCst);
+        self.apply_limit();
+    }
+
+    /// Sets this replica's place among `replicas` sharing the budget (state.backend = "redis"):
+    /// the limit becomes `base / replicas`, the remainder going to the lowest ranks, so the
+    /// replicas together never offer the bureau more than the configured budget (but each at
+    /// least one slot, or a replica could serve nothing).
+    pub fn set_share(&self, rank: usize, replicas: usize) {
+        let replicas = replicas.max(1) as u64;
+        self.share.store(((rank as u64).min(replicas - 1) << 32) | replicas, Ordering::SeqCst);
+        self.apply_limit();
+    }
+
+    fn apply_limit(&self) {
+        let base = self.base.load(Ordering::SeqCst);
+        let share = self.share.load(Ordering::SeqCst);
+        let limit = share_of(base, (share >> 32) as usize, (share & 0xffff_ffff) as usize);
         // SeqCst store then load, against enqueue's SeqCst increment then load: at least one of
         // the two sides sees the other, so a raised limit never leaves a waiter stranded.
         self.limit.store(limit, Ordering::SeqCst);
@@ -465,6 +491,14 @@ impl Drop for Permit {
             self.sched.release();
         }
     }
+}
+
+/// Replica `rank`'s part of `base` split among `replicas`: equal parts, the remainder to the
+/// lowest ranks, at least 1.
+fn share_of(base: usize, rank: usize, replicas: usize) -> usize {
+    let replicas = replicas.max(1);
+    let part = base / replicas + usize::from(rank < base % replicas);
+    part.max(1)
 }
 
 /// Everything behind the queue lock.

@@ -80,6 +80,51 @@ impl WindowCounter {
         }
     }
 
+    /// Takes `n` from the count held for `window` if at least `n` are there (a lease pool).
+    pub fn try_take(&self, window: u32, n: u64) -> bool {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            let (w, c) = unpack(cur);
+            if w != window || c < n {
+                return false;
+            }
+            match self.0.compare_exchange_weak(cur, pack(w, c - n), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Adds `n` to `window` (a lease pool): replaces an older window's count, and is void for a
+    /// window older than the one held (units of a day that is over are worth nothing).
+    pub fn put(&self, window: u32, n: u64) {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            let (w, c) = unpack(cur);
+            let next = match w.cmp(&window) {
+                std::cmp::Ordering::Greater => return,
+                std::cmp::Ordering::Equal => pack(w, c + n),
+                std::cmp::Ordering::Less => pack(window, n),
+            };
+            match self.0.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Empties the counter, returning what it held.
+    pub fn take_all(&self) -> (u32, u64) {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            let (w, c) = unpack(cur);
+            match self.0.compare_exchange_weak(cur, pack(w, 0), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return (w, c),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
     /// Sets the counter (restore from a store, or reset to zero).
     pub fn set(&self, window: u32, count: u64) {
         self.0.store(pack(window, count), Ordering::Release);
@@ -104,6 +149,8 @@ pub struct TenantState {
     pub daily: WindowCounter,
     /// Bureau calls charged this month (window = year * 12 + month0).
     pub monthly: WindowCounter,
+    /// With the Redis backend: the units of each shared limit this replica holds.
+    pub leases: crate::lease::TenantLeases,
 }
 
 /// The counters of every tenant ever configured in this process, by id.

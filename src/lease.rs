@@ -1,0 +1,194 @@
+//! Units of a shared limit held by this replica: the local half of the Redis backend.
+//!
+//! Asking Redis for every decision would put a network round trip on every request and make
+//! Redis the ceiling. Instead each replica *leases* a batch of units (rate tokens, quota units,
+//! in-flight slots) from Redis, spends them locally with one atomic operation per request, and
+//! asks for the next batch only when the batch runs out. Redis stays the authority — a unit
+//! exists in exactly one place, in Redis or in one replica's pool — so replicas together never
+//! exceed a limit; what a replica holds unused is at most one batch, which is the accuracy cost.
+//!
+//! A batch is sized to last about `state.redis.lease` at the tenant's current pace on this
+//! replica (doubling when a batch went by quickly, halving when it lingered), so Redis round
+//! trips per request fall as traffic rises: at 2,000 req/s and 100 ms, one per ~200 requests.
+//! With `lease = 0` every decision is one round trip.
+//!
+//! A [`Lease`] also lets requests that find the pool empty share one refill: the first starts
+//! it (in its own task, so a request that gives up cannot lose a grant in flight), the others
+//! wait on the same [`Notify`] up to the hot-path budget.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::state::WindowCounter;
+
+/// One shared limit's units held by this replica, and the machinery to refill them.
+#[derive(Debug, Default)]
+pub struct Lease {
+    /// Units held here and not yet spent, packed with the window they belong to (0 for limits
+    /// without windows, like rate tokens and in-flight slots).
+    pub avail: WindowCounter,
+    /// What Redis reported with the last grant: for quotas, the units leased out in the window
+    /// (all replicas); for rate, the tokens left in the shared bucket.
+    pub last_seen: WindowCounter,
+    /// A refill is in flight.
+    refilling: AtomicBool,
+    /// Wakes the requests waiting for the refill in flight.
+    refilled: Notify,
+    /// Redis refused more until this instant (`ratelimit::now_ns`); 0 when it did not.
+    denied_until: AtomicU64,
+    /// How long the refusal said to wait, in nanoseconds (the `Retry-After`).
+    denied_retry_ns: AtomicU64,
+    /// Size of the next batch; adapts to demand. 0 until the first refill.
+    batch: AtomicU64,
+    /// When the last grant arrived (`ratelimit::now_ns`): sizes the next batch, and lets the
+    /// heartbeat give back rate tokens that have sat unused.
+    pub granted_at: AtomicU64,
+}
+
+impl Lease {
+    /// Starts a refill unless one is in flight; `true` means the caller must run it and call
+    /// [`Lease::finish_refill`] when done.
+    pub fn start_refill(&self) -> bool {
+        !self.refilling.swap(true, Ordering::AcqRel)
+    }
+
+    /// Ends the refill in flight and wakes everyone waiting for it.
+    pub fn finish_refill(&self) {
+        self.refilling.store(false, Ordering::Release);
+        self.refilled.notify_waiters();
+    }
+
+    /// A future that completes at the next [`Lease::finish_refill`]; enable it before checking
+    /// the pool so a refill finishing in between is not missed.
+    pub fn refilled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.refilled.notified()
+    }
+
+    /// Records a refusal from Redis: nothing more until `until` (no round trip per refused
+    /// request while a tenant surges), `retry` to tell the client.
+    pub fn deny(&self, now_ns: u64, hold: Duration, retry: Duration) {
+        self.denied_retry_ns.store(retry.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+        self.denied_until.store(now_ns.saturating_add(hold.as_nanos() as u64), Ordering::Release);
+    }
+
+    /// The `Retry-After` of a refusal still in force at `now_ns`.
+    pub fn denied(&self, now_ns: u64) -> Option<Duration> {
+        let until = self.denied_until.load(Ordering::Acquire);
+        (until > now_ns).then(|| Duration::from_nanos(self.denied_retry_ns.load(Ordering::Relaxed)))
+    }
+
+    /// Forgets a refusal (a reload or reset may have changed the limit).
+    pub fn clear_denial(&self) {
+        self.denied_until.store(0, Ordering::Release);
+    }
+
+    /// The size of the next batch: at least `need`, at most `cap` (but never below `need`),
+    /// about `period` of the demand seen since the last grant. `period` zero: exactly `need`.
+    pub fn next_batch(&self, need: u64, cap: u64, period: Duration, now_ns: u64) -> u64 {
+        if period.is_zero() {
+            return need;
+        }
+        let prev = self.batch.load(Ordering::Relaxed).max(1);
+        let since = Duration::from_nanos(now_ns.saturating_sub(self.granted_at.load(Ordering::Relaxed)));
+        let next = if since < period / 2 {
+            prev.saturating_mul(2)
+        } else if since > period * 2 {
+            prev / 2
+        } else {
+            prev
+        };
+        let next = next.min(cap).max(need);
+        self.batch.store(next, Ordering::Relaxed);
+        next
+    }
+}
+
+/// Everything one tenant holds of its shared limits.
+#[derive(Debug, Default)]
+pub struct TenantLeases {
+    /// Rate tokens (cost units) taken from the tenant's shared GCRA bucket.
+    pub rate: Lease,
+    /// Daily quota units (window = local day).
+    pub daily: Lease,
+    /// Monthly quota units (window = month).
+    pub monthly: Lease,
+    /// In-flight slots: `avail` is unused; [`TenantLeases::held`] is what Redis counts for us.
+    pub in_flight: Lease,
+    /// In-flight slots this replica holds in Redis (its field in the tenant's hash).
+    pub held: AtomicU32,
+    /// Bureau calls charged here while Redis was unreachable (fail-open), added to Redis once
+    /// it is back.
+    pub outage_daily: WindowCounter,
+    pub outage_monthly: WindowCounter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn batches_grow_when_spent_quickly_and_shrink_when_they_linger() {
+        let l = Lease::default();
+        let period = Duration::from_millis(100);
+        l.granted_at.store(1_000 * MS, Ordering::Relaxed);
+        // Spent within 10 ms: double each time, up to the cap.
+        assert_eq!(l.next_batch(1, 64, period, 1_010 * MS), 2);
+        assert_eq!(l.next_batch(1, 64, period, 1_010 * MS), 4);
+        for _ in 0..10 {
+            l.next_batch(1, 64, period, 1_010 * MS);
+        }
+        assert_eq!(l.next_batch(1, 64, period, 1_010 * MS), 64, "capped");
+        // A second since the last grant: halve.
+        assert_eq!(l.next_batch(1, 64, period, 2_000 * MS), 32);
+        // Never below what the request needs, even above the cap.
+        assert_eq!(l.next_batch(100, 64, period, 2_000 * MS), 100);
+        // No lease period: one decision, one unit.
+        assert_eq!(l.next_batch(3, 64, Duration::ZERO, 1_010 * MS), 3);
+    }
+
+    #[test]
+    fn a_denial_holds_until_its_time() {
+        let l = Lease::default();
+        assert_eq!(l.denied(5), None);
+        l.deny(1_000 * MS, Duration::from_millis(100), Duration::from_secs(3));
+        assert_eq!(l.denied(1_050 * MS), Some(Duration::from_secs(3)));
+        assert_eq!(l.denied(1_100 * MS), None);
+        l.deny(1_000 * MS, Duration::from_millis(100), Duration::from_secs(3));
+        l.clear_denial();
+        assert_eq!(l.denied(1_050 * MS), None);
+    }
+
+    #[tokio::test]
+    async fn one_refill_at_a_time_and_waiters_wake_when_it_ends() {
+        let l = std::sync::Arc::new(Lease::default());
+        assert!(l.start_refill());
+        assert!(!l.start_refill(), "second caller joins the first");
+        let waiter = {
+            let l = l.clone();
+            tokio::spawn(async move {
+                let notified = l.refilled();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                // The pool is checked here in real use; then wait.
+                notified.await;
+                l.avail.try_take(0, 1)
+            })
+        };
+        // Let the waiter register (it enables before we put anything).
+        tokio::task::yield_now().await;
+        while !waiter.is_finished() {
+            l.avail.put(0, 1);
+            l.finish_refill();
+            tokio::task::yield_now().await;
+            if waiter.is_finished() {
+                break;
+            }
+            assert!(l.start_refill());
+        }
+        assert!(waiter.await.unwrap(), "the waiter got the unit the refill brought");
+    }
+}

@@ -1,0 +1,859 @@
+//! `state.backend = "redis"`: several replicas, one contract.
+//!
+//! Every replica behind the load balancer enforces the same tenant contract (rate, daily and
+//! monthly look-ups, requests in flight) and the same bureau budget, through the Redis the
+//! deployment already runs. Redis holds the authoritative state; each decision is one atomic
+//! server-side script, and the request path reaches Redis only when this replica's leased batch
+//! runs out (see `lease.rs`), never for longer than `state.redis.timeout`.
+//!
+//! | limit | in Redis (key, hash-tagged by tenant) | leased to a replica as |
+//! |---|---|---|
+//! | rate, burst | GCRA arrival time, µs, Redis clock (`{p:t}:rate`) | tokens; unused ones go back |
+//! | daily / monthly | units leased out in the window (`{p:t}:daily:N`), expiring after it | quota units |
+//! | max_in_flight | hash replica → `held:expiry_ms` (`{p:t}:inflight`) | slots, renewed each heartbeat |
+//! | bureau budget | sorted set of live replicas by expiry (`{p}:replicas`) | `max_concurrency / replicas` |
+//!
+//! A replica that dies stops renewing: its in-flight slots expire after `lease_ttl` and it drops
+//! out of the replica count; the quota units it held unspent are lost to the tenant (the safe
+//! side: never more than one batch). All keys of one script share a hash tag, so the layout
+//! works on Redis Cluster as on a single Redis.
+//!
+//! When Redis does not answer: `fail_open` decides locally with this replica's share of each
+//! limit (`rate / replicas`, the quota left at the last contact / replicas, `max_in_flight /
+//! replicas`) and adds the quota units charged meanwhile to Redis once it is back — each batch
+//! once, guarded by a unique token, so a retried sync never counts twice; `fail_closed` answers
+//! 503 `state_unavailable`. Transitions are logged once and counted in metrics.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script};
+use tokio::time::Instant;
+
+use crate::config::{FailPolicy, RedisSettings, redact_url};
+use crate::lease::Lease;
+use crate::quota::{Exhausted, Reservation, Reserved, Source, Windows};
+use crate::ratelimit::{RateDecision, RatePolicy, now_ns};
+use crate::respond::{ErrorKind, ProxyError};
+use crate::scheduler::Scheduler;
+use crate::state::TenantState;
+use crate::tenant::Tenant;
+
+/// How long a background call (heartbeat, refill in its own task, give-back) may take.
+const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(1);
+/// A refused rate or in-flight request is not re-asked of Redis for this long; a quota
+/// refusal holds longer (it lasts until the window ends, unless a reset or reload lifts it).
+const DENY_HOLD: Duration = Duration::from_millis(10);
+const QUOTA_DENY_HOLD: Duration = Duration::from_secs(1);
+
+/// GCRA for a batch: grants up to `want` tokens of `t` µs each within burst tolerance `tau`.
+/// Returns {granted, retry_after_us, tokens left}.
+const RATE_LEASE: &str = r"
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) * 1000000 + tonumber(now_t[2])
+local t, tau, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local n = math.floor((now + tau - tat) / t)
+if n > want then n = want end
+if n < 1 then
+  return {0, tat + t - now - tau, 0}
+end
+tat = tat + n * t
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+return {n, 0, math.floor((now + tau - tat) / t)}
+";
+
+/// Gives `n` unused tokens of `t` µs back to the bucket (never before now).
+const RATE_RETURN: &str = r"
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat == 0 then return 0 end
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) * 1000000 + tonumber(now_t[2])
+local back = tat - tonumber(ARGV[1]) * tonumber(ARGV[2])
+if back <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.format('%.0f', back), 'PX', math.ceil((back - now) / 1000) + 1000)
+end
+return 1
+";
+
+/// Leases up to `want` quota units within `limit` (-1: none); the key expires at ARGV[3]
+/// (unix s). Returns {granted, leased out in the window}.
+const QUOTA_LEASE: &str = r"
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local want, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+if limit >= 0 and used + want > limit then want = limit - used end
+if want < 1 then return {0, used} end
+used = redis.call('INCRBY', KEYS[1], want)
+redis.call('EXPIREAT', KEYS[1], ARGV[3])
+return {want, used}
+";
+
+/// Gives back `n` unspent quota units.
+const QUOTA_RETURN: &str = r"
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local n = tonumber(ARGV[1])
+if n > used then n = used end
+if n < 1 then return used end
+return redis.call('DECRBY', KEYS[1], n)
+";
+
+/// Adds units charged while Redis was unreachable, once per token (KEYS[2]).
+const QUOTA_SYNC: &str = r"
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
+  local used = redis.call('INCRBY', KEYS[1], ARGV[1])
+  redis.call('EXPIREAT', KEYS[1], ARGV[2])
+  return used
+end
+return -1
+";
+
+/// In-flight slots: fields replica → 'held:expiry_ms'. Drops expired fields, then grants up to
+/// `want` more to ARGV[1] within `max` (-1: none) and renews its expiry. Returns {granted,
+/// held by this replica now, held by all live replicas}.
+const IN_FLIGHT_ACQUIRE: &str = r"
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
+local want, max, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local all = redis.call('HGETALL', KEYS[1])
+local others, mine = 0, 0
+for i = 1, #all, 2 do
+  local v = all[i + 1]
+  local sep = string.find(v, ':', 1, true)
+  local held, exp = tonumber(string.sub(v, 1, sep - 1)), tonumber(string.sub(v, sep + 1))
+  if exp <= now then
+    redis.call('HDEL', KEYS[1], all[i])
+  elseif all[i] == ARGV[1] then
+    mine = held
+  else
+    others = others + held
+  end
+end
+if max >= 0 and others + mine + want > max then want = max - others - mine end
+if want < 0 then want = 0 end
+mine = mine + want
+if mine > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], mine .. ':' .. (now + ttl))
+  redis.call('PEXPIRE', KEYS[1], ttl * 2)
+end
+return {want, mine, others + mine}
+";
+
+/// Sets this replica's held in-flight slots (renewing the expiry), or removes them at 0.
+const IN_FLIGHT_SET: &str = r"
+local held, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+if held <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 0
+end
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], held .. ':' .. (now + ttl))
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return held
+";
+
+/// Heartbeat: drops replicas whose lease expired, renews ours. Returns {live replicas, our
+/// rank among them by name} (ranks split the bureau budget's remainder deterministically).
+const HEARTBEAT: &str = r"
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+table.sort(members)
+for i, m in ipairs(members) do
+  if m == ARGV[1] then return {#members, i - 1} end
+end
+return {#members, 0}
+";
+
+/// The scripts, hashed once (`EVALSHA`, with a fallback to `EVAL` after a Redis restart).
+struct Scripts {
+    rate_lease: Script,
+    rate_return: Script,
+    quota_lease: Script,
+    quota_return: Script,
+    quota_sync: Script,
+    in_flight_acquire: Script,
+    in_flight_set: Script,
+    heartbeat: Script,
+}
+
+/// Metrics of the shared state; `op` is one of a fixed set of names.
+struct RedisMetrics {
+    up: IntGauge,
+    replicas: IntGauge,
+    calls: IntCounterVec,
+    errors: IntCounterVec,
+    call_seconds: Histogram,
+    hot_path_timeouts: prometheus::IntCounter,
+    fallback: IntCounterVec,
+}
+
+impl RedisMetrics {
+    fn register(registry: &Registry) -> RedisMetrics {
+        let m = RedisMetrics {
+            up: IntGauge::new("bureau_guard_state_redis_up", "1 while Redis answers, 0 while limits are decided by on_unavailable")
+                .expect("valid metric"),
+            replicas: IntGauge::new("bureau_guard_replicas", "Live replicas sharing limits (from Redis heartbeats)")
+                .expect("valid metric"),
+            calls: IntCounterVec::new(
+                Opts::new("bureau_guard_state_redis_calls_total", "Redis scripts run, by operation (one round trip each)"),
+                &["op"],
+            )
+            .expect("valid metric"),
+            errors: IntCounterVec::new(
+                Opts::new("bureau_guard_state_redis_errors_total", "Redis calls that failed or timed out, by operation"),
+                &["op"],
+            )
+            .expect("valid metric"),
+            call_seconds: Histogram::with_opts(
+                HistogramOpts::new("bureau_guard_state_redis_call_seconds", "Round trip of one Redis script call")
+                    .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0]),
+            )
+            .expect("valid metric"),
+            hot_path_timeouts: prometheus::IntCounter::new(
+                "bureau_guard_state_redis_budget_exceeded_total",
+                "Requests that waited state.redis.timeout for Redis and were decided by on_unavailable",
+            )
+            .expect("valid metric"),
+            fallback: IntCounterVec::new(
+                Opts::new(
+                    "bureau_guard_state_fallback_decisions_total",
+                    "Limit decisions made without Redis (on_unavailable), by limit",
+                ),
+                &["limit"],
+            )
+            .expect("valid metric"),
+        };
+        for op in OPS {
+            m.calls.with_label_values(&[op]);
+            m.errors.with_label_values(&[op]);
+        }
+        for limit in ["rate", "in_flight", "daily", "monthly"] {
+            m.fallback.with_label_values(&[limit]);
+        }
+        let all: [Box<dyn prometheus::core::Collector>; 7] = [
+            Box::new(m.up.clone()),
+            Box::new(m.replicas.clone()),
+            Box::new(m.calls.clone()),
+            Box::new(m.errors.clone()),
+            Box::new(m.call_seconds.clone()),
+            Box::new(m.hot_path_timeouts.clone()),
+            Box::new(m.fallback.clone()),
+        ];
+        for c in all {
+            registry.register(c).expect("metric names are unique");
+        }
+        m
+    }
+}
+
+const OPS: [&str; 8] =
+    ["rate_lease", "rate_return", "quota_lease", "quota_return", "quota_sync", "in_flight", "heartbeat", "reset"];
+
+/// How a wait for a lease ended.
+enum Got {
+    Yes,
+    Denied(Duration),
+    Unavailable,
+}
+
+/// Which quota a lease is for.
+#[derive(Debug, Clone, Copy)]
+enum Period {
+    Day,
+    Month,
+}
+
+/// The shared-state backend of one replica.
+pub struct RedisState {
+    conn: ConnectionManager,
+    scripts: Scripts,
+    settings: RedisSettings,
+    replica: String,
+    up: AtomicBool,
+    /// Live replicas at the last heartbeat (at least 1).
+    replicas: AtomicUsize,
+    /// Makes every outage sync token unique.
+    sync_seq: AtomicU64,
+    scheduler: Arc<Scheduler>,
+    metrics: RedisMetrics,
+}
+
+impl std::fmt::Debug for RedisState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisState").field("replica", &self.replica).field("up", &self.is_up()).finish_non_exhaustive()
+    }
+}
+
+impl RedisState {
+    /// Prepares the backend; connects lazily (a Redis that is down at start-up means starting
+    /// under `on_unavailable`, not failing to start).
+    pub fn new(
+        settings: &RedisSettings,
+        scheduler: Arc<Scheduler>,
+        registry: &Registry,
+    ) -> Result<Arc<RedisState>, String> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| format!("invalid Redis URL {}: {e}", redact_url(&settings.url)))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(BACKGROUND_TIMEOUT / 2))
+            .set_response_timeout(Some(BACKGROUND_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())?;
+        let replica = settings.replica_id.clone().unwrap_or_else(default_replica_id);
+        let metrics = RedisMetrics::register(registry);
+        metrics.up.set(1);
+        metrics.replicas.set(1);
+        Ok(Arc::new(RedisState {
+            conn,
+            scripts: Scripts {
+                rate_lease: Script::new(RATE_LEASE),
+                rate_return: Script::new(RATE_RETURN),
+                quota_lease: Script::new(QUOTA_LEASE),
+                quota_return: Script::new(QUOTA_RETURN),
+                quota_sync: Script::new(QUOTA_SYNC),
+                in_flight_acquire: Script::new(IN_FLIGHT_ACQUIRE),
+                in_flight_set: Script::new(IN_FLIGHT_SET),
+                heartbeat: Script::new(HEARTBEAT),
+            },
+            settings: settings.clone(),
+            replica,
+            up: AtomicBool::new(true),
+            replicas: AtomicUsize::new(1),
+            sync_seq: AtomicU64::new(0),
+            scheduler,
+            metrics,
+        }))
+    }
+
+    /// This replica's name in Redis.
+    pub fn replica_id(&self) -> &str {
+        &self.replica
+    }
+
+    /// Whether Redis answered the last call.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Live replicas at the last heartbeat.
+    pub fn replicas(&self) -> usize {
+        self.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    fn key(&self, tenant: &str, what: std::fmt::Arguments<'_>) -> String {
+        format!("{{{}:{tenant}}}:{what}", self.settings.key_prefix)
+    }
+
+    fn replicas_key(&self) -> String {
+        format!("{{{}}}:replicas", self.settings.key_prefix)
+    }
+
+    /// Runs one script with a background time bound, counting it; an error marks Redis down.
+    async fn call<T: FromRedisValue>(&self, op: &'static str, invocation: redis::ScriptInvocation<'_>) -> Option<T> {
+        self.metrics.calls.with_label_values(&[op]).inc();
+        let started = std::time::Instant::now();
+        let mut conn = self.conn.clone();
+        let result = tokio::time::timeout(BACKGROUND_TIMEOUT, invocation.invoke_async::<T>(&mut conn)).await;
+        self.metrics.call_seconds.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                self.metrics.errors.with_label_values(&[op]).inc();
+                self.mark_down(op, &e.to_string());
+                None
+            }
+            Err(_) => {
+                self.metrics.errors.with_label_values(&[op]).inc();
+                self.mark_down(op, "no answer within 1s");
+                None
+            }
+        }
+    }
+
+    fn mark_down(&self, op: &str, why: &str) {
+        if self.up.swap(false, Ordering::AcqRel) {
+            self.metrics.up.set(0);
+            tracing::error!(
+                op,
+                error = why,
+                policy = ?self.settings.on_unavailable,
+                "Redis unreachable: shared limits are decided by state.redis.on_unavailable until it answers again"
+            );
+        }
+    }
+
+    /// Waits (up to the hot-path budget) until `ready` holds, starting one shared refill when
+    /// the pool is short. Never waits while Redis is known to be down.
+    async fn acquire(&self, lease: &Lease, mut ready: impl FnMut() -> bool, refill: impl Fn()) -> Got {
+        let deadline = Instant::now() + self.settings.timeout;
+        loop {
+            if ready() {
+                return Got::Yes;
+            }
+            if let Some(retry) = lease.denied(now_ns()) {
+                return Got::Denied(retry);
+            }
+            if !self.is_up() {
+                return Got::Unavailable;
+            }
+            let refilled = lease.refilled();
+            tokio::pin!(refilled);
+            refilled.as_mut().enable();
+            if ready() {
+                return Got::Yes;
+            }
+            if lease.start_refill() {
+                refill();
+            }
+            if tokio::time::timeout_at(deadline, refilled).await.is_err() {
+                self.metrics.hot_path_timeouts.inc();
+                return Got::Unavailable;
+            }
+        }
+    }
+
+    /// Runs `work` in its own task, so a request that stops waiting cannot drop a grant that
+    /// Redis already made; ends the refill when done.
+    fn spawn_refill<F>(self: &Arc<Self>, state: &Arc<TenantState>, lease: fn(&TenantState) -> &Lease, work: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let state = state.clone();
+        tokio::spawn(async move {
+            work.await;
+            lease(&state).finish_refill();
+        });
+    }
+
+    fn fallback(&self, limit: &'static str) -> Result<(), ProxyError> {
+        self.metrics.fallback.with_label_values(&[limit]).inc();
+        match self.settings.on_unavailable {
+            FailPolicy::FailOpen => Ok(()),
+            FailPolicy::FailClosed => Err(ProxyError::new(
+                ErrorKind::StateUnavailable,
+                "the shared limit store is unreachable and this deployment refuses rather than guess",
+            )
+            .retry_after(1)),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Rate
+
+    /// The tenant's rate decision across all replicas.
+    pub async fn rate(
+        self: &Arc<Self>,
+        tenant: &Arc<Tenant>,
+        policy: &RatePolicy,
+        cost: u32,
+    ) -> Result<RateDecision, ProxyError> {
+        let lease = &tenant.state.leases.rate;
+        let cost = u64::from(cost.max(1));
+        let got = self
+            .acquire(lease, || lease.avail.try_take(0, cost), || self.refill_rate(tenant, policy, cost))
+            .await;
+        match got {
+            Got::Yes => {
+                let left = lease.last_seen.load().1 + lease.avail.load().1;
+                let remaining = left.min(u64::from(policy.burst)) as u32;
+                let reset = policy.emission().saturating_mul(policy.burst.saturating_sub(remaining));
+                Ok(RateDecision::Allowed { remaining, reset })
+            }
+            Got::Denied(retry_after) => Ok(RateDecision::Limited { retry_after }),
+            Got::Unavailable => {
+                self.fallback("rate")?;
+                let n = self.replicas() as f64;
+                let share = RatePolicy::new(policy.rate / n, ((f64::from(policy.burst) / n) as u32).max(1));
+                Ok(share.check(&tenant.state.rate_tat, now_ns(), cost as u32))
+            }
+        }
+    }
+
+    fn refill_rate(self: &Arc<Self>, tenant: &Arc<Tenant>, policy: &RatePolicy, need: u64) {
+        let (this, id, state, policy) = (self.clone(), tenant.id.clone(), tenant.state.clone(), *policy);
+        let period = self.settings.lease;
+        self.spawn_refill(&tenant.state, |s| &s.leases.rate, async move {
+            let lease = &state.leases.rate;
+            let now = now_ns();
+            let cap = u64::from(policy.burst / 2).max(1);
+            let want = lease.next_batch(need, cap, period, now);
+            let t_us = policy.emission().as_micros().max(1) as u64;
+            let tau_us = t_us.saturating_mul(u64::from(policy.burst.max(1)));
+            let key = this.key(&id, format_args!("rate"));
+            let mut inv = this.scripts.rate_lease.key(key);
+            inv.arg(t_us).arg(tau_us).arg(want);
+            if let Some((granted, retry_us, left)) = this.call::<(u64, u64, u64)>("rate_lease", inv).await {
+                lease.last_seen.set(0, left);
+                if granted > 0 {
+                    lease.granted_at.store(now_ns(), Ordering::Relaxed);
+                    lease.avail.put(0, granted);
+                } else {
+                    let retry = Duration::from_micros(retry_us);
+                    lease.deny(now_ns(), retry.min(DENY_HOLD), retry);
+                }
+            }
+        });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // In flight
+
+    /// Makes sure this replica holds a slot in Redis for every request of the tenant inside it
+    /// now (the caller has already counted this one in `state.in_flight`). `Ok(true)`: the
+    /// tenant is over `max` (the caller refuses, or lets it through in dry run).
+    pub async fn in_flight(self: &Arc<Self>, tenant: &Arc<Tenant>, max: u32) -> Result<bool, ProxyError> {
+        let s = &tenant.state;
+        let inside = || s.in_flight.load(Ordering::Acquire);
+        let got = self
+            .acquire(&s.leases.in_flight, || inside() <= s.leases.held.load(Ordering::Acquire), || self.refill_in_flight(tenant, max))
+            .await;
+        match got {
+            Got::Yes => Ok(false),
+            Got::Denied(_) => Ok(true),
+            Got::Unavailable => {
+                self.fallback("in_flight")?;
+                let share = (max as usize / self.replicas()).max(1) as u32;
+                Ok(inside() > share)
+            }
+        }
+    }
+
+    fn refill_in_flight(self: &Arc<Self>, tenant: &Arc<Tenant>, max: u32) {
+        let (this, id, state) = (self.clone(), tenant.id.clone(), tenant.state.clone());
+        let (period, ttl) = (self.settings.lease, self.settings.lease_ttl);
+        self.spawn_refill(&tenant.state, |s| &s.leases.in_flight, async move {
+            let leases = &state.leases;
+            let held = leases.held.load(Ordering::Acquire);
+            let need = u64::from(state.in_flight.load(Ordering::Acquire).saturating_sub(held).max(1));
+            let cap = u64::from(max) / (2 * this.replicas() as u64);
+            let want = leases.in_flight.next_batch(need, cap.max(1), period, now_ns());
+            let key = this.key(&id, format_args!("inflight"));
+            let mut inv = this.scripts.in_flight_acquire.key(key);
+            inv.arg(&this.replica).arg(want).arg(max).arg(ttl.as_millis() as u64);
+            if let Some((granted, mine, _all)) = this.call::<(u64, u32, u64)>("in_flight", inv).await {
+                leases.held.store(mine, Ordering::Release);
+                if granted > 0 {
+                    leases.in_flight.granted_at.store(now_ns(), Ordering::Relaxed);
+                } else {
+                    leases.in_flight.deny(now_ns(), DENY_HOLD, Duration::from_secs(1));
+                }
+            }
+        });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Quotas
+
+    /// Reserves one bureau call against the tenant's daily and monthly quotas, shared by all
+    /// replicas. Outer `Err`: Redis unreachable and `fail_closed`.
+    pub async fn reserve(
+        self: &Arc<Self>,
+        tenant: &Arc<Tenant>,
+        w: &Windows,
+        now_unix_s: i64,
+    ) -> Result<Result<Reserved, Exhausted>, ProxyError> {
+        let limits = &tenant.limits;
+        let mut dry_run_hit = None;
+        let daily = match limits.daily_quota {
+            None => Source::None,
+            Some(limit) => match self.take_quota(tenant, Period::Day, w, limit, now_unix_s).await? {
+                Ok((source, over)) => {
+                    if over {
+                        dry_run_hit = Some(Exhausted::Daily { limit, retry_after_s: w.day_resets_in_s });
+                    }
+                    source
+                }
+                Err(()) => return Ok(Err(Exhausted::Daily { limit, retry_after_s: w.day_resets_in_s })),
+            },
+        };
+        // Built now, so an early return below gives the daily unit back.
+        let mut reservation = Reservation::shared(tenant.state.clone(), w, daily, Source::None);
+        if let Some(limit) = limits.monthly_quota {
+            match self.take_quota(tenant, Period::Month, w, limit, now_unix_s).await? {
+                Ok((source, over)) => {
+                    if over && dry_run_hit.is_none() {
+                        dry_run_hit = Some(Exhausted::Monthly { limit, retry_after_s: w.month_resets_in_s });
+                    }
+                    reservation.set_monthly(source);
+                }
+                Err(()) => return Ok(Err(Exhausted::Monthly { limit, retry_after_s: w.month_resets_in_s })),
+            }
+        }
+        Ok(Ok(Reserved { reservation, dry_run_hit }))
+    }
+
+    /// One unit of one quota: from the leased pool, else a refill, else (Redis down) the
+    /// outage allowance. `Ok(Err(()))`: exhausted. The flag: over the limit in dry run.
+    async fn take_quota(
+        self: &Arc<Self>,
+        tenant: &Arc<Tenant>,
+        period: Period,
+        w: &Windows,
+        limit: u64,
+        now_unix_s: i64,
+    ) -> Result<Result<(Source, bool), ()>, ProxyError> {
+        let s = &tenant.state;
+        let (lease, outage, window, dry_run, resets_in) = match period {
+            Period::Day => (&s.leases.daily, &s.leases.outage_daily, w.day, tenant.limits.dry_run.daily, w.day_resets_in_s),
+            Period::Month => {
+                (&s.leases.monthly, &s.leases.outage_monthly, w.month, tenant.limits.dry_run.monthly, w.month_resets_in_s)
+            }
+        };
+        let expire_at = now_unix_s + resets_in as i64 + 86_400;
+        let got = self
+            .acquire(
+                lease,
+                || lease.avail.try_take(window, 1),
+                || self.refill_quota(tenant, period, window, (!dry_run).then_some(limit), expire_at),
+            )
+            .await;
+        let over = || dry_run && lease.last_seen.get(window) > limit;
+        match got {
+            Got::Yes => Ok(Ok((Source::Pool, over()))),
+            Got::Denied(_) => Ok(Err(())),
+            Got::Unavailable => {
+                self.fallback(match period {
+                    Period::Day => "daily",
+                    Period::Month => "monthly",
+                })?;
+                // This replica's share of what was left at the last contact.
+                let left = limit.saturating_sub(lease.last_seen.get(window));
+                let share = left / self.replicas() as u64;
+                match outage.try_add(window, 1, Some(share), !dry_run) {
+                    Ok(n) => Ok(Ok((Source::Outage, n > share))),
+                    Err(_) => Ok(Err(())),
+                }
+            }
+        }
+    }
+
+    fn refill_quota(self: &Arc<Self>, tenant: &Arc<Tenant>, period: Period, window: u32, limit: Option<u64>, expire_at: i64) {
+        let (this, id, state) = (self.clone(), tenant.id.clone(), tenant.state.clone());
+        let lease_of: fn(&TenantState) -> &Lease = match period {
+            Period::Day => |s| &s.leases.daily,
+            Period::Month => |s| &s.leases.monthly,
+        };
+        let period_name = match period {
+            Period::Day => "daily",
+            Period::Month => "monthly",
+        };
+        let lease_period = self.settings.lease;
+        self.spawn_refill(&tenant.state, lease_of, async move {
+            let lease = lease_of(&state);
+            // Never hold more than a quarter of what is left divided among the replicas: a
+            // replica that dies loses what it holds.
+            let left = limit.map_or(u64::MAX, |l| l.saturating_sub(lease.last_seen.get(window)));
+            let cap = (left / (4 * this.replicas() as u64)).max(1);
+            let want = lease.next_batch(1, cap, lease_period, now_ns());
+            let key = this.key(&id, format_args!("{period_name}:{window}"));
+            let mut inv = this.scripts.quota_lease.key(key);
+            inv.arg(want).arg(limit.map_or(-1, |l| l as i64)).arg(expire_at);
+            if let Some((granted, used)) = this.call::<(u64, u64)>("quota_lease", inv).await {
+                lease.last_seen.set(window, used);
+                if granted > 0 {
+                    lease.granted_at.store(now_ns(), Ordering::Relaxed);
+                    lease.avail.put(window, granted);
+                } else {
+                    lease.deny(now_ns(), QUOTA_DENY_HOLD, Duration::from_secs(1));
+                }
+            }
+        });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Background: heartbeats, renewals, give-backs, recovery
+
+    /// Announces this replica, learns how many are live, and takes this replica's share of the
+    /// bureau budget. Returns whether Redis answered.
+    pub async fn heartbeat(&self) -> bool {
+        let mut inv = self.scripts.heartbeat.key(self.replicas_key());
+        inv.arg(&self.replica).arg(self.settings.lease_ttl.as_millis() as u64);
+        let Some((count, rank)) = self.call::<(usize, usize)>("heartbeat", inv).await else { return false };
+        let count = count.max(1);
+        let before = self.replicas.swap(count, Ordering::Relaxed);
+        self.metrics.replicas.set(count as i64);
+        self.scheduler.set_share(rank, count);
+        if before != count {
+            tracing::info!(replicas = count, rank, limit = self.scheduler.limit(), "replica count changed; bureau budget re-split");
+        }
+        true
+    }
+
+    /// One heartbeat tick: heartbeat, then (if Redis answers) recovery after an outage,
+    /// in-flight lease renewal, and the return of rate tokens that sat unused.
+    pub async fn tick(&self, tenants: &[Arc<Tenant>], w: &Windows, now_unix_s: i64) {
+        let was_up = self.is_up();
+        if !self.heartbeat().await {
+            return;
+        }
+        if !was_up && !self.up.swap(true, Ordering::AcqRel) {
+            self.metrics.up.set(1);
+            tracing::info!("Redis reachable again: shared limits resume; units charged meanwhile are being added");
+        }
+        for t in tenants {
+            if !was_up {
+                self.sync_outage(t, w, now_unix_s).await;
+                t.state.leases.rate.clear_denial();
+                t.state.leases.daily.clear_denial();
+                t.state.leases.monthly.clear_denial();
+            }
+            self.renew_in_flight(t).await;
+            self.return_idle_rate(t).await;
+        }
+    }
+
+    /// Adds the units charged during an outage. Each batch carries a fresh token that Redis
+    /// remembers, so a sync whose answer was lost and is retried does not count twice.
+    async fn sync_outage(&self, t: &Tenant, w: &Windows, now_unix_s: i64) {
+        let l = &t.state.leases;
+        for (counter, name, resets_in) in
+            [(&l.outage_daily, "daily", w.day_resets_in_s), (&l.outage_monthly, "monthly", w.month_resets_in_s)]
+        {
+            let (window, n) = counter.load();
+            if n == 0 {
+                continue;
+            }
+            let seq = self.sync_seq.fetch_add(1, Ordering::Relaxed);
+            let key = self.key(&t.id, format_args!("{name}:{window}"));
+            let token = self.key(&t.id, format_args!("sync:{}:{seq}", self.replica));
+            let keep = (resets_in + 86_400) as i64;
+            let mut inv = self.scripts.quota_sync.key(key);
+            inv.key(token).arg(n).arg(now_unix_s + keep).arg(keep);
+            if self.call::<i64>("quota_sync", inv).await.is_some() {
+                counter.sub(window, n);
+                tracing::info!(tenant = &*t.id, quota = name, units = n, "units charged during the Redis outage added");
+            }
+        }
+    }
+
+    /// Renews this replica's in-flight slots and gives back those no longer needed.
+    async fn renew_in_flight(&self, t: &Tenant) {
+        let l = &t.state.leases;
+        let held = l.held.load(Ordering::Acquire);
+        if held == 0 {
+            return;
+        }
+        // Keep what is in use plus the current batch; drop the rest.
+        let inside = t.state.in_flight.load(Ordering::Acquire);
+        let target = held.min(inside.saturating_add(1));
+        l.held.store(target, Ordering::Release);
+        let key = self.key(&t.id, format_args!("inflight"));
+        let mut inv = self.scripts.in_flight_set.key(key);
+        inv.arg(&self.replica).arg(target).arg(self.settings.lease_ttl.as_millis() as u64);
+        let _ = self.call::<i64>("in_flight", inv).await;
+    }
+
+    /// Rate tokens leased more than two lease periods (or a second) ago and still unused go
+    /// back to the shared bucket, where other replicas can use them.
+    async fn return_idle_rate(&self, t: &Tenant) {
+        let Some(policy) = &t.rate else { return };
+        let lease = &t.state.leases.rate;
+        let age = Duration::from_nanos(now_ns().saturating_sub(lease.granted_at.load(Ordering::Relaxed)));
+        if lease.avail.load().1 == 0 || age < (self.settings.lease * 2).max(Duration::from_secs(1)) {
+            return;
+        }
+        let (_, n) = lease.avail.take_all();
+        self.give_back_rate(t, policy, n).await;
+    }
+
+    async fn give_back_rate(&self, t: &Tenant, policy: &RatePolicy, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let key = self.key(&t.id, format_args!("rate"));
+        let mut inv = self.scripts.rate_return.key(key);
+        inv.arg(n).arg(policy.emission().as_micros().max(1) as u64);
+        let _ = self.call::<i64>("rate_return", inv).await;
+    }
+
+    /// On shutdown: everything this replica holds goes back, and it leaves the replica count.
+    pub async fn release_all(&self, tenants: &[Arc<Tenant>]) {
+        if !self.is_up() {
+            return;
+        }
+        for t in tenants {
+            let l = &t.state.leases;
+            if let Some(policy) = &t.rate {
+                let (_, n) = l.rate.avail.take_all();
+                self.give_back_rate(t, policy, n).await;
+            }
+            for (lease, name) in [(&l.daily, "daily"), (&l.monthly, "monthly")] {
+                let (window, n) = lease.avail.take_all();
+                if n > 0 {
+                    let mut inv = self.scripts.quota_return.key(self.key(&t.id, format_args!("{name}:{window}")));
+                    inv.arg(n);
+                    let _ = self.call::<i64>("quota_return", inv).await;
+                }
+            }
+            if l.held.swap(0, Ordering::AcqRel) > 0 {
+                let mut inv = self.scripts.in_flight_set.key(self.key(&t.id, format_args!("inflight")));
+                inv.arg(&self.replica).arg(0).arg(1);
+                let _ = self.call::<i64>("in_flight", inv).await;
+            }
+        }
+        let mut conn = self.conn.clone();
+        let _: Result<i64, _> = tokio::time::timeout(
+            BACKGROUND_TIMEOUT,
+            redis::cmd("ZREM").arg(self.replicas_key()).arg(&self.replica).query_async(&mut conn),
+        )
+        .await
+        .unwrap_or(Ok(0));
+    }
+
+    /// Admin reset: the tenant's daily and monthly counts for the current windows start over
+    /// for every replica. Returns the counts that were there, or `None` if Redis did not answer.
+    pub async fn reset(&self, t: &Tenant, w: &Windows) -> Option<(u64, u64)> {
+        let (day, month) =
+            (self.key(&t.id, format_args!("daily:{}", w.day)), self.key(&t.id, format_args!("monthly:{}", w.month)));
+        self.metrics.calls.with_label_values(&["reset"]).inc();
+        let mut conn = self.conn.clone();
+        let pipe = redis::pipe().atomic().get(&day).get(&month).del(&day).del(&month).clone();
+        let result: Result<Result<(Option<u64>, Option<u64>, i64, i64), _>, _> =
+            tokio::time::timeout(BACKGROUND_TIMEOUT, pipe.query_async(&mut conn)).await;
+        match result {
+            Ok(Ok((d, m, _, _))) => {
+                let l = &t.state.leases;
+                l.daily.avail.take_all();
+                l.monthly.avail.take_all();
+                l.daily.last_seen.set(w.day, 0);
+                l.monthly.last_seen.set(w.month, 0);
+                l.daily.clear_denial();
+                l.monthly.clear_denial();
+                Some((d.unwrap_or(0), m.unwrap_or(0)))
+            }
+            _ => {
+                self.metrics.errors.with_label_values(&["reset"]).inc();
+                None
+            }
+        }
+    }
+
+    /// Quota units leased out in the window across all replicas, as last seen (admin view).
+    pub fn quota_used(&self, t: &Tenant, w: &Windows) -> (u64, u64) {
+        let l = &t.state.leases;
+        (
+            l.daily.last_seen.get(w.day).saturating_sub(l.daily.avail.get(w.day)),
+            l.monthly.last_seen.get(w.month).saturating_sub(l.monthly.avail.get(w.month)),
+        )
+    }
+}
+
+/// `host-pid-random`: unique per process, readable in `redis-cli`.
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
+    format!("{}-{}-{:04x}", if host.is_empty() { "replica" } else { &host }, std::process::id(), fastrand::u16(..))
+}
