@@ -71,9 +71,16 @@ pub async fn start_with(config: Config, options: Options) -> std::io::Result<Run
         // Count this replica in before taking traffic, so its first requests already use its
         // share of the bureau budget. A Redis that is down is not fatal: on_unavailable applies.
         if redis.heartbeat().await {
-            tracing::info!(replica = redis.replica_id(), replicas = redis.replicas(), "joined the replicas sharing limits through Redis");
+            tracing::info!(
+                replica = redis.replica_id(),
+                replicas = redis.replicas(),
+                "joined the replicas sharing limits through Redis"
+            );
         } else {
-            tracing::error!(replica = redis.replica_id(), "Redis unreachable at start-up; serving under state.redis.on_unavailable until it answers");
+            tracing::error!(
+                replica = redis.replica_id(),
+                "Redis unreachable at start-up; serving under state.redis.on_unavailable until it answers"
+            );
         }
     }
     let listener = TcpListener::bind(listen).await?;

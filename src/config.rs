@@ -947,7 +947,14 @@ fn validate_backend(p: &mut Problems, raw: &RawState, env: &dyn Fn(&str) -> Opti
             FailPolicy::FailOpen
         }
     };
-    let lease = p.duration("state.redis.lease", r.lease.as_deref(), defaults::REDIS_LEASE);
+    // Zero is meaningful here: one unit per request, one Redis round trip per decision.
+    let lease = match r.lease.as_deref() {
+        None => defaults::REDIS_LEASE,
+        Some(v) => humantime::parse_duration(v).unwrap_or_else(|e| {
+            p.add("state.redis.lease", format!("invalid duration {v:?} ({e}); use e.g. \"100ms\", or \"0s\" for none"));
+            defaults::REDIS_LEASE
+        }),
+    };
     let heartbeat_interval =
         p.duration("state.redis.heartbeat_interval", r.heartbeat_interval.as_deref(), defaults::REDIS_HEARTBEAT);
     let lease_ttl = p.duration("state.redis.lease_ttl", r.lease_ttl.as_deref(), defaults::REDIS_LEASE_TTL);

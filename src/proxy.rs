@@ -204,17 +204,20 @@ impl Proxy {
                 }
                 guard
             }
-            _ => match InFlightGuard::enter(&tenant.state, tenant.limits.max_in_flight, !tenant.limits.dry_run.in_flight) {
-                Ok((guard, over)) => {
-                    if over {
-                        self.over_limit(snap, &tenant, self.in_flight_error(&tenant), true)?;
+            _ => {
+                match InFlightGuard::enter(&tenant.state, tenant.limits.max_in_flight, !tenant.limits.dry_run.in_flight)
+                {
+                    Ok((guard, over)) => {
+                        if over {
+                            self.over_limit(snap, &tenant, self.in_flight_error(&tenant), true)?;
+                        }
+                        guard
                     }
-                    guard
+                    Err(_) => {
+                        return Err(self.over_limit(snap, &tenant, self.in_flight_error(&tenant), false).unwrap_err());
+                    }
                 }
-                Err(_) => {
-                    return Err(self.over_limit(snap, &tenant, self.in_flight_error(&tenant), false).unwrap_err());
-                }
-            },
+            }
         };
 
         // Body: read only for identified, admitted requests, and bounded.

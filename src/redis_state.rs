@@ -202,17 +202,26 @@ struct RedisMetrics {
 impl RedisMetrics {
     fn register(registry: &Registry) -> RedisMetrics {
         let m = RedisMetrics {
-            up: IntGauge::new("bureau_guard_state_redis_up", "1 while Redis answers, 0 while limits are decided by on_unavailable")
-                .expect("valid metric"),
+            up: IntGauge::new(
+                "bureau_guard_state_redis_up",
+                "1 while Redis answers, 0 while limits are decided by on_unavailable",
+            )
+            .expect("valid metric"),
             replicas: IntGauge::new("bureau_guard_replicas", "Live replicas sharing limits (from Redis heartbeats)")
                 .expect("valid metric"),
             calls: IntCounterVec::new(
-                Opts::new("bureau_guard_state_redis_calls_total", "Redis scripts run, by operation (one round trip each)"),
+                Opts::new(
+                    "bureau_guard_state_redis_calls_total",
+                    "Redis scripts run, by operation (one round trip each)",
+                ),
                 &["op"],
             )
             .expect("valid metric"),
             errors: IntCounterVec::new(
-                Opts::new("bureau_guard_state_redis_errors_total", "Redis calls that failed or timed out, by operation"),
+                Opts::new(
+                    "bureau_guard_state_redis_errors_total",
+                    "Redis calls that failed or timed out, by operation",
+                ),
                 &["op"],
             )
             .expect("valid metric"),
@@ -462,9 +471,8 @@ impl RedisState {
     ) -> Result<RateDecision, ProxyError> {
         let lease = &tenant.state.leases.rate;
         let cost = u64::from(cost.max(1));
-        let got = self
-            .acquire(lease, || lease.avail.try_take(0, cost), || self.refill_rate(tenant, policy, cost))
-            .await;
+        let got =
+            self.acquire(lease, || lease.avail.try_take(0, cost), || self.refill_rate(tenant, policy, cost)).await;
         match got {
             Got::Yes => {
                 let left = lease.last_seen.load().1 + lease.avail.load().1;
@@ -518,7 +526,11 @@ impl RedisState {
         let s = &tenant.state;
         let inside = || s.in_flight.load(Ordering::Acquire);
         let got = self
-            .acquire(&s.leases.in_flight, || inside() <= s.leases.held.load(Ordering::Acquire), || self.refill_in_flight(tenant, max))
+            .acquire(
+                &s.leases.in_flight,
+                || inside() <= s.leases.held.load(Ordering::Acquire),
+                || self.refill_in_flight(tenant, max),
+            )
             .await;
         match got {
             Got::Yes => Ok(false),
@@ -607,10 +619,16 @@ impl RedisState {
     ) -> Result<Result<(Source, bool), ()>, ProxyError> {
         let s = &tenant.state;
         let (lease, outage, window, dry_run, resets_in) = match period {
-            Period::Day => (&s.leases.daily, &s.leases.outage_daily, w.day, tenant.limits.dry_run.daily, w.day_resets_in_s),
-            Period::Month => {
-                (&s.leases.monthly, &s.leases.outage_monthly, w.month, tenant.limits.dry_run.monthly, w.month_resets_in_s)
+            Period::Day => {
+                (&s.leases.daily, &s.leases.outage_daily, w.day, tenant.limits.dry_run.daily, w.day_resets_in_s)
             }
+            Period::Month => (
+                &s.leases.monthly,
+                &s.leases.outage_monthly,
+                w.month,
+                tenant.limits.dry_run.monthly,
+                w.month_resets_in_s,
+            ),
         };
         let expire_at = now_unix_s + resets_in as i64 + 86_400;
         let got = self
@@ -640,7 +658,14 @@ impl RedisState {
         }
     }
 
-    fn refill_quota(self: &Arc<Self>, tenant: &Arc<Tenant>, period: Period, window: u32, limit: Option<u64>, expire_at: i64) {
+    fn refill_quota(
+        self: &Arc<Self>,
+        tenant: &Arc<Tenant>,
+        period: Period,
+        window: u32,
+        limit: Option<u64>,
+        expire_at: i64,
+    ) {
         let (this, id, state) = (self.clone(), tenant.id.clone(), tenant.state.clone());
         let lease_of: fn(&TenantState) -> &Lease = match period {
             Period::Day => |s| &s.leases.daily,
@@ -687,7 +712,12 @@ impl RedisState {
         self.metrics.replicas.set(count as i64);
         self.scheduler.set_share(rank, count);
         if before != count {
-            tracing::info!(replicas = count, rank, limit = self.scheduler.limit(), "replica count changed; bureau budget re-split");
+            tracing::info!(
+                replicas = count,
+                rank,
+                limit = self.scheduler.limit(),
+                "replica count changed; bureau budget re-split"
+            );
         }
         true
     }
@@ -821,7 +851,9 @@ impl RedisState {
         self.metrics.calls.with_label_values(&["reset"]).inc();
         let mut conn = self.conn.clone();
         let pipe = redis::pipe().atomic().get(&day).get(&month).del(&day).del(&month).clone();
-        let result: Result<Result<(Option<u64>, Option<u64>, i64, i64), _>, _> =
+        // GET day, GET month, DEL day, DEL month.
+        type Reply = (Option<u64>, Option<u64>, i64, i64);
+        let result: Result<redis::RedisResult<Reply>, _> =
             tokio::time::timeout(BACKGROUND_TIMEOUT, pipe.query_async(&mut conn)).await;
         match result {
             Ok(Ok((d, m, _, _))) => {

@@ -250,6 +250,14 @@ fn diff_named<T>(
     }
 }
 
+/// `state.backend` and its settings as the diff shows them (the URL without its password).
+fn backend(b: &crate::config::StateBackend) -> String {
+    match b {
+        crate::config::StateBackend::Local => "local".to_string(),
+        crate::config::StateBackend::Redis(r) => format!("{r:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,13 +325,5 @@ api_key_sha256 = "{}"
             assert!(changes.contains(&want.to_string()), "missing {want:?} in {changes:#?}");
         }
         assert_eq!(changes.len(), 6, "{changes:#?}");
-    }
-}
-
-/// `state.backend` and its settings as the diff shows them (the URL without its password).
-fn backend(b: &crate::config::StateBackend) -> String {
-    match b {
-        crate::config::StateBackend::Local => "local".to_string(),
-        crate::config::StateBackend::Redis(r) => format!("{r:?}"),
     }
 }

@@ -3,53 +3,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_bureau-guard");
-
-/// Kills the child when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn spawn(config: &std::path::Path) -> Proc {
-    Proc(
-        Command::new(BIN)
-            .args(["serve", "--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start bureau-guard"),
-    )
-}
-
-async fn wait_healthy(admin: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let c = client();
-        let req = http::Request::get(format!("http://{admin}/healthz")).body(Default::default()).unwrap();
-        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(500), c.request(req)).await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "bureau-guard did not become healthy");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn saved_daily(file: &std::path::Path, tenant: &str) -> Option<u64> {
     let bytes = std::fs::read(file).ok()?;

@@ -172,6 +172,10 @@ pub struct Resp {
 }
 
 impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
@@ -197,5 +201,53 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real bureau-guard processes (crash and replica tests).
+
+use std::process::{Child, Command, Stdio};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_bureau-guard");
+
+/// Kills the child when the test ends, however it ends.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn spawn(config: &std::path::Path) -> Proc {
+    Proc(
+        Command::new(BIN)
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bureau-guard"),
+    )
+}
+
+pub async fn wait_healthy(admin: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = client();
+        let req = http::Request::get(format!("http://{admin}/healthz")).body(Default::default()).unwrap();
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(500), c.request(req)).await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "bureau-guard did not become healthy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,421 @@
+//! `state.backend = "redis"`: several replicas, one contract, against a real `redis-server`.
+//!
+//! Each test starts its own Redis on an ephemeral port when `redis-server` is on PATH, and is
+//! skipped (with a line on stderr) when it is not — unless `BUREAU_GUARD_REQUIRE_REDIS` is set,
+//! as `.ci/run` does, which turns a missing Redis into a failure.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bureau_guard::app;
+use common::*;
+
+/// A `redis-server` of the test's own, with an append-only file so a restart keeps its data.
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    fn start(name: &str) -> Option<RedisServer> {
+        if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_err() {
+            assert!(
+                std::env::var_os("BUREAU_GUARD_REQUIRE_REDIS").is_none(),
+                "BUREAU_GUARD_REQUIRE_REDIS is set but redis-server is not on PATH (apt-get install redis-server)"
+            );
+            eprintln!("skipped: redis-server is not on PATH");
+            return None;
+        }
+        let mut r = RedisServer { child: None, port: free_port(), dir: temp_dir(name) };
+        r.launch();
+        Some(r)
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.cli(&["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// One command through `redis-cli`; its output, trimmed.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `[state]` for Redis with fast heartbeats, plus `extra` lines in `[state.redis]`.
+fn redis_state(url: &str, extra: &str) -> String {
+    format!(
+        "[state]\nbackend = \"redis\"\n[state.redis]\nurl = \"{url}\"\nheartbeat_interval = \"100ms\"\nlease_ttl = \"1s\"\ntimeout = \"50ms\"\n{extra}\n"
+    )
+}
+
+/// A config on fixed ports (for a real process), returning (config path, proxy addr, admin addr).
+fn replica_config(dir: &Path, n: usize, text: &str) -> (PathBuf, String, String) {
+    let (port, admin_port) = (free_port(), free_port());
+    let text = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1).replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{admin_port}\""),
+        1,
+    );
+    let path = dir.join(format!("replica-{n}.toml"));
+    std::fs::write(&path, text).unwrap();
+    (path, format!("127.0.0.1:{port}"), format!("127.0.0.1:{admin_port}"))
+}
+
+async fn status(url: &str, key: &str) -> u16 {
+    get(url, &[("x-api-key", key)]).await.status.as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_tenants_rate_and_daily_quota() {
+    let Some(redis) = RedisServer::start("redis-three") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let dir = temp_dir("redis-three-cfg");
+    let (rate, burst, daily) = (60.0, 6u32, 150u64);
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&redis.url(), ""),
+            tenant_a: &format!("rate = {rate}\nburst = {burst}"),
+            tenant_b: &format!("daily_quota = {daily}"),
+            ..Extras::default()
+        },
+    );
+    let replicas: Vec<_> = (0..3).map(|n| replica_config(&dir, n, &text)).collect();
+    let _procs: Vec<Proc> = replicas.iter().map(|(cfg, _, _)| spawn(cfg)).collect();
+    for (_, _, admin) in &replicas {
+        wait_healthy(admin).await;
+    }
+    // All three counted each other in: each takes a third of the bureau budget (64 → 22/21/21).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (_, _, admin) in &replicas {
+        loop {
+            let m = get(&format!("http://{admin}/metrics"), &[]).await.text();
+            if metric_value(&m, "bureau_guard_replicas") == Some(3.0) {
+                let limit = metric_value(&m, "bureau_guard_bureau_concurrency_limit").unwrap();
+                assert!((21.0..=22.0).contains(&limit), "a third of 64, got {limit}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "replicas did not see each other");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // Tenant a: each replica is offered the whole contracted rate (3x in total) for 4 s.
+    let admitted = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (_, addr, _) in &replicas {
+        let (addr, admitted) = (addr.clone(), admitted.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let mut i = 0;
+            while started.elapsed() < Duration::from_secs(4) {
+                pace.tick().await;
+                let url = format!("http://{addr}/v1/score/S-{i}");
+                i += 1;
+                match status(&url, KEY_A).await {
+                    200 => {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    429 => {}
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let expected = f64::from(burst) + rate * elapsed;
+    let got = admitted.load(Ordering::Relaxed) as f64;
+    eprintln!("rate: admitted {got} in {elapsed:.2} s across 3 replicas; contract {expected:.1}");
+    assert!(
+        (got - expected).abs() / expected <= 0.05,
+        "admitted {got} across 3 replicas, contract allows {expected:.0}"
+    );
+
+    // Tenant b: 150 look-ups a day in all, asked for 240 times round-robin.
+    let mut ok = 0;
+    for i in 0..240 {
+        let (_, addr, _) = &replicas[i % 3];
+        match status(&format!("http://{addr}/v1/score/D-{i}"), KEY_B).await {
+            200 => ok += 1,
+            429 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    eprintln!("daily quota: {ok} of {daily} served across 3 replicas");
+    assert!(ok <= daily, "{ok} look-ups passed a daily quota of {daily}");
+    assert!(ok as f64 >= daily as f64 * 0.95, "only {ok} of a daily quota of {daily} were usable");
+    assert_eq!(mock.bureau.stats().calls_by_tenant.get("b").copied().unwrap_or(0), ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_releases_its_in_flight_slots_when_its_lease_expires() {
+    let Some(redis) = RedisServer::start("redis-kill") else { return };
+    let mock = start_mock(fast_mock()).await;
+    mock.bureau.set_service_time(Duration::from_secs(30));
+    let dir = temp_dir("redis-kill-cfg");
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&redis.url(), ""),
+            server: "request_timeout = \"60s\"",
+            upstream: "response_timeout = \"60s\"",
+            tenant_a: "max_in_flight = 3",
+            ..Extras::default()
+        },
+    );
+    let (cfg1, addr1, admin1) = replica_config(&dir, 1, &text);
+    let (cfg2, addr2, admin2) = replica_config(&dir, 2, &text);
+    let mut doomed = spawn(&cfg1);
+    let _survivor = spawn(&cfg2);
+    wait_healthy(&admin1).await;
+    wait_healthy(&admin2).await;
+
+    // Three slow look-ups fill the tenant's in-flight limit through replica 1.
+    let mut hanging = Vec::new();
+    for i in 0..3 {
+        let url = format!("http://{addr1}/v1/score/K-{i}");
+        hanging.push(tokio::spawn(async move { status(&url, KEY_A).await }));
+    }
+    wait_until_async("3 look-ups at the bureau", || async { mock.bureau.stats().in_flight == 3 }).await;
+    // Replica 2 sees the limit held by replica 1.
+    let r = get(&format!("http://{addr2}/v1/score/K-x"), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"], "too_many_in_flight");
+
+    // kill -9: replica 1 cannot give its slots back; they must expire with its lease.
+    mock.bureau.set_service_time(Duration::ZERO);
+    doomed.0.kill().unwrap();
+    doomed.0.wait().unwrap();
+    let killed = Instant::now();
+    let url = format!("http://{addr2}/v1/score/K-y");
+    let mut refused = 0;
+    loop {
+        match status(&url, KEY_A).await {
+            200 => break,
+            429 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+        assert!(killed.elapsed() < Duration::from_secs(5), "the dead replica's slots never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let freed_after = killed.elapsed();
+    eprintln!("in-flight slots of the killed replica freed after {freed_after:?} ({refused} refusals meanwhile)");
+    assert!(refused > 0, "the slots were held until the lease expired");
+    // lease_ttl = 1 s, renewed every 100 ms: freed between 0.9 s and about 1.2 s after the kill.
+    assert!(freed_after >= Duration::from_millis(700), "freed after {freed_after:?}, before the lease could expire");
+    for h in hanging {
+        let _ = h.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fail_open_then_recovery_adds_outage_units_once() {
+    let Some(mut redis) = RedisServer::start("redis-outage") else { return };
+    let mock = start_mock(fast_mock()).await;
+    // One unit per request (lease = 0), so Redis's count is exactly the look-ups charged.
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&redis.url(), "lease = \"0s\"\non_unavailable = \"fail_open\""),
+            tenant_a: "daily_quota = 1000",
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let url = |i: usize| format!("http://{}/v1/score/O-{i}", proxy.addr);
+    for i in 0..5 {
+        assert_eq!(status(&url(i), KEY_A).await, 200);
+    }
+    let day_key = || {
+        let keys = redis.cli(&["--scan", "--pattern", "*:a}:daily:*"]);
+        keys.lines().next().map(str::to_string).expect("a daily key for tenant a")
+    };
+    let key = day_key();
+    assert_eq!(redis.cli(&["GET", &key]), "5");
+
+    redis.stop();
+    // fail_open: look-ups go on under this replica's share, counted locally.
+    for i in 5..12 {
+        assert_eq!(status(&url(i), KEY_A).await, 200, "fail_open serves while Redis is down");
+    }
+    let metrics = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert_eq!(metric_value(&metrics, "bureau_guard_state_redis_up"), Some(0.0));
+    assert!(metric_value(&metrics, "bureau_guard_state_fallback_decisions_total{limit=\"daily\"}").unwrap() >= 7.0);
+
+    redis.launch();
+    // Recovery: the 7 outage units are added to the 5 Redis kept, once.
+    wait_until_async("outage units synced", || async { redis.cli(&["GET", &key]) == "12" }).await;
+    let metrics = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert_eq!(metric_value(&metrics, "bureau_guard_state_redis_up"), Some(1.0));
+    // More heartbeats pass; nothing is added twice.
+    let synced_at = metric_value(&metrics, "bureau_guard_state_redis_calls_total{op=\"heartbeat\"}").unwrap();
+    wait_until_async("three more heartbeats", || async {
+        let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+        metric_value(&m, "bureau_guard_state_redis_calls_total{op=\"heartbeat\"}").unwrap() >= synced_at + 3.0
+    })
+    .await;
+    assert_eq!(redis.cli(&["GET", &key]), "12");
+    assert_eq!(status(&url(99), KEY_A).await, 200);
+    assert_eq!(redis.cli(&["GET", &key]), "13", "shared counting resumed");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fail_closed_refuses_with_503() {
+    let Some(mut redis) = RedisServer::start("redis-closed") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&redis.url(), "on_unavailable = \"fail_closed\""),
+            tenant_a: "rate = 100\ndaily_quota = 1000",
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let url = format!("http://{}/v1/score/C-1", proxy.addr);
+    assert_eq!(status(&url, KEY_A).await, 200);
+    redis.stop();
+    // Whatever the replica still holds is spent first; then every request is refused.
+    let mut last = get(&url, &[("x-api-key", KEY_A)]).await;
+    for _ in 0..500 {
+        if last.status == 503 {
+            break;
+        }
+        last = get(&url, &[("x-api-key", KEY_A)]).await;
+    }
+    assert_eq!(last.status, 503);
+    assert_eq!(last.json()["error"], "state_unavailable");
+    assert!(last.headers.contains_key("retry-after"));
+    // A tenant without shared limits is not affected.
+    assert_eq!(status(&url, KEY_B).await, 200);
+    redis.launch();
+    wait_until_async("served again once Redis is back", || async { status(&url, KEY_A).await == 200 }).await;
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_survive_a_proxy_restart() {
+    let Some(redis) = RedisServer::start("redis-restart") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state(&redis.url(), ""), tenant_a: "daily_quota = 7", ..Extras::default() },
+    );
+    let first = app::start(parse(&text)).await.unwrap();
+    for i in 0..5 {
+        assert_eq!(status(&format!("http://{}/v1/score/R-{i}", first.addr), KEY_A).await, 200);
+    }
+    // A clean shutdown gives back the units leased but not spent.
+    first.shutdown().await;
+
+    let second = app::start(parse(&text)).await.unwrap();
+    let url = |i: usize| format!("http://{}/v1/score/R2-{i}", second.addr);
+    assert_eq!(status(&url(0), KEY_A).await, 200);
+    assert_eq!(status(&url(1), KEY_A).await, 200);
+    let r = get(&url(2), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.status, 429, "5 before the restart + 2 after = the quota of 7");
+    assert_eq!(r.json()["error"], "daily_quota_exhausted");
+    let tenants = get(&format!("http://{}/admin/tenants", second.admin_addr), &[]).await.json();
+    let a = tenants.as_array().unwrap().iter().find(|t| t["id"] == "a").unwrap();
+    assert_eq!(a["usage"]["daily_used"], 7);
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bureau_budget_is_split_among_live_replicas() {
+    let Some(redis) = RedisServer::start("redis-budget") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state(&redis.url(), ""), upstream: "max_concurrency = 9", ..Extras::default() },
+    );
+    let one = app::start(parse(&text)).await.unwrap();
+    assert_eq!(one.shared.scheduler.limit(), 9, "alone: the whole budget");
+    let two = app::start(parse(&text)).await.unwrap();
+    wait_until("both see two replicas", || {
+        one.shared.scheduler.limit() + two.shared.scheduler.limit() == 9
+            && one.shared.scheduler.limit() >= 4
+            && two.shared.scheduler.limit() >= 4
+    })
+    .await;
+    // A replica that leaves (clean shutdown) is counted out at once; its budget goes back.
+    two.shutdown().await;
+    wait_until("the remaining replica takes the whole budget", || one.shared.scheduler.limit() == 9).await;
+    one.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reset_starts_the_shared_count_over() {
+    let Some(redis) = RedisServer::start("redis-reset") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state(&redis.url(), ""), tenant_a: "daily_quota = 3", ..Extras::default() },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let url = |i: usize| format!("http://{}/v1/score/Z-{i}", proxy.addr);
+    for i in 0..3 {
+        assert_eq!(status(&url(i), KEY_A).await, 200);
+    }
+    assert_eq!(status(&url(3), KEY_A).await, 429);
+    let c = client();
+    let r = send(&c, http::Method::POST, &format!("http://{}/admin/tenants/a/reset", proxy.admin_addr), &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["reset"]["daily_was"], 3);
+    assert_eq!(status(&url(4), KEY_A).await, 200, "the quota starts over after a reset");
+    proxy.shutdown().await;
+}
+
+/// Polls an async condition every 20 ms, up to 10 s.
+async fn wait_until_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
