@@ -1453,6 +1453,61 @@ api_key_sha256 = "{KEY_HEX}"
     }
 
     #[test]
+    fn redis_backend_is_validated_with_every_problem_at_its_path() {
+        let with = |state: &str| format!("{}\n{state}", minimal());
+        let c = Config::from_toml(
+            &with("[state]\nbackend = \"redis\"\n[state.redis]\nurl = \"redis://:s3cret@127.0.0.1:6379/0\""),
+            &no_env,
+        )
+        .expect("valid");
+        let StateBackend::Redis(r) = &c.state.backend else { panic!("redis backend") };
+        assert_eq!(
+            (r.timeout, r.lease, r.on_unavailable),
+            (defaults::REDIS_TIMEOUT, defaults::REDIS_LEASE, FailPolicy::FailOpen)
+        );
+        assert!(!format!("{r:?}").contains("s3cret"), "the password never reaches Debug output");
+
+        let p = problems(&with(
+            "[state]\nbackend = \"redis\"\nfile = \"x.json\"\n[state.redis]\ntimeout = \"5s\"\non_unavailable = \"maybe\"\nheartbeat_interval = \"1s\"\nlease_ttl = \"1s\"\nkey_prefix = \"a{b}\"",
+        ));
+        for want in [
+            "state.file:",
+            "state.redis.url: required",
+            "state.redis.timeout:",
+            "state.redis.on_unavailable: unknown policy \"maybe\"",
+            "state.redis.lease_ttl: must be at least twice",
+            "state.redis.key_prefix:",
+        ] {
+            assert!(p.iter().any(|x| x.starts_with(want)), "missing {want:?} in {p:?}");
+        }
+        assert!(problems(&with("[state]\nbackend = \"etcd\"")).iter().any(|x| x.starts_with("state.backend: unknown")));
+        assert!(
+            problems(&with("[state.redis]\nurl = \"redis://x\""))
+                .iter()
+                .any(|x| x.starts_with("state.redis: only used"))
+        );
+        let bad_url = problems(&with("[state]\nbackend = \"redis\"\n[state.redis]\nurl = \"http://u:pw@host\""));
+        assert!(
+            bad_url.iter().any(|x| x.starts_with("state.redis.url: invalid Redis URL") && !x.contains(":pw@")),
+            "{bad_url:?}"
+        );
+        let from_env = Config::from_toml(
+            &with("[state]\nbackend = \"redis\"\n[state.redis]\nurl_env = \"REDIS_URL\"\nlease = \"0s\""),
+            &|name| (name == "REDIS_URL").then(|| "redis://127.0.0.1:6380".to_string()),
+        )
+        .expect("url from the environment");
+        let StateBackend::Redis(r) = &from_env.state.backend else { panic!("redis backend") };
+        assert_eq!((r.url.as_str(), r.lease), ("redis://127.0.0.1:6380", Duration::ZERO));
+    }
+
+    #[test]
+    fn redacted_urls_keep_the_user_and_hide_the_password() {
+        assert_eq!(redact_url("redis://app:pw@h:6379/1"), "redis://app:***@h:6379/1");
+        assert_eq!(redact_url("rediss://:pw@h"), "rediss://:***@h");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let c = Config::from_toml(&minimal(), &no_env).expect("valid");
         assert_eq!(c.server.listen, defaults::LISTEN.parse().unwrap());

@@ -166,29 +166,24 @@ mod tests {
     async fn one_refill_at_a_time_and_waiters_wake_when_it_ends() {
         let l = std::sync::Arc::new(Lease::default());
         assert!(l.start_refill());
-        assert!(!l.start_refill(), "second caller joins the first");
+        assert!(!l.start_refill(), "a second caller joins the refill in flight");
+        let (registered, is_registered) = tokio::sync::oneshot::channel();
         let waiter = {
             let l = l.clone();
             tokio::spawn(async move {
                 let notified = l.refilled();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                // The pool is checked here in real use; then wait.
+                assert!(!l.avail.try_take(0, 1), "nothing before the refill");
+                registered.send(()).unwrap();
                 notified.await;
                 l.avail.try_take(0, 1)
             })
         };
-        // Let the waiter register (it enables before we put anything).
-        tokio::task::yield_now().await;
-        while !waiter.is_finished() {
-            l.avail.put(0, 1);
-            l.finish_refill();
-            tokio::task::yield_now().await;
-            if waiter.is_finished() {
-                break;
-            }
-            assert!(l.start_refill());
-        }
+        is_registered.await.unwrap();
+        l.avail.put(0, 1);
+        l.finish_refill();
         assert!(waiter.await.unwrap(), "the waiter got the unit the refill brought");
+        assert!(l.start_refill(), "the next refill may start");
     }
 }

@@ -676,6 +676,24 @@ impl DrainRate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_split_the_budget_without_exceeding_it() {
+        for (base, n) in [(64, 3), (9, 2), (8, 8), (10, 4), (1, 1)] {
+            let parts: Vec<usize> = (0..n).map(|rank| share_of(base, rank, n)).collect();
+            assert_eq!(parts.iter().sum::<usize>(), base, "{base} over {n}: {parts:?}");
+            assert!(parts.iter().max().unwrap() - parts.iter().min().unwrap() <= 1, "{parts:?}");
+        }
+        // More replicas than slots: each keeps one, or it could serve nothing.
+        assert_eq!(share_of(2, 5, 6), 1);
+        let sched = Scheduler::new(9);
+        sched.set_share(1, 2);
+        assert_eq!(sched.limit(), 4);
+        sched.set_limit(20); // a reload (or the adaptive controller) changes the whole budget
+        assert_eq!(sched.limit(), 10);
+        sched.set_share(0, 1);
+        assert_eq!(sched.limit(), 20);
+    }
     use crate::adaptive::AdaptiveConfig;
     use std::future::Future;
     use std::pin::Pin;
