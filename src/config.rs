@@ -202,6 +202,9 @@ pub struct RedisSettings {
     pub lease_ttl: Duration,
     /// This replica's name in Redis; default: host name, process id and a random suffix.
     pub replica_id: Option<String>,
+    /// `url` is a seed node of a Redis Cluster (the client discovers the others and routes each
+    /// script to the node of its tenant's hash slot).
+    pub cluster: bool,
 }
 
 impl fmt::Debug for RedisSettings {
@@ -215,6 +218,7 @@ impl fmt::Debug for RedisSettings {
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("lease_ttl", &self.lease_ttl)
             .field("replica_id", &self.replica_id)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -496,6 +500,7 @@ struct RawRedis {
     heartbeat_interval: Option<String>,
     lease_ttl: Option<String>,
     replica_id: Option<String>,
+    cluster: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -980,6 +985,7 @@ fn validate_backend(p: &mut Problems, raw: &RawState, env: &dyn Fn(&str) -> Opti
         heartbeat_interval,
         lease_ttl,
         replica_id: r.replica_id.clone(),
+        cluster: r.cluster.unwrap_or(false),
     })
 }
 

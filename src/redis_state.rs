@@ -159,6 +159,14 @@ redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return held
 ";
 
+/// Admin reset of both quota windows; returns what they held.
+const RESET: &str = r"
+local d = tonumber(redis.call('GET', KEYS[1]) or '0')
+local m = tonumber(redis.call('GET', KEYS[2]) or '0')
+redis.call('DEL', KEYS[1], KEYS[2])
+return {d, m}
+";
+
 /// Heartbeat: drops replicas whose lease expired, renews ours. Returns {live replicas, our
 /// rank among them by name} (ranks split the bureau budget's remainder deterministically).
 const HEARTBEAT: &str = r"
@@ -176,6 +184,99 @@ end
 return {#members, 0}
 ";
 
+/// A connection to a single Redis (reconnecting by itself) or to a Redis Cluster (connected on
+/// first use, and again after a failure).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(Arc<ClusterConn>),
+}
+
+struct ClusterConn {
+    client: redis::cluster::ClusterClient,
+    conn: arc_swap::ArcSwapOption<redis::cluster_async::ClusterConnection>,
+}
+
+impl Conn {
+    fn new(settings: &RedisSettings) -> redis::RedisResult<Conn> {
+        if settings.cluster {
+            let client = redis::cluster::ClusterClient::builder(vec![settings.url.as_str()])
+                .connection_timeout(BACKGROUND_TIMEOUT / 2)
+                .response_timeout(BACKGROUND_TIMEOUT)
+                .retries(1)
+                .build()?;
+            return Ok(Conn::Cluster(Arc::new(ClusterConn { client, conn: arc_swap::ArcSwapOption::empty() })));
+        }
+        let client = redis::Client::open(settings.url.as_str())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(BACKGROUND_TIMEOUT / 2))
+            .set_response_timeout(Some(BACKGROUND_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        Ok(Conn::Single(ConnectionManager::new_lazy_with_config(client, config)?))
+    }
+
+    /// Runs `f` on a connection; a cluster connection that failed is dropped and made again
+    /// on the next call.
+    async fn run<T, F>(&self, f: F) -> redis::RedisResult<T>
+    where
+        F: AsyncFnOnce(&mut AnyConn) -> redis::RedisResult<T>,
+    {
+        match self {
+            Conn::Single(c) => f(&mut AnyConn::Single(c.clone())).await,
+            Conn::Cluster(c) => {
+                let mut conn = AnyConn::Cluster(match c.conn.load_full() {
+                    Some(conn) => (*conn).clone(),
+                    None => {
+                        let conn = c.client.get_async_connection().await?;
+                        c.conn.store(Some(Arc::new(conn.clone())));
+                        conn
+                    }
+                });
+                let result = f(&mut conn).await;
+                if result.as_ref().is_err_and(|e| e.is_io_error() || e.is_connection_dropped() || e.is_timeout()) {
+                    c.conn.store(None);
+                }
+                result
+            }
+        }
+    }
+}
+
+/// One connection of either kind, for the scripts (`Script` needs a sized `ConnectionLike`).
+enum AnyConn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for AnyConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            AnyConn::Single(c) => c.req_packed_command(cmd),
+            AnyConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            AnyConn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            AnyConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            AnyConn::Single(c) => c.get_db(),
+            AnyConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// The scripts, hashed once (`EVALSHA`, with a fallback to `EVAL` after a Redis restart).
 struct Scripts {
     rate_lease: Script,
@@ -186,6 +287,7 @@ struct Scripts {
     in_flight_acquire: Script,
     in_flight_set: Script,
     heartbeat: Script,
+    reset: Script,
 }
 
 /// Metrics of the shared state; `op` is one of a fixed set of names.
@@ -286,7 +388,7 @@ enum Period {
 
 /// The shared-state backend of one replica.
 pub struct RedisState {
-    conn: ConnectionManager,
+    conn: Conn,
     scripts: Scripts,
     settings: RedisSettings,
     replica: String,
@@ -313,14 +415,7 @@ impl RedisState {
         scheduler: Arc<Scheduler>,
         registry: &Registry,
     ) -> Result<Arc<RedisState>, String> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| format!("invalid Redis URL {}: {e}", redact_url(&settings.url)))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(BACKGROUND_TIMEOUT / 2))
-            .set_response_timeout(Some(BACKGROUND_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())?;
+        let conn = Conn::new(settings).map_err(|e| format!("invalid Redis URL {}: {e}", redact_url(&settings.url)))?;
         let replica = settings.replica_id.clone().unwrap_or_else(default_replica_id);
         let metrics = RedisMetrics::register(registry);
         metrics.up.set(1);
@@ -336,6 +431,7 @@ impl RedisState {
                 in_flight_acquire: Script::new(IN_FLIGHT_ACQUIRE),
                 in_flight_set: Script::new(IN_FLIGHT_SET),
                 heartbeat: Script::new(HEARTBEAT),
+                reset: Script::new(RESET),
             },
             settings: settings.clone(),
             replica,
@@ -374,8 +470,8 @@ impl RedisState {
     async fn call<T: FromRedisValue>(&self, op: &'static str, invocation: redis::ScriptInvocation<'_>) -> Option<T> {
         self.metrics.calls.with_label_values(&[op]).inc();
         let started = std::time::Instant::now();
-        let mut conn = self.conn.clone();
-        let result = tokio::time::timeout(BACKGROUND_TIMEOUT, invocation.invoke_async::<T>(&mut conn)).await;
+        let call = self.conn.run(async |conn| invocation.invoke_async::<T>(conn).await);
+        let result = tokio::time::timeout(BACKGROUND_TIMEOUT, call).await;
         self.metrics.call_seconds.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(v)) => Some(v),
@@ -834,13 +930,9 @@ impl RedisState {
                 let _ = self.call::<i64>("in_flight", inv).await;
             }
         }
-        let mut conn = self.conn.clone();
-        let _: Result<i64, _> = tokio::time::timeout(
-            BACKGROUND_TIMEOUT,
-            redis::cmd("ZREM").arg(self.replicas_key()).arg(&self.replica).query_async(&mut conn),
-        )
-        .await
-        .unwrap_or(Ok(0));
+        let leave = redis::cmd("ZREM").arg(self.replicas_key()).arg(&self.replica).clone();
+        let _ =
+            tokio::time::timeout(BACKGROUND_TIMEOUT, self.conn.run(async |c| leave.query_async::<i64>(c).await)).await;
     }
 
     /// Admin reset: the tenant's daily and monthly counts for the current windows start over
@@ -849,14 +941,13 @@ impl RedisState {
         let (day, month) =
             (self.key(&t.id, format_args!("daily:{}", w.day)), self.key(&t.id, format_args!("monthly:{}", w.month)));
         self.metrics.calls.with_label_values(&["reset"]).inc();
-        let mut conn = self.conn.clone();
-        let pipe = redis::pipe().atomic().get(&day).get(&month).del(&day).del(&month).clone();
-        // GET day, GET month, DEL day, DEL month.
-        type Reply = (Option<u64>, Option<u64>, i64, i64);
-        let result: Result<redis::RedisResult<Reply>, _> =
-            tokio::time::timeout(BACKGROUND_TIMEOUT, pipe.query_async(&mut conn)).await;
+        let mut inv = self.scripts.reset.key(day);
+        inv.key(month);
+        let result =
+            tokio::time::timeout(BACKGROUND_TIMEOUT, self.conn.run(async |c| inv.invoke_async::<(u64, u64)>(c).await))
+                .await;
         match result {
-            Ok(Ok((d, m, _, _))) => {
+            Ok(Ok((d, m))) => {
                 let l = &t.state.leases;
                 l.daily.avail.take_all();
                 l.monthly.avail.take_all();
@@ -864,7 +955,7 @@ impl RedisState {
                 l.monthly.last_seen.set(w.month, 0);
                 l.daily.clear_denial();
                 l.monthly.clear_denial();
-                Some((d.unwrap_or(0), m.unwrap_or(0)))
+                Some((d, m))
             }
             _ => {
                 self.metrics.errors.with_label_values(&["reset"]).inc();

@@ -419,3 +419,110 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Three masters on ephemeral ports, slots spread over them by `redis-cli --cluster create`.
+struct RedisCluster {
+    nodes: Vec<Proc>,
+    ports: Vec<u16>,
+}
+
+impl RedisCluster {
+    fn start(name: &str) -> Option<RedisCluster> {
+        // Reuse the single-server check (skip or fail when redis-server is missing).
+        let probe = RedisServer::start(&format!("{name}-probe"))?;
+        drop(probe);
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for port in &ports {
+            let dir = temp_dir(&format!("{name}-{port}"));
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--dir",
+                    dir.to_str().unwrap(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start a cluster node");
+            nodes.push(Proc(child));
+        }
+        let cluster = RedisCluster { nodes, ports };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for port in &cluster.ports {
+            while cluster.cli(*port, &["PING"]) != "PONG" {
+                assert!(Instant::now() < deadline, "cluster node did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli --cluster create");
+        assert!(created.success(), "cluster create failed");
+        for port in &cluster.ports {
+            while !cluster.cli(*port, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline + Duration::from_secs(10), "cluster never became ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Some(cluster)
+    }
+
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-c", "-p", &port.to_string()]).args(args).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    }
+
+    /// The port of the node that serves `key`'s slot: the only one that answers without MOVED.
+    fn owner(&self, key: &str) -> u16 {
+        let answers_locally = |port: &u16| {
+            let out = Command::new("redis-cli").args(["-p", &port.to_string(), "EXISTS", key]).output().unwrap();
+            !String::from_utf8_lossy(&out.stdout).contains("MOVED")
+        };
+        *self.ports.iter().find(|p| answers_locally(p)).expect("some node owns every slot")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn works_on_a_redis_cluster_with_each_tenant_in_its_own_hash_slot() {
+    let Some(cluster) = RedisCluster::start("redis-cluster") else { return };
+    assert_eq!(cluster.nodes.len(), 3);
+    let mock = start_mock(fast_mock()).await;
+    let seed = format!("redis://127.0.0.1:{}", cluster.ports[0]);
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&seed, "cluster = true\nkey_prefix = \"bg\""),
+            tenant_a: "daily_quota = 4\nrate = 1000\nmax_in_flight = 10",
+            tenant_b: "daily_quota = 6\nrate = 1000\nmax_in_flight = 10",
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    // Tenants a and b hash to slots on different nodes here ({bg:a} and {bg:b}), so each
+    // script must reach the node of its own tenant.
+    assert_ne!(cluster.owner("{bg:a}"), cluster.owner("{bg:b}"), "the test wants two nodes");
+    for (key, quota) in [(KEY_A, 4), (KEY_B, 6)] {
+        for i in 0..quota {
+            assert_eq!(status(&format!("http://{}/v1/score/C-{i}", proxy.addr), key).await, 200);
+        }
+        let r = get(&format!("http://{}/v1/score/C-x", proxy.addr), &[("x-api-key", key)]).await;
+        assert_eq!(r.status, 429, "quota {quota} enforced through the cluster");
+        assert_eq!(r.json()["error"], "daily_quota_exhausted");
+    }
+    let metrics = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert_eq!(metric_value(&metrics, "bureau_guard_state_redis_up"), Some(1.0));
+    assert_eq!(metric_value(&metrics, "bureau_guard_replicas"), Some(1.0));
+    assert_eq!(metric_value(&metrics, "bureau_guard_state_redis_errors_total{op=\"quota_lease\"}"), Some(0.0));
+    proxy.shutdown().await;
+}
