@@ -818,8 +818,8 @@ impl RedisState {
         true
     }
 
-    /// One heartbeat tick: heartbeat, then (if Redis answers) recovery after an outage,
-    /// in-flight lease renewal, and the return of rate tokens that sat unused.
+    /// One heartbeat tick: heartbeat, then (if Redis answers) the units charged during an
+    /// outage, in-flight lease renewal, and the return of rate tokens that sat unused.
     pub async fn tick(&self, tenants: &[Arc<Tenant>], w: &Windows, now_unix_s: i64) {
         let was_up = self.is_up();
         if !self.heartbeat().await {
@@ -830,8 +830,9 @@ impl RedisState {
             tracing::info!("Redis reachable again: shared limits resume; units charged meanwhile are being added");
         }
         for t in tenants {
+            // Every tick, not only the first after an outage: a sync that failed is retried.
+            self.sync_outage(t, w, now_unix_s).await;
             if !was_up {
-                self.sync_outage(t, w, now_unix_s).await;
                 t.state.leases.rate.clear_denial();
                 t.state.leases.daily.clear_denial();
                 t.state.leases.monthly.clear_denial();
