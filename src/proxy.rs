@@ -27,6 +27,7 @@ use crate::headers::{X_REQUEST_ID, X_TENANT, strip_hop_by_hop};
 use crate::limits;
 use crate::quota::{self, Exhausted, Windows, retry_after_secs};
 use crate::ratelimit::{InFlightGuard, RateDecision};
+use crate::redis_state::Budget;
 use crate::respond::{Body, ErrorKind, Outcome, ProxyError, RateLimitState, error_response};
 use crate::runtime::{Shared, Snapshot};
 use crate::scheduler::{Ask, ShedReason};
@@ -177,11 +178,14 @@ impl Proxy {
             }
         };
 
+        // With Redis: what this request may still wait for it, over all its limits.
+        let mut redis_budget = self.shared.redis.as_ref().map_or(Budget::ZERO, |r| r.budget());
+
         // Rate: every request of the tenant pays, cache hits included; it shapes the tenant's pace.
         if let Some(rate) = &tenant.rate {
             let decision = match &self.shared.redis {
                 None => rate.check(&tenant.state.rate_tat, crate::ratelimit::now_ns(), cost),
-                Some(redis) => redis.rate(&tenant, rate, cost).await?,
+                Some(redis) => redis.rate(&mut redis_budget, &tenant, rate, cost).await?,
             };
             ctx.rate = Some(decision);
             if let RateDecision::Limited { retry_after } = decision {
@@ -199,7 +203,7 @@ impl Proxy {
             // Shared with other replicas: counted here, held as a slot in Redis.
             (Some(redis), Some(max)) => {
                 let (guard, _) = InFlightGuard::enter(&tenant.state, None, false).expect("no max: always enters");
-                if redis.in_flight(&tenant, max).await? {
+                if redis.in_flight(&mut redis_budget, &tenant, max).await? {
                     self.over_limit(snap, &tenant, self.in_flight_error(&tenant), tenant.limits.dry_run.in_flight)?;
                 }
                 guard
@@ -265,7 +269,9 @@ impl Proxy {
         ctx.windows = Some(windows);
         let reserved = match &self.shared.redis {
             None => quota::reserve(&tenant.state, &tenant.limits, &windows),
-            Some(redis) => redis.reserve(&tenant, &windows, self.shared.clock.now_unix_ms() / 1000).await?,
+            Some(redis) => {
+                redis.reserve(&mut redis_budget, &tenant, &windows, self.shared.clock.now_unix_ms() / 1000).await?
+            }
         };
         let reservation = match reserved {
             Ok(reserved) => {

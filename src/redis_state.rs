@@ -372,6 +372,16 @@ impl RedisMetrics {
 const OPS: [&str; 8] =
     ["rate_lease", "rate_return", "quota_lease", "quota_return", "quota_sync", "in_flight", "heartbeat", "reset"];
 
+/// What is left of the time one request may wait for Redis (`state.redis.timeout`), shared by
+/// its rate, in-flight and quota decisions.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget(Duration);
+
+impl Budget {
+    /// No waiting at all (the local backend never needs one).
+    pub const ZERO: Budget = Budget(Duration::ZERO);
+}
+
 /// How a wait for a lease ended.
 enum Got {
     Yes,
@@ -500,10 +510,27 @@ impl RedisState {
         }
     }
 
-    /// Waits (up to the hot-path budget) until `ready` holds, starting one shared refill when
-    /// the pool is short. Never waits while Redis is known to be down.
-    async fn acquire(&self, lease: &Lease, mut ready: impl FnMut() -> bool, refill: impl Fn()) -> Got {
-        let deadline = Instant::now() + self.settings.timeout;
+    /// The time one request may spend waiting for Redis, over all its limits.
+    pub fn budget(&self) -> Budget {
+        Budget(self.settings.timeout)
+    }
+
+    /// Waits (within what is left of the request's budget) until `ready` holds, starting one
+    /// shared refill when the pool is short. Never waits while Redis is known to be down.
+    async fn acquire(&self, budget: &mut Budget, lease: &Lease, ready: impl FnMut() -> bool, refill: impl Fn()) -> Got {
+        let started = Instant::now();
+        let got = self.acquire_until(started + budget.0, lease, ready, refill).await;
+        budget.0 = budget.0.saturating_sub(started.elapsed());
+        got
+    }
+
+    async fn acquire_until(
+        &self,
+        deadline: Instant,
+        lease: &Lease,
+        mut ready: impl FnMut() -> bool,
+        refill: impl Fn(),
+    ) -> Got {
         loop {
             if ready() {
                 return Got::Yes;
@@ -561,14 +588,16 @@ impl RedisState {
     /// The tenant's rate decision across all replicas.
     pub async fn rate(
         self: &Arc<Self>,
+        budget: &mut Budget,
         tenant: &Arc<Tenant>,
         policy: &RatePolicy,
         cost: u32,
     ) -> Result<RateDecision, ProxyError> {
         let lease = &tenant.state.leases.rate;
         let cost = u64::from(cost.max(1));
-        let got =
-            self.acquire(lease, || lease.avail.try_take(0, cost), || self.refill_rate(tenant, policy, cost)).await;
+        let got = self
+            .acquire(budget, lease, || lease.avail.try_take(0, cost), || self.refill_rate(tenant, policy, cost))
+            .await;
         match got {
             Got::Yes => {
                 let left = lease.last_seen.load().1 + lease.avail.load().1;
@@ -618,11 +647,17 @@ impl RedisState {
     /// Makes sure this replica holds a slot in Redis for every request of the tenant inside it
     /// now (the caller has already counted this one in `state.in_flight`). `Ok(true)`: the
     /// tenant is over `max` (the caller refuses, or lets it through in dry run).
-    pub async fn in_flight(self: &Arc<Self>, tenant: &Arc<Tenant>, max: u32) -> Result<bool, ProxyError> {
+    pub async fn in_flight(
+        self: &Arc<Self>,
+        budget: &mut Budget,
+        tenant: &Arc<Tenant>,
+        max: u32,
+    ) -> Result<bool, ProxyError> {
         let s = &tenant.state;
         let inside = || s.in_flight.load(Ordering::Acquire);
         let got = self
             .acquire(
+                budget,
                 &s.leases.in_flight,
                 || inside() <= s.leases.held.load(Ordering::Acquire),
                 || self.refill_in_flight(tenant, max),
@@ -669,6 +704,7 @@ impl RedisState {
     /// replicas. Outer `Err`: Redis unreachable and `fail_closed`.
     pub async fn reserve(
         self: &Arc<Self>,
+        budget: &mut Budget,
         tenant: &Arc<Tenant>,
         w: &Windows,
         now_unix_s: i64,
@@ -677,7 +713,7 @@ impl RedisState {
         let mut dry_run_hit = None;
         let daily = match limits.daily_quota {
             None => Source::None,
-            Some(limit) => match self.take_quota(tenant, Period::Day, w, limit, now_unix_s).await? {
+            Some(limit) => match self.take_quota(budget, tenant, Period::Day, w, limit, now_unix_s).await? {
                 Ok((source, over)) => {
                     if over {
                         dry_run_hit = Some(Exhausted::Daily { limit, retry_after_s: w.day_resets_in_s });
@@ -690,7 +726,7 @@ impl RedisState {
         // Built now, so an early return below gives the daily unit back.
         let mut reservation = Reservation::shared(tenant.state.clone(), w, daily, Source::None);
         if let Some(limit) = limits.monthly_quota {
-            match self.take_quota(tenant, Period::Month, w, limit, now_unix_s).await? {
+            match self.take_quota(budget, tenant, Period::Month, w, limit, now_unix_s).await? {
                 Ok((source, over)) => {
                     if over && dry_run_hit.is_none() {
                         dry_run_hit = Some(Exhausted::Monthly { limit, retry_after_s: w.month_resets_in_s });
@@ -707,6 +743,7 @@ impl RedisState {
     /// outage allowance. `Ok(Err(()))`: exhausted. The flag: over the limit in dry run.
     async fn take_quota(
         self: &Arc<Self>,
+        budget: &mut Budget,
         tenant: &Arc<Tenant>,
         period: Period,
         w: &Windows,
@@ -729,6 +766,7 @@ impl RedisState {
         let expire_at = now_unix_s + resets_in as i64 + 86_400;
         let got = self
             .acquire(
+                budget,
                 lease,
                 || lease.avail.try_take(window, 1),
                 || self.refill_quota(tenant, period, window, (!dry_run).then_some(limit), expire_at),
