@@ -60,6 +60,13 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP / SIGCONT: a Redis that hangs (a network partition, a stuck server) rather than
+    /// refusing connections.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
@@ -297,6 +304,35 @@ async fn redis_down_fail_open_then_recovery_adds_outage_units_once() {
     assert_eq!(redis.cli(&["GET", &key]), "12");
     assert_eq!(status(&url(99), KEY_A).await, 200);
     assert_eq!(redis.cli(&["GET", &key]), "13", "shared counting resumed");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_a_request_at_most_the_budget() {
+    let Some(redis) = RedisServer::start("redis-hung") else { return };
+    let mock = start_mock(fast_mock()).await;
+    // Budget 50 ms; Redis calls themselves time out only after 1 s.
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&redis.url(), "lease = \"0s\""),
+            tenant_a: "rate = 1000\ndaily_quota = 1000",
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let url = |i: usize| format!("http://{}/v1/score/H-{i}", proxy.addr);
+    assert_eq!(status(&url(0), KEY_A).await, 200);
+    redis.signal("-STOP");
+    let started = Instant::now();
+    assert_eq!(status(&url(1), KEY_A).await, 200, "fail_open: decided locally");
+    let waited = started.elapsed();
+    redis.signal("-CONT");
+    // Not a speed measurement: the bound is 10x the budget, and far below the 1 s a Redis call
+    // may take; what is asserted is that the request did not wait for Redis to answer.
+    assert!(waited < Duration::from_millis(500), "a request waited {waited:?} for a hung Redis");
+    let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert!(metric_value(&m, "bureau_guard_state_redis_budget_exceeded_total").unwrap() >= 1.0);
     proxy.shutdown().await;
 }
 
