@@ -2,31 +2,39 @@
 # shellcheck disable=SC2317  # cleanup, burst and traffic run via trap and start(), which shellcheck cannot see
 # Proves grafana/bureau-guard.json against a real Prometheus.
 #
-# Starts a mock bureau, bureau-guard (temp config, ephemeral ports) and our own Prometheus
-# (temp config and data dir, ephemeral 127.0.0.1 port, scraping bureau-guard's admin /metrics
-# every second), drives traffic that produces every outcome the dashboard shows (200s, 401,
-# 404, 429 rate/quota, dry-run limits, 503 sheds, 504 bureau timeouts, an applied and a
-# rejected config reload; cache hits, coalesced look-ups against a slowed bureau, stale answers
-# while the bureau times out, size evictions from a small cache, audit records), then runs EVERY
-# `expr` of every panel target through Prometheus's /api/v1/query. Fails, listing the panels, if
-# an expression does not parse or returns no data (a 0-valued series counts as data; a NaN-only
-# result, e.g. a quantile over a window without observations, does not), or if the traffic did not
-# really produce a cache hit, a coalesced and a stale answer, a stored answer, a size eviction and
-# an audit record (counters that exist at 0 would otherwise pass). Also lints the dashboard:
-# stable uid, units and descriptions on every panel, `tenant=~"$tenant"` on every selector of a
-# metric that has a tenant label.
+# Starts a mock bureau, our own redis-server (ephemeral 127.0.0.1 port, no persistence),
+# bureau-guard with state.backend = "redis" (temp config, ephemeral ports), a second, idle
+# bureau-guard with the local backend and a state file (the state-file panels are empty by design
+# with Redis), and our own Prometheus (temp config and data dir, ephemeral 127.0.0.1 port,
+# scraping both admin /metrics every second), drives traffic that produces every outcome the
+# dashboard shows (200s, 401, 404, 429 rate/quota enforced through Redis, dry-run limits, 503
+# sheds, 504 bureau timeouts, an applied and a rejected config reload; cache hits, coalesced
+# look-ups against a slowed bureau, stale answers while the bureau times out, size evictions from
+# a small cache, audit records; a 3 s Redis outage (CLIENT PAUSE) decided by fail_open), then runs
+# EVERY `expr` of every panel target through Prometheus's /api/v1/query. Fails, listing the
+# panels, if an expression does not parse or returns no data (a 0-valued series counts as data; a
+# NaN-only result, e.g. a quantile over a window without observations, does not), or if the
+# traffic did not really produce a cache hit, a coalesced and a stale answer, a stored answer, a
+# size eviction, an audit record, the 429s rate_limited and daily_quota_exhausted, Redis leases,
+# Redis errors and decisions made without Redis during the outage, and the outage's quota units
+# added to Redis after it (counters that exist at 0 would otherwise pass). Also lints the
+# dashboard: stable uid, units and descriptions on every panel, `tenant=~"$tenant"` on every
+# selector of a metric that has a tenant label.
 #
 # Usage (from the repo root):  bash scripts/check-dashboard.sh
 # Environment:
 #   BUREAU_GUARD_BIN   use this binary instead of `cargo build --release --locked`
 #   PROMETHEUS_BIN     use this prometheus binary (default: `prometheus` on PATH, installed with
 #                      apt-get if missing; needs root)
+#   REDIS_SERVER_BIN   use this redis-server binary (default: `redis-server` on PATH, installed
+#                      with apt-get if missing; needs root). redis-cli must be on PATH.
 #   DASHBOARD          the dashboard to check (default grafana/bureau-guard.json)
 #   CHECK_DEADLINE_S   seconds allowed for traffic + queries to satisfy every panel (default 75)
 #
-# The packaged Prometheus service (Debian's `prometheus` listens on :9090, the same port as
-# bureau-guard's default admin listener) is never used: the install is done with a policy-rc.d
-# that forbids starting services, and the unit is disabled where systemd runs.
+# The packaged Prometheus and Redis services (Debian's `prometheus` listens on :9090, the same port
+# as bureau-guard's default admin listener; `redis-server` on :6379) are never used: the installs
+# are done with a policy-rc.d that forbids starting services, and the units are disabled where
+# systemd runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -90,13 +98,11 @@ wait_http() { # wait_http URL SECONDS WHAT: polls until URL answers 2xx
   done
 }
 
-# ---------------------------------------------------------------- prometheus
-PROMETHEUS=${PROMETHEUS_BIN:-$(command -v prometheus || true)}
-if [ -z "$PROMETHEUS" ]; then
-  [ "$(id -u)" -eq 0 ] || die "prometheus is not installed and installing it needs root (apt-get install prometheus)"
-  log "installing prometheus (apt-get; its packaged service is kept from starting)"
-  policy=/usr/sbin/policy-rc.d
-  own_policy=0
+# ---------------------------------------------------------------- prometheus and redis
+apt_install() { # apt_install PACKAGE SERVICE: installs PACKAGE without letting its service start
+  local pkg=$1 service=$2 policy=/usr/sbin/policy-rc.d own_policy=0 install_rc=0
+  [ "$(id -u)" -eq 0 ] || die "$pkg is not installed and installing it needs root (apt-get install $pkg)"
+  log "installing $pkg (apt-get; its packaged service is kept from starting)"
   if [ ! -e "$policy" ]; then
     # Debian's standard switch: maintainer scripts may not start services while it exits 101.
     printf '#!/bin/sh\nexit 101\n' >"$policy"
@@ -104,17 +110,29 @@ if [ -z "$PROMETHEUS" ]; then
     own_policy=1
   fi
   export DEBIAN_FRONTEND=noninteractive
-  install_rc=0
-  { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; } >"$TMP/apt.log" 2>&1 ||
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends "$pkg"; } >"$TMP/apt.log" 2>&1 ||
     install_rc=$?
   [ "$own_policy" -eq 0 ] || rm -f "$policy"
-  [ "$install_rc" -eq 0 ] || { tail -n 20 "$TMP/apt.log" >&2; die "apt-get install prometheus failed"; }
+  [ "$install_rc" -eq 0 ] || { tail -n 20 "$TMP/apt.log" >&2; die "apt-get install $pkg failed"; }
   if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
-    systemctl disable --now prometheus >/dev/null 2>&1 || true
+    systemctl disable --now "$service" >/dev/null 2>&1 || true
   fi
+}
+
+PROMETHEUS=${PROMETHEUS_BIN:-$(command -v prometheus || true)}
+if [ -z "$PROMETHEUS" ]; then
+  apt_install prometheus prometheus
   PROMETHEUS=$(command -v prometheus) || die "prometheus still not on PATH after install"
 fi
 log "prometheus: $("$PROMETHEUS" --version 2>&1 | head -n 1)"
+
+REDIS_SERVER=${REDIS_SERVER_BIN:-$(command -v redis-server || true)}
+if [ -z "$REDIS_SERVER" ] || ! command -v redis-cli >/dev/null; then
+  apt_install redis-server redis-server  # its dependency redis-tools brings redis-cli
+  REDIS_SERVER=${REDIS_SERVER_BIN:-$(command -v redis-server)} || die "redis-server still not on PATH after install"
+  command -v redis-cli >/dev/null || die "redis-cli still not on PATH after install"
+fi
+log "redis: $("$REDIS_SERVER" --version 2>&1 | head -n 1)"
 
 # ---------------------------------------------------------------- bureau-guard
 if [ -n "${BUREAU_GUARD_BIN:-}" ]; then
@@ -129,9 +147,9 @@ fi
 T0=$SECONDS
 
 # Ephemeral ports: ask the kernel for free ones (all bound at once, so they are distinct).
-read -r BUREAU_PORT PROXY_PORT ADMIN_PORT PROM_PORT < <(python3 - <<'EOF'
+read -r BUREAU_PORT PROXY_PORT ADMIN_PORT PROM_PORT REDIS_PORT LOCAL_PROXY_PORT LOCAL_ADMIN_PORT < <(python3 - <<'EOF'
 import socket
-socks = [socket.socket() for _ in range(4)]
+socks = [socket.socket() for _ in range(7)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -143,6 +161,8 @@ PROXY=http://127.0.0.1:$PROXY_PORT
 ADMIN=http://127.0.0.1:$ADMIN_PORT
 BUREAU=http://127.0.0.1:$BUREAU_PORT
 PROM=http://127.0.0.1:$PROM_PORT
+LOCAL_ADMIN=http://127.0.0.1:$LOCAL_ADMIN_PORT
+redis() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 
 sha() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
 KEY_A=check-key-bank-a   # low rate and a small daily quota: 429 rate_limited, daily_quota_exhausted
@@ -167,9 +187,14 @@ response_timeout = "150ms"
 max_concurrency = 2
 queue_timeout = "50ms"
 
+# Limits shared through Redis (state.file is an error with this backend). The default policy,
+# fail_open: during the Redis outage the traffic causes, limits are decided locally.
 [state]
-file = "$TMP/state.json"
-flush_interval = "1s"
+backend = "redis"
+
+[state.redis]
+url = "redis://127.0.0.1:$REDIS_PORT"
+on_unavailable = "fail_open"
 
 [log]
 access_log = false
@@ -226,6 +251,37 @@ dry_run = ["in_flight"]
 monthly_quota = 1000000
 EOF
 
+# The local backend with a state file, idle: the state-file panels have data only there.
+cat >"$TMP/bureau-guard-local.toml" <<EOF
+# Written by scripts/check-dashboard.sh; removed when it exits.
+[server]
+listen = "127.0.0.1:$LOCAL_PROXY_PORT"
+drain_timeout = "1s"
+
+[admin]
+listen = "127.0.0.1:$LOCAL_ADMIN_PORT"
+
+[upstream]
+url = "$BUREAU"
+
+[state]
+file = "$TMP/state.json"
+flush_interval = "1s"
+
+[log]
+access_log = false
+
+[[routes]]
+name = "score"
+method = "GET"
+path = "/v1/score/{subject_id}"
+
+[[tenants]]
+id = "bank-a"
+api_key_sha256 = "$(sha "$KEY_A")"
+daily_quota = 60
+EOF
+
 cat >"$TMP/prometheus.yml" <<EOF
 global:
   scrape_interval: 1s
@@ -234,17 +290,29 @@ global:
 scrape_configs:
   - job_name: bureau-guard
     static_configs:
-      - targets: ["127.0.0.1:$ADMIN_PORT"]
+      - targets: ["127.0.0.1:$ADMIN_PORT", "127.0.0.1:$LOCAL_ADMIN_PORT"]
 EOF
 
-log "starting mock bureau ($BUREAU), bureau-guard ($PROXY, admin $ADMIN), prometheus ($PROM)"
-"$BIN" check --config "$TMP/bureau-guard.toml" >"$TMP/check.log" 2>&1 || { cat "$TMP/check.log" >&2; die "temp config rejected"; }
+log "starting mock bureau ($BUREAU), redis (127.0.0.1:$REDIS_PORT), bureau-guard ($PROXY, admin $ADMIN;" \
+  "local backend: admin $LOCAL_ADMIN), prometheus ($PROM)"
+for cfg in bureau-guard bureau-guard-local; do
+  "$BIN" check --config "$TMP/$cfg.toml" >"$TMP/check.log" 2>&1 || { cat "$TMP/check.log" >&2; die "temp config $cfg.toml rejected"; }
+done
+start redis "$REDIS_SERVER" --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no
+end=$((SECONDS + 20))
+until [ "$(redis ping 2>/dev/null)" = PONG ]; do
+  [ "$SECONDS" -lt "$end" ] || die "redis not answering PING on 127.0.0.1:$REDIS_PORT after 20s"
+  kill -0 "${PIDS[-1]}" 2>/dev/null || die "redis-server exited early"
+  sleep 0.1
+done
 start mock-bureau "$BIN" mock-bureau --listen "127.0.0.1:$BUREAU_PORT" --workers 4 --service-ms 5
 start bureau-guard env RUST_LOG=warn "$BIN" serve --config "$TMP/bureau-guard.toml"
+start bureau-guard-local env RUST_LOG=warn "$BIN" serve --config "$TMP/bureau-guard-local.toml"
 start prometheus "$PROMETHEUS" --config.file="$TMP/prometheus.yml" --storage.tsdb.path="$TMP/prometheus-data" \
   --web.listen-address="127.0.0.1:$PROM_PORT" --log.level=warn
 wait_http "$BUREAU/stats" 20 "mock bureau"
 wait_http "$ADMIN/healthz" 20 "bureau-guard"
+wait_http "$LOCAL_ADMIN/healthz" 20 "bureau-guard (local backend)"
 wait_http "$PROM/-/ready" 30 "prometheus"
 
 # ---------------------------------------------------------------- traffic
@@ -294,6 +362,15 @@ traffic() {
       echo 'not_a_key = 1' >>"$TMP/bureau-guard.toml"
       curl -s -o /dev/null -X POST --max-time 5 "$ADMIN/admin/reload" || true
       cp "$TMP/good.toml" "$TMP/bureau-guard.toml"
+    fi
+    if [ "$r" -eq 3 ]; then                   # Redis stops answering for 3 s: its calls time out
+      redis client pause 3000 >/dev/null || true      # (1 s), Redis is marked down and limits are
+      sleep 0.3                               # decided locally (fail_open); then a heartbeat
+      burst "$KEY_A" 20 4 "outage-a$r"        # succeeds and the quota units charged meanwhile
+      burst "$KEY_C" 20 4 "outage-c$r"        # are added to Redis (quota_sync)
+      sleep 1.2
+      burst "$KEY_A" 20 4 "outage-a2-$r"
+      burst "$KEY_C" 20 4 "outage-c2-$r"
     fi
     bureau_service_ms 100                     # slower, still within response_timeout: identical
     burst "$KEY_C" 12 12 "co$r" same          # concurrent look-ups join one bureau call (coalesced)
@@ -406,6 +483,13 @@ proofs = [
     ("a 2xx bureau answer", 'sum(bureau_guard_bureau_responses_total{class="2xx"})'),
     ("an audit record written", "sum(bureau_guard_audit_records_total)"),
     ("the audit log healthy", "min(bureau_guard_audit_healthy)"),
+    # state.backend = "redis": the limits are still enforced, and the Redis panels show real calls.
+    ("a 429 rate_limited", 'sum(bureau_guard_requests_total{outcome="rate_limited"})'),
+    ("a 429 daily_quota_exhausted", 'sum(bureau_guard_requests_total{outcome="daily_quota_exhausted"})'),
+    ("a Redis lease", 'sum(bureau_guard_state_redis_calls_total{op=~"rate_lease|quota_lease"})'),
+    ("a Redis error (outage)", "sum(bureau_guard_state_redis_errors_total)"),
+    ("a decision made without Redis (outage)", "sum(bureau_guard_state_fallback_decisions_total)"),
+    ("outage units added to Redis after it", 'sum(bureau_guard_state_redis_calls_total{op="quota_sync"})'),
 ]
 proved = {}
 
@@ -472,7 +556,7 @@ if problems:
     sys.exit(1)
 print(f"OK: {len(checks)} expressions in {sum(1 for p in panels(dash['panels']) if p.get('type') != 'row')} "
       f"panels parse and return data; every panel has a unit and a description; tenant filter on every "
-      f"tenant-labelled metric; the traffic produced every cache, coalescing and audit outcome.")
+      f"tenant-labelled metric; the traffic produced every cache, coalescing, audit, 429 and Redis outcome.")
 EOF
 CHECKER=$!
 PIDS+=("$CHECKER")
