@@ -208,10 +208,16 @@ async fn redis_loop(shared: Arc<Shared>, stop: impl std::future::Future<Output =
         let now_ms = shared.clock.now_unix_ms();
         let w = Windows::at(now_ms, snap.config.quota.utc_offset);
         let tenants: Vec<_> = snap.tenants.iter().cloned().collect();
-        redis.tick(&tenants, &w, now_ms / 1000).await;
+        // Tenants a reload removed: what they still hold goes back.
+        let retired: Vec<_> =
+            shared.states.all().into_iter().filter(|(id, _)| snap.tenants.by_id(id).is_none()).collect();
+        redis.tick(&tenants, &retired, &w, now_ms / 1000).await;
     }
-    let tenants: Vec<_> = shared.snapshot.load().tenants.iter().cloned().collect();
-    redis.release_all(&tenants).await;
+    let snap = shared.snapshot.load_full();
+    let now_ms = shared.clock.now_unix_ms();
+    let w = Windows::at(now_ms, snap.config.quota.utc_offset);
+    let tenants: Vec<_> = snap.tenants.iter().cloned().collect();
+    redis.release_all(&tenants, &w, now_ms / 1000).await;
 }
 
 /// Every `interval`, if anything changed, write the counters. On stop: one final write.

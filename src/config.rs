@@ -223,16 +223,22 @@ impl fmt::Debug for RedisSettings {
     }
 }
 
-/// A Redis URL with its password replaced, for logs and diffs.
+/// A Redis URL with its password replaced, for logs and diffs (user info, and a query string,
+/// which may carry `?password=`).
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (url, query) = match url.split_once('?') {
+        Some((base, _)) => (base, "?***"),
+        None => (url, ""),
+    };
+    let redacted = match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];
             let user = userinfo.split(':').next().unwrap_or("");
             format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..])
         }
         _ => url.to_string(),
-    }
+    };
+    redacted + query
 }
 
 /// `state.redis.on_unavailable`.
@@ -1511,6 +1517,7 @@ api_key_sha256 = "{KEY_HEX}"
         assert_eq!(redact_url("redis://app:pw@h:6379/1"), "redis://app:***@h:6379/1");
         assert_eq!(redact_url("rediss://:pw@h"), "rediss://:***@h");
         assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redact_url("redis+unix:///run/redis.sock?db=1&pass=pw"), "redis+unix:///run/redis.sock?***");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct Lease {
     denied_until: AtomicU64,
     /// How long the refusal said to wait, in nanoseconds (the `Retry-After`).
     denied_retry_ns: AtomicU64,
+    /// The window the refusal was about: a quota refused yesterday is not refused today.
+    denied_window: AtomicU32,
     /// Size of the next batch; adapts to demand. 0 until the first refill.
     batch: AtomicU64,
     /// When the last grant arrived (`ratelimit::now_ns`): sizes the next batch, and lets the
@@ -54,6 +56,12 @@ impl Lease {
         !self.refilling.swap(true, Ordering::AcqRel)
     }
 
+    /// Starts a refill, returning a guard that ends it when dropped (panics included), or
+    /// `None` if one is in flight.
+    pub fn refill_guard(&self) -> Option<RefillGuard<'_>> {
+        self.start_refill().then_some(RefillGuard(self))
+    }
+
     /// Ends the refill in flight and wakes everyone waiting for it.
     pub fn finish_refill(&self) {
         self.refilling.store(false, Ordering::Release);
@@ -66,17 +74,20 @@ impl Lease {
         self.refilled.notified()
     }
 
-    /// Records a refusal from Redis: nothing more until `until` (no round trip per refused
-    /// request while a tenant surges), `retry` to tell the client.
-    pub fn deny(&self, now_ns: u64, hold: Duration, retry: Duration) {
+    /// Records a refusal from Redis: nothing more for `hold` (no round trip per refused
+    /// request while a tenant surges), `retry` to tell the client,
+    /// for `window` (0 for limits without windows).
+    pub fn deny(&self, now_ns: u64, window: u32, hold: Duration, retry: Duration) {
         self.denied_retry_ns.store(retry.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+        self.denied_window.store(window, Ordering::Relaxed);
         self.denied_until.store(now_ns.saturating_add(hold.as_nanos() as u64), Ordering::Release);
     }
 
-    /// The `Retry-After` of a refusal still in force at `now_ns`.
-    pub fn denied(&self, now_ns: u64) -> Option<Duration> {
+    /// The `Retry-After` of a refusal for `window` still in force at `now_ns`.
+    pub fn denied(&self, now_ns: u64, window: u32) -> Option<Duration> {
         let until = self.denied_until.load(Ordering::Acquire);
-        (until > now_ns).then(|| Duration::from_nanos(self.denied_retry_ns.load(Ordering::Relaxed)))
+        (until > now_ns && self.denied_window.load(Ordering::Relaxed) == window)
+            .then(|| Duration::from_nanos(self.denied_retry_ns.load(Ordering::Relaxed)))
     }
 
     /// Forgets a refusal (a reload or reset may have changed the limit).
@@ -105,6 +116,16 @@ impl Lease {
     }
 }
 
+/// Ends a refill when dropped.
+#[derive(Debug)]
+pub struct RefillGuard<'a>(&'a Lease);
+
+impl Drop for RefillGuard<'_> {
+    fn drop(&mut self) {
+        self.0.finish_refill();
+    }
+}
+
 /// Everything one tenant holds of its shared limits.
 #[derive(Debug, Default)]
 pub struct TenantLeases {
@@ -118,10 +139,26 @@ pub struct TenantLeases {
     pub in_flight: Lease,
     /// In-flight slots this replica holds in Redis (its field in the tenant's hash).
     pub held: AtomicU32,
+    /// When Redis last confirmed `held` (`ratelimit::now_ns`): past `lease_ttl` the slots may
+    /// have expired there and been taken by other replicas, so they are not trusted.
+    pub held_confirmed_at: AtomicU64,
     /// Bureau calls charged here while Redis was unreachable (fail-open), added to Redis once
     /// it is back.
     pub outage_daily: WindowCounter,
     pub outage_monthly: WindowCounter,
+    /// An outage sync sent but not acknowledged, per quota (daily, monthly): retried with the
+    /// same token, so a sync whose answer was lost is not counted twice. Touched only by the
+    /// heartbeat task.
+    pub pending_sync: std::sync::Mutex<[Option<PendingSync>; 2]>,
+}
+
+/// Outage units on their way to Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingSync {
+    /// Makes the token unique per replica.
+    pub seq: u64,
+    pub window: u32,
+    pub units: u64,
 }
 
 #[cfg(test)]
@@ -153,13 +190,14 @@ mod tests {
     #[test]
     fn a_denial_holds_until_its_time() {
         let l = Lease::default();
-        assert_eq!(l.denied(5), None);
-        l.deny(1_000 * MS, Duration::from_millis(100), Duration::from_secs(3));
-        assert_eq!(l.denied(1_050 * MS), Some(Duration::from_secs(3)));
-        assert_eq!(l.denied(1_100 * MS), None);
-        l.deny(1_000 * MS, Duration::from_millis(100), Duration::from_secs(3));
+        assert_eq!(l.denied(5, 0), None);
+        l.deny(1_000 * MS, 7, Duration::from_millis(100), Duration::from_secs(3));
+        assert_eq!(l.denied(1_050 * MS, 7), Some(Duration::from_secs(3)));
+        assert_eq!(l.denied(1_050 * MS, 8), None, "a new window is not refused");
+        assert_eq!(l.denied(1_100 * MS, 7), None);
+        l.deny(1_000 * MS, 7, Duration::from_millis(100), Duration::from_secs(3));
         l.clear_denial();
-        assert_eq!(l.denied(1_050 * MS), None);
+        assert_eq!(l.denied(1_050 * MS, 7), None);
     }
 
     #[tokio::test]

@@ -123,14 +123,16 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// A reservation of the shared (Redis) backend; the monthly unit is added once taken.
-    pub fn shared(state: Arc<TenantState>, w: &Windows, daily: Source, monthly: Source) -> Reservation {
-        Reservation { state, day: w.day, month: w.month, daily, monthly, committed: false }
+    /// A reservation of the shared (Redis) backend holding the daily unit of window `day`; the
+    /// monthly unit is added once taken.
+    pub fn shared(state: Arc<TenantState>, day: u32, daily: Source) -> Reservation {
+        Reservation { state, day, month: 0, daily, monthly: Source::None, committed: false }
     }
 
-    /// Records where the monthly unit came from.
-    pub fn set_monthly(&mut self, source: Source) {
+    /// Records the monthly unit: where it came from, and its window.
+    pub fn set_monthly(&mut self, source: Source, month: u32) {
         self.monthly = source;
+        self.month = month;
     }
 
     /// The bureau call is happening: the charge stays.

@@ -35,7 +35,7 @@ use redis::{FromRedisValue, Script};
 use tokio::time::Instant;
 
 use crate::config::{FailPolicy, RedisSettings, redact_url};
-use crate::lease::Lease;
+use crate::lease::{Lease, PendingSync};
 use crate::quota::{Exhausted, Reservation, Reserved, Source, Windows};
 use crate::ratelimit::{RateDecision, RatePolicy, now_ns};
 use crate::respond::{ErrorKind, ProxyError};
@@ -104,8 +104,9 @@ if n < 1 then return used end
 return redis.call('DECRBY', KEYS[1], n)
 ";
 
-/// Adds units charged while Redis was unreachable, once per token (KEYS[2]).
-const QUOTA_SYNC: &str = r"
+/// Adds units charged while Redis was unreachable, once per token (KEYS[2]): a resent sync
+/// answers -1 and adds nothing. Public so its semantics can be tested against a real Redis.
+pub const QUOTA_SYNC: &str = r"
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
   local used = redis.call('INCRBY', KEYS[1], ARGV[1])
   redis.call('EXPIREAT', KEYS[1], ARGV[2])
@@ -145,15 +146,30 @@ end
 return {want, mine, others + mine}
 ";
 
-/// Sets this replica's held in-flight slots (renewing the expiry), or removes them at 0.
+/// Sets this replica's held in-flight slots (renewing the expiry), never above what `max`
+/// (-1: none) leaves beside the other live replicas' slots, or removes them at 0. Returns the
+/// slots now held.
 const IN_FLIGHT_SET: &str = r"
-local held, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
+local held, max, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local all = redis.call('HGETALL', KEYS[1])
+local others = 0
+for i = 1, #all, 2 do
+  local v = all[i + 1]
+  local sep = string.find(v, ':', 1, true)
+  local n, exp = tonumber(string.sub(v, 1, sep - 1)), tonumber(string.sub(v, sep + 1))
+  if exp <= now then
+    redis.call('HDEL', KEYS[1], all[i])
+  elseif all[i] ~= ARGV[1] then
+    others = others + n
+  end
+end
+if max >= 0 and others + held > max then held = max - others end
 if held <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
   return 0
 end
-local now_t = redis.call('TIME')
-local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
 redis.call('HSET', KEYS[1], ARGV[1], held .. ':' .. (now + ttl))
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return held
@@ -299,10 +315,30 @@ struct RedisMetrics {
     call_seconds: Histogram,
     hot_path_timeouts: prometheus::IntCounter,
     fallback: IntCounterVec,
+    /// `fallback` resolved per [`Limit`] (no label lookup per request during an outage).
+    fallback_by_limit: [prometheus::IntCounter; 4],
+}
+
+/// The limits a decision without Redis can be about (index into `fallback_by_limit`).
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Rate = 0,
+    InFlight = 1,
+    Daily = 2,
+    Monthly = 3,
 }
 
 impl RedisMetrics {
     fn register(registry: &Registry) -> RedisMetrics {
+        let fallback = IntCounterVec::new(
+            Opts::new(
+                "bureau_guard_state_fallback_decisions_total",
+                "Limit decisions made without Redis (on_unavailable), by limit",
+            ),
+            &["limit"],
+        )
+        .expect("valid metric");
+        let fallback_by_limit = ["rate", "in_flight", "daily", "monthly"].map(|l| fallback.with_label_values(&[l]));
         let m = RedisMetrics {
             up: IntGauge::new(
                 "bureau_guard_state_redis_up",
@@ -337,22 +373,14 @@ impl RedisMetrics {
                 "Requests that waited state.redis.timeout for Redis and were decided by on_unavailable",
             )
             .expect("valid metric"),
-            fallback: IntCounterVec::new(
-                Opts::new(
-                    "bureau_guard_state_fallback_decisions_total",
-                    "Limit decisions made without Redis (on_unavailable), by limit",
-                ),
-                &["limit"],
-            )
-            .expect("valid metric"),
+            fallback,
+            fallback_by_limit,
         };
         for op in OPS {
             m.calls.with_label_values(&[op]);
             m.errors.with_label_values(&[op]);
         }
-        for limit in ["rate", "in_flight", "daily", "monthly"] {
-            m.fallback.with_label_values(&[limit]);
-        }
+
         let all: [Box<dyn prometheus::core::Collector>; 7] = [
             Box::new(m.up.clone()),
             Box::new(m.replicas.clone()),
@@ -487,7 +515,18 @@ impl RedisState {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
                 self.metrics.errors.with_label_values(&[op]).inc();
-                self.mark_down(op, &e.to_string());
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_cluster_error()
+                {
+                    self.mark_down(op, &e.to_string());
+                } else {
+                    // Redis answered: a script or data error is not an outage. This request
+                    // waits out its budget; the error is logged and counted.
+                    tracing::error!(op, error = %e, "Redis refused a bureau-guard script");
+                }
                 None
             }
             Err(_) => {
@@ -517,9 +556,16 @@ impl RedisState {
 
     /// Waits (within what is left of the request's budget) until `ready` holds, starting one
     /// shared refill when the pool is short. Never waits while Redis is known to be down.
-    async fn acquire(&self, budget: &mut Budget, lease: &Lease, ready: impl FnMut() -> bool, refill: impl Fn()) -> Got {
+    async fn acquire(
+        &self,
+        budget: &mut Budget,
+        lease: &Lease,
+        window: u32,
+        ready: impl FnMut() -> bool,
+        refill: impl Fn(),
+    ) -> Got {
         let started = Instant::now();
-        let got = self.acquire_until(started + budget.0, lease, ready, refill).await;
+        let got = self.acquire_until(started + budget.0, lease, window, ready, refill).await;
         budget.0 = budget.0.saturating_sub(started.elapsed());
         got
     }
@@ -528,6 +574,7 @@ impl RedisState {
         &self,
         deadline: Instant,
         lease: &Lease,
+        window: u32,
         mut ready: impl FnMut() -> bool,
         refill: impl Fn(),
     ) -> Got {
@@ -535,7 +582,7 @@ impl RedisState {
             if ready() {
                 return Got::Yes;
             }
-            if let Some(retry) = lease.denied(now_ns()) {
+            if let Some(retry) = lease.denied(now_ns(), window) {
                 return Got::Denied(retry);
             }
             if !self.is_up() {
@@ -563,15 +610,23 @@ impl RedisState {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let state = state.clone();
+        /// Ends the refill however the task ends (a panic included): a refill flag left set
+        /// would stop every later refill of this lease.
+        struct Finish(Arc<TenantState>, fn(&TenantState) -> &Lease);
+        impl Drop for Finish {
+            fn drop(&mut self) {
+                (self.1)(&self.0).finish_refill();
+            }
+        }
+        let finish = Finish(state.clone(), lease);
         tokio::spawn(async move {
+            let _finish = finish;
             work.await;
-            lease(&state).finish_refill();
         });
     }
 
-    fn fallback(&self, limit: &'static str) -> Result<(), ProxyError> {
-        self.metrics.fallback.with_label_values(&[limit]).inc();
+    fn fallback(&self, limit: Limit) -> Result<(), ProxyError> {
+        self.metrics.fallback_by_limit[limit as usize].inc();
         match self.settings.on_unavailable {
             FailPolicy::FailOpen => Ok(()),
             FailPolicy::FailClosed => Err(ProxyError::new(
@@ -596,7 +651,7 @@ impl RedisState {
         let lease = &tenant.state.leases.rate;
         let cost = u64::from(cost.max(1));
         let got = self
-            .acquire(budget, lease, || lease.avail.try_take(0, cost), || self.refill_rate(tenant, policy, cost))
+            .acquire(budget, lease, 0, || lease.avail.try_take(0, cost), || self.refill_rate(tenant, policy, cost))
             .await;
         match got {
             Got::Yes => {
@@ -607,7 +662,7 @@ impl RedisState {
             }
             Got::Denied(retry_after) => Ok(RateDecision::Limited { retry_after }),
             Got::Unavailable => {
-                self.fallback("rate")?;
+                self.fallback(Limit::Rate)?;
                 let n = self.replicas() as f64;
                 let share = RatePolicy::new(policy.rate / n, ((f64::from(policy.burst) / n) as u32).max(1));
                 Ok(share.check(&tenant.state.rate_tat, now_ns(), cost as u32))
@@ -635,7 +690,7 @@ impl RedisState {
                     lease.avail.put(0, granted);
                 } else {
                     let retry = Duration::from_micros(retry_us);
-                    lease.deny(now_ns(), retry.min(DENY_HOLD), retry);
+                    lease.deny(now_ns(), 0, retry.min(DENY_HOLD), retry);
                 }
             }
         });
@@ -655,19 +710,20 @@ impl RedisState {
     ) -> Result<bool, ProxyError> {
         let s = &tenant.state;
         let inside = || s.in_flight.load(Ordering::Acquire);
+        let ttl = self.settings.lease_ttl.as_nanos() as u64;
+        // Slots Redis has not confirmed within lease_ttl may have expired there.
+        let held = || {
+            let confirmed = s.leases.held_confirmed_at.load(Ordering::Acquire);
+            if now_ns().saturating_sub(confirmed) < ttl { s.leases.held.load(Ordering::Acquire) } else { 0 }
+        };
         let got = self
-            .acquire(
-                budget,
-                &s.leases.in_flight,
-                || inside() <= s.leases.held.load(Ordering::Acquire),
-                || self.refill_in_flight(tenant, max),
-            )
+            .acquire(budget, &s.leases.in_flight, 0, || inside() <= held(), || self.refill_in_flight(tenant, max))
             .await;
         match got {
             Got::Yes => Ok(false),
             Got::Denied(_) => Ok(true),
             Got::Unavailable => {
-                self.fallback("in_flight")?;
+                self.fallback(Limit::InFlight)?;
                 let share = (max as usize / self.replicas()).max(1) as u32;
                 Ok(inside() > share)
             }
@@ -679,7 +735,9 @@ impl RedisState {
         let (period, ttl) = (self.settings.lease, self.settings.lease_ttl);
         self.spawn_refill(&tenant.state, |s| &s.leases.in_flight, async move {
             let leases = &state.leases;
-            let held = leases.held.load(Ordering::Acquire);
+            let confirmed = leases.held_confirmed_at.load(Ordering::Acquire);
+            let fresh = now_ns().saturating_sub(confirmed) < ttl.as_nanos() as u64;
+            let held = if fresh { leases.held.load(Ordering::Acquire) } else { 0 };
             let need = u64::from(state.in_flight.load(Ordering::Acquire).saturating_sub(held).max(1));
             let cap = u64::from(max) / (2 * this.replicas() as u64);
             let want = leases.in_flight.next_batch(need, cap.max(1), period, now_ns());
@@ -688,10 +746,11 @@ impl RedisState {
             inv.arg(&this.replica).arg(want).arg(max).arg(ttl.as_millis() as u64);
             if let Some((granted, mine, _all)) = this.call::<(u64, u32, u64)>("in_flight", inv).await {
                 leases.held.store(mine, Ordering::Release);
+                leases.held_confirmed_at.store(now_ns(), Ordering::Release);
                 if granted > 0 {
                     leases.in_flight.granted_at.store(now_ns(), Ordering::Relaxed);
                 } else {
-                    leases.in_flight.deny(now_ns(), DENY_HOLD, Duration::from_secs(1));
+                    leases.in_flight.deny(now_ns(), 0, DENY_HOLD, Duration::from_secs(1));
                 }
             }
         });
@@ -711,27 +770,27 @@ impl RedisState {
     ) -> Result<Result<Reserved, Exhausted>, ProxyError> {
         let limits = &tenant.limits;
         let mut dry_run_hit = None;
-        let daily = match limits.daily_quota {
-            None => Source::None,
+        let (daily, day) = match limits.daily_quota {
+            None => (Source::None, w.day),
             Some(limit) => match self.take_quota(budget, tenant, Period::Day, w, limit, now_unix_s).await? {
-                Ok((source, over)) => {
+                Ok((source, day, over)) => {
                     if over {
                         dry_run_hit = Some(Exhausted::Daily { limit, retry_after_s: w.day_resets_in_s });
                     }
-                    source
+                    (source, day)
                 }
                 Err(()) => return Ok(Err(Exhausted::Daily { limit, retry_after_s: w.day_resets_in_s })),
             },
         };
         // Built now, so an early return below gives the daily unit back.
-        let mut reservation = Reservation::shared(tenant.state.clone(), w, daily, Source::None);
+        let mut reservation = Reservation::shared(tenant.state.clone(), day, daily);
         if let Some(limit) = limits.monthly_quota {
             match self.take_quota(budget, tenant, Period::Month, w, limit, now_unix_s).await? {
-                Ok((source, over)) => {
+                Ok((source, month, over)) => {
                     if over && dry_run_hit.is_none() {
                         dry_run_hit = Some(Exhausted::Monthly { limit, retry_after_s: w.month_resets_in_s });
                     }
-                    reservation.set_monthly(source);
+                    reservation.set_monthly(source, month);
                 }
                 Err(()) => return Ok(Err(Exhausted::Monthly { limit, retry_after_s: w.month_resets_in_s })),
             }
@@ -749,7 +808,7 @@ impl RedisState {
         w: &Windows,
         limit: u64,
         now_unix_s: i64,
-    ) -> Result<Result<(Source, bool), ()>, ProxyError> {
+    ) -> Result<Result<(Source, u32, bool), ()>, ProxyError> {
         let s = &tenant.state;
         let (lease, outage, window, dry_run, resets_in) = match period {
             Period::Day => {
@@ -763,29 +822,35 @@ impl RedisState {
                 w.month_resets_in_s,
             ),
         };
-        let expire_at = now_unix_s + resets_in as i64 + 86_400;
+        // A request that computed its window just before midnight, when the pool has already
+        // moved on, is charged to the newer window (as the local counters do): leasing units
+        // of a day that is over would strand them.
+        let window = window.max(lease.avail.load().0);
+        // Kept a day past the window's end, for the admin view and late requests.
+        let expire_at = now_unix_s + resets_in as i64 + 2 * 86_400;
         let got = self
             .acquire(
                 budget,
                 lease,
+                window,
                 || lease.avail.try_take(window, 1),
-                || self.refill_quota(tenant, period, window, (!dry_run).then_some(limit), expire_at),
+                || self.refill_quota(tenant, period, window, limit, !dry_run, expire_at),
             )
             .await;
         let over = || dry_run && lease.last_seen.get(window) > limit;
         match got {
-            Got::Yes => Ok(Ok((Source::Pool, over()))),
+            Got::Yes => Ok(Ok((Source::Pool, window, over()))),
             Got::Denied(_) => Ok(Err(())),
             Got::Unavailable => {
                 self.fallback(match period {
-                    Period::Day => "daily",
-                    Period::Month => "monthly",
+                    Period::Day => Limit::Daily,
+                    Period::Month => Limit::Monthly,
                 })?;
                 // This replica's share of what was left at the last contact.
                 let left = limit.saturating_sub(lease.last_seen.get(window));
                 let share = left / self.replicas() as u64;
                 match outage.try_add(window, 1, Some(share), !dry_run) {
-                    Ok(n) => Ok(Ok((Source::Outage, n > share))),
+                    Ok(n) => Ok(Ok((Source::Outage, window, n > share))),
                     Err(_) => Ok(Err(())),
                 }
             }
@@ -797,7 +862,8 @@ impl RedisState {
         tenant: &Arc<Tenant>,
         period: Period,
         window: u32,
-        limit: Option<u64>,
+        limit: u64,
+        enforce: bool,
         expire_at: i64,
     ) {
         let (this, id, state) = (self.clone(), tenant.id.clone(), tenant.state.clone());
@@ -814,19 +880,20 @@ impl RedisState {
             let lease = lease_of(&state);
             // Never hold more than a quarter of what is left divided among the replicas: a
             // replica that dies loses what it holds.
-            let left = limit.map_or(u64::MAX, |l| l.saturating_sub(lease.last_seen.get(window)));
+            // (In dry run too: the limit is not enforced, but it still bounds what is held.)
+            let left = limit.saturating_sub(lease.last_seen.get(window));
             let cap = (left / (4 * this.replicas() as u64)).max(1);
             let want = lease.next_batch(1, cap, lease_period, now_ns());
             let key = this.key(&id, format_args!("{period_name}:{window}"));
             let mut inv = this.scripts.quota_lease.key(key);
-            inv.arg(want).arg(limit.map_or(-1, |l| l as i64)).arg(expire_at);
+            inv.arg(want).arg(if enforce { limit as i64 } else { -1 }).arg(expire_at);
             if let Some((granted, used)) = this.call::<(u64, u64)>("quota_lease", inv).await {
                 lease.last_seen.set(window, used);
                 if granted > 0 {
                     lease.granted_at.store(now_ns(), Ordering::Relaxed);
                     lease.avail.put(window, granted);
                 } else {
-                    lease.deny(now_ns(), QUOTA_DENY_HOLD, Duration::from_secs(1));
+                    lease.deny(now_ns(), window, QUOTA_DENY_HOLD, Duration::from_secs(1));
                 }
             }
         });
@@ -856,9 +923,16 @@ impl RedisState {
         true
     }
 
-    /// One heartbeat tick: heartbeat, then (if Redis answers) the units charged during an
-    /// outage, in-flight lease renewal, and the return of rate tokens that sat unused.
-    pub async fn tick(&self, tenants: &[Arc<Tenant>], w: &Windows, now_unix_s: i64) {
+    /// One heartbeat tick: heartbeat, then (while Redis answers) for every tenant: the units
+    /// charged during an outage, in-flight lease renewal, the return of rate tokens that sat
+    /// unused. `retired` are tenants a reload removed: what they hold goes back.
+    pub async fn tick(
+        &self,
+        tenants: &[Arc<Tenant>],
+        retired: &[(String, Arc<TenantState>)],
+        w: &Windows,
+        now_unix_s: i64,
+    ) {
         let was_up = self.is_up();
         if !self.heartbeat().await {
             return;
@@ -868,57 +942,93 @@ impl RedisState {
             tracing::info!("Redis reachable again: shared limits resume; units charged meanwhile are being added");
         }
         for t in tenants {
+            // A Redis that stops answering mid-tick ends the tick: the next heartbeat must not
+            // wait behind a timeout per tenant.
+            if !self.is_up() {
+                return;
+            }
             // Every tick, not only the first after an outage: a sync that failed is retried.
-            self.sync_outage(t, w, now_unix_s).await;
+            self.sync_outage(&t.id, &t.state, w, now_unix_s).await;
             if !was_up {
                 t.state.leases.rate.clear_denial();
                 t.state.leases.daily.clear_denial();
                 t.state.leases.monthly.clear_denial();
             }
-            self.renew_in_flight(t).await;
+            self.renew_in_flight(&t.id, &t.state, t.limits.max_in_flight).await;
             self.return_idle_rate(t).await;
         }
+        for (id, state) in retired {
+            if !self.is_up() {
+                return;
+            }
+            self.release_tenant(id, state, None, w, now_unix_s).await;
+        }
     }
 
-    /// Adds the units charged during an outage. Each batch carries a fresh token that Redis
-    /// remembers, so a sync whose answer was lost and is retried does not count twice.
-    async fn sync_outage(&self, t: &Tenant, w: &Windows, now_unix_s: i64) {
-        let l = &t.state.leases;
-        for (counter, name, resets_in) in
+    /// Adds the units charged during an outage. Each batch is sent with a token Redis
+    /// remembers, and resent with the same token until acknowledged, so a sync whose answer
+    /// was lost is not counted twice.
+    async fn sync_outage(&self, id: &str, state: &TenantState, w: &Windows, now_unix_s: i64) {
+        let l = &state.leases;
+        for (k, (counter, name, resets_in)) in
             [(&l.outage_daily, "daily", w.day_resets_in_s), (&l.outage_monthly, "monthly", w.month_resets_in_s)]
+                .into_iter()
+                .enumerate()
         {
-            let (window, n) = counter.load();
-            if n == 0 {
-                continue;
-            }
-            let seq = self.sync_seq.fetch_add(1, Ordering::Relaxed);
-            let key = self.key(&t.id, format_args!("{name}:{window}"));
-            let token = self.key(&t.id, format_args!("sync:{}:{seq}", self.replica));
-            let keep = (resets_in + 86_400) as i64;
+            let pending = l.pending_sync.lock().expect("pending sync lock not poisoned")[k];
+            let batch = match pending {
+                Some(p) => p,
+                None => {
+                    let (window, units) = counter.load();
+                    if units == 0 {
+                        continue;
+                    }
+                    let p = PendingSync { seq: self.sync_seq.fetch_add(1, Ordering::Relaxed), window, units };
+                    l.pending_sync.lock().expect("pending sync lock not poisoned")[k] = Some(p);
+                    p
+                }
+            };
+            let key = self.key(id, format_args!("{name}:{}", batch.window));
+            let token = self.key(id, format_args!("sync:{}:{}", self.replica, batch.seq));
+            let keep = (resets_in + 2 * 86_400) as i64;
             let mut inv = self.scripts.quota_sync.key(key);
-            inv.key(token).arg(n).arg(now_unix_s + keep).arg(keep);
+            inv.key(token).arg(batch.units).arg(now_unix_s + keep).arg(keep);
+            // Either answer is an acknowledgement: a total (added now), or -1 (added before).
             if self.call::<i64>("quota_sync", inv).await.is_some() {
-                counter.sub(window, n);
-                tracing::info!(tenant = &*t.id, quota = name, units = n, "units charged during the Redis outage added");
+                counter.sub(batch.window, batch.units);
+                l.pending_sync.lock().expect("pending sync lock not poisoned")[k] = None;
+                tracing::info!(
+                    tenant = id,
+                    quota = name,
+                    units = batch.units,
+                    "units charged during the Redis outage added"
+                );
             }
         }
     }
 
-    /// Renews this replica's in-flight slots and gives back those no longer needed.
-    async fn renew_in_flight(&self, t: &Tenant) {
-        let l = &t.state.leases;
+    /// Renews this replica's in-flight slots, keeping only those in use: an idle replica must
+    /// not sit on a slot another replica needs. Skipped while a refill runs (next tick).
+    async fn renew_in_flight(&self, id: &str, state: &TenantState, max: Option<u32>) {
+        let l = &state.leases;
         let held = l.held.load(Ordering::Acquire);
         if held == 0 {
             return;
         }
-        // Keep what is in use plus the current batch; drop the rest.
-        let inside = t.state.in_flight.load(Ordering::Acquire);
-        let target = held.min(inside.saturating_add(1));
+        let Some(_no_refill_meanwhile) = l.in_flight.refill_guard() else { return };
+        let inside = || state.in_flight.load(Ordering::Acquire);
+        l.held.store(held.min(inside()), Ordering::Release);
+        // A request that entered while we shrank is covered: never below what is inside now.
+        let target = held.min(inside());
         l.held.store(target, Ordering::Release);
-        let key = self.key(&t.id, format_args!("inflight"));
+        let key = self.key(id, format_args!("inflight"));
         let mut inv = self.scripts.in_flight_set.key(key);
-        inv.arg(&self.replica).arg(target).arg(self.settings.lease_ttl.as_millis() as u64);
-        let _ = self.call::<i64>("in_flight", inv).await;
+        let max = max.map_or(-1, i64::from);
+        inv.arg(&self.replica).arg(target).arg(max).arg(self.settings.lease_ttl.as_millis() as u64);
+        if let Some(now_held) = self.call::<u32>("in_flight", inv).await {
+            l.held.store(now_held, Ordering::Release);
+            l.held_confirmed_at.store(now_ns(), Ordering::Release);
+        }
     }
 
     /// Rate tokens leased more than two lease periods (or a second) ago and still unused go
@@ -931,43 +1041,69 @@ impl RedisState {
             return;
         }
         let (_, n) = lease.avail.take_all();
-        self.give_back_rate(t, policy, n).await;
+        self.give_back_rate(&t.id, policy, n).await;
     }
 
-    async fn give_back_rate(&self, t: &Tenant, policy: &RatePolicy, n: u64) {
+    async fn give_back_rate(&self, id: &str, policy: &RatePolicy, n: u64) {
         if n == 0 {
             return;
         }
-        let key = self.key(&t.id, format_args!("rate"));
+        let key = self.key(id, format_args!("rate"));
         let mut inv = self.scripts.rate_return.key(key);
         inv.arg(n).arg(policy.emission().as_micros().max(1) as u64);
         let _ = self.call::<i64>("rate_return", inv).await;
     }
 
-    /// On shutdown: everything this replica holds goes back, and it leaves the replica count.
-    pub async fn release_all(&self, tenants: &[Arc<Tenant>]) {
+    /// Gives back everything this replica holds for one tenant: outage units are added,
+    /// unspent quota units and rate tokens returned, in-flight slots freed.
+    async fn release_tenant(
+        &self,
+        id: &str,
+        state: &TenantState,
+        rate: Option<&RatePolicy>,
+        w: &Windows,
+        now_unix_s: i64,
+    ) {
+        self.sync_outage(id, state, w, now_unix_s).await;
+        let l = &state.leases;
+        if let Some(policy) = rate {
+            let (_, n) = l.rate.avail.take_all();
+            self.give_back_rate(id, policy, n).await;
+        }
+        for (lease, name) in [(&l.daily, "daily"), (&l.monthly, "monthly")] {
+            let (window, n) = lease.avail.take_all();
+            if n > 0 {
+                let mut inv = self.scripts.quota_return.key(self.key(id, format_args!("{name}:{window}")));
+                inv.arg(n);
+                let _ = self.call::<i64>("quota_return", inv).await;
+            }
+        }
+        if l.held.swap(0, Ordering::AcqRel) > 0 {
+            let mut inv = self.scripts.in_flight_set.key(self.key(id, format_args!("inflight")));
+            inv.arg(&self.replica).arg(0).arg(-1).arg(1);
+            let _ = self.call::<i64>("in_flight", inv).await;
+        }
+    }
+
+    /// On shutdown (after the drain): everything this replica holds goes back, and it leaves
+    /// the replica count. With Redis unreachable there is nothing to do: unsynced outage units
+    /// are lost (logged), in-flight slots expire with the lease.
+    pub async fn release_all(&self, tenants: &[Arc<Tenant>], w: &Windows, now_unix_s: i64) {
         if !self.is_up() {
+            let unsynced: u64 = tenants
+                .iter()
+                .map(|t| t.state.leases.outage_daily.load().1 + t.state.leases.outage_monthly.load().1)
+                .sum();
+            if unsynced > 0 {
+                tracing::error!(
+                    units = unsynced,
+                    "shutting down with Redis unreachable: quota units charged during the outage are not in Redis"
+                );
+            }
             return;
         }
         for t in tenants {
-            let l = &t.state.leases;
-            if let Some(policy) = &t.rate {
-                let (_, n) = l.rate.avail.take_all();
-                self.give_back_rate(t, policy, n).await;
-            }
-            for (lease, name) in [(&l.daily, "daily"), (&l.monthly, "monthly")] {
-                let (window, n) = lease.avail.take_all();
-                if n > 0 {
-                    let mut inv = self.scripts.quota_return.key(self.key(&t.id, format_args!("{name}:{window}")));
-                    inv.arg(n);
-                    let _ = self.call::<i64>("quota_return", inv).await;
-                }
-            }
-            if l.held.swap(0, Ordering::AcqRel) > 0 {
-                let mut inv = self.scripts.in_flight_set.key(self.key(&t.id, format_args!("inflight")));
-                inv.arg(&self.replica).arg(0).arg(1);
-                let _ = self.call::<i64>("in_flight", inv).await;
-            }
+            self.release_tenant(&t.id, &t.state, t.rate.as_ref(), w, now_unix_s).await;
         }
         let leave = redis::cmd("ZREM").arg(self.replicas_key()).arg(&self.replica).clone();
         let _ =
@@ -999,6 +1135,16 @@ impl RedisState {
             _ => {
                 self.metrics.errors.with_label_values(&["reset"]).inc();
                 None
+            }
+        }
+    }
+
+    /// Forgets every refusal held from Redis (after a reload: limits may have been raised).
+    pub fn forget_denials(&self, tenants: &crate::tenant::TenantTable) {
+        for t in tenants.iter() {
+            let l = &t.state.leases;
+            for lease in [&l.rate, &l.daily, &l.monthly, &l.in_flight] {
+                lease.clear_denial();
             }
         }
     }

@@ -98,6 +98,10 @@ pub fn apply(shared: &Shared, config: Config) -> Outcome {
         }
     }
     shared.snapshot.store(Arc::new(snapshot));
+    if let Some(redis) = &shared.redis {
+        // A limit that was raised applies at once, not after a refusal Redis gave under the old one.
+        redis.forget_denials(&shared.snapshot.load().tenants);
+    }
     let out = Outcome { result: "applied", changes, problems: Vec::new() };
     record(shared, &out);
     out

@@ -228,12 +228,18 @@ impl Scheduler {
     }
 
     fn apply_limit(&self) {
-        let base = self.base.load(Ordering::SeqCst);
-        let share = self.share.load(Ordering::SeqCst);
-        let limit = share_of(base, (share >> 32) as usize, (share & 0xffff_ffff) as usize);
-        // SeqCst store then load, against enqueue's SeqCst increment then load: at least one of
-        // the two sides sees the other, so a raised limit never leaves a waiter stranded.
-        self.limit.store(limit, Ordering::SeqCst);
+        // A set_limit racing a set_share may compute from a stale pair and store last: store,
+        // then recompute until the inputs did not move under us.
+        loop {
+            let (base, share) = (self.base.load(Ordering::SeqCst), self.share.load(Ordering::SeqCst));
+            let limit = share_of(base, (share >> 32) as usize, (share & 0xffff_ffff) as usize);
+            // SeqCst store then load, against enqueue's SeqCst increment then load: at least one
+            // of the two sides sees the other, so a raised limit never leaves a waiter stranded.
+            self.limit.store(limit, Ordering::SeqCst);
+            if self.base.load(Ordering::SeqCst) == base && self.share.load(Ordering::SeqCst) == share {
+                break;
+            }
+        }
         if self.waiting.load(Ordering::SeqCst) > 0 {
             let mut st = self.lock();
             self.dispatch_locked(&mut st);
@@ -477,7 +483,10 @@ impl Permit {
         let controller = self.sched.controller.load();
         if let Some(controller) = controller.as_ref() {
             // This permit still counts: the sample saw the bureau at this concurrency.
-            let in_flight = self.sched.in_flight.load(Ordering::Relaxed);
+            // The controller sizes the whole budget; with replicas sharing it (Redis backend),
+            // this replica's concurrency stands for its share of the total.
+            let replicas = (self.sched.share.load(Ordering::Relaxed) & 0xffff_ffff).max(1) as usize;
+            let in_flight = self.sched.in_flight.load(Ordering::Relaxed) * replicas;
             if let Some(limit) = controller.observe(latency, ok, in_flight) {
                 self.sched.set_limit(limit);
             }

@@ -172,6 +172,12 @@ impl StateRegistry {
             .clone()
     }
 
+    /// Every tenant's state, by id (for background work; takes the registry lock once).
+    pub fn all(&self) -> Vec<(String, Arc<TenantState>)> {
+        let map = self.tenants.lock().expect("state registry lock not poisoned");
+        map.iter().map(|(id, s)| (id.clone(), s.clone())).collect()
+    }
+
     /// A copy of all counters, for persistence.
     pub fn snapshot(&self) -> SavedState {
         let map = self.tenants.lock().expect("state registry lock not poisoned");
