@@ -1735,6 +1735,97 @@ fail_closed = true
     }
 
     #[test]
+    fn tls_sections_are_validated_with_their_files() {
+        let dir = crate::tls::test_certs::files("config", 90);
+        let f = |name: &str| dir.join(name).display().to_string();
+        let server_tls = format!(
+            "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_auth = \"required\"\nclient_ca = \"{}\"\n",
+            f("leaf.pem"),
+            f("leaf.key"),
+            f("ca.pem")
+        );
+        let text = minimal().replace("[upstream]", &format!("{server_tls}[upstream]"))
+            + "client_cert_names = [\"Bank-A.example\"]\n";
+        let c = Config::from_toml(&text, &no_env).expect("valid");
+        let tls = c.server.tls.as_ref().expect("tls on");
+        assert_eq!((tls.client_auth, tls.identity), (ClientAuth::Required, IdentitySource::SanDns));
+        assert_eq!(c.tenants[0].client_cert_names, ["bank-a.example"], "DNS names are lower-cased");
+        assert!(c.upstream.tls.is_none());
+        assert!(c.warnings().is_empty());
+
+        // https turns upstream TLS on, with the built-in roots when nothing else is said.
+        let https = minimal().replace("http://127.0.0.1:8081", "https://bureau.example");
+        assert!(Config::from_toml(&https, &no_env).expect("valid").upstream.tls.is_some());
+    }
+
+    #[test]
+    fn tls_problems_are_reported_with_their_paths() {
+        let dir = crate::tls::test_certs::files("config-bad", 90);
+        let f = |name: &str| dir.join(name).display().to_string();
+        let text = format!(
+            r#"
+[server.tls]
+cert = "{}"
+key = "{}"
+client_auth = "sometimes"
+client_identity = "email"
+[upstream]
+url = "http://127.0.0.1:8081"
+[upstream.tls]
+client_cert = "{}"
+[[routes]]
+name = "score"
+method = "GET"
+path = "/v1/score/{{subject_id}}"
+[[tenants]]
+id = "a"
+api_key_sha256 = "{KEY_HEX}"
+client_cert_names = ["x"]
+"#,
+            f("leaf.pem"),
+            f("missing.key"),
+            f("leaf.pem")
+        );
+        let p = problems(&text);
+        let expect = [
+            "server.tls.client_auth: unknown value \"sometimes\"",
+            "server.tls.client_identity: unknown value \"email\"",
+            "server.tls.client_identity: only meaningful with client_auth",
+            "upstream.tls: only meaningful with an https:// upstream.url",
+            "tenants[0].client_cert_names: only meaningful with server.tls.client_auth",
+        ];
+        for e in expect {
+            assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+
+        // Settings fine, files not: the file's own problem at its path; names on two tenants.
+        let text = text
+            .replace(
+                "client_auth = \"sometimes\"",
+                &format!("client_auth = \"optional\"\nclient_ca = \"{}\"", f("ca.pem")),
+            )
+            .replace("client_identity = \"email\"\n", "")
+            .replace("http://127.0.0.1:8081", "https://127.0.0.1:8081")
+            + &format!(
+                "[[tenants]]\nid = \"b\"\napi_key_sha256 = \"{}\"\nclient_cert_names = [\"X\", \"\"]\n",
+                "cd".repeat(32)
+            );
+        let p = problems(&text.replace("missing.key", "leaf.key"));
+        let expect = [
+            "upstream.tls.client_key: required with client_cert",
+            "tenants[1].client_cert_names[0]: \"x\" already names tenants[0]",
+            "tenants[1].client_cert_names[1]: must not be empty",
+        ];
+        for e in expect {
+            assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+        let p = problems(&text);
+        assert!(p.iter().any(|l| l.starts_with("server.tls.key: cannot read ")), "{p:#?}");
+    }
+
+    #[test]
     fn the_key_secret_can_come_from_the_environment() {
         let text = minimal() + "[cache]\nkey_secret_env = \"BG_KEY\"\n";
         let good = "ab".repeat(32);

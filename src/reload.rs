@@ -386,4 +386,42 @@ api_key_sha256 = "{}"
         }
         assert_eq!(changes.len(), 6, "{changes:#?}");
     }
+
+    #[test]
+    fn turning_listener_tls_on_needs_a_restart_and_file_changes_do_not() {
+        let dir = crate::tls::test_certs::files("reload-diff", 90);
+        let tls = |key: &str| {
+            let text = format!(
+                "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                dir.join("leaf.pem").display(),
+                dir.join(key).display()
+            );
+            let mut c = config("", "");
+            c.server.tls = Config::from_toml(&format!("{text}{}", toml_of_minimal()), &|_| None).unwrap().server.tls;
+            c
+        };
+        let plain = config("", "");
+        let on = tls("leaf.key");
+        let changes: Vec<String> = diff(&plain, &on).iter().map(ToString::to_string).collect();
+        assert_eq!(changes, ["server.tls: off → on (needs a restart)"]);
+        // Same path, new contents (a rotated key): shown by digest, never by content.
+        let mut rotated = on.clone();
+        let t = rotated.server.tls.as_mut().unwrap();
+        t.key.sha256 = [7; 32];
+        let changes: Vec<String> = diff(&on, &rotated).iter().map(ToString::to_string).collect();
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(
+            changes[0].starts_with("server.tls.key: ") && changes[0].contains("sha256 070707070707…"),
+            "{changes:?}"
+        );
+        assert!(!changes[0].contains("restart"));
+    }
+
+    fn toml_of_minimal() -> String {
+        format!(
+            "[upstream]\nurl = \"http://127.0.0.1:8081\"\n[[routes]]\nname = \"score\"\nmethod = \"GET\"\npath = \"/s\"\n\
+             [[tenants]]\nid = \"a\"\napi_key_sha256 = \"{}\"\n",
+            "ab".repeat(32)
+        )
+    }
 }

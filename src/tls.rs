@@ -684,6 +684,13 @@ impl Handshake {
 pub struct HandshakeCounters(pub [prometheus::IntCounter; Handshake::ALL.len()]);
 
 impl HandshakeCounters {
+    /// Counters exported nowhere (the mock bureau's TLS listener).
+    pub fn unregistered() -> HandshakeCounters {
+        HandshakeCounters(Handshake::ALL.map(|h| {
+            prometheus::IntCounter::new(format!("handshakes_{}", h.as_str()), "unexported").expect("valid name")
+        }))
+    }
+
     pub fn record(&self, h: Handshake) {
         self.0[h as usize].inc();
     }
@@ -716,9 +723,130 @@ pub async fn accept(
     }
 }
 
+/// Certificates made at test time (rcgen), written as PEM files, for the unit tests here and in
+/// `config.rs`.
+#[cfg(test)]
+pub(crate) mod test_certs {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use time::{Duration, OffsetDateTime};
+
+    /// A CA, and a leaf it issued valid until `days` from now (negative: expired), as PEM files in
+    /// a fresh directory: `ca.pem`, `leaf.pem`, `leaf.key`, plus `other.key` (an unrelated key).
+    pub fn files(name: &str, days: i64) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("bg-unit-{name}-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.distinguished_name.push(DnType::CommonName, "Unit CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().expect("key");
+        let ca_cert = ca.self_signed(&ca_key).expect("self-signed");
+        let issuer = Issuer::new(ca, ca_key);
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        leaf.distinguished_name.push(DnType::CommonName, "unit-leaf");
+        leaf.not_before = OffsetDateTime::now_utc() - Duration::days(400);
+        leaf.not_after = OffsetDateTime::now_utc() + Duration::days(days);
+        let key = KeyPair::generate().expect("key");
+        let cert = leaf.signed_by(&key, &issuer).expect("signed");
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write");
+        std::fs::write(dir.join("leaf.pem"), cert.pem()).expect("write");
+        std::fs::write(dir.join("leaf.key"), key.serialize_pem()).expect("write");
+        std::fs::write(dir.join("other.key"), KeyPair::generate().expect("key").serialize_pem()).expect("write");
+        dir
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn now() -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+
+    fn settings(dir: &Path, cert: &str, key: &str) -> ServerTlsSettings {
+        ServerTlsSettings {
+            cert: dir.join(cert),
+            key: dir.join(key),
+            client_auth: ClientAuth::Off,
+            client_ca: None,
+            crl: Vec::new(),
+            identity: IdentitySource::SanDns,
+        }
+    }
+
+    fn messages(r: Result<ServerTls, Vec<FileProblem>>) -> Vec<String> {
+        r.err().unwrap_or_default().into_iter().map(|p| format!("{}: {}", p.key, p.message)).collect()
+    }
+
+    #[test]
+    fn a_good_pair_loads_with_alpn_and_its_expiry() {
+        let dir = test_certs::files("good", 90);
+        let tls = load_server(&settings(&dir, "leaf.pem", "leaf.key"), now()).expect("loads");
+        assert_eq!(tls.rustls.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert!(tls.not_after > now() + 89 * 86_400);
+        assert!(warnings(&tls.watched, now()).is_empty());
+    }
+
+    #[test]
+    fn missing_garbage_and_mismatched_files_are_reported_with_their_key() {
+        let dir = test_certs::files("bad", 90);
+        std::fs::write(dir.join("garbage.pem"), "hello").unwrap();
+        let m = messages(load_server(&settings(&dir, "nope.pem", "garbage.pem"), now()));
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(m[0].starts_with("cert: cannot read ") && m[0].contains("nope.pem"), "{m:?}");
+        assert!(m[1].starts_with("key: ") && m[1].contains("no usable PEM private key"), "{m:?}");
+
+        let m = messages(load_server(&settings(&dir, "garbage.pem", "leaf.key"), now()));
+        assert!(m[0].starts_with("cert: ") && m[0].contains("no PEM CERTIFICATE block"), "{m:?}");
+
+        let m = messages(load_server(&settings(&dir, "leaf.pem", "other.key"), now()));
+        assert!(m[0].starts_with("key: ") && m[0].contains("does not match the certificate"), "{m:?}");
+    }
+
+    #[test]
+    fn an_expired_certificate_is_an_error_and_an_expiring_one_a_warning() {
+        let dir = test_certs::files("expired", -1);
+        let m = messages(load_server(&settings(&dir, "leaf.pem", "leaf.key"), now()));
+        assert!(m[0].starts_with("cert: ") && m[0].contains("expired on"), "{m:?}");
+
+        let dir = test_certs::files("expiring", 20);
+        let tls = load_server(&settings(&dir, "leaf.pem", "leaf.key"), now()).expect("loads");
+        let w = warnings(&tls.watched, now());
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].0, "server.tls.cert");
+        assert!(w[0].1.starts_with("CN=unit-leaf expires on"), "{w:?}");
+    }
+
+    #[test]
+    fn client_auth_needs_a_usable_ca_bundle() {
+        let dir = test_certs::files("ca", 90);
+        let mut s = settings(&dir, "leaf.pem", "leaf.key");
+        s.client_auth = ClientAuth::Required;
+        s.client_ca = Some(dir.join("leaf.key"));
+        let m = messages(load_server(&s, now()));
+        assert!(m[0].starts_with("client_ca: ") && m[0].contains("no PEM CERTIFICATE block"), "{m:?}");
+        s.client_ca = Some(dir.join("ca.pem"));
+        s.crl = vec![dir.join("ca.pem")];
+        let m = messages(load_server(&s, now()));
+        assert!(m[0].starts_with("crl[0]: ") && m[0].contains("no PEM X509 CRL block"), "{m:?}");
+        s.crl.clear();
+        assert!(load_server(&s, now()).is_ok());
+    }
+
+    #[test]
+    fn upstream_client_certificate_is_checked_like_the_server_one() {
+        let dir = test_certs::files("upstream", 90);
+        let s = UpstreamTlsSettings {
+            ca: Some(dir.join("ca.pem")),
+            client_cert: Some((dir.join("leaf.pem"), dir.join("other.key"))),
+        };
+        let problems = load_upstream(&s, now()).unwrap_err();
+        assert_eq!(problems[0].key, "client_key", "{problems:?}");
+        let s = UpstreamTlsSettings { client_cert: Some((dir.join("leaf.pem"), dir.join("leaf.key"))), ..s };
+        let tls = load_upstream(&s, now()).expect("loads");
+        assert!(tls.client_not_after.is_some());
+        assert!(load_upstream(&UpstreamTlsSettings::default(), now()).is_ok(), "built-in roots");
+    }
 
     #[test]
     fn handshake_labels_are_indexed_in_order() {

@@ -162,12 +162,16 @@ impl Upstream {
 /// The rustls error behind a failed bureau call, if TLS is what failed (untrusted certificate,
 /// wrong name, client certificate refused): worth saying, as it is a config problem, not an outage.
 fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut source = e.source();
-    while let Some(s) = source {
+    let mut next = e.source();
+    while let Some(s) = next {
         if let Some(tls) = s.downcast_ref::<rustls::Error>() {
             return Some(tls);
         }
-        source = s.source();
+        // `io::Error::source` skips the error it wraps (hyper-rustls wraps rustls' in one): step in.
+        next = match s.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => s.source(),
+        };
     }
     None
 }
