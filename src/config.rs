@@ -957,6 +957,10 @@ fn validate_cert_names(
                 names.push(name);
             }
         }
+        if names.is_empty() && list.is_empty() && t.api_key_sha256.is_none() && t.api_key_env.is_none() {
+            p.add(at, "empty, and the tenant has no api key either: nothing could identify it");
+            continue;
+        }
         if let Some(tenant) = tenants.iter_mut().find(|c| t.id.as_deref() == Some(c.id.as_str())) {
             tenant.client_cert_names = names;
         }
@@ -1354,8 +1358,10 @@ fn validate_tenants(
                 }
             }
         }
-        if t.api_key_sha256.is_none() && t.api_key_env.is_none() {
-            p.add(at("api_key_sha256"), "each tenant needs api_key_sha256 or api_key_env");
+        // A tenant identified by its client certificate alone needs no key (checked with the
+        // certificate names in `validate_cert_names`).
+        if t.api_key_sha256.is_none() && t.api_key_env.is_none() && t.client_cert_names.is_none() {
+            p.add(at("api_key_sha256"), "each tenant needs api_key_sha256, api_key_env or client_cert_names");
         }
 
         let weight = match t.weight {
@@ -1745,8 +1751,10 @@ fail_closed = true
             f("ca.pem")
         );
         let text = minimal().replace("[upstream]", &format!("{server_tls}[upstream]"))
-            + "client_cert_names = [\"Bank-A.example\"]\n";
+            + "client_cert_names = [\"Bank-A.example\"]\n"
+            + "[[tenants]]\nid = \"b\"\nclient_cert_names = [\"bank-b.example\"]\n";
         let c = Config::from_toml(&text, &no_env).expect("valid");
+        assert!(c.tenants[1].key_digests.is_empty(), "a certificate-only tenant needs no key");
         let tls = c.server.tls.as_ref().expect("tls on");
         assert_eq!((tls.client_auth, tls.identity), (ClientAuth::Required, IdentitySource::SanDns));
         assert_eq!(c.tenants[0].client_cert_names, ["bank-a.example"], "DNS names are lower-cased");

@@ -336,11 +336,12 @@ impl Metrics {
     }
 
     /// Sets the certificate expiry gauges from a config (start-up and every reload); a
-    /// certificate no longer configured stops being exported.
-    pub fn set_certificate_expiry(&self, config: &crate::config::Config) {
+    /// certificate no longer configured stops being exported. `listener_tls`: whether the
+    /// listener serves TLS (a reload cannot turn it on).
+    pub fn set_certificate_expiry(&self, config: &crate::config::Config, listener_tls: bool) {
         let g = &self.tls_certificate_expiry_timestamp_seconds;
         g.reset();
-        if let Some(t) = &config.server.tls {
+        if let Some(t) = config.server.tls.as_ref().filter(|_| listener_tls) {
             g.with_label_values(&["server"]).set(t.not_after);
         }
         if let Some(at) = config.upstream.tls.as_ref().and_then(|t| t.client_not_after) {

@@ -104,7 +104,7 @@ pub fn apply(shared: &Shared, config: Config) -> Outcome {
     if let (Some(listener), Some(tls)) = (&shared.tls_listener, &new_config.server.tls) {
         listener.store(Arc::new(crate::tls::Listener::new(tls)));
     }
-    shared.metrics.set_certificate_expiry(&new_config);
+    shared.metrics.set_certificate_expiry(&new_config, shared.tls_listener.is_some());
     for w in new_config.warnings() {
         tracing::warn!(warning = %w, "config warning");
     }
