@@ -5,7 +5,7 @@
 # answered from the proxy's cache; issue 5), and tls / tls-handshake (each
 # proxy plain and terminating TLS with the same certificate; issue 7).
 #
-#   bash benches/proxy_overhead.sh                    # full run, both scenarios: ~8 minutes
+#   bash benches/proxy_overhead.sh                    # full run, all four scenarios: ~16 minutes
 #   bash benches/proxy_overhead.sh --mode overhead    # full run, overhead only: ~3 minutes
 #   bash benches/proxy_overhead.sh --mode cache-hit   # full run, cache hits only: ~4.5 minutes
 #   bash benches/proxy_overhead.sh --mode tls         # full run, plain vs TLS, kept-alive: ~3.5 minutes
