@@ -30,6 +30,7 @@ fn table() -> (TenantTable, Vec<HeaderValue>) {
             name: format!("tenant {i}"),
             key_digests: vec![Sha256::digest(k.as_bytes()).into()],
             weight: 1,
+            client_cert_names: Vec::new(),
             limits: TenantLimits {
                 // High enough that the bench measures admissions, not refusals.
                 rate: Some(1e9),

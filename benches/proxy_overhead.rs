@@ -14,8 +14,15 @@
 //! three targets, but every request asks for one hot subject, bureau-guard's
 //! route caches it (`cache_ttl`, `cache_key`, `coalesce`) and nginx caches it
 //! with `proxy_cache`, each warmed with one request; the mock bureau's
-//! `/stats` proves that no measured request reached it. `--mode` picks one
-//! scenario; both run by default.
+//! `/stats` proves that no measured request reached it.
+//!
+//! Two TLS scenarios (issue 7) follow: `tls` runs the overhead load (unique
+//! subjects, kept-alive connections) against bureau-guard and nginx each
+//! twice, plain HTTP and TLS with the same certificate and key (ECDSA P-256,
+//! made at bench time with rcgen); `tls-handshake` does the same with a new
+//! connection for every request (full handshakes: the generator does not
+//! resume sessions), so its rates are connection rates. `--mode` picks one
+//! scenario; all run by default.
 //!
 //! Run it with `benches/proxy_overhead.sh` (installs nginx if missing) or
 //! `cargo bench --bench proxy_overhead -- [--quick] [options]`; `--help`
@@ -88,9 +95,11 @@ fn main() -> ExitCode {
 
 const USAGE: &str = "\
 usage: cargo bench --bench proxy_overhead -- [options]
-  --quick              short smoke run (1 s steps at 500 to 2000 req/s, both scenarios): well under a minute
+  --quick              short smoke run (1 s steps, a few low rates, every scenario): about a minute
   --mode M             overhead (unique subjects: every request reaches the mock), cache-hit (one hot
-                       subject, every measured request a cache hit) or all (default: overhead, then cache-hit)
+                       subject, every measured request a cache hit), tls (overhead load, each proxy plain and
+                       over TLS, kept-alive connections), tls-handshake (the same, a new connection and full
+                       TLS handshake per request) or all (default: all four in that order)
   --rates A,B,...      offered rates in req/s, both scenarios (default 1000,2000,4000,8000,10000,12000,16000,
                        20000,24000,32000; quick 500,1000,2000)
   --hit-rates A,B,...  offered rates of the cache-hit scenario only (default 1000,2000,4000,8000,10000,12000,
@@ -98,6 +107,8 @@ usage: cargo bench --bench proxy_overhead -- [options]
   --step-secs S        seconds of load per rate (default 4; quick 1)
   --warmup-secs S      seconds of warm-up per target, not reported (default 2; quick 0.5)
   --pause-secs S       idle seconds between steps (default 1; quick 0.2)
+  --handshake-rates A,B,...  connection rates of the tls-handshake scenario (default 250,500,750,1000,1250,1500,
+                       2000,2500,3000,4000; quick 250,500)
   --key-rate R         rate for the added-latency figure, added to the rates (default 1000)
   --key-rounds N       cache-hit scenario: after the rate steps, N more rounds of one step per target at the key
                        rate, targets interleaved, for a median added p50 (default 5; quick 1; 0 = none)
@@ -113,17 +124,35 @@ enum TargetKind {
     Direct,
     BureauGuard,
     Nginx,
+    /// bureau-guard terminating TLS (TLS scenarios only).
+    BureauGuardTls,
+    /// nginx terminating TLS with the same certificate (TLS scenarios only).
+    NginxTls,
 }
 
 impl TargetKind {
-    const ALL: [TargetKind; 3] = [Self::Direct, Self::BureauGuard, Self::Nginx];
+    /// Every kind, in table order.
+    const ALL: [TargetKind; 5] = [Self::Direct, Self::BureauGuard, Self::BureauGuardTls, Self::Nginx, Self::NginxTls];
+    /// The kinds `--targets` names; a TLS scenario runs each proxy plain and with TLS.
+    const BASE: [TargetKind; 3] = [Self::Direct, Self::BureauGuard, Self::Nginx];
 
     fn as_str(self) -> &'static str {
         match self {
             Self::Direct => "direct",
             Self::BureauGuard => "bureau-guard",
             Self::Nginx => "nginx",
+            Self::BureauGuardTls => "bureau-guard-tls",
+            Self::NginxTls => "nginx-tls",
         }
+    }
+
+    fn is_tls(self) -> bool {
+        matches!(self, Self::BureauGuardTls | Self::NginxTls)
+    }
+
+    /// nginx's CPU time includes its worker processes.
+    fn is_nginx(self) -> bool {
+        matches!(self, Self::Nginx | Self::NginxTls)
     }
 }
 
@@ -134,16 +163,26 @@ enum Scenario {
     Overhead,
     /// Every request for one hot subject, answered from the proxy's cache (direct: the mock).
     CacheHit,
+    /// The overhead load on kept-alive connections, each proxy plain and over TLS.
+    Tls,
+    /// The overhead load with a new connection (a full TLS handshake) per request.
+    TlsHandshake,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 2] = [Self::Overhead, Self::CacheHit];
+    const ALL: [Scenario; 4] = [Self::Overhead, Self::CacheHit, Self::Tls, Self::TlsHandshake];
 
     fn as_str(self) -> &'static str {
         match self {
             Self::Overhead => "overhead",
             Self::CacheHit => "cache-hit",
+            Self::Tls => "tls",
+            Self::TlsHandshake => "tls-handshake",
         }
+    }
+
+    fn is_tls(self) -> bool {
+        matches!(self, Self::Tls | Self::TlsHandshake)
     }
 }
 
@@ -157,6 +196,8 @@ struct Args {
     rates: Vec<f64>,
     /// Rates of the cache-hit scenario.
     hit_rates: Vec<f64>,
+    /// Connection rates of the tls-handshake scenario.
+    handshake_rates: Vec<f64>,
     step: Duration,
     warmup: Duration,
     pause: Duration,
@@ -176,12 +217,13 @@ impl Args {
                 rates: vec![500.0, 1000.0, 2000.0],
                 // Two steps and one round: the cache-hit scenario adds well under 20 s to CI.
                 hit_rates: vec![1000.0, 2000.0],
+                handshake_rates: vec![250.0, 500.0],
                 step: Duration::from_secs(1),
                 warmup: Duration::from_millis(500),
                 pause: Duration::from_millis(200),
                 key_rate: 1000.0,
                 key_rounds: 1,
-                targets: TargetKind::ALL.to_vec(),
+                targets: TargetKind::BASE.to_vec(),
                 nginx: None,
             }
         } else {
@@ -193,12 +235,13 @@ impl Args {
                     1000.0, 2000.0, 4000.0, 8000.0, 10000.0, 12000.0, 14000.0, 16000.0, 18000.0, 20000.0, 22000.0,
                     24000.0, 28000.0, 32000.0, 40000.0,
                 ],
+                handshake_rates: vec![250.0, 500.0, 750.0, 1000.0, 1250.0, 1500.0, 2000.0, 2500.0, 3000.0, 4000.0],
                 step: Duration::from_secs(4),
                 warmup: Duration::from_secs(2),
                 pause: Duration::from_secs(1),
                 key_rate: 1000.0,
                 key_rounds: 5,
-                targets: TargetKind::ALL.to_vec(),
+                targets: TargetKind::BASE.to_vec(),
                 nginx: None,
             }
         };
@@ -219,12 +262,9 @@ impl Args {
                     let mode = value()?;
                     args.scenarios = match mode.trim() {
                         "all" => Scenario::ALL.to_vec(),
-                        name => vec![
-                            Scenario::ALL
-                                .into_iter()
-                                .find(|s| s.as_str() == name)
-                                .with_context(|| format!("unknown mode {name:?} (overhead, cache-hit or all)"))?,
-                        ],
+                        name => vec![Scenario::ALL.into_iter().find(|s| s.as_str() == name).with_context(|| {
+                            format!("unknown mode {name:?} (overhead, cache-hit, tls, tls-handshake or all)")
+                        })?],
                     };
                 }
                 "--rates" => {
@@ -232,6 +272,7 @@ impl Args {
                     args.hit_rates = args.rates.clone();
                 }
                 "--hit-rates" => hit_rates = Some(rate_list(value()?, flag)?),
+                "--handshake-rates" => args.handshake_rates = rate_list(value()?, flag)?,
                 "--step-secs" => args.step = seconds(&value()?, flag)?,
                 "--warmup-secs" => args.warmup = seconds(&value()?, flag)?,
                 "--pause-secs" => args.pause = seconds(&value()?, flag)?,
@@ -244,7 +285,7 @@ impl Args {
                     args.targets = value()?
                         .split(',')
                         .map(|name| {
-                            TargetKind::ALL
+                            TargetKind::BASE
                                 .into_iter()
                                 .find(|t| t.as_str() == name.trim())
                                 .with_context(|| format!("unknown target {name:?}"))
@@ -268,6 +309,8 @@ impl Args {
             rates.sort_by(f64::total_cmp);
             rates.dedup();
         }
+        args.handshake_rates.sort_by(f64::total_cmp);
+        args.handshake_rates.dedup();
         if args.step.is_zero() {
             bail!("--step-secs must be > 0");
         }
@@ -276,8 +319,9 @@ impl Args {
 
     fn rates(&self, scenario: Scenario) -> &[f64] {
         match scenario {
-            Scenario::Overhead => &self.rates,
+            Scenario::Overhead | Scenario::Tls => &self.rates,
             Scenario::CacheHit => &self.hit_rates,
+            Scenario::TlsHandshake => &self.handshake_rates,
         }
     }
 }
@@ -403,7 +447,16 @@ fn run(args: &Args) -> anyhow::Result<()> {
 
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("building the tokio runtime")?;
-    let env = Env { args, bin, nginx_bin: nginx_bin.as_deref(), mock_addr, mock_pid: mock.pid(), runtime: &runtime };
+    let tls = if args.scenarios.iter().any(|s| s.is_tls()) { Some(BenchTls::create(&workdir.path)?) } else { None };
+    let env = Env {
+        args,
+        bin,
+        nginx_bin: nginx_bin.as_deref(),
+        mock_addr,
+        mock_pid: mock.pid(),
+        runtime: &runtime,
+        tls: tls.as_ref(),
+    };
     for &scenario in &args.scenarios {
         let dir = workdir.path.join(scenario.as_str());
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -423,6 +476,47 @@ struct Env<'a> {
     mock_addr: SocketAddr,
     mock_pid: u32,
     runtime: &'a tokio::runtime::Runtime,
+    /// Certificate, key and client settings of the TLS scenarios.
+    tls: Option<&'a BenchTls>,
+}
+
+/// One server certificate and key (ECDSA P-256, for 127.0.0.1) that bureau-guard and nginx
+/// both serve, and the generator's TLS client trusting its CA.
+struct BenchTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl BenchTls {
+    fn create(dir: &Path) -> anyhow::Result<BenchTls> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.distinguished_name.push(DnType::CommonName, "bench CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate()?;
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, ca_key);
+        let mut leaf = CertificateParams::new(vec!["localhost".to_owned()])?;
+        leaf.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+        leaf.distinguished_name.push(DnType::CommonName, "bench server");
+        let key = KeyPair::generate()?;
+        let cert = leaf.signed_by(&key, &issuer)?;
+        let (cert_path, key_path) = (dir.join("server.pem"), dir.join("server.key"));
+        fs::write(&cert_path, cert.pem()).context("writing the bench certificate")?;
+        fs::write(&key_path, key.serialize_pem()).context("writing the bench key")?;
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).context("adding the bench CA")?;
+        let mut client = rustls::ClientConfig::builder_with_provider(bureau_guard::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // Every new connection pays a full handshake: what a bank's first connection costs, and
+        // the same work for both proxies whatever their session caches do.
+        client.resumption = rustls::client::Resumption::disabled();
+        Ok(BenchTls { cert: cert_path, key: key_path, client: std::sync::Arc::new(client) })
+    }
 }
 
 /// One target of a scenario.
@@ -460,39 +554,71 @@ fn run_scenario(env: &Env<'_>, scenario: Scenario, mock: &mut ChildGuard, dir: &
     let args = env.args;
     let cached = scenario == Scenario::CacheHit;
     // Reserve every port at once so no two children get the same one.
-    let [guard_port, admin_port, nginx_port] = free_ports::<3>()?;
-    let guard_addr = SocketAddr::from(([127, 0, 0, 1], guard_port));
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin_port));
-    let nginx_addr = SocketAddr::from(([127, 0, 0, 1], nginx_port));
+    let [guard_port, admin_port, nginx_port, guard_tls_port, admin_tls_port, nginx_tls_port] = free_ports::<6>()?;
+    let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let (guard_addr, admin_addr, nginx_addr) = (local(guard_port), local(admin_port), local(nginx_port));
+    let (guard_tls_addr, admin_tls_addr, nginx_tls_addr) =
+        (local(guard_tls_port), local(admin_tls_port), local(nginx_tls_port));
+    let tls = if scenario.is_tls() { Some(env.tls.context("TLS material for a TLS scenario")?) } else { None };
+
+    // A TLS scenario runs each proxy plain and over TLS, side by side; direct has no TLS.
+    let kinds: Vec<TargetKind> = match scenario {
+        Scenario::Overhead | Scenario::CacheHit => args.targets.clone(),
+        Scenario::Tls | Scenario::TlsHandshake => args
+            .targets
+            .iter()
+            .flat_map(|k| match k {
+                TargetKind::BureauGuard => vec![TargetKind::BureauGuard, TargetKind::BureauGuardTls],
+                TargetKind::Nginx => vec![TargetKind::Nginx, TargetKind::NginxTls],
+                _ => vec![],
+            })
+            .collect(),
+    };
 
     let mut children: Vec<ChildGuard> = Vec::new();
     let mut targets: Vec<Target> = Vec::new();
-    let generator =
-        || LoadGenerator::new(LoadgenOptions { request_timeout: REQUEST_TIMEOUT, ..LoadgenOptions::default() });
-    for &kind in &args.targets {
+    let generator = |kind: TargetKind| {
+        LoadGenerator::new(LoadgenOptions {
+            request_timeout: REQUEST_TIMEOUT,
+            tls: tls.filter(|_| kind.is_tls()).map(|t| t.client.clone()),
+            new_connection_per_request: scenario == Scenario::TlsHandshake,
+            ..LoadgenOptions::default()
+        })
+    };
+    let mut nginx_pid = None;
+    for kind in kinds {
         let (addr, pid) = match kind {
             TargetKind::Direct => (env.mock_addr, env.mock_pid),
-            TargetKind::BureauGuard => {
-                let config = dir.join("bureau-guard.toml");
-                fs::write(&config, guard_config(guard_addr, admin_addr, env.mock_addr, cached))
+            TargetKind::BureauGuard | TargetKind::BureauGuardTls => {
+                let (listen, admin, name) = match kind {
+                    TargetKind::BureauGuard => (guard_addr, admin_addr, "bureau-guard.toml"),
+                    _ => (guard_tls_addr, admin_tls_addr, "bureau-guard-tls.toml"),
+                };
+                let config = dir.join(name);
+                let cert = tls.filter(|_| kind.is_tls()).map(|t| (t.cert.as_path(), t.key.as_path()));
+                fs::write(&config, guard_config(listen, admin, env.mock_addr, cached, cert))
                     .context("writing the bureau-guard config")?;
                 let mut child = ChildGuard::spawn(
-                    "bureau-guard",
+                    if kind.is_tls() { "bureau-guard-tls" } else { "bureau-guard" },
                     Command::new(env.bin).arg("serve").arg("--config").arg(&config),
                     dir,
                 )?;
-                child.wait_ready(admin_addr, "/healthz")?;
-                child.wait_ready(guard_addr, PROBE_PATH)?;
+                child.wait_ready(admin, "/healthz")?;
+                // The TLS listener is probed by the warm-up below (which fails on no 200).
+                if !kind.is_tls() {
+                    child.wait_ready(listen, PROBE_PATH)?;
+                }
                 let pid = child.pid();
                 children.push(child);
-                (guard_addr, pid)
+                (listen, pid)
             }
             TargetKind::Nginx => {
                 let Some(nginx_bin) = env.nginx_bin else {
                     continue;
                 };
                 let conf = dir.join("nginx.conf");
-                fs::write(&conf, nginx_config(dir, nginx_addr, env.mock_addr, cached))
+                let tls_listen = tls.map(|t| (nginx_tls_addr, t.cert.as_path(), t.key.as_path()));
+                fs::write(&conf, nginx_config(dir, nginx_addr, env.mock_addr, cached, tls_listen))
                     .context("writing the nginx config")?;
                 let mut child = ChildGuard::spawn(
                     "nginx",
@@ -508,14 +634,20 @@ fn run_scenario(env: &Env<'_>, scenario: Scenario, mock: &mut ChildGuard, dir: &
                 )?;
                 child.wait_ready(nginx_addr, PROBE_PATH)?;
                 let pid = child.pid();
+                nginx_pid = Some(pid);
                 children.push(child);
                 (nginx_addr, pid)
             }
+            // The same nginx, on its TLS port.
+            TargetKind::NginxTls => match nginx_pid {
+                Some(pid) => (nginx_tls_addr, pid),
+                None => continue,
+            },
         };
         if cached {
             warm_cache(kind, addr)?;
         }
-        targets.push(Target { kind, addr, pid, generator: generator(), check: HitCheck::default() });
+        targets.push(Target { kind, addr, pid, generator: generator(kind), check: HitCheck::default() });
     }
 
     eprintln!(
@@ -662,9 +794,9 @@ async fn run_stream(
     span: bool,
 ) -> anyhow::Result<(StreamSnapshot, CpuUse)> {
     let before = bench.mock.map(mock_calls_total).transpose()?;
-    let cpu_before = (cpu_time(target.pid, target.kind == TargetKind::Nginx), self_cpu_time());
+    let cpu_before = (cpu_time(target.pid, target.kind.is_nginx()), self_cpu_time());
     let report = target.generator.run(vec![spec]).await?;
-    let cpu_after = (cpu_time(target.pid, target.kind == TargetKind::Nginx), self_cpu_time());
+    let cpu_after = (cpu_time(target.pid, target.kind.is_nginx()), self_cpu_time());
     let cpu = CpuUse {
         target: cpu_before.0.zip(cpu_after.0).map(|(b, a)| a.saturating_sub(b)),
         generator: cpu_before.1.zip(cpu_after.1).map(|(b, a)| a.saturating_sub(b)),
@@ -699,9 +831,10 @@ fn stream_spec(
     duration: Duration,
     next_subject: &mut u64,
 ) -> anyhow::Result<StreamSpec> {
-    let template = RequestTemplate::get(&format!("http://{addr}{HOT_PATH}"))?.header("x-api-key", API_KEY)?;
+    let scheme = if kind.is_tls() { "https" } else { "http" };
+    let template = RequestTemplate::get(&format!("{scheme}://{addr}{HOT_PATH}"))?.header("x-api-key", API_KEY)?;
     match scenario {
-        Scenario::Overhead => {
+        Scenario::Overhead | Scenario::Tls | Scenario::TlsHandshake => {
             let first = *next_subject;
             let spec = StreamSpec::new(
                 kind.as_str(),
@@ -718,7 +851,7 @@ fn stream_spec(
 /// The response header that tells a target's cache hits (none: no cache).
 fn cache_header(kind: TargetKind) -> Option<&'static str> {
     match kind {
-        TargetKind::Direct => None,
+        TargetKind::Direct | TargetKind::BureauGuardTls | TargetKind::NginxTls => None,
         TargetKind::BureauGuard => Some("x-cache"),
         TargetKind::Nginx => Some("x-cache-status"),
     }
@@ -844,6 +977,19 @@ fn render(args: &Args, scenario: Scenario, steps: &[Step], rounds: &[Vec<Step>],
                 "\n### Cache hits: open-loop load, every request GET {HOT_PATH}, {step_secs:.1} s per rate\n"
             );
         }
+        Scenario::Tls => {
+            let _ = writeln!(
+                out,
+                "\n### TLS, kept-alive connections: open-loop load, plain vs TLS, {step_secs:.1} s per rate\n"
+            );
+        }
+        Scenario::TlsHandshake => {
+            let _ = writeln!(
+                out,
+                "\n### TLS handshakes: a new connection per request (full handshake), plain vs TLS, \
+                 {step_secs:.1} s per rate (offered = connections/s)\n"
+            );
+        }
     }
     let _ = writeln!(
         out,
@@ -891,6 +1037,10 @@ fn render(args: &Args, scenario: Scenario, steps: &[Step], rounds: &[Vec<Step>],
         Some((rate, false)) => format!("{rate:.0}"),
     };
     let at_key = |kind: TargetKind| steps.iter().find(|s| s.target == kind && (s.offered - args.key_rate).abs() < 0.5);
+    if scenario.is_tls() {
+        render_tls(&mut out, rates, steps);
+        return out;
+    }
     if scenario == Scenario::Overhead {
         let _ = writeln!(out, "| target | max sustainable req/s |");
         let _ = writeln!(out, "|---|---:|");
@@ -1098,19 +1248,108 @@ fn render(args: &Args, scenario: Scenario, steps: &[Step], rounds: &[Vec<Step>],
     out
 }
 
+/// TLS scenarios: each target's capacity, then plain and TLS side by side at the highest rate
+/// every target sustained (latency and CPU per request), and the ratios.
+fn render_tls(out: &mut String, rates: &[f64], steps: &[Step]) {
+    let present: Vec<TargetKind> =
+        TargetKind::ALL.into_iter().filter(|k| steps.iter().any(|s| s.target == *k)).collect();
+    let capacity = |kind| max_sustainable(rates, steps, kind);
+    let show = |c: Option<(f64, bool)>| match c {
+        None => "none of the rates tried".to_owned(),
+        Some((rate, true)) => format!(">= {rate:.0} (highest tried)"),
+        Some((rate, false)) => format!("{rate:.0}"),
+    };
+    let common =
+        present.iter().map(|k| capacity(*k).map(|(r, _)| r)).try_fold(f64::INFINITY, |low, r| r.map(|r| low.min(r)));
+    let at = |kind: TargetKind| {
+        let rate = common?;
+        steps.iter().find(|s| s.target == kind && (s.offered - rate).abs() < 0.5)
+    };
+    let dash = || "—".to_owned();
+    let _ = writeln!(
+        out,
+        "| target | max sustainable | p50 ms at {c} | p99 ms at {c} | target CPU µs/req at {c} | generator CPU µs/req at {c} |",
+        c = common.map_or_else(dash, |c| format!("{c:.0}/s"))
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    for &kind in &present {
+        let step = at(kind);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            kind.as_str(),
+            show(capacity(kind)),
+            step.map_or_else(dash, |s| format!("{:.3}", ms(s.p50))),
+            step.map_or_else(dash, |s| format!("{:.3}", ms(s.p99))),
+            micros(step.and_then(|s| s.target_cpu_us)),
+            micros(step.and_then(|s| s.generator_cpu_us)),
+        );
+    }
+    let _ = writeln!(out);
+    let ratio = |a: Option<(f64, bool)>, b: Option<(f64, bool)>| match (a, b) {
+        (Some((a, a_top)), Some((b, b_top))) => {
+            let bound = match (a_top, b_top) {
+                (false, false) => "",
+                (true, false) => ">= ",
+                (false, true) => "<= ",
+                (true, true) => "undetermined (both at the highest rate tried) ",
+            };
+            format!("{a:.0} / {b:.0} = {bound}{:.2}x", a / b)
+        }
+        _ => "not comparable".to_owned(),
+    };
+    for (plain, tls) in
+        [(TargetKind::BureauGuard, TargetKind::BureauGuardTls), (TargetKind::Nginx, TargetKind::NginxTls)]
+    {
+        if !present.contains(&plain) || !present.contains(&tls) {
+            continue;
+        }
+        let cpu = match (at(plain).and_then(|s| s.target_cpu_us), at(tls).and_then(|s| s.target_cpu_us)) {
+            (Some(p), Some(t)) => format!("; TLS adds {:+.1} µs of {} CPU per request", t - p, plain.as_str()),
+            _ => String::new(),
+        };
+        let p50 = match (at(plain), at(tls)) {
+            (Some(p), Some(t)) => format!("; p50 {:+.3} ms", ms(t.p50) - ms(p.p50)),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "- {}: TLS / plain max sustainable: {}{p50}{cpu}",
+            plain.as_str(),
+            ratio(capacity(tls), capacity(plain))
+        );
+    }
+    if present.contains(&TargetKind::BureauGuardTls) && present.contains(&TargetKind::NginxTls) {
+        let _ = writeln!(
+            out,
+            "- bureau-guard-tls / nginx-tls max sustainable: {}",
+            ratio(capacity(TargetKind::BureauGuardTls), capacity(TargetKind::NginxTls))
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Configs
 // ---------------------------------------------------------------------------
 
-fn guard_config(listen: SocketAddr, admin: SocketAddr, upstream: SocketAddr, cached: bool) -> String {
+fn guard_config(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    upstream: SocketAddr,
+    cached: bool,
+    tls: Option<(&Path, &Path)>,
+) -> String {
     let key_hash = hex::encode(sha2::Sha256::digest(API_KEY.as_bytes()));
+    let tls = tls.map_or_else(String::new, |(cert, key)| {
+        format!("\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display())
+    });
     // Cache-hit scenario: the route caches score look-ups by subject, per tenant (the default
     // scope), as config.example.toml does.
     let caching = if cached { "coalesce = true\ncache_ttl = \"10m\"\ncache_key = [\"path.subject_id\"]\n" } else { "" };
     format!(
         r#"[server]
 listen = "{listen}"
-
+{tls}
 [admin]
 listen = "{admin}"
 
@@ -1133,8 +1372,28 @@ api_key_sha256 = "{key_hash}"
     )
 }
 
-fn nginx_config(dir: &Path, listen: SocketAddr, upstream: SocketAddr, cached: bool) -> String {
+fn nginx_config(
+    dir: &Path,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    cached: bool,
+    tls: Option<(SocketAddr, &Path, &Path)>,
+) -> String {
     let dir = dir.display();
+    // TLS scenarios: a second listener with the bench certificate, TLS 1.2 and 1.3 like
+    // bureau-guard; session caches off, so every new connection is a full handshake on both.
+    let tls = tls.map_or_else(String::new, |(addr, cert, key)| {
+        format!(
+            "        listen {addr} ssl;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache off;
+        ssl_session_tickets off;\n",
+            cert.display(),
+            key.display()
+        )
+    });
     // Cache-hit scenario: cache 200s for 10 minutes whatever the upstream says (the mock sends
     // no Cache-Control), keyed by the URI, and tell hits in X-Cache-Status.
     let (cache_zone, cache_use, what) = if cached {
@@ -1180,7 +1439,7 @@ http {{
 
     server {{
         listen {listen};
-        location / {{
+{tls}        location / {{
             proxy_pass http://bureau;
             proxy_http_version 1.1;
             proxy_set_header Connection "";

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # End-to-end proxy benchmark: direct to the mock bureau vs through bureau-guard
-# vs through nginx, open-loop load at increasing rates, in two scenarios:
-# overhead (every request reaches the mock) and cache-hit (every request is
-# answered from the proxy's cache; issue 5).
+# vs through nginx, open-loop load at increasing rates, in four scenarios:
+# overhead (every request reaches the mock), cache-hit (every request is
+# answered from the proxy's cache; issue 5), and tls / tls-handshake (each
+# proxy plain and terminating TLS with the same certificate; issue 7).
 #
-#   bash benches/proxy_overhead.sh                    # full run, both scenarios: ~8 minutes
+#   bash benches/proxy_overhead.sh                    # full run, all four scenarios: ~16 minutes
 #   bash benches/proxy_overhead.sh --mode overhead    # full run, overhead only: ~3 minutes
 #   bash benches/proxy_overhead.sh --mode cache-hit   # full run, cache hits only: ~4.5 minutes
-#   bash benches/proxy_overhead.sh --quick            # smoke run (CI), both scenarios: ~25 s once built
+#   bash benches/proxy_overhead.sh --mode tls         # full run, plain vs TLS, kept-alive: ~3.5 minutes
+#   bash benches/proxy_overhead.sh --mode tls-handshake  # full run, a TLS handshake per request: ~4 minutes
+#   bash benches/proxy_overhead.sh --quick            # smoke run (CI), all four scenarios: ~55 s once built
 #   bash benches/proxy_overhead.sh --help             # every option
 #
 # All load targets 127.0.0.1. See benches/README.md for the scenario and the criterion.

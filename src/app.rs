@@ -119,8 +119,16 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let proxy_task =
-        tokio::spawn(server::serve(listener, Proxy::new(shared.clone()), limits, wait(stopped.clone()), drain));
+    let proxy_task = match &shared.tls_listener {
+        None => tokio::spawn(server::serve(listener, Proxy::new(shared.clone()), limits, wait(stopped.clone()), drain)),
+        // TLS: each connection's service knows the client certificate its handshake verified.
+        Some(current) => {
+            let tls = server::TlsListener { current: current.clone(), counters: shared.handshakes.clone() };
+            let proxy_shared = shared.clone();
+            let make = move |_peer, cert| Proxy::for_connection(proxy_shared.clone(), cert);
+            tokio::spawn(server::serve_tls(listener, tls, make, limits, wait(stopped.clone()), drain))
+        }
+    };
     // The admin listener keeps answering /metrics and /readyz (false) while the proxy drains.
     let admin_limits = ConnLimits::for_max_header_bytes(16 * 1024, limits.header_read_timeout);
     let admin_shared = shared.clone();
@@ -142,7 +150,11 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
         tracing::warn!(%admin_addr, "the admin listener is reachable beyond this host and has no token: anyone who reaches it can reload, reset quotas and purge the cache; set admin.token_sha256 or admin.token_env");
     }
     shared.ready.store(true, Ordering::Release);
-    tracing::info!(%addr, %admin_addr, "bureau-guard serving");
+    let tls = shared.snapshot.load().config.server.tls.as_ref().map_or("off", |t| t.client_auth.as_str());
+    tracing::info!(%addr, %admin_addr, tls = shared.tls_listener.is_some(), client_auth = tls, "bureau-guard serving");
+    for w in shared.snapshot.load().config.warnings() {
+        tracing::warn!(warning = %w, "config warning");
+    }
     Running { addr, admin_addr, shared, stop, stop_admin, stop_persist, grace, proxy_task, admin_task, persist_task }
 }
 

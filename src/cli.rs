@@ -180,6 +180,10 @@ fn check(path: &Path, diff_against: Option<&Path>) -> ExitCode {
                 c.routes.len(),
                 c.upstream.url
             );
+            // Warnings do not fail the check: the config works today, it will not for long.
+            for w in c.warnings() {
+                println!("  warning: {w}");
+            }
             if let Some(old_path) = diff_against {
                 let old = match Config::load(old_path) {
                     Ok(old) => old,

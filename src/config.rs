@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{Method, StatusCode, Uri};
@@ -20,6 +20,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::cache_key::{KeyPart, KeySecret, Scope};
+use crate::tls::{ClientAuth, IdentitySource, ServerTls, UpstreamTls};
 
 /// Defaults, each with the reason it is what it is.
 pub mod defaults {
@@ -263,6 +264,9 @@ pub struct ServerConfig {
     /// On shutdown, `/readyz` answers 503 this long before the listener stops accepting, so load
     /// balancers stop sending new connections first. Zero: stop at once.
     pub readiness_grace: Duration,
+    /// `[server.tls]`: terminate TLS (and optionally verify client certificates); `None`: plain
+    /// HTTP (h2c by prior knowledge).
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -288,6 +292,8 @@ pub struct UpstreamConfig {
     pub queue_timeout: Duration,
     /// Move the budget between `min` and `max` from observed bureau latency and errors.
     pub adaptive: Option<AdaptiveSettings>,
+    /// TLS to the bureau: `Some` exactly when the URL is `https://` (`[upstream.tls]` or defaults).
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
 /// `[upstream.adaptive]`: see `adaptive.rs` for the controller.
@@ -383,6 +389,9 @@ pub struct TenantConfig {
     /// Share of the bureau under contention, relative to other tenants.
     pub weight: u32,
     pub limits: TenantLimits,
+    /// Client certificate identities (of `server.tls.client_identity`'s kind, normalized) that
+    /// name this tenant.
+    pub client_cert_names: Vec<String>,
 }
 
 /// A tenant's contract. `None` means no limit of that kind.
@@ -536,6 +545,26 @@ struct RawServer {
     drain_timeout: Option<String>,
     pass_unmatched: Option<bool>,
     readiness_grace: Option<String>,
+    tls: Option<RawServerTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerTls {
+    cert: Option<String>,
+    key: Option<String>,
+    client_auth: Option<String>,
+    client_ca: Option<String>,
+    crl: Option<Vec<String>>,
+    client_identity: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    ca: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -558,6 +587,7 @@ struct RawUpstream {
     max_concurrency: Option<i64>,
     queue_timeout: Option<String>,
     adaptive: Option<RawAdaptive>,
+    tls: Option<RawUpstreamTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -606,6 +636,7 @@ struct RawTenant {
     monthly_quota: Option<i64>,
     max_queue: Option<i64>,
     dry_run: Option<BoolOrList>,
+    client_cert_names: Option<Vec<String>>,
 }
 
 /// `dry_run = true` or `dry_run = ["rate", "daily"]`.
@@ -710,6 +741,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                 Duration::ZERO
             }),
         },
+        tls: None,
     };
 
     let token_digest = match (&raw.admin.token_sha256, &raw.admin.token_env) {
@@ -777,6 +809,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         },
         queue_timeout: p.duration("upstream.queue_timeout", u.queue_timeout.as_deref(), defaults::QUEUE_TIMEOUT),
         adaptive: None,
+        tls: None,
     };
     let mut upstream = upstream;
     if let Some(a) = &u.adaptive {
@@ -826,13 +859,223 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         p.add("routes", "at least one [[routes]] entry is required (or set server.pass_unmatched = true)");
     }
     let max_cost = routes.iter().map(|r| r.cost).max().unwrap_or(1);
+    // TLS reads its files here, so `check`, `serve` and `reload` all refuse a bad one. Tenants'
+    // `client_cert_names` need to know which kind of name the listener extracts.
+    let now = unix_now();
+    let mut server = server;
+    server.tls = raw.server.tls.as_ref().and_then(|t| validate_server_tls(&mut p, t, now));
+    let mut upstream = upstream;
+    upstream.tls = validate_upstream_tls(&mut p, &upstream.url, raw.upstream.tls.as_ref(), now);
+    let cert_identity = server.tls.as_ref().filter(|t| t.client_auth != ClientAuth::Off).map(|t| t.identity);
     let tenants = validate_tenants(&mut p, &raw.tenants, env, max_cost);
+    let tenants = validate_cert_names(&mut p, &raw.tenants, tenants, cert_identity, raw.server.tls.is_some());
 
     if p.0.is_empty() {
         Ok(Config { server, admin, upstream, log, quota, state, cache, audit, routes, tenants })
     } else {
         Err(ConfigError { problems: p.0 })
     }
+}
+
+/// Seconds since the Unix epoch, for certificate validity.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Config {
+    /// Things that are not wrong yet but will be: certificates expiring within 30 days, expired
+    /// CA certificates skipped in a bundle. `check` prints them; `serve` and `reload` log them.
+    pub fn warnings(&self) -> Vec<Problem> {
+        self.warnings_at(unix_now())
+    }
+
+    /// [`Config::warnings`] at `now` (unix seconds).
+    pub fn warnings_at(&self, now: i64) -> Vec<Problem> {
+        let server = self.server.tls.iter().flat_map(|t| t.watched.iter());
+        let upstream = self.upstream.tls.iter().flat_map(|t| t.watched.iter());
+        let watched: Vec<_> = server.chain(upstream).cloned().collect();
+        crate::tls::warnings(&watched, now).into_iter().map(|(path, message)| Problem { path, message }).collect()
+    }
+}
+
+/// A path key of the config (`server.tls.cert`, ...). Relative paths are taken from the working
+/// directory, as `state.file` and `audit.file` are: one rule for every path in the file.
+fn config_path(p: &mut Problems, at: &str, raw: Option<&str>, required: &str) -> Option<PathBuf> {
+    match raw {
+        None => {
+            p.add(at, required);
+            None
+        }
+        Some("") => {
+            p.add(at, "must not be empty");
+            None
+        }
+        Some(s) => Some(PathBuf::from(s)),
+    }
+}
+
+/// `[server.tls]`: settings parsed, then every file read, checked and built into a rustls config.
+fn validate_server_tls(p: &mut Problems, t: &RawServerTls, now: i64) -> Option<ServerTls> {
+    let before = p.0.len();
+    let cert = config_path(p, "server.tls.cert", t.cert.as_deref(), "required: the PEM certificate chain, leaf first");
+    let key = config_path(p, "server.tls.key", t.key.as_deref(), "required: the PEM private key of the certificate");
+    let client_auth = match t.client_auth.as_deref() {
+        None => ClientAuth::Off,
+        Some(s) => ClientAuth::parse(s).unwrap_or_else(|| {
+            p.add(
+                "server.tls.client_auth",
+                format!("unknown value {s:?}; expected \"off\", \"optional\" or \"required\""),
+            );
+            ClientAuth::Off
+        }),
+    };
+    let identity = match t.client_identity.as_deref() {
+        None => IdentitySource::SanDns,
+        Some(s) => IdentitySource::parse(s).unwrap_or_else(|| {
+            p.add(
+                "server.tls.client_identity",
+                format!("unknown value {s:?}; expected \"san_dns\", \"san_uri\" or \"cn\""),
+            );
+            IdentitySource::SanDns
+        }),
+    };
+    let mtls = client_auth != ClientAuth::Off;
+    let client_ca = match (&t.client_ca, mtls) {
+        (None, true) => {
+            p.add(
+                "server.tls.client_ca",
+                "required with client_auth: the PEM bundle of CAs that issue banks' certificates",
+            );
+            None
+        }
+        (Some(_), false) => {
+            p.add("server.tls.client_ca", "only meaningful with client_auth = \"optional\" or \"required\"");
+            None
+        }
+        (Some(s), true) => config_path(p, "server.tls.client_ca", Some(s), ""),
+        (None, false) => None,
+    };
+    let mut crl = Vec::new();
+    if let Some(list) = &t.crl {
+        if !mtls {
+            p.add("server.tls.crl", "only meaningful with client_auth = \"optional\" or \"required\"");
+        }
+        for (i, s) in list.iter().enumerate() {
+            crl.extend(config_path(p, &format!("server.tls.crl[{i}]"), Some(s), ""));
+        }
+    }
+    if t.client_identity.is_some() && !mtls {
+        p.add("server.tls.client_identity", "only meaningful with client_auth = \"optional\" or \"required\"");
+    }
+    if p.0.len() != before {
+        return None;
+    }
+    let settings = crate::tls::ServerTlsSettings { cert: cert?, key: key?, client_auth, client_ca, crl, identity };
+    match crate::tls::load_server(&settings, now) {
+        Ok(tls) => Some(tls),
+        Err(problems) => {
+            for fp in problems {
+                p.add(format!("server.tls.{}", fp.key), fp.message);
+            }
+            None
+        }
+    }
+}
+
+/// `[upstream.tls]` and the URL's scheme: TLS exactly for `https://`.
+fn validate_upstream_tls(p: &mut Problems, url: &Uri, t: Option<&RawUpstreamTls>, now: i64) -> Option<UpstreamTls> {
+    if url.scheme_str() != Some("https") {
+        if t.is_some() {
+            p.add("upstream.tls", "only meaningful with an https:// upstream.url");
+        }
+        return None;
+    }
+    let before = p.0.len();
+    let empty = RawUpstreamTls::default();
+    let t = t.unwrap_or(&empty);
+    let ca = t.ca.as_deref().and_then(|s| config_path(p, "upstream.tls.ca", Some(s), ""));
+    let client_cert = match (&t.client_cert, &t.client_key) {
+        (Some(c), Some(k)) => {
+            let c = config_path(p, "upstream.tls.client_cert", Some(c), "");
+            let k = config_path(p, "upstream.tls.client_key", Some(k), "");
+            c.zip(k)
+        }
+        (Some(_), None) => {
+            p.add(
+                "upstream.tls.client_key",
+                "required with client_cert: the PEM private key of bureau-guard's certificate",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            p.add("upstream.tls.client_cert", "required with client_key: bureau-guard's PEM certificate chain");
+            None
+        }
+        (None, None) => None,
+    };
+    if p.0.len() != before {
+        return None;
+    }
+    match crate::tls::load_upstream(&crate::tls::UpstreamTlsSettings { ca, client_cert }, now) {
+        Ok(tls) => Some(tls),
+        Err(problems) => {
+            for fp in problems {
+                p.add(format!("upstream.tls.{}", fp.key), fp.message);
+            }
+            None
+        }
+    }
+}
+
+/// Each tenant's `client_cert_names`: non-empty, normalized, on one tenant only, and only with a
+/// listener that asks for certificates. `raw` and `tenants` are matched by id (invalid tenants
+/// were dropped from `tenants` and already reported).
+fn validate_cert_names(
+    p: &mut Problems,
+    raw: &[RawTenant],
+    mut tenants: Vec<TenantConfig>,
+    identity: Option<IdentitySource>,
+    tls_configured: bool,
+) -> Vec<TenantConfig> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, t) in raw.iter().enumerate() {
+        let Some(list) = &t.client_cert_names else { continue };
+        let at = format!("tenants[{i}].client_cert_names");
+        let Some(identity) = identity else {
+            // Without [server.tls] its own problems already explain; say only what is missing.
+            let why = if tls_configured {
+                "only meaningful with server.tls.client_auth = \"optional\" or \"required\""
+            } else {
+                "only meaningful with [server.tls] and client_auth = \"optional\" or \"required\""
+            };
+            p.add(at, why);
+            continue;
+        };
+        let mut names = Vec::with_capacity(list.len());
+        for (j, name) in list.iter().enumerate() {
+            let item_at = format!("{at}[{j}]");
+            let name = identity.normalize(name.trim());
+            if name.is_empty() {
+                p.add(item_at, "must not be empty");
+            } else if let Some(first) = seen.get(&name) {
+                p.add(
+                    item_at,
+                    format!("{name:?} already names tenants[{first}]: a certificate must map to one tenant"),
+                );
+            } else {
+                seen.insert(name.clone(), i);
+                names.push(name);
+            }
+        }
+        if names.is_empty() && list.is_empty() && t.api_key_sha256.is_none() && t.api_key_env.is_none() {
+            p.add(at, "empty, and the tenant has no api key either: nothing could identify it");
+            continue;
+        }
+        if let Some(tenant) = tenants.iter_mut().find(|c| t.id.as_deref() == Some(c.id.as_str())) {
+            tenant.client_cert_names = names;
+        }
+    }
+    tenants
 }
 
 fn upstream_url(p: &mut Problems, raw: Option<&str>) -> Uri {
@@ -850,12 +1093,9 @@ fn upstream_url(p: &mut Problems, raw: Option<&str>) -> Uri {
     };
     match uri.scheme_str() {
         Some("http") => {}
-        Some("https") => {
-            p.add("upstream.url", "https upstreams are not supported yet (TLS to the bureau is planned); use http://");
-            return fallback();
-        }
+        Some("https") => {}
         _ => {
-            p.add("upstream.url", format!("{s:?} must start with http://"));
+            p.add("upstream.url", format!("{s:?} must start with http:// or https://"));
             return fallback();
         }
     }
@@ -1329,8 +1569,10 @@ fn validate_tenants(
                 }
             }
         }
-        if t.api_key_sha256.is_none() && t.api_key_env.is_none() {
-            p.add(at("api_key_sha256"), "each tenant needs api_key_sha256 or api_key_env");
+        // A tenant identified by its client certificate alone needs no key (checked with the
+        // certificate names in `validate_cert_names`).
+        if t.api_key_sha256.is_none() && t.api_key_env.is_none() && t.client_cert_names.is_none() {
+            p.add(at("api_key_sha256"), "each tenant needs api_key_sha256, api_key_env or client_cert_names");
         }
 
         let weight = match t.weight {
@@ -1349,6 +1591,7 @@ fn validate_tenants(
                 key_digests: digests,
                 weight,
                 limits,
+                client_cert_names: Vec::new(),
             });
         }
     }
@@ -1762,6 +2005,99 @@ fail_closed = true
             assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
         }
         assert_eq!(p.len(), expect.len(), "{p:#?}");
+    }
+
+    #[test]
+    fn tls_sections_are_validated_with_their_files() {
+        let dir = crate::tls::test_certs::files("config", 90);
+        let f = |name: &str| dir.join(name).display().to_string();
+        let server_tls = format!(
+            "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_auth = \"required\"\nclient_ca = \"{}\"\n",
+            f("leaf.pem"),
+            f("leaf.key"),
+            f("ca.pem")
+        );
+        let text = minimal().replace("[upstream]", &format!("{server_tls}[upstream]"))
+            + "client_cert_names = [\"Bank-A.example\"]\n"
+            + "[[tenants]]\nid = \"b\"\nclient_cert_names = [\"bank-b.example\"]\n";
+        let c = Config::from_toml(&text, &no_env).expect("valid");
+        assert!(c.tenants[1].key_digests.is_empty(), "a certificate-only tenant needs no key");
+        let tls = c.server.tls.as_ref().expect("tls on");
+        assert_eq!((tls.client_auth, tls.identity), (ClientAuth::Required, IdentitySource::SanDns));
+        assert_eq!(c.tenants[0].client_cert_names, ["bank-a.example"], "DNS names are lower-cased");
+        assert!(c.upstream.tls.is_none());
+        assert!(c.warnings().is_empty());
+
+        // https turns upstream TLS on, with the built-in roots when nothing else is said.
+        let https = minimal().replace("http://127.0.0.1:8081", "https://bureau.example");
+        assert!(Config::from_toml(&https, &no_env).expect("valid").upstream.tls.is_some());
+    }
+
+    #[test]
+    fn tls_problems_are_reported_with_their_paths() {
+        let dir = crate::tls::test_certs::files("config-bad", 90);
+        let f = |name: &str| dir.join(name).display().to_string();
+        let text = format!(
+            r#"
+[server.tls]
+cert = "{}"
+key = "{}"
+client_auth = "sometimes"
+client_identity = "email"
+[upstream]
+url = "http://127.0.0.1:8081"
+[upstream.tls]
+client_cert = "{}"
+[[routes]]
+name = "score"
+method = "GET"
+path = "/v1/score/{{subject_id}}"
+[[tenants]]
+id = "a"
+api_key_sha256 = "{KEY_HEX}"
+client_cert_names = ["x"]
+"#,
+            f("leaf.pem"),
+            f("missing.key"),
+            f("leaf.pem")
+        );
+        let p = problems(&text);
+        let expect = [
+            "server.tls.client_auth: unknown value \"sometimes\"",
+            "server.tls.client_identity: unknown value \"email\"",
+            "server.tls.client_identity: only meaningful with client_auth",
+            "upstream.tls: only meaningful with an https:// upstream.url",
+            "tenants[0].client_cert_names: only meaningful with server.tls.client_auth",
+        ];
+        for e in expect {
+            assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+
+        // Settings fine, files not: the file's own problem at its path; names on two tenants.
+        let text = text
+            .replace(
+                "client_auth = \"sometimes\"",
+                &format!("client_auth = \"optional\"\nclient_ca = \"{}\"", f("ca.pem")),
+            )
+            .replace("client_identity = \"email\"\n", "")
+            .replace("http://127.0.0.1:8081", "https://127.0.0.1:8081")
+            + &format!(
+                "[[tenants]]\nid = \"b\"\napi_key_sha256 = \"{}\"\nclient_cert_names = [\"X\", \"\"]\n",
+                "cd".repeat(32)
+            );
+        let p = problems(&text.replace("missing.key", "leaf.key"));
+        let expect = [
+            "upstream.tls.client_key: required with client_cert",
+            "tenants[1].client_cert_names[0]: \"x\" already names tenants[0]",
+            "tenants[1].client_cert_names[1]: must not be empty",
+        ];
+        for e in expect {
+            assert!(p.iter().any(|line| line.starts_with(e)), "missing {e:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+        let p = problems(&text);
+        assert!(p.iter().any(|l| l.starts_with("server.tls.key: cannot read ")), "{p:#?}");
     }
 
     #[test]

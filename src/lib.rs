@@ -52,4 +52,5 @@ pub mod server;
 pub mod state;
 pub mod surge;
 pub mod tenant;
+pub mod tls;
 pub mod upstream;

@@ -187,15 +187,15 @@ pub struct RequestTemplate {
 impl RequestTemplate {
     /// A template for `method url`.
     ///
-    /// `url` must be absolute with scheme `http` and a host (for example
-    /// `http://127.0.0.1:8080/v1/score/S1`); anything else is
-    /// [`LoadgenError::InvalidUrl`].
+    /// `url` must be absolute with scheme `http` or `https` and a host (for
+    /// example `http://127.0.0.1:8080/v1/score/S1`); anything else is
+    /// [`LoadgenError::InvalidUrl`]. `https` needs [`LoadgenOptions::tls`].
     pub fn new(method: Method, url: &str) -> Result<Self, LoadgenError> {
         let invalid = |reason: String| LoadgenError::InvalidUrl { url: url.to_owned(), reason };
         let uri: Uri = url.parse().map_err(|e: http::uri::InvalidUri| invalid(e.to_string()))?;
         let scheme = uri.scheme().cloned().ok_or_else(|| invalid("no scheme".to_owned()))?;
-        if scheme != Scheme::HTTP {
-            return Err(invalid(format!("scheme {scheme} is not http")));
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(invalid(format!("scheme {scheme} is not http or https")));
         }
         let authority = uri.authority().cloned().ok_or_else(|| invalid("no host".to_owned()))?;
         Ok(Self { method, scheme, authority, uri, headers: HeaderMap::new(), body: Bytes::new() })
@@ -400,6 +400,13 @@ pub struct LoadgenOptions {
     pub connect_timeout: Duration,
     /// Idle pooled connections are closed after this long.
     pub pool_idle_timeout: Duration,
+    /// The TLS client for `https` URLs (`None`: `http` only). Its settings
+    /// (roots, resumption, ALPN left empty for HTTP/1.1) are the caller's.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Open a new connection for every request and close it after the
+    /// response, instead of keeping connections alive: measures connection
+    /// (and TLS handshake) cost rather than request cost.
+    pub new_connection_per_request: bool,
 }
 
 impl Default for LoadgenOptions {
@@ -411,11 +418,27 @@ impl Default for LoadgenOptions {
             // Loopback connects take microseconds; a second means a backlog.
             connect_timeout: Duration::from_secs(1),
             pool_idle_timeout: Duration::from_secs(30),
+            tls: None,
+            new_connection_per_request: false,
         }
     }
 }
 
-type HttpClient = Client<HttpConnector, RequestBody>;
+/// The generator's client: plain HTTP, or `https`-or-`http` over rustls.
+#[derive(Clone, Debug)]
+enum HttpClient {
+    Plain(Client<HttpConnector, RequestBody>),
+    Tls(Client<hyper_rustls::HttpsConnector<HttpConnector>, RequestBody>),
+}
+
+impl HttpClient {
+    fn request(&self, request: Request<RequestBody>) -> hyper_util::client::legacy::ResponseFuture {
+        match self {
+            HttpClient::Plain(c) => c.request(request),
+            HttpClient::Tls(c) => c.request(request),
+        }
+    }
+}
 
 /// An open-loop load generator: one HTTP/1.1 client, any number of runs.
 ///
@@ -436,14 +459,27 @@ impl LoadGenerator {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(options.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             // Without a pool timer idle connections are never reaped.
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(options.pool_idle_timeout)
             // Keep every connection a burst opened: reopening them on the
-            // next burst would add connect time to its latencies.
-            .pool_max_idle_per_host(usize::MAX)
-            .build(connector);
+            // next burst would add connect time to its latencies. Or keep
+            // none, when every request is to pay for its own connection.
+            .pool_max_idle_per_host(if options.new_connection_per_request { 0 } else { usize::MAX });
+        let client = match &options.tls {
+            None => HttpClient::Plain(builder.build(connector)),
+            Some(tls) => {
+                connector.enforce_http(false);
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config((**tls).clone())
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(connector);
+                HttpClient::Tls(builder.build(https))
+            }
+        };
         Self { client, options }
     }
 
@@ -1305,7 +1341,8 @@ mod tests {
     #[test]
     fn template_accepts_only_absolute_http_urls() {
         assert!(RequestTemplate::get("http://127.0.0.1:1/x").is_ok());
-        assert!(matches!(RequestTemplate::get("https://127.0.0.1:1/x"), Err(LoadgenError::InvalidUrl { .. })));
+        assert!(RequestTemplate::get("https://127.0.0.1:1/x").is_ok());
+        assert!(matches!(RequestTemplate::get("ftp://127.0.0.1:1/x"), Err(LoadgenError::InvalidUrl { .. })));
         assert!(matches!(RequestTemplate::get("/relative"), Err(LoadgenError::InvalidUrl { .. })));
         let template = RequestTemplate::get("http://127.0.0.1:1/x").unwrap();
         assert!(matches!(template.header("bad header", "v"), Err(LoadgenError::InvalidHeader { .. })));

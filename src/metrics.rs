@@ -57,6 +57,10 @@ pub struct Metrics {
     pub audit_write_errors_total: IntCounter,
     pub audit_dropped_total: IntCounter,
     pub audit_healthy: IntGauge,
+    /// TLS handshakes on the listener, by result (see `tls::Handshake`).
+    pub tls_handshakes_total: IntCounterVec,
+    /// Expiry of the certificates bureau-guard presents, by `cert` (`server`, `upstream_client`).
+    pub tls_certificate_expiry_timestamp_seconds: IntGaugeVec,
 }
 
 impl Metrics {
@@ -234,6 +238,24 @@ impl Metrics {
         )
         .expect("valid metric");
         audit_healthy.set(1);
+        let tls_handshakes_total = IntCounterVec::new(
+            Opts::new(
+                "bureau_guard_tls_handshakes_total",
+                "TLS handshakes on the listener, by result: ok, untrusted, expired, revoked, no_client_cert, \
+                 timeout, failed.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let tls_certificate_expiry_timestamp_seconds = IntGaugeVec::new(
+            Opts::new(
+                "bureau_guard_tls_certificate_expiry_timestamp_seconds",
+                "Unix time at which a certificate bureau-guard presents expires: cert=server (to banks) or \
+                 upstream_client (to the bureau).",
+            ),
+            &["cert"],
+        )
+        .expect("valid metric");
 
         for c in [
             Box::new(process) as Box<dyn prometheus::core::Collector>,
@@ -251,6 +273,8 @@ impl Metrics {
             Box::new(audit_write_errors_total.clone()),
             Box::new(audit_dropped_total.clone()),
             Box::new(audit_healthy.clone()),
+            Box::new(tls_handshakes_total.clone()),
+            Box::new(tls_certificate_expiry_timestamp_seconds.clone()),
             Box::new(queue_wait_seconds.clone()),
             Box::new(sheds_total.clone()),
             Box::new(queue_depth.clone()),
@@ -299,6 +323,29 @@ impl Metrics {
             audit_write_errors_total,
             audit_dropped_total,
             audit_healthy,
+            tls_handshakes_total,
+            tls_certificate_expiry_timestamp_seconds,
+        }
+    }
+
+    /// Handshake counters, one per result, resolved once (and so exported at zero from the start).
+    pub fn handshake_counters(&self) -> crate::tls::HandshakeCounters {
+        crate::tls::HandshakeCounters(
+            crate::tls::Handshake::ALL.map(|h| self.tls_handshakes_total.with_label_values(&[h.as_str()])),
+        )
+    }
+
+    /// Sets the certificate expiry gauges from a config (start-up and every reload); a
+    /// certificate no longer configured stops being exported. `listener_tls`: whether the
+    /// listener serves TLS (a reload cannot turn it on).
+    pub fn set_certificate_expiry(&self, config: &crate::config::Config, listener_tls: bool) {
+        let g = &self.tls_certificate_expiry_timestamp_seconds;
+        g.reset();
+        if let Some(t) = config.server.tls.as_ref().filter(|_| listener_tls) {
+            g.with_label_values(&["server"]).set(t.not_after);
+        }
+        if let Some(at) = config.upstream.tls.as_ref().and_then(|t| t.client_not_after) {
+            g.with_label_values(&["upstream_client"]).set(at);
         }
     }
 

@@ -364,15 +364,17 @@ impl tower::Service<Request<Incoming>> for Service {
 /// A mock bureau serving in the background.
 pub struct MockHandle {
     pub addr: SocketAddr,
+    /// `http`, or `https` for [`start_tls`].
+    scheme: &'static str,
     pub bureau: Arc<MockBureau>,
     stop: watch::Sender<bool>,
     task: JoinHandle<bool>,
 }
 
 impl MockHandle {
-    /// `http://ADDR`, for an upstream URL.
+    /// `http://ADDR` (`https://` with TLS), for an upstream URL.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Stops accepting and waits (up to 5 s) for requests in flight.
@@ -392,7 +394,28 @@ pub fn start(cfg: MockConfig, listener: TcpListener) -> MockHandle {
         let _ = stopped.wait_for(|s| *s).await;
     };
     let task = tokio::spawn(server::serve(listener, Service(bureau.clone()), limits, shutdown, Duration::from_secs(5)));
-    MockHandle { addr, bureau, stop, task }
+    MockHandle { addr, scheme: "http", bureau, stop, task }
+}
+
+/// Like [`start`] over TLS with `tls` (which may require a client certificate): a bureau
+/// reached by `https://`, for upstream TLS tests and benchmarks.
+pub fn start_tls(cfg: MockConfig, listener: TcpListener, tls: Arc<rustls::ServerConfig>) -> MockHandle {
+    let addr = listener.local_addr().expect("a bound listener has an address");
+    let bureau = MockBureau::new(cfg);
+    let (stop, mut stopped) = watch::channel(false);
+    let limits = ConnLimits { header_read_timeout: Duration::from_secs(10), max_head_bytes: 64 * 1024 };
+    let shutdown = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let current = Arc::new(arc_swap::ArcSwap::from_pointee(crate::tls::Listener {
+        config: tls,
+        identity: crate::tls::IdentitySource::Cn,
+    }));
+    let tls = server::TlsListener { current, counters: crate::tls::HandshakeCounters::unregistered() };
+    let service = Service(bureau.clone());
+    let make = move |_, _| service.clone();
+    let task = tokio::spawn(server::serve_tls(listener, tls, make, limits, shutdown, Duration::from_secs(5)));
+    MockHandle { addr, scheme: "https", bureau, stop, task }
 }
 
 #[cfg(test)]

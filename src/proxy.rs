@@ -32,15 +32,18 @@ use crate::respond::{Body, ErrorKind, Outcome, ProxyError, RateLimitState, error
 use crate::runtime::{Shared, Snapshot};
 use crate::scheduler::{Ask, ShedReason};
 use crate::tenant::Tenant;
+use crate::tls::ClientCert;
 
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
-/// The proxy as a tower `Service`: cheap to clone (one `Arc`), one clone per connection.
+/// The proxy as a tower `Service`: cheap to clone (two `Arc`s), one clone per connection.
 #[derive(Clone)]
 pub struct Proxy {
     shared: Arc<Shared>,
+    /// The connection's verified client certificate (mTLS), if it presented one.
+    client_cert: Option<Arc<ClientCert>>,
 }
 
 /// What the stages learned about a request, kept outside the timed future so that a request cut
@@ -61,7 +64,12 @@ struct Ctx {
 
 impl Proxy {
     pub fn new(shared: Arc<Shared>) -> Proxy {
-        Proxy { shared }
+        Proxy { shared, client_cert: None }
+    }
+
+    /// The service for one TLS connection whose client presented `client_cert` (verified).
+    pub fn for_connection(shared: Arc<Shared>, client_cert: Option<Arc<ClientCert>>) -> Proxy {
+        Proxy { shared, client_cert }
     }
 
     /// Answers one request; never fails (errors become JSON responses).
@@ -155,7 +163,12 @@ impl Proxy {
         limits::check_head(&parts, snap.limits.max_header_bytes, snap.limits.max_body)?;
 
         // Tenant before route: an unidentified caller learns nothing about which paths exist.
-        let tenant = snap.tenants.identify(&mut parts.headers)?.clone();
+        // A client certificate names the tenant itself; a key on top of it must agree.
+        let tenant = match &self.client_cert {
+            Some(cert) => snap.tenants.identify_with_cert(cert, &mut parts.headers)?,
+            None => snap.tenants.identify(&mut parts.headers)?,
+        }
+        .clone();
         ctx.tenant = Some(tenant.clone());
 
         // Route: names the request for metrics, gives its cost and its cache policy.

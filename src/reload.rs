@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::config::{Config, Problem, RouteConfig, TenantConfig};
 use crate::runtime::{Shared, Snapshot, adaptive_controller};
+use crate::tls::{FileStamp, ServerTls, UpstreamTls};
 
 /// One difference between two configs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -97,6 +98,16 @@ pub fn apply(shared: &Shared, config: Config) -> Outcome {
             shared.scheduler.set_limit(u_new.max_concurrency);
         }
     }
+    // New certificates, CAs and CRLs serve the next handshake; open connections keep theirs.
+    // A listener started without TLS stays plain (and one with TLS keeps its last certificates)
+    // until a restart: the diff says so.
+    if let (Some(listener), Some(tls)) = (&shared.tls_listener, &new_config.server.tls) {
+        listener.store(Arc::new(crate::tls::Listener::new(tls)));
+    }
+    shared.metrics.set_certificate_expiry(&new_config, shared.tls_listener.is_some());
+    for w in new_config.warnings() {
+        tracing::warn!(warning = %w, "config warning");
+    }
     shared.snapshot.store(Arc::new(snapshot));
     if let Some(redis) = &shared.redis {
         // A limit that was raised applies at once, not after a refusal Redis gave under the old one.
@@ -174,9 +185,67 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     field("audit.file", format!("{:?}", old.audit.file), format!("{:?}", new.audit.file), true);
     field("audit.fail_closed", old.audit.fail_closed.to_string(), new.audit.fail_closed.to_string(), true);
 
+    diff_server_tls(&mut out, old.server.tls.as_ref(), new.server.tls.as_ref());
+    diff_upstream_tls(&mut out, old.upstream.tls.as_ref(), new.upstream.tls.as_ref());
     diff_named(&mut out, "routes", &old.routes, &new.routes, |r| &r.name, route_fields);
     diff_named(&mut out, "tenants", &old.tenants, &new.tenants, |t| &t.id, tenant_fields);
     out
+}
+
+/// A TLS file in a diff: its path and a short digest of its contents (never the contents).
+fn file(f: Option<&FileStamp>) -> String {
+    f.map_or_else(|| "none".to_string(), |f| format!("{} (sha256 {}…)", f.path.display(), f.short()))
+}
+
+fn files(list: &[FileStamp]) -> String {
+    format!("[{}]", list.iter().map(|f| file(Some(f))).collect::<Vec<_>>().join(", "))
+}
+
+/// `[server.tls]`: turning it on or off needs a restart (the listener is bound plain or TLS);
+/// everything else (files, client_auth, identity kind) applies to the next handshake.
+fn diff_server_tls(out: &mut Vec<Change>, old: Option<&ServerTls>, new: Option<&ServerTls>) {
+    let (a, b) = match (old, new) {
+        (None, None) => return,
+        (Some(_), None) | (None, Some(_)) => {
+            let on = |t: Option<&ServerTls>| if t.is_some() { "on" } else { "off" }.to_string();
+            out.push(Change {
+                path: "server.tls".into(),
+                what: format!("{} → {}", on(old), on(new)),
+                needs_restart: true,
+            });
+            return;
+        }
+        (Some(a), Some(b)) => (a, b),
+    };
+    let mut field = |path: &str, x: String, y: String| {
+        if x != y {
+            out.push(Change { path: path.to_string(), what: format!("{x} → {y}"), needs_restart: false });
+        }
+    };
+    field("server.tls.cert", file(Some(&a.cert)), file(Some(&b.cert)));
+    field("server.tls.key", file(Some(&a.key)), file(Some(&b.key)));
+    field("server.tls.client_auth", a.client_auth.as_str().into(), b.client_auth.as_str().into());
+    field("server.tls.client_ca", file(a.client_ca.as_ref()), file(b.client_ca.as_ref()));
+    field("server.tls.crl", files(&a.crls), files(&b.crls));
+    field("server.tls.client_identity", a.identity.as_str().into(), b.identity.as_str().into());
+}
+
+/// `[upstream.tls]`: any change builds a new bureau client (new connections, new files).
+fn diff_upstream_tls(out: &mut Vec<Change>, old: Option<&UpstreamTls>, new: Option<&UpstreamTls>) {
+    let part = |t: Option<&UpstreamTls>, f: fn(&UpstreamTls) -> Option<&FileStamp>| match t {
+        None => "none (http)".to_string(),
+        Some(t) => f(t).map_or_else(|| "none".to_string(), |s| file(Some(s))),
+    };
+    for (path, f) in [
+        ("upstream.tls.ca", (|t| t.ca.as_ref()) as fn(&UpstreamTls) -> Option<&FileStamp>),
+        ("upstream.tls.client_cert", |t| t.client_cert.as_ref()),
+        ("upstream.tls.client_key", |t| t.client_key.as_ref()),
+    ] {
+        let (x, y) = (part(old, f), part(new, f));
+        if x != y {
+            out.push(Change { path: path.to_string(), what: format!("{x} → {y}"), needs_restart: false });
+        }
+    }
 }
 
 fn dur(d: std::time::Duration) -> String {
@@ -213,6 +282,7 @@ fn tenant_fields(t: &TenantConfig) -> Vec<(&'static str, String)> {
         ("monthly_quota", opt(l.monthly_quota.map(|n| n.to_string()))),
         ("max_queue", l.max_queue.to_string()),
         ("dry_run", format!("{:?}", l.dry_run)),
+        ("client_cert_names", format!("{:?}", t.client_cert_names)),
     ]
 }
 
@@ -329,5 +399,43 @@ api_key_sha256 = "{}"
             assert!(changes.contains(&want.to_string()), "missing {want:?} in {changes:#?}");
         }
         assert_eq!(changes.len(), 6, "{changes:#?}");
+    }
+
+    #[test]
+    fn turning_listener_tls_on_needs_a_restart_and_file_changes_do_not() {
+        let dir = crate::tls::test_certs::files("reload-diff", 90);
+        let tls = |key: &str| {
+            let text = format!(
+                "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                dir.join("leaf.pem").display(),
+                dir.join(key).display()
+            );
+            let mut c = config("", "");
+            c.server.tls = Config::from_toml(&format!("{text}{}", toml_of_minimal()), &|_| None).unwrap().server.tls;
+            c
+        };
+        let plain = config("", "");
+        let on = tls("leaf.key");
+        let changes: Vec<String> = diff(&plain, &on).iter().map(ToString::to_string).collect();
+        assert_eq!(changes, ["server.tls: off → on (needs a restart)"]);
+        // Same path, new contents (a rotated key): shown by digest, never by content.
+        let mut rotated = on.clone();
+        let t = rotated.server.tls.as_mut().unwrap();
+        t.key.sha256 = [7; 32];
+        let changes: Vec<String> = diff(&on, &rotated).iter().map(ToString::to_string).collect();
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(
+            changes[0].starts_with("server.tls.key: ") && changes[0].contains("sha256 070707070707…"),
+            "{changes:?}"
+        );
+        assert!(!changes[0].contains("restart"));
+    }
+
+    fn toml_of_minimal() -> String {
+        format!(
+            "[upstream]\nurl = \"http://127.0.0.1:8081\"\n[[routes]]\nname = \"score\"\nmethod = \"GET\"\npath = \"/s\"\n\
+             [[tenants]]\nid = \"a\"\napi_key_sha256 = \"{}\"\n",
+            "ab".repeat(32)
+        )
     }
 }

@@ -50,11 +50,15 @@ pub enum ErrorKind {
     BureauBusy,
     AuditUnavailable,
     StateUnavailable,
+    /// A trusted client certificate whose identity no tenant lists in `client_cert_names`.
+    UnknownClientCertificate,
+    /// The client certificate and the api key name different tenants.
+    IdentityMismatch,
 }
 
 impl ErrorKind {
     /// Every kind, for pre-registering metric label values and tests.
-    pub const ALL: [ErrorKind; 17] = [
+    pub const ALL: [ErrorKind; 19] = [
         ErrorKind::MissingApiKey,
         ErrorKind::InvalidApiKey,
         ErrorKind::RouteNotFound,
@@ -72,6 +76,8 @@ impl ErrorKind {
         ErrorKind::BureauBusy,
         ErrorKind::AuditUnavailable,
         ErrorKind::StateUnavailable,
+        ErrorKind::UnknownClientCertificate,
+        ErrorKind::IdentityMismatch,
     ];
 
     /// The stable `error` code in the JSON body; also the `outcome` metric label.
@@ -94,12 +100,18 @@ impl ErrorKind {
             ErrorKind::BureauBusy => "bureau_busy",
             ErrorKind::AuditUnavailable => "audit_unavailable",
             ErrorKind::StateUnavailable => "state_unavailable",
+            ErrorKind::UnknownClientCertificate => "unknown_client_certificate",
+            ErrorKind::IdentityMismatch => "identity_mismatch",
         }
     }
 
     pub const fn status(self) -> StatusCode {
         match self {
-            ErrorKind::MissingApiKey | ErrorKind::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            ErrorKind::MissingApiKey | ErrorKind::InvalidApiKey | ErrorKind::IdentityMismatch => {
+                StatusCode::UNAUTHORIZED
+            }
+            // Authenticated (the certificate is trusted) but not allowed: no tenant is this institution.
+            ErrorKind::UnknownClientCertificate => StatusCode::FORBIDDEN,
             ErrorKind::RouteNotFound => StatusCode::NOT_FOUND,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -123,7 +135,9 @@ impl ErrorKind {
             | ErrorKind::RouteNotFound
             | ErrorKind::BadRequest
             | ErrorKind::BodyTooLarge
-            | ErrorKind::HeadersTooLarge => Blame::Client,
+            | ErrorKind::HeadersTooLarge
+            | ErrorKind::UnknownClientCertificate
+            | ErrorKind::IdentityMismatch => Blame::Client,
             ErrorKind::BureauUnreachable | ErrorKind::BureauBadResponse | ErrorKind::BureauTimeout => Blame::Bureau,
             // `audit.fail_closed`: no report leaves without its audit record.
             ErrorKind::RequestTimeout | ErrorKind::AuditUnavailable | ErrorKind::StateUnavailable => Blame::Proxy,

@@ -118,8 +118,10 @@ impl Snapshot {
 }
 
 /// Whether two `[upstream]` sections build the same client (budget and queue settings aside).
+/// TLS compares file contents (digests), not paths: a certificate rotated in place gets a new client.
 fn same_client(a: &crate::config::UpstreamConfig, b: &crate::config::UpstreamConfig) -> bool {
     a.url == b.url
+        && a.tls == b.tls
         && a.connect_timeout == b.connect_timeout
         && a.response_timeout == b.response_timeout
         && a.pool_max_idle == b.pool_max_idle
@@ -161,6 +163,11 @@ pub struct Shared {
     /// for `server.header_read_timeout`; saying so lets pooling clients retire it first instead
     /// of racing a request against the close.
     pub keep_alive: http::HeaderValue,
+    /// The listener's TLS settings if it was started with `[server.tls]`; reload swaps in new
+    /// certificates here (turning TLS on or off needs a restart).
+    pub tls_listener: Option<Arc<ArcSwap<crate::tls::Listener>>>,
+    /// `bureau_guard_tls_handshakes_total`, one counter per result.
+    pub handshakes: crate::tls::HandshakeCounters,
 }
 
 impl Shared {
@@ -201,6 +208,10 @@ impl Shared {
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
             ),
         };
+        let tls_listener =
+            config.server.tls.as_ref().map(|t| Arc::new(ArcSwap::from_pointee(crate::tls::Listener::new(t))));
+        let handshakes = metrics.handshake_counters();
+        metrics.set_certificate_expiry(&config, tls_listener.is_some());
         let snapshot = Snapshot::compile(Arc::new(config), &states, None, &random_secret);
         Ok(Arc::new(Shared {
             redis,
@@ -219,6 +230,8 @@ impl Shared {
             ids: RequestIds::default(),
             ready: AtomicBool::new(false),
             keep_alive,
+            tls_listener,
+            handshakes,
         }))
     }
 

@@ -1,5 +1,10 @@
-//! The listener: accept connections, serve HTTP/1.1 and HTTP/2 (h2c prior knowledge) on one
-//! port, and drain gracefully on shutdown.
+//! The listener: accept connections, serve HTTP/1.1 and HTTP/2 (h2c prior knowledge, or ALPN
+//! `h2` over TLS) on one port, and drain gracefully on shutdown.
+//!
+//! With TLS, the handshake runs in the connection's own task, never in the accept loop (one slow
+//! client must not stall everyone's accepts), bounded by `header_read_timeout` like a slow
+//! request head. Each handshake takes the rustls config current at that moment from an
+//! `ArcSwap`, so a reload's new certificates serve new connections while open ones continue.
 //!
 //! Servers take an already-bound listener, so tests bind `127.0.0.1:0` and run in-process. The
 //! loop follows hyper-util's graceful example: accept, `select!` on shutdown, watch each
@@ -8,7 +13,10 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -19,6 +27,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use crate::respond::Body;
+use crate::tls::{self, ClientCert, HandshakeCounters};
 
 /// Connection-level limits enforced by hyper itself.
 #[derive(Debug, Clone, Copy)]
@@ -66,18 +75,7 @@ where
     S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_head_bytes)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX));
-
+    let builder = conn_builder(limits);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -99,6 +97,89 @@ where
                     // Errors here are the client's connection going away or a malformed request
                     // hyper already answered; nothing to do but note it.
                     if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_ok()
+}
+
+/// hyper's per-connection settings: HTTP/1.1 and HTTP/2 on one port, with the limits.
+fn conn_builder(limits: ConnLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_head_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// The listener's TLS: the current settings (swapped on reload) and the handshake counters.
+#[derive(Clone)]
+pub struct TlsListener {
+    pub current: Arc<ArcSwap<tls::Listener>>,
+    pub counters: HandshakeCounters,
+}
+
+/// Like [`serve_with_peer`] over TLS: the service is made per connection after the handshake,
+/// from the peer's address and its verified client certificate (if it presented one).
+pub async fn serve_tls<S, F>(
+    listener: TcpListener,
+    tls: TlsListener,
+    make_service: F,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) -> bool
+where
+    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    F: Fn(SocketAddr, Option<Arc<ClientCert>>) -> S + Send + Sync + 'static,
+{
+    let builder = Arc::new(conn_builder(limits));
+    let make_service = Arc::new(make_service);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                // Taken now: the drain waits for this connection from its first byte, handshake included.
+                let watcher = graceful.watcher();
+                let current = tls.current.load_full();
+                let (builder, make_service, counters) = (builder.clone(), make_service.clone(), tls.counters.clone());
+                tokio::spawn(async move {
+                    let timeout = limits.header_read_timeout;
+                    let Some(stream) = tls::accept(current.config.clone(), stream, timeout, &counters).await else {
+                        return;
+                    };
+                    let client_cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|leaf| Arc::new(ClientCert::from_der(leaf, current.identity)));
+                    let service = TowerToHyperService::new(make_service(peer, client_cert));
+                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });

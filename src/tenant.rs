@@ -6,6 +6,20 @@
 //! hashed, its first 8 digest bytes pick a bucket, and the full digest is compared in constant
 //! time (`subtle`), so neither the key nor how much of a digest matched leaks through timing.
 //! The header that carried the key is removed here, so it can never reach the bureau.
+//!
+//! With mTLS (`server.tls.client_auth`), a connection's verified client certificate names the
+//! institution instead: its identities are looked up in `client_cert_names` per request (the map
+//! belongs to the config snapshot, so a reload applies to open connections too). A key is then
+//! optional, and must not contradict the certificate:
+//!
+//! | certificate | api key | result |
+//! |---|---|---|
+//! | maps to T | none | T |
+//! | maps to T | names T | T (key stripped) |
+//! | maps to T | names U ≠ T | 401 `identity_mismatch` |
+//! | maps to T | unknown | 401 `invalid_api_key` (a bad key is a bad key, with or without a certificate) |
+//! | maps to no tenant | any | 403 `unknown_client_certificate` |
+//! | none (plain, or `optional` without one) | | api key only, as above |
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +33,7 @@ use crate::config::{TenantConfig, TenantLimits};
 use crate::ratelimit::RatePolicy;
 use crate::respond::{ErrorKind, ProxyError};
 use crate::state::{StateRegistry, TenantState};
+use crate::tls::ClientCert;
 
 /// Header carrying the api key.
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -52,6 +67,8 @@ pub struct TenantTable {
     by_key: HashMap<u64, ([u8; 32], usize), DigestPrefix>,
     by_key_collisions: Vec<([u8; 32], usize)>,
     by_id: HashMap<Arc<str>, usize>,
+    /// Client certificate identity (normalized) → tenant index; names are unique (validated).
+    by_cert_name: HashMap<Box<str>, usize>,
 }
 
 impl TenantTable {
@@ -62,7 +79,9 @@ impl TenantTable {
         let mut by_key: HashMap<u64, ([u8; 32], usize), DigestPrefix> = HashMap::default();
         let mut by_key_collisions = Vec::new();
         let mut by_id = HashMap::new();
+        let mut by_cert_name = HashMap::new();
         for (index, c) in configs.iter().enumerate() {
+            by_cert_name.extend(c.client_cert_names.iter().map(|n| (Box::from(n.as_str()), index)));
             let id: Arc<str> = Arc::from(c.id.as_str());
             for d in &c.key_digests {
                 if let Some(first) = by_key.insert(bucket(d), (*d, index)) {
@@ -83,7 +102,7 @@ impl TenantTable {
                 state: states.get_or_create(&c.id),
             }));
         }
-        TenantTable { tenants, by_key, by_key_collisions, by_id }
+        TenantTable { tenants, by_key, by_key_collisions, by_id, by_cert_name }
     }
 
     pub fn len(&self) -> usize {
@@ -119,29 +138,76 @@ impl TenantTable {
         found.map(|i| &self.tenants[i])
     }
 
+    /// The tenant a client certificate names: the one tenant its identities map to.
+    pub fn by_cert(&self, cert: &ClientCert) -> Result<&Arc<Tenant>, ProxyError> {
+        let mut found: Option<usize> = None;
+        for name in &cert.names {
+            match (self.by_cert_name.get(name), found) {
+                (Some(&i), Some(f)) if i != f => {
+                    tracing::debug!(names = ?cert.names, "client certificate names several tenants");
+                    return Err(ProxyError::new(
+                        ErrorKind::UnknownClientCertificate,
+                        "the client certificate's identities name more than one tenant",
+                    ));
+                }
+                (Some(&i), _) => found = Some(i),
+                (None, _) => {}
+            }
+        }
+        match found {
+            Some(i) => Ok(&self.tenants[i]),
+            None => {
+                // A certificate name is an institution's name, not personal data; still debug only.
+                tracing::debug!(names = ?cert.names, "client certificate maps to no tenant");
+                Err(ProxyError::new(
+                    ErrorKind::UnknownClientCertificate,
+                    "the client certificate is trusted but no tenant is configured for it (client_cert_names)",
+                ))
+            }
+        }
+    }
+
+    /// Identifies the tenant of a request on a connection with a verified client certificate
+    /// (see the module doc's table); an api key, if any, is checked against it and removed.
+    pub fn identify_with_cert(&self, cert: &ClientCert, headers: &mut HeaderMap) -> Result<&Arc<Tenant>, ProxyError> {
+        let tenant = self.by_cert(cert);
+        let Some(key) = take_key(headers) else { return tenant };
+        let tenant = tenant?;
+        match self.by_key(key.as_bytes()) {
+            Some(t) if Arc::ptr_eq(t, tenant) => Ok(tenant),
+            Some(_) => Err(ProxyError::new(
+                ErrorKind::IdentityMismatch,
+                "the api key and the client certificate belong to different tenants",
+            )),
+            None => Err(ProxyError::new(ErrorKind::InvalidApiKey, "the api key is not known")),
+        }
+    }
+
     /// Identifies the tenant of a request and removes the header that carried its key.
     pub fn identify(&self, headers: &mut HeaderMap) -> Result<&Arc<Tenant>, ProxyError> {
-        let (header, key) = match presented_key(headers) {
-            Some(found) => found,
-            None => {
-                return Err(ProxyError::new(
-                    ErrorKind::MissingApiKey,
-                    "send your api key as `x-api-key: KEY` or `Authorization: Bearer KEY`",
-                ));
-            }
+        let Some(key) = take_key(headers) else {
+            return Err(ProxyError::new(
+                ErrorKind::MissingApiKey,
+                "send your api key as `x-api-key: KEY` or `Authorization: Bearer KEY`",
+            ));
         };
-        let tenant = self.by_key(key.as_bytes());
-        headers.remove(header);
-        // A client may send the key both ways: neither copy may reach the bureau.
-        headers.remove(&X_API_KEY);
-        if headers
-            .get(AUTHORIZATION)
-            .is_some_and(|v| v.as_bytes().get(..7).is_some_and(|s| s.eq_ignore_ascii_case(b"bearer ")))
-        {
-            headers.remove(AUTHORIZATION);
-        }
-        tenant.ok_or_else(|| ProxyError::new(ErrorKind::InvalidApiKey, "the api key is not known"))
+        self.by_key(key.as_bytes()).ok_or_else(|| ProxyError::new(ErrorKind::InvalidApiKey, "the api key is not known"))
     }
+}
+
+/// The presented key, if any, with every header that may carry one removed.
+fn take_key(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    let (header, key) = presented_key(headers)?;
+    headers.remove(header);
+    // A client may send the key both ways: neither copy may reach the bureau.
+    headers.remove(&X_API_KEY);
+    if headers
+        .get(AUTHORIZATION)
+        .is_some_and(|v| v.as_bytes().get(..7).is_some_and(|s| s.eq_ignore_ascii_case(b"bearer ")))
+    {
+        headers.remove(AUTHORIZATION);
+    }
+    Some(key)
 }
 
 /// The bucket key is already 8 bytes of a SHA-256 digest, uniformly distributed: hashing it again
@@ -202,6 +268,7 @@ mod tests {
 
     fn table() -> TenantTable {
         let t = |id: &str, keys: &[&str]| TenantConfig {
+            client_cert_names: vec![format!("{id}.example")],
             id: id.into(),
             name: id.into(),
             key_digests: keys.iter().map(|k| Sha256::digest(k.as_bytes()).into()).collect(),
@@ -250,5 +317,40 @@ mod tests {
         h.insert("x-api-key", HeaderValue::from_static("key-c"));
         assert_eq!(t.identify(&mut h).unwrap_err().kind, ErrorKind::InvalidApiKey);
         assert!(h.get("x-api-key").is_none(), "an unknown key is not forwarded either");
+    }
+
+    fn cert(names: &[&str]) -> ClientCert {
+        ClientCert { names: names.iter().map(|n| Box::from(*n)).collect() }
+    }
+
+    #[test]
+    fn a_certificate_identifies_and_a_key_must_agree() {
+        let t = table();
+        let a = cert(&["a.example"]);
+        assert_eq!(&*t.identify_with_cert(&a, &mut HeaderMap::new()).unwrap().id, "a");
+
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("key-a"));
+        assert_eq!(&*t.identify_with_cert(&a, &mut h).unwrap().id, "a");
+        assert!(h.is_empty(), "the agreeing key is still stripped");
+
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer key-b"));
+        assert_eq!(t.identify_with_cert(&a, &mut h).unwrap_err().kind, ErrorKind::IdentityMismatch);
+        assert!(h.is_empty());
+
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("key-zzz"));
+        assert_eq!(t.identify_with_cert(&a, &mut h).unwrap_err().kind, ErrorKind::InvalidApiKey);
+
+        for unmapped in [cert(&["c.example"]), cert(&[]), cert(&["a.example", "b.example"])] {
+            let mut h = HeaderMap::new();
+            h.insert("x-api-key", HeaderValue::from_static("key-a"));
+            let err = t.identify_with_cert(&unmapped, &mut h).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::UnknownClientCertificate, "{unmapped:?}");
+            assert!(h.is_empty(), "the key is removed even when refused");
+        }
+        // Extra names that map nowhere do not matter.
+        assert_eq!(&*t.by_cert(&cert(&["x.example", "b.example"])).unwrap().id, "b");
     }
 }

@@ -5,6 +5,11 @@
 //! the configured base URL, bounds the call in time (connect and response) and in size (the
 //! response is buffered up to `max_response_body`, so it can be cached and fanned out later), and
 //! turns every failure into a [`ProxyError`] that says the bureau is to blame.
+//!
+//! An `https://` bureau gets a hyper-rustls connector around the same TCP connector (same
+//! connect timeout, `TCP_NODELAY`): the server's certificate is verified against `upstream.tls.ca`
+//! (or the built-in roots) and its name against the URL's host, SNI included; there is no switch
+//! to turn verification off. bureau-guard's own client certificate, if configured, goes with it.
 
 use std::time::Duration;
 
@@ -13,6 +18,7 @@ use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Response, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -21,10 +27,26 @@ use crate::config::UpstreamConfig;
 use crate::headers::strip_hop_by_hop;
 use crate::respond::{Body, ErrorKind, ProxyError};
 
+/// The pooled client: plain TCP, or TLS over it.
+#[derive(Debug, Clone)]
+enum Pool {
+    Http(Client<HttpConnector, Body>),
+    Https(Client<HttpsConnector<HttpConnector>, Body>),
+}
+
+impl Pool {
+    fn request(&self, req: http::Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+        match self {
+            Pool::Http(c) => c.request(req),
+            Pool::Https(c) => c.request(req),
+        }
+    }
+}
+
 /// A pooled client bound to the bureau's base URL.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    client: Pool,
     scheme: Scheme,
     authority: Authority,
     /// Path prefix of the base URL without its trailing slash; usually empty.
@@ -38,12 +60,25 @@ impl Upstream {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(cfg.connect_timeout));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle)
-            .build(connector);
+            .pool_max_idle_per_host(cfg.pool_max_idle);
+        let client = match &cfg.tls {
+            None => Pool::Http(builder.build(connector)),
+            Some(tls) => {
+                // The TCP connector must accept https URIs; the TLS layer above it handles them.
+                connector.enforce_http(false);
+                let https = HttpsConnectorBuilder::new()
+                    .with_tls_config((*tls.rustls).clone())
+                    .https_only()
+                    .enable_http1()
+                    .wrap_connector(connector);
+                Pool::Https(builder.build(https))
+            }
+        };
         let parts = cfg.url.clone().into_parts();
         Upstream {
             client,
@@ -65,7 +100,12 @@ impl Upstream {
 
         let call = async {
             let resp = self.client.request(req).await.map_err(|e| {
-                if e.is_connect() {
+                if let Some(tls) = tls_error(&e) {
+                    ProxyError::new(
+                        ErrorKind::BureauUnreachable,
+                        format!("TLS handshake with the bureau failed: {tls}"),
+                    )
+                } else if e.is_connect() {
                     ProxyError::new(ErrorKind::BureauUnreachable, "cannot connect to the bureau")
                 } else {
                     ProxyError::new(
@@ -97,6 +137,11 @@ impl Upstream {
         }
     }
 
+    /// Whether this client speaks TLS to the bureau.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.client, Pool::Https(_))
+    }
+
     fn target(&self, original: &Uri) -> Result<Uri, ProxyError> {
         let pq = original.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         let pq = if self.prefix.is_empty() {
@@ -112,4 +157,21 @@ impl Upstream {
             .build()
             .map_err(|_| ProxyError::new(ErrorKind::BadRequest, "invalid request target"))
     }
+}
+
+/// The rustls error behind a failed bureau call, if TLS is what failed (untrusted certificate,
+/// wrong name, client certificate refused): worth saying, as it is a config problem, not an outage.
+fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = e.source();
+    while let Some(s) = next {
+        if let Some(tls) = s.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // `io::Error::source` skips the error it wraps (hyper-rustls wraps rustls' in one): step in.
+        next = match s.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => s.source(),
+        };
+    }
+    None
 }

@@ -1,0 +1,883 @@
+//! TLS on both sides: the banks' connections to bureau-guard, and bureau-guard's to the bureau.
+//!
+//! Banks reach the bureau over networks they do not control, and an api key alone is a bearer
+//! secret that leaks with any log or proxy in between. So the listener can terminate TLS and,
+//! with `client_auth`, ask each bank for a client certificate: the certificate's identity
+//! (SAN DNS name, SAN URI or subject CN, as configured) names the institution, and `tenant.rs`
+//! maps it to a tenant per request. Toward the bureau, an `https://` upstream gets a verified
+//! connection (hostname always checked) and, if configured, bureau-guard's own client
+//! certificate.
+//!
+//! Everything that can be wrong with a PEM file (missing, garbage, key not matching its
+//! certificate, expired, an empty CA bundle, a bad CRL) is found here *while the config is
+//! validated*, so `check`, `serve` and `reload` reject it with the file's TOML path, and the
+//! rustls configs are built once per config, never per connection. The crypto provider is ring,
+//! passed explicitly everywhere (STACK.md): nothing depends on a process-wide default.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// ALPN ids offered to banks, preferred first: h2 multiplexes a bank's look-ups on one connection.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// A certificate expiring sooner than this gets a warning from `check`, at start-up and on reload:
+/// a month leaves time to get a new one through a bank's or the bureau's change process.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The one crypto provider of the process (ring), built once.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+
+/// `server.tls.client_auth`: whether the listener asks banks for a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// No certificate asked for; tenants are identified by api key only.
+    Off,
+    /// A certificate is asked for; a bank without one falls back to its api key, a bank with one
+    /// must present a trusted one.
+    Optional,
+    /// No handshake completes without a trusted client certificate.
+    Required,
+}
+
+impl ClientAuth {
+    pub fn parse(s: &str) -> Option<ClientAuth> {
+        match s {
+            "off" => Some(ClientAuth::Off),
+            "optional" => Some(ClientAuth::Optional),
+            "required" => Some(ClientAuth::Required),
+            _ => None,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::Off => "off",
+            ClientAuth::Optional => "optional",
+            ClientAuth::Required => "required",
+        }
+    }
+}
+
+/// `server.tls.client_identity`: which name in a client certificate names the institution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// Subject alternative names of type DNS (compared in lower case, as DNS names are).
+    SanDns,
+    /// Subject alternative names of type URI (e.g. SPIFFE ids), compared exactly.
+    SanUri,
+    /// The subject's common name(s), compared exactly (legacy PKIs without SANs).
+    Cn,
+}
+
+impl IdentitySource {
+    pub fn parse(s: &str) -> Option<IdentitySource> {
+        match s {
+            "san_dns" => Some(IdentitySource::SanDns),
+            "san_uri" => Some(IdentitySource::SanUri),
+            "cn" => Some(IdentitySource::Cn),
+            _ => None,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            IdentitySource::SanDns => "san_dns",
+            IdentitySource::SanUri => "san_uri",
+            IdentitySource::Cn => "cn",
+        }
+    }
+
+    /// A configured name in the form certificates are compared in.
+    pub fn normalize(self, name: &str) -> String {
+        match self {
+            IdentitySource::SanDns => name.to_ascii_lowercase(),
+            IdentitySource::SanUri | IdentitySource::Cn => name.to_string(),
+        }
+    }
+}
+
+/// A file as it was read for this config: where, and the SHA-256 of its bytes. Two configs with
+/// the same path but a rotated file differ, so reload rebuilds what the file feeds.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FileStamp {
+    pub path: PathBuf,
+    pub sha256: [u8; 32],
+}
+
+impl FileStamp {
+    /// A short fingerprint of the contents for diffs: enough to tell files apart, nothing secret
+    /// (the digest of a key file does not reveal the key).
+    pub fn short(&self) -> String {
+        hex::encode(&self.sha256[..6])
+    }
+}
+
+impl fmt::Debug for FileStamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (sha256 {}…)", self.path.display(), self.short())
+    }
+}
+
+/// A certificate whose expiry is watched: `check` warns, a metric exports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watched {
+    /// TOML path of the file it came from, e.g. `server.tls.cert`.
+    pub toml_path: String,
+    /// The certificate's subject, for humans.
+    pub subject: String,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+/// Validated `[server.tls]`, with the rustls config built from it.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert: FileStamp,
+    pub key: FileStamp,
+    pub client_auth: ClientAuth,
+    pub client_ca: Option<FileStamp>,
+    pub crls: Vec<FileStamp>,
+    pub identity: IdentitySource,
+    /// Unix seconds at which the server's own certificate (its leaf) expires.
+    pub not_after: i64,
+    /// Every certificate read (chain and CA bundle), for expiry warnings.
+    pub watched: Vec<Watched>,
+    /// Shared by every handshake until the next reload.
+    pub rustls: Arc<rustls::ServerConfig>,
+}
+
+impl PartialEq for ServerTls {
+    /// Equal when built from the same settings and the same file contents.
+    fn eq(&self, o: &Self) -> bool {
+        self.cert == o.cert
+            && self.key == o.key
+            && self.client_auth == o.client_auth
+            && self.client_ca == o.client_ca
+            && self.crls == o.crls
+            && self.identity == o.identity
+    }
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("client_auth", &self.client_auth)
+            .field("client_ca", &self.client_ca)
+            .field("crls", &self.crls)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Validated `[upstream.tls]` (or its defaults for an `https://` URL), with the rustls config.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// `None`: the built-in Mozilla roots (webpki-roots).
+    pub ca: Option<FileStamp>,
+    pub client_cert: Option<FileStamp>,
+    pub client_key: Option<FileStamp>,
+    /// Unix seconds at which bureau-guard's own client certificate expires, if it has one.
+    pub client_not_after: Option<i64>,
+    pub watched: Vec<Watched>,
+    pub rustls: Arc<rustls::ClientConfig>,
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, o: &Self) -> bool {
+        self.ca == o.ca && self.client_cert == o.client_cert && self.client_key == o.client_key
+    }
+}
+
+impl fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("ca", &self.ca)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
+            .finish_non_exhaustive()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading: each function returns a message for the TOML path the caller knows.
+
+/// A problem with one file: the TOML path key it belongs to (relative to the section) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileProblem {
+    /// Key within the section, e.g. `cert`, `key`, `crl[1]`.
+    pub key: String,
+    pub message: String,
+}
+
+fn problem(key: &str, message: impl Into<String>) -> FileProblem {
+    FileProblem { key: key.to_string(), message: message.into() }
+}
+
+/// Reads a file for `key`, stamping its contents.
+fn read(key: &str, path: &Path) -> Result<(Vec<u8>, FileStamp), FileProblem> {
+    let bytes = std::fs::read(path).map_err(|e| problem(key, format!("cannot read {}: {e}", path.display())))?;
+    let stamp = FileStamp { path: path.to_path_buf(), sha256: Sha256::digest(&bytes).into() };
+    Ok((bytes, stamp))
+}
+
+/// Every `CERTIFICATE` block of a PEM file; at least one.
+fn certs(key: &str, path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, FileProblem> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+    match certs {
+        Ok(c) if c.is_empty() => Err(problem(key, format!("{}: no PEM CERTIFICATE block found", path.display()))),
+        Ok(c) => Ok(c),
+        Err(e) => Err(problem(key, format!("{}: not a valid PEM certificate file ({e})", path.display()))),
+    }
+}
+
+/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+fn private_key(key: &str, path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, FileProblem> {
+    PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| problem(key, format!("{}: no usable PEM private key ({e})", path.display())))
+}
+
+/// What x509-parser tells about a certificate: subject and validity.
+struct CertFacts {
+    subject: String,
+    not_before: i64,
+    not_after: i64,
+}
+
+fn facts(cert: &CertificateDer<'_>) -> Result<CertFacts, String> {
+    let (_, x509) =
+        X509Certificate::from_der(cert.as_ref()).map_err(|e| format!("not a valid X.509 certificate ({e})"))?;
+    let v = x509.validity();
+    Ok(CertFacts {
+        subject: x509.subject().to_string(),
+        not_before: v.not_before.timestamp(),
+        not_after: v.not_after.timestamp(),
+    })
+}
+
+/// A unix time as `2026-05-01 12:00:00 UTC`.
+pub fn format_time(unix_s: i64) -> String {
+    chrono::DateTime::from_timestamp(unix_s, 0)
+        .map_or_else(|| unix_s.to_string(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+}
+
+/// Checks every certificate of a chain is within its validity at `now`; returns what to watch.
+fn check_chain(
+    key: &str,
+    toml_path: &str,
+    path: &Path,
+    chain: &[CertificateDer<'_>],
+    now: i64,
+) -> Result<Vec<Watched>, FileProblem> {
+    let mut watched = Vec::with_capacity(chain.len());
+    for (i, cert) in chain.iter().enumerate() {
+        let which = if i == 0 { "the certificate".to_string() } else { format!("chain certificate #{}", i + 1) };
+        let f = facts(cert).map_err(|e| problem(key, format!("{}: {which}: {e}", path.display())))?;
+        if f.not_after < now {
+            return Err(problem(
+                key,
+                format!("{}: {which} ({}) expired on {}", path.display(), f.subject, format_time(f.not_after)),
+            ));
+        }
+        if f.not_before > now {
+            return Err(problem(
+                key,
+                format!(
+                    "{}: {which} ({}) is not valid before {}",
+                    path.display(),
+                    f.subject,
+                    format_time(f.not_before)
+                ),
+            ));
+        }
+        watched.push(Watched { toml_path: toml_path.to_string(), subject: f.subject, not_after: f.not_after });
+    }
+    Ok(watched)
+}
+
+/// A certificate chain and its key, checked to belong together and to be valid now.
+struct Identity {
+    certified: CertifiedKey,
+    cert: FileStamp,
+    key: FileStamp,
+    not_after: i64,
+    watched: Vec<Watched>,
+}
+
+/// Loads `cert_path` + `key_path` (keys `cert_key`/`key_key` in the section, `section` its TOML path).
+fn identity(
+    section: &str,
+    (cert_key, cert_path): (&str, &Path),
+    (key_key, key_path): (&str, &Path),
+    now: i64,
+) -> Result<Identity, Vec<FileProblem>> {
+    let cert = read(cert_key, cert_path).and_then(|(pem, stamp)| Ok((certs(cert_key, cert_path, &pem)?, stamp)));
+    let key = read(key_key, key_path).and_then(|(pem, stamp)| Ok((private_key(key_key, key_path, &pem)?, stamp)));
+    let ((chain, cert_stamp), (key_der, key_stamp)) = match (cert, key) {
+        (Ok(c), Ok(k)) => (c, k),
+        (c, k) => return Err(c.err().into_iter().chain(k.err()).collect()),
+    };
+    let watched =
+        check_chain(cert_key, &format!("{section}.{cert_key}"), cert_path, &chain, now).map_err(|p| vec![p])?;
+    let not_after = watched.first().map_or(i64::MAX, |w| w.not_after);
+    let certified = CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| {
+        let msg = match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                format!("{} does not match the certificate in {}", key_path.display(), cert_path.display())
+            }
+            other => format!("{}: cannot use this key ({other})", key_path.display()),
+        };
+        vec![problem(key_key, msg)]
+    })?;
+    Ok(Identity { certified, cert: cert_stamp, key: key_stamp, not_after, watched })
+}
+
+/// A CA bundle: at least one certificate still valid; expired ones are skipped (with a warning
+/// from [`warnings`]) so a stale entry in a vendor bundle does not stop the proxy.
+fn ca_bundle(key: &str, toml_path: &str, path: &Path, now: i64) -> Result<CaBundle, FileProblem> {
+    let (pem, stamp) = read(key, path)?;
+    let all = certs(key, path, &pem)?;
+    let mut roots = RootCertStore::empty();
+    let mut watched = Vec::new();
+    for (i, cert) in all.iter().enumerate() {
+        let f = facts(cert).map_err(|e| problem(key, format!("{}: certificate #{}: {e}", path.display(), i + 1)))?;
+        watched.push(Watched { toml_path: toml_path.to_string(), subject: f.subject, not_after: f.not_after });
+        if f.not_after >= now {
+            roots.add(cert.clone()).map_err(|e| {
+                problem(key, format!("{}: certificate #{} is not a usable trust anchor ({e})", path.display(), i + 1))
+            })?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(problem(key, format!("{}: every CA certificate in it has expired", path.display())));
+    }
+    Ok(CaBundle { roots: Arc::new(roots), stamp, watched })
+}
+
+struct CaBundle {
+    roots: Arc<RootCertStore>,
+    stamp: FileStamp,
+    watched: Vec<Watched>,
+}
+
+/// The settings of `[server.tls]` after their strings were parsed (paths resolved, enums known).
+#[derive(Debug, Clone)]
+pub struct ServerTlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_auth: ClientAuth,
+    pub client_ca: Option<PathBuf>,
+    pub crl: Vec<PathBuf>,
+    pub identity: IdentitySource,
+}
+
+/// Reads every file of `[server.tls]` and builds the listener's rustls config. `now`: unix seconds.
+pub fn load_server(s: &ServerTlsSettings, now: i64) -> Result<ServerTls, Vec<FileProblem>> {
+    let mut problems = Vec::new();
+    let id = identity("server.tls", ("cert", &s.cert), ("key", &s.key), now).map_err(|p| problems.extend(p)).ok();
+    let ca = s
+        .client_ca
+        .as_deref()
+        .map(|path| ca_bundle("client_ca", "server.tls.client_ca", path, now))
+        .transpose()
+        .map_err(|p| problems.push(p))
+        .ok()
+        .flatten();
+    let mut crls = Vec::new();
+    let mut crl_stamps = Vec::new();
+    for (i, path) in s.crl.iter().enumerate() {
+        let key = format!("crl[{i}]");
+        let loaded = read(&key, path).and_then(|(pem, stamp)| {
+            let list: Result<Vec<_>, _> = CertificateRevocationListDer::pem_slice_iter(&pem).collect();
+            match list {
+                Ok(l) if l.is_empty() => Err(problem(&key, format!("{}: no PEM X509 CRL block found", path.display()))),
+                Ok(l) => Ok((l, stamp)),
+                Err(e) => Err(problem(&key, format!("{}: not a valid PEM CRL file ({e})", path.display()))),
+            }
+        });
+        match loaded {
+            Ok((l, stamp)) => {
+                crls.extend(l);
+                crl_stamps.push(stamp);
+            }
+            Err(p) => problems.push(p),
+        }
+    }
+    let (Some(id), true) = (id, problems.is_empty()) else { return Err(problems) };
+
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| vec![problem("cert", format!("no usable TLS version ({e})"))])?;
+    let builder = match (s.client_auth, &ca) {
+        (ClientAuth::Off, _) | (_, None) => builder.with_no_client_auth(),
+        (auth, Some(ca)) => {
+            let mut v = WebPkiClientVerifier::builder_with_provider(ca.roots.clone(), provider())
+                .with_crls(crls)
+                // Banks' CAs publish CRLs for the certificates they issue; intermediates' own
+                // revocation lists are rarely at hand, and requiring them would refuse everyone.
+                .only_check_end_entity_revocation();
+            if auth == ClientAuth::Optional {
+                v = v.allow_unauthenticated();
+            }
+            let verifier = v.build().map_err(|e| {
+                let key = if s.crl.is_empty() { "client_ca" } else { "crl" };
+                vec![problem(key, format!("cannot build the client certificate verifier: {e}"))]
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(id.certified)));
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    let mut watched = id.watched;
+    watched.extend(ca.as_ref().map(|c| c.watched.clone()).unwrap_or_default());
+    Ok(ServerTls {
+        cert: id.cert,
+        key: id.key,
+        client_auth: s.client_auth,
+        client_ca: ca.map(|c| c.stamp),
+        crls: crl_stamps,
+        identity: s.identity,
+        not_after: id.not_after,
+        watched,
+        rustls: Arc::new(config),
+    })
+}
+
+/// The settings of `[upstream.tls]` after parsing.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamTlsSettings {
+    pub ca: Option<PathBuf>,
+    /// Both or neither (checked by the caller).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Reads every file of `[upstream.tls]` and builds the bureau client's rustls config.
+///
+/// Without `ca`, the server is verified against webpki-roots (Mozilla's root program compiled
+/// in) rather than the platform store (rustls-native-certs): the result is the same on every
+/// machine and container image (distroless images have no `/etc/ssl`), and a bureau on a
+/// private network with its own CA is configured with `ca` explicitly, never trusted by accident.
+pub fn load_upstream(s: &UpstreamTlsSettings, now: i64) -> Result<UpstreamTls, Vec<FileProblem>> {
+    let mut problems = Vec::new();
+    let ca =
+        s.ca.as_deref()
+            .map(|path| ca_bundle("ca", "upstream.tls.ca", path, now))
+            .transpose()
+            .map_err(|p| problems.push(p))
+            .ok()
+            .flatten();
+    let id = s
+        .client_cert
+        .as_ref()
+        .map(|(cert, key)| identity("upstream.tls", ("client_cert", cert), ("client_key", key), now))
+        .transpose()
+        .map_err(|p| problems.extend(p))
+        .ok()
+        .flatten();
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let roots = match &ca {
+        Some(ca) => ca.roots.clone(),
+        None => Arc::new(RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }),
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| vec![problem("ca", format!("no usable TLS version ({e})"))])?
+        // Hostname verification is part of WebPkiServerVerifier; there is no switch to turn it off.
+        .with_root_certificates(roots);
+    let mut watched = ca.as_ref().map(|c| c.watched.clone()).unwrap_or_default();
+    let (config, client_cert, client_key, client_not_after) = match id {
+        None => (builder.with_no_client_auth(), None, None, None),
+        Some(id) => {
+            watched.extend(id.watched);
+            let resolver = Arc::new(SingleClientCert(Arc::new(id.certified)));
+            (builder.with_client_cert_resolver(resolver), Some(id.cert), Some(id.key), Some(id.not_after))
+        }
+    };
+    Ok(UpstreamTls {
+        ca: ca.map(|c| c.stamp),
+        client_cert,
+        client_key,
+        client_not_after,
+        watched,
+        rustls: Arc::new(config),
+    })
+}
+
+/// bureau-guard's one client certificate, offered whenever the bureau asks (already loaded and
+/// checked: `with_client_auth_cert` would parse the key a second time).
+#[derive(Debug)]
+struct SingleClientCert(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for SingleClientCert {
+    fn resolve(&self, _hints: &[&[u8]], sigschemes: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        // Offer it only if the bureau accepts a signature our key can make.
+        self.0.key.choose_scheme(sigschemes).is_some().then(|| self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Expiry warnings at `now` (unix seconds): certificates that expire within [`EXPIRY_WARNING`],
+/// and expired CA certificates that were skipped.
+pub fn warnings(watched: &[Watched], now: i64) -> Vec<(String, String)> {
+    let soon = now + EXPIRY_WARNING.as_secs() as i64;
+    let mut out = Vec::new();
+    for w in watched {
+        if w.not_after < now {
+            out.push((w.toml_path.clone(), format!("{} expired on {}; ignored", w.subject, format_time(w.not_after))));
+        } else if w.not_after < soon {
+            let days = (w.not_after - now) / 86_400;
+            out.push((
+                w.toml_path.clone(),
+                format!("{} expires on {} (in {days} days)", w.subject, format_time(w.not_after)),
+            ));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handshakes on the listener
+
+/// What the handshake proved about the client, fixed for the life of the connection.
+///
+/// Only the identity *strings* are kept, never a tenant: the name → tenant map lives in the
+/// config snapshot, so a reload that changes `client_cert_names` applies to the next request on
+/// an already open connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// The names of the configured kind, normalized (see [`IdentitySource::normalize`]); may be
+    /// empty when the certificate carries none.
+    pub names: Box<[Box<str>]>,
+}
+
+impl ClientCert {
+    /// The identities of `source` in a verified end-entity certificate.
+    pub fn from_der(cert: &CertificateDer<'_>, source: IdentitySource) -> ClientCert {
+        let Ok((_, x509)) = X509Certificate::from_der(cert.as_ref()) else {
+            // rustls verified it, so it parses; if x509-parser disagrees, it maps to no tenant.
+            return ClientCert { names: Box::new([]) };
+        };
+        let mut names: Vec<Box<str>> = Vec::new();
+        match source {
+            IdentitySource::SanDns | IdentitySource::SanUri => {
+                if let Ok(Some(san)) = x509.subject_alternative_name() {
+                    for n in &san.value.general_names {
+                        match (source, n) {
+                            (IdentitySource::SanDns, GeneralName::DNSName(d)) => names.push(source.normalize(d).into()),
+                            (IdentitySource::SanUri, GeneralName::URI(u)) => names.push((*u).into()),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            IdentitySource::Cn => {
+                names.extend(x509.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(Box::from));
+            }
+        }
+        ClientCert { names: names.into_boxed_slice() }
+    }
+}
+
+/// The listener's TLS settings as the accept loop needs them, swapped whole on reload.
+#[derive(Debug)]
+pub struct Listener {
+    pub config: Arc<rustls::ServerConfig>,
+    pub identity: IdentitySource,
+}
+
+impl Listener {
+    pub fn new(tls: &ServerTls) -> Listener {
+        Listener { config: tls.rustls.clone(), identity: tls.identity }
+    }
+}
+
+/// How a handshake ended, as one bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    Ok,
+    /// The client's certificate does not chain to `client_ca` (or its signature is bad).
+    Untrusted,
+    /// The client's certificate is expired or not yet valid.
+    Expired,
+    /// The client's certificate is on a configured CRL.
+    Revoked,
+    /// `client_auth = "required"` and the client sent none.
+    NoClientCert,
+    /// The client did not finish the handshake within `server.header_read_timeout`.
+    Timeout,
+    /// Anything else: a client that gave up (e.g. it did not trust our certificate), a protocol
+    /// or version mismatch, plain HTTP sent to the TLS port.
+    Failed,
+}
+
+impl Handshake {
+    pub const ALL: [Handshake; 7] = [
+        Handshake::Ok,
+        Handshake::Untrusted,
+        Handshake::Expired,
+        Handshake::Revoked,
+        Handshake::NoClientCert,
+        Handshake::Timeout,
+        Handshake::Failed,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Handshake::Ok => "ok",
+            Handshake::Untrusted => "untrusted",
+            Handshake::Expired => "expired",
+            Handshake::Revoked => "revoked",
+            Handshake::NoClientCert => "no_client_cert",
+            Handshake::Timeout => "timeout",
+            Handshake::Failed => "failed",
+        }
+    }
+
+    /// Classifies the error tokio-rustls returned for a failed handshake.
+    pub fn of_error(e: &std::io::Error) -> Handshake {
+        use rustls::{CertificateError, Error};
+        let Some(err) = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
+            return Handshake::Failed;
+        };
+        match err {
+            Error::NoCertificatesPresented => Handshake::NoClientCert,
+            Error::InvalidCertificate(c) => match c {
+                CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. } => Handshake::Expired,
+                CertificateError::Revoked => Handshake::Revoked,
+                _ => Handshake::Untrusted,
+            },
+            _ => Handshake::Failed,
+        }
+    }
+}
+
+/// Counters of `bureau_guard_tls_handshakes_total`, one per [`Handshake`], resolved once.
+#[derive(Clone)]
+pub struct HandshakeCounters(pub [prometheus::IntCounter; Handshake::ALL.len()]);
+
+impl HandshakeCounters {
+    /// Counters exported nowhere (the mock bureau's TLS listener).
+    pub fn unregistered() -> HandshakeCounters {
+        HandshakeCounters(Handshake::ALL.map(|h| {
+            prometheus::IntCounter::new(format!("handshakes_{}", h.as_str()), "unexported").expect("valid name")
+        }))
+    }
+
+    pub fn record(&self, h: Handshake) {
+        self.0[h as usize].inc();
+    }
+}
+
+/// Runs the server side of a handshake on `stream`, bounded by `timeout` so a silent client
+/// cannot hold a task. Counts the outcome.
+pub async fn accept(
+    config: Arc<rustls::ServerConfig>,
+    stream: TcpStream,
+    timeout: Duration,
+    counters: &HandshakeCounters,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let outcome = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err((Handshake::of_error(&e), Some(e))),
+        Err(_) => Err((Handshake::Timeout, None)),
+    };
+    match outcome {
+        Ok(tls) => {
+            counters.record(Handshake::Ok);
+            Some(tls)
+        }
+        Err((kind, e)) => {
+            counters.record(kind);
+            tracing::debug!(result = kind.as_str(), error = ?e, "TLS handshake failed");
+            None
+        }
+    }
+}
+
+/// Certificates made at test time (rcgen), written as PEM files, for the unit tests here and in
+/// `config.rs`.
+#[cfg(test)]
+pub(crate) mod test_certs {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use time::{Duration, OffsetDateTime};
+
+    /// A CA, and a leaf it issued valid until `days` from now (negative: expired), as PEM files in
+    /// a fresh directory: `ca.pem`, `leaf.pem`, `leaf.key`, plus `other.key` (an unrelated key).
+    pub fn files(name: &str, days: i64) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("bg-unit-{name}-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.distinguished_name.push(DnType::CommonName, "Unit CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().expect("key");
+        let ca_cert = ca.self_signed(&ca_key).expect("self-signed");
+        let issuer = Issuer::new(ca, ca_key);
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        leaf.distinguished_name.push(DnType::CommonName, "unit-leaf");
+        leaf.not_before = OffsetDateTime::now_utc() - Duration::days(400);
+        leaf.not_after = OffsetDateTime::now_utc() + Duration::days(days);
+        let key = KeyPair::generate().expect("key");
+        let cert = leaf.signed_by(&key, &issuer).expect("signed");
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write");
+        std::fs::write(dir.join("leaf.pem"), cert.pem()).expect("write");
+        std::fs::write(dir.join("leaf.key"), key.serialize_pem()).expect("write");
+        std::fs::write(dir.join("other.key"), KeyPair::generate().expect("key").serialize_pem()).expect("write");
+        dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+
+    fn settings(dir: &Path, cert: &str, key: &str) -> ServerTlsSettings {
+        ServerTlsSettings {
+            cert: dir.join(cert),
+            key: dir.join(key),
+            client_auth: ClientAuth::Off,
+            client_ca: None,
+            crl: Vec::new(),
+            identity: IdentitySource::SanDns,
+        }
+    }
+
+    fn messages(r: Result<ServerTls, Vec<FileProblem>>) -> Vec<String> {
+        r.err().unwrap_or_default().into_iter().map(|p| format!("{}: {}", p.key, p.message)).collect()
+    }
+
+    #[test]
+    fn a_good_pair_loads_with_alpn_and_its_expiry() {
+        let dir = test_certs::files("good", 90);
+        let tls = load_server(&settings(&dir, "leaf.pem", "leaf.key"), now()).expect("loads");
+        assert_eq!(tls.rustls.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert!(tls.not_after > now() + 89 * 86_400);
+        assert!(warnings(&tls.watched, now()).is_empty());
+    }
+
+    #[test]
+    fn missing_garbage_and_mismatched_files_are_reported_with_their_key() {
+        let dir = test_certs::files("bad", 90);
+        std::fs::write(dir.join("garbage.pem"), "hello").unwrap();
+        let m = messages(load_server(&settings(&dir, "nope.pem", "garbage.pem"), now()));
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(m[0].starts_with("cert: cannot read ") && m[0].contains("nope.pem"), "{m:?}");
+        assert!(m[1].starts_with("key: ") && m[1].contains("no usable PEM private key"), "{m:?}");
+
+        let m = messages(load_server(&settings(&dir, "garbage.pem", "leaf.key"), now()));
+        assert!(m[0].starts_with("cert: ") && m[0].contains("no PEM CERTIFICATE block"), "{m:?}");
+
+        let m = messages(load_server(&settings(&dir, "leaf.pem", "other.key"), now()));
+        assert!(m[0].starts_with("key: ") && m[0].contains("does not match the certificate"), "{m:?}");
+    }
+
+    #[test]
+    fn an_expired_certificate_is_an_error_and_an_expiring_one_a_warning() {
+        let dir = test_certs::files("expired", -1);
+        let m = messages(load_server(&settings(&dir, "leaf.pem", "leaf.key"), now()));
+        assert!(m[0].starts_with("cert: ") && m[0].contains("expired on"), "{m:?}");
+
+        let dir = test_certs::files("expiring", 20);
+        let tls = load_server(&settings(&dir, "leaf.pem", "leaf.key"), now()).expect("loads");
+        let w = warnings(&tls.watched, now());
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].0, "server.tls.cert");
+        assert!(w[0].1.starts_with("CN=unit-leaf expires on"), "{w:?}");
+    }
+
+    #[test]
+    fn client_auth_needs_a_usable_ca_bundle() {
+        let dir = test_certs::files("ca", 90);
+        let mut s = settings(&dir, "leaf.pem", "leaf.key");
+        s.client_auth = ClientAuth::Required;
+        s.client_ca = Some(dir.join("leaf.key"));
+        let m = messages(load_server(&s, now()));
+        assert!(m[0].starts_with("client_ca: ") && m[0].contains("no PEM CERTIFICATE block"), "{m:?}");
+        s.client_ca = Some(dir.join("ca.pem"));
+        s.crl = vec![dir.join("ca.pem")];
+        let m = messages(load_server(&s, now()));
+        assert!(m[0].starts_with("crl[0]: ") && m[0].contains("no PEM X509 CRL block"), "{m:?}");
+        s.crl.clear();
+        assert!(load_server(&s, now()).is_ok());
+    }
+
+    #[test]
+    fn upstream_client_certificate_is_checked_like_the_server_one() {
+        let dir = test_certs::files("upstream", 90);
+        let s = UpstreamTlsSettings {
+            ca: Some(dir.join("ca.pem")),
+            client_cert: Some((dir.join("leaf.pem"), dir.join("other.key"))),
+        };
+        let problems = load_upstream(&s, now()).unwrap_err();
+        assert_eq!(problems[0].key, "client_key", "{problems:?}");
+        let s = UpstreamTlsSettings { client_cert: Some((dir.join("leaf.pem"), dir.join("leaf.key"))), ..s };
+        let tls = load_upstream(&s, now()).expect("loads");
+        assert!(tls.client_not_after.is_some());
+        assert!(load_upstream(&UpstreamTlsSettings::default(), now()).is_ok(), "built-in roots");
+    }
+
+    #[test]
+    fn handshake_labels_are_indexed_in_order() {
+        for (i, h) in Handshake::ALL.iter().enumerate() {
+            assert_eq!(*h as usize, i);
+        }
+    }
+
+    #[test]
+    fn settings_parse_their_names() {
+        for a in [ClientAuth::Off, ClientAuth::Optional, ClientAuth::Required] {
+            assert_eq!(ClientAuth::parse(a.as_str()), Some(a));
+        }
+        for s in [IdentitySource::SanDns, IdentitySource::SanUri, IdentitySource::Cn] {
+            assert_eq!(IdentitySource::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(IdentitySource::SanDns.normalize("Bank-A.Example"), "bank-a.example");
+        assert_eq!(IdentitySource::Cn.normalize("Bank A"), "Bank A");
+    }
+
+    #[test]
+    fn expiry_warnings_cover_soon_and_skipped() {
+        let now = 1_700_000_000;
+        let w = |p: &str, days: i64| Watched {
+            toml_path: p.into(),
+            subject: "CN=x".into(),
+            not_after: now + days * 86_400 + 60,
+        };
+        let out = warnings(&[w("server.tls.cert", 10), w("server.tls.cert", 31), w("server.tls.client_ca", -2)], now);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(out[0].1.contains("(in 10 days)"), "{out:?}");
+        assert!(out[1].1.contains("expired on") && out[1].1.ends_with("ignored"), "{out:?}");
+    }
+}

@@ -1,0 +1,482 @@
+//! TLS end to end (issue 7): a real proxy on 127.0.0.1:0 with certificates made at test time,
+//! real rustls clients, and a TLS mock bureau for the upstream side.
+
+mod common;
+#[path = "common/pki.rs"]
+mod pki;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bureau_guard::app::{self, Options, Running};
+use bureau_guard::config::Config;
+use bureau_guard::mock_bureau;
+use common::*;
+use pki::*;
+use tokio::net::TcpListener;
+
+/// The CA, server certificate and files of one test.
+struct Setup {
+    dir: std::path::PathBuf,
+    ca: Ca,
+    cert: String,
+    key: String,
+}
+
+impl Setup {
+    fn new(name: &str) -> Setup {
+        let dir = temp_dir(name);
+        let ca = Ca::new("Bureau Guard Test CA");
+        let server = ca.issue(&LeafSpec { cn: "bureau-guard", dns: &["localhost"], ip: true, ..LeafSpec::default() });
+        let (cert, key) = server.write(&dir, "server");
+        Setup { ca, cert: cert.display().to_string(), key: key.display().to_string(), dir }
+    }
+
+    /// `[server.tls]` with this setup's certificate, plus `extra` lines.
+    fn server_tls(&self, extra: &str) -> String {
+        format!("[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n{extra}", self.cert, self.key)
+    }
+
+    /// `[server.tls]` asking for client certificates issued by `client_ca`.
+    fn mtls(&self, client_auth: &str, client_ca: &Ca, extra: &str) -> String {
+        let ca = write(&self.dir, "client-ca.pem", &client_ca.pem);
+        self.server_tls(&format!("client_auth = \"{client_auth}\"\nclient_ca = \"{ca}\"\n{extra}"))
+    }
+
+    fn client(&self, leaf: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+        client_config(&self.ca, leaf, &[b"http/1.1"], &[])
+    }
+}
+
+async fn proxy_with(mock_url: &str, x: &Extras<'_>) -> Running {
+    start_proxy(&config_with(mock_url, x)).await
+}
+
+fn handshakes(proxy: &Running, result: &str) -> u64 {
+    proxy.shared.metrics.tls_handshakes_total.with_label_values(&[result]).get()
+}
+
+/// A bank's client certificate issued by `ca`.
+fn bank_cert(ca: &Ca, dns: &str) -> Leaf {
+    ca.issue(&LeafSpec { cn: "Bank A Ltd", dns: &[dns], uris: &["spiffe://banks/bank-a"], ..LeafSpec::default() })
+}
+
+#[tokio::test]
+async fn handshake_ok_with_tls13_and_tls12() {
+    let s = Setup::new("tls-ok");
+    let mock = start_mock(fast_mock()).await;
+    let proxy = proxy_with(&mock.url(), &Extras { server: &s.server_tls(""), ..Extras::default() }).await;
+    for (version, want) in [
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+    ] {
+        let config = client_config(&s.ca, None, &[b"http/1.1"], &[version]);
+        let mut conn = TlsConn::connect(proxy.addr, config).await.expect("handshake");
+        assert_eq!(conn.version, want);
+        assert_eq!(conn.alpn.as_deref(), Some(&b"http/1.1"[..]));
+        let r = conn.get("/v1/score/S-1", &[("x-api-key", KEY_A)]).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.version, http::Version::HTTP_11);
+    }
+    assert_eq!(handshakes(&proxy, "ok"), 2);
+    assert_eq!(mock.bureau.stats().calls_by_tenant.get("a"), Some(&2));
+    // Plain HTTP sent to the TLS port is a failed handshake, not a request.
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let c = client();
+            c.get(format!("http://{}/v1/score/S-1", proxy.addr).parse().unwrap()).await
+        })
+        .await
+        .expect("answered or closed at once")
+        .is_err()
+    );
+    wait_until("the plain-HTTP handshake to be counted", || handshakes(&proxy, "failed") == 1).await;
+}
+
+#[tokio::test]
+async fn http2_is_negotiated_by_alpn_over_tls() {
+    let s = Setup::new("tls-h2");
+    let mock = start_mock(fast_mock()).await;
+    let proxy = proxy_with(&mock.url(), &Extras { server: &s.server_tls(""), ..Extras::default() }).await;
+    let config = client_config(&s.ca, None, &[b"h2", b"http/1.1"], &[]);
+    let mut conn = TlsConn::connect(proxy.addr, config).await.expect("handshake");
+    assert_eq!(conn.alpn.as_deref(), Some(&b"h2"[..]));
+    // Several requests multiplexed on the one connection.
+    for i in 0..3 {
+        let r = conn.get(&format!("/v1/score/S-{i}"), &[("x-api-key", KEY_B)]).await.unwrap();
+        assert_eq!((r.status, r.version), (http::StatusCode::OK, http::Version::HTTP_2), "{:?}", r.body);
+    }
+    assert_eq!(mock.bureau.stats().calls_by_tenant.get("b"), Some(&3));
+    assert_eq!(handshakes(&proxy, "ok"), 1);
+}
+
+#[tokio::test]
+async fn client_certificate_from_an_untrusted_ca_is_rejected() {
+    let s = Setup::new("tls-untrusted");
+    let banks = Ca::new("Banks CA");
+    let rogue = Ca::new("Rogue CA");
+    let mock = start_mock(fast_mock()).await;
+    let x = Extras {
+        server: &s.mtls("required", &banks, ""),
+        tenant_a: "client_cert_names = [\"bank-a.example\"]",
+        ..Extras::default()
+    };
+    let proxy = proxy_with(&mock.url(), &x).await;
+    let forged = bank_cert(&rogue, "bank-a.example");
+    let r = get_once(proxy.addr, s.client(Some(&forged)), "/v1/score/S-1", &[]).await;
+    assert!(r.is_err(), "a certificate from an untrusted CA got {r:?}");
+    wait_until("the untrusted handshake to be counted", || handshakes(&proxy, "untrusted") == 1).await;
+    // The same name from the trusted CA passes.
+    let good = bank_cert(&banks, "bank-a.example");
+    let r = get_once(proxy.addr, s.client(Some(&good)), "/v1/score/S-1", &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(mock.bureau.stats().calls_total, 1, "the rejected client never reached the bureau");
+}
+
+#[tokio::test]
+async fn expired_client_certificate_is_rejected() {
+    let s = Setup::new("tls-expired");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let x = Extras {
+        server: &s.mtls("required", &banks, ""),
+        tenant_a: "client_cert_names = [\"bank-a.example\"]",
+        ..Extras::default()
+    };
+    let proxy = proxy_with(&mock.url(), &x).await;
+    let expired = banks.issue(&LeafSpec { dns: &["bank-a.example"], not_after_days: -1, ..LeafSpec::default() });
+    let r = get_once(proxy.addr, s.client(Some(&expired)), "/v1/score/S-1", &[("x-api-key", KEY_A)]).await;
+    assert!(r.is_err(), "an expired certificate got {r:?}");
+    wait_until("the expired handshake to be counted", || handshakes(&proxy, "expired") == 1).await;
+    assert_eq!(mock.bureau.stats().calls_total, 0);
+}
+
+#[tokio::test]
+async fn required_client_auth_refuses_a_client_without_a_certificate_even_with_a_key() {
+    let s = Setup::new("tls-nocert");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let proxy = proxy_with(&mock.url(), &Extras { server: &s.mtls("required", &banks, ""), ..Extras::default() }).await;
+    let r = get_once(proxy.addr, s.client(None), "/v1/score/S-1", &[("x-api-key", KEY_A)]).await;
+    assert!(r.is_err(), "no certificate got {r:?}");
+    wait_until("the handshake to be counted", || handshakes(&proxy, "no_client_cert") == 1).await;
+}
+
+#[tokio::test]
+async fn revoked_client_certificate_is_rejected_with_a_crl() {
+    let s = Setup::new("tls-crl");
+    let banks = Ca::new("Banks CA");
+    let good = bank_cert(&banks, "bank-a.example");
+    let revoked = bank_cert(&banks, "bank-a.example");
+    let crl = write(&s.dir, "banks.crl.pem", &banks.crl(&[&revoked.serial]));
+    let mock = start_mock(fast_mock()).await;
+    let x = Extras {
+        server: &s.mtls("required", &banks, &format!("crl = [\"{crl}\"]")),
+        tenant_a: "client_cert_names = [\"bank-a.example\"]",
+        ..Extras::default()
+    };
+    let proxy = proxy_with(&mock.url(), &x).await;
+    let r = get_once(proxy.addr, s.client(Some(&revoked)), "/v1/score/S-1", &[]).await;
+    assert!(r.is_err(), "a revoked certificate got {r:?}");
+    wait_until("the revoked handshake to be counted", || handshakes(&proxy, "revoked") == 1).await;
+    let r = get_once(proxy.addr, s.client(Some(&good)), "/v1/score/S-1", &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn tenant_is_taken_from_the_san_dns_name_and_a_key_must_agree() {
+    let s = Setup::new("tls-san");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let x = Extras {
+        server: &s.mtls("required", &banks, ""),
+        tenant_a: "client_cert_names = [\"Bank-A.example\"]",
+        tenant_b: "client_cert_names = [\"bank-b.example\"]",
+        ..Extras::default()
+    };
+    let proxy = proxy_with(&mock.url(), &x).await;
+    let bank_a = bank_cert(&banks, "bank-a.example");
+    let mut conn = TlsConn::connect(proxy.addr, s.client(Some(&bank_a))).await.unwrap();
+
+    // No key: the certificate alone names tenant a (names compare case-insensitively).
+    let r = conn.get("/v1/score/S-1", &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // Its own key agrees.
+    let r = conn.get("/echo/x", &[("x-api-key", KEY_A)]).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let seen = r.json();
+    assert_eq!(seen["headers"]["x-tenant"], "a", "{seen}");
+    assert!(seen["headers"].get("x-api-key").is_none(), "the key is still stripped: {seen}");
+    // Another tenant's key contradicts the certificate.
+    let r = conn.get("/v1/score/S-1", &[("x-api-key", KEY_B)]).await.unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"], "identity_mismatch");
+    // An unknown key is an invalid key, certificate or not.
+    let r = conn.get("/v1/score/S-1", &[("authorization", "Bearer nope")]).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (401, Some("invalid_api_key")));
+    assert_eq!(mock.bureau.stats().calls_by_tenant.get("a"), Some(&1));
+
+    // A trusted certificate that no tenant lists.
+    let stranger = bank_cert(&banks, "bank-z.example");
+    let r = get_once(proxy.addr, s.client(Some(&stranger)), "/v1/score/S-1", &[("x-api-key", KEY_A)]).await.unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"], "unknown_client_certificate");
+    let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    assert_eq!(
+        metric_value(
+            &text,
+            "bureau_guard_requests_total{outcome=\"unknown_client_certificate\",route=\"_none\",tenant=\"_none\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+async fn tenant_by(identity: &str, name: &str, leaf: impl Fn(&Ca) -> Leaf) -> serde_json::Value {
+    let s = Setup::new("tls-identity");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let tenant_b = format!("client_cert_names = [\"{name}\"]");
+    let x = Extras {
+        server: &s.mtls("required", &banks, &format!("client_identity = \"{identity}\"")),
+        tenant_b: &tenant_b,
+        ..Extras::default()
+    };
+    let proxy = proxy_with(&mock.url(), &x).await;
+    let r = get_once(proxy.addr, s.client(Some(&leaf(&banks))), "/echo/x", &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.json()
+}
+
+#[tokio::test]
+async fn tenant_is_taken_from_the_subject_cn_or_a_san_uri_when_configured() {
+    // The certificate's SAN DNS name would say nothing: the CN names bank b.
+    let seen = tenant_by("cn", "Bank B Ltd", |ca| {
+        ca.issue(&LeafSpec { cn: "Bank B Ltd", dns: &["unrelated.example"], ..LeafSpec::default() })
+    })
+    .await;
+    assert_eq!(seen["headers"]["x-tenant"], "b", "{seen}");
+    let seen = tenant_by("san_uri", "spiffe://banks/bank-b", |ca| {
+        ca.issue(&LeafSpec { cn: "x", uris: &["spiffe://banks/bank-b"], ..LeafSpec::default() })
+    })
+    .await;
+    assert_eq!(seen["headers"]["x-tenant"], "b", "{seen}");
+}
+
+#[tokio::test]
+async fn optional_client_auth_falls_back_to_the_api_key() {
+    let s = Setup::new("tls-optional");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let x = Extras {
+        server: &s.mtls("optional", &banks, ""),
+        tenant_a: "client_cert_names = [\"bank-a.example\"]",
+        ..Extras::default()
+    };
+    let proxy = proxy_with(&mock.url(), &x).await;
+    let r = get_once(proxy.addr, s.client(None), "/echo/x", &[("x-api-key", KEY_B)]).await.unwrap();
+    assert_eq!(r.json()["headers"]["x-tenant"], "b");
+    let r = get_once(proxy.addr, s.client(None), "/echo/x", &[]).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (401, Some("missing_api_key")));
+    let cert = bank_cert(&banks, "bank-a.example");
+    let r = get_once(proxy.addr, s.client(Some(&cert)), "/echo/x", &[]).await.unwrap();
+    assert_eq!(r.json()["headers"]["x-tenant"], "a");
+    // Optional does not mean unchecked: a certificate from elsewhere is still refused.
+    let rogue = bank_cert(&Ca::new("Rogue CA"), "bank-a.example");
+    assert!(get_once(proxy.addr, s.client(Some(&rogue)), "/echo/x", &[("x-api-key", KEY_A)]).await.is_err());
+}
+
+#[tokio::test]
+async fn certificate_and_key_that_do_not_match_are_a_config_problem() {
+    let s = Setup::new("tls-mismatch");
+    let other = s.ca.issue(&LeafSpec::default());
+    let (_, other_key) = other.write(&s.dir, "other");
+    let tls = format!("[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n", s.cert, other_key.display());
+    let text = config_with("http://127.0.0.1:1", &Extras { server: &tls, ..Extras::default() });
+    let err = Config::from_toml(&text, &|_| None).unwrap_err().to_string();
+    assert!(err.starts_with("server.tls.key: ") && err.contains("does not match the certificate in"), "{err}");
+    // The binary's `check` says the same and exits 1; `serve` validates the same way.
+    let path = s.dir.join("mismatch.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bureau-guard"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("server.tls.key: ") && stdout.contains("does not match"), "{stdout}");
+}
+
+#[tokio::test]
+async fn check_warns_about_a_certificate_expiring_within_30_days_and_exits_0() {
+    let s = Setup::new("tls-expiring");
+    let soon = s.ca.issue(&LeafSpec { dns: &["localhost"], not_after_days: 10, ..LeafSpec::default() });
+    let (cert, key) = soon.write(&s.dir, "soon");
+    let tls = format!("[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n", cert.display(), key.display());
+    let path = s.dir.join("expiring.toml");
+    std::fs::write(&path, config_with("http://127.0.0.1:1", &Extras { server: &tls, ..Extras::default() })).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bureau-guard"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("warning: server.tls.cert: CN=leaf expires on") && stdout.contains(" days)"), "{stdout}");
+}
+
+/// A TLS mock bureau with its own CA, requiring a client certificate from `clients`.
+async fn tls_bureau(clients: &Ca) -> (mock_bureau::MockHandle, Ca) {
+    let bureau_ca = Ca::new("Bureau Private CA");
+    let leaf = bureau_ca.issue(&LeafSpec { cn: "bureau", dns: &["localhost"], ip: true, ..LeafSpec::default() });
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(clients.der.clone()).unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), bureau_guard::tls::provider())
+            .build()
+            .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(bureau_guard::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![leaf.der.clone()], leaf.key())
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    (mock_bureau::start_tls(fast_mock(), listener, Arc::new(config)), bureau_ca)
+}
+
+/// `[upstream.tls]` lines trusting `ca`, with bureau-guard's client certificate if given.
+fn upstream_tls(dir: &Path, ca: &Ca, client: Option<&Leaf>) -> String {
+    let ca = write(dir, "bureau-ca.pem", &ca.pem);
+    let mut out = format!("[upstream.tls]\nca = \"{ca}\"\n");
+    if let Some(leaf) = client {
+        let (cert, key) = leaf.write(dir, "guard-client");
+        out += &format!("client_cert = \"{}\"\nclient_key = \"{}\"\n", cert.display(), key.display());
+    }
+    out
+}
+
+#[tokio::test]
+async fn upstream_tls_with_a_private_ca_and_a_client_certificate() {
+    let dir = temp_dir("tls-upstream");
+    let guards = Ca::new("Guard Client CA");
+    let (mock, bureau_ca) = tls_bureau(&guards).await;
+    assert!(mock.url().starts_with("https://127.0.0.1:"));
+    let me = guards.issue(&LeafSpec { cn: "bureau-guard", ..LeafSpec::default() });
+    let proxy =
+        proxy_with(&mock.url(), &Extras { upstream: &upstream_tls(&dir, &bureau_ca, Some(&me)), ..Extras::default() })
+            .await;
+    for i in 0..3 {
+        let r = get(&format!("http://{}/v1/score/S-{i}", proxy.addr), &[("x-api-key", KEY_A)]).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    assert_eq!(mock.bureau.stats().calls_by_tenant.get("a"), Some(&3));
+    assert!(proxy.shared.snapshot.load().upstream.is_tls());
+    let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+    assert!(text.contains("bureau_guard_tls_certificate_expiry_timestamp_seconds{cert=\"upstream_client\"}"), "{text}");
+}
+
+#[tokio::test]
+async fn upstream_tls_with_the_wrong_ca_or_no_client_certificate_fails_with_502() {
+    let dir = temp_dir("tls-upstream-bad");
+    let guards = Ca::new("Guard Client CA");
+    let (mock, bureau_ca) = tls_bureau(&guards).await;
+    let me = guards.issue(&LeafSpec { cn: "bureau-guard", ..LeafSpec::default() });
+
+    // The bureau's certificate does not chain to the CA bureau-guard was told to trust.
+    let wrong = upstream_tls(&dir, &Ca::new("Some Other CA"), Some(&me));
+    let proxy = proxy_with(&mock.url(), &Extras { upstream: &wrong, ..Extras::default() }).await;
+    let r = get(&format!("http://{}/v1/score/S-1", proxy.addr), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    let body = r.json();
+    assert_eq!(body["error"], "bureau_unreachable");
+    assert!(body["message"].as_str().unwrap().contains("TLS handshake with the bureau failed"), "{body}");
+
+    // Right CA, but the bureau insists on a client certificate bureau-guard does not have.
+    let anonymous = upstream_tls(&dir, &bureau_ca, None);
+    let proxy = proxy_with(&mock.url(), &Extras { upstream: &anonymous, ..Extras::default() }).await;
+    let r = get(&format!("http://{}/v1/score/S-1", proxy.addr), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    assert_eq!(mock.bureau.stats().calls_total, 0, "nothing got through");
+}
+
+#[tokio::test]
+async fn certificate_reload_serves_new_handshakes_and_keeps_open_connections() {
+    let s = Setup::new("tls-reload");
+    let mock = start_mock(fast_mock()).await;
+    let path = s.dir.join("bureau-guard.toml");
+    std::fs::write(&path, config_with(&mock.url(), &Extras { server: &s.server_tls(""), ..Extras::default() }))
+        .unwrap();
+    let config = Config::load(&path).unwrap();
+    let proxy =
+        app::start_with(config, Options { config_path: Some(path.clone()), ..Default::default() }).await.unwrap();
+    let old_cert = std::fs::read_to_string(&s.cert).unwrap();
+
+    let mut before = TlsConn::connect(proxy.addr, s.client(None)).await.unwrap();
+    assert_eq!(before.get("/v1/score/S-1", &[("x-api-key", KEY_A)]).await.unwrap().status, 200);
+
+    // A new certificate at the same paths, then reload.
+    let renewed = s.ca.issue(&LeafSpec { cn: "bureau-guard-2026", dns: &["localhost"], ..LeafSpec::default() });
+    std::fs::write(&s.cert, &renewed.cert_pem).unwrap();
+    std::fs::write(&s.key, &renewed.key_pem).unwrap();
+    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    assert!(out.applied(), "{out:?}");
+    let changed: Vec<String> = out.changes.iter().map(ToString::to_string).collect();
+    assert!(changed.iter().any(|c| c.starts_with("server.tls.cert: ") && !c.contains("restart")), "{changed:?}");
+    assert!(changed.iter().any(|c| c.starts_with("server.tls.key: ")), "{changed:?}");
+    assert!(!changed.iter().any(|c| c.contains("PRIVATE KEY")), "no key material in a diff: {changed:?}");
+
+    // The open connection goes on with the certificate it was opened with...
+    assert_eq!(before.get("/v1/score/S-2", &[("x-api-key", KEY_A)]).await.unwrap().status, 200);
+    assert_eq!(before.server_cert.as_ref(), first_der(&old_cert).as_slice());
+    // ...and a new one gets the new certificate.
+    let mut after = TlsConn::connect(proxy.addr, s.client(None)).await.unwrap();
+    assert_eq!(after.server_cert, renewed.der);
+    assert_eq!(after.get("/v1/score/S-3", &[("x-api-key", KEY_A)]).await.unwrap().status, 200);
+
+    // A broken key file rejects the reload; the running certificate stays.
+    std::fs::write(&s.key, "-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n").unwrap();
+    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    assert!(!out.applied());
+    assert!(out.problems.iter().any(|p| p.starts_with("server.tls.key: ")), "{:?}", out.problems);
+    let third = TlsConn::connect(proxy.addr, s.client(None)).await.unwrap();
+    assert_eq!(third.server_cert, renewed.der);
+    assert_eq!(before.get("/v1/score/S-4", &[("x-api-key", KEY_A)]).await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn client_cert_names_changed_by_reload_apply_to_open_connections() {
+    let s = Setup::new("tls-reload-names");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let path = s.dir.join("bureau-guard.toml");
+    let tls = s.mtls("required", &banks, "");
+    let write_config = |tenant_a: &str, tenant_b: &str| {
+        std::fs::write(
+            &path,
+            config_with(&mock.url(), &Extras { server: &tls, tenant_a, tenant_b, ..Extras::default() }),
+        )
+        .unwrap()
+    };
+    write_config("client_cert_names = [\"bank-a.example\"]", "");
+    let proxy = app::start_with(
+        Config::load(&path).unwrap(),
+        Options { config_path: Some(path.clone()), ..Default::default() },
+    )
+    .await
+    .unwrap();
+    let cert = bank_cert(&banks, "bank-a.example");
+    let mut conn = TlsConn::connect(proxy.addr, s.client(Some(&cert))).await.unwrap();
+    assert_eq!(conn.get("/echo/x", &[]).await.unwrap().json()["headers"]["x-tenant"], "a");
+
+    // The institution's certificate moves to tenant b (e.g. after a merger).
+    write_config("", "client_cert_names = [\"bank-a.example\"]");
+    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    assert!(out.applied(), "{out:?}");
+    assert_eq!(conn.get("/echo/x", &[]).await.unwrap().json()["headers"]["x-tenant"], "b");
+}
+
+/// The DER of the first certificate in a PEM text.
+fn first_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).next().unwrap().unwrap().to_vec()
+}
