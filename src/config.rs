@@ -179,7 +179,7 @@ pub enum StateBackend {
     /// In memory, persisted to `state.file`: one replica.
     Local,
     /// Shared through Redis by every replica (see `redis_state.rs`).
-    Redis(RedisSettings),
+    Redis(Box<RedisSettings>),
 }
 
 /// `[state.redis]`: how replicas share rate, quota and in-flight limits and the bureau budget.
@@ -203,6 +203,9 @@ pub struct RedisSettings {
     pub lease_ttl: Duration,
     /// This replica's name in Redis; default: host name, process id and a random suffix.
     pub replica_id: Option<String>,
+    /// With a `rediss://` URL: a private CA and/or a client certificate (else the platform's
+    /// roots, no client certificate).
+    pub tls: Option<RedisTls>,
     /// `url` is a seed node of a Redis Cluster (the client discovers the others and routes each
     /// script to the node of its tenant's hash slot).
     pub cluster: bool,
@@ -220,8 +223,16 @@ impl fmt::Debug for RedisSettings {
             .field("lease_ttl", &self.lease_ttl)
             .field("replica_id", &self.replica_id)
             .field("cluster", &self.cluster)
+            .field("tls", &self.tls)
             .finish()
     }
+}
+
+/// `state.redis.ca` / `client_cert` + `client_key`, checked at validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// A Redis URL with its password replaced, for logs and diffs (user info, and a query string,
@@ -516,6 +527,9 @@ struct RawRedis {
     lease_ttl: Option<String>,
     replica_id: Option<String>,
     cluster: Option<bool>,
+    ca: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -836,7 +850,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             raw.state.flush_interval.as_deref(),
             defaults::FLUSH_INTERVAL,
         ),
-        backend: validate_backend(&mut p, &raw.state, env),
+        backend: validate_backend(&mut p, &raw.state, env, unix_now()),
     };
     if raw.state.file.as_deref() == Some("") {
         p.add("state.file", "must not be empty; leave it out to keep counters in memory only");
@@ -1134,7 +1148,7 @@ fn utc_offset(p: &mut Problems, raw: Option<&str>) -> chrono::FixedOffset {
     })
 }
 
-fn validate_backend(p: &mut Problems, raw: &RawState, env: &dyn Fn(&str) -> Option<String>) -> StateBackend {
+fn validate_backend(p: &mut Problems, raw: &RawState, env: &dyn Fn(&str) -> Option<String>, now: i64) -> StateBackend {
     match (raw.backend.as_deref(), &raw.redis) {
         (None | Some("local"), None) => return StateBackend::Local,
         (None | Some("local"), Some(_)) => {
@@ -1222,7 +1236,9 @@ fn validate_backend(p: &mut Problems, raw: &RawState, env: &dyn Fn(&str) -> Opti
     {
         p.add("state.redis.replica_id", "1 to 128 characters of [A-Za-z0-9-_.:]");
     }
-    StateBackend::Redis(RedisSettings {
+    let tls = validate_redis_tls(p, url.as_deref(), &r, now);
+    StateBackend::Redis(Box::new(RedisSettings {
+        tls,
         url: url.unwrap_or_default(),
         key_prefix,
         timeout,
@@ -1232,7 +1248,49 @@ fn validate_backend(p: &mut Problems, raw: &RawState, env: &dyn Fn(&str) -> Opti
         lease_ttl,
         replica_id: r.replica_id.clone(),
         cluster: r.cluster.unwrap_or(false),
-    })
+    }))
+}
+
+/// `state.redis.ca`, `client_cert`, `client_key`: files checked like `[upstream.tls]`'s, only
+/// with a `rediss://` URL.
+fn validate_redis_tls(p: &mut Problems, url: Option<&str>, r: &RawRedis, now: i64) -> Option<RedisTls> {
+    let any = r.ca.is_some() || r.client_cert.is_some() || r.client_key.is_some();
+    if !url.is_some_and(|u| u.starts_with("rediss://")) {
+        if any && url.is_some() {
+            p.add("state.redis.ca", "ca, client_cert and client_key are only meaningful with a rediss:// url");
+        }
+        return None;
+    }
+    if !any {
+        return None;
+    }
+    let ca = r.ca.as_deref().and_then(|s| config_path(p, "state.redis.ca", Some(s), ""));
+    let client = match (&r.client_cert, &r.client_key) {
+        (Some(c), Some(k)) => config_path(p, "state.redis.client_cert", Some(c), "").zip(config_path(
+            p,
+            "state.redis.client_key",
+            Some(k),
+            "",
+        )),
+        (Some(_), None) => {
+            p.add("state.redis.client_key", "required with client_cert: the PEM private key");
+            None
+        }
+        (None, Some(_)) => {
+            p.add("state.redis.client_cert", "required with client_key: the PEM certificate chain");
+            None
+        }
+        (None, None) => None,
+    };
+    // The same checks as the bureau's TLS files: readable, parsable, key matching, not expired.
+    let settings = crate::tls::UpstreamTlsSettings { ca: ca.clone(), client_cert: client.clone() };
+    if let Err(problems) = crate::tls::load_upstream(&settings, now) {
+        for fp in problems {
+            p.add(format!("state.redis.{}", fp.key), fp.message);
+        }
+        return None;
+    }
+    Some(RedisTls { ca, client })
 }
 
 fn validate_adaptive(p: &mut Problems, a: &RawAdaptive, budget: usize) -> Option<AdaptiveSettings> {
@@ -1741,6 +1799,20 @@ api_key_sha256 = "{KEY_HEX}"
                 .iter()
                 .any(|x| x.starts_with("state.redis: only used"))
         );
+        let tls_on_plain =
+            problems(&with("[state]\nbackend = \"redis\"\n[state.redis]\nurl = \"redis://h\"\nca = \"ca.pem\""));
+        assert!(
+            tls_on_plain.iter().any(|x| x.starts_with("state.redis.ca: ca, client_cert and client_key are only")),
+            "{tls_on_plain:?}"
+        );
+        let missing = problems(&with(
+            "[state]\nbackend = \"redis\"\n[state.redis]\nurl = \"rediss://h\"\nca = \"/nonexistent/ca.pem\"\nclient_cert = \"c.pem\"",
+        ));
+        assert!(missing.iter().any(|x| x.starts_with("state.redis.client_key: required")), "{missing:?}");
+        let unreadable = problems(&with(
+            "[state]\nbackend = \"redis\"\n[state.redis]\nurl = \"rediss://h\"\nca = \"/nonexistent/ca.pem\"",
+        ));
+        assert!(unreadable.iter().any(|x| x.starts_with("state.redis.ca:")), "{unreadable:?}");
         let bad_url = problems(&with("[state]\nbackend = \"redis\"\n[state.redis]\nurl = \"http://u:pw@host\""));
         assert!(
             bad_url.iter().any(|x| x.starts_with("state.redis.url: invalid Redis URL") && !x.contains(":pw@")),

@@ -215,15 +215,22 @@ struct ClusterConn {
 
 impl Conn {
     fn new(settings: &RedisSettings) -> redis::RedisResult<Conn> {
+        let certs = settings.tls.as_ref().map(tls_certificates).transpose()?;
         if settings.cluster {
-            let client = redis::cluster::ClusterClient::builder(vec![settings.url.as_str()])
+            let mut builder = redis::cluster::ClusterClient::builder(vec![settings.url.as_str()])
                 .connection_timeout(BACKGROUND_TIMEOUT / 2)
                 .response_timeout(BACKGROUND_TIMEOUT)
-                .retries(1)
-                .build()?;
+                .retries(1);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            let client = builder.build()?;
             return Ok(Conn::Cluster(Arc::new(ClusterConn { client, conn: arc_swap::ArcSwapOption::empty() })));
         }
-        let client = redis::Client::open(settings.url.as_str())?;
+        let client = match certs {
+            Some(certs) => redis::Client::build_with_tls(settings.url.as_str(), certs)?,
+            None => redis::Client::open(settings.url.as_str())?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(BACKGROUND_TIMEOUT / 2))
             .set_response_timeout(Some(BACKGROUND_TIMEOUT))
@@ -257,6 +264,27 @@ impl Conn {
             }
         }
     }
+}
+
+/// The PEM files of `state.redis.ca` / `client_cert` + `client_key` for the redis crate's
+/// rustls (already checked by config validation; read again here, at start-up only).
+fn tls_certificates(tls: &crate::config::RedisTls) -> redis::RedisResult<redis::TlsCertificates> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "cannot read a TLS file",
+                format!("{}: {e}", path.display()),
+            ))
+        })
+    };
+    Ok(redis::TlsCertificates {
+        root_cert: tls.ca.as_deref().map(read).transpose()?,
+        client_tls: match &tls.client {
+            Some((cert, key)) => Some(redis::ClientTlsConfig { client_cert: read(cert)?, client_key: read(key)? }),
+            None => None,
+        },
+    })
 }
 
 /// One connection of either kind, for the scripts (`Script` needs a sized `ConnectionLike`).

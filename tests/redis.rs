@@ -5,6 +5,8 @@
 //! as `.ci/run` does, which turns a missing Redis into a failure.
 
 mod common;
+#[path = "common/pki.rs"]
+mod pki;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -626,4 +628,68 @@ fn an_outage_sync_resent_with_its_token_counts_once() {
     assert_eq!(sync(), "4", "the first sync adds its units");
     assert_eq!(sync(), "-1", "the same batch resent (its answer was lost) adds nothing");
     assert_eq!(redis.cli(&["GET", "{p:a}:daily:1"]), "4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_a_client_certificate() {
+    use pki::{Ca, LeafSpec};
+    let Some(probe) = RedisServer::start("redis-tls-probe") else { return };
+    drop(probe);
+    let dir = temp_dir("redis-tls");
+    let ca = Ca::new("Redis CA");
+    let server = ca.issue(&LeafSpec { cn: "redis", ip: true, ..LeafSpec::default() });
+    let me = ca.issue(&LeafSpec { cn: "bureau-guard", ..LeafSpec::default() });
+    let (server_cert, server_key) = server.write(&dir, "redis");
+    let (my_cert, my_key) = me.write(&dir, "guard");
+    let ca_file = pki::write(&dir, "ca.pem", &ca.pem);
+    let port = free_port();
+    // TLS only, and client certificates required.
+    let _redis = Proc(
+        Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", "0", "--tls-port", &port.to_string(), "--save", ""])
+            .args(["--tls-cert-file", server_cert.to_str().unwrap(), "--tls-key-file", server_key.to_str().unwrap()])
+            .args(["--tls-ca-cert-file", &ca_file, "--tls-auth-clients", "yes", "--dir", dir.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server with TLS"),
+    );
+    let mock = start_mock(fast_mock()).await;
+    let url = format!("rediss://127.0.0.1:{port}");
+    let tls =
+        format!("ca = \"{ca_file}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"", my_cert.display(), my_key.display());
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state(&url, &tls), tenant_a: "daily_quota = 3", ..Extras::default() },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let addr = proxy.admin_addr;
+    wait_until_async("the heartbeat over TLS", || async {
+        let m = get(&format!("http://{addr}/metrics"), &[]).await.text();
+        metric_value(&m, "bureau_guard_state_redis_calls_total{op=\"heartbeat\"}").unwrap() >= 1.0
+            && metric_value(&m, "bureau_guard_state_redis_errors_total{op=\"heartbeat\"}") == Some(0.0)
+    })
+    .await;
+    for i in 0..3 {
+        assert_eq!(status(&format!("http://{}/v1/score/T-{i}", proxy.addr), KEY_A).await, 200);
+    }
+    let r = get(&format!("http://{}/v1/score/T-x", proxy.addr), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.status, 429, "the quota is kept in Redis over TLS");
+    let m = get(&format!("http://{addr}/metrics"), &[]).await.text();
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(1.0));
+    proxy.shutdown().await;
+
+    // Without the client certificate, Redis refuses the handshake: Redis counts as down.
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&url, &format!("ca = \"{ca_file}\"")),
+            tenant_a: "daily_quota = 3",
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(0.0));
+    proxy.shutdown().await;
 }
