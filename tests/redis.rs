@@ -17,32 +17,45 @@ use std::time::{Duration, Instant};
 use bureau_guard::app;
 use common::*;
 
-/// A `redis-server` of the test's own, with an append-only file so a restart keeps its data.
+/// A `redis-server` of the test's own on a Unix socket in its own directory (no TCP port that
+/// a parallel test could take), with an append-only file so a restart keeps its data.
 struct RedisServer {
     child: Option<Child>,
-    port: u16,
     dir: PathBuf,
+}
+
+/// Whether the Redis tests can run here (false: skip them), failing when
+/// `BUREAU_GUARD_REQUIRE_REDIS` is set and `redis-server` is missing.
+fn redis_available() -> bool {
+    if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("BUREAU_GUARD_REQUIRE_REDIS").is_none(),
+        "BUREAU_GUARD_REQUIRE_REDIS is set but redis-server is not on PATH (apt-get install redis-server)"
+    );
+    eprintln!("skipped: redis-server is not on PATH");
+    false
 }
 
 impl RedisServer {
     fn start(name: &str) -> Option<RedisServer> {
-        if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_err() {
-            assert!(
-                std::env::var_os("BUREAU_GUARD_REQUIRE_REDIS").is_none(),
-                "BUREAU_GUARD_REQUIRE_REDIS is set but redis-server is not on PATH (apt-get install redis-server)"
-            );
-            eprintln!("skipped: redis-server is not on PATH");
+        if !redis_available() {
             return None;
         }
-        let mut r = RedisServer { child: None, port: free_port(), dir: temp_dir(name) };
+        let mut r = RedisServer { child: None, dir: temp_dir(name) };
         r.launch();
         Some(r)
     }
 
+    fn socket(&self) -> PathBuf {
+        self.dir.join("redis.sock")
+    }
+
     fn launch(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir.to_str().unwrap()])
+            .args(["--port", "0", "--unixsocket", self.socket().to_str().unwrap(), "--unixsocketperm", "700"])
+            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -70,14 +83,51 @@ impl RedisServer {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("unix://{}", self.socket().display())
     }
 
     /// One command through `redis-cli`; its output, trimmed.
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output();
+        let out = Command::new("redis-cli").args(["-s", self.socket().to_str().unwrap()]).args(args).output();
         out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
     }
+}
+
+/// Starts `redis-server` with `args(port)` on a free TCP port (cluster nodes, TLS), trying
+/// another port if a parallel test took the one picked: it is ours once `redis-cli` (with
+/// `cli` options) finds our directory in its config.
+fn start_tcp_redis(dir: &Path, args: impl Fn(u16) -> Vec<String>, cli: &[String]) -> (Proc, u16) {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut proc = Proc(
+            Command::new("redis-server")
+                .args(args(port))
+                .args(["--save", "", "--dir", dir.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if proc.0.try_wait().unwrap().is_some() {
+                break; // could not bind: another port
+            }
+            let out = Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(cli)
+                .args(["CONFIG", "GET", "dir"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            if out.contains(dir.to_str().unwrap()) {
+                return (proc, port);
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("no free port for redis-server after 5 tries");
 }
 
 impl Drop for RedisServer {
@@ -93,17 +143,11 @@ fn redis_state(url: &str, extra: &str) -> String {
     )
 }
 
-/// A config on fixed ports (for a real process), returning (config path, proxy addr, admin addr).
-fn replica_config(dir: &Path, n: usize, text: &str) -> (PathBuf, String, String) {
-    let (port, admin_port) = (free_port(), free_port());
-    let text = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1).replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{admin_port}\""),
-        1,
-    );
+/// A replica's config file (ports 0: the process picks its own), returning its path.
+fn replica_config(dir: &Path, n: usize, text: &str) -> PathBuf {
     let path = dir.join(format!("replica-{n}.toml"));
     std::fs::write(&path, text).unwrap();
-    (path, format!("127.0.0.1:{port}"), format!("127.0.0.1:{admin_port}"))
+    path
 }
 
 async fn status(url: &str, key: &str) -> u16 {
@@ -125,8 +169,7 @@ async fn three_replicas_share_one_tenants_rate_and_daily_quota() {
             ..Extras::default()
         },
     );
-    let replicas: Vec<_> = (0..3).map(|n| replica_config(&dir, n, &text)).collect();
-    let _procs: Vec<Proc> = replicas.iter().map(|(cfg, _, _)| spawn(cfg)).collect();
+    let replicas: Vec<_> = (0..3).map(|n| spawn_serving(&replica_config(&dir, n, &text))).collect();
     for (_, _, admin) in &replicas {
         wait_healthy(admin).await;
     }
@@ -212,10 +255,8 @@ async fn a_killed_replica_releases_its_in_flight_slots_when_its_lease_expires() 
             ..Extras::default()
         },
     );
-    let (cfg1, addr1, admin1) = replica_config(&dir, 1, &text);
-    let (cfg2, addr2, admin2) = replica_config(&dir, 2, &text);
-    let mut doomed = spawn(&cfg1);
-    let _survivor = spawn(&cfg2);
+    let (mut doomed, addr1, admin1) = spawn_serving(&replica_config(&dir, 1, &text));
+    let (_survivor, addr2, admin2) = spawn_serving(&replica_config(&dir, 2, &text));
     wait_healthy(&admin1).await;
     wait_healthy(&admin2).await;
 
@@ -467,37 +508,30 @@ struct RedisCluster {
 
 impl RedisCluster {
     fn start(name: &str) -> Option<RedisCluster> {
-        // Reuse the single-server check (skip or fail when redis-server is missing).
-        let probe = RedisServer::start(&format!("{name}-probe"))?;
-        drop(probe);
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let mut nodes = Vec::new();
-        for port in &ports {
-            let dir = temp_dir(&format!("{name}-{port}"));
-            let child = Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
-                .args([
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--dir",
-                    dir.to_str().unwrap(),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start a cluster node");
-            nodes.push(Proc(child));
+        if !redis_available() {
+            return None;
+        }
+        let (mut nodes, mut ports) = (Vec::new(), Vec::new());
+        for n in 0..3 {
+            let dir = temp_dir(&format!("{name}-{n}"));
+            // The cluster bus listens on port + 10000; a node that cannot bind it exits and
+            // start_tcp_redis tries another port.
+            let (node, port) = start_tcp_redis(
+                &dir,
+                |port| {
+                    ["--bind", "127.0.0.1", "--port", &port.to_string(), "--appendonly", "no"]
+                        .into_iter()
+                        .chain(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+                        .map(String::from)
+                        .collect()
+                },
+                &[],
+            );
+            nodes.push(node);
+            ports.push(port);
         }
         let cluster = RedisCluster { nodes, ports };
         let deadline = Instant::now() + Duration::from_secs(10);
-        for port in &cluster.ports {
-            while cluster.cli(*port, &["PING"]) != "PONG" {
-                assert!(Instant::now() < deadline, "cluster node did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
         let addrs: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
             .args(["--cluster", "create"])
@@ -633,8 +667,9 @@ fn an_outage_sync_resent_with_its_token_counts_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_a_private_ca_and_a_client_certificate() {
     use pki::{Ca, LeafSpec};
-    let Some(probe) = RedisServer::start("redis-tls-probe") else { return };
-    drop(probe);
+    if !redis_available() {
+        return;
+    }
     let dir = temp_dir("redis-tls");
     let ca = Ca::new("Redis CA");
     let server = ca.issue(&LeafSpec { cn: "redis", ip: true, ..LeafSpec::default() });
@@ -642,17 +677,25 @@ async fn rediss_with_a_private_ca_and_a_client_certificate() {
     let (server_cert, server_key) = server.write(&dir, "redis");
     let (my_cert, my_key) = me.write(&dir, "guard");
     let ca_file = pki::write(&dir, "ca.pem", &ca.pem);
-    let port = free_port();
     // TLS only, and client certificates required.
-    let _redis = Proc(
-        Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", "0", "--tls-port", &port.to_string(), "--save", ""])
-            .args(["--tls-cert-file", server_cert.to_str().unwrap(), "--tls-key-file", server_key.to_str().unwrap()])
-            .args(["--tls-ca-cert-file", &ca_file, "--tls-auth-clients", "yes", "--dir", dir.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server with TLS"),
+    let files = |cert: &Path, key: &Path| -> Vec<String> {
+        ["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap(), "--cacert", &ca_file, "--tls"]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    };
+    let (_redis, port) = start_tcp_redis(
+        &dir,
+        |port| {
+            ["--bind", "127.0.0.1", "--port", "0", "--tls-port", &port.to_string(), "--tls-auth-clients", "yes"]
+                .into_iter()
+                .map(String::from)
+                .chain(["--tls-cert-file".into(), server_cert.display().to_string()])
+                .chain(["--tls-key-file".into(), server_key.display().to_string()])
+                .chain(["--tls-ca-cert-file".into(), ca_file.clone()])
+                .collect()
+        },
+        &files(&my_cert, &my_key),
     );
     let mock = start_mock(fast_mock()).await;
     let url = format!("rediss://127.0.0.1:{port}");

@@ -225,13 +225,15 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Starts `bureau-guard serve --config CONFIG`; its log goes to CONFIG with the extension `log`.
 pub fn spawn(config: &std::path::Path) -> Proc {
+    let log = std::fs::File::create(config.with_extension("log")).expect("log file");
     Proc(
         Command::new(BIN)
             .args(["serve", "--config", config.to_str().unwrap()])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start bureau-guard"),
     )
@@ -250,4 +252,40 @@ pub async fn wait_healthy(admin: &str) {
         assert!(Instant::now() < deadline, "bureau-guard did not become healthy");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Starts `bureau-guard serve` on a config that listens on port 0 (the process picks free
+/// ports itself, so parallel tests cannot race for them) and returns it with the proxy and
+/// admin addresses it logged. Its log goes to CONFIG with the extension `log`.
+pub fn spawn_serving(config: &std::path::Path) -> (Proc, String, String) {
+    use std::io::{BufRead, Write};
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bureau-guard");
+    let stdout = child.stdout.take().unwrap();
+    let mut log = std::fs::File::create(config.with_extension("log")).expect("log file");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = writeln!(log, "{line}");
+            if line.contains("bureau-guard serving") {
+                let field = |name: &str| {
+                    line.split_whitespace().find_map(|w| w.strip_prefix(name)).map(str::to_string).unwrap_or_default()
+                };
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send((field("addr="), field("admin_addr=")));
+                }
+            }
+        }
+    });
+    let proc = Proc(child);
+    let (addr, admin) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("bureau-guard did not start; see {}", config.with_extension("log").display()));
+    (proc, addr, admin)
 }
