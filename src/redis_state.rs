@@ -115,13 +115,15 @@ end
 return -1
 ";
 
-/// In-flight slots: fields replica → 'held:expiry_ms'. Drops expired fields, then grants up to
-/// `want` more to ARGV[1] within `max` (-1: none) and renews its expiry. Returns {granted,
-/// held by this replica now, held by all live replicas}.
-const IN_FLIGHT_ACQUIRE: &str = r"
+/// In-flight slots: fields replica → 'held:expiry_ms'. Drops expired fields, then sets ARGV[1]'s
+/// slots to ARGV[3] ('set': a renewal, or a release at 0) or adds ARGV[3] to them ('add': a
+/// refill; never fewer than held), never beyond what `max` (-1: none) leaves beside the other
+/// live replicas, and renews the expiry. Returns {slots granted, held by this replica now,
+/// held by all live replicas}.
+const IN_FLIGHT: &str = r"
 local now_t = redis.call('TIME')
 local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
-local want, max, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local mode, n, max, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local all = redis.call('HGETALL', KEYS[1])
 local others, mine = 0, 0
 for i = 1, #all, 2 do
@@ -136,43 +138,19 @@ for i = 1, #all, 2 do
     others = others + held
   end
 end
-if max >= 0 and others + mine + want > max then want = max - others - mine end
-if want < 0 then want = 0 end
-mine = mine + want
-if mine > 0 then
-  redis.call('HSET', KEYS[1], ARGV[1], mine .. ':' .. (now + ttl))
-  redis.call('PEXPIRE', KEYS[1], ttl * 2)
-end
-return {want, mine, others + mine}
-";
-
-/// Sets this replica's held in-flight slots (renewing the expiry), never above what `max`
-/// (-1: none) leaves beside the other live replicas' slots, or removes them at 0. Returns the
-/// slots now held.
-const IN_FLIGHT_SET: &str = r"
-local now_t = redis.call('TIME')
-local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
-local held, max, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local all = redis.call('HGETALL', KEYS[1])
-local others = 0
-for i = 1, #all, 2 do
-  local v = all[i + 1]
-  local sep = string.find(v, ':', 1, true)
-  local n, exp = tonumber(string.sub(v, 1, sep - 1)), tonumber(string.sub(v, sep + 1))
-  if exp <= now then
-    redis.call('HDEL', KEYS[1], all[i])
-  elseif all[i] ~= ARGV[1] then
-    others = others + n
-  end
-end
-if max >= 0 and others + held > max then held = max - others end
-if held <= 0 then
+local target = n
+if mode == 'add' then target = mine + n end
+if max >= 0 and others + target > max then target = max - others end
+if mode == 'add' and target < mine then target = mine end
+if target <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
-  return 0
+  return {0, 0, others}
 end
-redis.call('HSET', KEYS[1], ARGV[1], held .. ':' .. (now + ttl))
+redis.call('HSET', KEYS[1], ARGV[1], target .. ':' .. (now + ttl))
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
-return held
+local granted = target - mine
+if granted < 0 then granted = 0 end
+return {granted, target, others + target}
 ";
 
 /// Admin reset of both quota windows; returns what they held.
@@ -328,8 +306,7 @@ struct Scripts {
     quota_lease: Script,
     quota_return: Script,
     quota_sync: Script,
-    in_flight_acquire: Script,
-    in_flight_set: Script,
+    in_flight: Script,
     heartbeat: Script,
     reset: Script,
 }
@@ -494,8 +471,7 @@ impl RedisState {
                 quota_lease: Script::new(QUOTA_LEASE),
                 quota_return: Script::new(QUOTA_RETURN),
                 quota_sync: Script::new(QUOTA_SYNC),
-                in_flight_acquire: Script::new(IN_FLIGHT_ACQUIRE),
-                in_flight_set: Script::new(IN_FLIGHT_SET),
+                in_flight: Script::new(IN_FLIGHT),
                 heartbeat: Script::new(HEARTBEAT),
                 reset: Script::new(RESET),
             },
@@ -770,8 +746,8 @@ impl RedisState {
             let cap = u64::from(max) / (2 * this.replicas() as u64);
             let want = leases.in_flight.next_batch(need, cap.max(1), period, now_ns());
             let key = this.key(&id, format_args!("inflight"));
-            let mut inv = this.scripts.in_flight_acquire.key(key);
-            inv.arg(&this.replica).arg(want).arg(max).arg(ttl.as_millis() as u64);
+            let mut inv = this.scripts.in_flight.key(key);
+            inv.arg(&this.replica).arg("add").arg(want).arg(max).arg(ttl.as_millis() as u64);
             if let Some((granted, mine, _all)) = this.call::<(u64, u32, u64)>("in_flight", inv).await {
                 leases.held.store(mine, Ordering::Release);
                 leases.held_confirmed_at.store(now_ns(), Ordering::Release);
@@ -1050,10 +1026,10 @@ impl RedisState {
         let target = held.min(inside());
         l.held.store(target, Ordering::Release);
         let key = self.key(id, format_args!("inflight"));
-        let mut inv = self.scripts.in_flight_set.key(key);
+        let mut inv = self.scripts.in_flight.key(key);
         let max = max.map_or(-1, i64::from);
-        inv.arg(&self.replica).arg(target).arg(max).arg(self.settings.lease_ttl.as_millis() as u64);
-        if let Some(now_held) = self.call::<u32>("in_flight", inv).await {
+        inv.arg(&self.replica).arg("set").arg(target).arg(max).arg(self.settings.lease_ttl.as_millis() as u64);
+        if let Some((_, now_held, _)) = self.call::<(u64, u32, u64)>("in_flight", inv).await {
             l.held.store(now_held, Ordering::Release);
             l.held_confirmed_at.store(now_ns(), Ordering::Release);
         }
@@ -1107,9 +1083,9 @@ impl RedisState {
             }
         }
         if l.held.swap(0, Ordering::AcqRel) > 0 {
-            let mut inv = self.scripts.in_flight_set.key(self.key(id, format_args!("inflight")));
-            inv.arg(&self.replica).arg(0).arg(-1).arg(1);
-            let _ = self.call::<i64>("in_flight", inv).await;
+            let mut inv = self.scripts.in_flight.key(self.key(id, format_args!("inflight")));
+            inv.arg(&self.replica).arg("set").arg(0).arg(-1).arg(1);
+            let _ = self.call::<(u64, u32, u64)>("in_flight", inv).await;
         }
     }
 

@@ -80,17 +80,8 @@ where
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
+            accepted = accept(&listener) => {
+                let Some((stream, peer)) = accepted else { continue };
                 let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(make_service(peer)));
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
@@ -152,16 +143,8 @@ where
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
+            accepted = accept(&listener) => {
+                let Some((stream, peer)) = accepted else { continue };
                 // Taken now: the drain waits for this connection from its first byte, handshake included.
                 let watcher = graceful.watcher();
                 let current = tls.current.load_full();
@@ -189,4 +172,20 @@ where
     }
     drop(listener);
     tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_ok()
+}
+
+/// The next connection, with `TCP_NODELAY` set; `None` after an accept error (EMFILE and
+/// friends), having backed off briefly instead of spinning.
+async fn accept(listener: &TcpListener) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    match listener.accept().await {
+        Ok((stream, peer)) => {
+            let _ = stream.set_nodelay(true);
+            Some((stream, peer))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
 }
