@@ -193,7 +193,7 @@ impl fmt::Debug for ServerTls {
 /// Validated `[upstream.tls]` (or its defaults for an `https://` URL), with the rustls config.
 #[derive(Clone)]
 pub struct UpstreamTls {
-    /// `None`: the built-in Mozilla roots (webpki-roots).
+    /// `None`: the platform's roots (the system trust store).
     pub ca: Option<FileStamp>,
     pub client_cert: Option<FileStamp>,
     pub client_key: Option<FileStamp>,
@@ -473,10 +473,9 @@ pub struct UpstreamTlsSettings {
 
 /// Reads every file of `[upstream.tls]` and builds the bureau client's rustls config.
 ///
-/// Without `ca`, the server is verified against webpki-roots (Mozilla's root program compiled
-/// in) rather than the platform store (rustls-native-certs): the result is the same on every
-/// machine and container image (distroless images have no `/etc/ssl`), and a bureau on a
-/// private network with its own CA is configured with `ca` explicitly, never trusted by accident.
+/// Without `ca`, the server is verified against the platform's roots (the system trust store,
+/// read by rustls-native-certs), where an institution's operators manage the CAs they trust; an
+/// image without one (distroless) gets a clear config problem asking for `ca`.
 pub fn load_upstream(s: &UpstreamTlsSettings, now: i64) -> Result<UpstreamTls, Vec<FileProblem>> {
     let mut problems = Vec::new();
     let ca =
@@ -499,7 +498,7 @@ pub fn load_upstream(s: &UpstreamTlsSettings, now: i64) -> Result<UpstreamTls, V
     }
     let roots = match &ca {
         Some(ca) => ca.roots.clone(),
-        None => Arc::new(RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }),
+        None => Arc::new(platform_roots()?),
     };
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -523,6 +522,21 @@ pub fn load_upstream(s: &UpstreamTlsSettings, now: i64) -> Result<UpstreamTls, V
         watched,
         rustls: Arc::new(config),
     })
+}
+
+/// The system trust store; a problem at `ca` if it holds no usable certificate.
+fn platform_roots() -> Result<RootCertStore, Vec<FileProblem>> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found.errors.first().map_or_else(|| "it is empty".to_string(), |e| e.to_string());
+        return Err(vec![problem(
+            "ca",
+            format!("no CA certificate in the platform's trust store ({why}); set ca to the bureau's CA bundle"),
+        )]);
+    }
+    Ok(roots)
 }
 
 /// bureau-guard's one client certificate, offered whenever the bureau asks (already loaded and
