@@ -3,23 +3,28 @@
 # Proves grafana/bureau-guard.json against a real Prometheus.
 #
 # Starts a mock bureau, our own redis-server (ephemeral 127.0.0.1 port, no persistence),
-# bureau-guard with state.backend = "redis" (temp config, ephemeral ports), a second, idle
+# bureau-guard with state.backend = "redis" (temp config, ephemeral ports), a second, nearly idle
 # bureau-guard with the local backend and a state file (the state-file panels are empty by design
-# with Redis), and our own Prometheus (temp config and data dir, ephemeral 127.0.0.1 port,
-# scraping both admin /metrics every second), drives traffic that produces every outcome the
-# dashboard shows (200s, 401, 404, 429 rate/quota enforced through Redis, dry-run limits, 503
-# sheds, 504 bureau timeouts, an applied and a rejected config reload; cache hits, coalesced
-# look-ups against a slowed bureau, stale answers while the bureau times out, size evictions from
-# a small cache, audit records; a 3 s Redis outage (CLIENT PAUSE) decided by fail_open), then runs
+# with Redis) that serves TLS with optional client certificates (a CA, server and client
+# certificates made with the openssl CLI in the temp dir), and our own Prometheus (temp config
+# and data dir, ephemeral 127.0.0.1 port, scraping both admin /metrics every second), drives
+# traffic that produces every outcome the dashboard shows (200s, 401, 404, 429 rate/quota
+# enforced through Redis, dry-run limits, 503 sheds, 504 bureau timeouts, an applied and a
+# rejected config reload; cache hits, coalesced look-ups against a slowed bureau, stale answers
+# while the bureau times out, size evictions from a small cache, audit records; a 3 s Redis outage (CLIENT PAUSE) decided by fail_open; on the TLS
+# proxy, a few requests per round: one with a client certificate a tenant lists (handshake ok,
+# 200), the same certificate with another tenant's key (401 identity_mismatch), a trusted
+# certificate no tenant lists (403 unknown_client_certificate), a certificate from an untrusted CA
+# (handshake untrusted) and plain HTTP on the TLS port (handshake failed)), then runs
 # EVERY `expr` of every panel target through Prometheus's /api/v1/query. Fails, listing the
 # panels, if an expression does not parse or returns no data (a 0-valued series counts as data; a
 # NaN-only result, e.g. a quantile over a window without observations, does not), or if the
 # traffic did not really produce a cache hit, a coalesced and a stale answer, a stored answer, a
 # size eviction, an audit record, the 429s rate_limited and daily_quota_exhausted, Redis leases,
-# Redis errors and decisions made without Redis during the outage, and the outage's quota units
-# added to Redis after it (counters that exist at 0 would otherwise pass). Also lints the
-# dashboard: stable uid, units and descriptions on every panel, `tenant=~"$tenant"` on every
-# selector of a metric that has a tenant label.
+# Redis errors and decisions made without Redis during the outage, the outage's quota units
+# added to Redis after it, and the TLS handshakes and refusals above (counters that exist at 0
+# would otherwise pass). Also lints the dashboard: stable uid, units and descriptions on every
+# panel, `tenant=~"$tenant"` on every selector of a metric that has a tenant label.
 #
 # Usage (from the repo root):  bash scripts/check-dashboard.sh
 # Environment:
@@ -30,6 +35,7 @@
 #                      with apt-get if missing; needs root). redis-cli must be on PATH.
 #   DASHBOARD          the dashboard to check (default grafana/bureau-guard.json)
 #   CHECK_DEADLINE_S   seconds allowed for traffic + queries to satisfy every panel (default 75)
+# The `openssl` CLI makes the test certificates (installed with apt-get if missing; needs root).
 #
 # The packaged Prometheus and Redis services (Debian's `prometheus` listens on :9090, the same port
 # as bureau-guard's default admin listener; `redis-server` on :6379) are never used: the installs
@@ -99,8 +105,8 @@ wait_http() { # wait_http URL SECONDS WHAT: polls until URL answers 2xx
 }
 
 # ---------------------------------------------------------------- prometheus and redis
-apt_install() { # apt_install PACKAGE SERVICE: installs PACKAGE without letting its service start
-  local pkg=$1 service=$2 policy=/usr/sbin/policy-rc.d own_policy=0 install_rc=0
+apt_install() { # apt_install PACKAGE [SERVICE]: installs PACKAGE without letting its service start
+  local pkg=$1 service=${2:-} policy=/usr/sbin/policy-rc.d own_policy=0 install_rc=0
   [ "$(id -u)" -eq 0 ] || die "$pkg is not installed and installing it needs root (apt-get install $pkg)"
   log "installing $pkg (apt-get; its packaged service is kept from starting)"
   if [ ! -e "$policy" ]; then
@@ -114,7 +120,7 @@ apt_install() { # apt_install PACKAGE SERVICE: installs PACKAGE without letting 
     install_rc=$?
   [ "$own_policy" -eq 0 ] || rm -f "$policy"
   [ "$install_rc" -eq 0 ] || { tail -n 20 "$TMP/apt.log" >&2; die "apt-get install $pkg failed"; }
-  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+  if [ -n "$service" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
     systemctl disable --now "$service" >/dev/null 2>&1 || true
   fi
 }
@@ -133,6 +139,11 @@ if [ -z "$REDIS_SERVER" ] || ! command -v redis-cli >/dev/null; then
   command -v redis-cli >/dev/null || die "redis-cli still not on PATH after install"
 fi
 log "redis: $("$REDIS_SERVER" --version 2>&1 | head -n 1)"
+
+if ! command -v openssl >/dev/null; then
+  apt_install openssl
+  command -v openssl >/dev/null || die "openssl still not on PATH after install"
+fi
 
 # ---------------------------------------------------------------- bureau-guard
 if [ -n "${BUREAU_GUARD_BIN:-}" ]; then
@@ -162,6 +173,7 @@ ADMIN=http://127.0.0.1:$ADMIN_PORT
 BUREAU=http://127.0.0.1:$BUREAU_PORT
 PROM=http://127.0.0.1:$PROM_PORT
 LOCAL_ADMIN=http://127.0.0.1:$LOCAL_ADMIN_PORT
+LOCAL_PROXY=https://127.0.0.1:$LOCAL_PROXY_PORT
 redis() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 
 sha() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
@@ -251,12 +263,47 @@ dry_run = ["in_flight"]
 monthly_quota = 1000000
 EOF
 
-# The local backend with a state file, idle: the state-file panels have data only there.
+# Certificates for the TLS listener of the local-backend proxy: a CA, a server certificate for
+# 127.0.0.1, client certificates (one whose SAN DNS name bank-a lists in client_cert_names, one
+# no tenant lists) and a client certificate from a second CA the proxy does not trust.
+TLS=$TMP/tls
+mkdir -p "$TLS"
+make_ca() { # make_ca NAME CN
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 365 -subj "/CN=$2" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+    -keyout "$TLS/$1.key" -out "$TLS/$1.pem"
+}
+make_cert() { # make_cert NAME CA SAN EXTENDED_KEY_USAGE
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=$1" \
+    -keyout "$TLS/$1.key" -out "$TLS/$1.csr"
+  printf 'subjectAltName=%s\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n' \
+    "$3" "$4" >"$TLS/$1.ext"
+  openssl x509 -req -days 365 -in "$TLS/$1.csr" -CA "$TLS/$2.pem" -CAkey "$TLS/$2.key" -CAcreateserial \
+    -extfile "$TLS/$1.ext" -out "$TLS/$1.pem"
+}
+{
+  make_ca ca "check-dashboard CA" &&
+    make_ca other-ca "check-dashboard untrusted CA" &&
+    make_cert server ca IP:127.0.0.1 serverAuth &&
+    make_cert bank-a ca DNS:bank-a.check.example clientAuth &&
+    make_cert stranger ca DNS:stranger.check.example clientAuth &&
+    make_cert impostor other-ca DNS:bank-a.check.example clientAuth
+} >"$TMP/openssl.log" 2>&1 || { tail -n 20 "$TMP/openssl.log" >&2; die "openssl could not make the test certificates"; }
+
+# The local backend with a state file, idle but for a few TLS requests: the state-file panels have
+# data only there, and so do the TLS panels (the proxy under traffic serves plain HTTP).
 cat >"$TMP/bureau-guard-local.toml" <<EOF
 # Written by scripts/check-dashboard.sh; removed when it exits.
 [server]
 listen = "127.0.0.1:$LOCAL_PROXY_PORT"
 drain_timeout = "1s"
+
+[server.tls]
+cert = "$TLS/server.pem"
+key = "$TLS/server.key"
+client_auth = "optional"
+client_ca = "$TLS/ca.pem"
+client_identity = "san_dns"
 
 [admin]
 listen = "127.0.0.1:$LOCAL_ADMIN_PORT"
@@ -279,7 +326,13 @@ path = "/v1/score/{subject_id}"
 [[tenants]]
 id = "bank-a"
 api_key_sha256 = "$(sha "$KEY_A")"
+client_cert_names = ["bank-a.check.example"]
 daily_quota = 60
+
+# Its key with bank-a's certificate: 401 identity_mismatch.
+[[tenants]]
+id = "bank-b"
+api_key_sha256 = "$(sha "$KEY_B")"
 EOF
 
 cat >"$TMP/prometheus.yml" <<EOF
@@ -294,7 +347,7 @@ scrape_configs:
 EOF
 
 log "starting mock bureau ($BUREAU), redis (127.0.0.1:$REDIS_PORT), bureau-guard ($PROXY, admin $ADMIN;" \
-  "local backend: admin $LOCAL_ADMIN), prometheus ($PROM)"
+  "local backend: $LOCAL_PROXY, admin $LOCAL_ADMIN), prometheus ($PROM)"
 for cfg in bureau-guard bureau-guard-local; do
   "$BIN" check --config "$TMP/$cfg.toml" >"$TMP/check.log" 2>&1 || { cat "$TMP/check.log" >&2; die "temp config $cfg.toml rejected"; }
 done
@@ -340,11 +393,28 @@ burst() {
       -w '%{http_code}\n' "$url" || true
   fi
 }
+# tls_requests ROUND: on the TLS proxy, lines "tls <what> <HTTP status> <curl exit code>" (status 000 =
+# the handshake was refused) in the traffic log. The handshake results go to
+# bureau_guard_tls_handshakes_total, the refusals after a handshake to requests_total.
+tls_curl() { # tls_curl WHAT CURL_ARGS...
+  local what=$1; shift
+  curl -s -o /dev/null --max-time 2 -w "tls $what %{http_code} %{exitcode}\n" "$@" || true
+}
+tls_requests() {
+  local url="$LOCAL_PROXY/v1/score/S-tls$1" ca=(--cacert "$TLS/ca.pem")
+  tls_curl bank-a-cert "${ca[@]}" --cert "$TLS/bank-a.pem" --key "$TLS/bank-a.key" "$url"  # ok, 200
+  tls_curl bank-a-cert+bank-b-key "${ca[@]}" --cert "$TLS/bank-a.pem" --key "$TLS/bank-a.key" \
+    -H "x-api-key: $KEY_B" "$url"                                                      # ok, 401 identity_mismatch
+  tls_curl unlisted-cert "${ca[@]}" --cert "$TLS/stranger.pem" --key "$TLS/stranger.key" "$url"  # ok, 403
+  tls_curl untrusted-cert "${ca[@]}" --cert "$TLS/impostor.pem" --key "$TLS/impostor.key" "$url" # untrusted
+  tls_curl plain-http "http://127.0.0.1:$LOCAL_PROXY_PORT/v1/score/S-tls$1"             # failed
+}
 bureau_service_ms() { curl -fsS -o /dev/null --max-time 2 -d "{\"service_ms\": $1}" "$BUREAU/control" || true; }
 traffic() {
   local r
   burst "$KEY_B" 1 1 stale report             # cached now; expired (1 s) when a slow bureau comes below
   for r in $(seq "$ROUNDS"); do
+    tls_requests "$r"                         # TLS handshakes: ok, untrusted, failed; 401, 403
     burst "$KEY_A" 30 4 "a$r"                 # over rate 20/burst 10, later over daily_quota 60: 429
     burst "$KEY_B" 10 2 report report         # steady; one look-up, cached for 1 s: hits, stale look-ups
     burst "$KEY_C" 10 2 "c$r"                 # steady
@@ -490,6 +560,12 @@ proofs = [
     ("a Redis error (outage)", "sum(bureau_guard_state_redis_errors_total)"),
     ("a decision made without Redis (outage)", "sum(bureau_guard_state_fallback_decisions_total)"),
     ("outage units added to Redis after it", 'sum(bureau_guard_state_redis_calls_total{op="quota_sync"})'),
+    # the TLS listener of the local-backend proxy: its handshake counters exist at 0 from the start.
+    ("a TLS handshake ok", 'sum(bureau_guard_tls_handshakes_total{result="ok"})'),
+    ("a TLS handshake untrusted", 'sum(bureau_guard_tls_handshakes_total{result="untrusted"})'),
+    ("a TLS handshake failed", 'sum(bureau_guard_tls_handshakes_total{result="failed"})'),
+    ("a 403 unknown_client_certificate", 'sum(bureau_guard_requests_total{outcome="unknown_client_certificate"})'),
+    ("a 401 identity_mismatch", 'sum(bureau_guard_requests_total{outcome="identity_mismatch"})'),
 ]
 proved = {}
 
@@ -556,7 +632,8 @@ if problems:
     sys.exit(1)
 print(f"OK: {len(checks)} expressions in {sum(1 for p in panels(dash['panels']) if p.get('type') != 'row')} "
       f"panels parse and return data; every panel has a unit and a description; tenant filter on every "
-      f"tenant-labelled metric; the traffic produced every cache, coalescing, audit, 429 and Redis outcome.")
+      f"tenant-labelled metric; the traffic produced every cache, coalescing, audit, 429, Redis and TLS "
+      f"outcome.")
 EOF
 CHECKER=$!
 PIDS+=("$CHECKER")
@@ -568,6 +645,8 @@ cat "$TMP/result.txt"
 if [ -s "$TMP/traffic.log" ]; then
   printf 'traffic so far (HTTP status: count): %s\n' \
     "$(grep -E '^[0-9]{3}$' "$TMP/traffic.log" | sort | uniq -c | awk '{printf "%s: %s  ", $2, $1}')"
+  printf 'TLS requests so far (what, HTTP status, curl exit code: count): %s\n' \
+    "$(grep -E '^tls ' "$TMP/traffic.log" | sort | uniq -c | awk '{printf "%s %s %s: %s  ", $3, $4, $5, $1}')"
 fi
 [ ! -f "$TMP/audit.jsonl" ] || printf 'audit log: %s lines\n' "$(wc -l <"$TMP/audit.jsonl")"
 log "done in $((SECONDS - T0))s after the build"
