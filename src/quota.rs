@@ -150,14 +150,14 @@ impl Drop for Reservation {
         match self.daily {
             Source::None => {}
             Source::Counter => s.daily.sub(self.day, 1),
-            Source::Pool => s.leases.daily.avail.put(self.day, 1),
-            Source::Outage => s.leases.outage_daily.sub(self.day, 1),
+            Source::Pool => s.leases().daily.avail.put(self.day, 1),
+            Source::Outage => s.leases().outage_daily.sub(self.day, 1),
         }
         match self.monthly {
             Source::None => {}
             Source::Counter => s.monthly.sub(self.month, 1),
-            Source::Pool => s.leases.monthly.avail.put(self.month, 1),
-            Source::Outage => s.leases.outage_monthly.sub(self.month, 1),
+            Source::Pool => s.leases().monthly.avail.put(self.month, 1),
+            Source::Outage => s.leases().outage_monthly.sub(self.month, 1),
         }
     }
 }

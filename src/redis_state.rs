@@ -652,7 +652,7 @@ impl RedisState {
         policy: &RatePolicy,
         cost: u32,
     ) -> Result<RateDecision, ProxyError> {
-        let lease = &tenant.state.leases.rate;
+        let lease = &tenant.state.leases().rate;
         let cost = u64::from(cost.max(1));
         let got = self
             .acquire(budget, lease, 0, || lease.avail.try_take(0, cost), || self.refill_rate(tenant, policy, cost))
@@ -677,8 +677,8 @@ impl RedisState {
     fn refill_rate(self: &Arc<Self>, tenant: &Arc<Tenant>, policy: &RatePolicy, need: u64) {
         let (this, id, state, policy) = (self.clone(), tenant.id.clone(), tenant.state.clone(), *policy);
         let period = self.settings.lease;
-        self.spawn_refill(&tenant.state, |s| &s.leases.rate, async move {
-            let lease = &state.leases.rate;
+        self.spawn_refill(&tenant.state, |s| &s.leases().rate, async move {
+            let lease = &state.leases().rate;
             let now = now_ns();
             let cap = u64::from(policy.burst / 2).max(1);
             let want = lease.next_batch(need, cap, period, now);
@@ -717,11 +717,11 @@ impl RedisState {
         let ttl = self.settings.lease_ttl.as_nanos() as u64;
         // Slots Redis has not confirmed within lease_ttl may have expired there.
         let held = || {
-            let confirmed = s.leases.held_confirmed_at.load(Ordering::Acquire);
-            if now_ns().saturating_sub(confirmed) < ttl { s.leases.held.load(Ordering::Acquire) } else { 0 }
+            let confirmed = s.leases().held_confirmed_at.load(Ordering::Acquire);
+            if now_ns().saturating_sub(confirmed) < ttl { s.leases().held.load(Ordering::Acquire) } else { 0 }
         };
         let got = self
-            .acquire(budget, &s.leases.in_flight, 0, || inside() <= held(), || self.refill_in_flight(tenant, max))
+            .acquire(budget, &s.leases().in_flight, 0, || inside() <= held(), || self.refill_in_flight(tenant, max))
             .await;
         match got {
             Got::Yes => Ok(false),
@@ -737,8 +737,8 @@ impl RedisState {
     fn refill_in_flight(self: &Arc<Self>, tenant: &Arc<Tenant>, max: u32) {
         let (this, id, state) = (self.clone(), tenant.id.clone(), tenant.state.clone());
         let (period, ttl) = (self.settings.lease, self.settings.lease_ttl);
-        self.spawn_refill(&tenant.state, |s| &s.leases.in_flight, async move {
-            let leases = &state.leases;
+        self.spawn_refill(&tenant.state, |s| &s.leases().in_flight, async move {
+            let leases = state.leases();
             let confirmed = leases.held_confirmed_at.load(Ordering::Acquire);
             let fresh = now_ns().saturating_sub(confirmed) < ttl.as_nanos() as u64;
             let held = if fresh { leases.held.load(Ordering::Acquire) } else { 0 };
@@ -816,11 +816,11 @@ impl RedisState {
         let s = &tenant.state;
         let (lease, outage, window, dry_run, resets_in) = match period {
             Period::Day => {
-                (&s.leases.daily, &s.leases.outage_daily, w.day, tenant.limits.dry_run.daily, w.day_resets_in_s)
+                (&s.leases().daily, &s.leases().outage_daily, w.day, tenant.limits.dry_run.daily, w.day_resets_in_s)
             }
             Period::Month => (
-                &s.leases.monthly,
-                &s.leases.outage_monthly,
+                &s.leases().monthly,
+                &s.leases().outage_monthly,
                 w.month,
                 tenant.limits.dry_run.monthly,
                 w.month_resets_in_s,
@@ -872,8 +872,8 @@ impl RedisState {
     ) {
         let (this, id, state) = (self.clone(), tenant.id.clone(), tenant.state.clone());
         let lease_of: fn(&TenantState) -> &Lease = match period {
-            Period::Day => |s| &s.leases.daily,
-            Period::Month => |s| &s.leases.monthly,
+            Period::Day => |s| &s.leases().daily,
+            Period::Month => |s| &s.leases().monthly,
         };
         let period_name = match period {
             Period::Day => "daily",
@@ -954,9 +954,9 @@ impl RedisState {
             // Every tick, not only the first after an outage: a sync that failed is retried.
             self.sync_outage(&t.id, &t.state, w, now_unix_s).await;
             if !was_up {
-                t.state.leases.rate.clear_denial();
-                t.state.leases.daily.clear_denial();
-                t.state.leases.monthly.clear_denial();
+                t.state.leases().rate.clear_denial();
+                t.state.leases().daily.clear_denial();
+                t.state.leases().monthly.clear_denial();
             }
             self.renew_in_flight(&t.id, &t.state, t.limits.max_in_flight).await;
             self.return_idle_rate(t).await;
@@ -973,7 +973,7 @@ impl RedisState {
     /// remembers, and resent with the same token until acknowledged, so a sync whose answer
     /// was lost is not counted twice.
     async fn sync_outage(&self, id: &str, state: &TenantState, w: &Windows, now_unix_s: i64) {
-        let l = &state.leases;
+        let l = state.leases();
         for (k, (counter, name, resets_in)) in
             [(&l.outage_daily, "daily", w.day_resets_in_s), (&l.outage_monthly, "monthly", w.month_resets_in_s)]
                 .into_iter()
@@ -1014,7 +1014,7 @@ impl RedisState {
     /// Renews this replica's in-flight slots, keeping only those in use: an idle replica must
     /// not sit on a slot another replica needs. Skipped while a refill runs (next tick).
     async fn renew_in_flight(&self, id: &str, state: &TenantState, max: Option<u32>) {
-        let l = &state.leases;
+        let l = state.leases();
         let held = l.held.load(Ordering::Acquire);
         if held == 0 {
             return;
@@ -1039,7 +1039,7 @@ impl RedisState {
     /// back to the shared bucket, where other replicas can use them.
     async fn return_idle_rate(&self, t: &Tenant) {
         let Some(policy) = &t.rate else { return };
-        let lease = &t.state.leases.rate;
+        let lease = &t.state.leases().rate;
         let age = Duration::from_nanos(now_ns().saturating_sub(lease.granted_at.load(Ordering::Relaxed)));
         if lease.avail.load().1 == 0 || age < (self.settings.lease * 2).max(Duration::from_secs(1)) {
             return;
@@ -1069,7 +1069,7 @@ impl RedisState {
         now_unix_s: i64,
     ) {
         self.sync_outage(id, state, w, now_unix_s).await;
-        let l = &state.leases;
+        let l = state.leases();
         if let Some(policy) = rate {
             let (_, n) = l.rate.avail.take_all();
             self.give_back_rate(id, policy, n).await;
@@ -1096,7 +1096,7 @@ impl RedisState {
         if !self.is_up() {
             let unsynced: u64 = tenants
                 .iter()
-                .map(|t| t.state.leases.outage_daily.load().1 + t.state.leases.outage_monthly.load().1)
+                .map(|t| t.state.leases().outage_daily.load().1 + t.state.leases().outage_monthly.load().1)
                 .sum();
             if unsynced > 0 {
                 tracing::error!(
@@ -1127,7 +1127,7 @@ impl RedisState {
                 .await;
         match result {
             Ok(Ok((d, m))) => {
-                let l = &t.state.leases;
+                let l = t.state.leases();
                 l.daily.avail.take_all();
                 l.monthly.avail.take_all();
                 l.daily.last_seen.set(w.day, 0);
@@ -1146,7 +1146,7 @@ impl RedisState {
     /// Forgets every refusal held from Redis (after a reload: limits may have been raised).
     pub fn forget_denials(&self, tenants: &crate::tenant::TenantTable) {
         for t in tenants.iter() {
-            let l = &t.state.leases;
+            let l = t.state.leases();
             for lease in [&l.rate, &l.daily, &l.monthly, &l.in_flight] {
                 lease.clear_denial();
             }
@@ -1155,7 +1155,7 @@ impl RedisState {
 
     /// Quota units leased out in the window across all replicas, as last seen (admin view).
     pub fn quota_used(&self, t: &Tenant, w: &Windows) -> (u64, u64) {
-        let l = &t.state.leases;
+        let l = t.state.leases();
         (
             l.daily.last_seen.get(w.day).saturating_sub(l.daily.avail.get(w.day)),
             l.monthly.last_seen.get(w.month).saturating_sub(l.monthly.avail.get(w.month)),

@@ -614,7 +614,7 @@ async fn an_idle_replica_does_not_sit_on_in_flight_slots_others_need() {
     // Within a heartbeat or two replica 1 gives its slot back, and replica 2 can use it.
     let url = format!("http://{}/v1/score/I-2", two.addr);
     wait_until_async("replica 2 admitted", || async { status(&url, KEY_A).await == 200 }).await;
-    assert_eq!(one.shared.states.get_or_create("a").leases.held.load(Ordering::Acquire), 0);
+    assert_eq!(one.shared.states.get_or_create("a").leases().held.load(Ordering::Acquire), 0);
     one.shutdown().await;
     two.shutdown().await;
 }
