@@ -624,9 +624,14 @@ async fn a_request_from_just_before_midnight_is_charged_to_the_new_day() {
     use bureau_guard::quota::ManualClock;
     let Some(redis) = RedisServer::start("redis-midnight") else { return };
     let mock = start_mock(fast_mock()).await;
-    // 2026-11-23T14:59:59Z is 23:59:59 in Seoul (quota.utc_offset defaults to +09:00).
-    const BEFORE_MIDNIGHT_MS: i64 = 1_795_445_999_000;
-    let clock = Arc::new(ManualClock::new(BEFORE_MIDNIGHT_MS));
+    // One second before the next midnight in Seoul (quota.utc_offset defaults to +09:00), taken
+    // from the real date: Redis expires each day's counter by its own clock after the window, so
+    // a fixed date would turn into one whose counters Redis drops at once.
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    const DAY_MS: i64 = 86_400_000;
+    const SEOUL_MS: i64 = 9 * 3_600_000;
+    let before_midnight_ms = ((now_ms + SEOUL_MS) / DAY_MS + 1) * DAY_MS - SEOUL_MS - 1000;
+    let clock = Arc::new(ManualClock::new(before_midnight_ms));
     let text = config_with(
         &mock.url(),
         &Extras { sections: &redis_state(&redis.url(), ""), tenant_a: "daily_quota = 5", ..Extras::default() },
@@ -637,11 +642,11 @@ async fn a_request_from_just_before_midnight_is_charged_to_the_new_day() {
         assert_eq!(status(&url(i), KEY_A).await, 200);
     }
     assert_eq!(status(&url(5), KEY_A).await, 429, "the day's quota is used up");
-    clock.set(BEFORE_MIDNIGHT_MS + 1000); // midnight: a new day, a new quota
+    clock.set(before_midnight_ms + 1000); // midnight: a new day, a new quota
     assert_eq!(status(&url(6), KEY_A).await, 200);
     // A request that computed yesterday's window (here: the clock read just before midnight)
     // after the pool moved on is charged to the new day: no refill storm, no false 429.
-    clock.set(BEFORE_MIDNIGHT_MS);
+    clock.set(before_midnight_ms);
     let m0 = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
     assert_eq!(status(&url(7), KEY_A).await, 200);
     let m1 = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
