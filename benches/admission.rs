@@ -43,7 +43,7 @@ fn table() -> (TenantTable, Vec<HeaderValue>) {
             },
         })
         .collect();
-    let table = TenantTable::new(&configs, &StateRegistry::default());
+    let table = TenantTable::new(&configs, None, &StateRegistry::default());
     // Static header values: cloning one is a plain copy, as the request's own header is already
     // in hand when admission runs; a refcounted clone would add two cache misses the proxy never has.
     let values = keys.into_iter().map(|k| HeaderValue::from_static(Box::leak(k.into_boxed_str()))).collect();

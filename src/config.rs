@@ -233,6 +233,8 @@ impl fmt::Debug for RedisSettings {
 pub struct RedisTls {
     pub ca: Option<std::path::PathBuf>,
     pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// The certificates read, for expiry warnings (`state.redis.ca`, `state.redis.client_cert`).
+    pub watched: Vec<crate::tls::Watched>,
 }
 
 /// A Redis URL with its password replaced, for logs and diffs (user info, and a query string,
@@ -907,8 +909,15 @@ impl Config {
     pub fn warnings_at(&self, now: i64) -> Vec<Problem> {
         let server = self.server.tls.iter().flat_map(|t| t.watched.iter());
         let upstream = self.upstream.tls.iter().flat_map(|t| t.watched.iter());
-        let watched: Vec<_> = server.chain(upstream).cloned().collect();
-        crate::tls::warnings(&watched, now).into_iter().map(|(path, message)| Problem { path, message }).collect()
+        let redis = match &self.state.backend {
+            StateBackend::Redis(r) => r.tls.as_ref().map_or(&[][..], |t| &t.watched[..]),
+            StateBackend::Local => &[],
+        };
+        let watched: Vec<_> = server.chain(upstream).chain(redis).cloned().collect();
+        let crls = self.server.tls.as_ref().map_or(&[][..], |t| &t.crl_next_update[..]);
+        let mut out = crate::tls::warnings(&watched, now);
+        out.extend(crate::tls::stale_crl_warnings(crls, now));
+        out.into_iter().map(|(path, message)| Problem { path, message }).collect()
     }
 }
 
@@ -1284,13 +1293,24 @@ fn validate_redis_tls(p: &mut Problems, url: Option<&str>, r: &RawRedis, now: i6
     };
     // The same checks as the bureau's TLS files: readable, parsable, key matching, not expired.
     let settings = crate::tls::UpstreamTlsSettings { ca: ca.clone(), client_cert: client.clone() };
-    if let Err(problems) = crate::tls::load_upstream(&settings, now) {
-        for fp in problems {
-            p.add(format!("state.redis.{}", fp.key), fp.message);
+    let loaded = match crate::tls::load_upstream(&settings, now) {
+        Ok(loaded) => loaded,
+        Err(problems) => {
+            for fp in problems {
+                p.add(format!("state.redis.{}", fp.key), fp.message);
+            }
+            return None;
         }
-        return None;
-    }
-    Some(RedisTls { ca, client })
+    };
+    let watched = loaded
+        .watched
+        .into_iter()
+        .map(|mut w| {
+            w.toml_path = w.toml_path.replacen("upstream.tls.", "state.redis.", 1);
+            w
+        })
+        .collect();
+    Some(RedisTls { ca, client, watched })
 }
 
 fn validate_adaptive(p: &mut Problems, a: &RawAdaptive, budget: usize) -> Option<AdaptiveSettings> {
@@ -2103,6 +2123,23 @@ fail_closed = true
         // https turns upstream TLS on, with the built-in roots when nothing else is said.
         let https = minimal().replace("http://127.0.0.1:8081", "https://bureau.example");
         assert!(Config::from_toml(&https, &no_env).expect("valid").upstream.tls.is_some());
+    }
+
+    #[test]
+    fn every_certificate_expiring_soon_is_warned_about_redis_ones_included() {
+        let dir = crate::tls::test_certs::files("config-soon", 20);
+        let f = |name: &str| dir.join(name).display().to_string();
+        let text = format!(
+            "{}\n[state]\nbackend = \"redis\"\n[state.redis]\nurl = \"rediss://127.0.0.1:1\"\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+            minimal(),
+            f("ca.pem"),
+            f("leaf.pem"),
+            f("leaf.key")
+        );
+        let c = Config::from_toml(&text, &no_env).expect("valid");
+        let w: Vec<String> = c.warnings().iter().map(ToString::to_string).collect();
+        assert!(w.iter().any(|w| w.starts_with("state.redis.client_cert: CN=unit-leaf expires on")), "{w:?}");
+        assert_eq!(w.len(), 1, "the CA is valid for longer: {w:?}");
     }
 
     #[test]

@@ -407,10 +407,7 @@ pub fn start_tls(cfg: MockConfig, listener: TcpListener, tls: Arc<rustls::Server
     let shutdown = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
-    let current = Arc::new(arc_swap::ArcSwap::from_pointee(crate::tls::Listener {
-        config: tls,
-        identity: crate::tls::IdentitySource::Cn,
-    }));
+    let current = Arc::new(arc_swap::ArcSwap::from_pointee(crate::tls::Listener::fixed(tls)));
     let tls = server::TlsListener { current, counters: crate::tls::HandshakeCounters::unregistered() };
     let service = Service(bureau.clone());
     let make = move |_, _| service.clone();

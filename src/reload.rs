@@ -98,17 +98,20 @@ pub fn apply(shared: &Shared, config: Config) -> Outcome {
             shared.scheduler.set_limit(u_new.max_concurrency);
         }
     }
-    // New certificates, CAs and CRLs serve the next handshake; open connections keep theirs.
-    // A listener started without TLS stays plain (and one with TLS keeps its last certificates)
-    // until a restart: the diff says so.
-    if let (Some(listener), Some(tls)) = (&shared.tls_listener, &new_config.server.tls) {
-        listener.store(Arc::new(crate::tls::Listener::new(tls)));
-    }
     shared.metrics.set_certificate_expiry(&new_config, shared.tls_listener.is_some());
     for w in new_config.warnings() {
         tracing::warn!(warning = %w, "config warning");
     }
     shared.snapshot.store(Arc::new(snapshot));
+    // After the snapshot, so a bank that reconnects is served under the new config: a new
+    // certificate serves the next handshake while open connections keep theirs; new client
+    // verification (CA, CRL, client_auth) also closes the connections verified under the old one
+    // (`Listener::reloaded`). A listener started without TLS stays plain (and one with TLS keeps
+    // its last certificates) until a restart: the diff says so.
+    if let (Some(listener), Some(tls)) = (&shared.tls_listener, &new_config.server.tls) {
+        let next = listener.load().reloaded(tls);
+        listener.store(Arc::new(next));
+    }
     if let Some(redis) = &shared.redis {
         // A limit that was raised applies at once, not after a refusal Redis gave under the old one.
         redis.forget_denials(&shared.snapshot.load().tenants);
@@ -202,7 +205,9 @@ fn files(list: &[FileStamp]) -> String {
 }
 
 /// `[server.tls]`: turning it on or off needs a restart (the listener is bound plain or TLS);
-/// everything else (files, client_auth, identity kind) applies to the next handshake.
+/// a new certificate and key serve the next handshake; new client verification (client_auth,
+/// client_ca, crl) closes the open connections gracefully so banks are verified again; the
+/// identity kind applies to the next request.
 fn diff_server_tls(out: &mut Vec<Change>, old: Option<&ServerTls>, new: Option<&ServerTls>) {
     let (a, b) = match (old, new) {
         (None, None) => return,

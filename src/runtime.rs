@@ -88,7 +88,7 @@ impl Snapshot {
                 pass_unmatched: config.server.pass_unmatched,
                 access_log: config.log.access_log,
             },
-            tenants: TenantTable::new(&config.tenants, states),
+            tenants: TenantTable::new(&config.tenants, cert_identity(&config), states),
             route_table,
             routes: config
                 .routes
@@ -119,6 +119,13 @@ impl Snapshot {
 
 /// Whether two `[upstream]` sections build the same client (budget and queue settings aside).
 /// TLS compares file contents (digests), not paths: a certificate rotated in place gets a new client.
+/// The kind of client certificate name that identifies tenants under `config`; `None` when it
+/// verifies no client certificates.
+fn cert_identity(config: &Config) -> Option<crate::tls::IdentitySource> {
+    let tls = config.server.tls.as_ref()?;
+    (tls.client_auth != crate::tls::ClientAuth::Off).then_some(tls.identity)
+}
+
 fn same_client(a: &crate::config::UpstreamConfig, b: &crate::config::UpstreamConfig) -> bool {
     a.url == b.url
         && a.tls == b.tls

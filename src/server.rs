@@ -139,14 +139,17 @@ where
 {
     let builder = Arc::new(conn_builder(limits));
     let make_service = Arc::new(make_service);
-    let graceful = GracefulShutdown::new();
+    // hyper-util's `GracefulShutdown`, with more causes: a TLS connection also closes when the
+    // client verification it passed is replaced, or its certificate expires, and that crate's
+    // connection trait is sealed. Each connection holds a receiver; the drain waits for them all.
+    let drain_tx = tokio::sync::watch::Sender::new(());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = accept(&listener) => {
                 let Some((stream, peer)) = accepted else { continue };
                 // Taken now: the drain waits for this connection from its first byte, handshake included.
-                let watcher = graceful.watcher();
+                let mut drain = drain_tx.subscribe();
                 let current = tls.current.load_full();
                 let (builder, make_service, counters) = (builder.clone(), make_service.clone(), tls.counters.clone());
                 tokio::spawn(async move {
@@ -159,10 +162,33 @@ where
                         .1
                         .peer_certificates()
                         .and_then(|chain| chain.first())
-                        .map(|leaf| Arc::new(ClientCert::from_der(leaf, current.identity)));
+                        .map(|leaf| Arc::new(ClientCert::from_der(leaf)));
+                    let expires = client_cert.as_ref().map_or(i64::MAX, |c| c.not_after);
                     let service = TowerToHyperService::new(make_service(peer, client_cert));
                     let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
+                    let mut conn = std::pin::pin!(conn);
+                    // Why this connection should stop taking requests: shutdown, client
+                    // verification replaced by a reload, or the client certificate expiring.
+                    let close = async {
+                        tokio::select! {
+                            _ = drain.changed() => {}
+                            () = current.retired.wait() => tracing::debug!("client verification changed: closing the connection"),
+                            () = tls::until_unix(expires) => tracing::debug!("client certificate expired: closing the connection"),
+                        }
+                    };
+                    let mut close = std::pin::pin!(close);
+                    let mut closing = false;
+                    let result = loop {
+                        tokio::select! {
+                            result = conn.as_mut() => break result,
+                            () = &mut close, if !closing => {
+                                closing = true;
+                                // In-flight requests finish; h1 closes after them, h2 sends GOAWAY.
+                                conn.as_mut().graceful_shutdown();
+                            }
+                        }
+                    };
+                    if let Err(e) = result {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });
@@ -171,7 +197,8 @@ where
         }
     }
     drop(listener);
-    tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_ok()
+    drain_tx.send_replace(());
+    tokio::time::timeout(drain_timeout, drain_tx.closed()).await.is_ok()
 }
 
 /// The next connection, with `TCP_NODELAY` set; `None` after an accept error (EMFILE and

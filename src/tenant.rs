@@ -33,7 +33,7 @@ use crate::config::{TenantConfig, TenantLimits};
 use crate::ratelimit::RatePolicy;
 use crate::respond::{ErrorKind, ProxyError};
 use crate::state::{StateRegistry, TenantState};
-use crate::tls::ClientCert;
+use crate::tls::{ClientCert, IdentitySource};
 
 /// Header carrying the api key.
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -69,12 +69,16 @@ pub struct TenantTable {
     by_id: HashMap<Arc<str>, usize>,
     /// Client certificate identity (normalized) → tenant index; names are unique (validated).
     by_cert_name: HashMap<Box<str>, usize>,
+    /// The kind of certificate name `by_cert_name` holds; `None` when the config verifies no
+    /// client certificates (`client_auth = "off"`, or no `[server.tls]`).
+    cert_identity: Option<IdentitySource>,
 }
 
 impl TenantTable {
     /// Builds the table from validated tenants (ids and keys already known to be unique). Live
     /// state (counters, rate buckets) comes from `states`, so it carries over across reloads.
-    pub fn new(configs: &[TenantConfig], states: &StateRegistry) -> TenantTable {
+    /// `cert_identity`: the kind of client certificate name that identifies tenants, if any.
+    pub fn new(configs: &[TenantConfig], cert_identity: Option<IdentitySource>, states: &StateRegistry) -> TenantTable {
         let mut tenants = Vec::with_capacity(configs.len());
         let mut by_key: HashMap<u64, ([u8; 32], usize), DigestPrefix> = HashMap::default();
         let mut by_key_collisions = Vec::new();
@@ -102,7 +106,7 @@ impl TenantTable {
                 state: states.get_or_create(&c.id),
             }));
         }
-        TenantTable { tenants, by_key, by_key_collisions, by_id, by_cert_name }
+        TenantTable { tenants, by_key, by_key_collisions, by_id, by_cert_name, cert_identity }
     }
 
     pub fn len(&self) -> usize {
@@ -139,12 +143,12 @@ impl TenantTable {
     }
 
     /// The tenant a client certificate names: the one tenant its identities map to.
-    pub fn by_cert(&self, cert: &ClientCert) -> Result<&Arc<Tenant>, ProxyError> {
+    fn by_cert(&self, names: &[Box<str>]) -> Result<&Arc<Tenant>, ProxyError> {
         let mut found: Option<usize> = None;
-        for name in &cert.names {
+        for name in names {
             match (self.by_cert_name.get(name), found) {
                 (Some(&i), Some(f)) if i != f => {
-                    tracing::debug!(names = ?cert.names, "client certificate names several tenants");
+                    tracing::debug!(?names, "client certificate names several tenants");
                     return Err(ProxyError::new(
                         ErrorKind::UnknownClientCertificate,
                         "the client certificate's identities name more than one tenant",
@@ -158,7 +162,7 @@ impl TenantTable {
             Some(i) => Ok(&self.tenants[i]),
             None => {
                 // A certificate name is an institution's name, not personal data; still debug only.
-                tracing::debug!(names = ?cert.names, "client certificate maps to no tenant");
+                tracing::debug!(?names, "client certificate maps to no tenant");
                 Err(ProxyError::new(
                     ErrorKind::UnknownClientCertificate,
                     "the client certificate is trusted but no tenant is configured for it (client_cert_names)",
@@ -169,8 +173,11 @@ impl TenantTable {
 
     /// Identifies the tenant of a request on a connection with a verified client certificate
     /// (see the module doc's table); an api key, if any, is checked against it and removed.
+    /// When the config no longer verifies client certificates (a reload turned `client_auth`
+    /// off; the connection is being closed), the certificate is ignored and the key decides.
     pub fn identify_with_cert(&self, cert: &ClientCert, headers: &mut HeaderMap) -> Result<&Arc<Tenant>, ProxyError> {
-        let tenant = self.by_cert(cert);
+        let Some(source) = self.cert_identity else { return self.identify(headers) };
+        let tenant = self.by_cert(cert.names(source));
         let Some(key) = take_key(headers) else { return tenant };
         let tenant = tenant?;
         match self.by_key(key.as_bytes()) {
@@ -283,7 +290,11 @@ mod tests {
                 dry_run: Default::default(),
             },
         };
-        TenantTable::new(&[t("a", &["key-a", "key-a2"]), t("b", &["key-b"])], &StateRegistry::default())
+        TenantTable::new(
+            &[t("a", &["key-a", "key-a2"]), t("b", &["key-b"])],
+            Some(IdentitySource::SanDns),
+            &StateRegistry::default(),
+        )
     }
 
     #[test]
@@ -320,7 +331,7 @@ mod tests {
     }
 
     fn cert(names: &[&str]) -> ClientCert {
-        ClientCert { names: names.iter().map(|n| Box::from(*n)).collect() }
+        ClientCert::with_names(names)
     }
 
     #[test]
@@ -351,6 +362,17 @@ mod tests {
             assert!(h.is_empty(), "the key is removed even when refused");
         }
         // Extra names that map nowhere do not matter.
-        assert_eq!(&*t.by_cert(&cert(&["x.example", "b.example"])).unwrap().id, "b");
+        assert_eq!(&*t.identify_with_cert(&cert(&["x.example", "b.example"]), &mut HeaderMap::new()).unwrap().id, "b");
+    }
+
+    #[test]
+    fn without_client_verification_in_the_config_a_certificate_is_ignored_and_the_key_decides() {
+        let mut t = table();
+        t.cert_identity = None;
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("key-b"));
+        assert_eq!(&*t.identify_with_cert(&cert(&["a.example"]), &mut h).unwrap().id, "b");
+        let err = t.identify_with_cert(&cert(&["a.example"]), &mut HeaderMap::new()).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::MissingApiKey);
     }
 }

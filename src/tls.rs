@@ -28,6 +28,7 @@ use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 use x509_parser::extensions::GeneralName;
+use x509_parser::parse_x509_crl;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// ALPN ids offered to banks, preferred first: h2 multiplexes a bank's look-ups on one connection.
@@ -52,7 +53,8 @@ pub enum ClientAuth {
     /// No certificate asked for; tenants are identified by api key only.
     Off,
     /// A certificate is asked for; a bank without one falls back to its api key, a bank with one
-    /// must present a trusted one.
+    /// must present a trusted one, and that certificate then names the tenant (one no tenant
+    /// lists gets 403 even with a valid key: a certificate is never ignored once presented).
     Optional,
     /// No handshake completes without a trusted client certificate.
     Required,
@@ -161,6 +163,8 @@ pub struct ServerTls {
     pub not_after: i64,
     /// Every certificate read (chain and CA bundle), for expiry warnings.
     pub watched: Vec<Watched>,
+    /// Each CRL's `nextUpdate` (unix seconds), by TOML path, for a warning once it has passed.
+    pub crl_next_update: Vec<(String, i64)>,
     /// Shared by every handshake until the next reload.
     pub rustls: Arc<rustls::ServerConfig>,
 }
@@ -405,6 +409,7 @@ pub fn load_server(s: &ServerTlsSettings, now: i64) -> Result<ServerTls, Vec<Fil
         .flatten();
     let mut crls = Vec::new();
     let mut crl_stamps = Vec::new();
+    let mut crl_next_update = Vec::new();
     for (i, path) in s.crl.iter().enumerate() {
         let key = format!("crl[{i}]");
         let loaded = read(&key, path).and_then(|(pem, stamp)| {
@@ -417,6 +422,11 @@ pub fn load_server(s: &ServerTlsSettings, now: i64) -> Result<ServerTls, Vec<Fil
         });
         match loaded {
             Ok((l, stamp)) => {
+                let next =
+                    l.iter().filter_map(|crl| Some(parse_x509_crl(crl.as_ref()).ok()?.1.next_update()?.timestamp()));
+                if let Some(next) = next.min() {
+                    crl_next_update.push((format!("server.tls.crl[{i}]"), next));
+                }
                 crls.extend(l);
                 crl_stamps.push(stamp);
             }
@@ -429,7 +439,14 @@ pub fn load_server(s: &ServerTlsSettings, now: i64) -> Result<ServerTls, Vec<Fil
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| vec![problem("cert", format!("no usable TLS version ({e})"))])?;
     let builder = match (s.client_auth, &ca) {
-        (ClientAuth::Off, _) | (_, None) => builder.with_no_client_auth(),
+        (ClientAuth::Off, _) => builder.with_no_client_auth(),
+        // Never quietly serve without client verification that was asked for.
+        (_, None) => {
+            return Err(vec![problem(
+                "client_ca",
+                "required with client_auth: the CA bundle that issues the banks' certificates",
+            )]);
+        }
         (auth, Some(ca)) => {
             let mut v = WebPkiClientVerifier::builder_with_provider(ca.roots.clone(), provider())
                 .with_crls(crls)
@@ -459,6 +476,7 @@ pub fn load_server(s: &ServerTlsSettings, now: i64) -> Result<ServerTls, Vec<Fil
         identity: s.identity,
         not_after: id.not_after,
         watched,
+        crl_next_update,
         rustls: Arc::new(config),
     })
 }
@@ -555,6 +573,23 @@ impl rustls::client::ResolvesClientCert for SingleClientCert {
     }
 }
 
+/// A CRL whose `nextUpdate` has passed at `now`: a warning, not an error. rustls is left to
+/// accept it (its default): refusing every bank because its CA published late would be the
+/// outage this proxy exists to prevent; the operator is told, at `check`, start and reload.
+pub fn stale_crl_warnings(next_update: &[(String, i64)], now: i64) -> Vec<(String, String)> {
+    next_update
+        .iter()
+        .filter(|(_, next)| *next < now)
+        .map(|(path, next)| {
+            let message = format!(
+                "the CRL was due to be replaced on {} (its nextUpdate); revocations published since are not known",
+                format_time(*next)
+            );
+            (path.clone(), message)
+        })
+        .collect()
+}
+
 /// Expiry warnings at `now` (unix seconds): certificates that expire within [`EXPIRY_WARNING`],
 /// and expired CA certificates that were skipped.
 pub fn warnings(watched: &[Watched], now: i64) -> Vec<(String, String)> {
@@ -579,41 +614,63 @@ pub fn warnings(watched: &[Watched], now: i64) -> Vec<(String, String)> {
 
 /// What the handshake proved about the client, fixed for the life of the connection.
 ///
-/// Only the identity *strings* are kept, never a tenant: the name → tenant map lives in the
-/// config snapshot, so a reload that changes `client_cert_names` applies to the next request on
-/// an already open connection.
+/// Only the identity *strings* are kept, never a tenant, and those of every kind: the name →
+/// tenant map and the kind of name it uses (`client_identity`) live in the config snapshot, so a
+/// reload that changes `client_cert_names` or `client_identity` applies to the next request on an
+/// already open connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCert {
-    /// The names of the configured kind, normalized (see [`IdentitySource::normalize`]); may be
-    /// empty when the certificate carries none.
-    pub names: Box<[Box<str>]>,
+    /// SAN DNS names, normalized (see [`IdentitySource::normalize`]).
+    dns: Box<[Box<str>]>,
+    /// SAN URIs, as written.
+    uri: Box<[Box<str>]>,
+    /// Subject common names, as written.
+    cn: Box<[Box<str>]>,
+    /// Unix seconds at which the certificate expires: its connection is closed then.
+    pub not_after: i64,
 }
 
 impl ClientCert {
-    /// The identities of `source` in a verified end-entity certificate.
-    pub fn from_der(cert: &CertificateDer<'_>, source: IdentitySource) -> ClientCert {
+    /// The identities in a verified end-entity certificate.
+    pub fn from_der(cert: &CertificateDer<'_>) -> ClientCert {
         let Ok((_, x509)) = X509Certificate::from_der(cert.as_ref()) else {
             // rustls verified it, so it parses; if x509-parser disagrees, it maps to no tenant.
-            return ClientCert { names: Box::new([]) };
+            return ClientCert { dns: Box::new([]), uri: Box::new([]), cn: Box::new([]), not_after: i64::MAX };
         };
-        let mut names: Vec<Box<str>> = Vec::new();
-        match source {
-            IdentitySource::SanDns | IdentitySource::SanUri => {
-                if let Ok(Some(san)) = x509.subject_alternative_name() {
-                    for n in &san.value.general_names {
-                        match (source, n) {
-                            (IdentitySource::SanDns, GeneralName::DNSName(d)) => names.push(source.normalize(d).into()),
-                            (IdentitySource::SanUri, GeneralName::URI(u)) => names.push((*u).into()),
-                            _ => {}
-                        }
-                    }
+        let (mut dns, mut uri) = (Vec::new(), Vec::new());
+        if let Ok(Some(san)) = x509.subject_alternative_name() {
+            for n in &san.value.general_names {
+                match n {
+                    GeneralName::DNSName(d) => dns.push(IdentitySource::SanDns.normalize(d).into()),
+                    GeneralName::URI(u) => uri.push(Box::from(*u)),
+                    _ => {}
                 }
             }
-            IdentitySource::Cn => {
-                names.extend(x509.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(Box::from));
-            }
         }
-        ClientCert { names: names.into_boxed_slice() }
+        let cn: Vec<Box<str>> =
+            x509.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(Box::from).collect();
+        ClientCert {
+            dns: dns.into_boxed_slice(),
+            uri: uri.into_boxed_slice(),
+            cn: cn.into_boxed_slice(),
+            not_after: x509.validity().not_after.timestamp(),
+        }
+    }
+
+    /// The names of one kind; may be empty when the certificate carries none.
+    pub fn names(&self, source: IdentitySource) -> &[Box<str>] {
+        match source {
+            IdentitySource::SanDns => &self.dns,
+            IdentitySource::SanUri => &self.uri,
+            IdentitySource::Cn => &self.cn,
+        }
+    }
+
+    /// A certificate with the given names of every kind (unit tests of the tenant table).
+    #[cfg(test)]
+    pub fn with_names(names: &[&str]) -> ClientCert {
+        let all: Box<[Box<str>]> = names.iter().map(|n| Box::from(*n)).collect();
+        ClientCert { dns: all.clone(), uri: all.clone(), cn: all, not_after: i64::MAX }
     }
 }
 
@@ -621,12 +678,92 @@ impl ClientCert {
 #[derive(Debug)]
 pub struct Listener {
     pub config: Arc<rustls::ServerConfig>,
-    pub identity: IdentitySource,
+    /// What client certificates were verified against.
+    verification: Verification,
+    /// Fired when connections accepted under `verification` must be verified again.
+    pub retired: Arc<Retirement>,
+}
+
+/// The settings a client certificate is checked against in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Verification {
+    client_auth: ClientAuth,
+    client_ca: Option<FileStamp>,
+    crls: Vec<FileStamp>,
 }
 
 impl Listener {
     pub fn new(tls: &ServerTls) -> Listener {
-        Listener { config: tls.rustls.clone(), identity: tls.identity }
+        Listener {
+            config: tls.rustls.clone(),
+            verification: Verification::of(tls),
+            retired: Arc::new(Retirement::new()),
+        }
+    }
+
+    /// A listener on a rustls config built elsewhere (the mock bureau's), never reloaded.
+    pub fn fixed(config: Arc<rustls::ServerConfig>) -> Listener {
+        let verification = Verification { client_auth: ClientAuth::Off, client_ca: None, crls: Vec::new() };
+        Listener { config, verification, retired: Arc::new(Retirement::new()) }
+    }
+
+    /// The listener after a reload to `tls`. A new certificate alone serves new handshakes while
+    /// open connections go on; new client verification (CA, CRL, `client_auth`) closes the
+    /// connections verified under the old one, gracefully (in-flight requests finish, h2 gets
+    /// GOAWAY), so a certificate the new CRL revokes is not served on for as long as its bank
+    /// keeps the connection open. Banks reconnect and are verified again.
+    pub fn reloaded(&self, tls: &ServerTls) -> Listener {
+        let verification = Verification::of(tls);
+        let retired = if verification == self.verification {
+            self.retired.clone()
+        } else {
+            self.retired.retire();
+            Arc::new(Retirement::new())
+        };
+        Listener { config: tls.rustls.clone(), verification, retired }
+    }
+}
+
+impl Verification {
+    fn of(tls: &ServerTls) -> Verification {
+        Verification { client_auth: tls.client_auth, client_ca: tls.client_ca.clone(), crls: tls.crls.clone() }
+    }
+}
+
+/// A signal to the connections of one client-verification generation that it was replaced.
+#[derive(Debug)]
+pub struct Retirement(tokio::sync::watch::Sender<bool>);
+
+impl Retirement {
+    fn new() -> Retirement {
+        Retirement(tokio::sync::watch::Sender::new(false))
+    }
+
+    fn retire(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once retired (at once if it already is).
+    pub async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender is `self`, alive while this borrow is: `wait_for` cannot fail.
+        let _ = rx.wait_for(|retired| *retired).await;
+    }
+}
+
+/// Resolves at `unix_s` by the wall clock (a certificate's `notAfter`), never if that is
+/// `i64::MAX`. Sleeps in steps of at most a day: tokio timers cap far deadlines, and a long wait
+/// re-reads the clock.
+pub async fn until_unix(unix_s: i64) {
+    if unix_s == i64::MAX {
+        return std::future::pending().await;
+    }
+    loop {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        if now >= unix_s {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs((unix_s - now).min(86_400) as u64)).await;
     }
 }
 
@@ -845,6 +982,9 @@ mod tests {
         assert!(m[0].starts_with("crl[0]: ") && m[0].contains("no PEM X509 CRL block"), "{m:?}");
         s.crl.clear();
         assert!(load_server(&s, now()).is_ok());
+        s.client_ca = None;
+        let m = messages(load_server(&s, now()));
+        assert!(m[0].starts_with("client_ca: required with client_auth"), "never quietly without client auth: {m:?}");
     }
 
     #[test]
@@ -859,6 +999,10 @@ mod tests {
         let s = UpstreamTlsSettings { client_cert: Some((dir.join("leaf.pem"), dir.join("leaf.key"))), ..s };
         let tls = load_upstream(&s, now()).expect("loads");
         assert!(tls.client_not_after.is_some());
+        let expired = test_certs::files("upstream-expired", -1);
+        let s = UpstreamTlsSettings { client_cert: Some((expired.join("leaf.pem"), expired.join("leaf.key"))), ..s };
+        let problems = load_upstream(&s, now()).unwrap_err();
+        assert!(problems[0].key == "client_cert" && problems[0].message.contains("expired on"), "{problems:?}");
         assert!(load_upstream(&UpstreamTlsSettings::default(), now()).is_ok(), "built-in roots");
     }
 

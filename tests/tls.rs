@@ -324,10 +324,42 @@ async fn check_warns_about_a_certificate_expiring_within_30_days_and_exits_0() {
     assert!(stdout.contains("warning: server.tls.cert: CN=leaf expires on") && stdout.contains(" days)"), "{stdout}");
 }
 
+#[tokio::test]
+async fn check_warns_about_an_overdue_crl_and_the_listener_still_uses_it() {
+    let s = Setup::new("tls-crl-overdue");
+    let banks = Ca::new("Banks CA");
+    let revoked = bank_cert(&banks, "bank-a.example");
+    let crl = write(&s.dir, "old.crl.pem", &banks.crl_due(&[&revoked.serial], time::Duration::days(-2)));
+    let x = Extras {
+        server: &s.mtls("required", &banks, &format!("crl = [\"{crl}\"]")),
+        tenant_a: "client_cert_names = [\"bank-a.example\"]",
+        ..Extras::default()
+    };
+    let path = s.dir.join("overdue.toml");
+    std::fs::write(&path, config_with("http://127.0.0.1:1", &x)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bureau-guard"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("warning: server.tls.crl[0]: the CRL was due to be replaced on"), "{stdout}");
+    // Overdue is not void: what it revokes stays revoked.
+    let mock = start_mock(fast_mock()).await;
+    let proxy = proxy_with(&mock.url(), &x).await;
+    assert!(get_once(proxy.addr, s.client(Some(&revoked)), "/v1/score/S-1", &[]).await.is_err());
+    wait_until("the revoked handshake to be counted", || handshakes(&proxy, "revoked") == 1).await;
+}
+
 /// A TLS mock bureau with its own CA, requiring a client certificate from `clients`.
 async fn tls_bureau(clients: &Ca) -> (mock_bureau::MockHandle, Ca) {
+    tls_bureau_for(clients, &LeafSpec { cn: "bureau", dns: &["localhost"], ip: true, ..LeafSpec::default() }).await
+}
+
+/// Like [`tls_bureau`], the bureau's certificate made from `spec`.
+async fn tls_bureau_for(clients: &Ca, spec: &LeafSpec<'_>) -> (mock_bureau::MockHandle, Ca) {
     let bureau_ca = Ca::new("Bureau Private CA");
-    let leaf = bureau_ca.issue(&LeafSpec { cn: "bureau", dns: &["localhost"], ip: true, ..LeafSpec::default() });
+    let leaf = bureau_ca.issue(spec);
     let mut roots = rustls::RootCertStore::empty();
     roots.add(clients.der.clone()).unwrap();
     let verifier =
@@ -479,4 +511,195 @@ async fn client_cert_names_changed_by_reload_apply_to_open_connections() {
 fn first_der(pem: &str) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
     rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).next().unwrap().unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn a_bureau_certificate_for_another_name_fails_with_502() {
+    let dir = temp_dir("tls-upstream-name");
+    let guards = Ca::new("Guard Client CA");
+    // Issued by the CA bureau-guard trusts, but for another host than the URL's 127.0.0.1.
+    let spec = LeafSpec { cn: "127.0.0.1", dns: &["bureau.other.example"], ..LeafSpec::default() };
+    let (mock, bureau_ca) = tls_bureau_for(&guards, &spec).await;
+    let me = guards.issue(&LeafSpec { cn: "bureau-guard", ..LeafSpec::default() });
+    let tls = upstream_tls(&dir, &bureau_ca, Some(&me));
+    let proxy = proxy_with(&mock.url(), &Extras { upstream: &tls, ..Extras::default() }).await;
+    let r = get(&format!("http://{}/v1/score/S-1", proxy.addr), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    let body = r.json();
+    assert_eq!(body["error"], "bureau_unreachable");
+    assert!(body["message"].as_str().unwrap().contains("TLS handshake with the bureau failed"), "{body}");
+    assert_eq!(mock.bureau.stats().calls_total, 0, "nothing reached a bureau that is not the one named");
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_handshake_holds_up_nobody_and_is_timed_out() {
+    let s = Setup::new("tls-silent");
+    let mock = start_mock(fast_mock()).await;
+    let x = Extras { server: &format!("header_read_timeout = \"500ms\"\n{}", s.server_tls("")), ..Extras::default() };
+    let proxy = proxy_with(&mock.url(), &x).await;
+    // Connected, silent: no ClientHello ever comes.
+    let silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let r = get_once(proxy.addr, s.client(None), "/v1/score/S-1", &[("x-api-key", KEY_A)]).await.unwrap();
+    assert_eq!(r.status, 200, "served while the silent client is still connected");
+    wait_until("the silent client's handshake to time out", || handshakes(&proxy, "timeout") == 1).await;
+    // The server gave up on it: the socket reads end-of-file.
+    let mut buf = [0u8; 1];
+    silent.readable().await.unwrap();
+    assert_eq!(silent.try_read(&mut buf).unwrap_or(0), 0);
+}
+
+#[tokio::test]
+async fn identity_holds_per_request_on_an_h2_connection_with_a_client_certificate() {
+    let s = Setup::new("tls-h2-mtls");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let x = Extras {
+        server: &s.mtls("required", &banks, ""),
+        tenant_a: "client_cert_names = [\"bank-a.example\"]",
+        ..Extras::default()
+    };
+    let proxy = proxy_with(&mock.url(), &x).await;
+    // Upper case in the certificate: DNS names compare case-insensitively on both sides.
+    let cert = bank_cert(&banks, "BANK-A.Example");
+    let config = client_config(&s.ca, Some(&cert), &[b"h2"], &[]);
+    let mut conn = TlsConn::connect(proxy.addr, config).await.unwrap();
+    assert_eq!(conn.alpn.as_deref(), Some(&b"h2"[..]));
+    let mut answers = Vec::new();
+    for i in 0..6 {
+        // Every other request carries another tenant's key.
+        let key: &[(&str, &str)] = if i % 2 == 0 { &[] } else { &[("x-api-key", KEY_B)] };
+        answers.push(conn.get(&format!("/echo/h2-{i}"), key).await.unwrap());
+    }
+    for (i, r) in answers.iter().enumerate() {
+        assert_eq!(r.version, http::Version::HTTP_2);
+        if i % 2 == 0 {
+            assert_eq!(r.json()["headers"]["x-tenant"], "a", "{:?}", r.body);
+        } else {
+            assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (401, Some("identity_mismatch")));
+        }
+    }
+    assert_eq!(mock.bureau.stats().calls_by_tenant.get("b"), None);
+}
+
+/// Starts a proxy on the config file at `path`, reloadable from it.
+async fn reloadable(path: &Path) -> Running {
+    let options = Options { config_path: Some(path.to_path_buf()), ..Default::default() };
+    app::start_with(Config::load(path).unwrap(), options).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_crl_loaded_by_reload_closes_open_connections_and_the_revoked_bank_cannot_reconnect() {
+    let s = Setup::new("tls-reload-crl");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let path = s.dir.join("bureau-guard.toml");
+    let good = bank_cert(&banks, "bank-a.example");
+    let bad = bank_cert(&banks, "bank-a.example");
+    let write_config = |extra: &str| {
+        let x = Extras {
+            server: &s.mtls("required", &banks, extra),
+            tenant_a: "client_cert_names = [\"bank-a.example\"]",
+            ..Extras::default()
+        };
+        std::fs::write(&path, config_with(&mock.url(), &x)).unwrap();
+    };
+    write_config("");
+    let proxy = reloadable(&path).await;
+    let connect =
+        |leaf: &Leaf, alpn: &'static [u8]| TlsConn::connect(proxy.addr, client_config(&s.ca, Some(leaf), &[alpn], &[]));
+    let mut bad_h1 = connect(&bad, b"http/1.1").await.unwrap();
+    let mut bad_h2 = connect(&bad, b"h2").await.unwrap();
+    let mut good_h1 = connect(&good, b"http/1.1").await.unwrap();
+    for c in [&mut bad_h1, &mut bad_h2, &mut good_h1] {
+        assert_eq!(c.get("/v1/score/S-1", &[]).await.unwrap().status, 200);
+    }
+
+    // The bank's CA revokes one certificate; the operator installs the new CRL.
+    let crl = write(&s.dir, "banks.crl.pem", &banks.crl(&[&bad.serial]));
+    write_config(&format!("crl = [\"{crl}\"]"));
+    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    assert!(out.applied(), "{out:?}");
+    assert!(out.changes.iter().any(|c| c.to_string().starts_with("server.tls.crl: ")), "{out:?}");
+
+    // Every connection verified under the old settings is closed (gracefully: it was idle)...
+    let closing = async {
+        bad_h1.closed().await;
+        bad_h2.closed().await;
+        good_h1.closed().await;
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), closing).await.expect("open connections closed");
+    // ...and on reconnecting, the revoked certificate fails its handshake; the others go on.
+    assert!(get_once(proxy.addr, s.client(Some(&bad)), "/v1/score/S-2", &[]).await.is_err());
+    wait_until("the revoked handshake to be counted", || handshakes(&proxy, "revoked") == 1).await;
+    let mut again = connect(&good, b"http/1.1").await.unwrap();
+    assert_eq!(again.get("/v1/score/S-3", &[]).await.unwrap().status, 200);
+
+    // A reload that changes no client verification (here: a tenant added) leaves them alone.
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text += &format!("[[tenants]]\nid = \"c\"\napi_key_sha256 = \"{}\"\n", sha("key-c"));
+    std::fs::write(&path, text).unwrap();
+    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    assert!(out.applied() && out.changes.iter().any(|c| c.to_string().starts_with("tenants[c]")), "{out:?}");
+    assert_eq!(again.get("/v1/score/S-4", &[]).await.unwrap().status, 200);
+    assert!(!again.is_closed());
+}
+
+#[tokio::test]
+async fn client_identity_changed_by_reload_applies_to_open_connections() {
+    let s = Setup::new("tls-reload-identity");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let path = s.dir.join("bureau-guard.toml");
+    let write_config = |identity: &str, names: &str| {
+        let tenant_a = format!("client_cert_names = [\"{names}\"]");
+        let x = Extras {
+            server: &s.mtls("required", &banks, &format!("client_identity = \"{identity}\"")),
+            tenant_a: &tenant_a,
+            ..Extras::default()
+        };
+        std::fs::write(&path, config_with(&mock.url(), &x)).unwrap();
+    };
+    write_config("san_dns", "bank-a.example");
+    let proxy = reloadable(&path).await;
+    let mut conn = TlsConn::connect(proxy.addr, s.client(Some(&bank_cert(&banks, "bank-a.example")))).await.unwrap();
+    assert_eq!(conn.get("/echo/x", &[]).await.unwrap().json()["headers"]["x-tenant"], "a");
+
+    // The bureau's operators move to subject CNs: the same connection is known by its CN now.
+    write_config("cn", "Bank A Ltd");
+    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    assert!(out.applied(), "{out:?}");
+    let r = conn.get("/echo/y", &[]).await.unwrap();
+    assert_eq!(r.json()["headers"]["x-tenant"], "a", "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_when_its_client_certificate_expires() {
+    let s = Setup::new("tls-cert-expiry");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let x = Extras {
+        // hyper also closes an idle connection after header_read_timeout: far beyond the test.
+        server: &format!("header_read_timeout = \"60s\"\n{}", s.mtls("required", &banks, "")),
+        tenant_a: "client_cert_names = [\"bank-a.example\"]",
+        ..Extras::default()
+    };
+    let proxy = proxy_with(&mock.url(), &x).await;
+    let short = banks.issue(&LeafSpec {
+        cn: "Bank A",
+        dns: &["bank-a.example"],
+        not_after_secs: Some(3),
+        ..LeafSpec::default()
+    });
+    let mut conn = TlsConn::connect(proxy.addr, s.client(Some(&short))).await.unwrap();
+    assert_eq!(conn.get("/v1/score/S-1", &[]).await.unwrap().status, 200);
+    let opened = std::time::Instant::now();
+    // Kept alive and idle: only the certificate's expiry ends it.
+    tokio::time::timeout(std::time::Duration::from_secs(15), conn.closed()).await.expect("closed at expiry");
+    assert!(
+        opened.elapsed() >= std::time::Duration::from_secs(1),
+        "closed after {:?}, before expiry",
+        opened.elapsed()
+    );
+    let r = get_once(proxy.addr, s.client(Some(&short)), "/v1/score/S-2", &[]).await;
+    assert!(r.is_err(), "an expired certificate reconnected: {r:?}");
 }

@@ -42,11 +42,13 @@ pub struct LeafSpec<'a> {
     pub ip: bool,
     /// Days from now; negative: already expired.
     pub not_after_days: i64,
+    /// Seconds from now, instead of `not_after_days` (a certificate that expires during a test).
+    pub not_after_secs: Option<i64>,
 }
 
 impl Default for LeafSpec<'_> {
     fn default() -> Self {
-        LeafSpec { cn: "leaf", dns: &[], uris: &[], ip: false, not_after_days: 365 }
+        LeafSpec { cn: "leaf", dns: &[], uris: &[], ip: false, not_after_days: 365, not_after_secs: None }
     }
 }
 
@@ -77,7 +79,8 @@ impl Ca {
             params.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
         }
         params.not_before = OffsetDateTime::now_utc() - Duration::days(400);
-        params.not_after = OffsetDateTime::now_utc() + Duration::days(spec.not_after_days);
+        params.not_after = OffsetDateTime::now_utc()
+            + spec.not_after_secs.map_or_else(|| Duration::days(spec.not_after_days), Duration::seconds);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let serial = SerialNumber::from_slice(&fastrand::u64(1..).to_be_bytes());
         params.serial_number = Some(serial.clone());
@@ -92,12 +95,17 @@ impl Ca {
         }
     }
 
-    /// A CRL revoking `serials`.
+    /// A CRL revoking `serials`, due to be replaced in a week.
     pub fn crl(&self, serials: &[&SerialNumber]) -> String {
+        self.crl_due(serials, Duration::days(7))
+    }
+
+    /// A CRL revoking `serials` whose `nextUpdate` is `next_update` from now (negative: overdue).
+    pub fn crl_due(&self, serials: &[&SerialNumber], next_update: Duration) -> String {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::hours(1),
-            next_update: now + Duration::days(7),
+            this_update: now - Duration::days(30),
+            next_update: now + next_update,
             crl_number: SerialNumber::from(1u64),
             issuing_distribution_point: None,
             revoked_certs: serials
@@ -165,6 +173,8 @@ pub struct TlsConn {
     pub alpn: Option<Vec<u8>>,
     pub version: rustls::ProtocolVersion,
     send: Sender,
+    /// The client side of the connection; ends when the server closes it.
+    driver: tokio::task::JoinHandle<()>,
 }
 
 enum Sender {
@@ -201,14 +211,26 @@ impl TlsConn {
         let send = if alpn.as_deref() == Some(b"h2") {
             let (send, conn) =
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(std::io::Error::other)?;
-            tokio::spawn(conn);
-            Sender::H2(send)
+            (Sender::H2(send), tokio::spawn(async move { drop(conn.await) }))
         } else {
             let (send, conn) = hyper::client::conn::http1::handshake(io).await.map_err(std::io::Error::other)?;
-            tokio::spawn(conn);
-            Sender::H1(send)
+            (Sender::H1(send), tokio::spawn(async move { drop(conn.await) }))
         };
-        Ok(TlsConn { server_cert, alpn, version, send })
+        let (send, driver) = send;
+        Ok(TlsConn { server_cert, alpn, version, send, driver })
+    }
+
+    /// Resolves when the server has closed the connection (gracefully or not).
+    pub async fn closed(self) {
+        let TlsConn { driver, send, .. } = self;
+        // Held until then: a client that drops its sender closes the connection itself.
+        driver.await.unwrap();
+        drop(send);
+    }
+
+    /// Whether the server has closed the connection already.
+    pub fn is_closed(&self) -> bool {
+        self.driver.is_finished()
     }
 
     /// `GET path` with `headers`; an error if the connection fails (e.g. the server refused it).
