@@ -624,9 +624,14 @@ async fn a_request_from_just_before_midnight_is_charged_to_the_new_day() {
     use bureau_guard::quota::ManualClock;
     let Some(redis) = RedisServer::start("redis-midnight") else { return };
     let mock = start_mock(fast_mock()).await;
-    // 2026-11-23T14:59:59Z is 23:59:59 in Seoul (quota.utc_offset defaults to +09:00).
-    const BEFORE_MIDNIGHT_MS: i64 = 1_795_445_999_000;
-    let clock = Arc::new(ManualClock::new(BEFORE_MIDNIGHT_MS));
+    // 23:59:59 in Seoul (quota.utc_offset defaults to +09:00) of the coming night: a date taken
+    // from the real clock, because the quota keys expire (EXPIREAT) after the window plus a
+    // grace on Redis's own clock, so a fixed date in the past would expire them at once.
+    const SEOUL_S: i64 = 9 * 3600;
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let next_midnight_s = ((now_s + SEOUL_S) / 86_400 + 1) * 86_400 - SEOUL_S;
+    let before_midnight_ms = (next_midnight_s - 1) * 1000;
+    let clock = Arc::new(ManualClock::new(before_midnight_ms));
     let text = config_with(
         &mock.url(),
         &Extras { sections: &redis_state(&redis.url(), ""), tenant_a: "daily_quota = 5", ..Extras::default() },
@@ -637,11 +642,11 @@ async fn a_request_from_just_before_midnight_is_charged_to_the_new_day() {
         assert_eq!(status(&url(i), KEY_A).await, 200);
     }
     assert_eq!(status(&url(5), KEY_A).await, 429, "the day's quota is used up");
-    clock.set(BEFORE_MIDNIGHT_MS + 1000); // midnight: a new day, a new quota
+    clock.set(before_midnight_ms + 1000); // midnight: a new day, a new quota
     assert_eq!(status(&url(6), KEY_A).await, 200);
     // A request that computed yesterday's window (here: the clock read just before midnight)
     // after the pool moved on is charged to the new day: no refill storm, no false 429.
-    clock.set(BEFORE_MIDNIGHT_MS);
+    clock.set(before_midnight_ms);
     let m0 = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
     assert_eq!(status(&url(7), KEY_A).await, 200);
     let m1 = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
