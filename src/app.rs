@@ -77,9 +77,10 @@ pub async fn start_with(config: Config, options: Options) -> std::io::Result<Run
                 "joined the replicas sharing limits through Redis"
             );
         } else {
-            tracing::error!(
+            // The error itself was logged once, as the outage began.
+            tracing::warn!(
                 replica = redis.replica_id(),
-                "Redis unreachable at start-up; serving under state.redis.on_unavailable until it answers"
+                "no Redis at start-up; serving under state.redis.on_unavailable until a heartbeat succeeds"
             );
         }
     }

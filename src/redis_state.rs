@@ -440,6 +440,8 @@ pub struct RedisState {
     replicas: AtomicUsize,
     /// Makes every outage sync token unique.
     sync_seq: AtomicU64,
+    /// The password in `settings.url` (as written and percent-decoded), kept out of logs.
+    secrets: Vec<String>,
     scheduler: Arc<Scheduler>,
     metrics: RedisMetrics,
 }
@@ -480,6 +482,7 @@ impl RedisState {
             up: AtomicBool::new(true),
             replicas: AtomicUsize::new(1),
             sync_seq: AtomicU64::new(0),
+            secrets: url_secrets(&settings.url),
             scheduler,
             metrics,
         }))
@@ -508,7 +511,7 @@ impl RedisState {
         format!("{{{}}}:replicas", self.settings.key_prefix)
     }
 
-    /// Runs one script with a background time bound, counting it; an error marks Redis down.
+    /// Runs one script with a background time bound, counting it; any failure marks Redis down.
     async fn call<T: FromRedisValue>(&self, op: &'static str, invocation: redis::ScriptInvocation<'_>) -> Option<T> {
         self.metrics.calls.with_label_values(&[op]).inc();
         let started = std::time::Instant::now();
@@ -519,18 +522,12 @@ impl RedisState {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
                 self.metrics.errors.with_label_values(&[op]).inc();
-                if e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_cluster_error()
-                {
-                    self.mark_down(op, &e.to_string());
-                } else {
-                    // Redis answered: a script or data error is not an outage. This request
-                    // waits out its budget; the error is logged and counted.
-                    tracing::error!(op, error = %e, "Redis refused a bureau-guard script");
-                }
+                // Not only a lost connection: a Redis that answers NOAUTH/WRONGPASS, OOM,
+                // READONLY, LOADING, BUSY, CLUSTERDOWN or a script error cannot hold the limits
+                // either, and answers the next call the same way. Treating it as an outage lets
+                // on_unavailable decide at once, instead of every waiting request retrying for
+                // its whole budget; the heartbeat's next success brings Redis back.
+                self.mark_down(op, &self.redact(&e.to_string()));
                 None
             }
             Err(_) => {
@@ -541,6 +538,7 @@ impl RedisState {
         }
     }
 
+    /// Logs the start of an outage once (the heartbeat logs its end).
     fn mark_down(&self, op: &str, why: &str) {
         if self.up.swap(false, Ordering::AcqRel) {
             self.metrics.up.set(0);
@@ -548,9 +546,18 @@ impl RedisState {
                 op,
                 error = why,
                 policy = ?self.settings.on_unavailable,
-                "Redis unreachable: shared limits are decided by state.redis.on_unavailable until it answers again"
+                "Redis unreachable or refusing our calls: shared limits are decided by state.redis.on_unavailable until a heartbeat succeeds"
             );
         }
+    }
+
+    /// An error text without the URL's password (client errors may quote the URL).
+    fn redact(&self, text: &str) -> String {
+        let mut text = text.replace(&self.settings.url, &redact_url(&self.settings.url));
+        for secret in &self.secrets {
+            text = text.replace(secret.as_str(), "***");
+        }
+        text
     }
 
     /// The time one request may spend waiting for Redis, over all its limits.
@@ -943,7 +950,7 @@ impl RedisState {
         }
         if !was_up && !self.up.swap(true, Ordering::AcqRel) {
             self.metrics.up.set(1);
-            tracing::info!("Redis reachable again: shared limits resume; units charged meanwhile are being added");
+            tracing::info!("Redis answers again: shared limits resume; units charged meanwhile are being added");
         }
         for t in tenants {
             // A Redis that stops answering mid-tick ends the tick: the next heartbeat must not
@@ -1119,14 +1126,10 @@ impl RedisState {
     pub async fn reset(&self, t: &Tenant, w: &Windows) -> Option<(u64, u64)> {
         let (day, month) =
             (self.key(&t.id, format_args!("daily:{}", w.day)), self.key(&t.id, format_args!("monthly:{}", w.month)));
-        self.metrics.calls.with_label_values(&["reset"]).inc();
         let mut inv = self.scripts.reset.key(day);
         inv.key(month);
-        let result =
-            tokio::time::timeout(BACKGROUND_TIMEOUT, self.conn.run(async |c| inv.invoke_async::<(u64, u64)>(c).await))
-                .await;
-        match result {
-            Ok(Ok((d, m))) => {
+        match self.call::<(u64, u64)>("reset", inv).await {
+            Some((d, m)) => {
                 let l = t.state.leases();
                 l.daily.avail.take_all();
                 l.monthly.avail.take_all();
@@ -1136,10 +1139,7 @@ impl RedisState {
                 l.monthly.clear_denial();
                 Some((d, m))
             }
-            _ => {
-                self.metrics.errors.with_label_values(&["reset"]).inc();
-                None
-            }
+            None => None,
         }
     }
 
@@ -1163,9 +1163,47 @@ impl RedisState {
     }
 }
 
+/// The password of a Redis URL (user info or `?password=`/`?pass=`), as written and decoded.
+fn url_secrets(url: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    if let (Some(scheme_end), Some(at)) = (base.find("://"), base.rfind('@'))
+        && at > scheme_end
+        && let Some((_, pw)) = base[scheme_end + 3..at].split_once(':')
+    {
+        out.push(pw.to_string());
+    }
+    for pair in query.split('&') {
+        if let Some(("password" | "pass", pw)) = pair.split_once('=') {
+            out.push(pw.to_string());
+        }
+    }
+    let decoded: Vec<String> =
+        out.iter().map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()).collect();
+    out.extend(decoded);
+    out.retain(|s| !s.is_empty());
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// `host-pid-random`: unique per process, readable in `redis-cli`.
 fn default_replica_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
     format!("{}-{}-{:04x}", if host.is_empty() { "replica" } else { &host }, std::process::id(), fastrand::u16(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_of_a_redis_url_is_found_to_be_kept_out_of_logs() {
+        assert_eq!(url_secrets("redis://:s%40cret@h:6379/0"), ["s%40cret", "s@cret"]);
+        assert_eq!(url_secrets("rediss://user:pw@h"), ["pw"]);
+        assert_eq!(url_secrets("redis+unix:///run/redis.sock?db=1&pass=pw2"), ["pw2"]);
+        assert!(url_secrets("redis://h:6379").is_empty());
+        assert!(url_secrets("redis://user@h:6379").is_empty());
+    }
 }

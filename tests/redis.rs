@@ -741,3 +741,130 @@ async fn rediss_with_a_private_ca_and_a_client_certificate() {
     assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(0.0));
     proxy.shutdown().await;
 }
+
+/// A TCP `redis-server` that requires `password` (`requirepass`).
+fn start_redis_with_password(name: &str, password: &str) -> Option<(Proc, u16)> {
+    if !redis_available() {
+        return None;
+    }
+    let dir = temp_dir(name);
+    let auth = ["-a", password, "--no-auth-warning"].map(String::from);
+    let args = |port: u16| -> Vec<String> {
+        ["--bind", "127.0.0.1", "--port", &port.to_string(), "--appendonly", "no", "--requirepass", password]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    };
+    Some(start_tcp_redis(&dir, args, &auth))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_redis_password_is_an_outage_the_policy_decides_at_once() {
+    const RIGHT: &str = "right-Pw-7f3a";
+    const WRONG: &str = "wrong-Pw-c91e";
+    let Some((_redis, port)) = start_redis_with_password("redis-wrongpw", RIGHT) else { return };
+    let mock = start_mock(fast_mock()).await;
+    let url = format!("redis://:{WRONG}@127.0.0.1:{port}");
+    let limits = "rate = 1000\ndaily_quota = 1000\nmax_in_flight = 10";
+
+    // fail_closed: refused at once, no request waits out its budget on a Redis that answers
+    // every call with WRONGPASS/NOAUTH.
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&url, "on_unavailable = \"fail_closed\""),
+            tenant_a: limits,
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    for i in 0..20 {
+        let r = get(&format!("http://{}/v1/score/W-{i}", proxy.addr), &[("x-api-key", KEY_A)]).await;
+        assert_eq!(r.status, 503, "fail_closed refuses while Redis refuses us");
+        assert_eq!(r.json()["error"], "state_unavailable");
+    }
+    assert_eq!(status(&format!("http://{}/v1/score/W-b", proxy.addr), KEY_B).await, 200, "b has no shared limit");
+    let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(0.0));
+    assert_eq!(
+        metric_value(&m, "bureau_guard_state_redis_budget_exceeded_total"),
+        Some(0.0),
+        "no request spun on Redis for its budget"
+    );
+    assert!(metric_value(&m, "bureau_guard_state_redis_errors_total{op=\"heartbeat\"}").unwrap() >= 1.0);
+    assert!(
+        metric_value(&m, "bureau_guard_state_redis_calls_total{op=\"rate_lease\"}").unwrap() <= 1.0,
+        "no refill per request while Redis is known to refuse"
+    );
+    proxy.shutdown().await;
+
+    // fail_open, as an operator runs it: served locally, logged once, the password nowhere.
+    let dir = temp_dir("redis-wrongpw-cfg");
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&url, "on_unavailable = \"fail_open\""),
+            tenant_a: limits,
+            ..Extras::default()
+        },
+    );
+    let config = replica_config(&dir, 1, &text);
+    let (mut replica, addr, admin) = spawn_serving(&config);
+    wait_healthy(&admin).await;
+    for i in 0..20 {
+        assert_eq!(status(&format!("http://{addr}/v1/score/W-{i}"), KEY_A).await, 200, "fail_open decides locally");
+    }
+    let m = get(&format!("http://{admin}/metrics"), &[]).await.text();
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(0.0));
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_budget_exceeded_total"), Some(0.0));
+    assert!(metric_value(&m, "bureau_guard_state_fallback_decisions_total{limit=\"daily\"}").unwrap() >= 20.0);
+    let pid = replica.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while replica.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the replica did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log_file = config.with_extension("log");
+    wait_until_async("the whole log", || async {
+        std::fs::read_to_string(&log_file).unwrap_or_default().contains("drained; bye")
+    })
+    .await;
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    assert!(!log.contains(WRONG) && !log.contains(RIGHT), "a password in the log:\n{log}");
+    let outage_errors = log.lines().filter(|l| l.contains("ERROR") && l.contains(" op=")).count();
+    assert_eq!(outage_errors, 1, "one error line per outage, not one per call:\n{log}");
+    assert!(log.contains("WRONGPASS") || log.contains("NOAUTH") || log.contains("uthentication"), "{log}");
+
+    // `check` prints the config's summary without the password.
+    let out = Command::new(BIN).args(["check", "--config", config.to_str().unwrap()]).output().unwrap();
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{printed}");
+    assert!(!printed.contains(WRONG), "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_in_the_redis_url_authenticates() {
+    const RIGHT: &str = "right-Pw-5b20";
+    let Some((_redis, port)) = start_redis_with_password("redis-rightpw", RIGHT) else { return };
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&format!("redis://:{RIGHT}@127.0.0.1:{port}"), ""),
+            tenant_a: "daily_quota = 3",
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(status(&format!("http://{}/v1/score/P-{i}", proxy.addr), KEY_A).await, 200);
+    }
+    let r = get(&format!("http://{}/v1/score/P-x", proxy.addr), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.status, 429, "the quota is kept in the password-protected Redis");
+    assert_eq!(r.json()["error"], "daily_quota_exhausted");
+    let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(1.0));
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_errors_total{op=\"quota_lease\"}"), Some(0.0));
+    proxy.shutdown().await;
+}
