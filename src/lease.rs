@@ -155,7 +155,7 @@ pub struct TenantLeases {
 /// Outage units on their way to Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingSync {
-    /// Makes the token unique per replica.
+    /// Makes the token unique per replica process (with its random nonce).
     pub seq: u64,
     pub window: u32,
     pub units: u64,

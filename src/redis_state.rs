@@ -438,8 +438,12 @@ pub struct RedisState {
     up: AtomicBool,
     /// Live replicas at the last heartbeat (at least 1).
     replicas: AtomicUsize,
-    /// Makes every outage sync token unique.
+    /// Makes every outage sync token unique within this process...
     sync_seq: AtomicU64,
+    /// ...and this random number across processes: a replica with a fixed `replica_id` that
+    /// restarts counts `sync_seq` from 0 again, while the tokens of its previous life are kept
+    /// in Redis for days; without it, its next outage's units would be taken as added already.
+    sync_nonce: u64,
     /// The password in `settings.url` (as written and percent-decoded), kept out of logs.
     secrets: Vec<String>,
     scheduler: Arc<Scheduler>,
@@ -482,6 +486,7 @@ impl RedisState {
             up: AtomicBool::new(true),
             replicas: AtomicUsize::new(1),
             sync_seq: AtomicU64::new(0),
+            sync_nonce: getrandom::u64().map_err(|e| format!("no random source for the outage sync tokens: {e}"))?,
             secrets: url_secrets(&settings.url),
             scheduler,
             metrics,
@@ -1000,7 +1005,7 @@ impl RedisState {
                 }
             };
             let key = self.key(id, format_args!("{name}:{}", batch.window));
-            let token = self.key(id, format_args!("sync:{}:{}", self.replica, batch.seq));
+            let token = self.key(id, format_args!("sync:{}:{:016x}:{}", self.replica, self.sync_nonce, batch.seq));
             let keep = (resets_in + 2 * 86_400) as i64;
             let mut inv = self.scripts.quota_sync.key(key);
             inv.key(token).arg(batch.units).arg(now_unix_s + keep).arg(keep);

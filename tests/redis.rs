@@ -868,3 +868,35 @@ async fn a_password_in_the_redis_url_authenticates() {
     assert_eq!(metric_value(&m, "bureau_guard_state_redis_errors_total{op=\"quota_lease\"}"), Some(0.0));
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_with_a_fixed_id_adds_its_next_outage_too() {
+    let Some(mut redis) = RedisServer::start("redis-fixed-id") else { return };
+    let mock = start_mock(fast_mock()).await;
+    // lease = 0: Redis's count is exactly the look-ups charged.
+    let extra = "lease = \"0s\"\non_unavailable = \"fail_open\"\nreplica_id = \"bg-fixed-1\"";
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state(&redis.url(), extra), tenant_a: "daily_quota = 1000", ..Extras::default() },
+    );
+    let mut expected = 0;
+    // The same replica id in two processes, one after the other, each through one outage: the
+    // second one's sync must not be taken for the first one's, already added.
+    for round in 0..2 {
+        let proxy = app::start(parse(&text)).await.unwrap();
+        let url = |i: usize| format!("http://{}/v1/score/F{round}-{i}", proxy.addr);
+        assert_eq!(status(&url(0), KEY_A).await, 200);
+        redis.stop();
+        for i in 1..4 {
+            assert_eq!(status(&url(i), KEY_A).await, 200, "fail_open serves while Redis is down");
+        }
+        redis.launch();
+        expected += 4;
+        let key = redis.cli(&["--scan", "--pattern", "*:a}:daily:*"]);
+        wait_until_async(&format!("round {round}: {expected} look-ups counted in Redis"), || async {
+            redis.cli(&["GET", &key]) == expected.to_string()
+        })
+        .await;
+        proxy.shutdown().await;
+    }
+}
