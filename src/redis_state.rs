@@ -105,14 +105,16 @@ return redis.call('DECRBY', KEYS[1], n)
 ";
 
 /// Adds units charged while Redis was unreachable, once per token (KEYS[2]): a resent sync
-/// answers -1 and adds nothing. Public so its semantics can be tested against a real Redis.
+/// adds nothing. No limit check: those bureau calls were made, and the count must say so even
+/// past the limit. Returns {1 if added now (0: added before), units leased out in the window}.
+/// Public so its semantics can be tested against a real Redis.
 pub const QUOTA_SYNC: &str = r"
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
   local used = redis.call('INCRBY', KEYS[1], ARGV[1])
   redis.call('EXPIREAT', KEYS[1], ARGV[2])
-  return used
+  return {1, used}
 end
-return -1
+return {0, tonumber(redis.call('GET', KEYS[1]) or '0')}
 ";
 
 /// In-flight slots: fields replica → 'held:expiry_ms'. Drops expired fields, then sets ARGV[1]'s
@@ -983,13 +985,17 @@ impl RedisState {
 
     /// Adds the units charged during an outage. Each batch is sent with a token Redis
     /// remembers, and resent with the same token until acknowledged, so a sync whose answer
-    /// was lost is not counted twice.
+    /// was lost is not counted twice. The answer's total becomes the quota's last seen use:
+    /// the next outage's share is of what is left after this one (and the other replicas'
+    /// outages synced before), not again of what was left before it.
     async fn sync_outage(&self, id: &str, state: &TenantState, w: &Windows, now_unix_s: i64) {
         let l = state.leases();
-        for (k, (counter, name, resets_in)) in
-            [(&l.outage_daily, "daily", w.day_resets_in_s), (&l.outage_monthly, "monthly", w.month_resets_in_s)]
-                .into_iter()
-                .enumerate()
+        for (k, (counter, lease, name, resets_in)) in [
+            (&l.outage_daily, &l.daily, "daily", w.day_resets_in_s),
+            (&l.outage_monthly, &l.monthly, "monthly", w.month_resets_in_s),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let pending = l.pending_sync.lock().expect("pending sync lock not poisoned")[k];
             let batch = match pending {
@@ -1009,8 +1015,9 @@ impl RedisState {
             let keep = (resets_in + 2 * 86_400) as i64;
             let mut inv = self.scripts.quota_sync.key(key);
             inv.key(token).arg(batch.units).arg(now_unix_s + keep).arg(keep);
-            // Either answer is an acknowledgement: a total (added now), or -1 (added before).
-            if self.call::<i64>("quota_sync", inv).await.is_some() {
+            // Either answer is an acknowledgement: added now, or added before (a lost answer).
+            if let Some((_added, used)) = self.call::<(u64, u64)>("quota_sync", inv).await {
+                lease.last_seen.raise(batch.window, used);
                 counter.sub(batch.window, batch.units);
                 l.pending_sync.lock().expect("pending sync lock not poisoned")[k] = None;
                 tracing::info!(

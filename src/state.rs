@@ -125,6 +125,24 @@ impl WindowCounter {
         }
     }
 
+    /// Raises the count of `window` to at least `count`: replaces an older window's count, and
+    /// is void for a window older than the one held (a total reported by Redis).
+    pub fn raise(&self, window: u32, count: u64) {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            let (w, c) = unpack(cur);
+            let next = match w.cmp(&window) {
+                std::cmp::Ordering::Greater => return,
+                std::cmp::Ordering::Equal if c >= count => return,
+                _ => pack(window, count),
+            };
+            match self.0.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
     /// Sets the counter (restore from a store, or reset to zero).
     pub fn set(&self, window: u32, count: u64) {
         self.0.store(pack(window, count), Ordering::Release);
@@ -331,6 +349,20 @@ mod tests {
         assert_eq!(c.get(8), 1, "a refund from yesterday does not touch today");
         assert_eq!(c.try_add(7, 1, Some(5), true), Ok(2), "a late request from yesterday is charged to today");
         assert_eq!(c.get(8), 2, "and never moves the counter back");
+    }
+
+    #[test]
+    fn window_counter_raise_only_moves_up_within_a_window_and_ignores_older_ones() {
+        let c = WindowCounter::default();
+        c.set(7, 10);
+        c.raise(7, 8);
+        assert_eq!(c.get(7), 10, "never lowered");
+        c.raise(7, 12);
+        assert_eq!(c.get(7), 12);
+        c.raise(6, 50);
+        assert_eq!(c.get(7), 12, "yesterday's total does not touch today");
+        c.raise(8, 3);
+        assert_eq!(c.load(), (8, 3), "a newer window replaces");
     }
 
     #[test]

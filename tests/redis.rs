@@ -664,8 +664,8 @@ fn an_outage_sync_resent_with_its_token_counts_once() {
     let Some(redis) = RedisServer::start("redis-sync") else { return };
     let script = bureau_guard::redis_state::QUOTA_SYNC;
     let sync = || redis.cli(&["EVAL", script, "2", "{p:a}:daily:1", "{p:a}:sync:r1:7", "4", "4102444800", "86400"]);
-    assert_eq!(sync(), "4", "the first sync adds its units");
-    assert_eq!(sync(), "-1", "the same batch resent (its answer was lost) adds nothing");
+    assert_eq!(sync(), "1\n4", "the first sync adds its units, and answers the total");
+    assert_eq!(sync(), "0\n4", "the same batch resent (its answer was lost) adds nothing");
     assert_eq!(redis.cli(&["GET", "{p:a}:daily:1"]), "4");
 }
 
@@ -899,4 +899,46 @@ async fn a_restarted_replica_with_a_fixed_id_adds_its_next_outage_too() {
         .await;
         proxy.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_outage_opens_no_new_share_of_a_used_up_quota() {
+    let Some(mut redis) = RedisServer::start("redis-second-outage") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&redis.url(), "lease = \"0s\"\non_unavailable = \"fail_open\""),
+            tenant_a: "daily_quota = 20",
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let url = |i: usize| format!("http://{}/v1/score/Q-{i}", proxy.addr);
+    let mut served = 0;
+    for i in 0..10 {
+        assert_eq!(status(&url(i), KEY_A).await, 200);
+        served += 1;
+    }
+    // First outage: this (only) replica's share of the 10 left at the last contact.
+    redis.stop();
+    for i in 10..25 {
+        if status(&url(i), KEY_A).await == 200 {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 20, "the share of what was left, and no more");
+    redis.launch();
+    let key = redis.cli(&["--scan", "--pattern", "*:a}:daily:*"]);
+    wait_until_async("the outage units added", || async { redis.cli(&["GET", &key]) == "20" }).await;
+    // Second outage, before any look-up has leased again: the sync's answer says the quota
+    // is used up, so there is no share left to open.
+    redis.stop();
+    for i in 25..35 {
+        if status(&url(i), KEY_A).await == 200 {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 20, "{served} look-ups passed a daily quota of 20 over two outages");
+    proxy.shutdown().await;
 }
