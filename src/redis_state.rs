@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script};
@@ -45,6 +46,14 @@ use crate::tenant::Tenant;
 
 /// How long a background call (heartbeat, refill in its own task, give-back) may take.
 const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(1);
+/// Tenants a heartbeat tick or the shutdown release serves at once.
+const TICK_CONCURRENCY: usize = 16;
+/// The shutdown release's give-backs, all tenants together: a hung Redis must not hold a
+/// replica's exit for minutes (the drain is over; what is not given back is lost to the tenant,
+/// the safe side).
+const RELEASE_DEADLINE: Duration = Duration::from_secs(2);
+/// Leaving the replica set at shutdown, after the release.
+const LEAVE_TIMEOUT: Duration = Duration::from_millis(500);
 /// A refused rate or in-flight request is not re-asked of Redis for this long; a quota
 /// refusal holds longer (it lasts until the window ends, unless a reset or reload lifts it).
 const DENY_HOLD: Duration = Duration::from_millis(10);
@@ -440,6 +449,8 @@ pub struct RedisState {
     up: AtomicBool,
     /// Live replicas at the last heartbeat (at least 1).
     replicas: AtomicUsize,
+    /// Where the next heartbeat tick starts in the tenant list.
+    tick_start: AtomicUsize,
     /// Makes every outage sync token unique within this process...
     sync_seq: AtomicU64,
     /// ...and this random number across processes: a replica with a fixed `replica_id` that
@@ -488,6 +499,7 @@ impl RedisState {
             up: AtomicBool::new(true),
             replicas: AtomicUsize::new(1),
             sync_seq: AtomicU64::new(0),
+            tick_start: AtomicUsize::new(0),
             sync_nonce: getrandom::u64().map_err(|e| format!("no random source for the outage sync tokens: {e}"))?,
             secrets: url_secrets(&settings.url),
             scheduler,
@@ -951,6 +963,7 @@ impl RedisState {
         w: &Windows,
         now_unix_s: i64,
     ) {
+        let started = Instant::now();
         let was_up = self.is_up();
         if !self.heartbeat().await {
             return;
@@ -959,27 +972,52 @@ impl RedisState {
             self.metrics.up.set(1);
             tracing::info!("Redis answers again: shared limits resume; units charged meanwhile are being added");
         }
-        for t in tenants {
-            // A Redis that stops answering mid-tick ends the tick: the next heartbeat must not
-            // wait behind a timeout per tenant.
-            if !self.is_up() {
-                return;
-            }
-            // Every tick, not only the first after an outage: a sync that failed is retried.
-            self.sync_outage(&t.id, &t.state, w, now_unix_s).await;
-            if !was_up {
+        if !was_up {
+            for t in tenants {
                 t.state.leases().rate.clear_denial();
                 t.state.leases().daily.clear_denial();
                 t.state.leases().monthly.clear_denial();
             }
-            self.renew_in_flight(&t.id, &t.state, t.limits.max_in_flight).await;
-            self.return_idle_rate(t).await;
         }
-        for (id, state) in retired {
-            if !self.is_up() {
-                return;
-            }
-            self.release_tenant(id, state, None, w, now_unix_s).await;
+        // Tenants overlap (their calls share the multiplexed connection, so they go out
+        // pipelined): a tick costs a few round trips, not three per tenant. It starts at
+        // another tenant each time, so ticks cut short do not keep skipping the same ones.
+        let start = self.tick_start.fetch_add(TICK_CONCURRENCY, Ordering::Relaxed) % tenants.len().max(1);
+        let work = async {
+            futures_util::stream::iter(tenants[start..].iter().chain(&tenants[..start]))
+                .for_each_concurrent(TICK_CONCURRENCY, |t| async move {
+                    // A Redis that stops answering mid-tick ends the tick: the next heartbeat
+                    // must not wait behind a timeout per tenant.
+                    if !self.is_up() {
+                        return;
+                    }
+                    // Every tick, not only the first after an outage: a failed sync is retried.
+                    self.sync_outage(&t.id, &t.state, w, now_unix_s).await;
+                    if self.is_up() {
+                        self.renew_in_flight(&t.id, &t.state, t.limits.max_in_flight).await;
+                    }
+                    if self.is_up() {
+                        self.return_idle_rate(t).await;
+                    }
+                })
+                .await;
+            futures_util::stream::iter(retired)
+                .for_each_concurrent(TICK_CONCURRENCY, |(id, state)| async move {
+                    self.release_tenant(id, state, None, w, now_unix_s).await;
+                })
+                .await;
+        };
+        // The next heartbeat must come within lease_ttl (or this replica is counted out and its
+        // slots expire): half of it for the whole tick leaves at least one heartbeat interval
+        // (validation: lease_ttl >= 2 x heartbeat_interval). What a cut tick did not reach
+        // waits for the next one; a sync cut in flight is resent with its token.
+        let bound = self.settings.lease_ttl / 2;
+        if tokio::time::timeout(bound.saturating_sub(started.elapsed()), work).await.is_err() {
+            tracing::warn!(
+                ?bound,
+                tenants = tenants.len(),
+                "a heartbeat tick was cut short; the rest waits for the next"
+            );
         }
     }
 
@@ -1087,13 +1125,22 @@ impl RedisState {
         w: &Windows,
         now_unix_s: i64,
     ) {
+        // Each step only while Redis answers: a hung Redis costs one timeout, not one per step.
+        if !self.is_up() {
+            return;
+        }
         self.sync_outage(id, state, w, now_unix_s).await;
         let l = state.leases();
-        if let Some(policy) = rate {
+        if let Some(policy) = rate
+            && self.is_up()
+        {
             let (_, n) = l.rate.avail.take_all();
             self.give_back_rate(id, policy, n).await;
         }
         for (lease, name) in [(&l.daily, "daily"), (&l.monthly, "monthly")] {
+            if !self.is_up() {
+                return;
+            }
             let (window, n) = lease.avail.take_all();
             if n > 0 {
                 let mut inv = self.scripts.quota_return.key(self.key(id, format_args!("{name}:{window}")));
@@ -1101,36 +1148,50 @@ impl RedisState {
                 let _ = self.call::<i64>("quota_return", inv).await;
             }
         }
-        if l.held.swap(0, Ordering::AcqRel) > 0 {
+        if self.is_up() && l.held.swap(0, Ordering::AcqRel) > 0 {
             let mut inv = self.scripts.in_flight.key(self.key(id, format_args!("inflight")));
             inv.arg(&self.replica).arg("set").arg(0).arg(-1).arg(1);
             let _ = self.call::<(u64, u32, u64)>("in_flight", inv).await;
         }
     }
 
-    /// On shutdown (after the drain): everything this replica holds goes back, and it leaves
-    /// the replica count. With Redis unreachable there is nothing to do: unsynced outage units
-    /// are lost (logged), in-flight slots expire with the lease.
+    /// On shutdown (after the drain): everything this replica holds goes back, within
+    /// [`RELEASE_DEADLINE`] in all, and it leaves the replica count. With Redis down (or once
+    /// it stops answering) the give-backs are skipped: unsynced outage units are lost (logged),
+    /// in-flight slots expire with the lease, unspent units are lost to the tenant (the safe
+    /// side). Leaving is tried either way, on its own short bound, so a Redis that answers
+    /// again hands this replica's share of the bureau budget to the others at once.
     pub async fn release_all(&self, tenants: &[Arc<Tenant>], w: &Windows, now_unix_s: i64) {
-        if !self.is_up() {
-            let unsynced: u64 = tenants
-                .iter()
-                .map(|t| t.state.leases().outage_daily.load().1 + t.state.leases().outage_monthly.load().1)
-                .sum();
-            if unsynced > 0 {
-                tracing::error!(
-                    units = unsynced,
-                    "shutting down with Redis unreachable: quota units charged during the outage are not in Redis"
-                );
+        if self.is_up() {
+            let release = futures_util::stream::iter(tenants).for_each_concurrent(TICK_CONCURRENCY, |t| async move {
+                if self.is_up() {
+                    self.release_tenant(&t.id, &t.state, t.rate.as_ref(), w, now_unix_s).await;
+                }
+            });
+            if tokio::time::timeout(RELEASE_DEADLINE, release).await.is_err() {
+                tracing::warn!(deadline = ?RELEASE_DEADLINE, "shutting down: Redis too slow to take back everything this replica held");
             }
-            return;
         }
-        for t in tenants {
-            self.release_tenant(&t.id, &t.state, t.rate.as_ref(), w, now_unix_s).await;
+        let unsynced: u64 = tenants
+            .iter()
+            .map(|t| t.state.leases().outage_daily.load().1 + t.state.leases().outage_monthly.load().1)
+            .sum();
+        if unsynced > 0 {
+            tracing::error!(
+                units = unsynced,
+                "shutting down with Redis unreachable: quota units charged during the outage are not in Redis"
+            );
         }
         let leave = redis::cmd("ZREM").arg(self.replicas_key()).arg(&self.replica).clone();
-        let _ =
-            tokio::time::timeout(BACKGROUND_TIMEOUT, self.conn.run(async |c| leave.query_async::<i64>(c).await)).await;
+        let leave = async {
+            // A connection that died in the outage fails its first command and reconnects.
+            for _ in 0..2 {
+                if self.conn.run(async |c| leave.query_async::<i64>(c).await).await.is_ok() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LEAVE_TIMEOUT, leave).await;
     }
 
     /// Admin reset: the tenant's daily and monthly counts for the current windows start over

@@ -942,3 +942,58 @@ async fn a_second_outage_opens_no_new_share_of_a_used_up_quota() {
     assert_eq!(served, 20, "{served} look-ups passed a daily quota of 20 over two outages");
     proxy.shutdown().await;
 }
+
+/// `[state]` for Redis with no heartbeat after the first (10 s apart): what the test does to
+/// Redis is not noticed by a heartbeat in between.
+fn redis_state_quiet(url: &str) -> String {
+    redis_state(url, "").replace(
+        "heartbeat_interval = \"100ms\"\nlease_ttl = \"1s\"",
+        "heartbeat_interval = \"10s\"\nlease_ttl = \"20s\"",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_against_a_hung_redis_is_bounded() {
+    let Some(redis) = RedisServer::start("redis-hung-exit") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let limits = "rate = 1000\ndaily_quota = 1000\nmonthly_quota = 10000\nmax_in_flight = 10";
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state_quiet(&redis.url()), tenant_a: limits, tenant_b: limits, ..Extras::default() },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    for i in 0..3 {
+        for key in [KEY_A, KEY_B] {
+            assert_eq!(status(&format!("http://{}/v1/score/X-{i}", proxy.addr), key).await, 200);
+        }
+    }
+    // Both tenants hold rate tokens, quota units and in-flight slots: four give-backs each,
+    // every one of which would wait the full call timeout on a hung Redis.
+    redis.signal("-STOP");
+    let started = Instant::now();
+    proxy.shutdown().await;
+    let took = started.elapsed();
+    redis.signal("-CONT");
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?} against a hung Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_leaves_the_replica_set_even_after_an_outage() {
+    let Some(mut redis) = RedisServer::start("redis-leave") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state_quiet(&redis.url()), tenant_a: "daily_quota = 1000", ..Extras::default() },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let members = |redis: &RedisServer| redis.cli(&["ZCARD", "{bureau-guard}:replicas"]);
+    assert_eq!(members(&redis), "1");
+    // An outage this replica noticed; Redis is back before any heartbeat has seen it.
+    redis.stop();
+    assert_eq!(status(&format!("http://{}/v1/score/L-1", proxy.addr), KEY_A).await, 200);
+    let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(0.0));
+    redis.launch();
+    proxy.shutdown().await;
+    assert_eq!(members(&redis), "0", "a clean shutdown leaves the replica set, so the others take its budget now");
+}
