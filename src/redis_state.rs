@@ -59,18 +59,20 @@ const LEAVE_TIMEOUT: Duration = Duration::from_millis(500);
 const DENY_HOLD: Duration = Duration::from_millis(10);
 const QUOTA_DENY_HOLD: Duration = Duration::from_secs(1);
 
-/// GCRA for a batch: grants up to `want` tokens of `t` µs each within burst tolerance `tau`.
-/// Returns {granted, retry_after_us, tokens left}.
+/// GCRA for a batch: grants up to `want` tokens of `t` µs each within burst tolerance `tau`,
+/// and none unless at least `need` (what the waiting request still lacks): fewer would sit
+/// unused in the pool while the request is refused. Returns {granted, retry_after_us (until
+/// `need` are there), tokens left}.
 const RATE_LEASE: &str = r"
 local now_t = redis.call('TIME')
 local now = tonumber(now_t[1]) * 1000000 + tonumber(now_t[2])
-local t, tau, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t, tau, want, need = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local n = math.floor((now + tau - tat) / t)
 if n > want then n = want end
-if n < 1 then
-  return {0, tat + t - now - tau, 0}
+if n < need then
+  return {0, tat + need * t - now - tau, 0}
 end
 tat = tat + n * t
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
@@ -706,13 +708,15 @@ impl RedisState {
         self.spawn_refill(&tenant.state, |s| &s.leases().rate, async move {
             let lease = &state.leases().rate;
             let now = now_ns();
+            // The request needs `cost` tokens; what the pool holds counts towards them.
+            let need = need.saturating_sub(lease.avail.load().1).max(1);
             let cap = u64::from(policy.burst / 2).max(1);
             let want = lease.next_batch(need, cap, period, now);
             let t_us = policy.emission().as_micros().max(1) as u64;
             let tau_us = t_us.saturating_mul(u64::from(policy.burst.max(1)));
             let key = this.key(&id, format_args!("rate"));
             let mut inv = this.scripts.rate_lease.key(key);
-            inv.arg(t_us).arg(tau_us).arg(want);
+            inv.arg(t_us).arg(tau_us).arg(want).arg(need);
             if let Some((granted, retry_us, left)) = this.call::<(u64, u64, u64)>("rate_lease", inv).await {
                 lease.last_seen.set(0, left);
                 if granted > 0 {

@@ -997,3 +997,29 @@ async fn a_replica_leaves_the_replica_set_even_after_an_outage() {
     proxy.shutdown().await;
     assert_eq!(members(&redis), "0", "a clean shutdown leaves the replica set, so the others take its budget now");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dear_request_refused_by_the_shared_rate_leaves_no_tokens_and_waits_for_its_cost() {
+    let Some(redis) = RedisServer::start("redis-cost") else { return };
+    let mock = start_mock(fast_mock()).await;
+    // One token a second, burst 4; a report costs 3.
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state(&redis.url(), ""), tenant_a: "rate = 1\nburst = 4", ..Extras::default() },
+    )
+    .replace("name = \"report\"\n", "name = \"report\"\ncost = 3\n");
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let url = format!("http://{}/v1/credit-report", proxy.addr);
+    let body = br#"{"subject_id":"S-9","report_type":"full"}"#;
+    let report = || async { send(&client(), http::Method::POST, &url, &[("x-api-key", KEY_A)], body).await };
+    assert_eq!(report().await.status, 200, "3 of the 4 tokens");
+    // One token is left in Redis; the next report needs 3: refused, with the time until 3 are
+    // there (2 s), and the one token stays in Redis rather than idle in this replica's pool.
+    let r = report().await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"], "rate_limited");
+    assert_eq!(r.headers["retry-after"], "2", "the wait for the request's cost, not for one token");
+    let pooled = proxy.shared.states.get_or_create("a").leases().rate.avail.load().1;
+    assert_eq!(pooled, 0, "no tokens leased that the request could not use");
+    proxy.shutdown().await;
+}
