@@ -841,6 +841,17 @@ async fn a_wrong_redis_password_is_an_outage_the_policy_decides_at_once() {
     let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{printed}");
     assert!(!printed.contains(WRONG), "{printed}");
+    // The fix for the operator: the right password, which `check --diff` reports (a restart
+    // is needed) without showing either.
+    let fixed = replica_config(&dir, 2, &text.replace(WRONG, RIGHT));
+    let out = Command::new(BIN)
+        .args(["check", "--config", fixed.to_str().unwrap(), "--diff", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{printed}");
+    assert!(printed.contains("state.redis.url: ") && printed.contains("(needs a restart)"), "{printed}");
+    assert!(!printed.contains(WRONG) && !printed.contains(RIGHT), "{printed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
