@@ -18,11 +18,12 @@
 //! side: never more than one batch). All keys of one script share a hash tag, so the layout
 //! works on Redis Cluster as on a single Redis.
 //!
-//! When Redis does not answer: `fail_open` decides locally with this replica's share of each
-//! limit (`rate / replicas`, the quota left at the last contact / replicas, `max_in_flight /
-//! replicas`) and adds the quota units charged meanwhile to Redis once it is back — each batch
-//! once, guarded by a unique token, so a retried sync never counts twice; `fail_closed` answers
-//! 503 `state_unavailable`. Transitions are logged once and counted in metrics.
+//! When Redis does not answer, or answers with an error: `fail_open` decides locally with this
+//! replica's share of each limit (`rate / replicas`, the quota left at the last contact /
+//! replicas, `max_in_flight / replicas`) and adds the quota units charged meanwhile to Redis
+//! once it is back — each batch once, guarded by a unique token, so a retried sync never counts
+//! twice; `fail_closed` answers 503 `state_unavailable`. Transitions are logged once and
+//! counted in metrics.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -46,6 +47,13 @@ use crate::tenant::Tenant;
 
 /// How long a background call (heartbeat, refill in its own task, give-back) may take.
 const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a quota window's key (and an outage sync token) outlives the window's end. The
+/// expiry is computed on this replica's clock and applied on Redis's, and replicas' clocks
+/// differ: a replica whose clock lags still charges the window that is over elsewhere, and
+/// must find its count there rather than a key that expired and a fresh quota. An outage
+/// that spans midnight syncs the old day's units after it ended, and the admin view shows
+/// yesterday's count. Two days cover any of these with a wide margin; a key is a few bytes.
+const WINDOW_GRACE_S: i64 = 2 * 86_400;
 /// Tenants a heartbeat tick or the shutdown release serves at once.
 const TICK_CONCURRENCY: usize = 16;
 /// The shutdown release's give-backs, all tenants together: a hung Redis must not hold a
@@ -860,8 +868,7 @@ impl RedisState {
         // moved on, is charged to the newer window (as the local counters do): leasing units
         // of a day that is over would strand them.
         let window = window.max(lease.avail.load().0);
-        // Kept a day past the window's end, for the admin view and late requests.
-        let expire_at = now_unix_s + resets_in as i64 + 2 * 86_400;
+        let expire_at = now_unix_s + resets_in as i64 + WINDOW_GRACE_S;
         let got = self
             .acquire(
                 budget,
@@ -1054,7 +1061,7 @@ impl RedisState {
             };
             let key = self.key(id, format_args!("{name}:{}", batch.window));
             let token = self.key(id, format_args!("sync:{}:{:016x}:{}", self.replica, self.sync_nonce, batch.seq));
-            let keep = (resets_in + 2 * 86_400) as i64;
+            let keep = resets_in as i64 + WINDOW_GRACE_S;
             let mut inv = self.scripts.quota_sync.key(key);
             inv.key(token).arg(batch.units).arg(now_unix_s + keep).arg(keep);
             // Either answer is an acknowledgement: added now, or added before (a lost answer).

@@ -4,8 +4,9 @@
 //! because its rate limit changed, and a restart must not hand every bank a fresh day. So the
 //! counters live here, keyed by tenant id, outside any snapshot; snapshots hold `Arc`s to them.
 //! A [`CounterStore`] persists them: [`FileStore`] writes an atomic, fsynced JSON file every
-//! flush interval and at shutdown. A shared store (Redis, for several replicas) is planned to
-//! replace it behind the same trait.
+//! flush interval and at shutdown. With `state.backend = "redis"` (several replicas) the shared
+//! limits live in Redis instead (`redis_state.rs`, leased through `lease.rs` into the
+//! [`TenantState`] here); no file is written then.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
