@@ -224,7 +224,13 @@ async fn redis_loop(shared: Arc<Shared>, stop: impl std::future::Future<Output =
         // Tenants a reload removed: what they still hold goes back.
         let retired: Vec<_> =
             shared.states.all().into_iter().filter(|(id, _)| snap.tenants.by_id(id).is_none()).collect();
-        redis.tick(&tenants, &retired, &w, now_ms / 1000).await;
+        tokio::select! {
+            () = redis.tick(&tenants, &retired, &w, now_ms / 1000) => {}
+            // Shutdown does not wait for a tick on a slow Redis (up to lease_ttl / 2): cutting
+            // it is safe (a sync in flight is resent with its token by the release below; a
+            // give-back cut in flight loses its units to the tenant, the safe side).
+            () = &mut stop => break,
+        }
     }
     let snap = shared.snapshot.load_full();
     let now_ms = shared.clock.now_unix_ms();
