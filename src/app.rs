@@ -77,9 +77,10 @@ pub async fn start_with(config: Config, options: Options) -> std::io::Result<Run
                 "joined the replicas sharing limits through Redis"
             );
         } else {
-            tracing::error!(
+            // The error itself was logged once, as the outage began.
+            tracing::warn!(
                 replica = redis.replica_id(),
-                "Redis unreachable at start-up; serving under state.redis.on_unavailable until it answers"
+                "no Redis at start-up; serving under state.redis.on_unavailable until a heartbeat succeeds"
             );
         }
     }
@@ -223,7 +224,13 @@ async fn redis_loop(shared: Arc<Shared>, stop: impl std::future::Future<Output =
         // Tenants a reload removed: what they still hold goes back.
         let retired: Vec<_> =
             shared.states.all().into_iter().filter(|(id, _)| snap.tenants.by_id(id).is_none()).collect();
-        redis.tick(&tenants, &retired, &w, now_ms / 1000).await;
+        tokio::select! {
+            () = redis.tick(&tenants, &retired, &w, now_ms / 1000) => {}
+            // Shutdown does not wait for a tick on a slow Redis (up to lease_ttl / 2): cutting
+            // it is safe (a sync in flight is resent with its token by the release below; a
+            // give-back cut in flight loses its units to the tenant, the safe side).
+            () = &mut stop => break,
+        }
     }
     let snap = shared.snapshot.load_full();
     let now_ms = shared.clock.now_unix_ms();

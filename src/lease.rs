@@ -10,7 +10,10 @@
 //! A batch is sized to last about `state.redis.lease` at the tenant's current pace on this
 //! replica (doubling when a batch went by quickly, halving when it lingered), so Redis round
 //! trips per request fall as traffic rises: at 2,000 req/s and 100 ms, one per ~200 requests.
-//! With `lease = 0` every decision is one round trip.
+//! With `lease = 0` every rate and quota decision is one round trip. In-flight slots are not
+//! spent but held: a replica keeps the slots its requests hold until the heartbeat shrinks them
+//! to what is in use, so a request that finds a slot already held makes no round trip, even
+//! with `lease = 0`.
 //!
 //! A [`Lease`] also lets requests that find the pool empty share one refill: the first starts
 //! it (in its own task, so a request that gives up cannot lose a grant in flight), the others
@@ -155,7 +158,7 @@ pub struct TenantLeases {
 /// Outage units on their way to Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingSync {
-    /// Makes the token unique per replica.
+    /// Makes the token unique per replica process (with its random nonce).
     pub seq: u64,
     pub window: u32,
     pub units: u64,

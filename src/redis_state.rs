@@ -18,17 +18,19 @@
 //! side: never more than one batch). All keys of one script share a hash tag, so the layout
 //! works on Redis Cluster as on a single Redis.
 //!
-//! When Redis does not answer: `fail_open` decides locally with this replica's share of each
-//! limit (`rate / replicas`, the quota left at the last contact / replicas, `max_in_flight /
-//! replicas`) and adds the quota units charged meanwhile to Redis once it is back — each batch
-//! once, guarded by a unique token, so a retried sync never counts twice; `fail_closed` answers
-//! 503 `state_unavailable`. Transitions are logged once and counted in metrics.
+//! When Redis does not answer, or answers with an error: `fail_open` decides locally with this
+//! replica's share of each limit (`rate / replicas`, the quota left at the last contact /
+//! replicas, `max_in_flight / replicas`) and adds the quota units charged meanwhile to Redis
+//! once it is back — each batch once, guarded by a unique token, so a retried sync never counts
+//! twice; `fail_closed` answers 503 `state_unavailable`. Transitions are logged once and
+//! counted in metrics.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script};
@@ -45,23 +47,40 @@ use crate::tenant::Tenant;
 
 /// How long a background call (heartbeat, refill in its own task, give-back) may take.
 const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a quota window's key (and an outage sync token) outlives the window's end. The
+/// expiry is computed on this replica's clock and applied on Redis's, and replicas' clocks
+/// differ: a replica whose clock lags still charges the window that is over elsewhere, and
+/// must find its count there rather than a key that expired and a fresh quota. An outage
+/// that spans midnight syncs the old day's units after it ended, and the admin view shows
+/// yesterday's count. Two days cover any of these with a wide margin; a key is a few bytes.
+const WINDOW_GRACE_S: i64 = 2 * 86_400;
+/// Tenants a heartbeat tick or the shutdown release serves at once.
+const TICK_CONCURRENCY: usize = 16;
+/// The shutdown release's give-backs, all tenants together: a hung Redis must not hold a
+/// replica's exit for minutes (the drain is over; what is not given back is lost to the tenant,
+/// the safe side).
+const RELEASE_DEADLINE: Duration = Duration::from_secs(2);
+/// Leaving the replica set at shutdown, after the release.
+const LEAVE_TIMEOUT: Duration = Duration::from_millis(500);
 /// A refused rate or in-flight request is not re-asked of Redis for this long; a quota
 /// refusal holds longer (it lasts until the window ends, unless a reset or reload lifts it).
 const DENY_HOLD: Duration = Duration::from_millis(10);
 const QUOTA_DENY_HOLD: Duration = Duration::from_secs(1);
 
-/// GCRA for a batch: grants up to `want` tokens of `t` µs each within burst tolerance `tau`.
-/// Returns {granted, retry_after_us, tokens left}.
+/// GCRA for a batch: grants up to `want` tokens of `t` µs each within burst tolerance `tau`,
+/// and none unless at least `need` (what the waiting request still lacks): fewer would sit
+/// unused in the pool while the request is refused. Returns {granted, retry_after_us (until
+/// `need` are there), tokens left}.
 const RATE_LEASE: &str = r"
 local now_t = redis.call('TIME')
 local now = tonumber(now_t[1]) * 1000000 + tonumber(now_t[2])
-local t, tau, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t, tau, want, need = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local n = math.floor((now + tau - tat) / t)
 if n > want then n = want end
-if n < 1 then
-  return {0, tat + t - now - tau, 0}
+if n < need then
+  return {0, tat + need * t - now - tau, 0}
 end
 tat = tat + n * t
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
@@ -105,14 +124,16 @@ return redis.call('DECRBY', KEYS[1], n)
 ";
 
 /// Adds units charged while Redis was unreachable, once per token (KEYS[2]): a resent sync
-/// answers -1 and adds nothing. Public so its semantics can be tested against a real Redis.
+/// adds nothing. No limit check: those bureau calls were made, and the count must say so even
+/// past the limit. Returns {1 if added now (0: added before), units leased out in the window}.
+/// Public so its semantics can be tested against a real Redis.
 pub const QUOTA_SYNC: &str = r"
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
   local used = redis.call('INCRBY', KEYS[1], ARGV[1])
   redis.call('EXPIREAT', KEYS[1], ARGV[2])
-  return used
+  return {1, used}
 end
-return -1
+return {0, tonumber(redis.call('GET', KEYS[1]) or '0')}
 ";
 
 /// In-flight slots: fields replica → 'held:expiry_ms'. Drops expired fields, then sets ARGV[1]'s
@@ -438,8 +459,16 @@ pub struct RedisState {
     up: AtomicBool,
     /// Live replicas at the last heartbeat (at least 1).
     replicas: AtomicUsize,
-    /// Makes every outage sync token unique.
+    /// Where the next heartbeat tick starts in the tenant list.
+    tick_start: AtomicUsize,
+    /// Makes every outage sync token unique within this process...
     sync_seq: AtomicU64,
+    /// ...and this random number across processes: a replica with a fixed `replica_id` that
+    /// restarts counts `sync_seq` from 0 again, while the tokens of its previous life are kept
+    /// in Redis for days; without it, its next outage's units would be taken as added already.
+    sync_nonce: u64,
+    /// The password in `settings.url` (as written and percent-decoded), kept out of logs.
+    secrets: Vec<String>,
     scheduler: Arc<Scheduler>,
     metrics: RedisMetrics,
 }
@@ -480,6 +509,9 @@ impl RedisState {
             up: AtomicBool::new(true),
             replicas: AtomicUsize::new(1),
             sync_seq: AtomicU64::new(0),
+            tick_start: AtomicUsize::new(0),
+            sync_nonce: getrandom::u64().map_err(|e| format!("no random source for the outage sync tokens: {e}"))?,
+            secrets: url_secrets(&settings.url),
             scheduler,
             metrics,
         }))
@@ -508,7 +540,7 @@ impl RedisState {
         format!("{{{}}}:replicas", self.settings.key_prefix)
     }
 
-    /// Runs one script with a background time bound, counting it; an error marks Redis down.
+    /// Runs one script with a background time bound, counting it; any failure marks Redis down.
     async fn call<T: FromRedisValue>(&self, op: &'static str, invocation: redis::ScriptInvocation<'_>) -> Option<T> {
         self.metrics.calls.with_label_values(&[op]).inc();
         let started = std::time::Instant::now();
@@ -519,18 +551,12 @@ impl RedisState {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
                 self.metrics.errors.with_label_values(&[op]).inc();
-                if e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_cluster_error()
-                {
-                    self.mark_down(op, &e.to_string());
-                } else {
-                    // Redis answered: a script or data error is not an outage. This request
-                    // waits out its budget; the error is logged and counted.
-                    tracing::error!(op, error = %e, "Redis refused a bureau-guard script");
-                }
+                // Not only a lost connection: a Redis that answers NOAUTH/WRONGPASS, OOM,
+                // READONLY, LOADING, BUSY, CLUSTERDOWN or a script error cannot hold the limits
+                // either, and answers the next call the same way. Treating it as an outage lets
+                // on_unavailable decide at once, instead of every waiting request retrying for
+                // its whole budget; the heartbeat's next success brings Redis back.
+                self.mark_down(op, &self.redact(&e.to_string()));
                 None
             }
             Err(_) => {
@@ -541,6 +567,7 @@ impl RedisState {
         }
     }
 
+    /// Logs the start of an outage once (the heartbeat logs its end).
     fn mark_down(&self, op: &str, why: &str) {
         if self.up.swap(false, Ordering::AcqRel) {
             self.metrics.up.set(0);
@@ -548,9 +575,18 @@ impl RedisState {
                 op,
                 error = why,
                 policy = ?self.settings.on_unavailable,
-                "Redis unreachable: shared limits are decided by state.redis.on_unavailable until it answers again"
+                "Redis unreachable or refusing our calls: shared limits are decided by state.redis.on_unavailable until a heartbeat succeeds"
             );
         }
+    }
+
+    /// An error text without the URL's password (client errors may quote the URL).
+    fn redact(&self, text: &str) -> String {
+        let mut text = text.replace(&self.settings.url, &redact_url(&self.settings.url));
+        for secret in &self.secrets {
+            text = text.replace(secret.as_str(), "***");
+        }
+        text
     }
 
     /// The time one request may spend waiting for Redis, over all its limits.
@@ -680,13 +716,15 @@ impl RedisState {
         self.spawn_refill(&tenant.state, |s| &s.leases().rate, async move {
             let lease = &state.leases().rate;
             let now = now_ns();
+            // The request needs `cost` tokens; what the pool holds counts towards them.
+            let need = need.saturating_sub(lease.avail.load().1).max(1);
             let cap = u64::from(policy.burst / 2).max(1);
             let want = lease.next_batch(need, cap, period, now);
             let t_us = policy.emission().as_micros().max(1) as u64;
             let tau_us = t_us.saturating_mul(u64::from(policy.burst.max(1)));
             let key = this.key(&id, format_args!("rate"));
             let mut inv = this.scripts.rate_lease.key(key);
-            inv.arg(t_us).arg(tau_us).arg(want);
+            inv.arg(t_us).arg(tau_us).arg(want).arg(need);
             if let Some((granted, retry_us, left)) = this.call::<(u64, u64, u64)>("rate_lease", inv).await {
                 lease.last_seen.set(0, left);
                 if granted > 0 {
@@ -830,8 +868,7 @@ impl RedisState {
         // moved on, is charged to the newer window (as the local counters do): leasing units
         // of a day that is over would strand them.
         let window = window.max(lease.avail.load().0);
-        // Kept a day past the window's end, for the admin view and late requests.
-        let expire_at = now_unix_s + resets_in as i64 + 2 * 86_400;
+        let expire_at = now_unix_s + resets_in as i64 + WINDOW_GRACE_S;
         let got = self
             .acquire(
                 budget,
@@ -937,47 +974,77 @@ impl RedisState {
         w: &Windows,
         now_unix_s: i64,
     ) {
+        let started = Instant::now();
         let was_up = self.is_up();
         if !self.heartbeat().await {
             return;
         }
         if !was_up && !self.up.swap(true, Ordering::AcqRel) {
             self.metrics.up.set(1);
-            tracing::info!("Redis reachable again: shared limits resume; units charged meanwhile are being added");
+            tracing::info!("Redis answers again: shared limits resume; units charged meanwhile are being added");
         }
-        for t in tenants {
-            // A Redis that stops answering mid-tick ends the tick: the next heartbeat must not
-            // wait behind a timeout per tenant.
-            if !self.is_up() {
-                return;
-            }
-            // Every tick, not only the first after an outage: a sync that failed is retried.
-            self.sync_outage(&t.id, &t.state, w, now_unix_s).await;
-            if !was_up {
+        if !was_up {
+            for t in tenants {
                 t.state.leases().rate.clear_denial();
                 t.state.leases().daily.clear_denial();
                 t.state.leases().monthly.clear_denial();
             }
-            self.renew_in_flight(&t.id, &t.state, t.limits.max_in_flight).await;
-            self.return_idle_rate(t).await;
         }
-        for (id, state) in retired {
-            if !self.is_up() {
-                return;
-            }
-            self.release_tenant(id, state, None, w, now_unix_s).await;
+        // Tenants overlap (their calls share the multiplexed connection, so they go out
+        // pipelined): a tick costs a few round trips, not three per tenant. It starts at
+        // another tenant each time, so ticks cut short do not keep skipping the same ones.
+        let start = self.tick_start.fetch_add(TICK_CONCURRENCY, Ordering::Relaxed) % tenants.len().max(1);
+        let work = async {
+            futures_util::stream::iter(tenants[start..].iter().chain(&tenants[..start]))
+                .for_each_concurrent(TICK_CONCURRENCY, |t| async move {
+                    // A Redis that stops answering mid-tick ends the tick: the next heartbeat
+                    // must not wait behind a timeout per tenant.
+                    if !self.is_up() {
+                        return;
+                    }
+                    // Every tick, not only the first after an outage: a failed sync is retried.
+                    self.sync_outage(&t.id, &t.state, w, now_unix_s).await;
+                    if self.is_up() {
+                        self.renew_in_flight(&t.id, &t.state, t.limits.max_in_flight).await;
+                    }
+                    if self.is_up() {
+                        self.return_idle_rate(t).await;
+                    }
+                })
+                .await;
+            futures_util::stream::iter(retired)
+                .for_each_concurrent(TICK_CONCURRENCY, |(id, state)| async move {
+                    self.release_tenant(id, state, None, w, now_unix_s).await;
+                })
+                .await;
+        };
+        // The next heartbeat must come within lease_ttl (or this replica is counted out and its
+        // slots expire): half of it for the whole tick leaves at least one heartbeat interval
+        // (validation: lease_ttl >= 2 x heartbeat_interval). What a cut tick did not reach
+        // waits for the next one; a sync cut in flight is resent with its token.
+        let bound = self.settings.lease_ttl / 2;
+        if tokio::time::timeout(bound.saturating_sub(started.elapsed()), work).await.is_err() {
+            tracing::warn!(
+                ?bound,
+                tenants = tenants.len(),
+                "a heartbeat tick was cut short; the rest waits for the next"
+            );
         }
     }
 
     /// Adds the units charged during an outage. Each batch is sent with a token Redis
     /// remembers, and resent with the same token until acknowledged, so a sync whose answer
-    /// was lost is not counted twice.
+    /// was lost is not counted twice. The answer's total becomes the quota's last seen use:
+    /// the next outage's share is of what is left after this one (and the other replicas'
+    /// outages synced before), not again of what was left before it.
     async fn sync_outage(&self, id: &str, state: &TenantState, w: &Windows, now_unix_s: i64) {
         let l = state.leases();
-        for (k, (counter, name, resets_in)) in
-            [(&l.outage_daily, "daily", w.day_resets_in_s), (&l.outage_monthly, "monthly", w.month_resets_in_s)]
-                .into_iter()
-                .enumerate()
+        for (k, (counter, lease, name, resets_in)) in [
+            (&l.outage_daily, &l.daily, "daily", w.day_resets_in_s),
+            (&l.outage_monthly, &l.monthly, "monthly", w.month_resets_in_s),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let pending = l.pending_sync.lock().expect("pending sync lock not poisoned")[k];
             let batch = match pending {
@@ -993,12 +1060,13 @@ impl RedisState {
                 }
             };
             let key = self.key(id, format_args!("{name}:{}", batch.window));
-            let token = self.key(id, format_args!("sync:{}:{}", self.replica, batch.seq));
-            let keep = (resets_in + 2 * 86_400) as i64;
+            let token = self.key(id, format_args!("sync:{}:{:016x}:{}", self.replica, self.sync_nonce, batch.seq));
+            let keep = resets_in as i64 + WINDOW_GRACE_S;
             let mut inv = self.scripts.quota_sync.key(key);
             inv.key(token).arg(batch.units).arg(now_unix_s + keep).arg(keep);
-            // Either answer is an acknowledgement: a total (added now), or -1 (added before).
-            if self.call::<i64>("quota_sync", inv).await.is_some() {
+            // Either answer is an acknowledgement: added now, or added before (a lost answer).
+            if let Some((_added, used)) = self.call::<(u64, u64)>("quota_sync", inv).await {
+                lease.last_seen.raise(batch.window, used);
                 counter.sub(batch.window, batch.units);
                 l.pending_sync.lock().expect("pending sync lock not poisoned")[k] = None;
                 tracing::info!(
@@ -1068,13 +1136,22 @@ impl RedisState {
         w: &Windows,
         now_unix_s: i64,
     ) {
+        // Each step only while Redis answers: a hung Redis costs one timeout, not one per step.
+        if !self.is_up() {
+            return;
+        }
         self.sync_outage(id, state, w, now_unix_s).await;
         let l = state.leases();
-        if let Some(policy) = rate {
+        if let Some(policy) = rate
+            && self.is_up()
+        {
             let (_, n) = l.rate.avail.take_all();
             self.give_back_rate(id, policy, n).await;
         }
         for (lease, name) in [(&l.daily, "daily"), (&l.monthly, "monthly")] {
+            if !self.is_up() {
+                return;
+            }
             let (window, n) = lease.avail.take_all();
             if n > 0 {
                 let mut inv = self.scripts.quota_return.key(self.key(id, format_args!("{name}:{window}")));
@@ -1082,36 +1159,50 @@ impl RedisState {
                 let _ = self.call::<i64>("quota_return", inv).await;
             }
         }
-        if l.held.swap(0, Ordering::AcqRel) > 0 {
+        if self.is_up() && l.held.swap(0, Ordering::AcqRel) > 0 {
             let mut inv = self.scripts.in_flight.key(self.key(id, format_args!("inflight")));
             inv.arg(&self.replica).arg("set").arg(0).arg(-1).arg(1);
             let _ = self.call::<(u64, u32, u64)>("in_flight", inv).await;
         }
     }
 
-    /// On shutdown (after the drain): everything this replica holds goes back, and it leaves
-    /// the replica count. With Redis unreachable there is nothing to do: unsynced outage units
-    /// are lost (logged), in-flight slots expire with the lease.
+    /// On shutdown (after the drain): everything this replica holds goes back, within
+    /// [`RELEASE_DEADLINE`] in all, and it leaves the replica count. With Redis down (or once
+    /// it stops answering) the give-backs are skipped: unsynced outage units are lost (logged),
+    /// in-flight slots expire with the lease, unspent units are lost to the tenant (the safe
+    /// side). Leaving is tried either way, on its own short bound, so a Redis that answers
+    /// again hands this replica's share of the bureau budget to the others at once.
     pub async fn release_all(&self, tenants: &[Arc<Tenant>], w: &Windows, now_unix_s: i64) {
-        if !self.is_up() {
-            let unsynced: u64 = tenants
-                .iter()
-                .map(|t| t.state.leases().outage_daily.load().1 + t.state.leases().outage_monthly.load().1)
-                .sum();
-            if unsynced > 0 {
-                tracing::error!(
-                    units = unsynced,
-                    "shutting down with Redis unreachable: quota units charged during the outage are not in Redis"
-                );
+        if self.is_up() {
+            let release = futures_util::stream::iter(tenants).for_each_concurrent(TICK_CONCURRENCY, |t| async move {
+                if self.is_up() {
+                    self.release_tenant(&t.id, &t.state, t.rate.as_ref(), w, now_unix_s).await;
+                }
+            });
+            if tokio::time::timeout(RELEASE_DEADLINE, release).await.is_err() {
+                tracing::warn!(deadline = ?RELEASE_DEADLINE, "shutting down: Redis too slow to take back everything this replica held");
             }
-            return;
         }
-        for t in tenants {
-            self.release_tenant(&t.id, &t.state, t.rate.as_ref(), w, now_unix_s).await;
+        let unsynced: u64 = tenants
+            .iter()
+            .map(|t| t.state.leases().outage_daily.load().1 + t.state.leases().outage_monthly.load().1)
+            .sum();
+        if unsynced > 0 {
+            tracing::error!(
+                units = unsynced,
+                "shutting down with Redis unreachable: quota units charged during the outage are not in Redis"
+            );
         }
         let leave = redis::cmd("ZREM").arg(self.replicas_key()).arg(&self.replica).clone();
-        let _ =
-            tokio::time::timeout(BACKGROUND_TIMEOUT, self.conn.run(async |c| leave.query_async::<i64>(c).await)).await;
+        let leave = async {
+            // A connection that died in the outage fails its first command and reconnects.
+            for _ in 0..2 {
+                if self.conn.run(async |c| leave.query_async::<i64>(c).await).await.is_ok() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LEAVE_TIMEOUT, leave).await;
     }
 
     /// Admin reset: the tenant's daily and monthly counts for the current windows start over
@@ -1119,14 +1210,10 @@ impl RedisState {
     pub async fn reset(&self, t: &Tenant, w: &Windows) -> Option<(u64, u64)> {
         let (day, month) =
             (self.key(&t.id, format_args!("daily:{}", w.day)), self.key(&t.id, format_args!("monthly:{}", w.month)));
-        self.metrics.calls.with_label_values(&["reset"]).inc();
         let mut inv = self.scripts.reset.key(day);
         inv.key(month);
-        let result =
-            tokio::time::timeout(BACKGROUND_TIMEOUT, self.conn.run(async |c| inv.invoke_async::<(u64, u64)>(c).await))
-                .await;
-        match result {
-            Ok(Ok((d, m))) => {
+        match self.call::<(u64, u64)>("reset", inv).await {
+            Some((d, m)) => {
                 let l = t.state.leases();
                 l.daily.avail.take_all();
                 l.monthly.avail.take_all();
@@ -1136,10 +1223,7 @@ impl RedisState {
                 l.monthly.clear_denial();
                 Some((d, m))
             }
-            _ => {
-                self.metrics.errors.with_label_values(&["reset"]).inc();
-                None
-            }
+            None => None,
         }
     }
 
@@ -1163,9 +1247,47 @@ impl RedisState {
     }
 }
 
+/// The password of a Redis URL (user info or `?password=`/`?pass=`), as written and decoded.
+fn url_secrets(url: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    if let (Some(scheme_end), Some(at)) = (base.find("://"), base.rfind('@'))
+        && at > scheme_end
+        && let Some((_, pw)) = base[scheme_end + 3..at].split_once(':')
+    {
+        out.push(pw.to_string());
+    }
+    for pair in query.split('&') {
+        if let Some(("password" | "pass", pw)) = pair.split_once('=') {
+            out.push(pw.to_string());
+        }
+    }
+    let decoded: Vec<String> =
+        out.iter().map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()).collect();
+    out.extend(decoded);
+    out.retain(|s| !s.is_empty());
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// `host-pid-random`: unique per process, readable in `redis-cli`.
 fn default_replica_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
     format!("{}-{}-{:04x}", if host.is_empty() { "replica" } else { &host }, std::process::id(), fastrand::u16(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_of_a_redis_url_is_found_to_be_kept_out_of_logs() {
+        assert_eq!(url_secrets("redis://:s%40cret@h:6379/0"), ["s%40cret", "s@cret"]);
+        assert_eq!(url_secrets("rediss://user:pw@h"), ["pw"]);
+        assert_eq!(url_secrets("redis+unix:///run/redis.sock?db=1&pass=pw2"), ["pw2"]);
+        assert!(url_secrets("redis://h:6379").is_empty());
+        assert!(url_secrets("redis://user@h:6379").is_empty());
+    }
 }

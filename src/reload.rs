@@ -173,8 +173,14 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     field("quota.utc_offset", old.quota.utc_offset.to_string(), new.quota.utc_offset.to_string(), false);
     field("state.file", format!("{:?}", old.state.file), format!("{:?}", new.state.file), true);
     field("state.flush_interval", dur(old.state.flush_interval), dur(new.state.flush_interval), true);
-    // The Redis connection, replica id and leases are set up at start-up.
-    field("state.backend", backend(&old.state.backend), backend(&new.state.backend), true);
+    // The Redis connection, replica id and leases are set up at start-up. Compared as values:
+    // the text hides the URL's password, and a new password (in `url`, or a new value of
+    // `url_env`'s variable) needs a restart as much as a new host.
+    let (b0, b1) = (backend(&old.state.backend), backend(&new.state.backend));
+    if b0 == b1 && old.state.backend != new.state.backend {
+        field("state.redis.url", "(old credentials, not shown)".into(), "(new, not shown)".into(), true);
+    }
+    field("state.backend", b0, b1, true);
     field("log.format", format!("{:?}", old.log.format), format!("{:?}", new.log.format), true);
     field("log.access_log", old.log.access_log.to_string(), new.log.access_log.to_string(), false);
     // The cache and the audit writer are built once per process (their entries and queue
@@ -434,6 +440,24 @@ api_key_sha256 = "{}"
             "{changes:?}"
         );
         assert!(!changes[0].contains("restart"));
+    }
+
+    #[test]
+    fn a_new_redis_password_needs_a_restart_and_is_never_shown() {
+        let with_url = |url: &str| {
+            let text = format!("[state]\nbackend = \"redis\"\n[state.redis]\nurl = \"{url}\"\n{}", toml_of_minimal());
+            Config::from_toml(&text, &|_| None).unwrap()
+        };
+        let old = with_url("redis://app:old-Secret-1@redis.internal:6379/0");
+        let new = with_url("redis://app:new-Secret-2@redis.internal:6379/0");
+        let changes: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
+        assert_eq!(changes, ["state.redis.url: (old credentials, not shown) → (new, not shown) (needs a restart)"]);
+        let moved = with_url("redis://app:new-Secret-2@redis2.internal:6379/0");
+        let changes: Vec<String> = diff(&old, &moved).iter().map(ToString::to_string).collect();
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(changes[0].starts_with("state.backend: ") && changes[0].ends_with("(needs a restart)"));
+        assert!(!changes[0].contains("Secret"), "{changes:?}");
+        assert!(diff(&old, &old).is_empty());
     }
 
     fn toml_of_minimal() -> String {

@@ -4,8 +4,9 @@
 //! because its rate limit changed, and a restart must not hand every bank a fresh day. So the
 //! counters live here, keyed by tenant id, outside any snapshot; snapshots hold `Arc`s to them.
 //! A [`CounterStore`] persists them: [`FileStore`] writes an atomic, fsynced JSON file every
-//! flush interval and at shutdown. A shared store (Redis, for several replicas) is planned to
-//! replace it behind the same trait.
+//! flush interval and at shutdown. With `state.backend = "redis"` (several replicas) the shared
+//! limits live in Redis instead (`redis_state.rs`, leased through `lease.rs` into the
+//! [`TenantState`] here); no file is written then.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -120,6 +121,24 @@ impl WindowCounter {
             let (w, c) = unpack(cur);
             match self.0.compare_exchange_weak(cur, pack(w, 0), Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return (w, c),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Raises the count of `window` to at least `count`: replaces an older window's count, and
+    /// is void for a window older than the one held (a total reported by Redis).
+    pub fn raise(&self, window: u32, count: u64) {
+        let mut cur = self.0.load(Ordering::Acquire);
+        loop {
+            let (w, c) = unpack(cur);
+            let next = match w.cmp(&window) {
+                std::cmp::Ordering::Greater => return,
+                std::cmp::Ordering::Equal if c >= count => return,
+                _ => pack(window, count),
+            };
+            match self.0.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
                 Err(actual) => cur = actual,
             }
         }
@@ -331,6 +350,20 @@ mod tests {
         assert_eq!(c.get(8), 1, "a refund from yesterday does not touch today");
         assert_eq!(c.try_add(7, 1, Some(5), true), Ok(2), "a late request from yesterday is charged to today");
         assert_eq!(c.get(8), 2, "and never moves the counter back");
+    }
+
+    #[test]
+    fn window_counter_raise_only_moves_up_within_a_window_and_ignores_older_ones() {
+        let c = WindowCounter::default();
+        c.set(7, 10);
+        c.raise(7, 8);
+        assert_eq!(c.get(7), 10, "never lowered");
+        c.raise(7, 12);
+        assert_eq!(c.get(7), 12);
+        c.raise(6, 50);
+        assert_eq!(c.get(7), 12, "yesterday's total does not touch today");
+        c.raise(8, 3);
+        assert_eq!(c.load(), (8, 3), "a newer window replaces");
     }
 
     #[test]

@@ -647,13 +647,13 @@ async fn a_request_from_just_before_midnight_is_charged_to_the_new_day() {
     use bureau_guard::quota::ManualClock;
     let Some(redis) = RedisServer::start("redis-midnight") else { return };
     let mock = start_mock(fast_mock()).await;
-    // One second before the next midnight in Seoul (quota.utc_offset defaults to +09:00), taken
-    // from the real date: Redis expires each day's counter by its own clock after the window, so
-    // a fixed date would turn into one whose counters Redis drops at once.
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    const DAY_MS: i64 = 86_400_000;
-    const SEOUL_MS: i64 = 9 * 3_600_000;
-    let before_midnight_ms = ((now_ms + SEOUL_MS) / DAY_MS + 1) * DAY_MS - SEOUL_MS - 1000;
+    // 23:59:59 in Seoul (quota.utc_offset defaults to +09:00) of the coming night: a date taken
+    // from the real clock, because the quota keys expire (EXPIREAT) after the window plus a
+    // grace on Redis's own clock, so a fixed date in the past would expire them at once.
+    const SEOUL_S: i64 = 9 * 3600;
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let next_midnight_s = ((now_s + SEOUL_S) / 86_400 + 1) * 86_400 - SEOUL_S;
+    let before_midnight_ms = (next_midnight_s - 1) * 1000;
     let clock = Arc::new(ManualClock::new(before_midnight_ms));
     let text = config_with(
         &mock.url(),
@@ -687,8 +687,8 @@ fn an_outage_sync_resent_with_its_token_counts_once() {
     let Some(redis) = RedisServer::start("redis-sync") else { return };
     let script = bureau_guard::redis_state::QUOTA_SYNC;
     let sync = || redis.cli(&["EVAL", script, "2", "{p:a}:daily:1", "{p:a}:sync:r1:7", "4", "4102444800", "86400"]);
-    assert_eq!(sync(), "4", "the first sync adds its units");
-    assert_eq!(sync(), "-1", "the same batch resent (its answer was lost) adds nothing");
+    assert_eq!(sync(), "1\n4", "the first sync adds its units, and answers the total");
+    assert_eq!(sync(), "0\n4", "the same batch resent (its answer was lost) adds nothing");
     assert_eq!(redis.cli(&["GET", "{p:a}:daily:1"]), "4");
 }
 
@@ -762,5 +762,298 @@ async fn rediss_with_a_private_ca_and_a_client_certificate() {
     let proxy = app::start(parse(&text)).await.unwrap();
     let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
     assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(0.0));
+    proxy.shutdown().await;
+}
+
+/// A TCP `redis-server` that requires `password` (`requirepass`).
+fn start_redis_with_password(name: &str, password: &str) -> Option<(Proc, u16)> {
+    if !redis_available() {
+        return None;
+    }
+    let dir = temp_dir(name);
+    let auth = ["-a", password, "--no-auth-warning"].map(String::from);
+    let args = |port: u16| -> Vec<String> {
+        ["--bind", "127.0.0.1", "--port", &port.to_string(), "--appendonly", "no", "--requirepass", password]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    };
+    Some(start_tcp_redis(&dir, args, &auth))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_redis_password_is_an_outage_the_policy_decides_at_once() {
+    const RIGHT: &str = "right-Pw-7f3a";
+    const WRONG: &str = "wrong-Pw-c91e";
+    let Some((_redis, port)) = start_redis_with_password("redis-wrongpw", RIGHT) else { return };
+    let mock = start_mock(fast_mock()).await;
+    let url = format!("redis://:{WRONG}@127.0.0.1:{port}");
+    let limits = "rate = 1000\ndaily_quota = 1000\nmax_in_flight = 10";
+
+    // fail_closed: refused at once, no request waits out its budget on a Redis that answers
+    // every call with WRONGPASS/NOAUTH.
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&url, "on_unavailable = \"fail_closed\""),
+            tenant_a: limits,
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    for i in 0..20 {
+        let r = get(&format!("http://{}/v1/score/W-{i}", proxy.addr), &[("x-api-key", KEY_A)]).await;
+        assert_eq!(r.status, 503, "fail_closed refuses while Redis refuses us");
+        assert_eq!(r.json()["error"], "state_unavailable");
+    }
+    assert_eq!(status(&format!("http://{}/v1/score/W-b", proxy.addr), KEY_B).await, 200, "b has no shared limit");
+    let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(0.0));
+    assert_eq!(
+        metric_value(&m, "bureau_guard_state_redis_budget_exceeded_total"),
+        Some(0.0),
+        "no request spun on Redis for its budget"
+    );
+    assert!(metric_value(&m, "bureau_guard_state_redis_errors_total{op=\"heartbeat\"}").unwrap() >= 1.0);
+    assert!(
+        metric_value(&m, "bureau_guard_state_redis_calls_total{op=\"rate_lease\"}").unwrap() <= 1.0,
+        "no refill per request while Redis is known to refuse"
+    );
+    proxy.shutdown().await;
+
+    // fail_open, as an operator runs it: served locally, logged once, the password nowhere.
+    let dir = temp_dir("redis-wrongpw-cfg");
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&url, "on_unavailable = \"fail_open\""),
+            tenant_a: limits,
+            ..Extras::default()
+        },
+    );
+    let config = replica_config(&dir, 1, &text);
+    let (mut replica, addr, admin) = spawn_serving(&config);
+    wait_healthy(&admin).await;
+    for i in 0..20 {
+        assert_eq!(status(&format!("http://{addr}/v1/score/W-{i}"), KEY_A).await, 200, "fail_open decides locally");
+    }
+    let m = get(&format!("http://{admin}/metrics"), &[]).await.text();
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(0.0));
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_budget_exceeded_total"), Some(0.0));
+    assert!(metric_value(&m, "bureau_guard_state_fallback_decisions_total{limit=\"daily\"}").unwrap() >= 20.0);
+    let pid = replica.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while replica.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the replica did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log_file = config.with_extension("log");
+    wait_until_async("the whole log", || async {
+        std::fs::read_to_string(&log_file).unwrap_or_default().contains("drained; bye")
+    })
+    .await;
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    assert!(!log.contains(WRONG) && !log.contains(RIGHT), "a password in the log:\n{log}");
+    let outage_errors = log.lines().filter(|l| l.contains("ERROR") && l.contains(" op=")).count();
+    assert_eq!(outage_errors, 1, "one error line per outage, not one per call:\n{log}");
+    assert!(log.contains("WRONGPASS") || log.contains("NOAUTH") || log.contains("uthentication"), "{log}");
+
+    // `check` prints the config's summary without the password.
+    let out = Command::new(BIN).args(["check", "--config", config.to_str().unwrap()]).output().unwrap();
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{printed}");
+    assert!(!printed.contains(WRONG), "{printed}");
+    // The fix for the operator: the right password, which `check --diff` reports (a restart
+    // is needed) without showing either.
+    let fixed = replica_config(&dir, 2, &text.replace(WRONG, RIGHT));
+    let out = Command::new(BIN)
+        .args(["check", "--config", fixed.to_str().unwrap(), "--diff", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{printed}");
+    assert!(printed.contains("state.redis.url: ") && printed.contains("(needs a restart)"), "{printed}");
+    assert!(!printed.contains(WRONG) && !printed.contains(RIGHT), "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_in_the_redis_url_authenticates() {
+    const RIGHT: &str = "right-Pw-5b20";
+    let Some((_redis, port)) = start_redis_with_password("redis-rightpw", RIGHT) else { return };
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&format!("redis://:{RIGHT}@127.0.0.1:{port}"), ""),
+            tenant_a: "daily_quota = 3",
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(status(&format!("http://{}/v1/score/P-{i}", proxy.addr), KEY_A).await, 200);
+    }
+    let r = get(&format!("http://{}/v1/score/P-x", proxy.addr), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.status, 429, "the quota is kept in the password-protected Redis");
+    assert_eq!(r.json()["error"], "daily_quota_exhausted");
+    let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(1.0));
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_errors_total{op=\"quota_lease\"}"), Some(0.0));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_with_a_fixed_id_adds_its_next_outage_too() {
+    let Some(mut redis) = RedisServer::start("redis-fixed-id") else { return };
+    let mock = start_mock(fast_mock()).await;
+    // lease = 0: Redis's count is exactly the look-ups charged.
+    let extra = "lease = \"0s\"\non_unavailable = \"fail_open\"\nreplica_id = \"bg-fixed-1\"";
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state(&redis.url(), extra), tenant_a: "daily_quota = 1000", ..Extras::default() },
+    );
+    let mut expected = 0;
+    // The same replica id in two processes, one after the other, each through one outage: the
+    // second one's sync must not be taken for the first one's, already added.
+    for round in 0..2 {
+        let proxy = app::start(parse(&text)).await.unwrap();
+        let url = |i: usize| format!("http://{}/v1/score/F{round}-{i}", proxy.addr);
+        assert_eq!(status(&url(0), KEY_A).await, 200);
+        redis.stop();
+        for i in 1..4 {
+            assert_eq!(status(&url(i), KEY_A).await, 200, "fail_open serves while Redis is down");
+        }
+        redis.launch();
+        expected += 4;
+        let key = redis.cli(&["--scan", "--pattern", "*:a}:daily:*"]);
+        wait_until_async(&format!("round {round}: {expected} look-ups counted in Redis"), || async {
+            redis.cli(&["GET", &key]) == expected.to_string()
+        })
+        .await;
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_outage_opens_no_new_share_of_a_used_up_quota() {
+    let Some(mut redis) = RedisServer::start("redis-second-outage") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&redis.url(), "lease = \"0s\"\non_unavailable = \"fail_open\""),
+            tenant_a: "daily_quota = 20",
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let url = |i: usize| format!("http://{}/v1/score/Q-{i}", proxy.addr);
+    let mut served = 0;
+    for i in 0..10 {
+        assert_eq!(status(&url(i), KEY_A).await, 200);
+        served += 1;
+    }
+    // First outage: this (only) replica's share of the 10 left at the last contact.
+    redis.stop();
+    for i in 10..25 {
+        if status(&url(i), KEY_A).await == 200 {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 20, "the share of what was left, and no more");
+    redis.launch();
+    let key = redis.cli(&["--scan", "--pattern", "*:a}:daily:*"]);
+    wait_until_async("the outage units added", || async { redis.cli(&["GET", &key]) == "20" }).await;
+    // Second outage, before any look-up has leased again: the sync's answer says the quota
+    // is used up, so there is no share left to open.
+    redis.stop();
+    for i in 25..35 {
+        if status(&url(i), KEY_A).await == 200 {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 20, "{served} look-ups passed a daily quota of 20 over two outages");
+    proxy.shutdown().await;
+}
+
+/// `[state]` for Redis with no heartbeat after the first (10 s apart): what the test does to
+/// Redis is not noticed by a heartbeat in between.
+fn redis_state_quiet(url: &str) -> String {
+    redis_state(url, "").replace(
+        "heartbeat_interval = \"100ms\"\nlease_ttl = \"1s\"",
+        "heartbeat_interval = \"10s\"\nlease_ttl = \"20s\"",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_against_a_hung_redis_is_bounded() {
+    let Some(redis) = RedisServer::start("redis-hung-exit") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let limits = "rate = 1000\ndaily_quota = 1000\nmonthly_quota = 10000\nmax_in_flight = 10";
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state_quiet(&redis.url()), tenant_a: limits, tenant_b: limits, ..Extras::default() },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    for i in 0..3 {
+        for key in [KEY_A, KEY_B] {
+            assert_eq!(status(&format!("http://{}/v1/score/X-{i}", proxy.addr), key).await, 200);
+        }
+    }
+    // Both tenants hold rate tokens, quota units and in-flight slots: four give-backs each,
+    // every one of which would wait the full call timeout on a hung Redis.
+    redis.signal("-STOP");
+    let started = Instant::now();
+    proxy.shutdown().await;
+    let took = started.elapsed();
+    redis.signal("-CONT");
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?} against a hung Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_leaves_the_replica_set_even_after_an_outage() {
+    let Some(mut redis) = RedisServer::start("redis-leave") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state_quiet(&redis.url()), tenant_a: "daily_quota = 1000", ..Extras::default() },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let members = |redis: &RedisServer| redis.cli(&["ZCARD", "{bureau-guard}:replicas"]);
+    assert_eq!(members(&redis), "1");
+    // An outage this replica noticed; Redis is back before any heartbeat has seen it.
+    redis.stop();
+    assert_eq!(status(&format!("http://{}/v1/score/L-1", proxy.addr), KEY_A).await, 200);
+    let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(0.0));
+    redis.launch();
+    proxy.shutdown().await;
+    assert_eq!(members(&redis), "0", "a clean shutdown leaves the replica set, so the others take its budget now");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dear_request_refused_by_the_shared_rate_leaves_no_tokens_and_waits_for_its_cost() {
+    let Some(redis) = RedisServer::start("redis-cost") else { return };
+    let mock = start_mock(fast_mock()).await;
+    // One token a second, burst 4; a report costs 3.
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state(&redis.url(), ""), tenant_a: "rate = 1\nburst = 4", ..Extras::default() },
+    )
+    .replace("name = \"report\"\n", "name = \"report\"\ncost = 3\n");
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let url = format!("http://{}/v1/credit-report", proxy.addr);
+    let body = br#"{"subject_id":"S-9","report_type":"full"}"#;
+    let report = || async { send(&client(), http::Method::POST, &url, &[("x-api-key", KEY_A)], body).await };
+    assert_eq!(report().await.status, 200, "3 of the 4 tokens");
+    // One token is left in Redis; the next report needs 3: refused, with the time until 3 are
+    // there (2 s), and the one token stays in Redis rather than idle in this replica's pool.
+    let r = report().await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"], "rate_limited");
+    assert_eq!(r.headers["retry-after"], "2", "the wait for the request's cost, not for one token");
+    let pooled = proxy.shared.states.get_or_create("a").leases().rate.avail.load().1;
+    assert_eq!(pooled, 0, "no tokens leased that the request could not use");
     proxy.shutdown().await;
 }
