@@ -203,6 +203,10 @@ pub struct RedisSettings {
     pub lease_ttl: Duration,
     /// This replica's name in Redis; default: host name, process id and a random suffix.
     pub replica_id: Option<String>,
+    /// The replicas this one assumes until Redis has answered once: a replica started while
+    /// Redis is unreachable knows of no other, and would otherwise take the whole bureau budget,
+    /// rate and quota for itself.
+    pub expected_replicas: usize,
     /// With a `rediss://` URL: a private CA and/or a client certificate (else the platform's
     /// roots, no client certificate).
     pub tls: Option<RedisTls>,
@@ -222,6 +226,7 @@ impl fmt::Debug for RedisSettings {
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("lease_ttl", &self.lease_ttl)
             .field("replica_id", &self.replica_id)
+            .field("expected_replicas", &self.expected_replicas)
             .field("cluster", &self.cluster)
             .field("tls", &self.tls)
             .finish()
@@ -528,6 +533,7 @@ struct RawRedis {
     heartbeat_interval: Option<String>,
     lease_ttl: Option<String>,
     replica_id: Option<String>,
+    expected_replicas: Option<i64>,
     cluster: Option<bool>,
     ca: Option<String>,
     client_cert: Option<String>,
@@ -1245,6 +1251,14 @@ fn validate_backend(p: &mut Problems, raw: &RawState, env: &dyn Fn(&str) -> Opti
     {
         p.add("state.redis.replica_id", "1 to 128 characters of [A-Za-z0-9-_.:]");
     }
+    let expected_replicas = match r.expected_replicas {
+        None => 1,
+        Some(n @ 1..=1000) => n as usize,
+        Some(n) => {
+            p.add("state.redis.expected_replicas", format!("{n} must be between 1 and 1000 (the size of the fleet)"));
+            1
+        }
+    };
     let tls = validate_redis_tls(p, url.as_deref(), &r, now);
     StateBackend::Redis(Box::new(RedisSettings {
         tls,
@@ -1256,6 +1270,7 @@ fn validate_backend(p: &mut Problems, raw: &RawState, env: &dyn Fn(&str) -> Opti
         heartbeat_interval,
         lease_ttl,
         replica_id: r.replica_id.clone(),
+        expected_replicas,
         cluster: r.cluster.unwrap_or(false),
     }))
 }
@@ -1799,9 +1814,10 @@ api_key_sha256 = "{KEY_HEX}"
             (defaults::REDIS_TIMEOUT, defaults::REDIS_LEASE, FailPolicy::FailOpen)
         );
         assert!(!format!("{r:?}").contains("s3cret"), "the password never reaches Debug output");
+        assert_eq!(r.expected_replicas, 1);
 
         let p = problems(&with(
-            "[state]\nbackend = \"redis\"\nfile = \"x.json\"\n[state.redis]\ntimeout = \"5s\"\non_unavailable = \"maybe\"\nheartbeat_interval = \"1s\"\nlease_ttl = \"1s\"\nkey_prefix = \"a{b}\"",
+            "[state]\nbackend = \"redis\"\nfile = \"x.json\"\n[state.redis]\ntimeout = \"5s\"\non_unavailable = \"maybe\"\nheartbeat_interval = \"1s\"\nlease_ttl = \"1s\"\nkey_prefix = \"a{b}\"\nexpected_replicas = 0",
         ));
         for want in [
             "state.file:",
@@ -1810,6 +1826,7 @@ api_key_sha256 = "{KEY_HEX}"
             "state.redis.on_unavailable: unknown policy \"maybe\"",
             "state.redis.lease_ttl: must be at least twice",
             "state.redis.key_prefix:",
+            "state.redis.expected_replicas: 0 must be between 1 and 1000",
         ] {
             assert!(p.iter().any(|x| x.starts_with(want)), "missing {want:?} in {p:?}");
         }

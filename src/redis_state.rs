@@ -457,7 +457,7 @@ pub struct RedisState {
     settings: RedisSettings,
     replica: String,
     up: AtomicBool,
-    /// Live replicas at the last heartbeat (at least 1).
+    /// Live replicas at the last heartbeat (at least 1; `expected_replicas` before the first).
     replicas: AtomicUsize,
     /// Where the next heartbeat tick starts in the tenant list.
     tick_start: AtomicUsize,
@@ -491,7 +491,12 @@ impl RedisState {
         let replica = settings.replica_id.clone().unwrap_or_else(default_replica_id);
         let metrics = RedisMetrics::register(registry);
         metrics.up.set(1);
-        metrics.replicas.set(1);
+        // Until Redis answers (the first heartbeat, before any traffic), assume the fleet's
+        // size: a replica that starts during an outage must not take the whole bureau budget.
+        // The smallest share (the highest rank), so no rank is assumed twice.
+        let expected = settings.expected_replicas.max(1);
+        metrics.replicas.set(expected as i64);
+        scheduler.set_share(expected - 1, expected);
         Ok(Arc::new(RedisState {
             conn,
             scripts: Scripts {
@@ -507,7 +512,7 @@ impl RedisState {
             settings: settings.clone(),
             replica,
             up: AtomicBool::new(true),
-            replicas: AtomicUsize::new(1),
+            replicas: AtomicUsize::new(expected),
             sync_seq: AtomicU64::new(0),
             tick_start: AtomicUsize::new(0),
             sync_nonce: getrandom::u64().map_err(|e| format!("no random source for the outage sync tokens: {e}"))?,

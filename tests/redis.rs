@@ -438,6 +438,51 @@ async fn redis_down_fail_closed_refuses_with_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_redis_is_down_takes_only_its_share_of_the_expected_fleet() {
+    let Some(mut redis) = RedisServer::start("redis-expected") else { return };
+    redis.stop();
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&redis.url(), "expected_replicas = 4"),
+            upstream: "max_concurrency = 64",
+            tenant_a: "daily_quota = 20",
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let metrics = || async { get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text() };
+    let m = metrics().await;
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(0.0));
+    assert_eq!(metric_value(&m, "bureau_guard_replicas"), Some(4.0));
+    assert_eq!(metric_value(&m, "bureau_guard_bureau_concurrency_limit"), Some(16.0), "a quarter of 64");
+    // fail_open, no use known: a quarter of the daily quota, not all of it.
+    let mut ok = 0;
+    for i in 0..30 {
+        match status(&format!("http://{}/v1/score/E-{i}", proxy.addr), KEY_A).await {
+            200 => ok += 1,
+            429 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(ok, 5, "a quarter of 20");
+    // Redis answers: the live count (this replica alone) replaces the assumption, and the
+    // outage's 5 units are added to the shared count.
+    redis.launch();
+    wait_until_async("the first heartbeat", || async {
+        metric_value(&metrics().await, "bureau_guard_bureau_concurrency_limit") == Some(64.0)
+    })
+    .await;
+    wait_until_async("the outage units synced", || async {
+        let key = redis.cli(&["--scan", "--pattern", "*:a}:daily:*"]);
+        !key.trim().is_empty() && redis.cli(&["GET", key.trim()]).trim() == "5"
+    })
+    .await;
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_survive_a_proxy_restart() {
     let Some(redis) = RedisServer::start("redis-restart") else { return };
     let mock = start_mock(fast_mock()).await;
