@@ -45,6 +45,13 @@ pub struct Lease {
     denied_retry_ns: AtomicU64,
     /// The window the refusal was about: a quota refused yesterday is not refused today.
     denied_window: AtomicU32,
+    /// The units the refused request needed: a cheaper request is asked of Redis again (the
+    /// bucket may hold fewer tokens than a costly route's cost, but enough for it).
+    denied_need: AtomicU64,
+    /// Redis failed a call about this limit's keys without being down (bad data in one
+    /// tenant's key) until this instant: requests are decided by the policy meanwhile, instead
+    /// of retrying a call that fails the same way for their whole budget.
+    failed_until: AtomicU64,
     /// Size of the next batch; adapts to demand. 0 until the first refill.
     batch: AtomicU64,
     /// When the last grant arrived (`ratelimit::now_ns`): sizes the next batch, and lets the
@@ -77,20 +84,34 @@ impl Lease {
         self.refilled.notified()
     }
 
-    /// Records a refusal from Redis: nothing more for `hold` (no round trip per refused
-    /// request while a tenant surges), `retry` to tell the client,
-    /// for `window` (0 for limits without windows).
-    pub fn deny(&self, now_ns: u64, window: u32, hold: Duration, retry: Duration) {
+    /// Records a refusal from Redis of a request needing `need` units: nothing more for
+    /// requests needing as many for `hold` (no round trip per refused request while a tenant
+    /// surges), `retry` to tell the client, for `window` (0 for limits without windows).
+    pub fn deny(&self, now_ns: u64, window: u32, need: u64, hold: Duration, retry: Duration) {
         self.denied_retry_ns.store(retry.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
         self.denied_window.store(window, Ordering::Relaxed);
+        self.denied_need.store(need, Ordering::Relaxed);
         self.denied_until.store(now_ns.saturating_add(hold.as_nanos() as u64), Ordering::Release);
     }
 
-    /// The `Retry-After` of a refusal for `window` still in force at `now_ns`.
-    pub fn denied(&self, now_ns: u64, window: u32) -> Option<Duration> {
+    /// The `Retry-After` of a refusal for `window` still in force at `now_ns` for a request
+    /// needing `need` units.
+    pub fn denied(&self, now_ns: u64, window: u32, need: u64) -> Option<Duration> {
         let until = self.denied_until.load(Ordering::Acquire);
-        (until > now_ns && self.denied_window.load(Ordering::Relaxed) == window)
-            .then(|| Duration::from_nanos(self.denied_retry_ns.load(Ordering::Relaxed)))
+        (until > now_ns
+            && self.denied_window.load(Ordering::Relaxed) == window
+            && need >= self.denied_need.load(Ordering::Relaxed))
+        .then(|| Duration::from_nanos(self.denied_retry_ns.load(Ordering::Relaxed)))
+    }
+
+    /// Records that a call about this limit failed while Redis is up: see `failed_until`.
+    pub fn fail(&self, now_ns: u64, hold: Duration) {
+        self.failed_until.store(now_ns.saturating_add(hold.as_nanos() as u64), Ordering::Release);
+    }
+
+    /// Whether a failure recorded by [`Lease::fail`] still holds at `now_ns`.
+    pub fn failing(&self, now_ns: u64) -> bool {
+        self.failed_until.load(Ordering::Acquire) > now_ns
     }
 
     /// Forgets a refusal (a reload or reset may have changed the limit).
@@ -193,14 +214,32 @@ mod tests {
     #[test]
     fn a_denial_holds_until_its_time() {
         let l = Lease::default();
-        assert_eq!(l.denied(5, 0), None);
-        l.deny(1_000 * MS, 7, Duration::from_millis(100), Duration::from_secs(3));
-        assert_eq!(l.denied(1_050 * MS, 7), Some(Duration::from_secs(3)));
-        assert_eq!(l.denied(1_050 * MS, 8), None, "a new window is not refused");
-        assert_eq!(l.denied(1_100 * MS, 7), None);
-        l.deny(1_000 * MS, 7, Duration::from_millis(100), Duration::from_secs(3));
+        assert_eq!(l.denied(5, 0, 1), None);
+        l.deny(1_000 * MS, 7, 1, Duration::from_millis(100), Duration::from_secs(3));
+        assert_eq!(l.denied(1_050 * MS, 7, 1), Some(Duration::from_secs(3)));
+        assert_eq!(l.denied(1_050 * MS, 8, 1), None, "a new window is not refused");
+        assert_eq!(l.denied(1_100 * MS, 7, 1), None);
+        l.deny(1_000 * MS, 7, 1, Duration::from_millis(100), Duration::from_secs(3));
         l.clear_denial();
-        assert_eq!(l.denied(1_050 * MS, 7), None);
+        assert_eq!(l.denied(1_050 * MS, 7, 1), None);
+    }
+
+    #[test]
+    fn a_refusal_of_a_costly_request_does_not_refuse_a_cheaper_one() {
+        let l = Lease::default();
+        l.deny(1_000 * MS, 0, 5, Duration::from_millis(10), Duration::from_secs(2));
+        assert_eq!(l.denied(1_005 * MS, 0, 5), Some(Duration::from_secs(2)));
+        assert_eq!(l.denied(1_005 * MS, 0, 8), Some(Duration::from_secs(2)));
+        assert_eq!(l.denied(1_005 * MS, 0, 1), None, "a cost-1 request may still pass: ask Redis");
+    }
+
+    #[test]
+    fn a_failure_holds_for_its_time() {
+        let l = Lease::default();
+        assert!(!l.failing(0));
+        l.fail(1_000 * MS, Duration::from_secs(1));
+        assert!(l.failing(1_999 * MS));
+        assert!(!l.failing(2_000 * MS));
     }
 
     #[tokio::test]

@@ -66,6 +66,9 @@ const LEAVE_TIMEOUT: Duration = Duration::from_millis(500);
 /// refusal holds longer (it lasts until the window ends, unless a reset or reload lifts it).
 const DENY_HOLD: Duration = Duration::from_millis(10);
 const QUOTA_DENY_HOLD: Duration = Duration::from_secs(1);
+/// A limit whose call failed on one tenant's data (Redis up) is decided by on_unavailable for
+/// this long before Redis is asked again.
+const FAILED_CALL_HOLD: Duration = Duration::from_secs(1);
 
 /// GCRA for a batch: grants up to `want` tokens of `t` µs each within burst tolerance `tau`,
 /// and none unless at least `need` (what the waiting request still lacks): fewer would sit
@@ -443,6 +446,23 @@ enum Got {
     Unavailable,
 }
 
+/// Whether a Redis error is about one tenant's keys (a key of the wrong type, a script that
+/// cannot read its value, a reply that does not decode) rather than Redis as a whole.
+/// An error inside a script that quotes a server-wide one (older Redis wraps them in `ERR`) is
+/// still server-wide.
+fn fails_one_tenant(e: &redis::RedisError) -> bool {
+    use redis::ErrorKind;
+    const SERVER_WIDE: [&str; 9] =
+        ["OOM", "READONLY", "NOAUTH", "NOPERM", "LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "MISCONF"];
+    let in_script = || {
+        let text = e.to_string();
+        text.contains("script") && !SERVER_WIDE.iter().any(|code| text.contains(code))
+    };
+    matches!(e.kind(), ErrorKind::UnexpectedReturnType | ErrorKind::Parse)
+        || e.code() == Some("WRONGTYPE")
+        || (e.code() == Some("ERR") && in_script())
+}
+
 /// Which quota a lease is for.
 #[derive(Debug, Clone, Copy)]
 enum Period {
@@ -469,6 +489,8 @@ pub struct RedisState {
     sync_nonce: u64,
     /// The password in `settings.url` (as written and percent-decoded), kept out of logs.
     secrets: Vec<String>,
+    /// When an error about one tenant's keys was last logged (`now_ns`).
+    local_error_logged: AtomicU64,
     scheduler: Arc<Scheduler>,
     metrics: RedisMetrics,
 }
@@ -517,6 +539,7 @@ impl RedisState {
             tick_start: AtomicUsize::new(0),
             sync_nonce: getrandom::u64().map_err(|e| format!("no random source for the outage sync tokens: {e}"))?,
             secrets: url_secrets(&settings.url),
+            local_error_logged: AtomicU64::new(0),
             scheduler,
             metrics,
         }))
@@ -554,11 +577,25 @@ impl RedisState {
         self.metrics.call_seconds.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) if fails_one_tenant(&e) => {
+                // Bad data in one tenant's key (a key of another type, a value a script cannot
+                // read): Redis is fine for everyone else, so this is no outage; the caller
+                // holds that limit off for a moment (`Lease::fail`). Logged at most once a second.
+                self.metrics.errors.with_label_values(&[op]).inc();
+                let now = now_ns();
+                let last = self.local_error_logged.load(Ordering::Relaxed);
+                if now.saturating_sub(last) >= 1_000_000_000
+                    && self.local_error_logged.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+                {
+                    tracing::error!(op, error = %self.redact(&e.to_string()), "Redis failed a bureau-guard script on one tenant's keys; that limit is decided by state.redis.on_unavailable for a second");
+                }
+                None
+            }
             Ok(Err(e)) => {
                 self.metrics.errors.with_label_values(&[op]).inc();
                 // Not only a lost connection: a Redis that answers NOAUTH/WRONGPASS, OOM,
-                // READONLY, LOADING, BUSY, CLUSTERDOWN or a script error cannot hold the limits
-                // either, and answers the next call the same way. Treating it as an outage lets
+                // READONLY, LOADING, BUSY, CLUSTERDOWN cannot hold the limits either, and
+                // answers the next call the same way. Treating it as an outage lets
                 // on_unavailable decide at once, instead of every waiting request retrying for
                 // its whole budget; the heartbeat's next success brings Redis back.
                 self.mark_down(op, &self.redact(&e.to_string()));
@@ -605,12 +642,12 @@ impl RedisState {
         &self,
         budget: &mut Budget,
         lease: &Lease,
-        window: u32,
+        (window, need): (u32, u64),
         ready: impl FnMut() -> bool,
         refill: impl Fn(),
     ) -> Got {
         let started = Instant::now();
-        let got = self.acquire_until(started + budget.0, lease, window, ready, refill).await;
+        let got = self.acquire_until(started + budget.0, lease, (window, need), ready, refill).await;
         budget.0 = budget.0.saturating_sub(started.elapsed());
         got
     }
@@ -619,7 +656,7 @@ impl RedisState {
         &self,
         deadline: Instant,
         lease: &Lease,
-        window: u32,
+        (window, need): (u32, u64),
         mut ready: impl FnMut() -> bool,
         refill: impl Fn(),
     ) -> Got {
@@ -627,10 +664,10 @@ impl RedisState {
             if ready() {
                 return Got::Yes;
             }
-            if let Some(retry) = lease.denied(now_ns(), window) {
+            if let Some(retry) = lease.denied(now_ns(), window, need) {
                 return Got::Denied(retry);
             }
-            if !self.is_up() {
+            if !self.is_up() || lease.failing(now_ns()) {
                 return Got::Unavailable;
             }
             let refilled = lease.refilled();
@@ -696,7 +733,13 @@ impl RedisState {
         let lease = &tenant.state.leases().rate;
         let cost = u64::from(cost.max(1));
         let got = self
-            .acquire(budget, lease, 0, || lease.avail.try_take(0, cost), || self.refill_rate(tenant, policy, cost))
+            .acquire(
+                budget,
+                lease,
+                (0, cost),
+                || lease.avail.try_take(0, cost),
+                || self.refill_rate(tenant, policy, cost),
+            )
             .await;
         match got {
             Got::Yes => {
@@ -715,14 +758,14 @@ impl RedisState {
         }
     }
 
-    fn refill_rate(self: &Arc<Self>, tenant: &Arc<Tenant>, policy: &RatePolicy, need: u64) {
+    fn refill_rate(self: &Arc<Self>, tenant: &Arc<Tenant>, policy: &RatePolicy, cost: u64) {
         let (this, id, state, policy) = (self.clone(), tenant.id.clone(), tenant.state.clone(), *policy);
         let period = self.settings.lease;
         self.spawn_refill(&tenant.state, |s| &s.leases().rate, async move {
             let lease = &state.leases().rate;
             let now = now_ns();
             // The request needs `cost` tokens; what the pool holds counts towards them.
-            let need = need.saturating_sub(lease.avail.load().1).max(1);
+            let need = cost.saturating_sub(lease.avail.load().1).max(1);
             let cap = u64::from(policy.burst / 2).max(1);
             let want = lease.next_batch(need, cap, period, now);
             let t_us = policy.emission().as_micros().max(1) as u64;
@@ -737,8 +780,10 @@ impl RedisState {
                     lease.avail.put(0, granted);
                 } else {
                     let retry = Duration::from_micros(retry_us);
-                    lease.deny(now_ns(), 0, retry.min(DENY_HOLD), retry);
+                    lease.deny(now_ns(), 0, cost, retry.min(DENY_HOLD), retry);
                 }
+            } else if this.is_up() {
+                lease.fail(now_ns(), FAILED_CALL_HOLD);
             }
         });
     }
@@ -764,7 +809,13 @@ impl RedisState {
             if now_ns().saturating_sub(confirmed) < ttl { s.leases().held.load(Ordering::Acquire) } else { 0 }
         };
         let got = self
-            .acquire(budget, &s.leases().in_flight, 0, || inside() <= held(), || self.refill_in_flight(tenant, max))
+            .acquire(
+                budget,
+                &s.leases().in_flight,
+                (0, 1),
+                || inside() <= held(),
+                || self.refill_in_flight(tenant, max),
+            )
             .await;
         match got {
             Got::Yes => Ok(false),
@@ -797,8 +848,10 @@ impl RedisState {
                 if granted > 0 {
                     leases.in_flight.granted_at.store(now_ns(), Ordering::Relaxed);
                 } else {
-                    leases.in_flight.deny(now_ns(), 0, DENY_HOLD, Duration::from_secs(1));
+                    leases.in_flight.deny(now_ns(), 0, 1, DENY_HOLD, Duration::from_secs(1));
                 }
+            } else if this.is_up() {
+                leases.in_flight.fail(now_ns(), FAILED_CALL_HOLD);
             }
         });
     }
@@ -878,7 +931,7 @@ impl RedisState {
             .acquire(
                 budget,
                 lease,
-                window,
+                (window, 1),
                 || lease.avail.try_take(window, 1),
                 || self.refill_quota(tenant, period, window, limit, !dry_run, expire_at),
             )
@@ -939,8 +992,10 @@ impl RedisState {
                     lease.granted_at.store(now_ns(), Ordering::Relaxed);
                     lease.avail.put(window, granted);
                 } else {
-                    lease.deny(now_ns(), window, QUOTA_DENY_HOLD, Duration::from_secs(1));
+                    lease.deny(now_ns(), window, 1, QUOTA_DENY_HOLD, Duration::from_secs(1));
                 }
+            } else if this.is_up() {
+                lease.fail(now_ns(), FAILED_CALL_HOLD);
             }
         });
     }

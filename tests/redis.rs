@@ -483,6 +483,50 @@ async fn a_replica_started_while_redis_is_down_takes_only_its_share_of_the_expec
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_data_in_one_tenants_key_is_no_outage_for_the_others() {
+    let Some(redis) = RedisServer::start("redis-wrongtype") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&redis.url(), "on_unavailable = \"fail_closed\""),
+            tenant_a: "rate = 1000\nburst = 2",
+            tenant_b: "rate = 1000\nburst = 2",
+            ..Extras::default()
+        },
+    );
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let url = |i: usize| format!("http://{}/v1/score/T-{i}", proxy.addr);
+    assert_eq!(status(&url(0), KEY_A).await, 200);
+    assert_eq!(status(&url(1), KEY_B).await, 200);
+    // Someone overwrites tenant a's GCRA key with a value of another type: every rate script on
+    // it now fails with WRONGTYPE. (Tokens a holds already are spent first.)
+    let key = redis.cli(&["--scan", "--pattern", "*:a}:rate"]);
+    redis.cli(&["DEL", key.trim()]);
+    redis.cli(&["HSET", key.trim(), "not", "a-number"]);
+    let mut last = 200;
+    for i in 0..50 {
+        last = status(&url(100 + i), KEY_A).await;
+        if last == 503 {
+            break;
+        }
+    }
+    assert_eq!(last, 503, "tenant a is decided by fail_closed");
+    // Redis itself is fine: tenant b goes on through it, and nobody calls it an outage.
+    for i in 0..20 {
+        assert_eq!(status(&url(200 + i), KEY_B).await, 200);
+    }
+    let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(1.0));
+    assert!(metric_value(&m, "bureau_guard_state_redis_errors_total{op=\"rate_lease\"}").unwrap() >= 1.0);
+    assert_eq!(metric_value(&m, "bureau_guard_state_redis_budget_exceeded_total"), Some(0.0), "nobody spun on it");
+    // The key repaired, tenant a is served through Redis again (after the 1 s hold).
+    redis.cli(&["DEL", key.trim()]);
+    wait_until_async("tenant a served again", || async { status(&url(300), KEY_A).await == 200 }).await;
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_survive_a_proxy_restart() {
     let Some(redis) = RedisServer::start("redis-restart") else { return };
     let mock = start_mock(fast_mock()).await;
