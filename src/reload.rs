@@ -105,12 +105,11 @@ pub fn apply(shared: &Shared, config: Config) -> Outcome {
     shared.snapshot.store(Arc::new(snapshot));
     // After the snapshot, so a bank that reconnects is served under the new config: a new
     // certificate serves the next handshake while open connections keep theirs; new client
-    // verification (CA, CRL, client_auth) also closes the connections verified under the old one
-    // (`Listener::reloaded`). A listener started without TLS stays plain (and one with TLS keeps
-    // its last certificates) until a restart: the diff says so.
+    // verification (CA, CRL, client_auth) also closes the open connections whose clients no
+    // longer pass it (`Listener::reload`). A listener started without TLS stays plain (and one
+    // with TLS keeps its last certificates) until a restart: the diff says so.
     if let (Some(listener), Some(tls)) = (&shared.tls_listener, &new_config.server.tls) {
-        let next = listener.load().reloaded(tls);
-        listener.store(Arc::new(next));
+        crate::tls::Listener::reload(listener, tls);
     }
     if let Some(redis) = &shared.redis {
         // A limit that was raised applies at once, not after a refusal Redis gave under the old one.

@@ -4,7 +4,9 @@
 //! With TLS, the handshake runs in the connection's own task, never in the accept loop (one slow
 //! client must not stall everyone's accepts), bounded by `header_read_timeout` like a slow
 //! request head. Each handshake takes the rustls config current at that moment from an
-//! `ArcSwap`, so a reload's new certificates serve new connections while open ones continue.
+//! `ArcSwap`, so a reload's new certificates serve new connections while open ones continue;
+//! a reload's new client verification is applied to open connections as well (see
+//! [`tls::Listener::reload`]), and a connection ends when its client certificate expires.
 //!
 //! Servers take an already-bound listener, so tests bind `127.0.0.1:0` and run in-process. The
 //! loop follows hyper-util's graceful example: accept, `select!` on shutdown, watch each
@@ -149,49 +151,16 @@ where
             accepted = accept(&listener) => {
                 let Some((stream, peer)) = accepted else { continue };
                 // Taken now: the drain waits for this connection from its first byte, handshake included.
-                let mut drain = drain_tx.subscribe();
-                let current = tls.current.load_full();
-                let (builder, make_service, counters) = (builder.clone(), make_service.clone(), tls.counters.clone());
-                tokio::spawn(async move {
-                    let timeout = limits.header_read_timeout;
-                    let Some(stream) = tls::accept(current.config.clone(), stream, timeout, &counters).await else {
-                        return;
-                    };
-                    let client_cert = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|chain| chain.first())
-                        .map(|leaf| Arc::new(ClientCert::from_der(leaf)));
-                    let expires = client_cert.as_ref().map_or(i64::MAX, |c| c.not_after);
-                    let service = TowerToHyperService::new(make_service(peer, client_cert));
-                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let mut conn = std::pin::pin!(conn);
-                    // Why this connection should stop taking requests: shutdown, client
-                    // verification replaced by a reload, or the client certificate expiring.
-                    let close = async {
-                        tokio::select! {
-                            _ = drain.changed() => {}
-                            () = current.retired.wait() => tracing::debug!("client verification changed: closing the connection"),
-                            () = tls::until_unix(expires) => tracing::debug!("client certificate expired: closing the connection"),
-                        }
-                    };
-                    let mut close = std::pin::pin!(close);
-                    let mut closing = false;
-                    let result = loop {
-                        tokio::select! {
-                            result = conn.as_mut() => break result,
-                            () = &mut close, if !closing => {
-                                closing = true;
-                                // In-flight requests finish; h1 closes after them, h2 sends GOAWAY.
-                                conn.as_mut().graceful_shutdown();
-                            }
-                        }
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+                let drain = drain_tx.subscribe();
+                let conn = TlsConn {
+                    builder: builder.clone(),
+                    make_service: make_service.clone(),
+                    listeners: tls.current.clone(),
+                    counters: tls.counters.clone(),
+                    limits,
+                    drain_timeout,
+                };
+                tokio::spawn(conn.serve(stream, peer, drain));
             }
             () = &mut shutdown => break,
         }
@@ -199,6 +168,86 @@ where
     drop(listener);
     drain_tx.send_replace(());
     tokio::time::timeout(drain_timeout, drain_tx.closed()).await.is_ok()
+}
+
+/// What one TLS connection's task needs, shared with the accept loop.
+struct TlsConn<F> {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    make_service: Arc<F>,
+    listeners: Arc<ArcSwap<tls::Listener>>,
+    counters: HandshakeCounters,
+    limits: ConnLimits,
+    drain_timeout: Duration,
+}
+
+impl<F> TlsConn<F> {
+    /// Handshake, then HTTP until the client leaves or a reason to close comes: shutdown, a
+    /// reload's client verification this client no longer passes, or its certificate expiring.
+    /// The close is graceful (in-flight requests finish; h1 closes after them, h2 sends
+    /// GOAWAY) and bounded by `drain_timeout`. `drain` is held to the end: the shutdown waits
+    /// for this connection, handshake included.
+    async fn serve<S>(
+        self,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        mut drain: tokio::sync::watch::Receiver<()>,
+    ) where
+        S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        F: Fn(SocketAddr, Option<Arc<ClientCert>>) -> S,
+    {
+        let mut verified_under = self.listeners.load_full();
+        let timeout = self.limits.header_read_timeout;
+        let Some(stream) = tls::accept(verified_under.config.clone(), stream, timeout, &self.counters).await else {
+            return;
+        };
+        let client_cert = stream.get_ref().1.peer_certificates().and_then(ClientCert::from_chain).map(Arc::new);
+        let expires = client_cert.as_ref().map_or(i64::MAX, |c| c.not_after);
+        let service = TowerToHyperService::new((self.make_service)(peer, client_cert.clone()));
+        let conn = self.builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let mut conn = std::pin::pin!(conn);
+        let close = async {
+            loop {
+                tokio::select! {
+                    _ = drain.changed() => return,
+                    () = tls::until_unix(expires) => {
+                        tracing::debug!("client certificate expired: closing the connection");
+                        return;
+                    }
+                    () = verified_under.retired.wait() => {
+                        // Stored before it retired the old one: this is the new verification.
+                        let now = self.listeners.load_full();
+                        if !now.still_admits(client_cert.as_deref()) {
+                            tracing::debug!("client no longer passes the reloaded client verification: closing the connection");
+                            return;
+                        }
+                        verified_under = now;
+                    }
+                }
+            }
+        };
+        let mut close = std::pin::pin!(close);
+        let deadline = tokio::time::sleep(Duration::MAX);
+        let mut deadline = std::pin::pin!(deadline);
+        let mut closing = false;
+        let result = loop {
+            tokio::select! {
+                result = conn.as_mut() => break result,
+                () = &mut close, if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                    deadline.as_mut().reset(tokio::time::Instant::now() + self.drain_timeout);
+                }
+                () = &mut deadline, if closing => {
+                    tracing::debug!("connection cut: its requests outlasted the drain timeout");
+                    return;
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
 }
 
 /// The next connection, with `TCP_NODELAY` set; `None` after an accept error (EMFILE and

@@ -16,6 +16,8 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+
+use arc_swap::ArcSwap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -165,6 +167,9 @@ pub struct ServerTls {
     pub watched: Vec<Watched>,
     /// Each CRL's `nextUpdate` (unix seconds), by TOML path, for a warning once it has passed.
     pub crl_next_update: Vec<(String, i64)>,
+    /// The client certificate verifier inside `rustls` (`None` with `client_auth = "off"`),
+    /// to verify an open connection's certificate again after a reload.
+    pub client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     /// Shared by every handshake until the next reload.
     pub rustls: Arc<rustls::ServerConfig>,
 }
@@ -438,6 +443,7 @@ pub fn load_server(s: &ServerTlsSettings, now: i64) -> Result<ServerTls, Vec<Fil
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| vec![problem("cert", format!("no usable TLS version ({e})"))])?;
+    let mut client_verifier = None;
     let builder = match (s.client_auth, &ca) {
         (ClientAuth::Off, _) => builder.with_no_client_auth(),
         // Never quietly serve without client verification that was asked for.
@@ -460,6 +466,7 @@ pub fn load_server(s: &ServerTlsSettings, now: i64) -> Result<ServerTls, Vec<Fil
                 let key = if s.crl.is_empty() { "client_ca" } else { "crl" };
                 vec![problem(key, format!("cannot build the client certificate verifier: {e}"))]
             })?;
+            client_verifier = Some(verifier.clone());
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -477,6 +484,7 @@ pub fn load_server(s: &ServerTlsSettings, now: i64) -> Result<ServerTls, Vec<Fil
         not_after: id.not_after,
         watched,
         crl_next_update,
+        client_verifier,
         rustls: Arc::new(config),
     })
 }
@@ -617,7 +625,8 @@ pub fn warnings(watched: &[Watched], now: i64) -> Vec<(String, String)> {
 /// Only the identity *strings* are kept, never a tenant, and those of every kind: the name →
 /// tenant map and the kind of name it uses (`client_identity`) live in the config snapshot, so a
 /// reload that changes `client_cert_names` or `client_identity` applies to the next request on an
-/// already open connection.
+/// already open connection. The chain is kept to verify it again when a reload brings new
+/// client verification (a CRL that revokes it, a CA no longer trusted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCert {
     /// SAN DNS names, normalized (see [`IdentitySource::normalize`]).
@@ -626,16 +635,27 @@ pub struct ClientCert {
     uri: Box<[Box<str>]>,
     /// Subject common names, as written.
     cn: Box<[Box<str>]>,
-    /// Unix seconds at which the certificate expires: its connection is closed then.
+    /// Unix seconds at which the first certificate of the chain expires: the connection is
+    /// closed then.
     pub not_after: i64,
+    /// The chain the client presented, leaf first.
+    chain: Box<[CertificateDer<'static>]>,
 }
 
 impl ClientCert {
-    /// The identities in a verified end-entity certificate.
-    pub fn from_der(cert: &CertificateDer<'_>) -> ClientCert {
-        let Ok((_, x509)) = X509Certificate::from_der(cert.as_ref()) else {
+    /// The identities in a verified chain (leaf first, as `peer_certificates` gives it);
+    /// `None` for an empty one.
+    pub fn from_chain(chain: &[CertificateDer<'_>]) -> Option<ClientCert> {
+        let leaf = chain.first()?;
+        let not_after = chain
+            .iter()
+            .filter_map(|c| Some(X509Certificate::from_der(c.as_ref()).ok()?.1.validity().not_after.timestamp()))
+            .min()
+            .unwrap_or(i64::MAX);
+        let chain: Box<[CertificateDer<'static>]> = chain.iter().map(|c| c.clone().into_owned()).collect();
+        let Ok((_, x509)) = X509Certificate::from_der(leaf.as_ref()) else {
             // rustls verified it, so it parses; if x509-parser disagrees, it maps to no tenant.
-            return ClientCert { dns: Box::new([]), uri: Box::new([]), cn: Box::new([]), not_after: i64::MAX };
+            return Some(ClientCert { dns: Box::new([]), uri: Box::new([]), cn: Box::new([]), not_after, chain });
         };
         let (mut dns, mut uri) = (Vec::new(), Vec::new());
         if let Ok(Some(san)) = x509.subject_alternative_name() {
@@ -649,12 +669,13 @@ impl ClientCert {
         }
         let cn: Vec<Box<str>> =
             x509.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(Box::from).collect();
-        ClientCert {
+        Some(ClientCert {
             dns: dns.into_boxed_slice(),
             uri: uri.into_boxed_slice(),
             cn: cn.into_boxed_slice(),
-            not_after: x509.validity().not_after.timestamp(),
-        }
+            not_after,
+            chain,
+        })
     }
 
     /// The names of one kind; may be empty when the certificate carries none.
@@ -670,7 +691,7 @@ impl ClientCert {
     #[cfg(test)]
     pub fn with_names(names: &[&str]) -> ClientCert {
         let all: Box<[Box<str>]> = names.iter().map(|n| Box::from(*n)).collect();
-        ClientCert { dns: all.clone(), uri: all.clone(), cn: all, not_after: i64::MAX }
+        ClientCert { dns: all.clone(), uri: all.clone(), cn: all, not_after: i64::MAX, chain: Box::new([]) }
     }
 }
 
@@ -685,11 +706,29 @@ pub struct Listener {
 }
 
 /// The settings a client certificate is checked against in the handshake.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 struct Verification {
     client_auth: ClientAuth,
     client_ca: Option<FileStamp>,
     crls: Vec<FileStamp>,
+    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+impl PartialEq for Verification {
+    /// Equal when built from the same settings and file contents.
+    fn eq(&self, o: &Self) -> bool {
+        self.client_auth == o.client_auth && self.client_ca == o.client_ca && self.crls == o.crls
+    }
+}
+
+impl fmt::Debug for Verification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verification")
+            .field("client_auth", &self.client_auth)
+            .field("client_ca", &self.client_ca)
+            .field("crls", &self.crls)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Listener {
@@ -703,30 +742,53 @@ impl Listener {
 
     /// A listener on a rustls config built elsewhere (the mock bureau's), never reloaded.
     pub fn fixed(config: Arc<rustls::ServerConfig>) -> Listener {
-        let verification = Verification { client_auth: ClientAuth::Off, client_ca: None, crls: Vec::new() };
+        let verification =
+            Verification { client_auth: ClientAuth::Off, client_ca: None, crls: Vec::new(), verifier: None };
         Listener { config, verification, retired: Arc::new(Retirement::new()) }
     }
 
-    /// The listener after a reload to `tls`. A new certificate alone serves new handshakes while
-    /// open connections go on; new client verification (CA, CRL, `client_auth`) closes the
-    /// connections verified under the old one, gracefully (in-flight requests finish, h2 gets
-    /// GOAWAY), so a certificate the new CRL revokes is not served on for as long as its bank
-    /// keeps the connection open. Banks reconnect and are verified again.
-    pub fn reloaded(&self, tls: &ServerTls) -> Listener {
+    /// Swaps in the listener for a reloaded `tls`. A new certificate alone serves new
+    /// handshakes while open connections go on. New client verification (CA, CRL,
+    /// `client_auth`) also retires the old listener, after the new one is in place: each of its
+    /// open connections checks its client against the new verification
+    /// ([`Listener::still_admits`]) and closes, gracefully, if it no longer passes, so a
+    /// certificate the new CRL revokes is not served for as long as its bank keeps the
+    /// connection open, while a routine CRL refresh closes nobody else's.
+    pub fn reload(current: &ArcSwap<Listener>, tls: &ServerTls) {
+        let old = current.load_full();
         let verification = Verification::of(tls);
-        let retired = if verification == self.verification {
-            self.retired.clone()
-        } else {
-            self.retired.retire();
-            Arc::new(Retirement::new())
-        };
-        Listener { config: tls.rustls.clone(), verification, retired }
+        let same = verification == old.verification;
+        let retired = if same { old.retired.clone() } else { Arc::new(Retirement::new()) };
+        current.store(Arc::new(Listener { config: tls.rustls.clone(), verification, retired }));
+        if !same {
+            old.retired.retire();
+        }
+    }
+
+    /// Whether a connection whose client presented `cert` (or none) would pass this listener's
+    /// client verification now.
+    pub fn still_admits(&self, cert: Option<&ClientCert>) -> bool {
+        let v = &self.verification;
+        match (cert, &v.verifier) {
+            (None, _) => v.client_auth != ClientAuth::Required,
+            // A certificate that is no longer asked for is ignored (tenant.rs: the key decides).
+            (Some(_), None) => true,
+            (Some(c), Some(verifier)) => {
+                let Some((leaf, intermediates)) = c.chain.split_first() else { return false };
+                verifier.verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now()).is_ok()
+            }
+        }
     }
 }
 
 impl Verification {
     fn of(tls: &ServerTls) -> Verification {
-        Verification { client_auth: tls.client_auth, client_ca: tls.client_ca.clone(), crls: tls.crls.clone() }
+        Verification {
+            client_auth: tls.client_auth,
+            client_ca: tls.client_ca.clone(),
+            crls: tls.crls.clone(),
+            verifier: tls.client_verifier.clone(),
+        }
     }
 }
 

@@ -588,22 +588,22 @@ async fn reloadable(path: &Path) -> Running {
 }
 
 #[tokio::test]
-async fn a_crl_loaded_by_reload_closes_open_connections_and_the_revoked_bank_cannot_reconnect() {
+async fn a_crl_loaded_by_reload_closes_the_revoked_banks_open_connections_only() {
     let s = Setup::new("tls-reload-crl");
     let banks = Ca::new("Banks CA");
     let mock = start_mock(fast_mock()).await;
     let path = s.dir.join("bureau-guard.toml");
     let good = bank_cert(&banks, "bank-a.example");
     let bad = bank_cert(&banks, "bank-a.example");
-    let write_config = |extra: &str| {
+    let write_config = |ca: &Ca, extra: &str| {
         let x = Extras {
-            server: &s.mtls("required", &banks, extra),
+            server: &s.mtls("required", ca, extra),
             tenant_a: "client_cert_names = [\"bank-a.example\"]",
             ..Extras::default()
         };
         std::fs::write(&path, config_with(&mock.url(), &x)).unwrap();
     };
-    write_config("");
+    write_config(&banks, "");
     let proxy = reloadable(&path).await;
     let connect =
         |leaf: &Leaf, alpn: &'static [u8]| TlsConn::connect(proxy.addr, client_config(&s.ca, Some(leaf), &[alpn], &[]));
@@ -616,23 +616,40 @@ async fn a_crl_loaded_by_reload_closes_open_connections_and_the_revoked_bank_can
 
     // The bank's CA revokes one certificate; the operator installs the new CRL.
     let crl = write(&s.dir, "banks.crl.pem", &banks.crl(&[&bad.serial]));
-    write_config(&format!("crl = [\"{crl}\"]"));
+    write_config(&banks, &format!("crl = [\"{crl}\"]"));
     let out = bureau_guard::reload::reload_from_file(&proxy.shared);
     assert!(out.applied(), "{out:?}");
     assert!(out.changes.iter().any(|c| c.to_string().starts_with("server.tls.crl: ")), "{out:?}");
 
-    // Every connection verified under the old settings is closed (gracefully: it was idle)...
+    // The revoked bank's open connections are closed (gracefully: they were idle)...
     let closing = async {
         bad_h1.closed().await;
         bad_h2.closed().await;
-        good_h1.closed().await;
     };
-    tokio::time::timeout(std::time::Duration::from_secs(10), closing).await.expect("open connections closed");
-    // ...and on reconnecting, the revoked certificate fails its handshake; the others go on.
+    tokio::time::timeout(std::time::Duration::from_secs(10), closing).await.expect("revoked connections closed");
+    // ...the other bank's was verified again and goes on (a routine CRL refresh closes nobody)...
+    assert_eq!(good_h1.get("/v1/score/S-2", &[]).await.unwrap().status, 200);
+    assert!(!good_h1.is_closed());
+    // ...and on reconnecting, the revoked certificate fails its handshake.
     assert!(get_once(proxy.addr, s.client(Some(&bad)), "/v1/score/S-2", &[]).await.is_err());
     wait_until("the revoked handshake to be counted", || handshakes(&proxy, "revoked") == 1).await;
     let mut again = connect(&good, b"http/1.1").await.unwrap();
     assert_eq!(again.get("/v1/score/S-3", &[]).await.unwrap().status, 200);
+
+    // A CA bundle that no longer trusts the banks' CA closes the rest.
+    write_config(&Ca::new("Other Banks CA"), "");
+    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    assert!(out.applied(), "{out:?}");
+    let closing = async {
+        good_h1.closed().await;
+        again.closed().await;
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), closing).await.expect("untrusted now: closed");
+    write_config(&banks, &format!("crl = [\"{crl}\"]"));
+    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    assert!(out.applied(), "{out:?}");
+    let mut again = connect(&good, b"h2").await.unwrap();
+    assert_eq!(again.get("/v1/score/S-4", &[]).await.unwrap().status, 200);
 
     // A reload that changes no client verification (here: a tenant added) leaves them alone.
     let mut text = std::fs::read_to_string(&path).unwrap();
@@ -640,7 +657,7 @@ async fn a_crl_loaded_by_reload_closes_open_connections_and_the_revoked_bank_can
     std::fs::write(&path, text).unwrap();
     let out = bureau_guard::reload::reload_from_file(&proxy.shared);
     assert!(out.applied() && out.changes.iter().any(|c| c.to_string().starts_with("tenants[c]")), "{out:?}");
-    assert_eq!(again.get("/v1/score/S-4", &[]).await.unwrap().status, 200);
+    assert_eq!(again.get("/v1/score/S-5", &[]).await.unwrap().status, 200);
     assert!(!again.is_closed());
 }
 
@@ -702,4 +719,38 @@ async fn a_connection_is_closed_when_its_client_certificate_expires() {
     );
     let r = get_once(proxy.addr, s.client(Some(&short)), "/v1/score/S-2", &[]).await;
     assert!(r.is_err(), "an expired certificate reconnected: {r:?}");
+}
+
+#[tokio::test]
+async fn a_revoked_banks_request_in_flight_is_cut_after_the_drain_timeout() {
+    let s = Setup::new("tls-reload-cut");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let path = s.dir.join("bureau-guard.toml");
+    let bad = bank_cert(&banks, "bank-a.example");
+    let write_config = |extra: &str| {
+        let x = Extras {
+            server: &format!("drain_timeout = \"1s\"\n{}", s.mtls("required", &banks, extra)),
+            upstream: "response_timeout = \"60s\"",
+            tenant_a: "client_cert_names = [\"bank-a.example\"]",
+            ..Extras::default()
+        };
+        std::fs::write(&path, config_with(&mock.url(), &x)).unwrap();
+    };
+    write_config("");
+    let proxy = reloadable(&path).await;
+    let mut conn = TlsConn::connect(proxy.addr, s.client(Some(&bad))).await.unwrap();
+    assert_eq!(conn.get("/v1/score/S-1", &[]).await.unwrap().status, 200);
+    // A look-up the bureau takes half a minute to answer, in flight when the CRL arrives.
+    mock.bureau.set_service_time(std::time::Duration::from_secs(30));
+    let slow = tokio::spawn(async move { conn.get("/v1/score/S-2", &[]).await });
+    wait_until("the look-up at the bureau", || mock.bureau.stats().in_flight == 1).await;
+    let crl = write(&s.dir, "banks.crl.pem", &banks.crl(&[&bad.serial]));
+    write_config(&format!("crl = [\"{crl}\"]"));
+    assert!(bureau_guard::reload::reload_from_file(&proxy.shared).applied());
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), slow)
+        .await
+        .expect("cut within the drain timeout, not after the bureau's 30 s")
+        .unwrap();
+    assert!(answer.is_err(), "the revoked connection was cut: {answer:?}");
 }
