@@ -126,7 +126,7 @@ if n < 1 then return used end
 return redis.call('DECRBY', KEYS[1], n)
 ";
 
-/// Adds units charged while Redis was unreachable, once per token (KEYS[2]): a resent sync
+/// Adds units charged while Redis was unreachable, once per token (`KEYS[2]`): a resent sync
 /// adds nothing. No limit check: those bureau calls were made, and the count must say so even
 /// past the limit. Returns {1 if added now (0: added before), units leased out in the window}.
 /// Public so its semantics can be tested against a real Redis.
@@ -752,7 +752,10 @@ impl RedisState {
             Got::Unavailable => {
                 self.fallback(Limit::Rate)?;
                 let n = self.replicas() as f64;
-                let share = RatePolicy::new(policy.rate / n, ((f64::from(policy.burst) / n) as u32).max(1));
+                // The burst share never below the request's cost, or a costly route could never
+                // pass on a share (it would be refused with a Retry-After that never comes true).
+                let burst = ((f64::from(policy.burst) / n) as u32).max(cost as u32).max(1);
+                let share = RatePolicy::new(policy.rate / n, burst);
                 Ok(share.check(&tenant.state.rate_tat, now_ns(), cost as u32))
             }
         }
@@ -1051,12 +1054,19 @@ impl RedisState {
             }
         }
         // Tenants overlap (their calls share the multiplexed connection, so they go out
-        // pipelined): a tick costs a few round trips, not three per tenant. It starts at
-        // another tenant each time, so ticks cut short do not keep skipping the same ones.
-        let start = self.tick_start.fetch_add(TICK_CONCURRENCY, Ordering::Relaxed) % tenants.len().max(1);
+        // pipelined): a tick costs a few round trips, not three per tenant. Tenants a reload
+        // removed go first (few, and what they hold is of use to no one here); the others start
+        // where the last tick stopped, so ticks cut short do not keep skipping the same ones.
+        let start = self.tick_start.load(Ordering::Relaxed) % tenants.len().max(1);
+        let done = AtomicUsize::new(0);
         let work = async {
+            futures_util::stream::iter(retired)
+                .for_each_concurrent(TICK_CONCURRENCY, |(id, state)| async move {
+                    self.release_tenant(id, state, None, w, now_unix_s).await;
+                })
+                .await;
             futures_util::stream::iter(tenants[start..].iter().chain(&tenants[..start]))
-                .for_each_concurrent(TICK_CONCURRENCY, |t| async move {
+                .for_each_concurrent(TICK_CONCURRENCY, |t| async {
                     // A Redis that stops answering mid-tick ends the tick: the next heartbeat
                     // must not wait behind a timeout per tenant.
                     if !self.is_up() {
@@ -1069,12 +1079,8 @@ impl RedisState {
                     }
                     if self.is_up() {
                         self.return_idle_rate(t).await;
+                        done.fetch_add(1, Ordering::Relaxed);
                     }
-                })
-                .await;
-            futures_util::stream::iter(retired)
-                .for_each_concurrent(TICK_CONCURRENCY, |(id, state)| async move {
-                    self.release_tenant(id, state, None, w, now_unix_s).await;
                 })
                 .await;
         };
@@ -1083,10 +1089,18 @@ impl RedisState {
         // (validation: lease_ttl >= 2 x heartbeat_interval). What a cut tick did not reach
         // waits for the next one; a sync cut in flight is resent with its token.
         let bound = self.settings.lease_ttl / 2;
-        if tokio::time::timeout(bound.saturating_sub(started.elapsed()), work).await.is_err() {
+        let cut = tokio::time::timeout(bound.saturating_sub(started.elapsed()), work).await.is_err();
+        let done = done.load(Ordering::Relaxed);
+        if done < tenants.len() {
+            // The next tick starts after the ones this one finished (in rough order: they ran
+            // 16 at a time).
+            self.tick_start.store(start + done, Ordering::Relaxed);
+        }
+        if cut {
             tracing::warn!(
                 ?bound,
                 tenants = tenants.len(),
+                done,
                 "a heartbeat tick was cut short; the rest waits for the next"
             );
         }
@@ -1227,7 +1241,7 @@ impl RedisState {
     }
 
     /// On shutdown (after the drain): everything this replica holds goes back, within
-    /// [`RELEASE_DEADLINE`] in all, and it leaves the replica count. With Redis down (or once
+    /// `RELEASE_DEADLINE` (2 s) in all, and it leaves the replica count. With Redis down (or once
     /// it stops answering) the give-backs are skipped: unsynced outage units are lost (logged),
     /// in-flight slots expire with the lease, unspent units are lost to the tenant (the safe
     /// side). Leaving is tried either way, on its own short bound, so a Redis that answers
