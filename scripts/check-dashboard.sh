@@ -289,6 +289,12 @@ make_cert() { # make_cert NAME CA SAN EXTENDED_KEY_USAGE
     make_cert stranger ca DNS:stranger.check.example clientAuth &&
     make_cert impostor other-ca DNS:bank-a.check.example clientAuth
 } >"$TMP/openssl.log" 2>&1 || { tail -n 20 "$TMP/openssl.log" >&2; die "openssl could not make the test certificates"; }
+# An (empty) CRL of the banks' CA, due in a week: the "CRL due" panel has data only with one.
+mkdir -p "$TLS/ca-db" && : >"$TLS/ca-db/index.txt" && echo 1000 >"$TLS/ca-db/crlnumber"
+printf '[ca]\ndefault_ca = banks\n[banks]\ndatabase = %s\ncrlnumber = %s\ndefault_md = sha256\ndefault_crl_days = 7\n' \
+  "$TLS/ca-db/index.txt" "$TLS/ca-db/crlnumber" >"$TLS/ca.cnf"
+openssl ca -config "$TLS/ca.cnf" -gencrl -keyfile "$TLS/ca.key" -cert "$TLS/ca.pem" -out "$TLS/ca.crl.pem" \
+  >>"$TMP/openssl.log" 2>&1 || { tail -n 20 "$TMP/openssl.log" >&2; die "openssl could not make the test CRL"; }
 
 # The local backend with a state file, idle but for a few TLS requests: the state-file panels have
 # data only there, and so do the TLS panels (the proxy under traffic serves plain HTTP).
@@ -303,6 +309,7 @@ cert = "$TLS/server.pem"
 key = "$TLS/server.key"
 client_auth = "optional"
 client_ca = "$TLS/ca.pem"
+crl = ["$TLS/ca.crl.pem"]
 client_identity = "san_dns"
 
 [admin]

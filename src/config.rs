@@ -240,6 +240,8 @@ pub struct RedisTls {
     pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// The certificates read, for expiry warnings (`state.redis.ca`, `state.redis.client_cert`).
     pub watched: Vec<crate::tls::Watched>,
+    /// Unix seconds at which the client certificate expires, if there is one (a metric).
+    pub client_not_after: Option<i64>,
 }
 
 /// A Redis URL with its password replaced, for logs and diffs (user info, and a query string,
@@ -1317,6 +1319,7 @@ fn validate_redis_tls(p: &mut Problems, url: Option<&str>, r: &RawRedis, now: i6
             return None;
         }
     };
+    let client_not_after = loaded.client_not_after;
     let watched = loaded
         .watched
         .into_iter()
@@ -1325,7 +1328,7 @@ fn validate_redis_tls(p: &mut Problems, url: Option<&str>, r: &RawRedis, now: i6
             w
         })
         .collect();
-    Some(RedisTls { ca, client, watched })
+    Some(RedisTls { ca, client, watched, client_not_after })
 }
 
 fn validate_adaptive(p: &mut Problems, a: &RawAdaptive, budget: usize) -> Option<AdaptiveSettings> {

@@ -61,6 +61,7 @@ pub struct Metrics {
     pub tls_handshakes_total: IntCounterVec,
     /// Expiry of the certificates bureau-guard presents, by `cert` (`server`, `upstream_client`).
     pub tls_certificate_expiry_timestamp_seconds: IntGaugeVec,
+    pub tls_crl_next_update_timestamp_seconds: IntGaugeVec,
 }
 
 impl Metrics {
@@ -250,10 +251,19 @@ impl Metrics {
         let tls_certificate_expiry_timestamp_seconds = IntGaugeVec::new(
             Opts::new(
                 "bureau_guard_tls_certificate_expiry_timestamp_seconds",
-                "Unix time at which a certificate bureau-guard presents expires: cert=server (to banks) or \
-                 upstream_client (to the bureau).",
+                "Unix time at which a certificate bureau-guard presents expires: cert=server (to banks), \
+                 upstream_client (to the bureau) or redis_client (to Redis).",
             ),
             &["cert"],
+        )
+        .expect("valid metric");
+        let tls_crl_next_update_timestamp_seconds = IntGaugeVec::new(
+            Opts::new(
+                "bureau_guard_tls_crl_next_update_timestamp_seconds",
+                "Unix time by which a server.tls.crl file is due to be replaced (its nextUpdate), by its \
+                 position in the crl list; past it, revocations published since are not known.",
+            ),
+            &["crl"],
         )
         .expect("valid metric");
 
@@ -275,6 +285,7 @@ impl Metrics {
             Box::new(audit_healthy.clone()),
             Box::new(tls_handshakes_total.clone()),
             Box::new(tls_certificate_expiry_timestamp_seconds.clone()),
+            Box::new(tls_crl_next_update_timestamp_seconds.clone()),
             Box::new(queue_wait_seconds.clone()),
             Box::new(sheds_total.clone()),
             Box::new(queue_depth.clone()),
@@ -325,6 +336,7 @@ impl Metrics {
             audit_healthy,
             tls_handshakes_total,
             tls_certificate_expiry_timestamp_seconds,
+            tls_crl_next_update_timestamp_seconds,
         }
     }
 
@@ -335,8 +347,8 @@ impl Metrics {
         )
     }
 
-    /// Sets the certificate expiry gauges from a config (start-up and every reload); a
-    /// certificate no longer configured stops being exported. `listener_tls`: whether the
+    /// Sets the certificate expiry and CRL due gauges from a config (start-up and every
+    /// reload); a certificate or CRL no longer configured stops being exported. `listener_tls`: whether the
     /// listener serves TLS (a reload cannot turn it on).
     pub fn set_certificate_expiry(&self, config: &crate::config::Config, listener_tls: bool) {
         let g = &self.tls_certificate_expiry_timestamp_seconds;
@@ -346,6 +358,20 @@ impl Metrics {
         }
         if let Some(at) = config.upstream.tls.as_ref().and_then(|t| t.client_not_after) {
             g.with_label_values(&["upstream_client"]).set(at);
+        }
+        if let crate::config::StateBackend::Redis(r) = &config.state.backend
+            && let Some(at) = r.tls.as_ref().and_then(|t| t.client_not_after)
+        {
+            g.with_label_values(&["redis_client"]).set(at);
+        }
+        let crl = &self.tls_crl_next_update_timestamp_seconds;
+        crl.reset();
+        if let Some(t) = config.server.tls.as_ref().filter(|_| listener_tls) {
+            for (path, next) in &t.crl_next_update {
+                // "server.tls.crl[1]" → "1": bounded by the config.
+                let index = path.trim_start_matches("server.tls.crl[").trim_end_matches(']');
+                crl.with_label_values(&[index]).set(*next);
+            }
         }
     }
 

@@ -837,6 +837,8 @@ async fn rediss_with_a_private_ca_and_a_client_certificate() {
     assert_eq!(r.status, 429, "the quota is kept in Redis over TLS");
     let m = get(&format!("http://{addr}/metrics"), &[]).await.text();
     assert_eq!(metric_value(&m, "bureau_guard_state_redis_up"), Some(1.0));
+    let expiry = "bureau_guard_tls_certificate_expiry_timestamp_seconds{cert=\"redis_client\"}";
+    assert!(metric_value(&m, expiry).is_some(), "the Redis client certificate's expiry is exported: {m}");
     proxy.shutdown().await;
 
     // Without the client certificate, Redis refuses the handshake: Redis counts as down.
