@@ -52,6 +52,16 @@ async fn proxy_with(mock_url: &str, x: &Extras<'_>) -> Running {
     start_proxy(&config_with(mock_url, x)).await
 }
 
+/// A proxy requiring client certificates issued by `banks`, tenant a being `bank-a.example`.
+async fn bank_a_by_certificate(s: &Setup, banks: &Ca, mock_url: &str) -> Running {
+    let x = Extras {
+        server: &s.mtls("required", banks, ""),
+        tenant_a: "client_cert_names = [\"bank-a.example\"]",
+        ..Extras::default()
+    };
+    proxy_with(mock_url, &x).await
+}
+
 fn handshakes(proxy: &Running, result: &str) -> u64 {
     proxy.shared.metrics.tls_handshakes_total.with_label_values(&[result]).get()
 }
@@ -116,12 +126,7 @@ async fn client_certificate_from_an_untrusted_ca_is_rejected() {
     let banks = Ca::new("Banks CA");
     let rogue = Ca::new("Rogue CA");
     let mock = start_mock(fast_mock()).await;
-    let x = Extras {
-        server: &s.mtls("required", &banks, ""),
-        tenant_a: "client_cert_names = [\"bank-a.example\"]",
-        ..Extras::default()
-    };
-    let proxy = proxy_with(&mock.url(), &x).await;
+    let proxy = bank_a_by_certificate(&s, &banks, &mock.url()).await;
     let forged = bank_cert(&rogue, "bank-a.example");
     let r = get_once(proxy.addr, s.client(Some(&forged)), "/v1/score/S-1", &[]).await;
     assert!(r.is_err(), "a certificate from an untrusted CA got {r:?}");
@@ -138,12 +143,7 @@ async fn expired_client_certificate_is_rejected() {
     let s = Setup::new("tls-expired");
     let banks = Ca::new("Banks CA");
     let mock = start_mock(fast_mock()).await;
-    let x = Extras {
-        server: &s.mtls("required", &banks, ""),
-        tenant_a: "client_cert_names = [\"bank-a.example\"]",
-        ..Extras::default()
-    };
-    let proxy = proxy_with(&mock.url(), &x).await;
+    let proxy = bank_a_by_certificate(&s, &banks, &mock.url()).await;
     let expired = banks.issue(&LeafSpec { dns: &["bank-a.example"], not_after_days: -1, ..LeafSpec::default() });
     let r = get_once(proxy.addr, s.client(Some(&expired)), "/v1/score/S-1", &[("x-api-key", KEY_A)]).await;
     assert!(r.is_err(), "an expired certificate got {r:?}");
@@ -558,12 +558,7 @@ async fn identity_holds_per_request_on_an_h2_connection_with_a_client_certificat
     let s = Setup::new("tls-h2-mtls");
     let banks = Ca::new("Banks CA");
     let mock = start_mock(fast_mock()).await;
-    let x = Extras {
-        server: &s.mtls("required", &banks, ""),
-        tenant_a: "client_cert_names = [\"bank-a.example\"]",
-        ..Extras::default()
-    };
-    let proxy = proxy_with(&mock.url(), &x).await;
+    let proxy = bank_a_by_certificate(&s, &banks, &mock.url()).await;
     // Upper case in the certificate: DNS names compare case-insensitively on both sides.
     let cert = bank_cert(&banks, "BANK-A.Example");
     let config = client_config(&s.ca, Some(&cert), &[b"h2"], &[]);
