@@ -62,6 +62,8 @@ pub struct Metrics {
     /// Expiry of the certificates bureau-guard presents, by `cert` (`server`, `upstream_client`).
     pub tls_certificate_expiry_timestamp_seconds: IntGaugeVec,
     pub tls_crl_next_update_timestamp_seconds: IntGaugeVec,
+    /// How many `server.tls.crl` positions the CRL gauge was last set for.
+    crl_positions: std::sync::atomic::AtomicUsize,
 }
 
 impl Metrics {
@@ -337,6 +339,7 @@ impl Metrics {
             tls_handshakes_total,
             tls_certificate_expiry_timestamp_seconds,
             tls_crl_next_update_timestamp_seconds,
+            crl_positions: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -347,31 +350,46 @@ impl Metrics {
         )
     }
 
-    /// Sets the certificate expiry and CRL due gauges from a config (start-up and every
-    /// reload); a certificate or CRL no longer configured stops being exported. `listener_tls`: whether the
-    /// listener serves TLS (a reload cannot turn it on).
-    pub fn set_certificate_expiry(&self, config: &crate::config::Config, listener_tls: bool) {
+    /// Sets the certificate expiry and CRL due gauges from a config, at start-up
+    /// (`at_start`) and on every reload, following what is *running*: the listener's
+    /// certificate and CRLs only while it serves TLS, and kept as they were when a reload
+    /// turned `[server.tls]` off (the listener keeps its last ones until a restart); the Redis
+    /// client certificate only from the start-up config (`[state.redis]` needs a restart).
+    /// Series are overwritten in place, so a scrape never finds one missing mid-update.
+    pub fn set_certificate_expiry(&self, config: &crate::config::Config, listener_tls: bool, at_start: bool) {
         let g = &self.tls_certificate_expiry_timestamp_seconds;
-        g.reset();
+        let crl = &self.tls_crl_next_update_timestamp_seconds;
         if let Some(t) = config.server.tls.as_ref().filter(|_| listener_tls) {
             g.with_label_values(&["server"]).set(t.not_after);
+            // "server.tls.crl[1]" → "1": bounded by the config. Positions no longer listed, or
+            // whose CRL has no nextUpdate, stop being exported.
+            let due: std::collections::HashMap<&str, i64> = t
+                .crl_next_update
+                .iter()
+                .map(|(path, next)| (path.trim_start_matches("server.tls.crl[").trim_end_matches(']'), *next))
+                .collect();
+            let before = self.crl_positions.swap(t.crls.len(), std::sync::atomic::Ordering::Relaxed);
+            for i in 0..before.max(t.crls.len()) {
+                let index = i.to_string();
+                match due.get(index.as_str()) {
+                    Some(next) => crl.with_label_values(&[&index]).set(*next),
+                    None => {
+                        let _ = crl.remove_label_values(&[&index]);
+                    }
+                }
+            }
         }
-        if let Some(at) = config.upstream.tls.as_ref().and_then(|t| t.client_not_after) {
-            g.with_label_values(&["upstream_client"]).set(at);
+        match config.upstream.tls.as_ref().and_then(|t| t.client_not_after) {
+            Some(at) => g.with_label_values(&["upstream_client"]).set(at),
+            None => {
+                let _ = g.remove_label_values(&["upstream_client"]);
+            }
         }
-        if let crate::config::StateBackend::Redis(r) = &config.state.backend
+        if at_start
+            && let crate::config::StateBackend::Redis(r) = &config.state.backend
             && let Some(at) = r.tls.as_ref().and_then(|t| t.client_not_after)
         {
             g.with_label_values(&["redis_client"]).set(at);
-        }
-        let crl = &self.tls_crl_next_update_timestamp_seconds;
-        crl.reset();
-        if let Some(t) = config.server.tls.as_ref().filter(|_| listener_tls) {
-            for (path, next) in &t.crl_next_update {
-                // "server.tls.crl[1]" → "1": bounded by the config.
-                let index = path.trim_start_matches("server.tls.crl[").trim_end_matches(']');
-                crl.with_label_values(&[index]).set(*next);
-            }
         }
     }
 

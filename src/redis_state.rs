@@ -447,18 +447,29 @@ enum Got {
 }
 
 /// Whether a Redis error is about one tenant's keys (a key of the wrong type, a script that
-/// cannot read its value, a reply that does not decode) rather than Redis as a whole.
+/// cannot read its value, a reply that does not convert) rather than Redis as a whole.
 /// An error inside a script that quotes a server-wide one (older Redis wraps them in `ERR`) is
 /// still server-wide.
 fn fails_one_tenant(e: &redis::RedisError) -> bool {
     use redis::ErrorKind;
-    const SERVER_WIDE: [&str; 9] =
-        ["OOM", "READONLY", "NOAUTH", "NOPERM", "LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "MISCONF"];
+    const SERVER_WIDE: [&str; 10] = [
+        "OOM",
+        "READONLY",
+        "NOAUTH",
+        "NOPERM",
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "CLUSTERDOWN",
+        "MISCONF",
+        "NOREPLICAS",
+    ];
     let in_script = || {
         let text = e.to_string();
         text.contains("script") && !SERVER_WIDE.iter().any(|code| text.contains(code))
     };
-    matches!(e.kind(), ErrorKind::UnexpectedReturnType | ErrorKind::Parse)
+    // Not `Parse`: the wire protocol failing is the connection's problem, not a tenant's.
+    matches!(e.kind(), ErrorKind::UnexpectedReturnType)
         || e.code() == Some("WRONGTYPE")
         || (e.code() == Some("ERR") && in_script())
 }
@@ -577,7 +588,8 @@ impl RedisState {
         self.metrics.call_seconds.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(v)) => Some(v),
-            Ok(Err(e)) if fails_one_tenant(&e) => {
+            // The heartbeat touches no tenant's keys: any error there is Redis's.
+            Ok(Err(e)) if op != "heartbeat" && fails_one_tenant(&e) => {
                 // Bad data in one tenant's key (a key of another type, a value a script cannot
                 // read): Redis is fine for everyone else, so this is no outage; the caller
                 // holds that limit off for a moment (`Lease::fail`). Logged at most once a second.

@@ -98,7 +98,7 @@ pub fn apply(shared: &Shared, config: Config) -> Outcome {
             shared.scheduler.set_limit(u_new.max_concurrency);
         }
     }
-    shared.metrics.set_certificate_expiry(&new_config, shared.tls_listener.is_some());
+    shared.metrics.set_certificate_expiry(&new_config, shared.tls_listener.is_some(), false);
     for w in new_config.warnings() {
         tracing::warn!(warning = %w, "config warning");
     }

@@ -218,7 +218,7 @@ impl Shared {
         let tls_listener =
             config.server.tls.as_ref().map(|t| Arc::new(ArcSwap::from_pointee(crate::tls::Listener::new(t))));
         let handshakes = metrics.handshake_counters();
-        metrics.set_certificate_expiry(&config, tls_listener.is_some());
+        metrics.set_certificate_expiry(&config, tls_listener.is_some(), true);
         let snapshot = Snapshot::compile(Arc::new(config), &states, None, &random_secret);
         Ok(Arc::new(Shared {
             redis,

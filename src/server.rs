@@ -202,7 +202,8 @@ impl<F> TlsConn<F> {
             return;
         };
         let client_cert = stream.get_ref().1.peer_certificates().and_then(ClientCert::from_chain).map(Arc::new);
-        let expires = client_cert.as_ref().map_or(i64::MAX, |c| c.not_after);
+        let next_expiry = |c: &Option<Arc<ClientCert>>| c.as_ref().map_or(i64::MAX, |c| c.next_expiry(tls::unix_now()));
+        let mut expires = next_expiry(&client_cert);
         let service = TowerToHyperService::new((self.make_service)(peer, client_cert.clone()));
         let conn = self.builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let mut conn = std::pin::pin!(conn);
@@ -211,8 +212,12 @@ impl<F> TlsConn<F> {
                 tokio::select! {
                     _ = drain.changed() => return,
                     () = tls::until_unix(expires) => {
-                        tracing::debug!("client certificate expired: closing the connection");
-                        return;
+                        // A certificate of the chain expired: is the client still verified?
+                        if !self.listeners.load().still_admits(client_cert.as_deref()) {
+                            tracing::debug!("client certificate expired: closing the connection");
+                            return;
+                        }
+                        expires = next_expiry(&client_cert);
                     }
                     () = verified_under.retired.wait() => {
                         // Stored before it retired the old one: this is the new verification.

@@ -635,9 +635,11 @@ pub struct ClientCert {
     uri: Box<[Box<str>]>,
     /// Subject common names, as written.
     cn: Box<[Box<str>]>,
-    /// Unix seconds at which the first certificate of the chain expires: the connection is
-    /// closed then.
-    pub not_after: i64,
+    /// When the certificates of the chain expire (unix seconds, ascending): at each, the
+    /// connection is verified again (`Listener::still_admits`), and closed if it fails. Not
+    /// closed outright: a client may send a certificate its verified path does not use (an
+    /// old cross-signed CA, expired long ago).
+    expiries: Box<[i64]>,
     /// The chain the client presented, leaf first.
     chain: Box<[CertificateDer<'static>]>,
 }
@@ -647,15 +649,17 @@ impl ClientCert {
     /// `None` for an empty one.
     pub fn from_chain(chain: &[CertificateDer<'_>]) -> Option<ClientCert> {
         let leaf = chain.first()?;
-        let not_after = chain
+        let mut expiries: Vec<i64> = chain
             .iter()
             .filter_map(|c| Some(X509Certificate::from_der(c.as_ref()).ok()?.1.validity().not_after.timestamp()))
-            .min()
-            .unwrap_or(i64::MAX);
+            .collect();
+        expiries.sort_unstable();
+        expiries.dedup();
+        let expiries = expiries.into_boxed_slice();
         let chain: Box<[CertificateDer<'static>]> = chain.iter().map(|c| c.clone().into_owned()).collect();
         let Ok((_, x509)) = X509Certificate::from_der(leaf.as_ref()) else {
             // rustls verified it, so it parses; if x509-parser disagrees, it maps to no tenant.
-            return Some(ClientCert { dns: Box::new([]), uri: Box::new([]), cn: Box::new([]), not_after, chain });
+            return Some(ClientCert { dns: Box::new([]), uri: Box::new([]), cn: Box::new([]), expiries, chain });
         };
         let (mut dns, mut uri) = (Vec::new(), Vec::new());
         if let Ok(Some(san)) = x509.subject_alternative_name() {
@@ -673,9 +677,15 @@ impl ClientCert {
             dns: dns.into_boxed_slice(),
             uri: uri.into_boxed_slice(),
             cn: cn.into_boxed_slice(),
-            not_after,
+            expiries,
             chain,
         })
+    }
+
+    /// The first second, from `now_unix_s` on, at which a certificate of the chain is expired
+    /// (a `notAfter` is the last valid second); `i64::MAX` if none.
+    pub fn next_expiry(&self, now_unix_s: i64) -> i64 {
+        self.expiries.iter().map(|&t| t.saturating_add(1)).find(|&t| t > now_unix_s).unwrap_or(i64::MAX)
     }
 
     /// The names of one kind; may be empty when the certificate carries none.
@@ -691,7 +701,7 @@ impl ClientCert {
     #[cfg(test)]
     pub fn with_names(names: &[&str]) -> ClientCert {
         let all: Box<[Box<str>]> = names.iter().map(|n| Box::from(*n)).collect();
-        ClientCert { dns: all.clone(), uri: all.clone(), cn: all, not_after: i64::MAX, chain: Box::new([]) }
+        ClientCert { dns: all.clone(), uri: all.clone(), cn: all, expiries: Box::new([]), chain: Box::new([]) }
     }
 }
 
@@ -813,6 +823,11 @@ impl Retirement {
     }
 }
 
+/// The wall clock in unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
 /// Resolves at `unix_s` by the wall clock (a certificate's `notAfter`), never if that is
 /// `i64::MAX`. Sleeps in steps of at most a day: tokio timers cap far deadlines, and a long wait
 /// re-reads the clock.
@@ -821,7 +836,7 @@ pub async fn until_unix(unix_s: i64) {
         return std::future::pending().await;
     }
     loop {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let now = unix_now();
         if now >= unix_s {
             return;
         }

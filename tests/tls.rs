@@ -754,3 +754,62 @@ async fn a_revoked_banks_request_in_flight_is_cut_after_the_drain_timeout() {
         .unwrap();
     assert!(answer.is_err(), "the revoked connection was cut: {answer:?}");
 }
+
+#[tokio::test]
+async fn an_expired_certificate_the_chain_does_not_use_does_not_close_the_connection() {
+    let s = Setup::new("tls-extra-expired");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let proxy = bank_a_by_certificate(&s, &banks, &mock.url()).await;
+    let leaf = bank_cert(&banks, "bank-a.example");
+    // Some clients send more than their path: here an old certificate from elsewhere, expired.
+    let stale =
+        Ca::new("Old Cross-signing CA").issue(&LeafSpec { cn: "old", not_after_days: -30, ..LeafSpec::default() });
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(s.ca.der.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(bureau_guard::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![leaf.der.clone(), stale.der.clone()], leaf.key())
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut conn = TlsConn::connect(proxy.addr, Arc::new(config)).await.unwrap();
+    for i in 0..3 {
+        let r = conn.get(&format!("/v1/score/X-{i}"), &[]).await.expect("the connection stays open");
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    assert!(!conn.is_closed());
+}
+
+#[tokio::test]
+async fn a_reload_that_turns_tls_off_keeps_exporting_what_the_listener_still_serves() {
+    let s = Setup::new("tls-off-metrics");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let path = s.dir.join("bureau-guard.toml");
+    let crl = write(&s.dir, "banks.crl.pem", &banks.crl(&[]));
+    let x = Extras {
+        server: &s.mtls("required", &banks, &format!("crl = [\"{crl}\"]")),
+        tenant_a: "client_cert_names = [\"bank-a.example\"]",
+        ..Extras::default()
+    };
+    std::fs::write(&path, config_with(&mock.url(), &x)).unwrap();
+    let proxy = reloadable(&path).await;
+    let series = [
+        "bureau_guard_tls_certificate_expiry_timestamp_seconds{cert=\"server\"}",
+        "bureau_guard_tls_crl_next_update_timestamp_seconds{crl=\"0\"}",
+    ];
+    let exported = || {
+        let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
+        series.map(|s| metric_value(&text, s))
+    };
+    let before = exported();
+    assert!(before.iter().all(Option::is_some), "{before:?}");
+    // [server.tls] removed: needs a restart, so the listener keeps its certificate and CRL...
+    std::fs::write(&path, config_with(&mock.url(), &Extras::default())).unwrap();
+    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    assert!(out.applied() && out.changes.iter().any(|c| c.path == "server.tls" && c.needs_restart), "{out:?}");
+    // ...and their expiry and due dates stay on the dashboard.
+    assert_eq!(exported(), before);
+}
