@@ -141,9 +141,10 @@ where
 {
     let builder = Arc::new(conn_builder(limits));
     let make_service = Arc::new(make_service);
-    // hyper-util's `GracefulShutdown`, with more causes: a TLS connection also closes when the
-    // client verification it passed is replaced, or its certificate expires, and that crate's
-    // connection trait is sealed. Each connection holds a receiver; the drain waits for them all.
+    // hyper-util's `GracefulShutdown`, with more causes: a TLS connection also closes when its
+    // client fails a reload's new client verification or its certificate expires, and that
+    // crate's connection trait is sealed. Each connection holds a receiver; the drain waits for
+    // them all.
     let drain_tx = tokio::sync::watch::Sender::new(());
     tokio::pin!(shutdown);
     loop {
