@@ -30,6 +30,8 @@ pub struct Running {
     stop_persist: watch::Sender<bool>,
     /// `server.readiness_grace`: not ready, still accepting.
     grace: std::time::Duration,
+    /// `server.drain_timeout`: the longest shutdown waits for requests and bureau calls.
+    drain: std::time::Duration,
     proxy_task: JoinHandle<bool>,
     admin_task: JoinHandle<bool>,
     persist_task: JoinHandle<()>,
@@ -156,7 +158,19 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
     for w in shared.snapshot.load().config.warnings() {
         tracing::warn!(warning = %w, "config warning");
     }
-    Running { addr, admin_addr, shared, stop, stop_admin, stop_persist, grace, proxy_task, admin_task, persist_task }
+    Running {
+        addr,
+        admin_addr,
+        shared,
+        stop,
+        stop_admin,
+        stop_persist,
+        grace,
+        drain,
+        proxy_task,
+        admin_task,
+        persist_task,
+    }
 }
 
 impl Running {
@@ -171,7 +185,17 @@ impl Running {
             tokio::time::sleep(self.grace).await;
         }
         let _ = self.stop.send(true);
+        let drain_deadline = tokio::time::Instant::now() + self.drain;
         let proxy_drained = self.proxy_task.await.unwrap_or(false);
+        // Bureau calls whose clients have gone, and coalesced flights, run on their own: wait for
+        // them within the same drain timeout, so that their quota charges reach the final flush.
+        self.shared.calls.close();
+        if tokio::time::timeout_at(drain_deadline, self.shared.calls.wait()).await.is_err() {
+            tracing::warn!(
+                calls = self.shared.calls.len(),
+                "bureau calls still running after the drain timeout; their charges made so far are saved"
+            );
+        }
         let _ = self.stop_persist.send(true);
         let _ = self.persist_task.await;
         if let Some(audit) = &self.shared.audit {

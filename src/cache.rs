@@ -766,7 +766,14 @@ mod tests {
         let may: Vec<&str> = ErrorKind::ALL.iter().filter(|k| stale_may_answer(**k)).map(|k| k.code()).collect();
         assert_eq!(
             may,
-            ["bureau_unreachable", "bureau_bad_response", "bureau_timeout", "request_timeout", "bureau_busy"]
+            [
+                "bureau_unreachable",
+                "bureau_bad_response",
+                "bureau_timeout",
+                "request_timeout",
+                "bureau_busy",
+                "bureau_unavailable"
+            ]
         );
         assert!(stale_may_replace(StatusCode::SERVICE_UNAVAILABLE));
         assert!(!stale_may_replace(StatusCode::NOT_FOUND));

@@ -27,7 +27,7 @@
 //! let coalescer = Coalescer::new();
 //! let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
 //! let result = coalescer
-//!     .run(key, deadline, || async {
+//!     .run(key, deadline, |_interest| async {
 //!         // Owns everything it needs: runs even if this request is gone.
 //!         Ok(Arc::new(Fetched::new(http::StatusCode::OK, http::HeaderMap::new(), "report".into())))
 //!     })
@@ -42,6 +42,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use crate::cache::Fetched;
 use crate::cache_key::CacheKey;
@@ -94,6 +95,39 @@ type Shard = Mutex<HashMap<CacheKey, Flight>>;
 #[derive(Clone)]
 pub struct Coalescer {
     shards: Arc<[Shard]>,
+    /// Flights run as tasks of this tracker, so that shutdown can wait for them.
+    tracker: TaskTracker,
+}
+
+/// The leader's view of who still waits for its flight, handed to the fetch.
+pub struct Interest {
+    coalescer: Coalescer,
+    key: CacheKey,
+    tx: Flight,
+}
+
+impl Interest {
+    /// Resolves once every request waiting for the flight has gone (disconnected or past its
+    /// deadline). The flight is then out of the map: nobody can join it any more, so a fetch
+    /// that stops here (still queued for a bureau slot) leaves no one without an answer.
+    pub async fn gone(&self) {
+        loop {
+            self.tx.closed().await;
+            let mut map = self.coalescer.shard(&self.key);
+            // Re-checked under the lock: a request may have joined since `closed` resolved.
+            if self.tx.receiver_count() == 0 {
+                if map.get(&self.key).is_some_and(|f| f.same_channel(&self.tx)) {
+                    map.remove(&self.key);
+                }
+                return;
+            }
+        }
+    }
+
+    /// Whether any request still waits for the answer.
+    pub fn waiting(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
 }
 
 impl Default for Coalescer {
@@ -104,7 +138,12 @@ impl Default for Coalescer {
 
 impl Coalescer {
     pub fn new() -> Coalescer {
-        Coalescer { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+        Coalescer::with_tracker(TaskTracker::new())
+    }
+
+    /// A coalescer whose flights run as tasks of `tracker`.
+    pub fn with_tracker(tracker: TaskTracker) -> Coalescer {
+        Coalescer { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(), tracker }
     }
 
     /// Answers the look-up `key`: joins the call in flight for it, or starts one with
@@ -114,7 +153,9 @@ impl Coalescer {
     /// must own all it needs (request parts, body, quota reservation, the scheduler permit it
     /// acquires), must end on its own (its own timeouts: nobody cancels it), and should fill the
     /// cache before it returns, so that requests arriving after the flight ends find the answer.
-    /// A follower drops `make_fetch` uncalled as soon as it joins.
+    /// It is given the flight's [`Interest`]: a fetch still queued for a bureau slot when
+    /// everyone has gone should stop there (it costs nothing yet); one already at the bureau
+    /// should run to its end. A follower drops `make_fetch` uncalled as soon as it joins.
     pub async fn run<F, Fut>(
         &self,
         key: CacheKey,
@@ -122,7 +163,7 @@ impl Coalescer {
         make_fetch: F,
     ) -> Result<(Arc<Fetched>, Role), CoalesceError>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Interest) -> Fut,
         Fut: Future<Output = FetchResult> + Send + 'static,
     {
         let (rx, role) = {
@@ -139,9 +180,10 @@ impl Coalescer {
                     drop(map);
                     // The guard exists before the task, so that even a task that never runs
                     // (the runtime shutting down) removes the flight when it is dropped.
+                    let interest = Interest { coalescer: self.clone(), key, tx: tx.clone() };
                     let guard = FlightGuard { coalescer: self.clone(), key, tx };
-                    let fetch = make_fetch();
-                    tokio::spawn(async move {
+                    let fetch = make_fetch(interest);
+                    self.tracker.spawn(async move {
                         let result = fetch.await;
                         // Published first, then removed (the guard's drop): a request that finds
                         // the flight in between gets this answer at once, a later one starts anew.
@@ -271,7 +313,7 @@ mod tests {
     /// A request entering the coalescer with `deadline`; its call (if it leads) answers `result`.
     fn request(c: &Coalescer, b: &Bureau, deadline: Instant, result: FetchResult) -> Run {
         let (c, b) = (c.clone(), b.clone());
-        Box::pin(async move { c.run(key(1), deadline, || b.fetch(result)).await })
+        Box::pin(async move { c.run(key(1), deadline, |_| b.fetch(result)).await })
     }
 
     /// Polls `run` once: enough to lead (insert the flight, spawn the call) or to join, both of
@@ -294,7 +336,7 @@ mod tests {
                 let (c, bureau, start) = (c.clone(), bureau.clone(), start.clone());
                 tokio::spawn(async move {
                     start.wait().await;
-                    c.run(key(1), far(), || bureau.fetch(Ok(answer("report")))).await
+                    c.run(key(1), far(), |_| bureau.fetch(Ok(answer("report")))).await
                 })
             })
             .collect();
@@ -342,7 +384,7 @@ mod tests {
         let held = reservation.clone();
         let (c1, b1) = (c.clone(), bureau.clone());
         let mut follower: Run = Box::pin(async move {
-            c1.run(key(1), far(), move || {
+            c1.run(key(1), far(), move |_| {
                 let _owned = held;
                 b1.fetch(Ok(answer("never")))
             })
@@ -359,8 +401,8 @@ mod tests {
     async fn different_keys_do_not_share() {
         let (c, bureau) = (Coalescer::new(), Bureau::default());
         let (c1, b1, c2, b2) = (c.clone(), bureau.clone(), c.clone(), bureau.clone());
-        let mut a: Run = Box::pin(async move { c1.run(key(1), far(), || b1.fetch(Ok(answer("a")))).await });
-        let mut b: Run = Box::pin(async move { c2.run(key(2), far(), || b2.fetch(Ok(answer("b")))).await });
+        let mut a: Run = Box::pin(async move { c1.run(key(1), far(), |_| b1.fetch(Ok(answer("a")))).await });
+        let mut b: Run = Box::pin(async move { c2.run(key(2), far(), |_| b2.fetch(Ok(answer("b")))).await });
         enter(&mut a).await;
         enter(&mut b).await;
         assert_eq!(c.in_flight(), 2);
@@ -466,7 +508,7 @@ mod tests {
             assert_eq!(bureau.calls(), wave);
         }
         // After a failure too.
-        let r = c.run(key(1), far(), || async { Err(ProxyError::new(ErrorKind::BureauUnreachable, "down")) }).await;
+        let r = c.run(key(1), far(), |_| async { Err(ProxyError::new(ErrorKind::BureauUnreachable, "down")) }).await;
         assert!(matches!(r, Err(CoalesceError::Fetch(_))));
         assert_eq!(c.in_flight(), 0);
     }
@@ -477,7 +519,7 @@ mod tests {
         let release = Arc::new(Notify::new());
         let (c1, r1) = (c.clone(), release.clone());
         let mut waiter: Run = Box::pin(async move {
-            c1.run(key(1), far(), || async move {
+            c1.run(key(1), far(), |_| async move {
                 r1.notified().await;
                 panic!("a bug in the fetch");
             })
@@ -487,7 +529,7 @@ mod tests {
         release.notify_one();
         assert!(matches!(waiter.await, Err(CoalesceError::Abandoned)));
         assert_eq!(c.in_flight(), 0, "the guard removed the flight");
-        let r = c.run(key(1), far(), || async { Ok(answer("fine")) }).await.unwrap();
+        let r = c.run(key(1), far(), |_| async { Ok(answer("fine")) }).await.unwrap();
         assert_eq!(r, (answer("fine"), Role::Leader));
     }
 }

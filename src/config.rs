@@ -60,6 +60,21 @@ pub mod defaults {
     pub const MAX_CONCURRENCY: usize = 64;
     /// A look-up waiting longer than this for a bureau slot is better refused (and retried later).
     pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
+    /// A bureau call holds its slot until the bureau answers, past `response_timeout`: six times
+    /// the default response timeout, so a slow answer is waited for but a hung call is not kept
+    /// forever.
+    pub const MAX_CALL_TIME: Duration = Duration::from_secs(30);
+    /// A bureau's `Retry-After` longer than this is read as "down for a while": the circuit
+    /// breaker's probes find out sooner than a long hold would.
+    pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(10);
+    /// Five failures in a row: one or two are chance, five at a few hundred calls per second is
+    /// a bureau that is not answering.
+    pub const BREAKER_FAILURES: u32 = 5;
+    /// Long enough that a restarting bureau is not hit by every queued request at once, short
+    /// enough that a blip costs little.
+    pub const BREAKER_OPEN_FOR: Duration = Duration::from_secs(2);
+    /// Three successes in a row before the budget is opened again.
+    pub const BREAKER_PROBES: u32 = 3;
     /// Requests one tenant may have waiting for a bureau slot.
     pub const MAX_QUEUE: usize = 256;
     /// Bureau responses are buffered; a credit report is a few KiB, 1 MiB is an anomaly.
@@ -312,8 +327,38 @@ pub struct UpstreamConfig {
     pub queue_timeout: Duration,
     /// Move the budget between `min` and `max` from observed bureau latency and errors.
     pub adaptive: Option<AdaptiveSettings>,
+    /// The longest a bureau call may hold its slot. `response_timeout` answers the client, but the
+    /// bureau is still working on the call, so its slot stays taken until the bureau answers or
+    /// this bound passes; then the connection is closed and the slot freed (counted in
+    /// `bureau_guard_bureau_calls_cut_total`). The only way the budget can be exceeded.
+    pub max_call_time: Duration,
+    /// A bureau 429 or 503 holds back new calls for its `Retry-After`, at most this long.
+    pub retry_after_cap: Duration,
+    /// `[upstream.breaker]`: fail fast while the bureau is down.
+    pub breaker: BreakerSettings,
     /// TLS to the bureau: `Some` exactly when the URL is `https://` (`[upstream.tls]` or defaults).
     pub tls: Option<crate::tls::UpstreamTls>,
+}
+
+/// `[upstream.breaker]`: see `breaker.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    /// Bureau failures in a row (connect errors, timeouts, 5xx other than 503) that open it.
+    pub failures: u32,
+    /// How long it stays open (answering at once) before letting probes through.
+    pub open_for: Duration,
+    /// Calls let through while half-open; all must succeed to close it, one failure reopens it.
+    pub probes: u32,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            failures: defaults::BREAKER_FAILURES,
+            open_for: defaults::BREAKER_OPEN_FOR,
+            probes: defaults::BREAKER_PROBES,
+        }
+    }
 }
 
 /// `[upstream.adaptive]`: see `adaptive.rs` for the controller.
@@ -610,8 +655,19 @@ struct RawUpstream {
     max_response_body: Option<String>,
     max_concurrency: Option<i64>,
     queue_timeout: Option<String>,
+    max_call_time: Option<String>,
+    retry_after_cap: Option<String>,
     adaptive: Option<RawAdaptive>,
+    breaker: Option<RawBreaker>,
     tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    failures: Option<i64>,
+    open_for: Option<String>,
+    probes: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -832,12 +888,29 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             }
         },
         queue_timeout: p.duration("upstream.queue_timeout", u.queue_timeout.as_deref(), defaults::QUEUE_TIMEOUT),
+        max_call_time: p.duration("upstream.max_call_time", u.max_call_time.as_deref(), defaults::MAX_CALL_TIME),
+        retry_after_cap: p.duration(
+            "upstream.retry_after_cap",
+            u.retry_after_cap.as_deref(),
+            defaults::RETRY_AFTER_CAP,
+        ),
         adaptive: None,
+        breaker: u.breaker.as_ref().map_or_else(BreakerSettings::default, |b| validate_breaker(&mut p, b)),
         tls: None,
     };
     let mut upstream = upstream;
     if let Some(a) = &u.adaptive {
         upstream.adaptive = validate_adaptive(&mut p, a, upstream.max_concurrency);
+    }
+    if upstream.max_call_time < upstream.response_timeout {
+        p.add(
+            "upstream.max_call_time",
+            format!(
+                "{:?} must be at least upstream.response_timeout ({:?}): a call keeps its bureau slot until \
+                 the bureau answers, however long the client waits",
+                upstream.max_call_time, upstream.response_timeout
+            ),
+        );
     }
 
     let log = LogConfig {
@@ -1358,6 +1431,22 @@ fn validate_adaptive(p: &mut Problems, a: &RawAdaptive, budget: usize) -> Option
         p.add("upstream.adaptive.backoff", format!("{backoff} must be between 0 and 1 (e.g. 0.9)"));
     }
     (p.0.len() == before).then_some(AdaptiveSettings { min, max, tolerance, backoff })
+}
+
+fn validate_breaker(p: &mut Problems, b: &RawBreaker) -> BreakerSettings {
+    let d = BreakerSettings::default();
+    let mut count = |path: &str, raw: Option<i64>, default: u32| match raw {
+        None => default,
+        Some(n) if (1..=10_000).contains(&n) => n as u32,
+        Some(n) => {
+            p.add(path, format!("{n} must be between 1 and 10000"));
+            default
+        }
+    };
+    let failures = count("upstream.breaker.failures", b.failures, d.failures);
+    let probes = count("upstream.breaker.probes", b.probes, d.probes);
+    let open_for = p.duration("upstream.breaker.open_for", b.open_for.as_deref(), d.open_for);
+    BreakerSettings { failures, open_for, probes }
 }
 
 fn is_label_safe(s: &str) -> bool {

@@ -12,7 +12,10 @@
 //!   unless a route is shared; 400 for a body that is not JSON)
 //! - [`quota`]: the tenant's daily/monthly bureau calls, reserved then charged (429)
 //! - [`coalesce`]: identical look-ups in flight share one bureau call, detached from any client
-//! - [`scheduler`]: a bureau slot, shared by weighted fair queuing ([`adaptive`] sizes it) (503)
+//! - [`breaker`]: the bureau's own signals: a circuit breaker while it fails, a hold while it
+//!   answers 429/503 (503)
+//! - [`scheduler`]: a bureau slot, shared by weighted fair queuing ([`adaptive`] sizes it) (503);
+//!   from here on the call holds its slot until the bureau answers, whatever its client does
 //! - [`upstream`]: the pooled call to the bureau (502, 504)
 //! - [`respond`]: every error's status and JSON body, and the [`respond::Outcome`] labels
 //! - [`audit`]: the optional log of who received which answer
@@ -28,6 +31,7 @@ pub mod adaptive;
 pub mod admin;
 pub mod app;
 pub mod audit;
+pub mod breaker;
 pub mod cache;
 pub mod cache_key;
 pub mod cli;

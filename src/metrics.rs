@@ -43,6 +43,15 @@ pub struct Metrics {
     pub bureau_in_flight: IntGauge,
     pub bureau_concurrency_limit: IntGauge,
     pub bureau_duration_seconds: Histogram,
+    /// Bureau calls whose every requester had gone before the answer arrived, by tenant.
+    pub bureau_calls_abandoned_total: IntCounterVec,
+    /// Bureau calls cut after `upstream.max_call_time` (slot freed while the bureau may still work).
+    pub bureau_calls_cut_total: IntCounter,
+    /// 0 closed, 1 open, 2 half-open.
+    pub breaker_state: IntGauge,
+    pub breaker_opened_total: IntCounter,
+    /// Holds started or lengthened by a bureau 429/503 `Retry-After`.
+    pub bureau_holds_total: IntCounter,
     pub reloads_total: IntCounterVec,
     pub reload_last_success_timestamp_seconds: IntGauge,
     /// Bureau answers by status class, indexed 0..=4 for 1xx..5xx (pre-resolved: no lock per call).
@@ -155,6 +164,36 @@ impl Metrics {
         let bureau_duration_seconds = Histogram::with_opts(
             HistogramOpts::new("bureau_guard_bureau_duration_seconds", "Time the bureau took to answer a call.")
                 .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let bureau_calls_abandoned_total = IntCounterVec::new(
+            Opts::new(
+                "bureau_guard_bureau_calls_abandoned_total",
+                "Bureau calls whose requesters had all gone (disconnected, timed out) before the answer arrived; \
+                 they kept their bureau slot and their quota charge to the end, and their answer was still cached.",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        let bureau_calls_cut_total = IntCounter::new(
+            "bureau_guard_bureau_calls_cut_total",
+            "Bureau calls closed after upstream.max_call_time without an answer: their slot was freed while the \
+             bureau may still be working on them (the only way the budget can be exceeded).",
+        )
+        .expect("valid metric");
+        let breaker_state = IntGauge::new(
+            "bureau_guard_breaker_state",
+            "Circuit breaker in front of the bureau: 0 closed, 1 open (answering at once), 2 half-open (probing).",
+        )
+        .expect("valid metric");
+        let breaker_opened_total = IntCounter::new(
+            "bureau_guard_breaker_opened_total",
+            "Times the circuit breaker opened after bureau failures in a row (or a failed probe).",
+        )
+        .expect("valid metric");
+        let bureau_holds_total = IntCounter::new(
+            "bureau_guard_bureau_holds_total",
+            "Times a bureau 429/503 started or lengthened a hold on new bureau calls (its Retry-After).",
         )
         .expect("valid metric");
 
@@ -294,6 +333,11 @@ impl Metrics {
             Box::new(bureau_in_flight.clone()),
             Box::new(bureau_concurrency_limit.clone()),
             Box::new(bureau_duration_seconds.clone()),
+            Box::new(bureau_calls_abandoned_total.clone()),
+            Box::new(bureau_calls_cut_total.clone()),
+            Box::new(breaker_state.clone()),
+            Box::new(breaker_opened_total.clone()),
+            Box::new(bureau_holds_total.clone()),
             Box::new(request_duration_seconds.clone()),
             Box::new(requests_in_flight.clone()),
             Box::new(build_info),
@@ -323,6 +367,11 @@ impl Metrics {
             bureau_in_flight,
             bureau_concurrency_limit,
             bureau_duration_seconds,
+            bureau_calls_abandoned_total,
+            bureau_calls_cut_total,
+            breaker_state,
+            breaker_opened_total,
+            bureau_holds_total,
             reloads_total,
             reload_last_success_timestamp_seconds,
             bureau_responses,
@@ -484,6 +533,8 @@ pub struct TenantCell {
     pub queue_wait: Histogram,
     pub shed_queue_full: IntCounter,
     pub shed_queue_timeout: IntCounter,
+    pub shed_bureau_hold: IntCounter,
+    pub abandoned: IntCounter,
 }
 
 /// The limit reasons, in `limits` table order.
@@ -550,6 +601,8 @@ impl RequestCells {
                 queue_wait: metrics.queue_wait_seconds.with_label_values(&[id]),
                 shed_queue_full: metrics.sheds_total.with_label_values(&[id, "queue_full"]),
                 shed_queue_timeout: metrics.sheds_total.with_label_values(&[id, "queue_timeout"]),
+                shed_bureau_hold: metrics.sheds_total.with_label_values(&[id, "bureau_hold"]),
+                abandoned: metrics.bureau_calls_abandoned_total.with_label_values(&[id]),
             }
         })
     }

@@ -15,14 +15,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::audit::Record;
+use crate::breaker::{self, Refusal, Verdict};
 use crate::cache::{self, CacheStatus, Entry, Fetched, Lookup};
 use crate::cache_key::{CacheKey, KeyError};
-use crate::coalesce::Role;
+use crate::coalesce::{Interest, Role};
 use crate::headers::{X_REQUEST_ID, X_TENANT, strip_hop_by_hop};
 use crate::limits;
 use crate::quota::{self, Exhausted, Windows, retry_after_secs};
@@ -30,7 +31,7 @@ use crate::ratelimit::{InFlightGuard, RateDecision};
 use crate::redis_state::Budget;
 use crate::respond::{Body, ErrorKind, Outcome, ProxyError, RateLimitState, error_response};
 use crate::runtime::{Shared, Snapshot};
-use crate::scheduler::{Ask, ShedReason};
+use crate::scheduler::{Ask, Permit, ShedReason};
 use crate::tenant::Tenant;
 use crate::tls::ClientCert;
 
@@ -211,8 +212,9 @@ impl Proxy {
             }
         }
 
-        // In flight: the tenant's share of bureau-guard itself; a guard, so every exit releases it.
-        let _in_flight = match (&self.shared.redis, tenant.limits.max_in_flight) {
+        // In flight: the tenant's share of bureau-guard itself; a guard, so every exit releases it
+        // (a bureau call takes it along: it is released when the bureau has answered).
+        let in_flight = match (&self.shared.redis, tenant.limits.max_in_flight) {
             // Shared with other replicas: counted here, held as a slot in Redis.
             (Some(redis), Some(max)) => {
                 let (guard, _) = InFlightGuard::enter(&tenant.state, None, false).expect("no max: always enters");
@@ -300,52 +302,92 @@ impl Proxy {
         };
 
         let ctx_tenant = tenant.id.clone();
-        let call = BureauCall { shared: self.shared.clone(), snap: snap.clone(), tenant, cost, reservation };
-        let Some(key) = key.filter(|_| policy.is_some() || caching.is_some_and(|c| c.coalesce)) else {
-            // Neither cached nor coalesced: the call belongs to this request (a client that goes
-            // away while queued leaves the queue without taking a slot).
-            let resp = call.run(parts, body, request_id.clone()).await?;
-            return Ok((resp, Outcome::Bureau));
+        let route = snap.routes.get(ctx.route).map(|r| r.name.clone());
+        let response_timeout = snap.config.upstream.response_timeout;
+        let call = BureauCall {
+            shared: self.shared.clone(),
+            snap: snap.clone(),
+            tenant,
+            route: ctx.route,
+            subject: key,
+            request_id: request_id.clone(),
+            cost,
+            reservation,
+            _in_flight: in_flight,
+        };
+        // What the answer is kept as: a cached route stores it (taking the purge ticket before
+        // the call), a coalesced one shares it; both need it buffered.
+        let store = match (key, policy, route) {
+            (Some(key), Some(policy), Some(route)) => {
+                Some(Store { ticket: self.shared.cache.ticket(), key, policy, route })
+            }
+            _ => None,
+        };
+        let Some(key) = key.filter(|_| caching.is_some_and(|c| c.coalesce)) else {
+            // Not coalesced: the call is this request's until it has a bureau slot (a client
+            // that goes away while queued leaves the queue and costs nothing); from then on it
+            // runs to its end with or without its client.
+            let keep = match store {
+                Some(store) => Keep::Fetched(Some(store)),
+                None => Keep::Plain,
+            };
+            let granted = call.queue().await?;
+            let respond_by = tokio::time::Instant::now() + response_timeout;
+            let answer = match tokio::time::timeout_at(respond_by, granted.send(parts, body, keep)).await {
+                Ok(done) => done.answer?,
+                // Dropping the call's future detached it: it keeps its slot until the bureau answers.
+                Err(_) => return Err(bureau_timeout(response_timeout)),
+            };
+            return Ok(match answer {
+                Answer::Plain(resp) => (resp, Outcome::Bureau),
+                Answer::Fetched(fetched) => (fetched.response(CacheStatus::Miss), Outcome::Bureau),
+            });
         };
 
-        // The call is detached from this request: it fills the cache, and when coalescing, every
-        // identical request that arrives meanwhile joins it instead of calling the bureau again.
-        let route = snap.routes[ctx.route].name.clone();
-        let ticket = self.shared.cache.ticket();
-        let (id, shared) = (request_id.clone(), self.shared.clone());
-        let fetch = async move {
-            let tenant_id = call.tenant.id.clone();
-            let resp = call.run(parts, body, id).await?;
-            let mut fetched = Fetched::from_response(resp).await;
-            fetched.fetched_for = Some(tenant_id.clone());
-            let fetched = Arc::new(fetched);
-            if let Some(policy) = &policy {
-                shared.cache.store(ticket, key, &fetched, policy, &tenant_id, &route).await;
-            }
-            Ok(fetched)
-        };
-        if caching.is_some_and(|c| c.coalesce) {
-            let deadline = tokio::time::Instant::now() + snap.limits.request_timeout;
-            let (fetched, role) = self.shared.coalescer.run(key, deadline, move || fetch).await?;
-            Ok(match role {
-                Role::Leader => (fetched.response(CacheStatus::Miss), Outcome::Bureau),
-                // On a shared route an answer the bureau marked private (or that sets a cookie)
-                // still belongs to the tenant that fetched it: another tenant retries for its own.
-                Role::Follower
-                    if fetched.private_to_requester() && fetched.fetched_for.as_deref() != Some(&*ctx_tenant) =>
-                {
-                    return Err(ProxyError::new(
-                        ErrorKind::BureauBusy,
-                        "the identical look-up in flight was answered privately for another institution; retry",
-                    )
-                    .retry_after(1));
+        // Coalesced: the call runs in a flight of its own that every identical request arriving
+        // meanwhile joins instead of calling the bureau again. While it is queued for a slot it
+        // stops as soon as nobody waits for it; once at the bureau it runs to its end.
+        let fetch = move |interest: Interest| async move {
+            let granted = tokio::select! {
+                granted = call.queue() => granted?,
+                () = interest.gone() => {
+                    return Err(ProxyError::new(ErrorKind::RequestTimeout, "every request for this look-up has gone"));
                 }
-                Role::Follower => (fetched.response(CacheStatus::Coalesced), Outcome::Coalesced),
-            })
-        } else {
-            let fetched = fetch.await?;
-            Ok((fetched.response(CacheStatus::Miss), Outcome::Bureau))
-        }
+            };
+            let respond_by = tokio::time::Instant::now() + response_timeout;
+            let mut sending = granted.send(parts, body, Keep::Fetched(store));
+            match tokio::time::timeout_at(respond_by, &mut sending).await {
+                Ok(done) => {
+                    if !interest.waiting() {
+                        done.record_abandoned();
+                    }
+                    match done.answer? {
+                        Answer::Fetched(fetched) => Ok(fetched),
+                        Answer::Plain(_) => unreachable!("Keep::Fetched answers with a Fetched"),
+                    }
+                }
+                // The waiters get their 504 now; the call goes on detached (it is dropped with
+                // `sending`), still fills the cache and is recorded as abandoned.
+                Err(_) => Err(bureau_timeout(response_timeout)),
+            }
+        };
+        let deadline = tokio::time::Instant::now() + snap.limits.request_timeout;
+        let (fetched, role) = self.shared.coalescer.run(key, deadline, fetch).await?;
+        Ok(match role {
+            Role::Leader => (fetched.response(CacheStatus::Miss), Outcome::Bureau),
+            // On a shared route an answer the bureau marked private (or that sets a cookie)
+            // still belongs to the tenant that fetched it: another tenant retries for its own.
+            Role::Follower
+                if fetched.private_to_requester() && fetched.fetched_for.as_deref() != Some(&*ctx_tenant) =>
+            {
+                return Err(ProxyError::new(
+                    ErrorKind::BureauBusy,
+                    "the identical look-up in flight was answered privately for another institution; retry",
+                )
+                .retry_after(1));
+            }
+            Role::Follower => (fetched.response(CacheStatus::Coalesced), Outcome::Coalesced),
+        })
     }
 
     fn in_flight_error(&self, tenant: &Tenant) -> ProxyError {
@@ -388,38 +430,98 @@ impl Proxy {
     }
 }
 
-/// One bureau call with everything it needs, owned, so it can run detached from the request
-/// that started it (coalescing) as well as inline.
+/// One bureau call with everything it holds, owned, so that it can outlive the request that
+/// started it: the quota reservation and the tenant's in-flight place go with the call, not
+/// with the client's request.
 struct BureauCall {
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
     tenant: Arc<Tenant>,
+    /// Route index, for the audit record of an abandoned call.
+    route: usize,
+    subject: Option<CacheKey>,
+    request_id: HeaderValue,
     cost: u32,
     reservation: quota::Reservation,
+    /// The tenant's `max_in_flight` place: held until the bureau has answered.
+    _in_flight: InFlightGuard,
+}
+
+/// A call that has its bureau slot: from here on the bureau is working on it.
+struct Granted {
+    call: BureauCall,
+    permit: Permit,
+    ticket: breaker::Ticket,
+    queued_at: tokio::time::Instant,
+}
+
+/// What a call's answer is kept as.
+enum Keep {
+    /// Handed to the one request as it came.
+    Plain,
+    /// Buffered as a [`Fetched`] (shared with coalesced followers), and stored in the cache if
+    /// the route caches.
+    Fetched(Option<Store>),
+}
+
+/// Where a cached route's answer goes.
+struct Store {
+    ticket: cache::Ticket,
+    key: CacheKey,
+    policy: cache::RoutePolicy,
+    route: Arc<str>,
+}
+
+enum Answer {
+    Plain(Response<Body>),
+    Fetched(Arc<Fetched>),
+}
+
+/// A finished bureau call: its answer, and who it was for.
+struct Done {
+    answer: Result<Answer, ProxyError>,
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    tenant: Arc<Tenant>,
+    route: usize,
+    subject: Option<CacheKey>,
+    request_id: HeaderValue,
 }
 
 impl BureauCall {
-    /// Fair share, then the bureau. Slots go to tenants by weighted fair queuing, so a surge
-    /// lengthens only the surging tenant's queue; a request that cannot get a slot in time is
-    /// shed here, before it can add to the bureau's load. The quota is charged only once the
-    /// call is really made; the permit is held for the call and released on every exit.
-    async fn run(
-        self,
-        mut parts: http::request::Parts,
-        body: bytes::Bytes,
-        request_id: HeaderValue,
-    ) -> Result<Response<Body>, ProxyError> {
-        let BureauCall { shared, snap, tenant, cost, reservation } = self;
+    /// The bureau's own signals, then a fair share of it. An open breaker answers at once; a
+    /// hold the bureau asked for is waited out if it ends before the request's queue deadline.
+    /// Slots go to tenants by weighted fair queuing, so a surge lengthens only the surging
+    /// tenant's queue; a request that cannot get a slot in time is shed here, before it can add
+    /// to the bureau's load. Dropping this future (the client went away) leaves the queue and
+    /// costs nothing: the reservation is refunded, no slot is taken.
+    async fn queue(self) -> Result<Granted, ProxyError> {
         let queued_at = tokio::time::Instant::now();
+        let upstream = &self.snap.config.upstream;
+        let deadline = queued_at + upstream.queue_timeout;
+        let ticket = loop {
+            match self.shared.breaker.admit(&upstream.breaker, tokio::time::Instant::now()) {
+                Ok(ticket) => break ticket,
+                Err(Refusal::Open { retry_after }) => {
+                    return Err(ProxyError::new(
+                        ErrorKind::BureauUnavailable,
+                        "the bureau failed several calls in a row: answering without it until it recovers",
+                    )
+                    .retry_after(retry_after_secs(retry_after)));
+                }
+                Err(Refusal::Hold { until }) => self.wait_out_hold(until, deadline).await?,
+            }
+        };
+        let tenant = &self.tenant;
         let ask = Ask {
             tenant: tenant.state.index,
             weight: tenant.weight,
-            cost,
+            cost: self.cost,
             max_queue: tenant.limits.max_queue,
-            deadline: queued_at + snap.config.upstream.queue_timeout,
+            deadline,
         };
-        let cells = snap.cells.tenant(&shared.metrics, tenant.index);
-        let permit = match shared.scheduler.acquire(ask).await {
+        let cells = self.snap.cells.tenant(&self.shared.metrics, tenant.index);
+        let permit = match self.shared.scheduler.acquire(ask).await {
             Ok(permit) => permit,
             Err(shed) => {
                 let message = match shed.reason {
@@ -432,7 +534,7 @@ impl BureauCall {
                     }
                     ShedReason::QueueTimeout => {
                         cells.shed_queue_timeout.inc();
-                        format!("no bureau slot within {:?}", snap.config.upstream.queue_timeout)
+                        format!("no bureau slot within {:?}", upstream.queue_timeout)
                     }
                 };
                 return Err(
@@ -440,31 +542,199 @@ impl BureauCall {
                 );
             }
         };
+        // A hold that began while this request was queued: nothing goes to the bureau until it ends.
+        while let Some(until) = self.shared.breaker.held(tokio::time::Instant::now()) {
+            self.wait_out_hold(until, deadline).await?;
+        }
+        Ok(Granted { call: self, permit, ticket, queued_at })
+    }
+
+    /// Waits until `until` if that is before `deadline`; otherwise refuses at once.
+    async fn wait_out_hold(
+        &self,
+        until: tokio::time::Instant,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ProxyError> {
+        if until >= deadline {
+            self.snap.cells.tenant(&self.shared.metrics, self.tenant.index).shed_bureau_hold.inc();
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            return Err(ProxyError::new(ErrorKind::BureauBusy, "the bureau asked for a pause in calls")
+                .retry_after(retry_after_secs(left)));
+        }
+        tokio::time::sleep_until(until).await;
+        Ok(())
+    }
+}
+
+impl Granted {
+    /// Sends the call. If the returned future is dropped before it ends (the client went away,
+    /// or `response_timeout` answered it 504), the call moves to a task of its own and runs to
+    /// its end: the bureau is still working on it, so it keeps its slot, its tenant's
+    /// in-flight place and its charge until the bureau answers (or `max_call_time` cuts it),
+    /// still fills the cache, and is counted and audited as abandoned.
+    fn send(self, parts: http::request::Parts, body: bytes::Bytes, keep: Keep) -> Detachable {
+        let tracker = self.call.shared.calls.clone();
+        Detachable { call: Some(Box::pin(self.call(parts, body, keep))), tracker }
+    }
+
+    async fn call(self, mut parts: http::request::Parts, body: bytes::Bytes, keep: Keep) -> Done {
+        let Granted { call, permit, ticket, queued_at } = self;
+        let BureauCall { shared, snap, tenant, route, subject, request_id, cost: _, reservation, _in_flight } = call;
+        let upstream = &snap.config.upstream;
         let called_at = tokio::time::Instant::now();
-        cells.queue_wait.observe((called_at - queued_at).as_secs_f64());
+        snap.cells.tenant(&shared.metrics, tenant.index).queue_wait.observe((called_at - queued_at).as_secs_f64());
 
         // Forward headers: the bureau sees who asked and which request this is, never the key.
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(&X_TENANT, tenant.header_value.clone());
-        parts.headers.insert(&X_REQUEST_ID, request_id);
+        parts.headers.insert(&X_REQUEST_ID, request_id.clone());
 
-        // Upstream: the bureau is touched last. The call counts against the quota unless it
-        // never reached the bureau (no connection, or a target that could not be built).
-        let result = snap.upstream.send(parts, body).await;
-        match &result {
-            Err(e) if matches!(e.kind, ErrorKind::BureauUnreachable | ErrorKind::BadRequest) => drop(reservation),
-            _ => reservation.commit(),
+        // Upstream: the bureau is touched last, and the call runs until it answers (or
+        // max_call_time cuts it). Not answering within response_timeout is a failure for the
+        // breaker at once, though the call goes on.
+        let mut ticket = Some(ticket);
+        let result = {
+            let send = snap.upstream.send(parts, body);
+            tokio::pin!(send);
+            match tokio::time::timeout_at(called_at + upstream.response_timeout, &mut send).await {
+                Ok(result) => result,
+                Err(_) => {
+                    if let Some(t) = ticket.take() {
+                        t.record(Verdict::Failed, tokio::time::Instant::now());
+                    }
+                    send.await
+                }
+            }
+        };
+        let now = tokio::time::Instant::now();
+        let latency = now - called_at;
+        let verdict = match &result {
+            Ok(resp) => breaker::verdict(resp.status(), resp.headers().get(RETRY_AFTER)),
+            Err(_) => Verdict::Failed,
+        };
+        // Charged only if the bureau took the call: not when it could not be reached or built,
+        // and not when the bureau refused it (429/503).
+        let reached =
+            !matches!(&result, Err(e) if matches!(e.kind, ErrorKind::BureauUnreachable | ErrorKind::BadRequest));
+        let refused = matches!(verdict, Verdict::Refused { .. });
+        if reached && !refused {
+            reservation.commit();
+        } else {
+            drop(reservation);
         }
-        let latency = called_at.elapsed();
+        match (ticket, &result) {
+            // Never left this process: nothing learned about the bureau.
+            (Some(_), Err(e)) if e.kind == ErrorKind::BadRequest => {}
+            (Some(t), _) => t.record(verdict, now),
+            (None, _) => {}
+        }
+        if matches!(&result, Err(e) if e.kind == ErrorKind::BureauTimeout) {
+            shared.metrics.bureau_calls_cut_total.inc();
+        }
         shared.metrics.bureau_duration_seconds.observe(latency.as_secs_f64());
         if let Ok(resp) = &result {
             let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
             shared.metrics.bureau_responses[class].inc();
         }
-        // The latency and outcome feed the adaptive limit.
-        let healthy = result.as_ref().is_ok_and(|r| !r.status().is_server_error());
-        permit.complete(latency, healthy);
-        result
+        // The latency and outcome feed the adaptive limit; the slot is freed here, once the
+        // bureau has answered (body included).
+        permit.complete(latency, verdict == Verdict::Answered);
+
+        let answer = match (result, verdict) {
+            (Ok(_), Verdict::Refused { retry_after }) => {
+                // The bureau's back-pressure, passed on as a retryable 503. Without an adaptive
+                // limit to shrink, new calls are held for the time it asked.
+                let wait = retry_after.unwrap_or(RETRY_AFTER_DEFAULT).min(upstream.retry_after_cap);
+                if shared.adaptive.load().is_none() {
+                    shared.breaker.hold(now, wait, upstream.retry_after_cap);
+                }
+                Err(ProxyError::new(ErrorKind::BureauBusy, "the bureau is at capacity and asked for a pause")
+                    .retry_after(retry_after_secs(wait)))
+            }
+            (Err(e), _) => Err(e),
+            (Ok(resp), _) => match keep {
+                Keep::Plain => Ok(Answer::Plain(resp)),
+                Keep::Fetched(store) => {
+                    let mut fetched = Fetched::from_response(resp).await;
+                    fetched.fetched_for = Some(tenant.id.clone());
+                    let fetched = Arc::new(fetched);
+                    if let Some(s) = store {
+                        shared.cache.store(s.ticket, s.key, &fetched, &s.policy, &tenant.id, &s.route).await;
+                    }
+                    Ok(Answer::Fetched(fetched))
+                }
+            },
+        };
+        Done { answer, shared, snap, tenant, route, subject, request_id }
+    }
+}
+
+/// A bureau `Retry-After` of nothing: wait a second, the shortest a client can be told.
+const RETRY_AFTER_DEFAULT: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn bureau_timeout(response_timeout: std::time::Duration) -> ProxyError {
+    ProxyError::new(
+        ErrorKind::BureauTimeout,
+        format!("the bureau did not answer within {response_timeout:?} (the call goes on and keeps its bureau slot)"),
+    )
+}
+
+impl Done {
+    /// Nobody received this answer: counted per tenant and audited as `abandoned` (the bureau
+    /// did the work and the tenant was charged).
+    fn record_abandoned(&self) {
+        let cells = self.snap.cells.tenant(&self.shared.metrics, self.tenant.index);
+        cells.abandoned.inc();
+        let Some(audit) = &self.shared.audit else { return };
+        let status = match &self.answer {
+            Ok(Answer::Plain(resp)) => resp.status(),
+            Ok(Answer::Fetched(fetched)) => fetched.status,
+            Err(e) => e.kind.status(),
+        };
+        let route = self
+            .snap
+            .routes
+            .get(self.route)
+            .map_or_else(|| Arc::from(self.snap.cells.route_label(self.route)), |r| r.name.clone());
+        let record = Record {
+            unix_ms: self.shared.clock.now_unix_ms(),
+            tenant: self.tenant.id.clone(),
+            route,
+            subject: self.subject,
+            outcome: Outcome::Abandoned,
+            status: status.as_u16(),
+            request_id: self.request_id.clone(),
+        };
+        // Nobody to refuse if it cannot be written: the audit log counts its own failures.
+        let _ = audit.record(record);
+    }
+}
+
+/// A bureau call's future that, dropped before it ends, moves to a task of its own and runs to
+/// its end (see [`Granted::send`]). Not polled again after it returned.
+struct Detachable {
+    call: Option<Pin<Box<dyn Future<Output = Done> + Send>>>,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+impl Future for Detachable {
+    type Output = Done;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Done> {
+        let call = self.call.as_mut().expect("a Detachable is not polled after it returned");
+        let done = std::task::ready!(call.as_mut().poll(cx));
+        self.call = None;
+        Poll::Ready(done)
+    }
+}
+
+impl Drop for Detachable {
+    fn drop(&mut self) {
+        let Some(call) = self.call.take() else { return };
+        // Outside a runtime nothing could run the call anyway (the process is ending).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.tracker.spawn_on(async move { call.await.record_abandoned() }, &runtime);
+        }
     }
 }
 

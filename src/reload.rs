@@ -169,6 +169,11 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     field("upstream.max_concurrency", u0.max_concurrency.to_string(), u1.max_concurrency.to_string(), false);
     field("upstream.queue_timeout", dur(u0.queue_timeout), dur(u1.queue_timeout), false);
     field("upstream.adaptive", format!("{:?}", u0.adaptive), format!("{:?}", u1.adaptive), false);
+    field("upstream.max_call_time", dur(u0.max_call_time), dur(u1.max_call_time), false);
+    field("upstream.retry_after_cap", dur(u0.retry_after_cap), dur(u1.retry_after_cap), false);
+    field("upstream.breaker.failures", u0.breaker.failures.to_string(), u1.breaker.failures.to_string(), false);
+    field("upstream.breaker.open_for", dur(u0.breaker.open_for), dur(u1.breaker.open_for), false);
+    field("upstream.breaker.probes", u0.breaker.probes.to_string(), u1.breaker.probes.to_string(), false);
     field("quota.utc_offset", old.quota.utc_offset.to_string(), new.quota.utc_offset.to_string(), false);
     field("state.file", format!("{:?}", old.state.file), format!("{:?}", new.state.file), true);
     field("state.flush_interval", dur(old.state.flush_interval), dur(new.state.flush_interval), true);

@@ -48,6 +48,9 @@ pub enum ErrorKind {
     DailyQuotaExhausted,
     MonthlyQuotaExhausted,
     BureauBusy,
+    /// The circuit breaker is open: the bureau failed several calls in a row, so requests are
+    /// answered at once instead of waiting for connect or response timeouts.
+    BureauUnavailable,
     AuditUnavailable,
     StateUnavailable,
     /// A trusted client certificate whose identity no tenant lists in `client_cert_names`.
@@ -58,7 +61,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for pre-registering metric label values and tests.
-    pub const ALL: [ErrorKind; 19] = [
+    pub const ALL: [ErrorKind; 20] = [
         ErrorKind::MissingApiKey,
         ErrorKind::InvalidApiKey,
         ErrorKind::RouteNotFound,
@@ -74,6 +77,7 @@ impl ErrorKind {
         ErrorKind::DailyQuotaExhausted,
         ErrorKind::MonthlyQuotaExhausted,
         ErrorKind::BureauBusy,
+        ErrorKind::BureauUnavailable,
         ErrorKind::AuditUnavailable,
         ErrorKind::StateUnavailable,
         ErrorKind::UnknownClientCertificate,
@@ -98,6 +102,7 @@ impl ErrorKind {
             ErrorKind::DailyQuotaExhausted => "daily_quota_exhausted",
             ErrorKind::MonthlyQuotaExhausted => "monthly_quota_exhausted",
             ErrorKind::BureauBusy => "bureau_busy",
+            ErrorKind::BureauUnavailable => "bureau_unavailable",
             ErrorKind::AuditUnavailable => "audit_unavailable",
             ErrorKind::StateUnavailable => "state_unavailable",
             ErrorKind::UnknownClientCertificate => "unknown_client_certificate",
@@ -122,9 +127,10 @@ impl ErrorKind {
             | ErrorKind::TooManyInFlight
             | ErrorKind::DailyQuotaExhausted
             | ErrorKind::MonthlyQuotaExhausted => StatusCode::TOO_MANY_REQUESTS,
-            ErrorKind::BureauBusy | ErrorKind::AuditUnavailable | ErrorKind::StateUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorKind::BureauBusy
+            | ErrorKind::BureauUnavailable
+            | ErrorKind::AuditUnavailable
+            | ErrorKind::StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -138,7 +144,10 @@ impl ErrorKind {
             | ErrorKind::HeadersTooLarge
             | ErrorKind::UnknownClientCertificate
             | ErrorKind::IdentityMismatch => Blame::Client,
-            ErrorKind::BureauUnreachable | ErrorKind::BureauBadResponse | ErrorKind::BureauTimeout => Blame::Bureau,
+            ErrorKind::BureauUnreachable
+            | ErrorKind::BureauBadResponse
+            | ErrorKind::BureauTimeout
+            | ErrorKind::BureauUnavailable => Blame::Bureau,
             // `audit.fail_closed`: no report leaves without its audit record.
             ErrorKind::RequestTimeout | ErrorKind::AuditUnavailable | ErrorKind::StateUnavailable => Blame::Proxy,
             ErrorKind::RateLimited
@@ -193,11 +202,16 @@ pub enum Outcome {
     Stale,
     /// Answered by bureau-guard with an error.
     Rejected(ErrorKind),
+    /// A bureau call whose every requester had gone (disconnected, timed out) before the answer
+    /// arrived: charged and audited, its answer still cached and fanned out. Audit and
+    /// `bureau_guard_bureau_calls_abandoned_total` only; the request itself was counted when it
+    /// ended.
+    Abandoned,
 }
 
 impl Outcome {
     /// The outcomes that are not errors, in index order.
-    const ANSWERED: usize = 4;
+    const ANSWERED: usize = 5;
 
     /// Number of distinct outcomes; sizes per-outcome metric tables.
     pub const COUNT: usize = Outcome::ANSWERED + ErrorKind::ALL.len();
@@ -208,6 +222,7 @@ impl Outcome {
             Outcome::CacheHit => "cache_hit",
             Outcome::Coalesced => "coalesced",
             Outcome::Stale => "stale",
+            Outcome::Abandoned => "abandoned",
             Outcome::Rejected(kind) => kind.code(),
         }
     }
@@ -219,6 +234,7 @@ impl Outcome {
             Outcome::CacheHit => 1,
             Outcome::Coalesced => 2,
             Outcome::Stale => 3,
+            Outcome::Abandoned => 4,
             Outcome::Rejected(kind) => Outcome::ANSWERED + kind as usize,
         }
     }
@@ -302,7 +318,7 @@ mod tests {
     #[test]
     fn outcome_indexes_are_dense_and_labels_unique() {
         let mut seen = std::collections::HashSet::new();
-        let answered = [Outcome::Bureau, Outcome::CacheHit, Outcome::Coalesced, Outcome::Stale];
+        let answered = [Outcome::Bureau, Outcome::CacheHit, Outcome::Coalesced, Outcome::Stale, Outcome::Abandoned];
         let all = answered.into_iter().chain(ErrorKind::ALL.iter().map(|k| Outcome::Rejected(*k)));
         for (i, o) in all.enumerate() {
             assert_eq!(o.index(), i);

@@ -10,9 +10,11 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio_util::task::TaskTracker;
 
 use crate::adaptive::{AdaptiveConfig, AdaptiveLimit};
 use crate::audit::AuditLog;
+use crate::breaker::Breaker;
 use crate::cache::{Cache, RoutePolicy};
 use crate::cache_key::{KeySecret, KeySpec};
 use crate::coalesce::Coalescer;
@@ -130,7 +132,7 @@ fn same_client(a: &crate::config::UpstreamConfig, b: &crate::config::UpstreamCon
     a.url == b.url
         && a.tls == b.tls
         && a.connect_timeout == b.connect_timeout
-        && a.response_timeout == b.response_timeout
+        && a.max_call_time == b.max_call_time
         && a.pool_max_idle == b.pool_max_idle
         && a.pool_idle_timeout == b.pool_idle_timeout
         && a.max_response_body == b.max_response_body
@@ -158,6 +160,11 @@ pub struct Shared {
     pub cache: Cache,
     /// Identical look-ups in flight share one bureau call.
     pub coalescer: Coalescer,
+    /// Bureau calls running on their own (coalesced flights, calls whose client has gone):
+    /// shutdown waits for them so that their charges are kept.
+    pub calls: TaskTracker,
+    /// The bureau's health as this replica sees it: circuit breaker and Retry-After hold.
+    pub breaker: Arc<Breaker>,
     /// The look-up key secret when the config gives none (random per process).
     pub random_secret: KeySecret,
     /// Who received which answer, if `[audit] file` is set.
@@ -220,6 +227,12 @@ impl Shared {
         let handshakes = metrics.handshake_counters();
         metrics.set_certificate_expiry(&config, tls_listener.is_some(), true);
         let snapshot = Snapshot::compile(Arc::new(config), &states, None, &random_secret);
+        let calls = TaskTracker::new();
+        let breaker = Breaker::new(
+            metrics.breaker_state.clone(),
+            metrics.breaker_opened_total.clone(),
+            metrics.bureau_holds_total.clone(),
+        );
         Ok(Arc::new(Shared {
             redis,
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -230,7 +243,9 @@ impl Shared {
             config_path,
             reload_lock: std::sync::Mutex::new(()),
             cache,
-            coalescer: Coalescer::new(),
+            coalescer: Coalescer::with_tracker(calls.clone()),
+            calls,
+            breaker,
             random_secret,
             audit,
             metrics,

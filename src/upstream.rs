@@ -2,7 +2,7 @@
 //!
 //! The bureau is the resource everything else protects, so this stage is deliberately plain: it
 //! knows nothing about tenants beyond the `x-tenant` header already set, rewrites the target to
-//! the configured base URL, bounds the call in time (connect and response) and in size (the
+//! the configured base URL, bounds the call in time (connect, and `max_call_time`) and in size (the
 //! response is buffered up to `max_response_body`, so it can be cached and fanned out later), and
 //! turns every failure into a [`ProxyError`] that says the bureau is to blame.
 //!
@@ -51,7 +51,9 @@ pub struct Upstream {
     authority: Authority,
     /// Path prefix of the base URL without its trailing slash; usually empty.
     prefix: String,
-    response_timeout: Duration,
+    /// The hard bound on one call (`upstream.max_call_time`); `response_timeout`, the bound on
+    /// the client's wait, is the caller's: the call goes on past it, holding its slot.
+    max_call_time: Duration,
     max_response_body: usize,
 }
 
@@ -85,12 +87,14 @@ impl Upstream {
             scheme: parts.scheme.unwrap_or(Scheme::HTTP),
             authority: parts.authority.expect("validated upstream url has a host"),
             prefix: cfg.url.path().trim_end_matches('/').to_string(),
-            response_timeout: cfg.response_timeout,
+            max_call_time: cfg.max_call_time,
             max_response_body: usize::try_from(cfg.max_response_body).unwrap_or(usize::MAX),
         }
     }
 
-    /// Sends the request (headers already prepared by the proxy) and buffers the response.
+    /// Sends the request (headers already prepared by the proxy) and buffers the response. A call
+    /// with no complete answer after `upstream.max_call_time` is cut: its connection is closed
+    /// (dropping hyper's future does that) and `BureauTimeout` returned.
     pub async fn send(&self, mut parts: Parts, body: Bytes) -> Result<Response<Body>, ProxyError> {
         parts.uri = self.target(&parts.uri)?;
         // The bureau hop is HTTP/1.1 whatever the client spoke; Host comes from the new URI.
@@ -128,11 +132,11 @@ impl Upstream {
             strip_hop_by_hop(&mut head.headers);
             Ok(Response::from_parts(head, Full::new(bytes.to_bytes())))
         };
-        match tokio::time::timeout(self.response_timeout, call).await {
+        match tokio::time::timeout(self.max_call_time, call).await {
             Ok(result) => result,
             Err(_) => Err(ProxyError::new(
                 ErrorKind::BureauTimeout,
-                format!("the bureau did not answer within {:?}", self.response_timeout),
+                format!("the bureau did not answer within upstream.max_call_time ({:?})", self.max_call_time),
             )),
         }
     }

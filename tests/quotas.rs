@@ -115,8 +115,10 @@ async fn in_flight_cap_holds_with_a_slow_bureau_and_frees_on_completion() {
 }
 
 #[tokio::test]
-async fn in_flight_slot_is_released_when_the_client_goes_away() {
-    let slow = MockConfig { service_time: Duration::from_secs(2), jitter: Duration::ZERO, ..MockConfig::default() };
+async fn in_flight_place_stays_with_the_bureau_call_when_the_client_goes_away() {
+    // The bureau keeps working on a call whose client has gone: the tenant's place stays taken
+    // until it answers, or max_in_flight would let a disconnecting client pile calls on it.
+    let slow = MockConfig { service_time: Duration::from_millis(800), jitter: Duration::ZERO, ..MockConfig::default() };
     let env = Env::with(slow, &Extras { tenant_a: "max_in_flight = 1", ..Extras::default() }).await;
     let url = score(&env, 1);
     let task = tokio::spawn(async move { get(&url, &[("x-api-key", KEY_A)]).await });
@@ -125,8 +127,15 @@ async fn in_flight_slot_is_released_when_the_client_goes_away() {
     task.abort(); // the client disconnects
     let _ = task.await;
     let shared = env.proxy.shared.clone();
-    wait_until("the slot released", || shared.metrics.requests_in_flight.get() == 0).await;
+    wait_until("the request gone", || shared.metrics.requests_in_flight.get() == 0).await;
+    assert_eq!(env.tenants().await["a"]["usage"]["in_flight"], 1, "the call still holds its place");
+    let r = get(&score(&env, 2), &[("x-api-key", KEY_A)]).await;
+    assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (429, Some("too_many_in_flight")));
+    let abandoned = shared.metrics.bureau_calls_abandoned_total.with_label_values(&["a"]);
+    wait_until("the call ended, abandoned", || abandoned.get() == 1).await;
+    assert_eq!(bureau.stats().in_flight, 0);
     assert_eq!(env.tenants().await["a"]["usage"]["in_flight"], 0);
+    assert_eq!(get(&score(&env, 3), &[("x-api-key", KEY_A)]).await.status, 200);
 }
 
 async fn quota_env(clock: Arc<ManualClock>, tenant_a: &str, state: &str) -> Env {
