@@ -378,13 +378,17 @@ impl MockBureau {
 
     /// The refusal in force now, if any (an expired one is cleared).
     pub fn refusal(&self) -> Option<Refusal> {
+        self.active_refusal().map(|active| active.refusal.clone())
+    }
+
+    fn active_refusal(&self) -> Option<Arc<ActiveRefusal>> {
         let active = self.refusal.load_full()?;
         if active.until.is_some_and(|until| until <= Instant::now()) {
             // Only this refusal: one set meanwhile stays.
             self.refusal.compare_and_swap(&Some(active), None);
             return None;
         }
-        Some(active.refusal.clone())
+        Some(active)
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
@@ -462,7 +466,9 @@ impl MockBureau {
         });
         match answer_rx.await {
             Ok(answer) => answer,
-            Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the look-up's task ended without an answer"),
+            Err(_) => {
+                error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the look-up's task ended without an answer")
+            }
         }
     }
 
@@ -558,7 +564,7 @@ impl MockBureau {
 
     /// The live settings, as `/control` answers them.
     fn settings(&self) -> serde_json::Value {
-        let refuse = self.refusal.load_full().filter(|a| !a.until.is_some_and(|u| u <= Instant::now())).map(|a| {
+        let refuse = self.active_refusal().map(|a| {
             serde_json::json!({
                 "status": a.refusal.status.as_u16(),
                 "share": a.refusal.share,

@@ -23,7 +23,13 @@ async fn mock(cfg: MockConfig) -> MockHandle {
 }
 
 fn slow(workers: usize, service: Duration) -> MockConfig {
-    MockConfig { workers, service_time: service, jitter: Duration::ZERO, queue_timeout: Duration::from_secs(30), ..MockConfig::default() }
+    MockConfig {
+        workers,
+        service_time: service,
+        jitter: Duration::ZERO,
+        queue_timeout: Duration::from_secs(30),
+        ..MockConfig::default()
+    }
 }
 
 struct Reply {
@@ -129,12 +135,7 @@ async fn a_full_refusal_answers_at_once_with_retry_after_and_counts_per_tenant()
     // No worker and a long queue timeout: a call that queued would hang, so only an answer
     // given before the queue comes back.
     let m = mock(slow(0, Duration::ZERO)).await;
-    let refusal = Refusal {
-        status: StatusCode::TOO_MANY_REQUESTS,
-        share: 1.0,
-        retry_after_s: Some(2),
-        duration: None,
-    };
+    let refusal = Refusal { status: StatusCode::TOO_MANY_REQUESTS, share: 1.0, retry_after_s: Some(2), duration: None };
     m.bureau.set_refusal(Some(refusal)).unwrap();
     for tenant in ["a", "a", "b"] {
         let r = score(&m, tenant).await.unwrap();
@@ -253,8 +254,9 @@ async fn control_with_any_bad_field_answers_400_and_changes_nothing() {
     assert_eq!(r.body["service_ms"], 7);
     assert_eq!(m.bureau.service_time(), Duration::from_millis(7));
 
-    let r = control(&m, r#"{"workers": 3, "refuse": {"status": 503, "share": 0.5, "retry_after_s": 2, "for_ms": 60000}}"#)
-        .await;
+    let r =
+        control(&m, r#"{"workers": 3, "refuse": {"status": 503, "share": 0.5, "retry_after_s": 2, "for_ms": 60000}}"#)
+            .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!((r.body["workers"].as_u64(), r.body["refuse"]["status"].as_u64()), (Some(3), Some(503)));
     assert_eq!(m.bureau.workers(), 3);
