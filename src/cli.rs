@@ -46,7 +46,14 @@ pub enum Command {
         #[arg(long, env = "BUREAU_GUARD_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
-    /// Run a credit-bureau stand-in with a capacity model (workers, queue, overload errors).
+    /// Run a credit-bureau stand-in that fails like a real one (capacity, overload, refusals).
+    ///
+    /// A fixed number of workers and a queue with a timeout (503 + Retry-After past them), calls
+    /// that run to their end when the client leaves, and 429/503 refusals on demand. Live
+    /// changes: POST /control with
+    /// {"service_ms": N, "workers": N, "refuse": {"status": 429, "share": 1.0, "retry_after_s": 2,
+    /// "for_ms": 3000} | null}; GET /stats tells what reached it, POST /stats/reset starts a new
+    /// in-flight window.
     MockBureau {
         #[arg(long, default_value = mock_bureau::DEFAULT_LISTEN)]
         listen: SocketAddr,
@@ -59,12 +66,21 @@ pub enum Command {
         /// Service time varies uniformly by ± this many milliseconds.
         #[arg(long, default_value_t = 5)]
         jitter_ms: u64,
-        /// Requests that may wait for a worker before new ones get 503.
-        #[arg(long, default_value_t = 64)]
+        /// Requests that may wait for a worker before new ones get 503; `unbounded`: no bound.
+        #[arg(long, default_value = "64", value_name = "N|unbounded", value_parser = parse_queue)]
         queue: usize,
         /// Longest wait for a worker before 503, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         queue_timeout_ms: u64,
+        /// Refuse look-up calls with this status (429 or 503) until told otherwise on /control.
+        #[arg(long, value_name = "429|503", value_parser = parse_refuse_status)]
+        refuse_status: Option<http::StatusCode>,
+        /// The share of look-up calls refused, 0 to 1.
+        #[arg(long, value_name = "F", default_value_t = 1.0, value_parser = parse_share, requires = "refuse_status")]
+        refuse_share: f64,
+        /// `Retry-After` seconds sent with refusals (none if absent).
+        #[arg(long, value_name = "S", requires = "refuse_status")]
+        retry_after: Option<u32>,
     },
     /// Replay the 2017 surge on this machine: a mock bureau, bureau-guard, one bank surging to
     /// 4x the bureau's capacity and two normal tenants; then the same traffic straight to the
@@ -92,7 +108,17 @@ pub fn main() -> ExitCode {
         Command::Check { config, diff } => check(&config, diff.as_deref()),
         Command::Reload { admin, token } => reload(&admin, token.as_deref()),
         Command::Serve { config } => serve(&config),
-        Command::MockBureau { listen, workers, service_ms, jitter_ms, queue, queue_timeout_ms } => {
+        Command::MockBureau {
+            listen,
+            workers,
+            service_ms,
+            jitter_ms,
+            queue,
+            queue_timeout_ms,
+            refuse_status,
+            refuse_share,
+            retry_after,
+        } => {
             let cfg = MockConfig {
                 workers: workers.max(1),
                 service_time: Duration::from_millis(service_ms),
@@ -100,7 +126,13 @@ pub fn main() -> ExitCode {
                 queue,
                 queue_timeout: Duration::from_millis(queue_timeout_ms),
             };
-            mock(listen, cfg)
+            let refusal = refuse_status.map(|status| mock_bureau::Refusal {
+                status,
+                share: refuse_share,
+                retry_after_s: retry_after,
+                duration: None,
+            });
+            mock(listen, cfg, refusal)
         }
         Command::Demo { calm_s, surge_s, surge_rate, quiet_rate } => {
             let scenario = crate::surge::Scenario {
@@ -330,7 +362,37 @@ fn reload(admin: &str, token: Option<&str>) -> ExitCode {
     })
 }
 
-fn mock(listen: SocketAddr, cfg: MockConfig) -> ExitCode {
+/// `--queue`: a number, or `unbounded`.
+fn parse_queue(s: &str) -> Result<usize, String> {
+    match s {
+        "unbounded" => Ok(mock_bureau::UNBOUNDED),
+        n => n.parse().map_err(|_| format!("expected a number of requests or `unbounded`, not {n:?}")),
+    }
+}
+
+/// `--refuse-status`: the two statuses a bureau pushes back with.
+fn parse_refuse_status(s: &str) -> Result<http::StatusCode, String> {
+    match s {
+        "429" => Ok(http::StatusCode::TOO_MANY_REQUESTS),
+        "503" => Ok(http::StatusCode::SERVICE_UNAVAILABLE),
+        other => Err(format!("expected 429 or 503, not {other:?}")),
+    }
+}
+
+/// `--refuse-share`: a share of calls, 0 to 1.
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("expected a share between 0 and 1, not {s:?}")),
+    }
+}
+
+fn mock(listen: SocketAddr, cfg: MockConfig, refusal: Option<mock_bureau::Refusal>) -> ExitCode {
+    // The flags' parsers check each value; this checks the whole before anything binds.
+    if let Some(problems) = refusal.as_ref().map(mock_bureau::Refusal::problems).filter(|p| !p.is_empty()) {
+        eprintln!("error: invalid refusal: {}", problems.join("; "));
+        return ExitCode::from(2);
+    }
     let _log_guard = init_logging(LogFormat::Text);
     runtime().block_on(async {
         let listener = match tokio::net::TcpListener::bind(listen).await {
@@ -340,8 +402,15 @@ fn mock(listen: SocketAddr, cfg: MockConfig) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(%listen, workers = cfg.workers, service_ms = cfg.service_time.as_millis() as u64, "mock bureau serving");
+        tracing::info!(
+            %listen,
+            workers = cfg.workers,
+            service_ms = cfg.service_time.as_millis() as u64,
+            refusing = ?refusal,
+            "mock bureau serving"
+        );
         let handle = mock_bureau::start(cfg, listener);
+        handle.bureau.set_refusal(refusal).expect("the refusal was checked before binding");
         wait_for_signal().await;
         handle.shutdown().await;
         ExitCode::SUCCESS
@@ -371,4 +440,54 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         LogFormat::Text => builder.init(),
     }
     guard
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mock_bureau_args(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(["bureau-guard", "mock-bureau"].iter().chain(args)).map(|cli| cli.command)
+    }
+
+    #[test]
+    fn mock_bureau_takes_an_unbounded_queue_and_a_refusal() {
+        let Ok(Command::MockBureau { queue, refuse_status, refuse_share, retry_after, .. }) = mock_bureau_args(&[
+            "--queue",
+            "unbounded",
+            "--refuse-status",
+            "503",
+            "--refuse-share",
+            "0.25",
+            "--retry-after",
+            "3",
+        ]) else {
+            panic!("mock-bureau flags rejected");
+        };
+        assert_eq!(queue, mock_bureau::UNBOUNDED);
+        assert_eq!(
+            (refuse_status, refuse_share, retry_after),
+            (Some(http::StatusCode::SERVICE_UNAVAILABLE), 0.25, Some(3))
+        );
+        let Ok(Command::MockBureau { queue: 10, refuse_status: None, .. }) = mock_bureau_args(&["--queue", "10"])
+        else {
+            panic!("a numeric queue rejected");
+        };
+    }
+
+    #[test]
+    fn mock_bureau_rejects_bad_refusal_flags_with_exit_2() {
+        for bad in [
+            &["--queue", "lots"][..],
+            &["--refuse-status", "418"],
+            &["--refuse-status", "429", "--refuse-share", "1.5"],
+            &["--refuse-status", "429", "--retry-after", "-1"],
+            &["--refuse-share", "0.5"],
+        ] {
+            match mock_bureau_args(bad) {
+                Ok(_) => panic!("{bad:?} accepted"),
+                Err(e) => assert_eq!(e.exit_code(), 2, "{bad:?}: {e}"),
+            }
+        }
+    }
 }
