@@ -8,12 +8,14 @@ mod common;
 use std::time::Duration;
 
 use bureau_guard::app::Running;
-use bureau_guard::mock_bureau::{MockConfig, MockHandle};
+use bureau_guard::mock_bureau::{MockConfig, MockHandle, Refusal};
 use common::*;
 
-/// Tenants `a` and `b` (daily quota 100 each); routes `score` (plain), `cached` (coalesced and
-/// cached, keyed by subject) and `flight` (coalesced only).
+/// Tenants `a` and `b` (daily quota 100 each); routes `score` (plain) and `cached` (coalesced and
+/// cached, keyed by subject). Bureau budget 1; `queue_timeout` 5 s unless `upstream_extra` says.
 fn config(mock_url: &str, upstream_extra: &str) -> String {
+    let queue = if upstream_extra.contains("queue_timeout") { "" } else { "queue_timeout = \"5s\"" };
+    let upstream_extra = format!("{queue}\n{upstream_extra}");
     format!(
         r#"
 [server]
@@ -23,7 +25,6 @@ listen = "127.0.0.1:0"
 [upstream]
 url = "{mock_url}"
 max_concurrency = 1
-queue_timeout = "5s"
 {upstream_extra}
 [log]
 access_log = false
@@ -282,4 +283,53 @@ async fn breaker_opens_answers_fast_half_opens_and_closes() {
     assert!(answers.iter().all(|s| [200, 503].contains(s)), "only fast refusals, then answers: {answers:?}");
     assert_eq!(answers.iter().rev().take(2).collect::<Vec<_>>(), [&200, &200], "two probes answered");
     assert_eq!(metrics.breaker_opened_total.get(), 1);
+}
+
+fn refuse(mock: &MockHandle, status: u16, retry_after_s: u32) {
+    let refusal = Refusal {
+        status: http::StatusCode::from_u16(status).unwrap(),
+        share: 1.0,
+        retry_after_s: Some(retry_after_s),
+        duration: None,
+    };
+    mock.bureau.set_refusal(Some(refusal)).expect("a valid refusal");
+}
+
+#[tokio::test]
+async fn bureau_429_is_not_charged_and_holds_new_calls_for_its_retry_after() {
+    let (mock, proxy) = env(bureau(0), "queue_timeout = \"500ms\"").await;
+    refuse(&mock, 429, 3);
+    let r = get(&score(&proxy, "S-1"), &[("x-api-key", KEY_A)]).await;
+    assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (503, Some("bureau_busy")), "retryable");
+    assert_eq!(r.headers["retry-after"], "3");
+    assert_eq!(daily_used(&proxy, "a").await, 0, "refused by the bureau: not charged");
+
+    // The bureau would answer now, but asked for 3 s: a request that cannot wait that long is
+    // answered at once, and the bureau sees nothing.
+    mock.bureau.set_refusal(None).unwrap();
+    let r = get(&score(&proxy, "S-2"), &[("x-api-key", KEY_B)]).await;
+    assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (503, Some("bureau_busy")));
+    let wait: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=3).contains(&wait), "the rest of the hold: {wait}");
+    let stats = mock.bureau.stats();
+    assert_eq!(stats.calls_total, 1, "no call during the hold");
+    assert_eq!(proxy.shared.metrics.sheds_total.with_label_values(&["b", "bureau_hold"]).get(), 1);
+    assert_eq!(proxy.shared.metrics.bureau_holds_total.get(), 1);
+    assert_eq!(daily_used(&proxy, "b").await, 0);
+}
+
+#[tokio::test]
+async fn a_request_that_can_wait_out_the_bureau_s_hold_is_sent_after_it() {
+    let (mock, proxy) = env(bureau(0), "").await; // queue_timeout 5 s
+    refuse(&mock, 503, 1);
+    let r = get(&score(&proxy, "S-1"), &[("x-api-key", KEY_A)]).await;
+    assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (503, Some("bureau_busy")));
+    let until = proxy.shared.breaker.held(tokio::time::Instant::now()).expect("a hold is on");
+    mock.bureau.set_refusal(None).unwrap();
+    let r = get(&score(&proxy, "S-2"), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.status, 200);
+    assert!(tokio::time::Instant::now() >= until, "sent only once the hold had ended");
+    let stats = mock.bureau.stats();
+    assert_eq!((stats.calls_total, stats.served_by_tenant.get("a").copied()), (2, Some(1)));
+    assert_eq!(daily_used(&proxy, "a").await, 1, "the refused call is not charged, the served one is");
 }
