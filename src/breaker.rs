@@ -223,11 +223,10 @@ impl Ticket {
                 if b.failures.load(Ordering::Relaxed) != 0 {
                     b.failures.store(0, Ordering::Release);
                 }
-                if probe.is_some() && b.probes_ok.fetch_add(1, Ordering::AcqRel) + 1 >= self.settings.probes {
-                    if b.state.compare_exchange(HALF_OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                        b.state_gauge.set(State::Closed as i64);
-                        tracing::info!(target: "bureau_guard::breaker", "bureau answering again: circuit breaker closed");
-                    }
+                let enough = probe.is_some() && b.probes_ok.fetch_add(1, Ordering::AcqRel) + 1 >= self.settings.probes;
+                if enough && b.state.compare_exchange(HALF_OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    b.state_gauge.set(State::Closed as i64);
+                    tracing::info!(target: "bureau_guard::breaker", "bureau answering again: circuit breaker closed");
                 }
             }
             Verdict::Failed => {

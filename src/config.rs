@@ -1965,6 +1965,33 @@ api_key_sha256 = "{KEY_HEX}"
     }
 
     #[test]
+    fn bureau_call_bounds_and_breaker_are_validated_with_their_paths() {
+        let c = Config::from_toml(&minimal(), &no_env).expect("valid");
+        assert_eq!(c.upstream.max_call_time, defaults::MAX_CALL_TIME);
+        assert_eq!(c.upstream.retry_after_cap, defaults::RETRY_AFTER_CAP);
+        assert_eq!(c.upstream.breaker, BreakerSettings::default());
+
+        let url = "url = \"http://127.0.0.1:8081\"";
+        let bad = format!(
+            "{url}\nresponse_timeout = \"10s\"\nmax_call_time = \"5s\"\nretry_after_cap = \"0s\"\n\
+             [upstream.breaker]\nfailures = 0\nopen_for = \"soon\"\nprobes = 20000"
+        );
+        let p = problems(&minimal().replacen(url, &bad, 1));
+        for path in [
+            "upstream.max_call_time: 5s must be at least upstream.response_timeout (10s)",
+            "upstream.retry_after_cap: must be greater than zero",
+            "upstream.breaker.failures: 0 must be between 1 and 10000",
+            "upstream.breaker.probes: 20000 must be between 1 and 10000",
+            "upstream.breaker.open_for: invalid duration \"soon\"",
+        ] {
+            assert!(p.iter().any(|s| s.starts_with(path)), "{path} missing from {p:?}");
+        }
+        assert_eq!(p.len(), 5, "{p:?}");
+        let unknown = problems(&minimal().replacen(url, &format!("{url}\n[upstream.breaker]\ncooldown = 1"), 1));
+        assert!(unknown[0].starts_with("upstream.breaker.cooldown: unknown field"), "{unknown:?}");
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let c = Config::from_toml(&minimal(), &no_env).expect("valid");
         assert_eq!(c.server.listen, defaults::LISTEN.parse().unwrap());
