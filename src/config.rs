@@ -343,7 +343,7 @@ pub struct UpstreamConfig {
 /// `[upstream.breaker]`: see `breaker.rs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerSettings {
-    /// Bureau failures in a row (connect errors, timeouts, 5xx other than 503) that open it.
+    /// Bureau failures in a row (connect errors, timeouts, 502/504) that open it.
     pub failures: u32,
     /// How long it stays open (answering at once) before letting probes through.
     pub open_for: Duration,
