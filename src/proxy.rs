@@ -462,8 +462,9 @@ impl BureauCall {
             shared.metrics.bureau_responses[class].inc();
         }
         // The latency and outcome feed the adaptive limit.
-        let healthy = result.as_ref().is_ok_and(|r| !r.status().is_server_error());
-        permit.complete(latency, healthy);
+        use crate::adaptive::Signal;
+        let signal = result.as_ref().map_or(Signal::Error, |r| Signal::of_response(r.status(), r.headers()));
+        permit.complete(latency, signal);
         result
     }
 }
