@@ -19,10 +19,12 @@
 //! `R0` (the bureau's no-load latency), and measures in phases. Every permit carries the phase
 //! it was granted in and the calls in flight at that moment ([`Grant`]); a phase only counts
 //! the calls it granted, so each measurement is the latency at one known concurrency, never a
-//! mix of old and new limits. A phase lasts at least 100 ms and 24 samples.
-//! - **Cruise** at the level in windows of 250 ms. A window whose mean latency exceeds
-//!   1.2 × `R0`, or an unknown or 10 s old `R0`, triggers a *down probe*; otherwise an *up
-//!   probe* follows every `probe_interval` (1 s) while the limit is in use.
+//! mix of old and new limits. A phase lasts at least 100 ms and 24 samples. A latency
+//! difference within twice its standard error counts as none.
+//! - **Cruise** at the level in windows of 150 ms. A window whose mean latency exceeds
+//!   1.2 × `R0`, or an unknown or 10 s old `R0`, triggers a *down probe* once two windows in a
+//!   row agree within 10% (a probe compared against a bureau in mid-change misreads it);
+//!   otherwise an *up probe* follows every `probe_interval` (1 s) while the limit is in use.
 //! - **Down probe** to ¾ of the concurrency in use. The latency's elasticity to concurrency,
 //!   `e = ln(Rc/Rd) / ln(Nc/Nd)`, says where the knee is. `e < 0.3`: flat, the bureau is not
 //!   queueing our calls, so a higher latency is the bureau's own: `R0 := Rd` (re-baseline), no
@@ -258,6 +260,8 @@ struct Tally {
     samples: AtomicU64,
     ok: AtomicU64,
     ok_nanos: AtomicU64,
+    /// Sum of squared latencies in µs² (ns² would overflow after a few calls of a second).
+    ok_micros_sq: AtomicU64,
     in_flight: AtomicU64,
     errors: AtomicU64,
     back_pressure: AtomicU64,
@@ -271,6 +275,8 @@ impl Tally {
                 self.ok.fetch_add(1, Ordering::Relaxed);
                 let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
                 self.ok_nanos.fetch_add(nanos, Ordering::Relaxed);
+                let micros = nanos / 1000;
+                self.ok_micros_sq.fetch_add(micros.saturating_mul(micros), Ordering::Relaxed);
             }
             Signal::Error => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
@@ -288,9 +294,13 @@ impl Tally {
         let n = self.samples.swap(0, Ordering::AcqRel).max(1) as f64;
         let ok = self.ok.swap(0, Ordering::Relaxed);
         let ok_nanos = self.ok_nanos.swap(0, Ordering::Relaxed);
+        let ok_micros_sq = self.ok_micros_sq.swap(0, Ordering::Relaxed);
+        let mean = ok_nanos as f64 / ok.max(1) as f64 / 1e9;
+        let variance = (ok_micros_sq as f64 / ok.max(1) as f64 / 1e12 - mean * mean).max(0.0);
         Measure {
             in_flight: self.in_flight.swap(0, Ordering::Relaxed) as f64 / n,
-            latency: (ok > 0).then(|| ok_nanos as f64 / ok as f64 / 1e9),
+            latency: (ok > 0).then_some(mean),
+            latency_se: (variance / ok.max(1) as f64).sqrt(),
             error_rate: self.errors.swap(0, Ordering::Relaxed) as f64 / n,
             back_pressure: self.back_pressure.swap(0, Ordering::Relaxed),
         }
@@ -304,6 +314,8 @@ struct Measure {
     in_flight: f64,
     /// Mean latency of its successful calls, seconds.
     latency: Option<f64>,
+    /// Standard error of that mean.
+    latency_se: f64,
     error_rate: f64,
     back_pressure: u64,
 }
@@ -469,10 +481,11 @@ impl AdaptiveLimit {
                 }
                 let e = (rc / rd).ln() / (c.in_flight / m.in_flight).ln();
                 let upper = c.in_flight * rd / rc;
-                if e <= -FLAT {
+                let noise = (rc - rd).abs() <= 2.0 * c.latency_se.hypot(m.latency_se);
+                if e <= -FLAT && !noise {
                     return Next::Cruise; // slower during the probe: measure again
                 }
-                if e < FLAT {
+                if e < FLAT || noise {
                     // Latency did not follow concurrency: whatever slowness there is, it is
                     // the bureau's own. Re-baseline; never cut on it.
                     st.baseline = Some(rd);
@@ -505,14 +518,17 @@ impl AdaptiveLimit {
                     return Next::Cruise;
                 }
                 let e = (ru / rc).ln() / (m.in_flight / c.in_flight).ln();
-                if e < FLAT {
+                if e < FLAT || ru - rc <= 2.0 * c.latency_se.hypot(m.latency_se) {
                     st.level = st.level.max(m.in_flight);
                     st.reference = Some(m);
                     return self.up_level(st).map_or(Next::Cruise, Next::Up);
                 }
-                // The knee is between the level and the probe (exact if the level was at or
-                // below it); an up probe never lowers the level.
-                st.level = st.level.max((m.in_flight * rc / ru).min(m.in_flight));
+                // The knee is between the level and the probe: where the probe's latency says
+                // the bureau would answer at no-load latency (taking the lower of the cruise's
+                // and the baseline, so that cruise noise does not push the level past the knee).
+                // An up probe never lowers the level.
+                let r0 = st.baseline.map_or(rc, |r0| r0.min(rc));
+                st.level = st.level.max((m.in_flight * r0 / ru).min(m.in_flight));
                 Next::Cruise
             }
         }
