@@ -58,6 +58,18 @@ pub enum Verdict {
     Refused { retry_after: Option<Duration> },
 }
 
+impl Verdict {
+    /// The same judgement for the adaptive limit: a refusal is the bureau's back-pressure, a
+    /// failure an error; an answer (a 500 included, as for the breaker) is a latency sample.
+    pub fn signal(self) -> crate::adaptive::Signal {
+        match self {
+            Verdict::Answered => crate::adaptive::Signal::Ok,
+            Verdict::Failed => crate::adaptive::Signal::Error,
+            Verdict::Refused { .. } => crate::adaptive::Signal::BackPressure,
+        }
+    }
+}
+
 /// The bureau's health as this replica sees it. One per process (`Shared`), outliving reloads.
 #[derive(Debug)]
 pub struct Breaker {

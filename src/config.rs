@@ -366,9 +366,7 @@ impl Default for BreakerSettings {
 pub struct AdaptiveSettings {
     pub min: usize,
     pub max: usize,
-    /// Latency above `tolerance` × the healthy baseline counts as overload.
-    pub tolerance: f64,
-    /// Multiplicative decrease on overload (0 < backoff < 1).
+    /// Multiplicative decrease on back-pressure or errors (0 < backoff < 1).
     pub backoff: f64,
 }
 
@@ -675,7 +673,8 @@ struct RawBreaker {
 struct RawAdaptive {
     min: Option<i64>,
     max: Option<i64>,
-    tolerance: Option<f64>,
+    /// Removed (the controller no longer cuts on a latency threshold); read only to say so.
+    tolerance: Option<toml::Value>,
     backoff: Option<f64>,
 }
 
@@ -1415,22 +1414,26 @@ fn validate_adaptive(p: &mut Problems, a: &RawAdaptive, budget: usize) -> Option
         }
     };
     let min = match a.min {
-        None => 1.max(max / 8),
+        // A floor only: the controller finds the knee by probing and does not drift down to it.
+        None => 1,
         Some(m) if m >= 1 && m as usize <= max => m as usize,
         Some(m) => {
             p.add("upstream.adaptive.min", format!("{m} must be between 1 and upstream.adaptive.max ({max})"));
             1
         }
     };
-    let tolerance = a.tolerance.unwrap_or(2.0);
-    if !(tolerance > 1.0 && tolerance <= 100.0) {
-        p.add("upstream.adaptive.tolerance", format!("{tolerance} must be above 1 (e.g. 2.0: twice the baseline)"));
+    if a.tolerance.is_some() {
+        p.add(
+            "upstream.adaptive.tolerance",
+            "is no longer used: the controller tells queueing from a slower bureau by probing, not by a \
+             latency threshold (see adaptive.rs); remove the key",
+        );
     }
     let backoff = a.backoff.unwrap_or(0.9);
     if !(backoff > 0.0 && backoff < 1.0) {
         p.add("upstream.adaptive.backoff", format!("{backoff} must be between 0 and 1 (e.g. 0.9)"));
     }
-    (p.0.len() == before).then_some(AdaptiveSettings { min, max, tolerance, backoff })
+    (p.0.len() == before).then_some(AdaptiveSettings { min, max, backoff })
 }
 
 fn validate_breaker(p: &mut Problems, b: &RawBreaker) -> BreakerSettings {

@@ -634,7 +634,13 @@ impl Granted {
         }
         // The latency and outcome feed the adaptive limit; the slot is freed here, once the
         // bureau has answered (body included).
-        permit.complete(latency, verdict == Verdict::Answered);
+        match &result {
+            // Never left this process: nothing learned about the bureau.
+            Err(e) if e.kind == ErrorKind::BadRequest => drop(permit),
+            // About one tenant (held above), not the bureau's capacity for everyone.
+            Ok(resp) if resp.status() == http::StatusCode::TOO_MANY_REQUESTS => drop(permit),
+            _ => permit.complete(latency, verdict.signal()),
+        }
 
         let answer = match (result, verdict) {
             (Ok(resp), Verdict::Refused { retry_after }) => {

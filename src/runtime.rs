@@ -267,7 +267,6 @@ impl Shared {
 pub fn adaptive_controller(config: &Config) -> Option<Arc<AdaptiveLimit>> {
     let a = config.upstream.adaptive.as_ref()?;
     let mut cfg = AdaptiveConfig::new(a.min, a.max, a.max);
-    cfg.tolerance = a.tolerance;
     cfg.backoff = a.backoff;
     Some(Arc::new(AdaptiveLimit::new(cfg)))
 }
