@@ -35,10 +35,11 @@
 //! - **Up probe** to 1.25 × the level (at least +1). Flat latency: the knee is higher, the level
 //!   becomes the probe's concurrency and the next up probe follows at once (exponential growth).
 //!   Rising latency: the knee is between, at `Nu·Rc/Ru`; an up probe never lowers the level.
-//! - **Back-pressure** (429, or 503 with Retry-After: the bureau says it is full) on a call
-//!   granted since the last cut multiplies the level by `backoff` at once (once per round trip,
-//!   as TCP does); during an up probe, back-pressure on a call above the level only ends the
-//!   probe. **Errors** (5xx, timeouts, connection failures) above `max_error_rate` of a phase cut
+//! - **Back-pressure** (a 503: the bureau says it is full; a 429 concerns one tenant, whom
+//!   `proxy.rs` holds, and gives no sample) on a call granted since the last cut multiplies the
+//!   level by `backoff` at once (once per round trip, as TCP does); during an up probe,
+//!   back-pressure on a call above the level only ends the probe. **Errors** (502/504,
+//!   timeouts, connection failures; see `breaker::verdict`) above `max_error_rate` of a phase cut
 //!   by `backoff` at the phase's end and never count as latency (fast failures are not fast
 //!   service).
 //!
