@@ -7,9 +7,16 @@
 //!   slow errors. After `failures` bureau failures in a row (connect errors, broken or invalid
 //!   answers, response timeouts, 502/504) the breaker **opens**: requests are
 //!   answered at once (stale-if-error where the route allows it, else 503 `bureau_unavailable`
-//!   with `Retry-After`) for `open_for`. Then it is **half-open**: `probes` calls go through;
-//!   if all succeed it **closes**, if one fails it opens again. Per replica: each replica sees
-//!   its own connections fail.
+//!   with `Retry-After`) for `open_for`. Then it is **half-open**: `probes` calls go through,
+//!   one per tenant at a time; when `probes` have succeeded it **closes**, when failures
+//!   implicate the bureau again it reopens. Per replica: each replica sees its own connections
+//!   fail.
+//! - **One bank must not open it for everyone.** A tenant can make its own calls fail (input
+//!   the bureau chokes on, answers over `max_response_body`, look-ups the bureau hangs on). So a
+//!   failure is blamed on the bureau only when no request could have caused it (the connection
+//!   was refused) or when failures in the run come from two different tenants (one, when only
+//!   one tenant is configured). Likewise a 503 holds everyone only when a second tenant gets
+//!   one while the first's hold is on; a lone tenant's 503 holds that tenant.
 //! - **The bureau says it is full.** A 429, or a 503, is the bureau's own back-pressure: sending
 //!   the next queued call anyway is how 2017 happened. Such an answer **holds** new calls for
 //!   its `Retry-After` (1 s if it gave none, at most `upstream.retry_after_cap`): requests whose
@@ -17,12 +24,15 @@
 //!   wait for the hold to end. With `[upstream.adaptive]` on, the adaptive limit shrinks instead
 //!   (the caller decides; see `proxy.rs`). A refused call is not charged to the tenant.
 //!
-//! The request path reads one atomic when the breaker is closed and no hold is on; the
-//! transitions are compare-and-swaps, rare by nature. Settings come from the request's config
-//! snapshot, so a reload changes them without losing the state.
+//! The request path reads one atomic when the breaker is closed and no failure run is open, and
+//! one more per hold check. Everything else (failures, probes, transitions) happens under one
+//! small mutex: failures and state changes are rare by nature, and a single lock makes the state
+//! machine race-free (an earlier lock-free version could leak half-open probe places across
+//! rounds and stay half-open for good). Settings come from the request's config snapshot, so a
+//! reload changes them without losing the state.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
@@ -45,6 +55,16 @@ pub enum State {
     HalfOpen = 2,
 }
 
+/// Who could have caused a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Nothing in the request: the bureau refused the connection, or its TLS handshake failed.
+    Bureau,
+    /// Possibly the request itself: no answer in time, a broken, invalid or oversized answer,
+    /// a 502 or 504.
+    Request,
+}
+
 /// How a bureau call ended, for the breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -52,7 +72,7 @@ pub enum Verdict {
     Answered,
     /// The bureau failed: no connection, a broken or invalid answer, no answer in time, 502 or
     /// 504.
-    Failed,
+    Failed(Cause),
     /// The bureau refused the call (429, or 503) and asked to wait `retry_after` (`None`: it
     /// did not say). It is alive, so this is no failure for the breaker.
     Refused { retry_after: Option<Duration> },
@@ -64,7 +84,7 @@ impl Verdict {
     pub fn signal(self) -> crate::adaptive::Signal {
         match self {
             Verdict::Answered => crate::adaptive::Signal::Ok,
-            Verdict::Failed => crate::adaptive::Signal::Error,
+            Verdict::Failed(_) => crate::adaptive::Signal::Error,
             Verdict::Refused { .. } => crate::adaptive::Signal::BackPressure,
         }
     }
@@ -74,21 +94,51 @@ impl Verdict {
 #[derive(Debug)]
 pub struct Breaker {
     epoch: Instant,
+    /// Read without the lock by every request; written under it.
     state: AtomicU8,
-    /// Failures in a row while closed.
-    failures: AtomicU32,
-    /// Bumped each time the breaker opens, so a probe of an earlier half-open round cannot count
-    /// in a later one.
-    generation: AtomicU32,
-    /// Probes let through in the current half-open round, and how many succeeded.
-    probes: AtomicU32,
-    probes_ok: AtomicU32,
-    /// Nanoseconds since `epoch`.
-    open_until: AtomicU64,
+    /// True while a failure run is open: lets an answer skip the lock when there is nothing to
+    /// reset (the common case).
+    failing: AtomicBool,
+    inner: Mutex<Inner>,
+    /// The hold on everyone's calls (503s from two tenants), in nanoseconds since `epoch`;
+    /// tenant holds are on the same clock.
     hold_until: AtomicU64,
     state_gauge: IntGauge,
     opened_total: IntCounter,
     holds_total: IntCounter,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Bumped each time the breaker opens: a probe of an earlier round counts in no later one.
+    generation: u32,
+    /// Failures in a row while closed; during half-open, the probes' failures.
+    run: Run,
+    /// Tenants with a probe in flight in this half-open round (one each).
+    probing: Vec<usize>,
+    probes_ok: u32,
+    open_until: Instant,
+    /// The last tenant the bureau answered 503, and until when a second tenant's 503 makes
+    /// the hold everyone's.
+    last_503: Option<(usize, Instant)>,
+}
+
+/// Failures in a row and whom they implicate.
+#[derive(Debug, Default)]
+struct Run {
+    failures: u32,
+    first: Option<usize>,
+    /// Failures from two tenants, or one nobody could have caused.
+    implicates_bureau: bool,
+}
+
+impl Run {
+    fn add(&mut self, tenant: usize, cause: Cause, alone: bool) {
+        self.failures += 1;
+        let other = self.first.is_some_and(|t| t != tenant);
+        self.first.get_or_insert(tenant);
+        self.implicates_bureau |= other || alone || cause == Cause::Bureau;
+    }
 }
 
 /// Leave to call the bureau, from [`Breaker::admit`]. Record how the call went with
@@ -99,6 +149,9 @@ pub struct Breaker {
 pub struct Ticket {
     breaker: Arc<Breaker>,
     settings: BreakerSettings,
+    tenant: usize,
+    /// Only one tenant is configured: its failures alone implicate the bureau.
+    alone: bool,
     /// `Some(generation)` for a half-open probe.
     probe: Option<u32>,
 }
@@ -107,14 +160,19 @@ impl Breaker {
     /// A closed breaker reporting to `state_gauge`, `opened_total` and `holds_total`.
     pub fn new(state_gauge: IntGauge, opened_total: IntCounter, holds_total: IntCounter) -> Arc<Breaker> {
         state_gauge.set(State::Closed as i64);
+        let epoch = Instant::now();
         Arc::new(Breaker {
-            epoch: Instant::now(),
+            epoch,
             state: AtomicU8::new(CLOSED),
-            failures: AtomicU32::new(0),
-            generation: AtomicU32::new(0),
-            probes: AtomicU32::new(0),
-            probes_ok: AtomicU32::new(0),
-            open_until: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            inner: Mutex::new(Inner {
+                generation: 0,
+                run: Run::default(),
+                probing: Vec::new(),
+                probes_ok: 0,
+                open_until: epoch,
+                last_503: None,
+            }),
             hold_until: AtomicU64::new(0),
             state_gauge,
             opened_total,
@@ -139,39 +197,44 @@ impl Breaker {
         }
     }
 
-    /// May a call go to the bureau now? Closed: yes. Open: no (answer with the returned
-    /// `Retry-After`), until `open_for` has passed; then half-open: yes for the first
-    /// `settings.probes` callers. Holds are checked apart ([`Breaker::held`]).
-    pub fn admit(self: &Arc<Self>, settings: &BreakerSettings, now: Instant) -> Result<Ticket, Duration> {
-        let mut state = self.state.load(Ordering::Acquire);
-        if state == OPEN {
-            let until = self.open_until.load(Ordering::Acquire);
-            let at = self.nanos(now);
-            if at < until {
-                return Err(Duration::from_nanos(until - at));
-            }
-            // Whoever wins moves it on; the losers see half-open too.
-            let _ = self.state.compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire);
-            self.state_gauge.set(State::HalfOpen as i64);
-            state = self.state.load(Ordering::Acquire);
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section leaves `Inner` consistent at each step.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_state(&self, state: u8) {
+        self.state.store(state, Ordering::Release);
+        self.state_gauge.set(i64::from(state));
+    }
+
+    /// May `tenant`'s call go to the bureau now? Closed: yes. Open: no (answer with the
+    /// returned `Retry-After`) until `open_for` has passed; then half-open: yes for up to
+    /// `settings.probes` callers, one per tenant. `tenants` is how many tenants are configured.
+    /// Holds are checked apart ([`Breaker::held`]).
+    pub fn admit(
+        self: &Arc<Self>,
+        settings: &BreakerSettings,
+        now: Instant,
+        tenant: usize,
+        tenants: usize,
+    ) -> Result<Ticket, Duration> {
+        let ticket = |probe| Ticket { breaker: self.clone(), settings: *settings, tenant, alone: tenants <= 1, probe };
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return Ok(ticket(None));
         }
-        let probe = match state {
-            CLOSED => None,
-            HALF_OPEN => {
-                let generation = self.generation.load(Ordering::Acquire);
-                let claimed = self
-                    .probes
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < settings.probes).then_some(n + 1));
-                if claimed.is_err() {
-                    // Probes are out: their answers decide; until then, answer fast.
-                    return Err(Duration::from_secs(1));
-                }
-                Some(generation)
-            }
-            // Opened again between the two loads.
-            _ => return Err(settings.open_for),
-        };
-        Ok(Ticket { breaker: self.clone(), settings: *settings, probe })
+        let mut inner = self.lock();
+        match self.state.load(Ordering::Acquire) {
+            CLOSED => return Ok(ticket(None)),
+            OPEN if now < inner.open_until => return Err(inner.open_until - now),
+            OPEN => self.set_state(HALF_OPEN),
+            _ => {}
+        }
+        if inner.probing.len() as u32 >= settings.probes || inner.probing.contains(&tenant) {
+            // Probes are out: their answers decide; until then, answer fast.
+            return Err(Duration::from_secs(1));
+        }
+        inner.probing.push(tenant);
+        Ok(ticket(Some(inner.generation)))
     }
 
     /// The end of the hold on a tenant's new calls at `now`, if one is on: the bureau's hold on
@@ -184,9 +247,8 @@ impl Breaker {
         (self.nanos(now) < until).then(|| self.epoch + Duration::from_nanos(until))
     }
 
-    /// Holds new calls until `now + retry_after` (capped by `cap`), for everyone (`None`: the
-    /// bureau answered 503, it is full) or for one tenant (`Some(its bureau_hold)`: it answered
-    /// that tenant 429, too many requests from it). A longer hold already on stays.
+    /// Holds new calls until `now + retry_after` (capped by `cap`), for everyone (`None`) or
+    /// for one tenant (`Some(its bureau_hold)`). A longer hold already on stays.
     pub fn hold(&self, tenant_hold: Option<&AtomicU64>, now: Instant, retry_after: Duration, cap: Duration) {
         let until = self.nanos(now + retry_after.min(cap));
         let cell = tenant_hold.unwrap_or(&self.hold_until);
@@ -195,20 +257,29 @@ impl Breaker {
         }
     }
 
+    /// The bureau answered `tenant` 503 and asked it to wait `wait`: is the bureau full for
+    /// everyone? Yes when another tenant got a 503 within that tenant's wait, or when `tenant`
+    /// is the only one configured; otherwise only `tenant` should be held.
+    pub fn full_for_everyone(&self, tenant: usize, tenants: usize, now: Instant, wait: Duration) -> bool {
+        let mut inner = self.lock();
+        let other = inner.last_503.is_some_and(|(t, until)| t != tenant && now < until);
+        inner.last_503 = Some((tenant, now + wait.max(Duration::from_secs(1))));
+        other || tenants <= 1
+    }
+
     fn nanos(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn open(&self, from: u8, settings: &BreakerSettings, now: Instant) {
-        if self.state.compare_exchange(from, OPEN, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            return; // someone else moved it
-        }
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.probes.store(0, Ordering::Release);
-        self.probes_ok.store(0, Ordering::Release);
-        self.failures.store(0, Ordering::Release);
-        self.open_until.store(self.nanos(now + settings.open_for), Ordering::Release);
-        self.state_gauge.set(State::Open as i64);
+    /// Opens the breaker (called with the lock held).
+    fn open(&self, inner: &mut Inner, settings: &BreakerSettings, now: Instant) {
+        inner.generation = inner.generation.wrapping_add(1);
+        inner.run = Run::default();
+        inner.probing.clear();
+        inner.probes_ok = 0;
+        inner.open_until = now + settings.open_for;
+        self.failing.store(false, Ordering::Release);
+        self.set_state(OPEN);
         self.opened_total.inc();
         tracing::warn!(
             target: "bureau_guard::breaker",
@@ -219,28 +290,47 @@ impl Breaker {
 }
 
 impl Ticket {
-    /// Records how the call went: failures in a row open the breaker; a probe's success counts
-    /// toward closing it, its failure reopens it. A refusal is the bureau alive and full: it
-    /// resets the failure run like an answer (the hold is the caller's to set).
+    /// Records how the call went. Closed: failures in a row that implicate the bureau open the
+    /// breaker. Half-open: `probes` successes close it; a failure that implicates the bureau
+    /// reopens it, one that may be its request's own frees the probe place for another tenant.
+    /// A refusal is the bureau alive and full: like an answer, it ends a failure run (the hold
+    /// is the caller's to set).
     pub fn record(mut self, verdict: Verdict, now: Instant) {
-        let b = &self.breaker;
-        let probe = self.probe.take().filter(|g| *g == b.generation.load(Ordering::Acquire));
+        let probe = self.probe.take();
+        let b = self.breaker.clone();
+        let answered = !matches!(verdict, Verdict::Failed(_));
+        if answered && probe.is_none() && !b.failing.load(Ordering::Acquire) {
+            return; // the common case: nothing to reset, no lock
+        }
+        let mut inner = b.lock();
+        let probe = probe.filter(|g| *g == inner.generation);
+        if probe.is_some() {
+            inner.probing.retain(|t| *t != self.tenant);
+        }
         match verdict {
             Verdict::Answered | Verdict::Refused { .. } => {
-                if b.failures.load(Ordering::Relaxed) != 0 {
-                    b.failures.store(0, Ordering::Release);
+                if probe.is_none() {
+                    inner.run = Run::default();
+                    b.failing.store(false, Ordering::Release);
+                    return;
                 }
-                let enough = probe.is_some() && b.probes_ok.fetch_add(1, Ordering::AcqRel) + 1 >= self.settings.probes;
-                if enough && b.state.compare_exchange(HALF_OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                    b.state_gauge.set(State::Closed as i64);
+                inner.probes_ok += 1;
+                if inner.probes_ok >= self.settings.probes && b.state.load(Ordering::Acquire) == HALF_OPEN {
+                    inner.run = Run::default();
+                    b.set_state(CLOSED);
                     tracing::info!(target: "bureau_guard::breaker", "bureau answering again: circuit breaker closed");
                 }
             }
-            Verdict::Failed => {
-                if probe.is_some() {
-                    b.open(HALF_OPEN, &self.settings, now);
-                } else if b.failures.fetch_add(1, Ordering::AcqRel) + 1 >= self.settings.failures {
-                    b.open(CLOSED, &self.settings, now);
+            Verdict::Failed(cause) => {
+                let state = b.state.load(Ordering::Acquire);
+                if probe.is_none() && state != CLOSED {
+                    return; // a call of an earlier round
+                }
+                inner.run.add(self.tenant, cause, self.alone);
+                b.failing.store(true, Ordering::Release);
+                let enough = if probe.is_some() { 1 } else { self.settings.failures };
+                if inner.run.failures >= enough && inner.run.implicates_bureau {
+                    b.open(&mut inner, &self.settings, now);
                 }
             }
         }
@@ -250,10 +340,11 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         // An unrecorded probe (its request left the queue) gives its place to another caller.
-        if let Some(generation) = self.probe
-            && generation == self.breaker.generation.load(Ordering::Acquire)
-        {
-            let _ = self.breaker.probes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if let Some(generation) = self.probe {
+            let mut inner = self.breaker.lock();
+            if inner.generation == generation {
+                inner.probing.retain(|t| *t != self.tenant);
+            }
         }
     }
 }
@@ -261,12 +352,12 @@ impl Drop for Ticket {
 /// The breaker's verdict on a bureau answer with `status` and `Retry-After` header `retry_after`.
 ///
 /// Only 502 and 504 (the bureau's own gateways cannot reach it) are failures: a 500 or 501 is
-/// the bureau answering about one request, which a client can provoke with odd input, and must
-/// not let one tenant open the breaker for everyone; it is also fast, so it holds no slot long.
+/// the bureau answering about one request, which a client can provoke with odd input; it is
+/// also fast, so it holds no slot long.
 pub fn verdict(status: http::StatusCode, retry_after: Option<&http::HeaderValue>) -> Verdict {
     match status.as_u16() {
         429 | 503 => Verdict::Refused { retry_after: retry_after.and_then(parse_retry_after) },
-        502 | 504 => Verdict::Failed,
+        502 | 504 => Verdict::Failed(Cause::Request),
         _ => Verdict::Answered,
     }
 }
@@ -282,115 +373,4 @@ fn parse_retry_after(v: &http::HeaderValue) -> Option<Duration> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use http::{HeaderValue, StatusCode};
-
-    fn settings() -> BreakerSettings {
-        BreakerSettings { failures: 3, open_for: Duration::from_secs(2), probes: 2 }
-    }
-
-    fn go(b: &Arc<Breaker>, now: Instant) -> Ticket {
-        b.admit(&settings(), now).expect("admitted")
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn opens_after_failures_in_a_row_answers_fast_half_opens_and_closes() {
-        let b = Breaker::unregistered();
-        let s = settings();
-        let t0 = Instant::now();
-        // Two failures, then an answer: the run is broken, no opening.
-        go(&b, t0).record(Verdict::Failed, t0);
-        go(&b, t0).record(Verdict::Failed, t0);
-        go(&b, t0).record(Verdict::Answered, t0);
-        go(&b, t0).record(Verdict::Failed, t0);
-        go(&b, t0).record(Verdict::Failed, t0);
-        assert_eq!(b.state(), State::Closed);
-        go(&b, t0).record(Verdict::Failed, t0);
-        assert_eq!(b.state(), State::Open, "three failures in a row open it");
-        assert_eq!(b.opened_total.get(), 1);
-
-        // Open: refused at once with the time left.
-        let t1 = t0 + Duration::from_millis(500);
-        assert_eq!(b.admit(&s, t1).unwrap_err(), Duration::from_millis(1500));
-
-        // After open_for: half-open, two probes and no more.
-        let t2 = t0 + Duration::from_secs(2);
-        let p1 = go(&b, t2);
-        let p2 = go(&b, t2);
-        assert_eq!(b.state(), State::HalfOpen);
-        assert!(b.admit(&s, t2).is_err(), "a third caller waits for the probes");
-        p1.record(Verdict::Answered, t2);
-        assert_eq!(b.state(), State::HalfOpen, "one probe of two is not enough");
-        p2.record(Verdict::Answered, t2);
-        assert_eq!(b.state(), State::Closed);
-        assert!(b.admit(&s, t2).is_ok());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_failed_probe_reopens_and_a_dropped_probe_frees_its_place() {
-        let b = Breaker::unregistered();
-        let s = settings();
-        let t0 = Instant::now();
-        for _ in 0..3 {
-            go(&b, t0).record(Verdict::Failed, t0);
-        }
-        let t1 = t0 + Duration::from_secs(2);
-        let p1 = go(&b, t1);
-        let p2 = go(&b, t1);
-        drop(p2); // its request left the queue: another caller may probe
-        let p3 = go(&b, t1);
-        p1.record(Verdict::Failed, t1);
-        assert_eq!(b.state(), State::Open, "a failed probe reopens at once");
-        assert!(b.admit(&s, t1 + Duration::from_secs(1)).is_err());
-        // A probe of the earlier round answering late does not count in the next one.
-        p3.record(Verdict::Answered, t1);
-        assert_eq!(b.state(), State::Open);
-        let t2 = t1 + Duration::from_secs(2);
-        go(&b, t2).record(Verdict::Answered, t2);
-        assert_eq!(b.state(), State::HalfOpen);
-        go(&b, t2).record(Verdict::Answered, t2);
-        assert_eq!(b.state(), State::Closed);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_hold_lasts_its_retry_after_capped_for_everyone_or_one_tenant() {
-        let b = Breaker::unregistered();
-        let (quiet, noisy) = (AtomicU64::new(0), AtomicU64::new(0));
-        let t0 = Instant::now();
-        let cap = Duration::from_secs(5);
-        // A 429 for one tenant holds that tenant only.
-        b.hold(Some(&noisy), t0, Duration::from_secs(2), cap);
-        assert_eq!(b.held(&noisy, t0), Some(t0 + Duration::from_secs(2)));
-        assert_eq!(b.held(&quiet, t0), None);
-        // A 503 holds everyone, capped; a shorter hold does not shorten it.
-        b.hold(None, t0, Duration::from_secs(30), cap);
-        b.hold(None, t0, Duration::from_secs(1), cap);
-        assert_eq!(b.held(&quiet, t0 + Duration::from_secs(2)), Some(t0 + Duration::from_secs(5)));
-        assert_eq!(b.held(&noisy, t0), Some(t0 + Duration::from_secs(5)), "the later end wins");
-        assert_eq!(b.holds_total.get(), 2);
-        assert_eq!(b.held(&quiet, t0 + Duration::from_secs(5)), None);
-        assert!(b.admit(&settings(), t0).is_ok(), "a hold is not the breaker");
-    }
-
-    #[test]
-    fn the_bureau_s_answers_are_judged_by_status() {
-        let secs = HeaderValue::from_static("7");
-        assert_eq!(
-            verdict(StatusCode::TOO_MANY_REQUESTS, Some(&secs)),
-            Verdict::Refused { retry_after: Some(Duration::from_secs(7)) }
-        );
-        assert_eq!(verdict(StatusCode::SERVICE_UNAVAILABLE, None), Verdict::Refused { retry_after: None });
-        let date = HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT");
-        assert_eq!(
-            verdict(StatusCode::SERVICE_UNAVAILABLE, Some(&date)),
-            Verdict::Refused { retry_after: Some(Duration::ZERO) },
-            "a date in the past: no wait"
-        );
-        assert_eq!(verdict(StatusCode::BAD_GATEWAY, None), Verdict::Failed);
-        assert_eq!(verdict(StatusCode::GATEWAY_TIMEOUT, None), Verdict::Failed);
-        assert_eq!(verdict(StatusCode::INTERNAL_SERVER_ERROR, None), Verdict::Answered, "about one request");
-        assert_eq!(verdict(StatusCode::NOT_FOUND, None), Verdict::Answered);
-        assert_eq!(verdict(StatusCode::OK, Some(&HeaderValue::from_static("soon"))), Verdict::Answered);
-    }
-}
+mod tests;

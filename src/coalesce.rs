@@ -27,7 +27,7 @@
 //! let coalescer = Coalescer::new();
 //! let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
 //! let result = coalescer
-//!     .run(key, deadline, |_interest| async {
+//!     .run(key, deadline, std::time::Duration::from_secs(5), |_interest| async {
 //!         // Owns everything it needs: runs even if this request is gone.
 //!         Ok(Arc::new(Fetched::new(http::StatusCode::OK, http::HeaderMap::new(), "report".into())))
 //!     })
@@ -39,6 +39,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -86,8 +87,19 @@ impl From<CoalesceError> for ProxyError {
     }
 }
 
-/// One bureau call that identical requests can join by subscribing: `None` until it ends.
-type Flight = watch::Sender<Option<FetchResult>>;
+/// Where a flight is: what its waiters watch.
+#[derive(Clone)]
+enum Stage {
+    /// Waiting for a bureau slot.
+    Queued,
+    /// At the bureau since this instant: each waiter gives it `respond_within` from then.
+    Sent(Instant),
+    /// Ended with this result.
+    Done(FetchResult),
+}
+
+/// One bureau call that identical requests can join by subscribing.
+type Flight = watch::Sender<Stage>;
 
 type Shard = Mutex<HashMap<CacheKey, Flight>>;
 
@@ -128,6 +140,11 @@ impl Interest {
     pub fn waiting(&self) -> bool {
         self.tx.receiver_count() > 0
     }
+
+    /// The call is at the bureau from now on: waiters give it their `respond_within` from now.
+    pub fn sent(&self) {
+        self.tx.send_replace(Stage::Sent(Instant::now()));
+    }
 }
 
 impl Default for Coalescer {
@@ -160,6 +177,7 @@ impl Coalescer {
         &self,
         key: CacheKey,
         deadline: Instant,
+        respond_within: Duration,
         make_fetch: F,
     ) -> Result<(Arc<Fetched>, Role), CoalesceError>
     where
@@ -175,7 +193,7 @@ impl Coalescer {
                     (flight.subscribe(), Role::Follower)
                 }
                 None => {
-                    let (tx, rx) = watch::channel(None);
+                    let (tx, rx) = watch::channel(Stage::Queued);
                     map.insert(key, tx.clone());
                     drop(map);
                     // The guard exists before the task, so that even a task that never runs
@@ -187,13 +205,13 @@ impl Coalescer {
                         let result = fetch.await;
                         // Published first, then removed (the guard's drop): a request that finds
                         // the flight in between gets this answer at once, a later one starts anew.
-                        guard.tx.send_replace(Some(result));
+                        guard.tx.send_replace(Stage::Done(result));
                     });
                     (rx, Role::Leader)
                 }
             }
         };
-        wait(rx, deadline).await.map(|answer| (answer, role))
+        wait(rx, deadline, respond_within).await.map(|answer| (answer, role))
     }
 
     /// Bureau calls in flight now (takes each shard's lock briefly: for metrics, not the request path).
@@ -218,16 +236,26 @@ fn lock(shard: &Shard) -> MutexGuard<'_, HashMap<CacheKey, Flight>> {
     shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn wait(mut rx: watch::Receiver<Option<FetchResult>>, deadline: Instant) -> Result<Arc<Fetched>, CoalesceError> {
-    match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
-        Err(_) => Err(CoalesceError::Timeout),
-        // Every sender is gone without a result: the task was dropped before finishing.
-        Ok(Err(_)) => Err(CoalesceError::Abandoned),
-        Ok(Ok(result)) => match &*result {
-            Some(Ok(answer)) => Ok(answer.clone()),
-            Some(Err(err)) => Err(CoalesceError::Fetch(err.clone())),
-            None => unreachable!("wait_for returns only once the value is Some"),
-        },
+/// Waits for the flight's result until `deadline`, or `respond_within` after the call was
+/// sent, whichever comes first.
+async fn wait(
+    mut rx: watch::Receiver<Stage>,
+    mut deadline: Instant,
+    respond_within: Duration,
+) -> Result<Arc<Fetched>, CoalesceError> {
+    loop {
+        match &*rx.borrow_and_update() {
+            Stage::Done(Ok(answer)) => return Ok(answer.clone()),
+            Stage::Done(Err(err)) => return Err(CoalesceError::Fetch(err.clone())),
+            Stage::Sent(at) => deadline = deadline.min(*at + respond_within),
+            Stage::Queued => {}
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Err(_) => return Err(CoalesceError::Timeout),
+            // Every sender is gone without a result: the task was dropped before finishing.
+            Ok(Err(_)) => return Err(CoalesceError::Abandoned),
+            Ok(Ok(())) => {}
+        }
     }
 }
 
@@ -271,6 +299,8 @@ mod tests {
         Arc::new(Fetched::new(StatusCode::OK, h, Bytes::from_static(body.as_bytes())))
     }
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
     fn far() -> Instant {
         Instant::now() + Duration::from_secs(3600)
     }
@@ -313,7 +343,7 @@ mod tests {
     /// A request entering the coalescer with `deadline`; its call (if it leads) answers `result`.
     fn request(c: &Coalescer, b: &Bureau, deadline: Instant, result: FetchResult) -> Run {
         let (c, b) = (c.clone(), b.clone());
-        Box::pin(async move { c.run(key(1), deadline, |_| b.fetch(result)).await })
+        Box::pin(async move { c.run(key(1), deadline, HOUR, |_| b.fetch(result)).await })
     }
 
     /// Polls `run` once: enough to lead (insert the flight, spawn the call) or to join, both of
@@ -336,7 +366,7 @@ mod tests {
                 let (c, bureau, start) = (c.clone(), bureau.clone(), start.clone());
                 tokio::spawn(async move {
                     start.wait().await;
-                    c.run(key(1), far(), |_| bureau.fetch(Ok(answer("report")))).await
+                    c.run(key(1), far(), HOUR, |_| bureau.fetch(Ok(answer("report")))).await
                 })
             })
             .collect();
@@ -384,7 +414,7 @@ mod tests {
         let held = reservation.clone();
         let (c1, b1) = (c.clone(), bureau.clone());
         let mut follower: Run = Box::pin(async move {
-            c1.run(key(1), far(), move |_| {
+            c1.run(key(1), far(), HOUR, move |_| {
                 let _owned = held;
                 b1.fetch(Ok(answer("never")))
             })
@@ -401,8 +431,8 @@ mod tests {
     async fn different_keys_do_not_share() {
         let (c, bureau) = (Coalescer::new(), Bureau::default());
         let (c1, b1, c2, b2) = (c.clone(), bureau.clone(), c.clone(), bureau.clone());
-        let mut a: Run = Box::pin(async move { c1.run(key(1), far(), |_| b1.fetch(Ok(answer("a")))).await });
-        let mut b: Run = Box::pin(async move { c2.run(key(2), far(), |_| b2.fetch(Ok(answer("b")))).await });
+        let mut a: Run = Box::pin(async move { c1.run(key(1), far(), HOUR, |_| b1.fetch(Ok(answer("a")))).await });
+        let mut b: Run = Box::pin(async move { c2.run(key(2), far(), HOUR, |_| b2.fetch(Ok(answer("b")))).await });
         enter(&mut a).await;
         enter(&mut b).await;
         assert_eq!(c.in_flight(), 2);
@@ -508,7 +538,8 @@ mod tests {
             assert_eq!(bureau.calls(), wave);
         }
         // After a failure too.
-        let r = c.run(key(1), far(), |_| async { Err(ProxyError::new(ErrorKind::BureauUnreachable, "down")) }).await;
+        let r =
+            c.run(key(1), far(), HOUR, |_| async { Err(ProxyError::new(ErrorKind::BureauUnreachable, "down")) }).await;
         assert!(matches!(r, Err(CoalesceError::Fetch(_))));
         assert_eq!(c.in_flight(), 0);
     }
@@ -519,7 +550,7 @@ mod tests {
         let release = Arc::new(Notify::new());
         let (c1, r1) = (c.clone(), release.clone());
         let mut waiter: Run = Box::pin(async move {
-            c1.run(key(1), far(), |_| async move {
+            c1.run(key(1), far(), HOUR, |_| async move {
                 r1.notified().await;
                 panic!("a bug in the fetch");
             })
@@ -529,7 +560,7 @@ mod tests {
         release.notify_one();
         assert!(matches!(waiter.await, Err(CoalesceError::Abandoned)));
         assert_eq!(c.in_flight(), 0, "the guard removed the flight");
-        let r = c.run(key(1), far(), |_| async { Ok(answer("fine")) }).await.unwrap();
+        let r = c.run(key(1), far(), HOUR, |_| async { Ok(answer("fine")) }).await.unwrap();
         assert_eq!(r, (answer("fine"), Role::Leader));
     }
 }

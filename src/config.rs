@@ -115,6 +115,9 @@ impl fmt::Display for Problem {
     }
 }
 
+/// The longest duration any setting may have.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Every problem found in a config; never empty.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -755,10 +758,22 @@ impl Problems {
     }
 
     fn duration(&mut self, path: &str, raw: Option<&str>, default: Duration) -> Duration {
+        let d = self.duration_or_zero(path, raw, default);
+        if d.is_zero() {
+            self.add(path, "must be greater than zero");
+            return default;
+        }
+        d
+    }
+
+    /// A duration where zero means "none".
+    fn duration_or_zero(&mut self, path: &str, raw: Option<&str>, default: Duration) -> Duration {
         let Some(s) = raw else { return default };
         match humantime::parse_duration(s) {
-            Ok(d) if d.is_zero() => {
-                self.add(path, "must be greater than zero");
+            // Every duration ends up added to an instant; past this it could overflow (a panic
+            // on every request), and no setting here means anything that long.
+            Ok(d) if d > MAX_DURATION => {
+                self.add(path, format!("{s:?} is longer than the longest duration allowed (10 years)"));
                 default
             }
             Ok(d) => d,
@@ -813,13 +828,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         request_timeout: p.duration("server.request_timeout", s.request_timeout.as_deref(), defaults::REQUEST_TIMEOUT),
         drain_timeout: p.duration("server.drain_timeout", s.drain_timeout.as_deref(), defaults::DRAIN_TIMEOUT),
         pass_unmatched: s.pass_unmatched.unwrap_or(false),
-        readiness_grace: match s.readiness_grace.as_deref() {
-            None => Duration::ZERO,
-            Some(v) => humantime::parse_duration(v).unwrap_or_else(|e| {
-                p.add("server.readiness_grace", format!("invalid duration {v:?} ({e}); use e.g. \"0s\", \"5s\""));
-                Duration::ZERO
-            }),
-        },
+        readiness_grace: p.duration_or_zero("server.readiness_grace", s.readiness_grace.as_deref(), Duration::ZERO),
         tls: None,
     };
 
@@ -1302,13 +1311,7 @@ fn validate_backend(p: &mut Problems, raw: &RawState, env: &dyn Fn(&str) -> Opti
         }
     };
     // Zero is meaningful here: one unit per request, one Redis round trip per decision.
-    let lease = match r.lease.as_deref() {
-        None => defaults::REDIS_LEASE,
-        Some(v) => humantime::parse_duration(v).unwrap_or_else(|e| {
-            p.add("state.redis.lease", format!("invalid duration {v:?} ({e}); use e.g. \"100ms\", or \"0s\" for none"));
-            defaults::REDIS_LEASE
-        }),
-    };
+    let lease = p.duration_or_zero("state.redis.lease", r.lease.as_deref(), defaults::REDIS_LEASE);
     let heartbeat_interval =
         p.duration("state.redis.heartbeat_interval", r.heartbeat_interval.as_deref(), defaults::REDIS_HEARTBEAT);
     let lease_ttl = p.duration("state.redis.lease_ttl", r.lease_ttl.as_deref(), defaults::REDIS_LEASE_TTL);
@@ -1990,6 +1993,8 @@ api_key_sha256 = "{KEY_HEX}"
             assert!(p.iter().any(|s| s.starts_with(path)), "{path} missing from {p:?}");
         }
         assert_eq!(p.len(), 5, "{p:?}");
+        let absurd = problems(&minimal().replacen(url, &format!("{url}\nresponse_timeout = \"500000000000y\""), 1));
+        assert!(absurd[0].starts_with("upstream.response_timeout: \"500000000000y\" is longer than"), "{absurd:?}");
         let unknown = problems(&minimal().replacen(url, &format!("{url}\n[upstream.breaker]\ncooldown = 1"), 1));
         assert!(unknown[0].starts_with("upstream.breaker.cooldown: unknown field"), "{unknown:?}");
     }

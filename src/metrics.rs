@@ -585,6 +585,7 @@ pub struct TenantCell {
     pub shed_queue_full: IntCounter,
     pub shed_queue_timeout: IntCounter,
     pub shed_bureau_hold: IntCounter,
+    pub shed_overdue: IntCounter,
     pub abandoned: IntCounter,
 }
 
@@ -653,6 +654,7 @@ impl RequestCells {
                 shed_queue_full: metrics.sheds_total.with_label_values(&[id, "queue_full"]),
                 shed_queue_timeout: metrics.sheds_total.with_label_values(&[id, "queue_timeout"]),
                 shed_bureau_hold: metrics.sheds_total.with_label_values(&[id, "bureau_hold"]),
+                shed_overdue: metrics.sheds_total.with_label_values(&[id, "overdue"]),
                 abandoned: metrics.bureau_calls_abandoned_total.with_label_values(&[id]),
             }
         })

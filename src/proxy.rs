@@ -12,6 +12,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -20,10 +21,10 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::audit::Record;
-use crate::breaker::{self, Verdict};
+use crate::breaker::{self, Cause, Verdict};
 use crate::cache::{self, CacheStatus, Entry, Fetched, Lookup};
 use crate::cache_key::{CacheKey, KeyError};
-use crate::coalesce::{Interest, Role};
+use crate::coalesce::{CoalesceError, Interest, Role};
 use crate::headers::{X_REQUEST_ID, X_TENANT, strip_hop_by_hop};
 use crate::limits;
 use crate::quota::{self, Exhausted, Windows, retry_after_secs};
@@ -346,7 +347,9 @@ impl Proxy {
 
         // Coalesced: the call runs in a flight of its own that every identical request arriving
         // meanwhile joins instead of calling the bureau again. While it is queued for a slot it
-        // stops as soon as nobody waits for it; once at the bureau it runs to its end.
+        // stops as soon as nobody waits for it; once at the bureau it runs to its end, and stays
+        // joinable until then: a client that retries after its 504 joins the same call instead
+        // of sending (and paying for) the look-up twice.
         let fetch = move |interest: Interest| async move {
             let granted = tokio::select! {
                 granted = call.queue() => granted?,
@@ -354,25 +357,24 @@ impl Proxy {
                     return Err(ProxyError::new(ErrorKind::RequestTimeout, "every request for this look-up has gone"));
                 }
             };
-            let respond_by = tokio::time::Instant::now() + response_timeout;
-            let mut sending = granted.send(parts, body, Keep::Fetched(store));
-            match tokio::time::timeout_at(respond_by, &mut sending).await {
-                Ok(done) => {
-                    if !interest.waiting() {
-                        done.record_abandoned();
-                    }
-                    match done.answer? {
-                        Answer::Fetched(fetched) => Ok(fetched),
-                        Answer::Plain(_) => unreachable!("Keep::Fetched answers with a Fetched"),
-                    }
-                }
-                // The waiters get their 504 now; the call goes on detached (it is dropped with
-                // `sending`), still fills the cache and is recorded as abandoned.
-                Err(_) => Err(bureau_timeout(response_timeout)),
+            interest.sent();
+            let done = granted.send(parts, body, Keep::Fetched(store)).await;
+            if !interest.waiting() {
+                done.record_abandoned();
+            }
+            match done.answer? {
+                Answer::Fetched(fetched) => Ok(fetched),
+                Answer::Plain(_) => unreachable!("Keep::Fetched answers with a Fetched"),
             }
         };
+        // Each request waits as it would for a call of its own: response_timeout from the call's
+        // grant, never past request_timeout.
         let deadline = tokio::time::Instant::now() + snap.limits.request_timeout;
-        let (fetched, role) = self.shared.coalescer.run(key, deadline, fetch).await?;
+        let (fetched, role) = match self.shared.coalescer.run(key, deadline, response_timeout, fetch).await {
+            Ok(answer) => answer,
+            Err(CoalesceError::Timeout) => return Err(bureau_timeout(response_timeout)),
+            Err(e) => return Err(e.into()),
+        };
         Ok(match role {
             Role::Leader => (fetched.response(CacheStatus::Miss), Outcome::Bureau),
             // On a shared route an answer the bureau marked private (or that sets a cookie)
@@ -480,6 +482,8 @@ enum Answer {
 /// A finished bureau call: its answer, and who it was for.
 struct Done {
     answer: Result<Answer, ProxyError>,
+    /// The tenant's quota was charged for it (the bureau took the call).
+    charged: bool,
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
     tenant: Arc<Tenant>,
@@ -499,7 +503,9 @@ impl BureauCall {
         let queued_at = tokio::time::Instant::now();
         let upstream = &self.snap.config.upstream;
         let deadline = queued_at + upstream.queue_timeout;
-        let ticket = match self.shared.breaker.admit(&upstream.breaker, queued_at) {
+        let tenant = &self.tenant;
+        let tenants = self.snap.tenants.len();
+        let ticket = match self.shared.breaker.admit(&upstream.breaker, queued_at, tenant.state.index, tenants) {
             Ok(ticket) => ticket,
             Err(retry_after) => {
                 return Err(ProxyError::new(
@@ -509,8 +515,19 @@ impl BureauCall {
                 .retry_after(retry_after_secs(retry_after)));
             }
         };
-        self.wait_out_holds(deadline).await?;
-        let tenant = &self.tenant;
+        let cells = self.snap.cells.tenant(&self.shared.metrics, tenant.index);
+        // Calls the bureau has not answered within response_timeout keep their slots (the bureau
+        // is still working on them): one tenant must not pin the whole budget with look-ups the
+        // bureau hangs on. Past half of it, its new calls wait for those to end.
+        let overdue = tenant.state.overdue.load(Ordering::Acquire) as usize;
+        if overdue >= (self.shared.scheduler.limit() / 2).max(1) {
+            cells.shed_overdue.inc();
+            return Err(ProxyError::new(
+                ErrorKind::BureauBusy,
+                format!("{overdue} of your calls the bureau has not answered in time still hold bureau slots"),
+            )
+            .retry_after(1));
+        }
         let ask = Ask {
             tenant: tenant.state.index,
             weight: tenant.weight,
@@ -518,30 +535,35 @@ impl BureauCall {
             max_queue: tenant.limits.max_queue,
             deadline,
         };
-        let cells = self.snap.cells.tenant(&self.shared.metrics, tenant.index);
-        let permit = match self.shared.scheduler.acquire(ask).await {
-            Ok(permit) => permit,
-            Err(shed) => {
-                let message = match shed.reason {
-                    ShedReason::QueueFull => {
-                        cells.shed_queue_full.inc();
-                        format!(
-                            "the bureau is at capacity and {} of your requests are already waiting",
-                            tenant.limits.max_queue
-                        )
-                    }
-                    ShedReason::QueueTimeout => {
-                        cells.shed_queue_timeout.inc();
-                        format!("no bureau slot within {:?}", upstream.queue_timeout)
-                    }
-                };
-                return Err(
-                    ProxyError::new(ErrorKind::BureauBusy, message).retry_after(retry_after_secs(shed.retry_after))
-                );
+        let permit = loop {
+            self.wait_out_holds(deadline).await?;
+            let permit = match self.shared.scheduler.acquire(ask).await {
+                Ok(permit) => permit,
+                Err(shed) => {
+                    let message = match shed.reason {
+                        ShedReason::QueueFull => {
+                            cells.shed_queue_full.inc();
+                            format!(
+                                "the bureau is at capacity and {} of your requests are already waiting",
+                                tenant.limits.max_queue
+                            )
+                        }
+                        ShedReason::QueueTimeout => {
+                            cells.shed_queue_timeout.inc();
+                            format!("no bureau slot within {:?}", upstream.queue_timeout)
+                        }
+                    };
+                    return Err(
+                        ProxyError::new(ErrorKind::BureauBusy, message).retry_after(retry_after_secs(shed.retry_after))
+                    );
+                }
+            };
+            // A hold that began while this request was queued: give the slot back to whoever
+            // may use it now rather than sleep on it, and wait for the hold's end.
+            if self.shared.breaker.held(&tenant.state.bureau_hold, tokio::time::Instant::now()).is_none() {
+                break permit;
             }
         };
-        // A hold that began while this request was queued: nothing goes to the bureau until it ends.
-        self.wait_out_holds(deadline).await?;
         Ok(Granted { call: self, permit, ticket, queued_at })
     }
 
@@ -587,8 +609,9 @@ impl Granted {
 
         // Upstream: the bureau is touched last, and the call runs until it answers (or
         // max_call_time cuts it). Not answering within response_timeout is a failure for the
-        // breaker at once, though the call goes on.
+        // breaker at once, though the call goes on, and counts as overdue for its tenant.
         let mut ticket = Some(ticket);
+        let mut _overdue = None;
         let result = {
             let send = snap.upstream.send(parts, body);
             tokio::pin!(send);
@@ -596,8 +619,9 @@ impl Granted {
                 Ok(result) => result,
                 Err(_) => {
                     if let Some(t) = ticket.take() {
-                        t.record(Verdict::Failed, tokio::time::Instant::now());
+                        t.record(Verdict::Failed(Cause::Request), tokio::time::Instant::now());
                     }
+                    _overdue = Some(Overdue::enter(tenant.state.clone()));
                     send.await
                 }
             }
@@ -606,14 +630,16 @@ impl Granted {
         let latency = now - called_at;
         let verdict = match &result {
             Ok(resp) => breaker::verdict(resp.status(), resp.headers().get(RETRY_AFTER)),
-            Err(_) => Verdict::Failed,
+            // Nothing in the request can make the bureau refuse a connection.
+            Err(e) if e.kind == ErrorKind::BureauUnreachable => Verdict::Failed(Cause::Bureau),
+            Err(_) => Verdict::Failed(Cause::Request),
         };
         // Charged only if the bureau took the call: not when it could not be reached or built,
         // and not when the bureau refused it (429/503).
         let reached =
             !matches!(&result, Err(e) if matches!(e.kind, ErrorKind::BureauUnreachable | ErrorKind::BadRequest));
-        let refused = matches!(verdict, Verdict::Refused { .. });
-        if reached && !refused {
+        let charged = reached && !matches!(verdict, Verdict::Refused { .. });
+        if charged {
             reservation.commit();
         } else {
             drop(reservation);
@@ -632,28 +658,37 @@ impl Granted {
             let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
             shared.metrics.bureau_responses[class].inc();
         }
+
+        // The bureau's back-pressure holds new calls for the time it asked. A 429 (too many
+        // from this tenant) holds this tenant; a 503 (the bureau is full) holds everyone once a
+        // second tenant gets one (one bank's 503 alone might be its own doing), and with an
+        // adaptive limit shrinks the limit instead.
+        let mut full_for_everyone = false;
+        let mut wait = RETRY_AFTER_DEFAULT;
+        if let (Ok(resp), Verdict::Refused { retry_after }) = (&result, verdict) {
+            wait = retry_after.unwrap_or(RETRY_AFTER_DEFAULT).min(upstream.retry_after_cap);
+            full_for_everyone = resp.status() == http::StatusCode::SERVICE_UNAVAILABLE
+                && shared.breaker.full_for_everyone(tenant.state.index, snap.tenants.len(), now, wait);
+            let adaptive = shared.adaptive.load().is_some();
+            let everyone = full_for_everyone && !adaptive;
+            let held = (!everyone).then_some(&tenant.state.bureau_hold);
+            if !(full_for_everyone && adaptive) {
+                shared.breaker.hold(held, now, wait, upstream.retry_after_cap);
+            }
+        }
         // The latency and outcome feed the adaptive limit; the slot is freed here, once the
         // bureau has answered (body included).
-        match &result {
+        match (&result, verdict) {
             // Never left this process: nothing learned about the bureau.
-            Err(e) if e.kind == ErrorKind::BadRequest => drop(permit),
-            // About one tenant (held above), not the bureau's capacity for everyone.
-            Ok(resp) if resp.status() == http::StatusCode::TOO_MANY_REQUESTS => drop(permit),
+            (Err(e), _) if e.kind == ErrorKind::BadRequest => drop(permit),
+            // A refusal that may be about one tenant says nothing of everyone's capacity.
+            (Ok(_), Verdict::Refused { .. }) if !full_for_everyone => drop(permit),
             _ => permit.complete(latency, verdict.signal()),
         }
 
         let answer = match (result, verdict) {
-            (Ok(resp), Verdict::Refused { retry_after }) => {
-                // The bureau's back-pressure, passed on as a retryable 503, and new calls held
-                // for the time it asked: a 429 (too many from this tenant) holds this tenant's
-                // calls, so one bank's excess never pauses the others; a 503 (the bureau is full)
-                // holds everyone's, unless an adaptive limit shrinks instead.
-                let wait = retry_after.unwrap_or(RETRY_AFTER_DEFAULT).min(upstream.retry_after_cap);
-                if resp.status() == http::StatusCode::TOO_MANY_REQUESTS {
-                    shared.breaker.hold(Some(&tenant.state.bureau_hold), now, wait, upstream.retry_after_cap);
-                } else if shared.adaptive.load().is_none() {
-                    shared.breaker.hold(None, now, wait, upstream.retry_after_cap);
-                }
+            (Ok(_), Verdict::Refused { .. }) => {
+                // Passed on as a retryable 503, not charged.
                 Err(ProxyError::new(ErrorKind::BureauBusy, "the bureau is at capacity and asked for a pause")
                     .retry_after(retry_after_secs(wait)))
             }
@@ -671,7 +706,23 @@ impl Granted {
                 }
             },
         };
-        Done { answer, shared, snap, tenant, route, subject, request_id }
+        Done { answer, charged, shared, snap, tenant, route, subject, request_id }
+    }
+}
+
+/// Counts a call past `response_timeout` in its tenant's `overdue` for as long as it runs.
+struct Overdue(Arc<crate::state::TenantState>);
+
+impl Overdue {
+    fn enter(state: Arc<crate::state::TenantState>) -> Overdue {
+        state.overdue.fetch_add(1, Ordering::AcqRel);
+        Overdue(state)
+    }
+}
+
+impl Drop for Overdue {
+    fn drop(&mut self) {
+        self.0.overdue.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -687,8 +738,11 @@ fn bureau_timeout(response_timeout: std::time::Duration) -> ProxyError {
 
 impl Done {
     /// Nobody received this answer: counted per tenant and audited as `abandoned` (the bureau
-    /// did the work and the tenant was charged).
+    /// did the work and the tenant was charged). A call the bureau never took is neither.
     fn record_abandoned(&self) {
+        if !self.charged {
+            return;
+        }
         let cells = self.snap.cells.tenant(&self.shared.metrics, self.tenant.index);
         cells.abandoned.inc();
         let Some(audit) = &self.shared.audit else { return };

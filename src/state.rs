@@ -171,6 +171,8 @@ pub struct TenantState {
     /// The bureau answered this tenant 429: no new bureau calls for it before this instant
     /// (nanoseconds on the breaker's clock, see `breaker::Breaker::held`).
     pub bureau_hold: AtomicU64,
+    /// The tenant's bureau calls past `upstream.response_timeout` that still hold their slots.
+    pub overdue: AtomicU32,
     /// With the Redis backend: the units of each shared limit this replica holds (see
     /// [`TenantState::leases`]).
     leases: std::sync::OnceLock<Box<crate::lease::TenantLeases>>,

@@ -15,7 +15,8 @@ use common::*;
 /// cached, keyed by subject). Bureau budget 1; `queue_timeout` 5 s unless `upstream_extra` says.
 fn config(mock_url: &str, upstream_extra: &str) -> String {
     let queue = if upstream_extra.contains("queue_timeout") { "" } else { "queue_timeout = \"5s\"" };
-    let upstream_extra = format!("{queue}\n{upstream_extra}");
+    let budget = if upstream_extra.contains("max_concurrency") { "" } else { "max_concurrency = 1" };
+    let upstream_extra = format!("{queue}\n{budget}\n{upstream_extra}");
     format!(
         r#"
 [server]
@@ -24,7 +25,6 @@ listen = "127.0.0.1:0"
 listen = "127.0.0.1:0"
 [upstream]
 url = "{mock_url}"
-max_concurrency = 1
 {upstream_extra}
 [log]
 access_log = false
@@ -101,7 +101,7 @@ async fn give_up(task: tokio::task::JoinHandle<Resp>, proxy: &Running) {
 
 #[tokio::test]
 async fn abandoned_call_keeps_its_slot_and_charge_until_the_bureau_answers() {
-    let (mock, proxy) = env(bureau(600), "").await;
+    let (mock, proxy) = env(bureau(2000), "").await;
     let first = at_the_bureau(&mock, score(&proxy, "S-1"), KEY_A).await;
     give_up(first, &proxy).await;
 
@@ -154,7 +154,7 @@ async fn max_call_time_cuts_a_hung_call_and_frees_its_slot() {
 
 #[tokio::test]
 async fn queued_request_whose_client_leaves_costs_nothing_and_never_reaches_the_bureau() {
-    let (mock, proxy) = env(bureau(500), "").await;
+    let (mock, proxy) = env(bureau(2000), "").await;
     let holder = at_the_bureau(&mock, score(&proxy, "S-1"), KEY_B).await;
     let url = score(&proxy, "S-2");
     let queued = tokio::spawn(async move { get(&url, &[("x-api-key", KEY_A)]).await });
@@ -173,7 +173,7 @@ async fn queued_request_whose_client_leaves_costs_nothing_and_never_reaches_the_
 
 #[tokio::test]
 async fn coalesced_flight_whose_waiters_all_leave_while_queued_is_never_sent() {
-    let (mock, proxy) = env(bureau(500), "").await;
+    let (mock, proxy) = env(bureau(2000), "").await;
     let holder = at_the_bureau(&mock, score(&proxy, "S-1"), KEY_B).await;
     let p = format!("http://{}/v1/credit-report", proxy.addr);
     let leader = tokio::spawn(async move {
@@ -193,7 +193,7 @@ async fn coalesced_flight_whose_waiters_all_leave_while_queued_is_never_sent() {
 
 #[tokio::test]
 async fn abandoned_coalesced_call_still_answers_followers_and_fills_the_cache() {
-    let (mock, proxy) = env(bureau(600), "").await;
+    let (mock, proxy) = env(bureau(2000), "").await;
     let p = format!("http://{}/v1/credit-report", proxy.addr);
     let post = |p: String| async move {
         let body = br#"{"subject_id":"S-7","report_type":"full"}"#;
@@ -323,19 +323,84 @@ async fn bureau_429_is_not_charged_and_holds_that_tenant_s_calls_for_its_retry_a
 }
 
 #[tokio::test]
-async fn bureau_503_holds_everyone_and_a_request_that_can_wait_is_sent_after_it() {
+async fn bureau_503s_to_two_tenants_hold_everyone_and_a_request_that_can_wait_is_sent_after() {
     let (mock, proxy) = env(bureau(0), "").await; // queue_timeout 5 s
-    refuse(&mock, 503, 1);
+    refuse(&mock, 503, 2);
+    let idle = std::sync::atomic::AtomicU64::new(0);
     let r = get(&score(&proxy, "S-1"), &[("x-api-key", KEY_A)]).await;
     assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (503, Some("bureau_busy")));
-    let idle = std::sync::atomic::AtomicU64::new(0);
-    let until = proxy.shared.breaker.held(&idle, tokio::time::Instant::now()).expect("everyone is held");
-    mock.bureau.set_refusal(None).unwrap();
+    assert!(proxy.shared.breaker.held(&idle, tokio::time::Instant::now()).is_none(), "one tenant's 503: its own hold");
     let r = get(&score(&proxy, "S-2"), &[("x-api-key", KEY_B)]).await;
+    assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (503, Some("bureau_busy")));
+    let until = proxy.shared.breaker.held(&idle, tokio::time::Instant::now()).expect("a second tenant: everyone held");
+    mock.bureau.set_refusal(None).unwrap();
+    let r = get(&score(&proxy, "S-3"), &[("x-api-key", KEY_B)]).await;
     assert_eq!(r.status, 200);
     assert!(tokio::time::Instant::now() >= until, "sent only once the hold had ended");
     let stats = mock.bureau.stats();
-    assert_eq!((stats.calls_total, stats.served_by_tenant.get("b").copied()), (2, Some(1)));
-    assert_eq!(daily_used(&proxy, "a").await, 0, "the refused call is not charged");
+    assert_eq!((stats.calls_total, stats.served_by_tenant.get("b").copied()), (3, Some(1)));
+    assert_eq!(daily_used(&proxy, "a").await, 0, "refused calls are not charged");
     assert_eq!(daily_used(&proxy, "b").await, 1);
+}
+
+#[tokio::test]
+async fn one_tenant_cannot_pin_every_slot_with_calls_the_bureau_hangs_on() {
+    // Budget 2: a's look-ups hang; after response_timeout they keep their slots (the bureau is
+    // working), but a may hold at most half the budget that way; b is still served.
+    let (mock, proxy) = env(bureau(3000), "max_concurrency = 2\nresponse_timeout = \"100ms\"").await;
+    let r = get(&score(&proxy, "S-1"), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.status, 504);
+    let r = get(&score(&proxy, "S-2"), &[("x-api-key", KEY_A)]).await;
+    assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (503, Some("bureau_busy")), "a holds half already");
+    assert_eq!(proxy.shared.metrics.sheds_total.with_label_values(&["a", "overdue"]).get(), 1);
+    mock.bureau.set_service_time(Duration::ZERO);
+    let r = get(&score(&proxy, "S-3"), &[("x-api-key", KEY_B)]).await;
+    assert_eq!(r.status, 200, "b gets the other slot");
+    assert_eq!(mock.bureau.stats().calls_by_tenant.get("a"), Some(&1));
+}
+
+#[tokio::test]
+async fn a_coalesced_look_up_retried_after_its_504_joins_the_call_still_at_the_bureau() {
+    let (mock, proxy) = env(bureau(1500), "response_timeout = \"200ms\"").await;
+    let r = report(&proxy, KEY_A, "S-5").await;
+    assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (504, Some("bureau_timeout")));
+    // The client retries at once: it joins the call the bureau is still working on.
+    let task = tokio::spawn({
+        let url = format!("http://{}/v1/credit-report", proxy.addr);
+        async move {
+            let body = br#"{"subject_id":"S-5","report_type":"full"}"#;
+            send(&client(), http::Method::POST, &url, &[("x-api-key", KEY_A)], body).await
+        }
+    });
+    let _ = task.await;
+    let stats = mock.bureau.stats();
+    assert_eq!(stats.calls_total, 1, "one call at the bureau, not two");
+    assert_eq!(daily_used(&proxy, "a").await, 1, "charged once");
+}
+
+#[tokio::test]
+async fn a_held_tenant_gives_its_slot_back_instead_of_sleeping_on_it() {
+    // Budget 1. a gets a 429 asking for 3 s; a's next request, already queued behind b's call,
+    // must not take the slot and sleep on it while b's next request waits.
+    let (mock, proxy) = env(bureau(300), "").await;
+    refuse(&mock, 429, 3);
+    let r = get(&score(&proxy, "S-1"), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.status, 503);
+    mock.bureau.set_refusal(None).unwrap();
+    let b_first = at_the_bureau(&mock, score(&proxy, "S-2"), KEY_B).await;
+    let url = score(&proxy, "S-3");
+    let a_next = tokio::spawn(async move { get(&url, &[("x-api-key", KEY_A)]).await });
+    let url = score(&proxy, "S-4");
+    let b_next = tokio::spawn(async move { get(&url, &[("x-api-key", KEY_B)]).await });
+    assert_eq!(b_first.await.unwrap().status, 200);
+    let b_next = b_next.await.unwrap();
+    assert_eq!(b_next.status, 200);
+    let idle = std::sync::atomic::AtomicU64::new(0);
+    let a_state = proxy.shared.states.get_or_create("a");
+    assert!(
+        proxy.shared.breaker.held(&a_state.bureau_hold, tokio::time::Instant::now()).is_some(),
+        "b's second call was served while a was still held"
+    );
+    assert!(proxy.shared.breaker.held(&idle, tokio::time::Instant::now()).is_none());
+    assert_eq!(a_next.await.unwrap().status, 200, "a's request went once its hold was over");
 }
