@@ -172,6 +172,19 @@ impl Proxy {
         .clone();
         ctx.tenant = Some(tenant.clone());
 
+        // Path: normalised once, here, and ambiguity refused; route, cost, cache key, audit and
+        // the bureau all see this one target (nearly always already normal: nothing is copied).
+        match crate::path::normalize(&parts.uri) {
+            Ok(None) => {}
+            Ok(Some(normal)) => {
+                let mut uri = std::mem::take(&mut parts.uri).into_parts();
+                uri.path_and_query = Some(normal);
+                parts.uri = http::Uri::from_parts(uri)
+                    .map_err(|_| ProxyError::new(ErrorKind::BadRequest, "invalid request target"))?;
+            }
+            Err(why) => return Err(ProxyError::new(ErrorKind::BadRequest, why.message())),
+        }
+
         // Route: names the request for metrics, gives its cost and its cache policy.
         let matched = snap.route_table.find(&parts.method, parts.uri.path());
         let (cost, caching, params) = match matched {
