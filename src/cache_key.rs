@@ -599,7 +599,8 @@ mod tests {
     #[test]
     fn path_values_are_keyed_as_forwarded_never_decoded_again() {
         let s = spec(&["path.subject_id"]);
-        let key = |path: &str| with_params("/v1/score/{subject_id}", path, |p| s.key(&secret(), "t", p, None, b"").unwrap());
+        let key =
+            |path: &str| with_params("/v1/score/{subject_id}", path, |p| s.key(&secret(), "t", p, None, b"").unwrap());
         // A bureau that reads raw paths answers these differently: one key each.
         assert_ne!(key("/v1/score/S%2D1001"), key("/v1/score/S-1001"));
         assert_ne!(key("/v1/score/a%2Bb"), key("/v1/score/a+b"));
@@ -705,8 +706,7 @@ mod property {
                     let mut view = Vec::new();
                     for pair in query.split(separators).filter(|p| !p.is_empty()) {
                         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                        let (k, v) =
-                            if decoded { (decode(k, plus), decode(v, plus)) } else { (k.into(), v.into()) };
+                        let (k, v) = if decoded { (decode(k, plus), decode(v, plus)) } else { (k.into(), v.into()) };
                         let hit = if case_blind { k.eq_ignore_ascii_case(b"report_type") } else { k == b"report_type" };
                         if hit {
                             view.push(v);
@@ -758,7 +758,14 @@ mod property {
     }
 
     fn query_part() -> impl Strategy<Value = String> {
-        let names = prop::sample::select(vec!["report_type", "Report_Type", "report%5Ftype", "report%5ftype", "other", "report_typ"]);
+        let names = prop::sample::select(vec![
+            "report_type",
+            "Report_Type",
+            "report%5Ftype",
+            "report%5ftype",
+            "other",
+            "report_typ",
+        ]);
         let values = prop::sample::select(vec!["a", "A", "a+b", "a%20b", "a%2Bb", "a%2bb", "%41", "", "b"]);
         let pair = (names, values, any::<bool>())
             .prop_map(|(n, v, eq)| if eq || !v.is_empty() { format!("{n}={v}") } else { n.to_string() });
@@ -783,7 +790,9 @@ mod property {
     }
 
     fn path_value() -> impl Strategy<Value = String> {
-        let pieces = prop::sample::select(vec!["S", "s", "-", "%2D", "%2d", "+", "%2B", "%2b", "%20", "%41", "a", "%C3%A9", "%c3%a9", "~", "%7E"]);
+        let pieces = prop::sample::select(vec![
+            "S", "s", "-", "%2D", "%2d", "+", "%2B", "%2b", "%20", "%41", "a", "%C3%A9", "%c3%a9", "~", "%7E",
+        ]);
         prop::collection::vec(pieces, 1..4).prop_map(|p| p.concat())
     }
 

@@ -42,7 +42,11 @@ fn escapes_of_unreserved_characters_are_decoded_and_hex_is_upper_case() {
     assert_eq!(norm("/v1/score/S%2D1001").as_deref(), Ok("/v1/score/S-1001"));
     assert_eq!(norm("/v1/score/%41%62%7e%5F").as_deref(), Ok("/v1/score/Ab~_"));
     assert_eq!(norm("/v1/score/%c3%a9").as_deref(), Ok("/v1/score/%C3%A9"));
-    assert_eq!(norm("/v1/score/a%2bb").as_deref(), Ok("/v1/score/a%2Bb"), "an escaped reserved character stays escaped");
+    assert_eq!(
+        norm("/v1/score/a%2bb").as_deref(),
+        Ok("/v1/score/a%2Bb"),
+        "an escaped reserved character stays escaped"
+    );
     assert_eq!(norm("/v1/score/a%2Bb?x=%2b").as_deref(), Ok("/v1/score/a%2Bb?x=%2b"), "the query is never rewritten");
 }
 
