@@ -7,8 +7,12 @@
 //!
 //! ```text
 //! {"time":"2017-07-27T09:00:00.123Z","tenant":"bank-a","route":"report","subject":"3f9c…",
-//!  "outcome":"cache_hit","status":200,"request_id":"5e0c91aa-000000000000002a"}
+//!  "outcome":"cache_hit","status":200,"request_id":"5e0c91aa-000000000000002a",
+//!  "client_request_id":"bank-a:42"}
 //! ```
+//!
+//! `request_id` is always bureau-guard's own id (the bureau's `x-request-id`);
+//! `client_request_id` is the id the bank sent, if any (`null` otherwise), never trusted as ours.
 //!
 //! `subject` is the look-up's keyed hash (the cache key, see `cache_key.rs`; `null` on routes
 //! without a `cache_key`), never a raw subject id. It is stable across restarts only with a
@@ -69,7 +73,10 @@ pub struct Record {
     /// `Bureau`, `CacheHit`, `Coalesced` or `Stale`: an answer carrying bureau data.
     pub outcome: Outcome,
     pub status: u16,
+    /// bureau-guard's own id for the request (`x-request-id`).
     pub request_id: HeaderValue,
+    /// The id the client sent (`x-client-request-id`), if valid: the bank's, not ours.
+    pub client_request_id: Option<HeaderValue>,
 }
 
 #[derive(Serialize)]
@@ -81,6 +88,7 @@ struct Line<'a> {
     outcome: &'static str,
     status: u16,
     request_id: &'a str,
+    client_request_id: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -342,6 +350,7 @@ fn write_line(buf: &mut Vec<u8>, r: &Record) {
         outcome: r.outcome.as_str(),
         status: r.status,
         request_id: r.request_id.to_str().unwrap_or(""),
+        client_request_id: r.client_request_id.as_ref().and_then(|v| v.to_str().ok()),
     };
     serde_json::to_writer(&mut *buf, &line).expect("serializing strings and integers cannot fail");
     buf.push(b'\n');
@@ -373,6 +382,7 @@ mod tests {
             outcome,
             status: 200,
             request_id: HeaderValue::from_str(&format!("req-{n}")).unwrap(),
+            client_request_id: None,
         }
     }
 
@@ -413,6 +423,7 @@ mod tests {
             serde_json::json!({
                 "time": "2017-07-27T00:00:00.124Z", "tenant": "bank-a", "route": "report",
                 "subject": key.to_hex(), "outcome": "cache_hit", "status": 200, "request_id": "req-1",
+                "client_request_id": null,
             })
         );
         let got: Vec<&str> = lines.iter().map(|l| l["outcome"].as_str().unwrap()).collect();

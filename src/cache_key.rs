@@ -11,14 +11,22 @@
 //! process), never the raw values: subject ids do not sit in memory as cache keys, and a key that
 //! ends up in an audit line says nothing to whoever lacks the secret.
 //!
-//! Normalization rules, each chosen so that it can only merge requests the bureau reads alike
-//! (a wrong merge leaks a report; a missed one costs one bureau call):
-//! - path and query values are percent-decoded (`%41` is `A`); `+` stays `+`;
-//!   a query parameter given several times keys on all its values, in order;
+//! The rule: two requests get one key only if the bureau sees the same bytes for the keyed
+//! parts, however it parses them (a wrong merge leaks a report; a missed one costs one bureau
+//! call). So a key is never looser than the bureau:
+//! - path values are keyed as they are forwarded: the target is normalised before routing
+//!   (`path.rs`: `%2D` is already `-`, hex upper-case, ambiguous escapes refused), and the
+//!   parameter's bytes are keyed as they are, never decoded again (`a%2Bb` and `a+b` differ);
+//! - the query is forwarded unchanged, so a query part keys on the raw `name=value` pairs, in
+//!   order, of every parameter a lenient parser could read as that name: the name
+//!   percent-decoded, `+` as a space, in any case (`Report%5FType=x` is keyed, as spelled, for
+//!   `report_type`); `+`, `%20` and `%2B` differ, as do `%2b` and `%2B`;
 //! - JSON bodies are parsed once; field order and whitespace do not matter, string escapes are
-//!   decoded, `1` and `"1"` differ; duplicate field names and non-JSON bodies are refused (400);
-//!   a non-integer number in a key field cannot be keyed exactly, so such a request bypasses
-//!   cache and coalescing;
+//!   decoded (every JSON parser does), `1` and `"1"` differ; field names that are equal or equal
+//!   but for case (`subject_id`, `Subject_ID`, `subject\u005fid`) twice in one object and
+//!   non-JSON bodies are refused (400: parsers pick different ones); a key field is found in any
+//!   case and keyed with its name as spelled; a non-integer number in a key field cannot be
+//!   keyed exactly, so such a request bypasses cache and coalescing;
 //! - a missing part is keyed as missing, which differs from an empty value.
 //!
 //! ```
@@ -41,7 +49,7 @@ use percent_encoding::percent_decode;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 /// Bumped if the encoding below ever changes, so old and new keys can never be equal.
-const DOMAIN: &[u8] = b"bureau-guard cache key v1";
+const DOMAIN: &[u8] = b"bureau-guard cache key v2";
 
 /// The secret that keys every cache key. Its `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -100,7 +108,7 @@ impl Scope {
 pub enum KeyPart {
     /// A `{name}` parameter of the route's path pattern.
     Path(String),
-    /// A query parameter (all its values, in order).
+    /// A query parameter (every `name=value` pair a parser could read as it, raw, in order).
     Query(String),
     /// A field of the JSON body; several names walk into nested objects (`body.applicant.id`).
     Body(Vec<String>),
@@ -230,8 +238,8 @@ impl KeySpec {
     }
 
     /// The key of one request of this route, asked by `tenant` (its id). `params` are the
-    /// route's path parameters, `query` the raw query string, `body` the raw body (read only if
-    /// some part names a body field).
+    /// route's path parameters (of the normalised path, as forwarded), `query` the raw query
+    /// string, `body` the raw body (read only if some part names a body field).
     pub fn key(
         &self,
         secret: &KeySecret,
@@ -258,26 +266,39 @@ impl KeySpec {
         for (part, name) in &self.parts {
             field(&mut h, name.as_bytes());
             match part {
+                // Bytes as forwarded: decoding here would merge what a raw-reading bureau splits.
                 KeyPart::Path(name) => match params.get(name) {
-                    Some(raw) => values(&mut h, std::iter::once(decode(raw, &mut scratch))),
+                    Some(raw) => values(&mut h, std::iter::once(raw.as_bytes())),
                     None => missing(&mut h),
                 },
                 KeyPart::Query(name) => {
-                    let mut found: Vec<Vec<u8>> = Vec::new();
-                    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                        if decode(k, &mut scratch) == name.as_bytes() {
-                            found.push(decode(v, &mut scratch).to_vec());
-                        }
-                    }
-                    if found.is_empty() {
+                    let mut found = query
+                        .unwrap_or("")
+                        .split('&')
+                        .filter(|pair| {
+                            let k = pair.split_once('=').map_or(*pair, |(k, _)| k);
+                            !pair.is_empty() && lenient_name_eq(k, name, &mut scratch)
+                        })
+                        .peekable();
+                    if found.peek().is_none() {
                         missing(&mut h);
                     } else {
-                        values(&mut h, found.iter().map(Vec::as_slice));
+                        values(&mut h, found.map(str::as_bytes));
                     }
                 }
                 KeyPart::Body(fields) => {
-                    let value = json.as_ref().and_then(|v| fields.iter().try_fold(v, |v, f| v.get(f)));
+                    let mut value = json.as_ref();
+                    h.update(&[3]);
+                    for f in fields {
+                        let Some((spelled, v)) = value.and_then(|v| v.get(f)) else {
+                            value = None;
+                            break;
+                        };
+                        // The name as spelled: `Subject_ID` is another request than `subject_id`
+                        // for a bureau that matches names exactly.
+                        field(&mut h, spelled.as_bytes());
+                        value = Some(v);
+                    }
                     match value {
                         Some(v) => {
                             scratch.clear();
@@ -310,11 +331,31 @@ fn values<'a>(h: &mut blake3::Hasher, vs: impl Iterator<Item = &'a [u8]>) {
     }
 }
 
-/// Percent-decodes `raw` into `buf` (bytes, not text: invalid UTF-8 stays distinct).
-fn decode<'b>(raw: &str, buf: &'b mut Vec<u8>) -> &'b [u8] {
+/// Whether a parser could read the raw query name `raw` as `name`: percent-decoded, `+` as a
+/// space, compared without regard to ASCII case. Exact names need no decoding.
+fn lenient_name_eq(raw: &str, name: &str, buf: &mut Vec<u8>) -> bool {
+    if raw.eq_ignore_ascii_case(name) {
+        return true;
+    }
+    if !raw.bytes().any(|b| b == b'%' || b == b'+') {
+        return false;
+    }
     buf.clear();
-    buf.extend(percent_decode(raw.as_bytes()));
-    buf
+    buf.extend(percent_decode(raw.as_bytes()).map(|b| if b == b'+' { b' ' } else { b }));
+    buf.eq_ignore_ascii_case(name.as_bytes())
+}
+
+/// A field name as case-insensitive parsers compare it (Java's `equalsIgnoreCase`, .NET's
+/// `OrdinalIgnoreCase`): each character upper-cased, then lower-cased, so that `ſ` (long s) and
+/// the Kelvin sign fold with `s` and `k`.
+fn fold(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.is_ascii() {
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            return name.to_ascii_lowercase().into();
+        }
+        return name.into();
+    }
+    name.chars().flat_map(char::to_uppercase).flat_map(char::to_lowercase).collect::<String>().into()
 }
 
 fn parse_body(body: &[u8]) -> Result<Json, KeyError> {
@@ -335,11 +376,15 @@ enum Json {
 }
 
 impl Json {
-    fn get(&self, field: &str) -> Option<&Json> {
-        match self {
-            Json::Object(m) => m.get(field),
-            _ => None,
+    /// The field named `field` in any case, with its name as spelled (at most one: names equal
+    /// but for case were refused when parsing).
+    fn get(&self, field: &str) -> Option<(&str, &Json)> {
+        let Json::Object(m) = self else { return None };
+        if let Some((k, v)) = m.get_key_value(field) {
+            return Some((k, v));
         }
+        let folded = fold(field);
+        m.iter().find(|(k, _)| fold(k) == folded).map(|(k, v)| (k.as_str(), v))
     }
 
     /// Canonical JSON text: no whitespace, fields sorted, strings with serde_json's escaping.
@@ -436,12 +481,13 @@ impl<'de> Visitor<'de> for JsonVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
         let mut fields = BTreeMap::new();
+        let mut folded = std::collections::HashSet::new();
         while let Some(name) = map.next_key::<String>()? {
             let value = map.next_value()?;
-            // Parsers disagree on duplicates (first wins, last wins): the bureau could read
-            // another subject than the key names.
-            if fields.contains_key(&name) {
-                return Err(de::Error::custom(format!("duplicate field {name:?}")));
+            // Parsers disagree on duplicates (first wins, last wins) and some compare names
+            // without case: the bureau could read another subject than the key names.
+            if !folded.insert(fold(&name).into_owned()) {
+                return Err(de::Error::custom(format!("duplicate field {name:?} (names are compared without case)")));
             }
             fields.insert(name, value);
         }
@@ -551,25 +597,56 @@ mod tests {
     }
 
     #[test]
-    fn path_and_query_values_are_percent_decoded_and_nothing_more() {
-        let s = spec(&["path.subject_id", "query.report_type"]);
-        let key = |path: &str, query: &str| {
-            with_params("/v1/score/{subject_id}", path, |p| s.key(&secret(), "t", p, Some(query), b"").unwrap())
-        };
-        assert_eq!(key("/v1/score/ABC", "report_type=full"), key("/v1/score/%41BC", "report%5Ftype=f%75ll"));
-        assert_ne!(key("/v1/score/ABC", "report_type=full"), key("/v1/score/abc", "report_type=full"));
-        assert_ne!(key("/v1/score/a+b", "report_type=x"), key("/v1/score/a%20b", "report_type=x"), "+ is not a space");
-        assert_ne!(
-            key("/v1/score/%FF", "report_type=x"),
-            key("/v1/score/%FE", "report_type=x"),
-            "bytes, not lossy text"
-        );
-        assert_ne!(
-            key("/v1/score/A", "report_type=x&report_type=y"),
-            key("/v1/score/A", "report_type=x"),
-            "every value of a repeated parameter counts"
-        );
-        assert_eq!(key("/v1/score/A", "a=1&report_type=x"), key("/v1/score/A", "report_type=x&b=2"));
+    fn path_values_are_keyed_as_forwarded_never_decoded_again() {
+        let s = spec(&["path.subject_id"]);
+        let key =
+            |path: &str| with_params("/v1/score/{subject_id}", path, |p| s.key(&secret(), "t", p, None, b"").unwrap());
+        // A bureau that reads raw paths answers these differently: one key each.
+        assert_ne!(key("/v1/score/S%2D1001"), key("/v1/score/S-1001"));
+        assert_ne!(key("/v1/score/a%2Bb"), key("/v1/score/a+b"));
+        assert_ne!(key("/v1/score/a%20b"), key("/v1/score/a+b"));
+        assert_ne!(key("/v1/score/ABC"), key("/v1/score/abc"));
+        assert_eq!(key("/v1/score/S-1001"), key("/v1/score/S-1001"));
+    }
+
+    #[test]
+    fn query_parts_key_the_raw_pairs_a_lenient_parser_reads_as_the_name() {
+        let s = spec(&["query.report_type"]);
+        let k = |query: &str| s.key(&secret(), "t", &Params::new(), Some(query), b"").unwrap();
+        assert_ne!(k("report_type=a+b"), k("report_type=a%20b"), "+ and %20 are different bytes");
+        assert_ne!(k("report_type=a+b"), k("report_type=a%2Bb"));
+        assert_ne!(k("report_type=a%2Bb"), k("report_type=a%2bb"), "the query is forwarded unchanged");
+        assert_ne!(k("report_type=x"), k("report_type=x&report_type=y"), "every pair counts");
+        assert_ne!(k("report_type=x&report_type=y"), k("report_type=y&report_type=x"), "in order");
+        assert_eq!(k("a=1&report_type=x"), k("report_type=x&b=2"), "other parameters are not keyed");
+        // Names a decoding or case-blind parser reads as `report_type` are keyed, as spelled:
+        // otherwise `report%5Ftype=B` would share the key of a request without the parameter.
+        let plain = k("report_type=x");
+        for other in ["report%5Ftype=B&report_type=x", "Report_Type=B&report_type=x", "report_type=x&REPORT_TYPE=B"] {
+            assert_ne!(k(other), plain, "{other:?}");
+        }
+        assert_ne!(k("report%5Ftype=B"), k("report%5Ftype=C"));
+        assert_ne!(k("report%5Ftype=B"), k("other=1"), "present, not missing");
+        assert_ne!(k("report_type=x"), k("Report_Type=x"), "another spelling: other bytes");
+    }
+
+    #[test]
+    fn body_field_names_equal_but_for_case_are_refused_and_keyed_as_spelled() {
+        let s = spec(&["body.subject_id"]);
+        for bad in [
+            r#"{"subject_id":"S1","Subject_ID":"S2"}"#,
+            r#"{"subject_id":"S1","subject\u005fid":"S2"}"#,
+            r#"{"subject_id":"S1","ſubject_id":"S2"}"#,
+            r#"{"x":{"a":1,"A":2},"subject_id":"S1"}"#,
+        ] {
+            assert!(matches!(body_key(&s, "t", bad), Err(KeyError::InvalidJson(_))), "{bad:?}");
+        }
+        let k = |b: &str| body_key(&s, "t", b).unwrap();
+        let missing = k(r#"{"other":1}"#);
+        assert_ne!(k(r#"{"Subject_ID":"S2"}"#), missing, "a case-blind bureau reads S2");
+        assert_ne!(k(r#"{"Subject_ID":"S2"}"#), k(r#"{"SUBJECT_ID":"S3"}"#));
+        assert_ne!(k(r#"{"Subject_ID":"S2"}"#), k(r#"{"subject_id":"S2"}"#), "another spelling: other bytes");
+        assert_eq!(k(r#"{"subject\u005fid":"S2"}"#), k(r#"{"subject_id":"S2"}"#), "every JSON parser decodes escapes");
     }
 
     #[test]
@@ -598,5 +675,166 @@ mod tests {
         assert!(KeySecret::from_hex("abc").is_none());
         assert_eq!(format!("{:?}", KeySecret::random()), "KeySecret(<redacted>)");
         assert_ne!(KeySecret::random(), KeySecret::random());
+    }
+}
+
+/// The rule as a property: two requests share a key only if every bureau model below reads the
+/// same values for the keyed parts. The models are the parsers a bureau may have: raw bytes,
+/// percent-decoding (with or without `+` as a space), `;` as a query separator, case-blind
+/// names, first or last of duplicate JSON fields.
+#[cfg(test)]
+mod property {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn secret() -> KeySecret {
+        KeySecret::from_bytes([9; 32])
+    }
+
+    fn decode(s: &str, plus_is_space: bool) -> Vec<u8> {
+        let s = if plus_is_space { s.replace('+', " ") } else { s.to_string() };
+        percent_decode(s.as_bytes()).collect()
+    }
+
+    /// What a bureau model reads as `report_type` from a query it is sent.
+    fn query_views(query: &str) -> Vec<Vec<Vec<u8>>> {
+        let mut views = Vec::new();
+        for separators in [&['&'][..], &['&', ';'][..]] {
+            for (decoded, plus) in [(false, false), (true, false), (true, true)] {
+                for case_blind in [false, true] {
+                    let mut view = Vec::new();
+                    for pair in query.split(separators).filter(|p| !p.is_empty()) {
+                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                        let (k, v) = if decoded { (decode(k, plus), decode(v, plus)) } else { (k.into(), v.into()) };
+                        let hit = if case_blind { k.eq_ignore_ascii_case(b"report_type") } else { k == b"report_type" };
+                        if hit {
+                            view.push(v);
+                        }
+                    }
+                    views.push(view);
+                }
+            }
+        }
+        views
+    }
+
+    /// What a bureau model reads as `subject_id` from a JSON body it is sent.
+    fn body_views(body: &str) -> Vec<Option<String>> {
+        let Ok(serde_json::Value::Object(_)) = serde_json::from_str::<serde_json::Value>(body) else {
+            return vec![None];
+        };
+        // Every field in order, duplicates kept (serde_json's map would drop them).
+        let fields: Vec<(String, String)> = {
+            let mut out = Vec::new();
+            let mut de = serde_json::Deserializer::from_str(body);
+            struct Pairs<'a>(&'a mut Vec<(String, String)>);
+            impl<'de> de::Visitor<'de> for Pairs<'_> {
+                type Value = ();
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+                    while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+                        self.0.push((k, v.to_string()));
+                    }
+                    Ok(())
+                }
+            }
+            de::Deserializer::deserialize_map(&mut de, Pairs(&mut out)).expect("valid JSON object");
+            out
+        };
+        let mut views = Vec::new();
+        for case_blind in [false, true] {
+            let hits: Vec<&String> = fields
+                .iter()
+                .filter(|(k, _)| if case_blind { fold(k) == "subject_id" } else { k == "subject_id" })
+                .map(|(_, v)| v)
+                .collect();
+            views.push(hits.first().map(|v| v.to_string()));
+            views.push(hits.last().map(|v| v.to_string()));
+        }
+        views
+    }
+
+    fn query_part() -> impl Strategy<Value = String> {
+        let names = prop::sample::select(vec![
+            "report_type",
+            "Report_Type",
+            "report%5Ftype",
+            "report%5ftype",
+            "other",
+            "report_typ",
+        ]);
+        let values = prop::sample::select(vec!["a", "A", "a+b", "a%20b", "a%2Bb", "a%2bb", "%41", "", "b"]);
+        let pair = (names, values, any::<bool>())
+            .prop_map(|(n, v, eq)| if eq || !v.is_empty() { format!("{n}={v}") } else { n.to_string() });
+        prop::collection::vec(pair, 0..4).prop_map(|pairs| pairs.join("&"))
+    }
+
+    fn body() -> impl Strategy<Value = String> {
+        let names = prop::sample::select(vec![
+            "subject_id",
+            "Subject_ID",
+            "SUBJECT_ID",
+            "subject\\u005fid",
+            "\u{17f}ubject_id",
+            "subject_i",
+            "other",
+        ]);
+        let values = prop::sample::select(vec![r#""S1""#, r#""S2""#, r#""\u00531""#, "1", r#""1""#, "null"]);
+        prop::collection::vec((names, values), 0..4).prop_map(|fields| {
+            let fields: Vec<String> = fields.iter().map(|(n, v)| format!("\"{n}\":{v}")).collect();
+            format!("{{{}}}", fields.join(","))
+        })
+    }
+
+    fn path_value() -> impl Strategy<Value = String> {
+        let pieces = prop::sample::select(vec![
+            "S", "s", "-", "%2D", "%2d", "+", "%2B", "%2b", "%20", "%41", "a", "%C3%A9", "%c3%a9", "~", "%7E",
+        ]);
+        prop::collection::vec(pieces, 1..4).prop_map(|p| p.concat())
+    }
+
+    /// The path the bureau is sent for `/v1/score/{value}`, and its key; `None` if refused.
+    fn path_key(spec: &KeySpec, value: &str) -> Option<(String, CacheKey)> {
+        let uri: http::Uri = format!("/v1/score/{value}").parse().ok()?;
+        let forwarded = match crate::path::normalize(&uri).ok()? {
+            Some(pq) => pq.path().to_string(),
+            None => uri.path().to_string(),
+        };
+        let mut router = matchit::Router::new();
+        router.insert("/v1/score/{subject_id}", ()).unwrap();
+        let m = router.at(&forwarded).ok()?;
+        let key = spec.key(&secret(), "t", &m.params, None, b"").ok()?;
+        Some((forwarded, key))
+    }
+
+    proptest! {
+        #[test]
+        fn one_path_key_means_one_forwarded_path(a in path_value(), b in path_value()) {
+            let spec = KeySpec::new("score", Scope::Tenant, vec![KeyPart::parse("path.subject_id").unwrap()]);
+            if let (Some((pa, ka)), Some((pb, kb))) = (path_key(&spec, &a), path_key(&spec, &b)) {
+                prop_assert_eq!(ka == kb, pa == pb, "{} → {}, {} → {}", a, pa, b, pb);
+            }
+        }
+
+        #[test]
+        fn one_query_key_means_every_parser_reads_the_same(a in query_part(), b in query_part()) {
+            let spec = KeySpec::new("q", Scope::Tenant, vec![KeyPart::parse("query.report_type").unwrap()]);
+            let key = |q: &str| spec.key(&secret(), "t", &Params::new(), Some(q), b"").unwrap();
+            if key(&a) == key(&b) {
+                prop_assert_eq!(query_views(&a), query_views(&b), "{:?} and {:?} share a key", a, b);
+            }
+        }
+
+        #[test]
+        fn one_body_key_means_every_parser_reads_the_same(a in body(), b in body()) {
+            let spec = KeySpec::new("r", Scope::Tenant, vec![KeyPart::parse("body.subject_id").unwrap()]);
+            let key = |body: &str| spec.key(&secret(), "t", &Params::new(), None, body.as_bytes());
+            if let (Ok(ka), Ok(kb)) = (key(&a), key(&b)) && ka == kb {
+                prop_assert_eq!(body_views(&a), body_views(&b), "{} and {} share a key", a, b);
+            }
+        }
     }
 }

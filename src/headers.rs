@@ -1,9 +1,20 @@
-//! Header hygiene between the bank and the bureau: hop-by-hop fields and request ids.
+//! Header hygiene between the bank and the bureau: hop-by-hop fields, identity and credentials,
+//! request ids.
 //!
 //! A proxy must not forward the fields that describe one connection (RFC 9110 §7.6.1): the
-//! `Connection` field, every field it names, and the classic hop-by-hop set. Request ids tie a
-//! bank's log line to ours and to the bureau's: a valid id sent by the client is kept, otherwise
-//! one is made here, unique per process without a lock (a random prefix and an atomic counter).
+//! `Connection` field, every field it names, and the classic hop-by-hop set.
+//!
+//! The bureau must learn who asks from bureau-guard alone. A bank could otherwise send
+//! `x_tenant: other-bank` (CGI/WSGI-style servers read `_` and `-` alike: both are
+//! `HTTP_X_TENANT`), its own `Forwarded`/`X-Forwarded-For`, or a second credential the bureau
+//! honours. So every field whose name, lower-cased with `_` read as `-`, is one of
+//! [`IDENTITY`] or [`CREDENTIALS`] is removed, all its values, before bureau-guard sets its own.
+//!
+//! Request ids tie a bank's log line to ours and to the bureau's. The id bureau-guard sends,
+//! answers and audits as `x-request-id` is always its own, unique per process without a lock (a
+//! random prefix and an atomic counter). A valid id the client sent (`x-client-request-id`, or
+//! `x-request-id`) is kept apart, under the name that says whose it is: `x-client-request-id`,
+//! to the bureau, in the audit record and in the response.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,6 +26,30 @@ use http::header::{
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_TENANT: HeaderName = HeaderName::from_static("x-tenant");
+/// The id a client gave its request, kept apart from ours (never trusted as ours).
+pub static X_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-client-request-id");
+
+/// Fields the bureau could read as who is asking or from where: the ones bureau-guard sets, and
+/// the forwarding fields only bureau-guard may set (from the connection, not from the client).
+pub const IDENTITY: &[&str] = &[
+    "x-tenant",
+    "x-request-id",
+    "x-client-request-id",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+];
+
+/// Credentials: the tenant's key (in whichever field and however many values), and any other
+/// the bureau could honour. bureau-guard authenticates to the bureau itself (its TLS client
+/// certificate) and names the tenant in `x-tenant`; a cookie is dropped too, because a session
+/// the bureau recognised would change answers that are cached and coalesced without it.
+pub const CREDENTIALS: &[&str] = &["x-api-key", "authorization", "proxy-authorization", "cookie"];
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -48,6 +83,50 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the field `name` (lower-case, as `HeaderMap` holds it) reads as `ours` once `_` is
+/// taken for `-`.
+fn reads_as(name: &[u8], ours: &str) -> bool {
+    name.len() == ours.len() && name.iter().zip(ours.bytes()).all(|(&a, b)| a == b || (a == b'_' && b == b'-'))
+}
+
+/// Removes every field the bureau could read as identity or a credential ([`IDENTITY`],
+/// [`CREDENTIALS`], in any spelling with `_` for `-`), all their values. One pass over the
+/// names; allocates only when there is something to remove.
+pub fn strip_identity(headers: &mut HeaderMap) {
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| IDENTITY.iter().chain(CREDENTIALS).any(|ours| reads_as(n.as_str().as_bytes(), ours)))
+        .cloned()
+        .collect();
+    for name in found {
+        headers.remove(name);
+    }
+}
+
+/// Prepares the headers the bureau receives: hop-by-hop fields, identity and credentials
+/// removed, then bureau-guard's own `x-tenant`, `x-request-id` and the client's id apart.
+pub fn forward(headers: &mut HeaderMap, tenant: &HeaderValue, id: &RequestId) {
+    strip_hop_by_hop(headers);
+    strip_identity(headers);
+    headers.insert(&X_TENANT, tenant.clone());
+    headers.insert(&X_REQUEST_ID, id.id.clone());
+    if let Some(client) = &id.client {
+        headers.insert(&X_CLIENT_REQUEST_ID, client.clone());
+    }
+    // FORWARDED: set here from the connection's peer address (`Forwarded: for=...`, RFC 7239)
+    // once server.rs hands it to the proxy; the client's own forwarding fields are removed
+    // above and never passed on.
+}
+
+/// A request's ids: bureau-guard's own, and the one its client sent, if valid.
+#[derive(Debug, Clone)]
+pub struct RequestId {
+    /// Sent, answered and audited as `x-request-id`.
+    pub id: HeaderValue,
+    /// The client's, sent, answered and audited as `x-client-request-id`.
+    pub client: Option<HeaderValue>,
+}
+
 /// Makes request ids: `<8 hex process prefix>-<16 hex counter>`.
 #[derive(Debug)]
 pub struct RequestIds {
@@ -62,14 +141,14 @@ impl Default for RequestIds {
 }
 
 impl RequestIds {
-    /// The client's `x-request-id` if it is valid (1-128 of `A-Za-z0-9-_.:`), else a new one.
-    pub fn for_request(&self, headers: &HeaderMap) -> HeaderValue {
-        if let Some(v) = headers.get(&X_REQUEST_ID)
-            && is_valid_request_id(v.as_bytes())
-        {
-            return v.clone();
-        }
-        self.generate()
+    /// A new id of ours, and the client's `x-client-request-id` (else `x-request-id`) if it is
+    /// valid (1-128 of `A-Za-z0-9-_.:`).
+    pub fn for_request(&self, headers: &HeaderMap) -> RequestId {
+        let client = [&X_CLIENT_REQUEST_ID, &X_REQUEST_ID]
+            .into_iter()
+            .find_map(|name| headers.get(name).filter(|v| is_valid_request_id(v.as_bytes())))
+            .cloned();
+        RequestId { id: self.generate(), client }
     }
 
     /// A new id, unique within this process and unlikely to repeat across restarts.
@@ -107,14 +186,62 @@ mod tests {
     }
 
     #[test]
-    fn request_ids_are_kept_when_valid_and_made_otherwise() {
+    fn our_request_id_is_always_made_and_the_clients_kept_apart_when_valid() {
         let ids = RequestIds::default();
         let mut h = HeaderMap::new();
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("bank-a:42"));
-        assert_eq!(ids.for_request(&h), "bank-a:42");
+        let id = ids.for_request(&h);
+        assert_ne!(id.id, "bank-a:42", "never the client's");
+        assert_eq!(id.id.len(), 25);
+        assert_eq!(id.client.as_ref().unwrap(), "bank-a:42");
+        h.insert(&X_CLIENT_REQUEST_ID, HeaderValue::from_static("bank-a:43"));
+        assert_eq!(ids.for_request(&h).client.unwrap(), "bank-a:43", "the explicit name first");
+        let mut h = HeaderMap::new();
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
-        let made = ids.for_request(&h);
-        assert_eq!(made.len(), 25);
+        assert!(ids.for_request(&h).client.is_none());
         assert_ne!(ids.generate(), ids.generate());
+    }
+
+    #[test]
+    fn identity_and_credential_fields_are_removed_in_every_spelling() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("x_tenant", "other-bank"),
+            ("x-tenant", "other-bank"),
+            ("x_request_id", "forged"),
+            ("x-request-id", "forged"),
+            ("x_client_request_id", "forged"),
+            ("forwarded", "for=10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x_forwarded_for", "10.0.0.1"),
+            ("x-real-ip", "10.0.0.1"),
+            ("x-api-key", "key-a"),
+            ("x_api_key", "key-a"),
+            ("authorization", "Basic dXNlcjpwYXNz"),
+            ("proxy-authorization", "Basic x"),
+            ("cookie", "session=bank-b"),
+            ("x-bank-trace", "kept"),
+            ("x_bank_trace", "kept"),
+        ] {
+            h.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        h.append(http::header::AUTHORIZATION, HeaderValue::from_static("Bearer key-a"));
+        strip_identity(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-bank-trace", "x_bank_trace"], "{h:?}");
+    }
+
+    #[test]
+    fn forward_sets_our_identity_and_the_clients_id_apart() {
+        let mut h = HeaderMap::new();
+        h.insert("x_tenant", HeaderValue::from_static("b"));
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("forged"));
+        let id = RequestId { id: HeaderValue::from_static("ours-1"), client: Some(HeaderValue::from_static("bank:1")) };
+        forward(&mut h, &HeaderValue::from_static("a"), &id);
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h[&X_TENANT], "a");
+        assert_eq!(h[&X_REQUEST_ID], "ours-1");
+        assert_eq!(h[&X_CLIENT_REQUEST_ID], "bank:1");
     }
 }

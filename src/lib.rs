@@ -6,6 +6,7 @@
 //! - [`server`]: the listener (HTTP/1.1 + h2c, header timeout, graceful drain)
 //! - [`limits`]: head and body size limits (431, 413)
 //! - [`tenant`]: who is asking (api key → tenant, constant-time), key removed (401)
+//! - [`path`]: the one target that is routed, keyed and forwarded (normalised; ambiguity: 400)
 //! - [`route`]: which configured route (404)
 //! - [`ratelimit`]: the tenant's rate and in-flight cap (429)
 //! - [`cache`]: repeated look-ups answered from memory, keyed by [`cache_key`] (per tenant
@@ -43,6 +44,7 @@ pub mod limits;
 pub mod loadgen;
 pub mod metrics;
 pub mod mock_bureau;
+pub mod path;
 pub mod proxy;
 pub mod quota;
 pub mod ratelimit;

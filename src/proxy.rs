@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
+use http::header::{HeaderName, RETRY_AFTER};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
@@ -25,7 +25,7 @@ use crate::breaker::{self, Cause, Verdict};
 use crate::cache::{self, CacheStatus, Entry, Fetched, Lookup};
 use crate::cache_key::{CacheKey, KeyError};
 use crate::coalesce::{CoalesceError, Interest, Role};
-use crate::headers::{X_REQUEST_ID, X_TENANT, strip_hop_by_hop};
+use crate::headers::{self, RequestId, X_CLIENT_REQUEST_ID, X_REQUEST_ID};
 use crate::limits;
 use crate::quota::{self, Exhausted, Windows, retry_after_secs};
 use crate::ratelimit::{InFlightGuard, RateDecision};
@@ -114,14 +114,18 @@ impl Proxy {
                 subject: ctx.subject,
                 outcome,
                 status: resp.status().as_u16(),
-                request_id: request_id.clone(),
+                request_id: request_id.id.clone(),
+                client_request_id: request_id.client.clone(),
             };
             if let Err(err) = audit.admit().and_then(|()| audit.record(record)) {
                 resp = error_response(&err, Some(&tenant.id));
                 outcome = Outcome::Rejected(err.kind);
             }
         }
-        resp.headers_mut().insert(&X_REQUEST_ID, request_id.clone());
+        resp.headers_mut().insert(&X_REQUEST_ID, request_id.id.clone());
+        if let Some(client) = &request_id.client {
+            resp.headers_mut().insert(&X_CLIENT_REQUEST_ID, client.clone());
+        }
         if http1 {
             resp.headers_mut().insert(&KEEP_ALIVE, self.shared.keep_alive.clone());
         }
@@ -141,7 +145,7 @@ impl Proxy {
                 status = resp.status().as_u16(),
                 outcome = outcome.as_str(),
                 latency_us = elapsed.as_micros() as u64,
-                request_id = request_id.to_str().unwrap_or(""),
+                request_id = request_id.id.to_str().unwrap_or(""),
             );
         }
         resp
@@ -157,7 +161,7 @@ impl Proxy {
         snap: &Arc<Snapshot>,
         ctx: &mut Ctx,
         req: Request<Incoming>,
-        request_id: &HeaderValue,
+        request_id: &RequestId,
     ) -> Result<(Response<Body>, Outcome), ProxyError> {
         let (mut parts, body) = req.into_parts();
 
@@ -172,6 +176,19 @@ impl Proxy {
         }
         .clone();
         ctx.tenant = Some(tenant.clone());
+
+        // Path: normalised once, here, and ambiguity refused; route, cost, cache key, audit and
+        // the bureau all see this one target (nearly always already normal: nothing is copied).
+        match crate::path::normalize(&parts.uri) {
+            Ok(None) => {}
+            Ok(Some(normal)) => {
+                let mut uri = std::mem::take(&mut parts.uri).into_parts();
+                uri.path_and_query = Some(normal);
+                parts.uri = http::Uri::from_parts(uri)
+                    .map_err(|_| ProxyError::new(ErrorKind::BadRequest, "invalid request target"))?;
+            }
+            Err(why) => return Err(ProxyError::new(ErrorKind::BadRequest, why.message())),
+        }
 
         // Route: names the request for metrics, gives its cost and its cache policy.
         let matched = snap.route_table.find(&parts.method, parts.uri.path());
@@ -442,7 +459,7 @@ struct BureauCall {
     /// Route index, for the audit record of an abandoned call.
     route: usize,
     subject: Option<CacheKey>,
-    request_id: HeaderValue,
+    request_id: RequestId,
     cost: u32,
     reservation: quota::Reservation,
     /// The tenant's `max_in_flight` place: held until the bureau has answered.
@@ -489,7 +506,7 @@ struct Done {
     tenant: Arc<Tenant>,
     route: usize,
     subject: Option<CacheKey>,
-    request_id: HeaderValue,
+    request_id: RequestId,
 }
 
 impl BureauCall {
@@ -602,10 +619,9 @@ impl Granted {
         let called_at = tokio::time::Instant::now();
         snap.cells.tenant(&shared.metrics, tenant.index).queue_wait.observe((called_at - queued_at).as_secs_f64());
 
-        // Forward headers: the bureau sees who asked and which request this is, never the key.
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.insert(&X_TENANT, tenant.header_value.clone());
-        parts.headers.insert(&X_REQUEST_ID, request_id.clone());
+        // Forward headers: the bureau learns who asked and which request this is from us alone:
+        // no credential, and no identity or forwarding field the bank sent, in any spelling.
+        headers::forward(&mut parts.headers, &tenant.header_value, &request_id);
 
         // Upstream: the bureau is touched last, and the call runs until it answers (or
         // max_call_time cuts it). Not answering within response_timeout is a failure for the
@@ -763,7 +779,8 @@ impl Done {
             subject: self.subject,
             outcome: Outcome::Abandoned,
             status: status.as_u16(),
-            request_id: self.request_id.clone(),
+            request_id: self.request_id.id.clone(),
+            client_request_id: self.request_id.client.clone(),
         };
         // Nobody to refuse if it cannot be written: the audit log counts its own failures.
         let _ = audit.record(record);

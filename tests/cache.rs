@@ -39,6 +39,12 @@ coalesce = true
 cache_ttl = "10m"
 cache_key = ["body.subject_id", "body.report_type"]
 [[routes]]
+name = "query"
+method = "GET"
+path = "/echo/query/{{*rest}}"
+cache_ttl = "10m"
+cache_key = ["query.report_type"]
+[[routes]]
 name = "ref"
 method = "GET"
 path = "/echo/ref/{{code}}"
@@ -309,4 +315,50 @@ async fn the_bureaus_no_store_is_honoured() {
         "max-age=0 lowers the TTL to nothing"
     );
     assert_eq!(mock.bureau.stats().calls_total, 4);
+}
+
+/// Each answer of the mock's `/echo/...` says what the bureau saw: a cached answer is only right
+/// for a request whose forwarded target was byte for byte the same.
+#[tokio::test]
+async fn cached_answers_go_only_to_requests_the_bureau_sees_as_the_same_bytes() {
+    let (_mock, proxy) = env(fast_mock(), "", "", "").await;
+    let c = client();
+    let ask = |path: &'static str| {
+        let c = c.clone();
+        let url = format!("http://{}{path}", proxy.addr);
+        async move {
+            let r = send(&c, Method::GET, &url, &[("x-api-key", KEY_A)], b"").await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            let j = r.json();
+            let query = j["query"].as_str().map(|q| format!("?{q}")).unwrap_or_default();
+            (format!("{}{query}", j["path"].as_str().unwrap()), r.headers.get("x-cache").cloned())
+        }
+    };
+    // `%2D` is `-` to every server: normalised before routing, forwarded as `-`, one key.
+    assert_eq!(ask("/echo/ref/S%2D1001").await.0, "/echo/ref/S-1001");
+    assert_eq!(ask("/echo/ref/S-1001").await.0, "/echo/ref/S-1001");
+    // `%2B` and `+` are different bytes for a bureau reading raw paths or queries.
+    assert_eq!(ask("/echo/ref/a%2Bb").await.0, "/echo/ref/a%2Bb");
+    assert_eq!(ask("/echo/ref/a+b").await.0, "/echo/ref/a+b");
+    assert_eq!(ask("/echo/query/x?report_type=a%2Bb").await.0, "/echo/query/x?report_type=a%2Bb");
+    assert_eq!(ask("/echo/query/x?report_type=a+b").await.0, "/echo/query/x?report_type=a+b");
+    assert_eq!(ask("/echo/query/x?report_type=a%2bb").await.0, "/echo/query/x?report_type=a%2bb");
+    // A name a decoding parser reads as `report_type` is keyed too.
+    assert_eq!(ask("/echo/query/x?report%5Ftype=B").await.0, "/echo/query/x?report%5Ftype=B");
+    assert_eq!(ask("/echo/query/x?report%5Ftype=C").await.0, "/echo/query/x?report%5Ftype=C");
+    // And a repeat is still a hit.
+    let (seen, cache) = ask("/echo/query/x?report_type=a+b").await;
+    assert_eq!(seen, "/echo/query/x?report_type=a+b");
+    assert!(cache.is_some_and(|v| v.to_str().unwrap().contains("HIT")), "a repeat is served from the cache");
+}
+
+#[tokio::test]
+async fn body_field_names_equal_but_for_case_are_refused_before_the_bureau() {
+    let (mock, proxy) = env(fast_mock(), "", "", "").await;
+    let url = format!("http://{}/v1/credit-report", proxy.addr);
+    let body = br#"{"subject_id":"S-1","report_type":"full","Subject_ID":"S-2"}"#;
+    let r = send(&client(), Method::POST, &url, &[("x-api-key", KEY_A)], body).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"], "bad_request");
+    assert_eq!(mock.bureau.stats().calls_total, 0);
 }

@@ -30,7 +30,9 @@ async fn forwards_method_path_query_body_and_headers_with_tenant_and_without_key
     )
     .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    assert_eq!(r.headers["x-request-id"], "bank-a:req-42", "client's request id comes back");
+    assert_eq!(r.headers["x-client-request-id"], "bank-a:req-42", "the client's request id comes back, apart");
+    let ours = r.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_ne!(ours, "bank-a:req-42", "x-request-id is always bureau-guard's own");
     // Idle connections close after the header read timeout (5 s): clients are told, so their pools
     // retire a connection before a request can race the close.
     assert_eq!(r.headers["keep-alive"], "timeout=4");
@@ -44,7 +46,8 @@ async fn forwards_method_path_query_body_and_headers_with_tenant_and_without_key
     assert_eq!(h["x-bank-trace"], "t-77");
     assert_eq!(h["content-type"], "application/json");
     assert_eq!(h["x-tenant"], "a");
-    assert_eq!(h["x-request-id"], "bank-a:req-42");
+    assert_eq!(h["x-request-id"], ours.as_str());
+    assert_eq!(h["x-client-request-id"], "bank-a:req-42");
     assert_eq!(h["host"], env.mock.addr.to_string());
     assert!(h.get("x-api-key").is_none(), "the key must never reach the bureau: {h}");
     assert!(h.get("authorization").is_none(), "nor its second copy: {h}");
@@ -290,4 +293,108 @@ async fn readiness_grace_keeps_accepting_while_readyz_says_draining() {
     assert_eq!(get(&url, &[("x-api-key", KEY_A)]).await.status, 200, "new connections are still served in the grace");
     assert!(draining.await.unwrap());
     assert!(TcpStream::connect(url.trim_start_matches("http://").split('/').next().unwrap()).await.is_err());
+}
+
+#[tokio::test]
+async fn ambiguous_paths_are_refused_with_400_before_the_bureau() {
+    let env = Env::new(fast_mock(), "", "").await;
+    let c = client();
+    for path in [
+        "/echo/a/..%2F..%2Fv1%2Fscore%2FS-1",
+        "/echo/%2e%2e/v1/score/S-1",
+        "/echo/S-1;jsessionid=x",
+        "/echo/a%5C..%5Cb",
+        "/echo/a%252Fb",
+        "/echo/a%00b",
+        "/echo/a?report_type=x;subject_id=S-2",
+        "/echo/a%G0",
+    ] {
+        let r = send(&c, Method::GET, &env.url(path), &[("x-api-key", KEY_A)], b"").await;
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        let j = r.json();
+        assert_eq!(j["error"], "bad_request", "{path}");
+        assert!(!r.text().contains("S-1"), "the path is not echoed: {}", r.text());
+    }
+}
+
+#[tokio::test]
+async fn the_path_forwarded_is_the_normalised_path_that_was_routed() {
+    let env = Env::new(fast_mock(), "", "").await;
+    let c = client();
+    for (path, seen) in [
+        ("/echo/a/../b//c/", "/echo/b/c"),
+        ("/echo/./x/%7e%2D%41?q=a+b%2b", "/echo/x/~-A"),
+        ("//echo///x/", "/echo/x"),
+        ("/v1/score/../../echo/y", "/echo/y"),
+    ] {
+        let r = send(&c, Method::GET, &env.url(path), &[("x-api-key", KEY_A)], b"").await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let j = r.json();
+        assert_eq!(j["path"], seen, "{path}");
+    }
+    let r = send(&c, Method::GET, &env.url("/echo/x/%7e?q=a+b%2b"), &[("x-api-key", KEY_A)], b"").await;
+    assert_eq!(r.json()["query"], "q=a+b%2b", "the query is forwarded unchanged");
+
+    // Priced as what the bureau serves: `/echo/../v1/score/S-1` is a score look-up, not an echo.
+    let r = send(&c, Method::GET, &env.url("/echo/../v1/score/S-1"), &[("x-api-key", KEY_A)], b"").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(env.mock.bureau.stats().calls_by_tenant.get("a"), Some(&1), "the bureau served a score");
+    let metrics = get(&env.admin_url("/metrics"), &[]).await.text();
+    assert!(
+        metrics.contains(r#"bureau_guard_requests_total{outcome="bureau",route="score",tenant="a"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn identity_and_forwarding_fields_from_the_bank_never_reach_the_bureau() {
+    let env = Env::new(fast_mock(), "", "").await;
+    let r = get(
+        &env.url("/echo/x"),
+        &[
+            ("x-api-key", KEY_A),
+            ("x_tenant", "b"),
+            ("X_Request_Id", "forged-id"),
+            ("forwarded", "for=192.0.2.1;by=bureau"),
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x_forwarded_for", "192.0.2.2"),
+            ("x-real-ip", "192.0.2.3"),
+            ("x-bank-trace", "kept"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-tenant"], "a");
+    assert_eq!(h["x-bank-trace"], "kept");
+    for name in ["x_tenant", "x_request_id", "forwarded", "x-forwarded-for", "x_forwarded_for", "x-real-ip"] {
+        assert!(h.get(name).is_none(), "{name} reached the bureau: {h}");
+    }
+    assert_ne!(h["x-request-id"], "forged-id");
+    assert!(h.get("x-client-request-id").is_none(), "the client sent no x-request-id: {h}");
+    assert_eq!(r.headers["x-request-id"], h["x-request-id"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn credentials_never_reach_the_bureau_in_any_field_or_value() {
+    let env = Env::new(fast_mock(), "", "").await;
+    let r = get(
+        &env.url("/echo/x"),
+        &[
+            ("x-api-key", KEY_A),
+            ("authorization", "Basic YmFuay1hOnNlY3JldA=="),
+            ("authorization", &format!("Bearer {KEY_A}")),
+            ("x_api_key", KEY_A),
+            ("proxy-authorization", "Basic eDp5"),
+            ("cookie", "bureau_session=bank-b"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let h = &r.json()["headers"];
+    for name in ["x-api-key", "x_api_key", "authorization", "proxy-authorization", "cookie"] {
+        assert!(h.get(name).is_none(), "{name} reached the bureau: {h}");
+    }
+    assert!(!h.to_string().contains(KEY_A), "{h}");
+    assert_eq!(h["x-tenant"], "a");
 }
