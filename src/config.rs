@@ -60,10 +60,10 @@ pub mod defaults {
     pub const MAX_CONCURRENCY: usize = 64;
     /// A look-up waiting longer than this for a bureau slot is better refused (and retried later).
     pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
-    /// A bureau call holds its slot until the bureau answers, past `response_timeout`: six times
-    /// the default response timeout, so a slow answer is waited for but a hung call is not kept
-    /// forever.
-    pub const MAX_CALL_TIME: Duration = Duration::from_secs(30);
+    /// A bureau call holds its slot until the bureau answers, past `response_timeout`: by
+    /// default six times `response_timeout` (30 s for the default 5 s), so a slow answer is
+    /// waited for but a hung call is not kept forever.
+    pub const MAX_CALL_TIME_FACTOR: u32 = 6;
     /// A bureau's `Retry-After` longer than this is read as "down for a while": the circuit
     /// breaker's probes find out sooner than a long hold would.
     pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(10);
@@ -896,7 +896,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             }
         },
         queue_timeout: p.duration("upstream.queue_timeout", u.queue_timeout.as_deref(), defaults::QUEUE_TIMEOUT),
-        max_call_time: p.duration("upstream.max_call_time", u.max_call_time.as_deref(), defaults::MAX_CALL_TIME),
+        max_call_time: Duration::ZERO, // below: its default follows response_timeout
         retry_after_cap: p.duration(
             "upstream.retry_after_cap",
             u.retry_after_cap.as_deref(),
@@ -907,6 +907,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         tls: None,
     };
     let mut upstream = upstream;
+    let max_call_time = upstream.response_timeout.saturating_mul(defaults::MAX_CALL_TIME_FACTOR);
+    upstream.max_call_time = p.duration("upstream.max_call_time", u.max_call_time.as_deref(), max_call_time);
     if let Some(a) = &u.adaptive {
         upstream.adaptive = validate_adaptive(&mut p, a, upstream.max_concurrency);
     }
@@ -1973,7 +1975,9 @@ api_key_sha256 = "{KEY_HEX}"
     #[test]
     fn bureau_call_bounds_and_breaker_are_validated_with_their_paths() {
         let c = Config::from_toml(&minimal(), &no_env).expect("valid");
-        assert_eq!(c.upstream.max_call_time, defaults::MAX_CALL_TIME);
+        assert_eq!(c.upstream.max_call_time, Duration::from_secs(30), "six times response_timeout");
+        let slow = minimal().replacen("[upstream]", "[upstream]\nresponse_timeout = \"60s\"", 1);
+        assert_eq!(Config::from_toml(&slow, &no_env).expect("valid").upstream.max_call_time, Duration::from_secs(360));
         assert_eq!(c.upstream.retry_after_cap, defaults::RETRY_AFTER_CAP);
         assert_eq!(c.upstream.breaker, BreakerSettings::default());
 
