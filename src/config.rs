@@ -896,7 +896,11 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
                     defaults::AUTH_FAILURE_LIMIT
                 }),
             },
-            window: p.duration("server.auth_failure_window", s.auth_failure_window.as_deref(), defaults::AUTH_FAILURE_WINDOW),
+            window: p.duration(
+                "server.auth_failure_window",
+                s.auth_failure_window.as_deref(),
+                defaults::AUTH_FAILURE_WINDOW,
+            ),
             penalty: p.duration(
                 "server.auth_failure_penalty",
                 s.auth_failure_penalty.as_deref(),
@@ -921,10 +925,16 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     };
     if s.trusted_proxies.as_ref().is_none_or(|t| t.is_empty()) {
         if server.proxy_protocol {
-            p.add("server.proxy_protocol", "needs server.trusted_proxies: the load balancers allowed to send the header");
+            p.add(
+                "server.proxy_protocol",
+                "needs server.trusted_proxies: the load balancers allowed to send the header",
+            );
         }
         if server.trusted_proxies.forwarded_for {
-            p.add("server.forwarded_for", "needs server.trusted_proxies: the proxies whose X-Forwarded-For is believed");
+            p.add(
+                "server.forwarded_for",
+                "needs server.trusted_proxies: the proxies whose X-Forwarded-For is believed",
+            );
         }
     }
     if server.http2_keep_alive_timeout >= server.http2_keep_alive_interval {

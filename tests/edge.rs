@@ -101,12 +101,11 @@ async fn a_tls_client_silent_after_its_handshake_is_closed_at_the_header_deadlin
 async fn an_idle_h2_connection_is_closed_after_the_idle_timeout() {
     let env = Env::new(fast_mock(), "idle_timeout = \"300ms\"", "").await;
     let tcp = TcpStream::connect(env.proxy.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
     let driver = tokio::spawn(conn);
-    let req = http::Request::get(env.url("/v1/score/S1"))
-        .header("x-api-key", KEY_A)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req =
+        http::Request::get(env.url("/v1/score/S1")).header("x-api-key", KEY_A).body(Full::new(Bytes::new())).unwrap();
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     resp.into_body().collect().await.unwrap();
@@ -117,13 +116,26 @@ async fn an_idle_h2_connection_is_closed_after_the_idle_timeout() {
         .unwrap()
         .ok();
     assert!(started.elapsed() < Duration::from_secs(2), "closed after {:?}", started.elapsed());
-    assert_eq!(metric_value(&&String::from_utf8(env.proxy.shared.metrics.encode()).unwrap(), "bureau_guard_connections_closed_total{reason=\"idle\"}"), Some(1.0));
+    assert_eq!(
+        metric_value(
+            &String::from_utf8(env.proxy.shared.metrics.encode()).unwrap(),
+            "bureau_guard_connections_closed_total{reason=\"idle\"}"
+        ),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]
 async fn when_full_silent_sockets_make_room_for_banks_and_a_busy_bank_is_never_closed() {
-    let mock = bureau_guard::mock_bureau::MockConfig { service_time: Duration::from_millis(600), jitter: Duration::ZERO, workers: 64, ..fast_mock() };
-    let env = Env::new(mock, "max_connections = 10\nmax_connections_per_source = 100\nheader_read_timeout = \"10s\"", "").await;
+    let mock = bureau_guard::mock_bureau::MockConfig {
+        service_time: Duration::from_millis(600),
+        jitter: Duration::ZERO,
+        workers: 64,
+        ..fast_mock()
+    };
+    let env =
+        Env::new(mock, "max_connections = 10\nmax_connections_per_source = 100\nheader_read_timeout = \"10s\"", "")
+            .await;
     // Bank A: a request in flight (the bureau takes 600 ms).
     let busy_url = env.url("/v1/score/S1");
     let busy = tokio::spawn(async move { get(&busy_url, &[("x-api-key", KEY_A)]).await.status });
@@ -216,7 +228,13 @@ async fn a_source_failing_authentication_is_held_off_briefly_and_others_are_serv
     assert!(held.headers.contains_key("retry-after"));
     // Another bank behind the same proxy is not affected.
     assert_eq!(get(&url, &from("198.51.100.8", KEY_B)).await.status, 200);
-    assert_eq!(metric_value(&&String::from_utf8(env.proxy.shared.metrics.encode()).unwrap(), "bureau_guard_auth_penalties_total"), Some(1.0));
+    assert_eq!(
+        metric_value(
+            &String::from_utf8(env.proxy.shared.metrics.encode()).unwrap(),
+            "bureau_guard_auth_penalties_total"
+        ),
+        Some(1.0)
+    );
     // The penalty is short.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

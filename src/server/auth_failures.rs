@@ -97,9 +97,7 @@ impl AuthFailures {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         if sources.len() >= MAX_SOURCES && !sources.contains_key(&source) {
             let settings = self.settings;
-            sources.retain(|_, r| {
-                r.penalized_until.is_some_and(|u| u > now) || now < r.window_start + settings.window
-            });
+            sources.retain(|_, r| r.penalized_until.is_some_and(|u| u > now) || now < r.window_start + settings.window);
             if sources.len() >= MAX_SOURCES {
                 return;
             }

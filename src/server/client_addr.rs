@@ -163,10 +163,7 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_believed_only_from_trusted_proxies_and_read_from_the_right() {
-        let t = TrustedProxies {
-            blocks: vec![Cidr::parse("10.0.0.0/8").unwrap()],
-            forwarded_for: true,
-        };
+        let t = TrustedProxies { blocks: vec![Cidr::parse("10.0.0.0/8").unwrap()], forwarded_for: true };
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", "6.6.6.6, 198.51.100.7".parse().unwrap());
         h.append("x-forwarded-for", "10.0.0.9".parse().unwrap());

@@ -320,7 +320,13 @@ impl Connections {
     /// `max` connections at once (at least 1), `per_source` from one address (at least 1).
     pub fn new(max: usize, per_source: usize, exempt: TrustedProxies, metrics: ConnMetrics) -> Arc<Connections> {
         metrics.max.set(i64::try_from(max).unwrap_or(i64::MAX));
-        Arc::new(Connections { max: max.max(1), per_source: per_source.max(1), exempt, table: Mutex::default(), metrics })
+        Arc::new(Connections {
+            max: max.max(1),
+            per_source: per_source.max(1),
+            exempt,
+            table: Mutex::default(),
+            metrics,
+        })
     }
 
     /// No limits: for listeners that are not exposed to banks (admin, the mock bureau).

@@ -18,6 +18,7 @@ pub const RESERVED: u64 = 128;
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the soft limit now in force
 /// (`None` if it cannot be read). A failure to raise is logged, not fatal: the cap is then
 /// derived from the lower limit.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not everywhere
 pub fn raise_to_hard_limit() -> Option<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes one `rlimit` into the valid, exclusively borrowed struct.
@@ -28,7 +29,11 @@ pub fn raise_to_hard_limit() -> Option<u64> {
         let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
         // SAFETY: setrlimit reads one valid `rlimit`; raising soft up to hard needs no privilege.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            tracing::info!(from = lim.rlim_cur, to = lim.rlim_max, "raised the descriptor limit (RLIMIT_NOFILE) to its hard limit");
+            tracing::info!(
+                from = lim.rlim_cur,
+                to = lim.rlim_max,
+                "raised the descriptor limit (RLIMIT_NOFILE) to its hard limit"
+            );
             lim.rlim_cur = lim.rlim_max;
         } else {
             tracing::warn!(soft = lim.rlim_cur, hard = lim.rlim_max, error = %std::io::Error::last_os_error(), "cannot raise the descriptor limit");
@@ -38,6 +43,7 @@ pub fn raise_to_hard_limit() -> Option<u64> {
 }
 
 /// The soft `RLIMIT_NOFILE` now in force.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not everywhere
 pub fn current() -> Option<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: as in `raise_to_hard_limit`.
