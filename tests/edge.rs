@@ -68,8 +68,10 @@ async fn silent_and_half_preface_connections_are_closed_at_the_header_deadline()
         let took = took.unwrap_or_else(|| panic!("connection {i} still open after 5 s"));
         slowest = slowest.max(took);
     }
-    // Measured: all 40 closed within about 0.3 s of connecting.
     assert!(slowest < Duration::from_secs(2), "slowest close {slowest:?}");
+    eprintln!(
+        "40 silent or half-preface connections, header_read_timeout 300ms: all closed, the last {slowest:?} after the test began waiting"
+    );
     // A bank is still served.
     assert_eq!(get(&env.url("/v1/score/S1"), &[("x-api-key", KEY_A)]).await.status, 200);
 }
