@@ -64,7 +64,31 @@ impl Default for Options {
 /// [`start`] with [`Options`]. Opens the audit log (if any) before binding anything.
 pub async fn start_with(config: Config, options: Options) -> std::io::Result<Running> {
     let (listen, admin_listen) = (config.server.listen, config.admin.listen);
-    let limits = ConnLimits::for_max_header_bytes(config.server.max_header_bytes, config.server.header_read_timeout);
+    let limits = ConnLimits {
+        idle_timeout: config.server.idle_timeout,
+        http2_keep_alive: Some((config.server.http2_keep_alive_interval, config.server.http2_keep_alive_timeout)),
+        ..ConnLimits::for_max_header_bytes(config.server.max_header_bytes, config.server.header_read_timeout)
+    };
+    let nofile = server::nofile::current();
+    let max_connections = config.server.max_connections.unwrap_or_else(|| {
+        let bureau = config.upstream.max_concurrency as u64 + config.upstream.pool_max_idle as u64;
+        server::nofile::default_max_connections(nofile, bureau)
+    });
+    let per_source =
+        config.server.max_connections_per_source.unwrap_or_else(|| server::nofile::default_per_source(max_connections));
+    if let Some(n) = nofile
+        && max_connections as u64 + server::nofile::RESERVED > n
+    {
+        tracing::warn!(
+            max_connections,
+            nofile = n,
+            "server.max_connections is close to or above the descriptor limit: accept may fail with EMFILE before the cap applies; raise the limit (LimitNOFILE=) or lower the cap"
+        );
+    }
+    let proxy_protocol = match config.server.proxy_protocol {
+        true => server::ProxyProtocol::From(config.server.trusted_proxies.clone()),
+        false => server::ProxyProtocol::Off,
+    };
     let drain = config.server.drain_timeout;
     let store = config.state.file.clone().map(FileStore::new);
     let flush_interval = config.state.flush_interval;
@@ -89,12 +113,20 @@ pub async fn start_with(config: Config, options: Options) -> std::io::Result<Run
     let listener = TcpListener::bind(listen).await?;
     let admin_listener = TcpListener::bind(admin_listen).await?;
     let grace = shared.snapshot.load().config.server.readiness_grace;
-    Ok(start_on(shared, listener, admin_listener, Settings { limits, drain, store, flush_interval, grace }))
+    let conns = server::Connections::new(
+        max_connections,
+        per_source,
+        shared.trusted_proxies.clone(),
+        shared.metrics.connections.clone(),
+    );
+    tracing::info!(max_connections, max_connections_per_source = per_source, nofile = ?nofile, "connection limits");
+    let edge = server::Edge { limits, tls: None, proxy_protocol, conns, drain_timeout: drain };
+    Ok(start_on(shared, listener, admin_listener, Settings { edge, drain, store, flush_interval, grace }))
 }
 
 /// What `start_on` needs beyond the shared state, fixed at start-up.
 struct Settings {
-    limits: ConnLimits,
+    edge: server::Edge,
     drain: std::time::Duration,
     store: Option<FileStore>,
     flush_interval: std::time::Duration,
@@ -103,7 +135,7 @@ struct Settings {
 
 /// Starts serving on bound listeners.
 fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListener, settings: Settings) -> Running {
-    let Settings { limits, drain, store, flush_interval, grace } = settings;
+    let Settings { mut edge, drain, store, flush_interval, grace } = settings;
     let addr = listener.local_addr().expect("a bound listener has an address");
     let admin_addr = admin_listener.local_addr().expect("a bound listener has an address");
     shared.metrics.reload_last_success_timestamp_seconds.set(shared.clock.now_unix_ms() / 1000);
@@ -122,26 +154,25 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let proxy_task = match &shared.tls_listener {
-        None => tokio::spawn(server::serve(listener, Proxy::new(shared.clone()), limits, wait(stopped.clone()), drain)),
-        // TLS: each connection's service knows the client certificate its handshake verified.
-        Some(current) => {
-            let tls = server::TlsListener { current: current.clone(), counters: shared.handshakes.clone() };
-            let proxy_shared = shared.clone();
-            let make = move |_peer, cert| Proxy::for_connection(proxy_shared.clone(), cert);
-            tokio::spawn(server::serve_tls(listener, tls, make, limits, wait(stopped.clone()), drain))
-        }
-    };
+    // Each connection's service knows its addresses and, with TLS, the client certificate its
+    // handshake verified.
+    edge.tls = shared
+        .tls_listener
+        .as_ref()
+        .map(|current| server::TlsListener { current: current.clone(), counters: shared.handshakes.clone() });
+    let header_read_timeout = edge.limits.header_read_timeout;
+    let proxy_shared = shared.clone();
+    let make = move |peer: &server::Peer| Proxy::for_connection(proxy_shared.clone(), peer);
+    let proxy_task = tokio::spawn(server::serve_edge(listener, edge, make, wait(stopped.clone())));
     // The admin listener keeps answering /metrics and /readyz (false) while the proxy drains.
-    let admin_limits = ConnLimits::for_max_header_bytes(16 * 1024, limits.header_read_timeout);
+    let admin_limits = ConnLimits::for_max_header_bytes(16 * 1024, header_read_timeout);
     let admin_shared = shared.clone();
     let shared_for_persist = shared.clone();
-    let admin_task = tokio::spawn(server::serve_with_peer(
+    let admin_task = tokio::spawn(server::serve_edge(
         admin_listener,
-        move |peer| Admin::new(admin_shared.clone(), Some(peer)),
-        admin_limits,
+        server::Edge::plain(admin_limits, drain),
+        move |peer: &server::Peer| Admin::new(admin_shared.clone(), Some(peer.addr.peer)),
         wait(admin_stopped),
-        drain,
     ));
     let persist_task = tokio::spawn(async move {
         tokio::join!(

@@ -262,6 +262,8 @@ fn serve(path: &Path) -> ExitCode {
         }
     };
     let _log_guard = init_logging(config.log.format);
+    // Before anything opens a descriptor: the connection cap is derived from this limit.
+    crate::server::nofile::raise_to_hard_limit();
     runtime().block_on(async {
         // Phase 2: bind and serve.
         let options = crate::app::Options { config_path: Some(path.to_path_buf()), ..Default::default() };

@@ -39,6 +39,22 @@ pub mod defaults {
     /// A client that has not sent its headers in 5 s is a slowloris, not a bank. hyper also closes
     /// a keep-alive connection idle this long; responses say so (`Keep-Alive: timeout=4`).
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+    /// A connection with no request in flight this long is closed (h2 gets a GOAWAY). A bank's
+    /// pool keeps connections warm between bursts; a minute is longer than most pools' own idle
+    /// timeout, and an idle connection is the first to go when the listener is full anyway.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// h2 PINGs every 20 s: a dead peer (a bank's NAT that dropped the flow) is noticed and its
+    /// connection freed, and middleboxes with 30 s+ idle timers keep the flow.
+    pub const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
+    /// A PING unanswered this long closes the connection (a live peer answers in a round trip).
+    pub const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// 401s from one address within the window that start a penalty: a bank rotating keys sends
+    /// a few, a key guesser thousands.
+    pub const AUTH_FAILURE_LIMIT: u32 = 20;
+    pub const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(10);
+    /// Short: long enough to make guessing pointless, short enough that a bank that fixed its
+    /// key is back within seconds.
+    pub const AUTH_FAILURE_PENALTY: Duration = Duration::from_secs(10);
     /// End-to-end bound on one request, queueing and the bureau included.
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
     /// Time given to in-flight requests on shutdown before connections are closed.
@@ -305,6 +321,21 @@ pub struct ServerConfig {
     /// `[server.tls]`: terminate TLS (and optionally verify client certificates); `None`: plain
     /// HTTP (h2c by prior knowledge).
     pub tls: Option<crate::tls::ServerTls>,
+    /// A connection with no request in flight this long is closed gracefully.
+    pub idle_timeout: Duration,
+    pub http2_keep_alive_interval: Duration,
+    pub http2_keep_alive_timeout: Duration,
+    /// Connections open at once; `None`: derived from the descriptor limit at start
+    /// (`server::nofile`).
+    pub max_connections: Option<usize>,
+    /// Connections from one client address; `None`: a quarter of `max_connections`.
+    pub max_connections_per_source: Option<usize>,
+    pub auth_penalty: crate::server::auth_failures::AuthPenalty,
+    /// Connections from these may start with a PROXY header (required with `proxy_protocol`),
+    /// and with `forwarded_for` their `X-Forwarded-For` is believed.
+    pub trusted_proxies: crate::server::TrustedProxies,
+    /// `server.proxy_protocol`: connections from `trusted_proxies` start with a PROXY header.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -616,6 +647,17 @@ struct RawServer {
     pass_unmatched: Option<bool>,
     readiness_grace: Option<String>,
     tls: Option<RawServerTls>,
+    idle_timeout: Option<String>,
+    http2_keep_alive_interval: Option<String>,
+    http2_keep_alive_timeout: Option<String>,
+    max_connections: Option<i64>,
+    max_connections_per_source: Option<i64>,
+    auth_failure_limit: Option<i64>,
+    auth_failure_window: Option<String>,
+    auth_failure_penalty: Option<String>,
+    proxy_protocol: Option<bool>,
+    trusted_proxies: Option<Vec<String>>,
+    forwarded_for: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -808,6 +850,18 @@ impl Problems {
     }
 }
 
+/// An optional count that must be at least 1.
+fn positive(p: &mut Problems, path: &str, raw: Option<i64>) -> Option<usize> {
+    let n = raw?;
+    match usize::try_from(n) {
+        Ok(n) if n > 0 => Some(n),
+        _ => {
+            p.add(path, "must be at least 1 (leave it out for the default)");
+            None
+        }
+    }
+}
+
 fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let mut p = Problems(Vec::new());
 
@@ -830,7 +884,71 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         pass_unmatched: s.pass_unmatched.unwrap_or(false),
         readiness_grace: p.duration_or_zero("server.readiness_grace", s.readiness_grace.as_deref(), Duration::ZERO),
         tls: None,
+        idle_timeout: p.duration("server.idle_timeout", s.idle_timeout.as_deref(), defaults::IDLE_TIMEOUT),
+        http2_keep_alive_interval: p.duration(
+            "server.http2_keep_alive_interval",
+            s.http2_keep_alive_interval.as_deref(),
+            defaults::HTTP2_KEEP_ALIVE_INTERVAL,
+        ),
+        http2_keep_alive_timeout: p.duration(
+            "server.http2_keep_alive_timeout",
+            s.http2_keep_alive_timeout.as_deref(),
+            defaults::HTTP2_KEEP_ALIVE_TIMEOUT,
+        ),
+        max_connections: positive(&mut p, "server.max_connections", s.max_connections),
+        max_connections_per_source: positive(&mut p, "server.max_connections_per_source", s.max_connections_per_source),
+        auth_penalty: crate::server::auth_failures::AuthPenalty {
+            limit: match s.auth_failure_limit {
+                None => defaults::AUTH_FAILURE_LIMIT,
+                Some(n) => u32::try_from(n).unwrap_or_else(|_| {
+                    p.add("server.auth_failure_limit", "must be 0 (off) to 4294967295");
+                    defaults::AUTH_FAILURE_LIMIT
+                }),
+            },
+            window: p.duration(
+                "server.auth_failure_window",
+                s.auth_failure_window.as_deref(),
+                defaults::AUTH_FAILURE_WINDOW,
+            ),
+            penalty: p.duration(
+                "server.auth_failure_penalty",
+                s.auth_failure_penalty.as_deref(),
+                defaults::AUTH_FAILURE_PENALTY,
+            ),
+        },
+        trusted_proxies: crate::server::TrustedProxies {
+            blocks: s
+                .trusted_proxies
+                .iter()
+                .flatten()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    crate::server::client_addr::Cidr::parse(c)
+                        .map_err(|e| p.add(format!("server.trusted_proxies[{i}]"), e))
+                        .ok()
+                })
+                .collect(),
+            forwarded_for: s.forwarded_for.unwrap_or(false),
+        },
+        proxy_protocol: s.proxy_protocol.unwrap_or(false),
     };
+    if s.trusted_proxies.as_ref().is_none_or(|t| t.is_empty()) {
+        if server.proxy_protocol {
+            p.add(
+                "server.proxy_protocol",
+                "needs server.trusted_proxies: the load balancers allowed to send the header",
+            );
+        }
+        if server.trusted_proxies.forwarded_for {
+            p.add(
+                "server.forwarded_for",
+                "needs server.trusted_proxies: the proxies whose X-Forwarded-For is believed",
+            );
+        }
+    }
+    if server.http2_keep_alive_timeout >= server.http2_keep_alive_interval {
+        p.add("server.http2_keep_alive_timeout", "must be shorter than server.http2_keep_alive_interval");
+    }
 
     let token_digest = match (&raw.admin.token_sha256, &raw.admin.token_env) {
         (Some(_), Some(_)) => {

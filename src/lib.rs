@@ -3,7 +3,8 @@
 //!
 //! The request path, one module per stage, assembled in [`proxy`]:
 //!
-//! - [`server`]: the listener (HTTP/1.1 + h2c, header timeout, graceful drain)
+//! - [`server`]: the listener (HTTP/1.1 + h2c, TLS, PROXY protocol; deadlines from accept,
+//!   connection caps, penalties for repeated 401s; graceful drain)
 //! - [`limits`]: head and body size limits (431, 413)
 //! - [`tenant`]: who is asking (api key → tenant, constant-time), key removed (401)
 //! - [`path`]: the one target that is routed, keyed and forwarded (normalised; ambiguity: 400)

@@ -79,6 +79,10 @@ pub struct Metrics {
     /// Expiry of the certificates bureau-guard presents, by `cert` (`server`, `upstream_client`).
     pub tls_certificate_expiry_timestamp_seconds: IntGaugeVec,
     pub tls_crl_next_update_timestamp_seconds: IntGaugeVec,
+    /// The proxy listener's connections (`server::conns`).
+    pub connections: crate::server::ConnMetrics,
+    /// Sources that started an `auth_failure_penalty`.
+    pub auth_penalties_total: IntCounter,
     /// How many `server.tls.crl` positions the CRL gauge was last set for.
     crl_positions: std::sync::atomic::AtomicUsize,
 }
@@ -396,7 +400,16 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        let connections = crate::server::ConnMetrics::register(&registry);
+        let auth_penalties_total = IntCounter::new(
+            "bureau_guard_auth_penalties_total",
+            "Source addresses held off (429 too_many_auth_failures) after repeated failed authentications.",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(auth_penalties_total.clone())).expect("metric names are unique");
         Metrics {
+            connections,
+            auth_penalties_total,
             registry,
             requests_total,
             request_duration_seconds,

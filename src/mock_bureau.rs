@@ -945,7 +945,7 @@ pub fn start(cfg: MockConfig, listener: TcpListener) -> MockHandle {
     let addr = listener.local_addr().expect("a bound listener has an address");
     let bureau = MockBureau::new(cfg);
     let (stop, mut stopped) = watch::channel(false);
-    let limits = ConnLimits { header_read_timeout: Duration::from_secs(10), max_head_bytes: 64 * 1024 };
+    let limits = ConnLimits::for_max_header_bytes(32 * 1024, Duration::from_secs(10));
     let shutdown = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
@@ -959,14 +959,15 @@ pub fn start_tls(cfg: MockConfig, listener: TcpListener, tls: Arc<rustls::Server
     let addr = listener.local_addr().expect("a bound listener has an address");
     let bureau = MockBureau::new(cfg);
     let (stop, mut stopped) = watch::channel(false);
-    let limits = ConnLimits { header_read_timeout: Duration::from_secs(10), max_head_bytes: 64 * 1024 };
+    let limits = ConnLimits::for_max_header_bytes(32 * 1024, Duration::from_secs(10));
     let shutdown = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
     let current = Arc::new(arc_swap::ArcSwap::from_pointee(crate::tls::Listener::fixed(tls)));
     let tls = server::TlsListener { current, counters: crate::tls::HandshakeCounters::unregistered() };
+    let edge = server::Edge { tls: Some(tls), ..server::Edge::plain(limits, Duration::from_secs(5)) };
     let service = Service(bureau.clone());
-    let make = move |_, _| service.clone();
-    let task = tokio::spawn(server::serve_tls(listener, tls, make, limits, shutdown, Duration::from_secs(5)));
+    let make = move |_: &server::Peer| service.clone();
+    let task = tokio::spawn(server::serve_edge(listener, edge, make, shutdown));
     MockHandle { addr, scheme: "https", bureau, stop, task }
 }

@@ -33,6 +33,7 @@ use crate::redis_state::Budget;
 use crate::respond::{Body, ErrorKind, Outcome, ProxyError, RateLimitState, error_response};
 use crate::runtime::{Shared, Snapshot};
 use crate::scheduler::{Ask, Permit, ShedReason};
+use crate::server::{ClientAddr, Peer};
 use crate::tenant::Tenant;
 use crate::tls::ClientCert;
 
@@ -46,6 +47,8 @@ pub struct Proxy {
     shared: Arc<Shared>,
     /// The connection's verified client certificate (mTLS), if it presented one.
     client_cert: Option<Arc<ClientCert>>,
+    /// The connection's addresses (`None` when not served from a listener, e.g. `oneshot`).
+    client: Option<ClientAddr>,
 }
 
 /// What the stages learned about a request, kept outside the timed future so that a request cut
@@ -66,12 +69,13 @@ struct Ctx {
 
 impl Proxy {
     pub fn new(shared: Arc<Shared>) -> Proxy {
-        Proxy { shared, client_cert: None }
+        Proxy { shared, client_cert: None, client: None }
     }
 
-    /// The service for one TLS connection whose client presented `client_cert` (verified).
-    pub fn for_connection(shared: Arc<Shared>, client_cert: Option<Arc<ClientCert>>) -> Proxy {
-        Proxy { shared, client_cert }
+    /// The service for one connection: its addresses, and the client certificate it presented
+    /// (verified), if any.
+    pub fn for_connection(shared: Arc<Shared>, peer: &Peer) -> Proxy {
+        Proxy { shared, client_cert: peer.client_cert.clone(), client: Some(peer.addr) }
     }
 
     /// Answers one request; never fails (errors become JSON responses).
@@ -168,13 +172,22 @@ impl Proxy {
         // Limits first: refusing an oversized head costs nothing and needs no identity.
         limits::check_head(&parts, snap.limits.max_header_bytes, snap.limits.max_body)?;
 
+        // A source that keeps failing authentication is held off before any key is hashed.
+        let source = self.client.map(|c| self.shared.trusted_proxies.source(c.client.ip(), &parts.headers));
+        if let Some(source) = source {
+            self.shared.auth_failures.admit(source)?;
+        }
+
         // Tenant before route: an unidentified caller learns nothing about which paths exist.
         // A client certificate names the tenant itself; a key on top of it must agree.
-        let tenant = match &self.client_cert {
-            Some(cert) => snap.tenants.identify_with_cert(cert, &mut parts.headers)?,
-            None => snap.tenants.identify(&mut parts.headers)?,
+        let identified = match &self.client_cert {
+            Some(cert) => snap.tenants.identify_with_cert(cert, &mut parts.headers),
+            None => snap.tenants.identify(&mut parts.headers),
+        };
+        if let (Err(err), Some(source)) = (&identified, source) {
+            self.shared.auth_failures.record(source, err);
         }
-        .clone();
+        let tenant = identified?.clone();
         ctx.tenant = Some(tenant.clone());
 
         // Path: normalised once, here, and ambiguity refused; route, cost, cache key, audit and

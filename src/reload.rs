@@ -155,6 +155,27 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     field("server.drain_timeout", dur(s0.drain_timeout), dur(s1.drain_timeout), true);
     field("server.pass_unmatched", s0.pass_unmatched.to_string(), s1.pass_unmatched.to_string(), false);
     field("server.readiness_grace", dur(s0.readiness_grace), dur(s1.readiness_grace), true);
+    // The listener's connection handling is fixed when it starts.
+    field("server.idle_timeout", dur(s0.idle_timeout), dur(s1.idle_timeout), true);
+    let ka = |s: &crate::config::ServerConfig| {
+        format!("{}/{}", dur(s.http2_keep_alive_interval), dur(s.http2_keep_alive_timeout))
+    };
+    field("server.http2_keep_alive", ka(s0), ka(s1), true);
+    let opt = |n: Option<usize>| n.map_or_else(|| "default".to_string(), |n| n.to_string());
+    field("server.max_connections", opt(s0.max_connections), opt(s1.max_connections), true);
+    field(
+        "server.max_connections_per_source",
+        opt(s0.max_connections_per_source),
+        opt(s1.max_connections_per_source),
+        true,
+    );
+    field("server.auth_failure_*", format!("{:?}", s0.auth_penalty), format!("{:?}", s1.auth_penalty), true);
+    field("server.proxy_protocol", s0.proxy_protocol.to_string(), s1.proxy_protocol.to_string(), true);
+    let trusted = |s: &crate::config::ServerConfig| {
+        let blocks: Vec<String> = s.trusted_proxies.blocks.iter().map(ToString::to_string).collect();
+        format!("[{}] forwarded_for={}", blocks.join(", "), s.trusted_proxies.forwarded_for)
+    };
+    field("server.trusted_proxies", trusted(s0), trusted(s1), true);
     field("admin.listen", old.admin.listen.to_string(), new.admin.listen.to_string(), true);
     if old.admin.token_digest != new.admin.token_digest {
         field("admin.token", "(old)".into(), "(new)".into(), false);

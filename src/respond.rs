@@ -57,11 +57,14 @@ pub enum ErrorKind {
     UnknownClientCertificate,
     /// The client certificate and the api key name different tenants.
     IdentityMismatch,
+    /// The request's source address failed authentication too often recently
+    /// (`server.auth_failure_*`): held off before its key is even looked at.
+    TooManyAuthFailures,
 }
 
 impl ErrorKind {
     /// Every kind, for pre-registering metric label values and tests.
-    pub const ALL: [ErrorKind; 20] = [
+    pub const ALL: [ErrorKind; 21] = [
         ErrorKind::MissingApiKey,
         ErrorKind::InvalidApiKey,
         ErrorKind::RouteNotFound,
@@ -82,6 +85,7 @@ impl ErrorKind {
         ErrorKind::StateUnavailable,
         ErrorKind::UnknownClientCertificate,
         ErrorKind::IdentityMismatch,
+        ErrorKind::TooManyAuthFailures,
     ];
 
     /// The stable `error` code in the JSON body; also the `outcome` metric label.
@@ -107,6 +111,7 @@ impl ErrorKind {
             ErrorKind::StateUnavailable => "state_unavailable",
             ErrorKind::UnknownClientCertificate => "unknown_client_certificate",
             ErrorKind::IdentityMismatch => "identity_mismatch",
+            ErrorKind::TooManyAuthFailures => "too_many_auth_failures",
         }
     }
 
@@ -126,7 +131,8 @@ impl ErrorKind {
             ErrorKind::RateLimited
             | ErrorKind::TooManyInFlight
             | ErrorKind::DailyQuotaExhausted
-            | ErrorKind::MonthlyQuotaExhausted => StatusCode::TOO_MANY_REQUESTS,
+            | ErrorKind::MonthlyQuotaExhausted
+            | ErrorKind::TooManyAuthFailures => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::BureauBusy
             | ErrorKind::BureauUnavailable
             | ErrorKind::AuditUnavailable
@@ -143,7 +149,8 @@ impl ErrorKind {
             | ErrorKind::BodyTooLarge
             | ErrorKind::HeadersTooLarge
             | ErrorKind::UnknownClientCertificate
-            | ErrorKind::IdentityMismatch => Blame::Client,
+            | ErrorKind::IdentityMismatch
+            | ErrorKind::TooManyAuthFailures => Blame::Client,
             ErrorKind::BureauUnreachable
             | ErrorKind::BureauBadResponse
             | ErrorKind::BureauTimeout

@@ -180,6 +180,10 @@ pub struct Shared {
     /// The listener's TLS settings if it was started with `[server.tls]`; reload swaps in new
     /// certificates here (turning TLS on or off needs a restart).
     pub tls_listener: Option<Arc<ArcSwap<crate::tls::Listener>>>,
+    /// Whose addresses are believed (`server.trusted_proxies`); fixed at start-up.
+    pub trusted_proxies: crate::server::TrustedProxies,
+    /// Failed authentications per source address, and their penalties.
+    pub auth_failures: crate::server::auth_failures::AuthFailures,
     /// `bureau_guard_tls_handshakes_total`, one counter per result.
     pub handshakes: crate::tls::HandshakeCounters,
 }
@@ -226,6 +230,11 @@ impl Shared {
             config.server.tls.as_ref().map(|t| Arc::new(ArcSwap::from_pointee(crate::tls::Listener::new(t))));
         let handshakes = metrics.handshake_counters();
         metrics.set_certificate_expiry(&config, tls_listener.is_some(), true);
+        let trusted_proxies = config.server.trusted_proxies.clone();
+        let auth_failures = crate::server::auth_failures::AuthFailures::new(
+            config.server.auth_penalty,
+            metrics.auth_penalties_total.clone(),
+        );
         let snapshot = Snapshot::compile(Arc::new(config), &states, None, &random_secret);
         let calls = TaskTracker::new();
         let breaker = Breaker::new(
@@ -254,6 +263,8 @@ impl Shared {
             keep_alive,
             tls_listener,
             handshakes,
+            trusted_proxies,
+            auth_failures,
         }))
     }
 

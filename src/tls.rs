@@ -28,7 +28,6 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
-use tokio::net::TcpStream;
 use x509_parser::extensions::GeneralName;
 use x509_parser::parse_x509_crl;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -926,12 +925,12 @@ impl HandshakeCounters {
 
 /// Runs the server side of a handshake on `stream`, bounded by `timeout` so a silent client
 /// cannot hold a task. Counts the outcome.
-pub async fn accept(
+pub async fn accept<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     config: Arc<rustls::ServerConfig>,
-    stream: TcpStream,
+    stream: S,
     timeout: Duration,
     counters: &HandshakeCounters,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<tokio_rustls::server::TlsStream<S>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let outcome = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Ok(tls),

@@ -1,0 +1,244 @@
+//! The PROXY protocol (v1 text and v2 binary, HAProxy's spec): a load balancer that forwards
+//! TCP says, in a header before the first byte of the client's, who the client is.
+//!
+//! Parsing is the `ppp` crate's (widely used, no unsafe, both versions, partial-input aware);
+//! framing is ours: we read in chunks until `ppp` has a complete header, and the bytes read past
+//! it (the client's TLS ClientHello or HTTP preface) are handed back in front of the stream by
+//! [`Prefixed`]. A header is believed only from `server.trusted_proxies`; from anyone else its
+//! mere presence refuses the connection, since a client that sends one is trying to choose the
+//! address we would account it under.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use ppp::{HeaderResult, PartialResult};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// The v2 signature; a v1 header starts with `PROXY `.
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+const V1_PREFIX: &[u8; 6] = b"PROXY ";
+/// v1 lines are at most 107 bytes; v2 headers carry TLVs, which load balancers keep small
+/// (AWS: a few dozen bytes). Anything longer is not a header we will wait for.
+const MAX_HEADER: usize = 1024;
+
+/// Why a connection's PROXY header was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderError {
+    /// A trusted proxy's connection did not start with a valid header.
+    Invalid,
+    /// A peer outside `server.trusted_proxies` sent one.
+    Untrusted,
+    /// The connection closed before the header was complete.
+    Closed,
+}
+
+/// A stream with bytes already read from it put back in front.
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
+        Prefixed { prefix, at: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            if self.at == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// What the start of a connection turned out to be.
+enum Start {
+    /// A PROXY header (complete or not yet).
+    Header,
+    /// Anything else: TLS, HTTP/1, the h2 preface.
+    Other,
+    /// Too few bytes to tell.
+    Undecided,
+}
+
+fn classify(buf: &[u8]) -> Start {
+    for signature in [&V1_PREFIX[..], &V2_SIGNATURE[..]] {
+        let n = buf.len().min(signature.len());
+        if buf[..n] == signature[..n] {
+            return if n == signature.len() { Start::Header } else { Start::Undecided };
+        }
+    }
+    Start::Other
+}
+
+/// Reads a trusted proxy's header: the client's address (`None` for `LOCAL` / `UNKNOWN`
+/// headers, the proxy's own health checks: the connection's address stands) and the stream
+/// with whatever followed the header.
+pub async fn read_header<S: AsyncRead + Unpin>(
+    mut stream: S,
+) -> Result<(Option<SocketAddr>, Prefixed<S>), HeaderError> {
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        let mut chunk = [0u8; 256];
+        let n = stream.read(&mut chunk).await.map_err(|_| HeaderError::Closed)?;
+        if n == 0 {
+            return Err(HeaderError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let parsed = HeaderResult::parse(&buf);
+        if parsed.is_incomplete() {
+            if buf.len() > MAX_HEADER {
+                return Err(HeaderError::Invalid);
+            }
+            continue;
+        }
+        let (len, source) = match parsed {
+            HeaderResult::V1(Ok(h)) => (h.header.len(), v1_source(&h.addresses)),
+            HeaderResult::V2(Ok(h)) => (h.len(), v2_source(&h)),
+            HeaderResult::V1(Err(_)) | HeaderResult::V2(Err(_)) => return Err(HeaderError::Invalid),
+        };
+        let rest = buf.split_off(len);
+        return Ok((source, Prefixed::new(rest, stream)));
+    }
+}
+
+/// For a peer that may not send a header: reads just enough to be sure it did not, and gives
+/// the stream back with those bytes in front.
+pub async fn refuse_header<S: AsyncRead + Unpin>(mut stream: S) -> Result<Prefixed<S>, HeaderError> {
+    let mut buf = Vec::with_capacity(64);
+    loop {
+        let mut chunk = [0u8; 64];
+        let n = stream.read(&mut chunk).await.map_err(|_| HeaderError::Closed)?;
+        if n == 0 {
+            return Err(HeaderError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match classify(&buf) {
+            Start::Header => return Err(HeaderError::Untrusted),
+            Start::Other => return Ok(Prefixed::new(buf, stream)),
+            Start::Undecided => {}
+        }
+    }
+}
+
+fn v1_source(a: &ppp::v1::Addresses) -> Option<SocketAddr> {
+    match a {
+        ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v1::Addresses::Unknown => None,
+    }
+}
+
+fn v2_source(h: &ppp::v2::Header<'_>) -> Option<SocketAddr> {
+    if h.command == ppp::v2::Command::Local {
+        return None;
+    }
+    match h.addresses {
+        ppp::v2::Addresses::IPv4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v2::Addresses::IPv6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v2::Addresses::Unspecified | ppp::v2::Addresses::Unix(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn through(input: &[u8]) -> (Result<Option<SocketAddr>, HeaderError>, Vec<u8>) {
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(input).await.unwrap();
+        drop(client);
+        match read_header(server).await {
+            Ok((source, mut rest)) => {
+                let mut after = Vec::new();
+                rest.read_to_end(&mut after).await.unwrap();
+                (Ok(source), after)
+            }
+            Err(e) => (Err(e), Vec::new()),
+        }
+    }
+
+    #[tokio::test]
+    async fn v1_and_v2_headers_give_the_source_and_keep_what_follows() {
+        let (src, rest) = through(b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443\r\nGET / HTTP/1.1\r\n").await;
+        assert_eq!(src, Ok(Some("192.0.2.7:51000".parse().unwrap())));
+        assert_eq!(rest, b"GET / HTTP/1.1\r\n");
+
+        let v2 = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Stream,
+            ("[2001:db8::5]:4000".parse::<SocketAddr>().unwrap(), "[2001:db8::1]:443".parse::<SocketAddr>().unwrap()),
+        )
+        .build()
+        .unwrap();
+        let mut input = v2.clone();
+        input.extend_from_slice(b"\x16\x03\x01");
+        let (src, rest) = through(&input).await;
+        assert_eq!(src, Ok(Some("[2001:db8::5]:4000".parse().unwrap())));
+        assert_eq!(rest, b"\x16\x03\x01");
+
+        let (src, _) = through(b"PROXY UNKNOWN\r\n").await;
+        assert_eq!(src, Ok(None), "a health check keeps the connection's address");
+        let (src, _) = through(b"GET / HTTP/1.1\r\n\r\n").await;
+        assert_eq!(src, Err(HeaderError::Invalid));
+        let (src, _) = through(b"PROXY TCP4 192.0.2.7").await;
+        assert_eq!(src, Err(HeaderError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_header_from_an_untrusted_peer_is_refused_and_anything_else_kept() {
+        for refused in [&b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"[..], &V2_SIGNATURE[..]] {
+            let (mut client, server) = tokio::io::duplex(4096);
+            client.write_all(refused).await.unwrap();
+            assert!(matches!(refuse_header(server).await, Err(HeaderError::Untrusted)));
+        }
+        for kept in [&b"PRI * HTTP/2.0\r\n"[..], b"POST /v1 HTTP/1.1\r\n", b"\x16\x03\x01\x00"] {
+            let (mut client, server) = tokio::io::duplex(4096);
+            client.write_all(kept).await.unwrap();
+            drop(client);
+            let mut rest = Vec::new();
+            refuse_header(server).await.map_err(|_| ()).unwrap().read_to_end(&mut rest).await.unwrap();
+            assert_eq!(rest, kept);
+        }
+    }
+}
