@@ -16,18 +16,20 @@
 //! `x-request-id`) is kept apart, under the name that says whose it is: `x-client-request-id`,
 //! to the bureau, in the audit record and in the response.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::HeaderMap;
 use http::header::{
-    CONNECTION, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE,
+    CONNECTION, FORWARDED, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
 };
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_TENANT: HeaderName = HeaderName::from_static("x-tenant");
 /// The id a client gave its request, kept apart from ours (never trusted as ours).
 pub static X_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-client-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Fields the bureau could read as who is asking or from where: the ones bureau-guard sets, and
 /// the forwarding fields only bureau-guard may set (from the connection, not from the client).
@@ -104,8 +106,10 @@ pub fn strip_identity(headers: &mut HeaderMap) {
 }
 
 /// Prepares the headers the bureau receives: hop-by-hop fields, identity and credentials
-/// removed, then bureau-guard's own `x-tenant`, `x-request-id` and the client's id apart.
-pub fn forward(headers: &mut HeaderMap, tenant: &HeaderValue, id: &RequestId) {
+/// removed, then bureau-guard's own `x-tenant`, `x-request-id`, the client's id apart, and the
+/// client's address as bureau-guard knows it (`Forwarded: for=`, RFC 7239, and
+/// `X-Forwarded-For`), never as the client claims it.
+pub fn forward(headers: &mut HeaderMap, tenant: &HeaderValue, id: &RequestId, client: Option<IpAddr>) {
     strip_hop_by_hop(headers);
     strip_identity(headers);
     headers.insert(&X_TENANT, tenant.clone());
@@ -113,9 +117,14 @@ pub fn forward(headers: &mut HeaderMap, tenant: &HeaderValue, id: &RequestId) {
     if let Some(client) = &id.client {
         headers.insert(&X_CLIENT_REQUEST_ID, client.clone());
     }
-    // FORWARDED: set here from the connection's peer address (`Forwarded: for=...`, RFC 7239)
-    // once server.rs hands it to the proxy; the client's own forwarding fields are removed
-    // above and never passed on.
+    if let Some(ip) = client {
+        let forwarded = match ip {
+            IpAddr::V4(v4) => format!("for={v4}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+        };
+        headers.insert(FORWARDED, HeaderValue::from_str(&forwarded).expect("an address is a valid header value"));
+        headers.insert(&X_FORWARDED_FOR, HeaderValue::from_str(&ip.to_string()).expect("an address is a valid value"));
+    }
 }
 
 /// A request's ids: bureau-guard's own, and the one its client sent, if valid.
@@ -238,10 +247,26 @@ mod tests {
         h.insert("x_tenant", HeaderValue::from_static("b"));
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("forged"));
         let id = RequestId { id: HeaderValue::from_static("ours-1"), client: Some(HeaderValue::from_static("bank:1")) };
-        forward(&mut h, &HeaderValue::from_static("a"), &id);
+        forward(&mut h, &HeaderValue::from_static("a"), &id, None);
         assert_eq!(h.len(), 3, "{h:?}");
         assert_eq!(h[&X_TENANT], "a");
         assert_eq!(h[&X_REQUEST_ID], "ours-1");
         assert_eq!(h[&X_CLIENT_REQUEST_ID], "bank:1");
+    }
+
+    #[test]
+    fn forward_says_where_the_request_came_from_as_we_know_it() {
+        let id = RequestId { id: HeaderValue::from_static("ours-1"), client: None };
+        let mut h = HeaderMap::new();
+        h.insert(FORWARDED, HeaderValue::from_static("for=10.9.9.9"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.9.9.9"));
+        forward(&mut h, &HeaderValue::from_static("a"), &id, Some("192.0.2.7".parse().unwrap()));
+        assert_eq!(
+            (h[&FORWARDED].to_str().unwrap(), h["x-forwarded-for"].to_str().unwrap()),
+            ("for=192.0.2.7", "192.0.2.7")
+        );
+        assert_eq!(h.get_all(FORWARDED).iter().count(), 1, "the client's own is gone");
+        forward(&mut h, &HeaderValue::from_static("a"), &id, Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(h[&FORWARDED], "for=\"[2001:db8::1]\"");
     }
 }

@@ -342,6 +342,7 @@ impl Proxy {
             route: ctx.route,
             subject: key,
             request_id: request_id.clone(),
+            source,
             cost,
             reservation,
             _in_flight: in_flight,
@@ -473,6 +474,8 @@ struct BureauCall {
     route: usize,
     subject: Option<CacheKey>,
     request_id: RequestId,
+    /// The client's address (the connection's, or the one trusted proxies vouch for).
+    source: Option<std::net::IpAddr>,
     cost: u32,
     reservation: quota::Reservation,
     /// The tenant's `max_in_flight` place: held until the bureau has answered.
@@ -627,14 +630,15 @@ impl Granted {
 
     async fn call(self, mut parts: http::request::Parts, body: bytes::Bytes, keep: Keep) -> Done {
         let Granted { call, permit, ticket, queued_at } = self;
-        let BureauCall { shared, snap, tenant, route, subject, request_id, cost: _, reservation, _in_flight } = call;
+        let BureauCall { shared, snap, tenant, route, subject, request_id, source, cost: _, reservation, _in_flight } =
+            call;
         let upstream = &snap.config.upstream;
         let called_at = tokio::time::Instant::now();
         snap.cells.tenant(&shared.metrics, tenant.index).queue_wait.observe((called_at - queued_at).as_secs_f64());
 
         // Forward headers: the bureau learns who asked and which request this is from us alone:
         // no credential, and no identity or forwarding field the bank sent, in any spelling.
-        headers::forward(&mut parts.headers, &tenant.header_value, &request_id);
+        headers::forward(&mut parts.headers, &tenant.header_value, &request_id, source);
 
         // Upstream: the bureau is touched last, and the call runs until it answers (or
         // max_call_time cuts it). Not answering within response_timeout is a failure for the
