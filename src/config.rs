@@ -91,6 +91,10 @@ pub mod defaults {
     pub const BREAKER_OPEN_FOR: Duration = Duration::from_secs(2);
     /// Three successes in a row before the budget is opened again.
     pub const BREAKER_PROBES: u32 = 3;
+    /// Requests waiting for a bureau slot, all tenants together: a few hundred bytes each, so
+    /// 16,384 is a few MiB, and more than any bureau drains within a queue timeout (400 calls/s
+    /// for 2 s is 800).
+    pub const MAX_QUEUE_TOTAL: usize = 16_384;
     /// Requests one tenant may have waiting for a bureau slot.
     pub const MAX_QUEUE: usize = 256;
     /// Bureau responses are buffered; a credit report is a few KiB, 1 MiB is an anomaly.
@@ -359,6 +363,9 @@ pub struct UpstreamConfig {
     pub max_concurrency: usize,
     /// Longest a request waits for a bureau slot before 503 `bureau_busy`.
     pub queue_timeout: Duration,
+    /// Requests waiting for a bureau slot, all tenants together (per-tenant `max_queue`s add
+    /// up with many tenants); when full, the longest queue loses its newest request.
+    pub max_queue_total: usize,
     /// Move the budget between `min` and `max` from observed bureau latency and errors.
     pub adaptive: Option<AdaptiveSettings>,
     /// The longest a bureau call may hold its slot. `response_timeout` answers the client, but the
@@ -698,6 +705,7 @@ struct RawUpstream {
     max_response_body: Option<String>,
     max_concurrency: Option<i64>,
     queue_timeout: Option<String>,
+    max_queue_total: Option<i64>,
     max_call_time: Option<String>,
     retry_after_cap: Option<String>,
     adaptive: Option<RawAdaptive>,
@@ -1014,6 +1022,14 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             }
         },
         queue_timeout: p.duration("upstream.queue_timeout", u.queue_timeout.as_deref(), defaults::QUEUE_TIMEOUT),
+        max_queue_total: match u.max_queue_total {
+            None => defaults::MAX_QUEUE_TOTAL,
+            Some(n) if (1..=10_000_000).contains(&n) => n as usize,
+            Some(n) => {
+                p.add("upstream.max_queue_total", format!("{n} must be between 1 and 10000000"));
+                defaults::MAX_QUEUE_TOTAL
+            }
+        },
         max_call_time: Duration::ZERO, // below: its default follows response_timeout
         retry_after_cap: p.duration(
             "upstream.retry_after_cap",

@@ -599,6 +599,7 @@ pub struct TenantCell {
     pub shed_queue_timeout: IntCounter,
     pub shed_bureau_hold: IntCounter,
     pub shed_overdue: IntCounter,
+    pub shed_queue_full_total: IntCounter,
     pub abandoned: IntCounter,
 }
 
@@ -668,6 +669,7 @@ impl RequestCells {
                 shed_queue_timeout: metrics.sheds_total.with_label_values(&[id, "queue_timeout"]),
                 shed_bureau_hold: metrics.sheds_total.with_label_values(&[id, "bureau_hold"]),
                 shed_overdue: metrics.sheds_total.with_label_values(&[id, "overdue"]),
+                shed_queue_full_total: metrics.sheds_total.with_label_values(&[id, "queue_full_total"]),
                 abandoned: metrics.bureau_calls_abandoned_total.with_label_values(&[id]),
             }
         })

@@ -585,6 +585,10 @@ impl BureauCall {
                             cells.shed_queue_timeout.inc();
                             format!("no bureau slot within {:?}", upstream.queue_timeout)
                         }
+                        ShedReason::QueueFullTotal => {
+                            cells.shed_queue_full_total.inc();
+                            "the bureau is at capacity and the queues of all institutions are full".to_string()
+                        }
                     };
                     return Err(
                         ProxyError::new(ErrorKind::BureauBusy, message).retry_after(retry_after_secs(shed.retry_after))

@@ -98,6 +98,7 @@ pub fn apply(shared: &Shared, config: Config) -> Outcome {
             shared.scheduler.set_limit(u_new.max_concurrency);
         }
     }
+    shared.scheduler.set_max_waiting(u_new.max_queue_total);
     shared.metrics.set_certificate_expiry(&new_config, shared.tls_listener.is_some(), false);
     for w in new_config.warnings() {
         tracing::warn!(warning = %w, "config warning");
@@ -189,6 +190,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     field("upstream.max_response_body", u0.max_response_body.to_string(), u1.max_response_body.to_string(), false);
     field("upstream.max_concurrency", u0.max_concurrency.to_string(), u1.max_concurrency.to_string(), false);
     field("upstream.queue_timeout", dur(u0.queue_timeout), dur(u1.queue_timeout), false);
+    field("upstream.max_queue_total", u0.max_queue_total.to_string(), u1.max_queue_total.to_string(), false);
     field("upstream.adaptive", format!("{:?}", u0.adaptive), format!("{:?}", u1.adaptive), false);
     field("upstream.max_call_time", dur(u0.max_call_time), dur(u1.max_call_time), false);
     field("upstream.retry_after_cap", dur(u0.retry_after_cap), dur(u1.retry_after_cap), false);

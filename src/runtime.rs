@@ -217,6 +217,7 @@ impl Shared {
             http::HeaderValue::from_str(&format!("timeout={idle_s}")).expect("digits are a valid header value");
         let states = StateRegistry::default();
         let scheduler = Scheduler::new(config.upstream.max_concurrency);
+        scheduler.set_max_waiting(config.upstream.max_queue_total);
         let adaptive = adaptive_controller(&config);
         scheduler.set_controller(adaptive.clone());
         let redis = match &config.state.backend {

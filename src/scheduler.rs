@@ -138,6 +138,9 @@ pub enum ShedReason {
     QueueFull,
     /// The request's deadline passed before a slot was granted.
     QueueTimeout,
+    /// Requests of all tenants together filled `max_waiting`: the newest request of the tenant
+    /// with the longest queue was dropped (this one, or another tenant's that made room for it).
+    QueueFullTotal,
 }
 
 impl ShedReason {
@@ -146,6 +149,7 @@ impl ShedReason {
         match self {
             ShedReason::QueueFull => "queue_full",
             ShedReason::QueueTimeout => "queue_timeout",
+            ShedReason::QueueFullTotal => "queue_full_total",
         }
     }
 }
@@ -165,6 +169,9 @@ impl fmt::Display for Shed {
         match self.reason {
             ShedReason::QueueFull => write!(f, "bureau capacity exhausted and the tenant's queue is full")?,
             ShedReason::QueueTimeout => write!(f, "no bureau slot became free before the request's deadline")?,
+            ShedReason::QueueFullTotal => {
+                write!(f, "bureau capacity exhausted and every tenant's queues together full")?
+            }
         }
         write!(f, "; retry after {} s", self.retry_after.as_secs())
     }
@@ -184,6 +191,8 @@ pub struct TenantStats {
     pub shed_queue_full: u64,
     /// Requests shed because their deadline passed in the queue.
     pub shed_queue_timeout: u64,
+    /// Requests shed because all tenants' queues together were full.
+    pub shed_queue_full_total: u64,
 }
 
 /// The bureau's capacity budget and the per-tenant queues in front of it. Shared via `Arc`.
@@ -201,6 +210,8 @@ pub struct Scheduler {
     /// Waiters in all queues. Written only under `state`; read without it by the fast path,
     /// which must not overtake anyone queued.
     waiting: AtomicUsize,
+    /// At most this many waiters in all queues together (`upstream.max_queue_total`).
+    max_waiting: AtomicUsize,
     /// Slots freed since start: the numerator of the drain rate.
     released: AtomicU64,
     state: Mutex<State>,
@@ -232,6 +243,7 @@ impl Scheduler {
             share: AtomicU64::new(1),
             in_flight: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            max_waiting: AtomicUsize::new(usize::MAX),
             released: AtomicU64::new(0),
             state: Mutex::new(State::new(Instant::now())),
             controller: ArcSwapOption::empty(),
@@ -278,6 +290,14 @@ impl Scheduler {
         }
     }
 
+    /// Caps the waiters of all tenants together (per-tenant `max_queue`s add up with many
+    /// tenants). When full, the newest request of the tenant with the longest queue is dropped
+    /// to make room (longest-queue drop, as FQ-CoDel does), so a surge cannot shed a quiet
+    /// tenant's one request; an arrival whose own queue is the longest is refused instead.
+    pub fn set_max_waiting(&self, max: usize) {
+        self.max_waiting.store(max.max(1), Ordering::Relaxed);
+    }
+
     /// Installs (or with `None` removes) the adaptive controller fed by [`Permit::complete`].
     /// Installing one sets the limit to the controller's current limit.
     pub fn set_controller(&self, controller: Option<Arc<AdaptiveLimit>>) {
@@ -316,6 +336,7 @@ impl Scheduler {
             granted_after_wait: t.granted_after_wait,
             shed_queue_full: t.shed_queue_full,
             shed_queue_timeout: t.shed_queue_timeout,
+            shed_queue_full_total: t.shed_queue_full_total,
         })
     }
 
@@ -341,9 +362,9 @@ impl Scheduler {
             biased;
             res = &mut wait.rx => {
                 wait.settled = true;
-                // The sender is dropped unsent only if the waiter left the queue without a
-                // grant, which only `Wait` itself does; answer as a timeout rather than panic.
-                res.map_err(|_| Shed { reason: ShedReason::QueueTimeout, retry_after: RETRY_AFTER_MIN })
+                // The sender is dropped unsent only when the waiter was dropped to make room
+                // for another tenant's request (the queues together were full).
+                res.map_err(|_| Shed { reason: ShedReason::QueueFullTotal, retry_after: RETRY_AFTER_MIN })
             }
             () = tokio::time::sleep_until(ask.deadline) => wait.time_out(ask.weight),
         }
@@ -381,6 +402,24 @@ impl Scheduler {
             st.tenants[ask.tenant].shed_queue_full += 1;
             let retry_after = st.retry_after(now, released, ask.tenant, ask.weight);
             return Enqueued::Shed(Shed { reason: ShedReason::QueueFull, retry_after });
+        }
+        if self.waiting.load(Ordering::SeqCst) >= self.max_waiting.load(Ordering::Relaxed) {
+            let mine = st.tenants[ask.tenant].waiters.len();
+            match st.longest_queue().filter(|&(_, len)| len > mine + 1) {
+                // Room made at the longest queue's tail: its newest waiter learns it was shed
+                // (its sender is dropped unsent).
+                Some((victim, _)) => {
+                    if st.drop_newest(victim) {
+                        st.tenants[victim].shed_queue_full_total += 1;
+                        self.waiting.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                None => {
+                    st.tenants[ask.tenant].shed_queue_full_total += 1;
+                    let retry_after = st.retry_after(now, released, ask.tenant, ask.weight);
+                    return Enqueued::Shed(Shed { reason: ShedReason::QueueFullTotal, retry_after });
+                }
+            }
         }
         let (tx, rx) = oneshot::channel();
         let id = st.push(ask, tx);
@@ -602,6 +641,7 @@ struct TenantQueue {
     granted_after_wait: u64,
     shed_queue_full: u64,
     shed_queue_timeout: u64,
+    shed_queue_full_total: u64,
 }
 
 struct Waiter {
@@ -737,6 +777,19 @@ impl State {
             t.active_weight = 0;
         }
         true
+    }
+
+    /// The active tenant with the most waiters, and how many (active tenants only: those with
+    /// a list or heap entry, so the scan is over the tenants that compete, not all configured).
+    fn longest_queue(&self) -> Option<(usize, usize)> {
+        let listed = self.sparse.iter().map(|&(_, _, t)| t).chain(self.heap.iter().map(|Reverse((_, _, t))| *t));
+        listed.map(|t| (t, self.tenants[t].waiters.len())).max_by_key(|&(_, len)| len).filter(|&(_, len)| len > 0)
+    }
+
+    /// Drops `tenant`'s newest waiter (its sender goes unsent: the waiter is told it was shed).
+    fn drop_newest(&mut self, tenant: usize) -> bool {
+        let Some(id) = self.tenants[tenant].waiters.back().map(|w| w.id) else { return false };
+        self.remove(tenant, id)
     }
 
     /// How long until `tenant`'s queue, plus one more request, has drained.
@@ -1244,6 +1297,29 @@ mod tests {
         // Another tenant's queue is its own.
         let mut other = acquire_boxed(&sched, Ask { tenant: 1, ..bounded });
         assert!(poll_once(&mut other).is_pending());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_queues_together_are_capped_and_the_longest_makes_room() {
+        let sched = Scheduler::new(1);
+        sched.set_max_waiting(4);
+        let _hold = grant_now(&sched, ask(0, 1));
+        // The surging tenant fills the whole cap.
+        let mut surge: Vec<Acquire> = (0..4).map(|_| acquire_boxed(&sched, ask(0, 1))).collect();
+        assert!(surge.iter_mut().all(|w| poll_once(w).is_pending()));
+        // A quiet tenant's one request is queued: the surge's newest waiter makes room.
+        let mut quiet = acquire_boxed(&sched, ask(1, 1));
+        assert!(poll_once(&mut quiet).is_pending());
+        assert_eq!((sched.queued(0), sched.queued(1), sched.queued_total()), (3, 1, 4));
+        let Poll::Ready(Err(shed)) = poll_once(&mut surge[3]) else { panic!("the newest surging waiter was not shed") };
+        assert_eq!(shed.reason, ShedReason::QueueFullTotal);
+        // The surging tenant's own next request is refused: its queue is the longest.
+        let Poll::Ready(Err(shed)) = poll_once(&mut acquire_boxed(&sched, ask(0, 1))) else {
+            panic!("an arrival of the longest queue was queued past the cap")
+        };
+        assert_eq!(shed.reason, ShedReason::QueueFullTotal);
+        assert_eq!(sched.tenant_stats(0).shed_queue_full_total, 2);
+        assert_eq!(sched.queued_total(), 4);
     }
 
     #[tokio::test(start_paused = true)]
