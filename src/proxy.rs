@@ -172,19 +172,18 @@ impl Proxy {
         // Limits first: refusing an oversized head costs nothing and needs no identity.
         limits::check_head(&parts, snap.limits.max_header_bytes, snap.limits.max_body)?;
 
-        // A source that keeps failing authentication is held off before any key is hashed.
-        let source = self.client.map(|c| self.shared.trusted_proxies.source(c.client.ip(), &parts.headers));
-        if let Some(source) = source {
-            self.shared.auth_failures.admit(source)?;
-        }
-
         // Tenant before route: an unidentified caller learns nothing about which paths exist.
         // A client certificate names the tenant itself; a key on top of it must agree.
+        let source = self.client.map(|c| self.shared.trusted_proxies.source(c.client.ip(), &parts.headers));
         let identified = match &self.client_cert {
             Some(cert) => snap.tenants.identify_with_cert(cert, &mut parts.headers),
             None => snap.tenants.identify(&mut parts.headers),
         };
+        // A source that keeps failing authentication is held off: its failures are answered 429
+        // for a while. Only its failures: a bank identified from the same address (behind the
+        // same NAT or load balancer) is never locked out by someone else's bad keys.
         if let (Err(err), Some(source)) = (&identified, source) {
+            self.shared.auth_failures.admit(source)?;
             self.shared.auth_failures.record(source, err);
         }
         let tenant = identified?.clone();

@@ -224,11 +224,13 @@ async fn a_source_failing_authentication_is_held_off_briefly_and_others_are_serv
     for _ in 0..3 {
         assert_eq!(get(&url, &from("198.51.100.7", "wrong")).await.status, 401);
     }
-    let held = get(&url, &from("198.51.100.7", KEY_A)).await;
+    let held = get(&url, &from("198.51.100.7", "wrong-again")).await;
     assert_eq!(held.status, 429);
     assert_eq!(held.json()["error"], "too_many_auth_failures");
     assert!(held.headers.contains_key("retry-after"));
-    // Another bank behind the same proxy is not affected.
+    // A bank identified from the same address is not locked out by someone else's bad keys,
+    // nor is a bank from another address.
+    assert_eq!(get(&url, &from("198.51.100.7", KEY_A)).await.status, 200);
     assert_eq!(get(&url, &from("198.51.100.8", KEY_B)).await.status, 200);
     assert_eq!(
         metric_value(
@@ -237,10 +239,10 @@ async fn a_source_failing_authentication_is_held_off_briefly_and_others_are_serv
         ),
         Some(1.0)
     );
-    // The penalty is short.
+    // The penalty is short: after it, a bad key is a plain 401 again.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if get(&url, &from("198.51.100.7", KEY_A)).await.status == 200 {
+        if get(&url, &from("198.51.100.7", "wrong")).await.status == 401 {
             break;
         }
         assert!(Instant::now() < deadline, "still held off after 5 s");
