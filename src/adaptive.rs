@@ -1,48 +1,178 @@
-//! Adaptive limit: finds how many concurrent calls the bureau can take from how it answers.
+//! Adaptive limit: finds how many concurrent calls the bureau serves without queueing (its
+//! *knee*: how many workers it has for us) and keeps the fair scheduler's budget there.
 //!
-//! The fair scheduler shares a budget of `limit` bureau slots, but a fixed limit is either too
-//! low (capacity wasted on a good day) or too high (the bureau queues internally, its latency
-//! climbs, then it times out for everyone, as in 2017). The bureau's real capacity also moves:
-//! other clients, its own batch jobs. This controller watches the latency and outcome of every
-//! completed bureau call ([`crate::scheduler::Permit::complete`]) and moves the scheduler's
-//! limit between `min` and `max`.
+//! # The problem
+//! The scheduler shares a budget of `limit` bureau slots among the banks. Above the bureau's
+//! knee the extra calls only wait in the bureau's own FIFO queue, where fair queuing cannot
+//! reach them: every bank's latency grows with the surge (quiet banks' p99 6× calm with a budget
+//! of 64 against 8 workers). Below the knee the bureau idles while banks queue. The knee is
+//! unknown and moves (other clients, the bureau's batch jobs), and the bureau can also get
+//! *slower* without getting fuller. From outside, at one concurrency `L`, the two look alike:
+//! 8 workers at 3× the service time and 8/3 workers at the same service time both answer in 3×
+//! the time at `L = 8`. Only varying `L` tells them apart: above the knee latency is
+//! proportional to `L` (`R = L·S/W`), at or below it latency does not move (`R = S`). The old
+//! AIMD controller cut on a latency rise alone, so a slower bureau drove it to `min` (quiet
+//! banks lost 16% of their calls), and it never came down from a budget 8× too high.
 //!
-//! # Algorithm: AIMD on delay and loss
-//! Samples are taken in windows of `window` completions. At the end of each window:
-//! - The **baseline** is the lowest mean latency of any healthy window: the bureau's no-load
-//!   latency (windows with errors are left out, since fast failures are not fast service).
-//! - The window is **overloaded** if its mean latency exceeds `tolerance` × baseline (the bureau
-//!   is queueing) or its error rate exceeds `max_error_rate` (it is failing or timing out).
-//!   Then the limit is multiplied by `backoff`, but only once in-flight calls have come down to
-//!   the current limit: right after a cut the samples still come from calls granted under the
-//!   old limit, and cutting on them again would overshoot.
-//! - Otherwise, if the limit was in use (peak in-flight at least half of it), it grows by
-//!   √limit: about 1 s from half to full capacity at a few hundred calls per second, while each
-//!   step stays small relative to the limit.
-//! - If the limit sits at `min` and latency stays high for `REBASELINE_WINDOWS` windows, the
-//!   slowness is not of our making (the bureau itself got slower), so the baseline is reset to
-//!   the current latency; otherwise the limit would stay pinned at `min` forever.
+//! # Control law
+//! The controller keeps a *level* (its estimate of the knee, where it cruises) and a *baseline*
+//! `R0` (the bureau's no-load latency), and measures in phases. Every permit carries the phase
+//! it was granted in and the calls in flight at that moment ([`Grant`]); a phase only counts
+//! the calls it granted, so each measurement is the latency at one known concurrency, never a
+//! mix of old and new limits. A phase lasts at least 100 ms and 24 samples. A latency
+//! difference within twice its standard error counts as none.
+//! - **Cruise** at the level in windows of 150 ms. A window whose mean latency exceeds
+//!   1.2 × `R0`, or an unknown or 10 s old `R0`, triggers a *down probe* once two windows in a
+//!   row agree within 10% (a probe compared against a bureau in mid-change misreads it);
+//!   otherwise an *up probe* follows every `probe_interval` (1 s) while the limit is in use.
+//! - **Down probe** to ¾ of the concurrency in use. The latency's elasticity to concurrency,
+//!   `e = ln(Rc/Rd) / ln(Nc/Nd)`, says where the knee is. `e < 0.3`: flat, the bureau is not
+//!   queueing our calls, so a higher latency is the bureau's own: `R0 := Rd` (re-baseline), no
+//!   cut, then probe up. `e ≥ 0.7`: the latency fell with the concurrency, the knee is below even
+//!   the probe: cut to `Nc·R0/Rc` (the knee if `R0` is right; Vegas' estimate), never below half
+//!   (a stale `R0` cannot collapse the budget) nor above `Nc·Rd/Rc`. In between, the knee lies
+//!   between the two levels, at `Nc·Rd/Rc` (the probe ran at no-load latency).
+//! - **Up probe** to 1.25 × the level (at least +1). Flat latency: the knee is higher, the level
+//!   becomes the probe's concurrency and the next up probe follows at once (exponential growth).
+//!   Rising latency: the knee is between, at `Nu·Rc/Ru`; an up probe never lowers the level.
+//! - **Back-pressure** (a 503: the bureau says it is full; a 429 concerns one tenant, whom
+//!   `proxy.rs` holds, and gives no sample) on a call granted since the last cut multiplies the
+//!   level by `backoff` at once (once per round trip, as TCP does); during an up probe,
+//!   back-pressure on a call above the level only ends the probe. **Errors** (502/504,
+//!   timeouts, connection failures; see `breaker::verdict`) above `max_error_rate` of a phase cut
+//!   by `backoff` at the phase's end and never count as latency (fast failures are not fast
+//!   service).
 //!
-//! Why this and not a crate: `tower-acc`, `congestion-limiter` and `rate_limiter_aimd` (all
-//! 0.1, young, single-maintainer) each come with their own semaphore and permit types wrapped
-//! around a tower/reqwest service; ours must drive the fair scheduler's budget instead, and
-//! the control law is the small part. Why AIMD and not Netflix's gradient2: gradient2 uses a
-//! long-term latency average as its baseline, which drifts upward under sustained overload and
-//! then tolerates it; a minimum with an explicit re-baseline rule does not drift, and AIMD's
-//! behaviour is easy to state and test.
+//! # The three cases
+//! - **Budget 8× too high** (64 against 8 workers): latency is 8 × `R0`, each down probe shows
+//!   `e ≈ 1`, and the level halves (64, 32, 16, 8) until a probe is flat; in the simulated
+//!   bureau below the limit is at the knee in about 2 s. Cost: a quarter of the budget for one
+//!   phase per halving, while the budget is too high anyway.
+//! - **Bureau 3× slower** (same workers): the window's latency is 3 × `R0`, so the controller
+//!   probes down, sees latency stay (`e ≈ 0`) and re-baselines instead of cutting; the up probe
+//!   shows latency rising with concurrency, so the level stays at the workers. Cost: one down
+//!   probe (¾ of the budget for about 100 ms + one latency) when the slow-down happens.
+//! - **Workers cut to a third**: latency rises to `L/W'·S`, the down probe shows `e ≈ 1` and the
+//!   cut goes straight to `Nc·R0/Rc` = the new workers (within a second in the simulation).
 //!
-//! Recording a sample touches four atomics; the lock is taken once per window, by the one
-//! sample that closes it.
+//! In steady state the cost is an up probe per second (the bureau holds 1.25 × its workers for
+//! about 100 ms, which idles nothing) and a down probe every 10 s (¾ of the budget for about
+//! 100 ms: about 0.3% of capacity).
+//!
+//! # Why not the alternatives
+//! - **AIMD on a latency threshold** (the previous controller) cannot tell a slower bureau from
+//!   a fuller one, and only cuts when latency passes the threshold, so it sits anywhere between
+//!   the knee and `tolerance` × the knee.
+//! - **Netflix's gradient2** compares long and short latency averages: under sustained overload
+//!   the long average drifts up and the overload becomes the new normal.
+//! - **Envoy's adaptive concurrency** drops to a fixed minimum to re-measure `minRTT` on a
+//!   schedule, idling most of the budget (and delaying quiet banks) every time, and still reads
+//!   a slower bureau as queueing between measurements.
+//! - **BBR** is closest (windowed `minRTT`, gain cycling, PROBE_RTT). Its bandwidth estimate
+//!   needs the delivery rate at several concurrencies; we probe the latency's response to
+//!   concurrency directly, which needs a shorter probe and gives the knee in one step.
+//!
+//! Recording a sample touches a handful of atomics; the lock is taken once per phase (by the
+//! sample that closes it) and by back-pressure samples granted since the last cut.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-/// Latencies below this are treated as equal: sub-millisecond differences are scheduling noise,
-/// not bureau queueing, and a near-zero baseline would make every window look overloaded.
-const BASELINE_FLOOR_SECS: f64 = 0.001;
-/// Windows of high latency at `min` after which the baseline is reset to the current latency.
-pub const REBASELINE_WINDOWS: u32 = 10;
+use tokio::time::Instant;
+
+/// A phase measures nothing before this: shorter phases measure the bureau's jitter.
+const MIN_PHASE: Duration = Duration::from_millis(100);
+/// Nor before this many samples: the mean latency of 24 calls with ±25% jitter is within ±3%.
+const MIN_SAMPLES: u64 = 24;
+/// Cruise is measured in windows this long; each may trigger a probe.
+const CRUISE_WINDOW: Duration = Duration::from_millis(150);
+/// A cruise window this much slower than the baseline triggers a down probe (the bureau is
+/// either queueing our calls or slower; only the probe tells which).
+const RISE: f64 = 1.2;
+/// A baseline not confirmed by a down probe for this long is re-measured: it catches a level
+/// that crept a little above the knee (BBR re-measures its minRTT every 10 s).
+const BASELINE_MAX_AGE: Duration = Duration::from_secs(10);
+/// Down probes go to this fraction of the concurrency in use.
+const DOWN: f64 = 0.75;
+/// Elasticity below this: latency does not follow concurrency, the knee is above. Below its
+/// negative, latency rose while concurrency fell: the bureau changed during the probe.
+const FLAT: f64 = 0.3;
+/// Two cruise windows whose latencies differ by more than this share are a bureau in change:
+/// a probe compared against either would misread it, so probes wait for a steady window.
+const STEADY: f64 = 0.1;
+/// Elasticity at or above this: latency is proportional to concurrency, the knee is below.
+const PROPORTIONAL: f64 = 0.7;
+/// A cruise whose calls saw fewer than this share of the limit in flight does not use it.
+const USED: f64 = 0.9;
+
+/// Phase tags come from one process-wide counter, so a grant made under one controller never
+/// matches a phase of the controller that replaces it. 0 means "no controller".
+static PHASE_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// How a bureau call ended, as the controller reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// The bureau answered (including 4xx the client caused). See `breaker::verdict`, which
+    /// judges every answer for both the breaker and this controller.
+    Ok,
+    /// The bureau failed: 502/504, a timeout, a connection failure.
+    Error,
+    /// The bureau said it is full: 503.
+    BackPressure,
+}
+
+impl Signal {
+    /// Label for metrics and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Signal::Ok => "ok",
+            Signal::Error => "error",
+            Signal::BackPressure => "back_pressure",
+        }
+    }
+}
+
+/// What the controller is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// At the level: the knee estimate.
+    Cruise,
+    /// Below the level, to see whether latency falls with concurrency.
+    ProbeDown,
+    /// Above the level, to see whether latency rises with concurrency.
+    ProbeUp,
+}
+
+impl Phase {
+    /// Label for metrics and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Phase::Cruise => "cruise",
+            Phase::ProbeDown => "probe_down",
+            Phase::ProbeUp => "probe_up",
+        }
+    }
+}
+
+/// What the controller sees, for metrics and the dashboard.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ControllerView {
+    /// The limit in force (during a probe, the probe's).
+    pub limit: usize,
+    /// The current phase.
+    pub phase: Phase,
+    /// Where the controller cruises: its estimate of the bureau's knee (workers), in calls.
+    pub knee: f64,
+    /// The bureau's no-load latency `R0`, once a down probe (or a phase at or below it) has
+    /// measured it.
+    pub baseline: Option<Duration>,
+    /// Mean latency of the last cruise window.
+    pub latency: Option<Duration>,
+    /// Calls waiting inside the bureau in the last cruise window, `N·(1 − R0/R)` (Vegas):
+    /// about 0 at the knee.
+    pub queueing: Option<f64>,
+}
 
 /// Tuning of the adaptive limit. [`AdaptiveConfig::new`] fills in the defaults.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,20 +183,18 @@ pub struct AdaptiveConfig {
     pub max: usize,
     /// The limit to start from (clamped into `min..=max`).
     pub initial: usize,
-    /// A window whose mean latency exceeds `tolerance` × baseline is overloaded. Default 2.0.
-    pub tolerance: f64,
-    /// Factor applied to the limit on overload, in (0, 1). Default 0.9.
+    /// Factor applied to the limit on back-pressure or errors, in (0, 1). Default 0.9.
     pub backoff: f64,
-    /// A window with a larger share of failed calls is overloaded. Default 0.05.
+    /// A phase with a larger share of failed calls cuts the limit, in [0, 1). Default 0.05.
     pub max_error_rate: f64,
-    /// Completions per decision (at least 1). Default 32.
-    pub window: usize,
+    /// Cruise time between up probes (at least 100 ms). Default 1 s.
+    pub probe_interval: Duration,
 }
 
 impl AdaptiveConfig {
     /// Bounds and start, with default tuning.
     pub fn new(min: usize, max: usize, initial: usize) -> AdaptiveConfig {
-        AdaptiveConfig { min, max, initial, tolerance: 2.0, backoff: 0.9, max_error_rate: 0.05, window: 32 }
+        AdaptiveConfig { min, max, initial, backoff: 0.9, max_error_rate: 0.05, probe_interval: Duration::from_secs(1) }
     }
 
     /// The config with every field moved into its documented range, so that no value can
@@ -79,20 +207,23 @@ impl AdaptiveConfig {
             min,
             max,
             initial: self.initial.clamp(min, max),
-            tolerance: if self.tolerance.is_finite() && self.tolerance > 1.0 {
-                self.tolerance
-            } else {
-                defaults.tolerance
-            },
             backoff: if self.backoff > 0.0 && self.backoff < 1.0 { self.backoff } else { defaults.backoff },
             max_error_rate: if (0.0..1.0).contains(&self.max_error_rate) {
                 self.max_error_rate
             } else {
                 defaults.max_error_rate
             },
-            window: self.window.max(1),
+            probe_interval: self.probe_interval.max(MIN_PHASE),
         }
     }
+}
+
+/// What a permit remembers of its grant: the phase it was granted in and the calls in flight
+/// then (itself included, for all replicas). [`AdaptiveLimit::grant`] makes one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Grant {
+    phase: u64,
+    in_flight: usize,
 }
 
 /// The controller: fed one sample per completed bureau call, answers with a new limit when it
@@ -101,20 +232,106 @@ impl AdaptiveConfig {
 #[derive(Debug)]
 pub struct AdaptiveLimit {
     cfg: AdaptiveConfig,
-    samples: AtomicUsize,
-    sum_nanos: AtomicU64,
-    errors: AtomicUsize,
-    peak_in_flight: AtomicUsize,
+    /// Time zero of `ends_at`.
+    origin: Instant,
     limit: AtomicUsize,
-    decision: Mutex<Decision>,
+    /// Tag of the current phase; 0 while a sample is deciding (grants then are not counted).
+    phase_id: AtomicU64,
+    /// First phase after the last cut: back-pressure on calls granted before it is old news.
+    cut_id: AtomicU64,
+    /// Nanoseconds after `origin` from which the phase may close; `u64::MAX` while closing.
+    ends_at: AtomicU64,
+    tally: Tally,
+    state: Mutex<State>,
+}
+
+/// The current phase's samples (those it granted).
+#[derive(Debug, Default)]
+struct Tally {
+    samples: AtomicU64,
+    ok: AtomicU64,
+    ok_nanos: AtomicU64,
+    /// Sum of squared latencies in µs² (ns² would overflow after a few calls of a second).
+    ok_micros_sq: AtomicU64,
+    in_flight: AtomicU64,
+    errors: AtomicU64,
+    back_pressure: AtomicU64,
+}
+
+impl Tally {
+    fn add(&self, grant: Grant, latency: Duration, signal: Signal) -> u64 {
+        self.in_flight.fetch_add(grant.in_flight as u64, Ordering::Relaxed);
+        match signal {
+            Signal::Ok => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+                let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+                self.ok_nanos.fetch_add(nanos, Ordering::Relaxed);
+                let micros = nanos / 1000;
+                self.ok_micros_sq.fetch_add(micros.saturating_mul(micros), Ordering::Relaxed);
+            }
+            Signal::Error => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Signal::BackPressure => {
+                self.back_pressure.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.samples.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Empties the tally into a measurement. Samples racing the swap may land in either phase
+    /// (a few among dozens); the means are estimates either way, and recording stays lock-free.
+    fn take(&self) -> Measure {
+        let n = self.samples.swap(0, Ordering::AcqRel).max(1) as f64;
+        let ok = self.ok.swap(0, Ordering::Relaxed);
+        let ok_nanos = self.ok_nanos.swap(0, Ordering::Relaxed);
+        let ok_micros_sq = self.ok_micros_sq.swap(0, Ordering::Relaxed);
+        let mean = ok_nanos as f64 / ok.max(1) as f64 / 1e9;
+        let variance = (ok_micros_sq as f64 / ok.max(1) as f64 / 1e12 - mean * mean).max(0.0);
+        Measure {
+            in_flight: self.in_flight.swap(0, Ordering::Relaxed) as f64 / n,
+            latency: (ok > 0).then_some(mean),
+            latency_se: (variance / ok.max(1) as f64).sqrt(),
+            error_rate: self.errors.swap(0, Ordering::Relaxed) as f64 / n,
+            back_pressure: self.back_pressure.swap(0, Ordering::Relaxed),
+        }
+    }
+}
+
+/// One phase's measurement.
+#[derive(Debug, Clone, Copy)]
+struct Measure {
+    /// Mean calls in flight when its calls were granted: the concurrency the bureau saw.
+    in_flight: f64,
+    /// Mean latency of its successful calls, seconds.
+    latency: Option<f64>,
+    /// Standard error of that mean.
+    latency_se: f64,
+    error_rate: f64,
+    back_pressure: u64,
 }
 
 #[derive(Debug)]
-struct Decision {
-    /// Kept fractional so that repeated small steps add up.
-    limit: f64,
-    baseline_secs: Option<f64>,
-    slow_at_min: u32,
+struct State {
+    phase: Phase,
+    /// The cruise level, fractional so that estimates are not rounded twice.
+    level: f64,
+    /// When the current cruise began (up probes follow `probe_interval` after).
+    cruise_since: Instant,
+    baseline: Option<f64>,
+    /// When a down probe last confirmed the baseline.
+    baseline_at: Option<Instant>,
+    /// The last cruise window (or flat up probe): what a probe compares against.
+    reference: Option<Measure>,
+    /// The latency of the cruise window before it at the same limit, if any.
+    previous: Option<f64>,
+}
+
+/// What a decision asks for next.
+enum Next {
+    Cruise,
+    Down(usize),
+    Up(usize),
 }
 
 impl AdaptiveLimit {
@@ -122,14 +339,25 @@ impl AdaptiveLimit {
     /// [`AdaptiveConfig`] for each field's range and default).
     pub fn new(cfg: AdaptiveConfig) -> AdaptiveLimit {
         let cfg = cfg.sanitized();
+        let now = Instant::now();
+        let first = PHASE_IDS.fetch_add(1, Ordering::Relaxed);
         AdaptiveLimit {
             cfg,
-            samples: AtomicUsize::new(0),
-            sum_nanos: AtomicU64::new(0),
-            errors: AtomicUsize::new(0),
-            peak_in_flight: AtomicUsize::new(0),
+            origin: now,
             limit: AtomicUsize::new(cfg.initial),
-            decision: Mutex::new(Decision { limit: cfg.initial as f64, baseline_secs: None, slow_at_min: 0 }),
+            phase_id: AtomicU64::new(first),
+            cut_id: AtomicU64::new(first),
+            ends_at: AtomicU64::new(CRUISE_WINDOW.as_nanos() as u64),
+            tally: Tally::default(),
+            state: Mutex::new(State {
+                phase: Phase::Cruise,
+                level: cfg.initial as f64,
+                cruise_since: now,
+                baseline: None,
+                baseline_at: None,
+                reference: None,
+                previous: None,
+            }),
         }
     }
 
@@ -143,210 +371,555 @@ impl AdaptiveLimit {
         self.limit.load(Ordering::Relaxed)
     }
 
-    /// The no-load latency estimate, once a healthy window has been seen.
-    pub fn baseline(&self) -> Option<Duration> {
-        let d = self.decision.lock().unwrap_or_else(PoisonError::into_inner);
-        d.baseline_secs.map(Duration::from_secs_f64)
+    /// What the controller sees now.
+    pub fn view(&self) -> ControllerView {
+        let st = self.lock();
+        let reference = st.reference;
+        let latency = reference.and_then(|m| m.latency);
+        ControllerView {
+            limit: self.limit(),
+            phase: st.phase,
+            knee: st.level,
+            baseline: st.baseline.map(Duration::from_secs_f64),
+            latency: latency.map(Duration::from_secs_f64),
+            queueing: match (reference, latency, st.baseline) {
+                (Some(m), Some(r), Some(r0)) => Some((m.in_flight * (1.0 - r0 / r)).max(0.0)),
+                _ => None,
+            },
+        }
     }
 
-    /// Records one completed bureau call: its `latency`, whether it succeeded (`ok` = false for
-    /// 5xx, timeouts, connection errors), and the calls in flight when it completed (itself
-    /// included). Returns the new limit when this sample closed a window and the limit changed.
-    pub fn observe(&self, latency: Duration, ok: bool, in_flight: usize) -> Option<usize> {
-        let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-        if !ok {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        self.peak_in_flight.fetch_max(in_flight, Ordering::Relaxed);
-        // Exactly one sample sees the count reach the window size; it closes the window.
-        if self.samples.fetch_add(1, Ordering::AcqRel) + 1 != self.cfg.window {
+    /// Notes a grant: `in_flight` is the calls in flight with this one, for all replicas.
+    /// The permit keeps the result and hands it back to [`AdaptiveLimit::observe`].
+    pub fn grant(&self, in_flight: usize) -> Grant {
+        Grant { phase: self.phase_id.load(Ordering::Acquire), in_flight }
+    }
+
+    /// Records one completed bureau call: its grant, `latency` and outcome. Returns the new
+    /// limit when it changed.
+    pub fn observe(&self, grant: Grant, latency: Duration, signal: Signal) -> Option<usize> {
+        self.observe_at(Instant::now(), grant, latency, signal)
+    }
+
+    fn observe_at(&self, now: Instant, grant: Grant, latency: Duration, signal: Signal) -> Option<usize> {
+        if grant.phase == 0 {
             return None;
         }
-        // Samples racing past the boundary may land in this window or the next: the means are
-        // estimates either way, and this keeps recording lock-free.
-        let n = self.samples.swap(0, Ordering::AcqRel).max(1);
-        let window = Window {
-            mean_secs: self.sum_nanos.swap(0, Ordering::Relaxed) as f64 / n as f64 / 1e9,
-            error_rate: self.errors.swap(0, Ordering::Relaxed) as f64 / n as f64,
-            peak_in_flight: self.peak_in_flight.swap(0, Ordering::Relaxed),
-        };
-        let mut d = self.decision.lock().unwrap_or_else(PoisonError::into_inner);
-        let limit = self.decide(&mut d, &window);
-        (self.limit.swap(limit, Ordering::Relaxed) != limit).then_some(limit)
+        if signal == Signal::BackPressure && grant.phase >= self.cut_id.load(Ordering::Acquire) {
+            return self.back_pressure(now, grant);
+        }
+        let phase = self.phase_id.load(Ordering::Acquire);
+        // A call granted in another phase saw another limit: it would blur this measurement.
+        if grant.phase != phase || self.tally.add(grant, latency, signal) < MIN_SAMPLES {
+            return None;
+        }
+        let ends_at = self.ends_at.load(Ordering::Acquire);
+        if self.nanos(now) < ends_at {
+            return None;
+        }
+        // Exactly one sample wins the right to close the phase.
+        if self.ends_at.compare_exchange(ends_at, u64::MAX, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            return None;
+        }
+        let mut st = self.lock();
+        if self.phase_id.load(Ordering::Acquire) != phase {
+            return None; // a back-pressure cut started a new phase meanwhile
+        }
+        self.phase_id.store(0, Ordering::Release);
+        let m = self.tally.take();
+        let next = self.decide(&mut st, now, m);
+        self.start(&mut st, now, next, false)
     }
 
-    fn decide(&self, d: &mut Decision, w: &Window) -> usize {
-        let cfg = &self.cfg;
-        let current = d.limit as usize;
-        let failing = w.error_rate > cfg.max_error_rate;
-        if !failing {
-            d.baseline_secs = Some(d.baseline_secs.map_or(w.mean_secs, |b| b.min(w.mean_secs)));
+    /// The bureau said it is full on a call granted since the last cut.
+    fn back_pressure(&self, now: Instant, grant: Grant) -> Option<usize> {
+        let mut st = self.lock();
+        if grant.phase < self.cut_id.load(Ordering::Acquire) {
+            return None; // another sample cut for this round already
         }
-        let slow = d.baseline_secs.is_some_and(|b| w.mean_secs > b.max(BASELINE_FLOOR_SECS) * cfg.tolerance);
-        if slow || failing {
-            if w.peak_in_flight <= current {
-                d.limit = (d.limit * cfg.backoff).max(cfg.min as f64);
-            }
-            if slow && !failing && current == cfg.min {
-                d.slow_at_min += 1;
-                if d.slow_at_min >= REBASELINE_WINDOWS {
-                    d.baseline_secs = Some(w.mean_secs);
-                    d.slow_at_min = 0;
+        if st.phase == Phase::ProbeUp && grant.in_flight as f64 > st.level + 0.5 {
+            // Only the probe's extra calls were too many: the level stands.
+            return self.start(&mut st, now, Next::Cruise, true);
+        }
+        st.level = (st.level * self.cfg.backoff).max(self.cfg.min as f64);
+        self.start(&mut st, now, Next::Cruise, true)
+    }
+
+    /// The control law: what follows the phase that measured `m`.
+    fn decide(&self, st: &mut State, now: Instant, m: Measure) -> Next {
+        let failing = m.error_rate > self.cfg.max_error_rate;
+        if let (Some(r0), Some(r)) = (st.baseline, m.latency) {
+            // A faster bureau shows at once; a slower one only through a down probe.
+            st.baseline = Some(r0.min(r));
+        }
+        match st.phase {
+            Phase::Cruise => {
+                if failing {
+                    return self.cut(st);
                 }
+                st.previous = st.reference.and_then(|c| c.latency);
+                st.reference = Some(m);
+                self.after_cruise(st, now, m)
             }
-        } else {
-            d.slow_at_min = 0;
-            if w.peak_in_flight * 2 >= current {
-                d.limit = (d.limit + d.limit.sqrt()).min(cfg.max as f64);
+            Phase::ProbeDown => {
+                if failing {
+                    return self.cut(st);
+                }
+                let Some(c) = st.reference else { return Next::Cruise };
+                let (Some(rc), Some(rd)) = (c.latency, m.latency) else { return Next::Cruise };
+                if m.in_flight > 0.95 * c.in_flight {
+                    return Next::Cruise; // the probe did not lower concurrency: demand fell
+                }
+                let e = (rc / rd).ln() / (c.in_flight / m.in_flight).ln();
+                let upper = c.in_flight * rd / rc;
+                let noise = (rc - rd).abs() <= 2.0 * c.latency_se.hypot(m.latency_se);
+                if e <= -FLAT && !noise {
+                    return Next::Cruise; // slower during the probe: measure again
+                }
+                if e < FLAT || noise {
+                    // Latency did not follow concurrency: whatever slowness there is, it is
+                    // the bureau's own. Re-baseline; never cut on it.
+                    st.baseline = Some(rd);
+                    st.baseline_at = Some(now);
+                    if c.in_flight >= USED * self.applied(st.level) as f64 {
+                        if let Some(up) = self.up_level(st) {
+                            return Next::Up(up);
+                        }
+                    }
+                } else if e < PROPORTIONAL {
+                    // The probe ran at the bureau's no-load latency: the knee is between. (The
+                    // baseline is not moved up on this weaker evidence: a baseline too high
+                    // would hide queueing until it ages; one too low only costs another probe.)
+                    st.level = st.level.min(upper);
+                } else {
+                    // Queueing even at the probe: cut to the knee the baseline implies, by at
+                    // most half (a stale baseline must not collapse the budget).
+                    let half = c.in_flight / 2.0;
+                    let knee = st.baseline.map_or(half, |r0| c.in_flight * r0 / rc);
+                    st.level = st.level.min(knee.max(half).min(upper.max(half)));
+                }
+                Next::Cruise
+            }
+            Phase::ProbeUp => {
+                let Some(c) = st.reference else { return Next::Cruise };
+                let (Some(rc), Some(ru)) = (c.latency, m.latency) else { return Next::Cruise };
+                let probe = self.limit() as f64;
+                // Errors or back-pressure during the probe, or extra slots left unused: no growth.
+                if failing || m.back_pressure > 0 || m.in_flight < c.in_flight + 0.5 * (probe - c.in_flight) {
+                    return Next::Cruise;
+                }
+                let e = (ru / rc).ln() / (m.in_flight / c.in_flight).ln();
+                if e < FLAT || ru - rc <= 2.0 * c.latency_se.hypot(m.latency_se) {
+                    st.level = st.level.max(m.in_flight);
+                    st.reference = Some(m);
+                    return self.up_level(st).map_or(Next::Cruise, Next::Up);
+                }
+                // The knee is between the level and the probe: where the probe's latency says
+                // the bureau would answer at no-load latency (taking the lower of the cruise's
+                // and the baseline, so that cruise noise does not push the level past the knee).
+                // An up probe never lowers the level.
+                let r0 = st.baseline.map_or(rc, |r0| r0.min(rc));
+                st.level = st.level.max((m.in_flight * r0 / ru).min(m.in_flight));
+                Next::Cruise
             }
         }
-        (d.limit as usize).clamp(cfg.min, cfg.max)
     }
-}
 
-struct Window {
-    mean_secs: f64,
-    error_rate: f64,
-    peak_in_flight: usize,
+    fn after_cruise(&self, st: &mut State, now: Instant, m: Measure) -> Next {
+        let applied = self.applied(st.level) as f64;
+        let Some(r) = m.latency else { return Next::Cruise };
+        let rose = st.baseline.is_none_or(|r0| r > RISE * r0);
+        let stale = st.baseline_at.is_none_or(|at| now - at >= BASELINE_MAX_AGE);
+        let steady = st.previous.is_some_and(|p| (r / p - 1.0).abs() <= STEADY);
+        if (rose || stale) && steady {
+            if let Some(down) = self.down_level(m.in_flight) {
+                return Next::Down(down);
+            }
+        }
+        if m.in_flight >= USED * applied && now - st.cruise_since >= self.cfg.probe_interval {
+            if let Some(up) = self.up_level(st) {
+                return Next::Up(up);
+            }
+        }
+        Next::Cruise
+    }
+
+    fn cut(&self, st: &mut State) -> Next {
+        st.level = (st.level * self.cfg.backoff).max(self.cfg.min as f64);
+        Next::Cruise
+    }
+
+    /// ¾ of the concurrency in use, if that is a real step down.
+    fn down_level(&self, in_flight: f64) -> Option<usize> {
+        let down = ((in_flight * DOWN).floor() as usize).max(self.cfg.min);
+        (down as f64 <= 0.9 * in_flight).then_some(down)
+    }
+
+    /// 1.25 × the level, at least one more, if `max` allows.
+    fn up_level(&self, st: &State) -> Option<usize> {
+        let applied = self.applied(st.level);
+        let up = (applied + (applied / 4).max(1)).min(self.cfg.max);
+        (up > applied).then_some(up)
+    }
+
+    fn applied(&self, level: f64) -> usize {
+        (level.round() as usize).clamp(self.cfg.min, self.cfg.max)
+    }
+
+    /// Starts the next phase; returns the new limit if it changed.
+    fn start(&self, st: &mut State, now: Instant, next: Next, cut: bool) -> Option<usize> {
+        let (phase, limit, length) = match next {
+            Next::Cruise => (Phase::Cruise, self.applied(st.level), CRUISE_WINDOW),
+            Next::Down(limit) => (Phase::ProbeDown, limit, MIN_PHASE),
+            Next::Up(limit) => (Phase::ProbeUp, limit, MIN_PHASE),
+        };
+        if (phase == Phase::Cruise && st.phase != Phase::Cruise) || cut {
+            st.cruise_since = now;
+        }
+        if phase != Phase::Cruise || limit != self.limit() {
+            // The next window is the first at its limit: no window to compare it with.
+            st.reference = if phase == Phase::Cruise { None } else { st.reference };
+            st.previous = None;
+        }
+        st.phase = phase;
+        let id = PHASE_IDS.fetch_add(1, Ordering::Relaxed);
+        self.phase_id.store(0, Ordering::Release);
+        self.tally.take();
+        if cut {
+            self.cut_id.store(id, Ordering::Release);
+        }
+        self.phase_id.store(id, Ordering::Release);
+        let changed = self.limit.swap(limit, Ordering::Relaxed) != limit;
+        self.ends_at.store(self.nanos(now).saturating_add(length.as_nanos() as u64), Ordering::Release);
+        changed.then_some(limit)
+    }
+
+    fn nanos(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cmp::Reverse;
+    use std::collections::{BinaryHeap, HashMap, VecDeque};
+    use std::sync::Arc;
 
-    const FAST: Duration = Duration::from_millis(20);
-    const SLOW: Duration = Duration::from_millis(90);
+    use crate::scheduler::{Ask, Permit, Scheduler};
 
-    fn controller(min: usize, max: usize, initial: usize) -> AdaptiveLimit {
-        AdaptiveLimit::new(AdaptiveConfig { window: 10, ..AdaptiveConfig::new(min, max, initial) })
+    const MS: Duration = Duration::from_millis(1);
+    const SEC: Duration = Duration::from_secs(1);
+    /// Limit, bureau and throughput are sampled this often.
+    const TICK: Duration = Duration::from_millis(10);
+
+    /// The simulated bureau: `workers` serve calls in FIFO order, each in `service` ± 25%.
+    struct Bureau {
+        workers: usize,
+        service: Duration,
+        /// A call arriving with this many calls already inside is answered 429 at once.
+        full_at: Option<usize>,
+        /// Share of calls answered 500 (after their service time).
+        error_rate: f64,
     }
 
-    /// Feeds one full window of samples with `errors` failures, the bureau loaded to
-    /// `in_flight` (None: loaded to the current limit). Returns the limit afterwards.
-    fn window(c: &AdaptiveLimit, latency: Duration, errors: usize, in_flight: Option<usize>) -> usize {
-        let load = in_flight.unwrap_or_else(|| c.limit());
-        for i in 0..c.config().window {
-            c.observe(latency, i >= errors, load);
+    impl Bureau {
+        fn new(workers: usize, service: Duration) -> Bureau {
+            Bureau { workers, service, full_at: None, error_rate: 0.0 }
         }
-        c.limit()
     }
 
-    #[test]
-    fn grows_to_max_while_latency_stays_at_baseline() {
-        let c = controller(4, 100, 20);
-        let mut last = c.limit();
-        for _ in 0..30 {
-            let now = window(&c, FAST, 0, None);
-            assert!(now >= last, "limit fell from {last} to {now} at baseline latency");
-            last = now;
+    struct Tick {
+        at: Duration,
+        limit: usize,
+        /// Calls inside the bureau (in service or in its queue).
+        inside: usize,
+    }
+
+    /// A discrete-event run: the real scheduler and controller on tokio's paused clock, a demand
+    /// that always has a request waiting for a slot (or at most `clients` outstanding), and the
+    /// bureau above. Deterministic: one seeded generator.
+    struct Sim {
+        sched: Arc<Scheduler>,
+        ctl: Arc<AdaptiveLimit>,
+        bureau: Bureau,
+        clients: Option<usize>,
+        rng: fastrand::Rng,
+        start: Instant,
+        busy: usize,
+        queue: VecDeque<(u64, Permit, Instant)>,
+        calls: HashMap<u64, (Permit, Instant, Signal)>,
+        events: BinaryHeap<Reverse<(Duration, u64)>>,
+        next_id: u64,
+        ticks: Vec<Tick>,
+        /// Completion time of every call the bureau served (not the 429s or 500s).
+        served: Vec<Duration>,
+        back_pressure: usize,
+    }
+
+    impl Sim {
+        fn new(bureau: Bureau, cfg: AdaptiveConfig) -> Sim {
+            let ctl = Arc::new(AdaptiveLimit::new(cfg));
+            let sched = Scheduler::new(cfg.initial);
+            sched.set_controller(Some(Arc::clone(&ctl)));
+            Sim {
+                sched,
+                ctl,
+                bureau,
+                clients: None,
+                rng: fastrand::Rng::with_seed(7),
+                start: Instant::now(),
+                busy: 0,
+                queue: VecDeque::new(),
+                calls: HashMap::new(),
+                events: BinaryHeap::new(),
+                next_id: 0,
+                ticks: Vec::new(),
+                served: Vec::new(),
+                back_pressure: 0,
+            }
         }
-        assert_eq!(last, 100, "capped at max");
-        assert_eq!(c.baseline(), Some(FAST));
-    }
 
-    #[test]
-    fn shrinks_when_latency_rises_and_grows_back_when_it_recovers() {
-        let c = controller(4, 400, 200);
-        window(&c, FAST, 0, None); // baseline
-        let high = c.limit();
-        let mut last = high;
-        for _ in 0..10 {
-            let now = window(&c, SLOW, 0, None);
-            assert!(now < last, "limit {now} did not shrink from {last} with latency 4.5x baseline");
-            last = now;
+        async fn run_until(&mut self, end: Duration) {
+            loop {
+                self.top_up().await;
+                let tick = TICK * self.ticks.len() as u32;
+                let event = self.events.peek().map_or(Duration::MAX, |Reverse((at, _))| *at);
+                let at = tick.min(event);
+                if at > end {
+                    break;
+                }
+                tokio::time::advance((self.start + at).saturating_duration_since(Instant::now())).await;
+                if at == tick {
+                    let inside = self.busy + self.queue.len();
+                    self.ticks.push(Tick { at, limit: self.sched.limit(), inside });
+                } else {
+                    let Reverse((_, id)) = self.events.pop().expect("peeked");
+                    self.finish(id);
+                }
+            }
         }
-        let low = last;
-        assert!(low < high / 2, "10 overloaded windows only took {high} to {low}");
-        for _ in 0..20 {
-            window(&c, FAST, 0, None);
+
+        async fn top_up(&mut self) {
+            while self.sched.in_flight() < self.sched.limit() && self.clients.is_none_or(|c| self.sched.in_flight() < c)
+            {
+                let ask = Ask { tenant: 0, weight: 1, cost: 1, max_queue: 1, deadline: Instant::now() + SEC };
+                let permit = self.sched.acquire(ask).await.expect("a free slot is granted at once");
+                self.arrive(permit);
+            }
         }
-        assert!(c.limit() > high, "limit {} did not recover past {high} at baseline latency", c.limit());
-        assert_eq!(c.baseline(), Some(FAST), "the slow windows did not move the baseline");
-    }
 
-    #[test]
-    fn latency_within_tolerance_is_not_overload() {
-        let c = controller(4, 400, 100);
-        window(&c, FAST, 0, None);
-        let before = c.limit();
-        window(&c, FAST * 19 / 10, 0, None);
-        assert!(c.limit() > before);
-    }
-
-    #[test]
-    fn errors_shrink_the_limit_at_baseline_latency() {
-        let c = controller(4, 400, 100);
-        window(&c, FAST, 0, None);
-        let before = c.limit();
-        let after = window(&c, FAST, 2, None); // 20% failed
-        assert!(after < before, "limit {after} not cut from {before} by errors");
-    }
-
-    #[test]
-    fn fast_failures_do_not_lower_the_baseline() {
-        let c = controller(4, 400, 100);
-        window(&c, FAST, 0, None);
-        window(&c, Duration::from_micros(100), 10, None); // the bureau answers 503 at once
-        assert_eq!(c.baseline(), Some(FAST));
-    }
-
-    #[test]
-    fn unused_limit_does_not_grow() {
-        let c = controller(4, 400, 100);
-        for _ in 0..10 {
-            window(&c, FAST, 0, Some(20));
+        fn arrive(&mut self, permit: Permit) {
+            let id = self.next_id;
+            self.next_id += 1;
+            let now = Instant::now();
+            if self.bureau.full_at.is_some_and(|full| self.busy + self.queue.len() >= full) {
+                self.calls.insert(id, (permit, now, Signal::BackPressure));
+                self.events.push(Reverse((now - self.start + MS, id)));
+            } else {
+                self.queue.push_back((id, permit, now));
+                self.serve_queue();
+            }
         }
-        assert_eq!(c.limit(), 100, "grew while only 20 of 100 slots were used");
+
+        fn serve_queue(&mut self) {
+            while self.busy < self.bureau.workers {
+                let Some((id, permit, arrived)) = self.queue.pop_front() else { break };
+                self.busy += 1;
+                let service = self.bureau.service.mul_f64(0.75 + 0.5 * self.rng.f64());
+                let signal = if self.rng.f64() < self.bureau.error_rate { Signal::Error } else { Signal::Ok };
+                self.calls.insert(id, (permit, arrived, signal));
+                self.events.push(Reverse((Instant::now() - self.start + service, id)));
+            }
+        }
+
+        fn finish(&mut self, id: u64) {
+            let (permit, arrived, signal) = self.calls.remove(&id).expect("a call per event");
+            let now = Instant::now();
+            match signal {
+                Signal::BackPressure => self.back_pressure += 1,
+                Signal::Ok => self.served.push(now - self.start),
+                Signal::Error => {}
+            }
+            if signal != Signal::BackPressure {
+                self.busy -= 1;
+            }
+            permit.complete(now - arrived, signal);
+            self.serve_queue();
+        }
+
+        /// Calls served per second in `[from, to)`.
+        fn throughput(&self, from: Duration, to: Duration) -> f64 {
+            self.served.iter().filter(|t| **t >= from && **t < to).count() as f64 / (to - from).as_secs_f64()
+        }
+
+        fn ticks(&self, from: Duration, to: Duration) -> impl Iterator<Item = &Tick> {
+            self.ticks.iter().filter(move |t| t.at >= from && t.at < to)
+        }
+
+        /// 95th percentile of the calls inside the bureau in `[from, to)`.
+        fn p95_inside(&self, from: Duration, to: Duration) -> usize {
+            let mut inside: Vec<usize> = self.ticks(from, to).map(|t| t.inside).collect();
+            inside.sort_unstable();
+            inside[inside.len() * 95 / 100]
+        }
+
+        /// Share of `[from, to)` with the limit below `limit`.
+        fn time_below(&self, limit: usize, from: Duration, to: Duration) -> f64 {
+            let all = self.ticks(from, to).count() as f64;
+            self.ticks(from, to).filter(|t| t.limit < limit).count() as f64 / all
+        }
+
+        /// First instant from which the limit stays within `range` until `to`, probes excepted
+        /// (a tick outside lasting under 300 ms does not count).
+        fn settled_at(&self, range: std::ops::RangeInclusive<usize>, to: Duration) -> Option<Duration> {
+            let mut since = None;
+            let mut out_since: Option<Duration> = None;
+            for t in self.ticks(Duration::ZERO, to) {
+                if range.contains(&t.limit) {
+                    since = since.or(Some(t.at));
+                    out_since = None;
+                } else {
+                    let out = *out_since.get_or_insert(t.at);
+                    if t.at - out >= 300 * MS {
+                        since = None;
+                    }
+                }
+            }
+            since
+        }
+
+        /// One line per second: limit range, mean calls inside, throughput.
+        fn print_trace(&self, name: &str, to: Duration) {
+            println!("{name}: t(s) limit(min..max) inside(mean) served/s");
+            for s in 0..to.as_secs() as u32 {
+                let (from, until) = (SEC * s, SEC * (s + 1));
+                let ticks: Vec<&Tick> = self.ticks(from, until).collect();
+                let (lo, hi) = ticks.iter().fold((usize::MAX, 0), |(lo, hi), t| (lo.min(t.limit), hi.max(t.limit)));
+                let inside = ticks.iter().map(|t| t.inside).sum::<usize>() as f64 / ticks.len() as f64;
+                println!("{name}: {s:>3} {lo:>3}..{hi:<3} {inside:>6.1} {:>6.0}", self.throughput(from, until));
+            }
+            println!("{name}: view at the end {:?}", self.ctl.view());
+        }
     }
 
-    #[test]
-    fn no_second_cut_until_in_flight_is_down_to_the_last_cut() {
-        let c = controller(4, 400, 100);
-        window(&c, FAST, 0, None);
-        let before = c.limit();
-        let cut = window(&c, SLOW, 0, Some(before));
-        assert!(cut < before);
-        // Calls granted under the old limit are still completing, slowly: no further cut.
-        assert_eq!(window(&c, SLOW, 0, Some(before)), cut);
-        // In flight is down to the new limit and latency is still high: cut again.
-        assert!(window(&c, SLOW, 0, Some(cut)) < cut);
+    fn cfg(min: usize, max: usize, initial: usize) -> AdaptiveConfig {
+        AdaptiveConfig::new(min, max, initial)
     }
 
-    #[test]
-    fn rebaselines_when_the_bureau_is_slow_even_at_the_minimum() {
-        let c = controller(4, 400, 8);
-        window(&c, FAST, 0, None);
-        while c.limit() > 4 {
-            window(&c, SLOW, 0, None);
-        }
-        for _ in 0..REBASELINE_WINDOWS {
-            window(&c, SLOW, 0, None);
-        }
-        assert_eq!(c.baseline(), Some(SLOW));
-        assert!(window(&c, SLOW, 0, None) > 4, "still pinned at min after re-baselining");
+    #[tokio::test(start_paused = true)]
+    async fn comes_down_from_a_budget_eight_times_too_high_to_the_knee() {
+        // 8 workers x 20 ms: 400 calls/s. Budget 64.
+        let mut sim = Sim::new(Bureau::new(8, 20 * MS), cfg(4, 64, 64));
+        sim.run_until(20 * SEC).await;
+        sim.print_trace("too_high", 20 * SEC);
+        let settled = sim.settled_at(7..=10, 20 * SEC).expect("the limit settled near 8");
+        println!("too_high: settled at {settled:?}");
+        assert!(settled <= 5 * SEC, "settled near the knee only at {settled:?}");
+        let p95 = sim.p95_inside(5 * SEC, 20 * SEC);
+        assert!(p95 <= 10, "p95 in the bureau {p95} > 1.25 x 8 workers");
+        let served = sim.throughput(5 * SEC, 20 * SEC);
+        println!("too_high: p95 inside {p95}, served {served:.0}/s of 400");
+        assert!(served >= 0.9 * 400.0, "served {served:.0}/s, under 90% of 400");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grows_from_too_low_to_the_knee() {
+        let mut sim = Sim::new(Bureau::new(8, 20 * MS), cfg(1, 64, 4));
+        sim.run_until(10 * SEC).await;
+        sim.print_trace("too_low", 10 * SEC);
+        let settled = sim.settled_at(7..=10, 10 * SEC).expect("the limit settled near 8");
+        println!("too_low: settled at {settled:?}");
+        assert!(settled <= 5 * SEC, "reached the knee only at {settled:?}");
+        let served = sim.throughput(5 * SEC, 10 * SEC);
+        assert!(served >= 0.9 * 400.0, "served {served:.0}/s, under 90% of 400");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_three_times_slower_bureau_keeps_the_limit_at_its_workers() {
+        let mut sim = Sim::new(Bureau::new(8, 20 * MS), cfg(4, 64, 8));
+        sim.run_until(10 * SEC).await;
+        sim.bureau.service = 60 * MS; // same 8 workers: 133 calls/s
+        sim.run_until(30 * SEC).await;
+        sim.print_trace("slower", 30 * SEC);
+        let below = sim.time_below(7, 10 * SEC, 30 * SEC);
+        println!("slower: limit below 7 for {:.1}% of the time after the slow-down", below * 100.0);
+        assert!(below <= 0.05, "limit below 7 for {:.1}% of the time", below * 100.0);
+        let served = sim.throughput(11 * SEC, 30 * SEC);
+        println!("slower: served {served:.0}/s of 133");
+        assert!(served >= 0.9 * 8.0 / 0.060, "served {served:.0}/s, under 90% of 133");
+        assert!((7..=10).contains(&sim.sched.limit()), "limit {} at the end", sim.sched.limit());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn follows_the_workers_cut_to_a_third_within_5s() {
+        let mut sim = Sim::new(Bureau::new(8, 20 * MS), cfg(1, 64, 8));
+        sim.run_until(10 * SEC).await;
+        sim.bureau.workers = 3; // same service time: 150 calls/s
+        sim.run_until(25 * SEC).await;
+        sim.print_trace("fewer", 25 * SEC);
+        let settled = sim.settled_at(3..=4, 25 * SEC).expect("the limit followed to 3");
+        println!("fewer: settled at {settled:?}");
+        assert!(settled <= 15 * SEC, "followed only at {settled:?}");
+        let p95 = sim.p95_inside(15 * SEC, 25 * SEC);
+        let served = sim.throughput(15 * SEC, 25 * SEC);
+        println!("fewer: p95 inside {p95}, served {served:.0}/s of 150");
+        assert!(p95 <= 4, "p95 in the bureau {p95} for 3 workers");
+        assert!(served >= 0.9 * 150.0, "served {served:.0}/s, under 90% of 150");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn back_pressure_cuts_to_what_the_bureau_accepts() {
+        // 16 workers and no queue: one more call is answered 429 at once. Latency never rises,
+        // so only the 429s can say the budget is too high.
+        let mut sim = Sim::new(Bureau { full_at: Some(16), ..Bureau::new(16, 20 * MS) }, cfg(1, 64, 64));
+        sim.run_until(10 * SEC).await;
+        sim.print_trace("429", 10 * SEC);
+        let limit = sim.sched.limit();
+        let rejected = sim.back_pressure;
+        println!("429: limit {limit}, {rejected} calls answered 429");
+        assert!(limit <= 16, "limit {limit} above the 16 calls the bureau accepts");
+        assert!(sim.p95_inside(2 * SEC, 10 * SEC) <= 16);
+        let served = sim.throughput(2 * SEC, 10 * SEC);
+        assert!(served >= 0.8 * 800.0, "served {served:.0}/s of 800");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_cut_the_limit() {
+        let mut sim = Sim::new(Bureau::new(64, 20 * MS), cfg(4, 64, 32));
+        sim.run_until(3 * SEC).await;
+        let before = sim.sched.limit();
+        sim.bureau.error_rate = 0.2;
+        sim.run_until(6 * SEC).await;
+        sim.print_trace("errors", 6 * SEC);
+        assert!(sim.sched.limit() < before / 2, "limit {} from {before} with 20% errors", sim.sched.limit());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unused_limit_does_not_grow() {
+        // Only 4 calls at a time to a bureau with 16 workers: nothing says 8 is too few.
+        let mut sim = Sim::new(Bureau::new(16, 20 * MS), cfg(1, 64, 8));
+        sim.clients = Some(4);
+        sim.run_until(10 * SEC).await;
+        sim.print_trace("unused", 10 * SEC);
+        assert!(sim.ticks(Duration::ZERO, 10 * SEC).all(|t| t.limit <= 8), "grew while half unused");
     }
 
     #[test]
     fn out_of_range_config_is_made_safe() {
         let c = AdaptiveLimit::new(AdaptiveConfig {
-            tolerance: f64::NAN,
             backoff: 1.5,
             max_error_rate: -1.0,
-            window: 0,
+            probe_interval: Duration::ZERO,
             ..AdaptiveConfig::new(0, 0, 50)
         });
         let cfg = c.config();
-        assert_eq!((cfg.min, cfg.max, cfg.initial, cfg.window), (1, 1, 1, 1));
-        assert_eq!((cfg.tolerance, cfg.backoff, cfg.max_error_rate), (2.0, 0.9, 0.05));
+        assert_eq!((cfg.min, cfg.max, cfg.initial), (1, 1, 1));
+        assert_eq!((cfg.backoff, cfg.max_error_rate, cfg.probe_interval), (0.9, 0.05, MIN_PHASE));
         assert_eq!(c.limit(), 1);
-    }
-
-    #[test]
-    fn a_window_change_is_reported_once() {
-        let c = controller(4, 400, 100);
-        let reports: Vec<Option<usize>> = (0..10).map(|_| c.observe(FAST, true, 100)).collect();
-        assert!(reports[..9].iter().all(Option::is_none));
-        assert_eq!(reports[9], Some(110), "100 + sqrt(100)");
     }
 }

@@ -5,7 +5,7 @@
 //! - **The bureau is down.** Every request would wait out `connect_timeout` or
 //!   `response_timeout` holding a bureau slot; the queues fill behind them and every bank sees
 //!   slow errors. After `failures` bureau failures in a row (connect errors, broken or invalid
-//!   answers, response timeouts, 5xx other than 503) the breaker **opens**: requests are
+//!   answers, response timeouts, 502/504) the breaker **opens**: requests are
 //!   answered at once (stale-if-error where the route allows it, else 503 `bureau_unavailable`
 //!   with `Retry-After`) for `open_for`. Then it is **half-open**: `probes` calls go through;
 //!   if all succeed it **closes**, if one fails it opens again. Per replica: each replica sees
@@ -48,23 +48,26 @@ pub enum State {
 /// How a bureau call ended, for the breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// The bureau answered (any status but 429, 500, 502, 503, 504, ...: any non-5xx).
+    /// The bureau answered (any status but 429, 502, 503, 504).
     Answered,
-    /// The bureau failed: no connection, a broken or invalid answer, no answer in time, a 5xx
-    /// other than 503.
+    /// The bureau failed: no connection, a broken or invalid answer, no answer in time, 502 or
+    /// 504.
     Failed,
     /// The bureau refused the call (429, or 503) and asked to wait `retry_after` (`None`: it
     /// did not say). It is alive, so this is no failure for the breaker.
     Refused { retry_after: Option<Duration> },
 }
 
-/// Why a call may not go to the bureau now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The breaker is open (or half-open with all probes taken); try again after this long.
-    Open { retry_after: Duration },
-    /// The bureau asked to hold new calls until this instant.
-    Hold { until: Instant },
+impl Verdict {
+    /// The same judgement for the adaptive limit: a refusal is the bureau's back-pressure, a
+    /// failure an error; an answer (a 500 included, as for the breaker) is a latency sample.
+    pub fn signal(self) -> crate::adaptive::Signal {
+        match self {
+            Verdict::Answered => crate::adaptive::Signal::Ok,
+            Verdict::Failed => crate::adaptive::Signal::Error,
+            Verdict::Refused { .. } => crate::adaptive::Signal::BackPressure,
+        }
+    }
 }
 
 /// The bureau's health as this replica sees it. One per process (`Shared`), outliving reloads.
@@ -136,15 +139,16 @@ impl Breaker {
         }
     }
 
-    /// May a call go to the bureau now? Closed: yes, unless a hold is on. Open: no, until
-    /// `open_for` has passed; then half-open: yes for the first `settings.probes` callers.
-    pub fn admit(self: &Arc<Self>, settings: &BreakerSettings, now: Instant) -> Result<Ticket, Refusal> {
+    /// May a call go to the bureau now? Closed: yes. Open: no (answer with the returned
+    /// `Retry-After`), until `open_for` has passed; then half-open: yes for the first
+    /// `settings.probes` callers. Holds are checked apart ([`Breaker::held`]).
+    pub fn admit(self: &Arc<Self>, settings: &BreakerSettings, now: Instant) -> Result<Ticket, Duration> {
         let mut state = self.state.load(Ordering::Acquire);
         if state == OPEN {
             let until = self.open_until.load(Ordering::Acquire);
             let at = self.nanos(now);
             if at < until {
-                return Err(Refusal::Open { retry_after: Duration::from_nanos(until - at) });
+                return Err(Duration::from_nanos(until - at));
             }
             // Whoever wins moves it on; the losers see half-open too.
             let _ = self.state.compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire);
@@ -160,30 +164,33 @@ impl Breaker {
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < settings.probes).then_some(n + 1));
                 if claimed.is_err() {
                     // Probes are out: their answers decide; until then, answer fast.
-                    return Err(Refusal::Open { retry_after: Duration::from_secs(1) });
+                    return Err(Duration::from_secs(1));
                 }
                 Some(generation)
             }
             // Opened again between the two loads.
-            _ => return Err(Refusal::Open { retry_after: settings.open_for }),
+            _ => return Err(settings.open_for),
         };
-        let ticket = Ticket { breaker: self.clone(), settings: *settings, probe };
-        match self.held(now) {
-            Some(until) => Err(Refusal::Hold { until }),
-            None => Ok(ticket),
-        }
+        Ok(Ticket { breaker: self.clone(), settings: *settings, probe })
     }
 
-    /// The end of the bureau's hold, if one is on at `now`.
-    pub fn held(&self, now: Instant) -> Option<Instant> {
-        let until = self.hold_until.load(Ordering::Acquire);
+    /// The end of the hold on a tenant's new calls at `now`, if one is on: the bureau's hold on
+    /// everyone, or the one on this tenant (`tenant_hold`, a [`TenantState::bureau_hold`]),
+    /// whichever ends later.
+    ///
+    /// [`TenantState::bureau_hold`]: crate::state::TenantState::bureau_hold
+    pub fn held(&self, tenant_hold: &AtomicU64, now: Instant) -> Option<Instant> {
+        let until = self.hold_until.load(Ordering::Acquire).max(tenant_hold.load(Ordering::Acquire));
         (self.nanos(now) < until).then(|| self.epoch + Duration::from_nanos(until))
     }
 
-    /// Holds new calls until `now + retry_after` (capped by `cap`); a longer hold already on stays.
-    pub fn hold(&self, now: Instant, retry_after: Duration, cap: Duration) {
+    /// Holds new calls until `now + retry_after` (capped by `cap`), for everyone (`None`: the
+    /// bureau answered 503, it is full) or for one tenant (`Some(its bureau_hold)`: it answered
+    /// that tenant 429, too many requests from it). A longer hold already on stays.
+    pub fn hold(&self, tenant_hold: Option<&AtomicU64>, now: Instant, retry_after: Duration, cap: Duration) {
         let until = self.nanos(now + retry_after.min(cap));
-        if self.hold_until.fetch_max(until, Ordering::AcqRel) < until {
+        let cell = tenant_hold.unwrap_or(&self.hold_until);
+        if cell.fetch_max(until, Ordering::AcqRel) < until {
             self.holds_total.inc();
         }
     }
@@ -223,11 +230,10 @@ impl Ticket {
                 if b.failures.load(Ordering::Relaxed) != 0 {
                     b.failures.store(0, Ordering::Release);
                 }
-                if probe.is_some() && b.probes_ok.fetch_add(1, Ordering::AcqRel) + 1 >= self.settings.probes {
-                    if b.state.compare_exchange(HALF_OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                        b.state_gauge.set(State::Closed as i64);
-                        tracing::info!(target: "bureau_guard::breaker", "bureau answering again: circuit breaker closed");
-                    }
+                let enough = probe.is_some() && b.probes_ok.fetch_add(1, Ordering::AcqRel) + 1 >= self.settings.probes;
+                if enough && b.state.compare_exchange(HALF_OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    b.state_gauge.set(State::Closed as i64);
+                    tracing::info!(target: "bureau_guard::breaker", "bureau answering again: circuit breaker closed");
                 }
             }
             Verdict::Failed => {
@@ -253,10 +259,14 @@ impl Drop for Ticket {
 }
 
 /// The breaker's verdict on a bureau answer with `status` and `Retry-After` header `retry_after`.
+///
+/// Only 502 and 504 (the bureau's own gateways cannot reach it) are failures: a 500 or 501 is
+/// the bureau answering about one request, which a client can provoke with odd input, and must
+/// not let one tenant open the breaker for everyone; it is also fast, so it holds no slot long.
 pub fn verdict(status: http::StatusCode, retry_after: Option<&http::HeaderValue>) -> Verdict {
     match status.as_u16() {
         429 | 503 => Verdict::Refused { retry_after: retry_after.and_then(parse_retry_after) },
-        500..=599 => Verdict::Failed,
+        502 | 504 => Verdict::Failed,
         _ => Verdict::Answered,
     }
 }
@@ -302,14 +312,14 @@ mod tests {
 
         // Open: refused at once with the time left.
         let t1 = t0 + Duration::from_millis(500);
-        assert_eq!(b.admit(&s, t1).unwrap_err(), Refusal::Open { retry_after: Duration::from_millis(1500) });
+        assert_eq!(b.admit(&s, t1).unwrap_err(), Duration::from_millis(1500));
 
         // After open_for: half-open, two probes and no more.
         let t2 = t0 + Duration::from_secs(2);
         let p1 = go(&b, t2);
         let p2 = go(&b, t2);
         assert_eq!(b.state(), State::HalfOpen);
-        assert!(matches!(b.admit(&s, t2), Err(Refusal::Open { .. })), "a third caller waits for the probes");
+        assert!(b.admit(&s, t2).is_err(), "a third caller waits for the probes");
         p1.record(Verdict::Answered, t2);
         assert_eq!(b.state(), State::HalfOpen, "one probe of two is not enough");
         p2.record(Verdict::Answered, t2);
@@ -332,7 +342,7 @@ mod tests {
         let p3 = go(&b, t1);
         p1.record(Verdict::Failed, t1);
         assert_eq!(b.state(), State::Open, "a failed probe reopens at once");
-        assert!(matches!(b.admit(&s, t1 + Duration::from_secs(1)), Err(Refusal::Open { .. })));
+        assert!(b.admit(&s, t1 + Duration::from_secs(1)).is_err());
         // A probe of the earlier round answering late does not count in the next one.
         p3.record(Verdict::Answered, t1);
         assert_eq!(b.state(), State::Open);
@@ -344,17 +354,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_hold_refuses_until_it_ends_and_is_capped() {
+    async fn a_hold_lasts_its_retry_after_capped_for_everyone_or_one_tenant() {
         let b = Breaker::unregistered();
-        let s = settings();
+        let (quiet, noisy) = (AtomicU64::new(0), AtomicU64::new(0));
         let t0 = Instant::now();
-        b.hold(t0, Duration::from_secs(30), Duration::from_secs(5));
-        assert_eq!(b.admit(&s, t0).unwrap_err(), Refusal::Hold { until: t0 + Duration::from_secs(5) });
-        // A shorter hold does not shorten it.
-        b.hold(t0, Duration::from_secs(1), Duration::from_secs(5));
-        assert_eq!(b.held(t0 + Duration::from_secs(2)), Some(t0 + Duration::from_secs(5)));
-        assert_eq!(b.holds_total.get(), 1);
-        assert!(b.admit(&s, t0 + Duration::from_secs(5)).is_ok());
+        let cap = Duration::from_secs(5);
+        // A 429 for one tenant holds that tenant only.
+        b.hold(Some(&noisy), t0, Duration::from_secs(2), cap);
+        assert_eq!(b.held(&noisy, t0), Some(t0 + Duration::from_secs(2)));
+        assert_eq!(b.held(&quiet, t0), None);
+        // A 503 holds everyone, capped; a shorter hold does not shorten it.
+        b.hold(None, t0, Duration::from_secs(30), cap);
+        b.hold(None, t0, Duration::from_secs(1), cap);
+        assert_eq!(b.held(&quiet, t0 + Duration::from_secs(2)), Some(t0 + Duration::from_secs(5)));
+        assert_eq!(b.held(&noisy, t0), Some(t0 + Duration::from_secs(5)), "the later end wins");
+        assert_eq!(b.holds_total.get(), 2);
+        assert_eq!(b.held(&quiet, t0 + Duration::from_secs(5)), None);
+        assert!(b.admit(&settings(), t0).is_ok(), "a hold is not the breaker");
     }
 
     #[test]
@@ -372,6 +388,8 @@ mod tests {
             "a date in the past: no wait"
         );
         assert_eq!(verdict(StatusCode::BAD_GATEWAY, None), Verdict::Failed);
+        assert_eq!(verdict(StatusCode::GATEWAY_TIMEOUT, None), Verdict::Failed);
+        assert_eq!(verdict(StatusCode::INTERNAL_SERVER_ERROR, None), Verdict::Answered, "about one request");
         assert_eq!(verdict(StatusCode::NOT_FOUND, None), Verdict::Answered);
         assert_eq!(verdict(StatusCode::OK, Some(&HeaderValue::from_static("soon"))), Verdict::Answered);
     }

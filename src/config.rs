@@ -343,7 +343,7 @@ pub struct UpstreamConfig {
 /// `[upstream.breaker]`: see `breaker.rs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerSettings {
-    /// Bureau failures in a row (connect errors, timeouts, 5xx other than 503) that open it.
+    /// Bureau failures in a row (connect errors, timeouts, 502/504) that open it.
     pub failures: u32,
     /// How long it stays open (answering at once) before letting probes through.
     pub open_for: Duration,
@@ -366,9 +366,7 @@ impl Default for BreakerSettings {
 pub struct AdaptiveSettings {
     pub min: usize,
     pub max: usize,
-    /// Latency above `tolerance` × the healthy baseline counts as overload.
-    pub tolerance: f64,
-    /// Multiplicative decrease on overload (0 < backoff < 1).
+    /// Multiplicative decrease on back-pressure or errors (0 < backoff < 1).
     pub backoff: f64,
 }
 
@@ -675,7 +673,8 @@ struct RawBreaker {
 struct RawAdaptive {
     min: Option<i64>,
     max: Option<i64>,
-    tolerance: Option<f64>,
+    /// Removed (the controller no longer cuts on a latency threshold); read only to say so.
+    tolerance: Option<toml::Value>,
     backoff: Option<f64>,
 }
 
@@ -1415,22 +1414,26 @@ fn validate_adaptive(p: &mut Problems, a: &RawAdaptive, budget: usize) -> Option
         }
     };
     let min = match a.min {
-        None => 1.max(max / 8),
+        // A floor only: the controller finds the knee by probing and does not drift down to it.
+        None => 1,
         Some(m) if m >= 1 && m as usize <= max => m as usize,
         Some(m) => {
             p.add("upstream.adaptive.min", format!("{m} must be between 1 and upstream.adaptive.max ({max})"));
             1
         }
     };
-    let tolerance = a.tolerance.unwrap_or(2.0);
-    if !(tolerance > 1.0 && tolerance <= 100.0) {
-        p.add("upstream.adaptive.tolerance", format!("{tolerance} must be above 1 (e.g. 2.0: twice the baseline)"));
+    if a.tolerance.is_some() {
+        p.add(
+            "upstream.adaptive.tolerance",
+            "is no longer used: the controller tells queueing from a slower bureau by probing, not by a \
+             latency threshold (see adaptive.rs); remove the key",
+        );
     }
     let backoff = a.backoff.unwrap_or(0.9);
     if !(backoff > 0.0 && backoff < 1.0) {
         p.add("upstream.adaptive.backoff", format!("{backoff} must be between 0 and 1 (e.g. 0.9)"));
     }
-    (p.0.len() == before).then_some(AdaptiveSettings { min, max, tolerance, backoff })
+    (p.0.len() == before).then_some(AdaptiveSettings { min, max, backoff })
 }
 
 fn validate_breaker(p: &mut Problems, b: &RawBreaker) -> BreakerSettings {
@@ -1962,6 +1965,33 @@ api_key_sha256 = "{KEY_HEX}"
         assert_eq!(redact_url("rediss://:pw@h"), "rediss://:***@h");
         assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
         assert_eq!(redact_url("redis+unix:///run/redis.sock?db=1&pass=pw"), "redis+unix:///run/redis.sock?***");
+    }
+
+    #[test]
+    fn bureau_call_bounds_and_breaker_are_validated_with_their_paths() {
+        let c = Config::from_toml(&minimal(), &no_env).expect("valid");
+        assert_eq!(c.upstream.max_call_time, defaults::MAX_CALL_TIME);
+        assert_eq!(c.upstream.retry_after_cap, defaults::RETRY_AFTER_CAP);
+        assert_eq!(c.upstream.breaker, BreakerSettings::default());
+
+        let url = "url = \"http://127.0.0.1:8081\"";
+        let bad = format!(
+            "{url}\nresponse_timeout = \"10s\"\nmax_call_time = \"5s\"\nretry_after_cap = \"0s\"\n\
+             [upstream.breaker]\nfailures = 0\nopen_for = \"soon\"\nprobes = 20000"
+        );
+        let p = problems(&minimal().replacen(url, &bad, 1));
+        for path in [
+            "upstream.max_call_time: 5s must be at least upstream.response_timeout (10s)",
+            "upstream.retry_after_cap: must be greater than zero",
+            "upstream.breaker.failures: 0 must be between 1 and 10000",
+            "upstream.breaker.probes: 20000 must be between 1 and 10000",
+            "upstream.breaker.open_for: invalid duration \"soon\"",
+        ] {
+            assert!(p.iter().any(|s| s.starts_with(path)), "{path} missing from {p:?}");
+        }
+        assert_eq!(p.len(), 5, "{p:?}");
+        let unknown = problems(&minimal().replacen(url, &format!("{url}\n[upstream.breaker]\ncooldown = 1"), 1));
+        assert!(unknown[0].starts_with("upstream.breaker.cooldown: unknown field"), "{unknown:?}");
     }
 
     #[test]

@@ -11,8 +11,8 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::respond::{ErrorKind, Outcome};
@@ -49,6 +49,14 @@ pub struct Metrics {
     pub bureau_calls_cut_total: IntCounter,
     /// 0 closed, 1 open, 2 half-open.
     pub breaker_state: IntGauge,
+    /// What the adaptive limit sees (0 without `[upstream.adaptive]`): its knee estimate, the
+    /// bureau's no-load latency, the last cruise window's latency, the calls queueing inside the
+    /// bureau, and its phase (1 for the current one).
+    pub adaptive_knee: Gauge,
+    pub adaptive_baseline_seconds: Gauge,
+    pub adaptive_latency_seconds: Gauge,
+    pub adaptive_queueing: Gauge,
+    pub adaptive_phase: IntGaugeVec,
     pub breaker_opened_total: IntCounter,
     /// Holds started or lengthened by a bureau 429/503 `Retry-After`.
     pub bureau_holds_total: IntCounter,
@@ -186,6 +194,39 @@ impl Metrics {
             "Circuit breaker in front of the bureau: 0 closed, 1 open (answering at once), 2 half-open (probing).",
         )
         .expect("valid metric");
+        let adaptive_knee = Gauge::new(
+            "bureau_guard_adaptive_knee",
+            "The adaptive limit's estimate of the bureau's knee: how many calls it serves at once without queueing \
+             them (0 without [upstream.adaptive]).",
+        )
+        .expect("valid metric");
+        let adaptive_baseline_seconds = Gauge::new(
+            "bureau_guard_adaptive_baseline_seconds",
+            "The bureau's no-load latency as the adaptive limit last measured it (0 until measured).",
+        )
+        .expect("valid metric");
+        let adaptive_latency_seconds = Gauge::new(
+            "bureau_guard_adaptive_latency_seconds",
+            "Mean bureau latency in the adaptive limit's last cruise window.",
+        )
+        .expect("valid metric");
+        let adaptive_queueing = Gauge::new(
+            "bureau_guard_adaptive_queueing",
+            "Calls the adaptive limit estimates are waiting inside the bureau, N*(1 - baseline/latency): about 0 at \
+             the knee.",
+        )
+        .expect("valid metric");
+        let adaptive_phase = IntGaugeVec::new(
+            Opts::new(
+                "bureau_guard_adaptive_phase",
+                "The adaptive limit's phase: 1 for the current one (cruise, probe_down, probe_up).",
+            ),
+            &["phase"],
+        )
+        .expect("valid metric");
+        for phase in ["cruise", "probe_down", "probe_up"] {
+            adaptive_phase.with_label_values(&[phase]);
+        }
         let breaker_opened_total = IntCounter::new(
             "bureau_guard_breaker_opened_total",
             "Times the circuit breaker opened after bureau failures in a row (or a failed probe).",
@@ -336,6 +377,11 @@ impl Metrics {
             Box::new(bureau_calls_abandoned_total.clone()),
             Box::new(bureau_calls_cut_total.clone()),
             Box::new(breaker_state.clone()),
+            Box::new(adaptive_knee.clone()),
+            Box::new(adaptive_baseline_seconds.clone()),
+            Box::new(adaptive_latency_seconds.clone()),
+            Box::new(adaptive_queueing.clone()),
+            Box::new(adaptive_phase.clone()),
             Box::new(breaker_opened_total.clone()),
             Box::new(bureau_holds_total.clone()),
             Box::new(request_duration_seconds.clone()),
@@ -370,6 +416,11 @@ impl Metrics {
             bureau_calls_abandoned_total,
             bureau_calls_cut_total,
             breaker_state,
+            adaptive_knee,
+            adaptive_baseline_seconds,
+            adaptive_latency_seconds,
+            adaptive_queueing,
+            adaptive_phase,
             breaker_opened_total,
             bureau_holds_total,
             reloads_total,

@@ -20,7 +20,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::audit::Record;
-use crate::breaker::{self, Refusal, Verdict};
+use crate::breaker::{self, Verdict};
 use crate::cache::{self, CacheStatus, Entry, Fetched, Lookup};
 use crate::cache_key::{CacheKey, KeyError};
 use crate::coalesce::{Interest, Role};
@@ -499,19 +499,17 @@ impl BureauCall {
         let queued_at = tokio::time::Instant::now();
         let upstream = &self.snap.config.upstream;
         let deadline = queued_at + upstream.queue_timeout;
-        let ticket = loop {
-            match self.shared.breaker.admit(&upstream.breaker, tokio::time::Instant::now()) {
-                Ok(ticket) => break ticket,
-                Err(Refusal::Open { retry_after }) => {
-                    return Err(ProxyError::new(
-                        ErrorKind::BureauUnavailable,
-                        "the bureau failed several calls in a row: answering without it until it recovers",
-                    )
-                    .retry_after(retry_after_secs(retry_after)));
-                }
-                Err(Refusal::Hold { until }) => self.wait_out_hold(until, deadline).await?,
+        let ticket = match self.shared.breaker.admit(&upstream.breaker, queued_at) {
+            Ok(ticket) => ticket,
+            Err(retry_after) => {
+                return Err(ProxyError::new(
+                    ErrorKind::BureauUnavailable,
+                    "the bureau failed several calls in a row: answering without it until it recovers",
+                )
+                .retry_after(retry_after_secs(retry_after)));
             }
         };
+        self.wait_out_holds(deadline).await?;
         let tenant = &self.tenant;
         let ask = Ask {
             tenant: tenant.state.index,
@@ -543,25 +541,23 @@ impl BureauCall {
             }
         };
         // A hold that began while this request was queued: nothing goes to the bureau until it ends.
-        while let Some(until) = self.shared.breaker.held(tokio::time::Instant::now()) {
-            self.wait_out_hold(until, deadline).await?;
-        }
+        self.wait_out_holds(deadline).await?;
         Ok(Granted { call: self, permit, ticket, queued_at })
     }
 
-    /// Waits until `until` if that is before `deadline`; otherwise refuses at once.
-    async fn wait_out_hold(
-        &self,
-        until: tokio::time::Instant,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), ProxyError> {
-        if until >= deadline {
-            self.snap.cells.tenant(&self.shared.metrics, self.tenant.index).shed_bureau_hold.inc();
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            return Err(ProxyError::new(ErrorKind::BureauBusy, "the bureau asked for a pause in calls")
-                .retry_after(retry_after_secs(left)));
+    /// Waits out the bureau's holds on this tenant's calls if they end before `deadline`;
+    /// otherwise refuses at once (the bureau asked for longer than the request can wait).
+    async fn wait_out_holds(&self, deadline: tokio::time::Instant) -> Result<(), ProxyError> {
+        let hold = &self.tenant.state.bureau_hold;
+        while let Some(until) = self.shared.breaker.held(hold, tokio::time::Instant::now()) {
+            if until >= deadline {
+                self.snap.cells.tenant(&self.shared.metrics, self.tenant.index).shed_bureau_hold.inc();
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                return Err(ProxyError::new(ErrorKind::BureauBusy, "the bureau asked for a pause in calls")
+                    .retry_after(retry_after_secs(left)));
+            }
+            tokio::time::sleep_until(until).await;
         }
-        tokio::time::sleep_until(until).await;
         Ok(())
     }
 }
@@ -638,15 +634,25 @@ impl Granted {
         }
         // The latency and outcome feed the adaptive limit; the slot is freed here, once the
         // bureau has answered (body included).
-        permit.complete(latency, verdict == Verdict::Answered);
+        match &result {
+            // Never left this process: nothing learned about the bureau.
+            Err(e) if e.kind == ErrorKind::BadRequest => drop(permit),
+            // About one tenant (held above), not the bureau's capacity for everyone.
+            Ok(resp) if resp.status() == http::StatusCode::TOO_MANY_REQUESTS => drop(permit),
+            _ => permit.complete(latency, verdict.signal()),
+        }
 
         let answer = match (result, verdict) {
-            (Ok(_), Verdict::Refused { retry_after }) => {
-                // The bureau's back-pressure, passed on as a retryable 503. Without an adaptive
-                // limit to shrink, new calls are held for the time it asked.
+            (Ok(resp), Verdict::Refused { retry_after }) => {
+                // The bureau's back-pressure, passed on as a retryable 503, and new calls held
+                // for the time it asked: a 429 (too many from this tenant) holds this tenant's
+                // calls, so one bank's excess never pauses the others; a 503 (the bureau is full)
+                // holds everyone's, unless an adaptive limit shrinks instead.
                 let wait = retry_after.unwrap_or(RETRY_AFTER_DEFAULT).min(upstream.retry_after_cap);
-                if shared.adaptive.load().is_none() {
-                    shared.breaker.hold(now, wait, upstream.retry_after_cap);
+                if resp.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                    shared.breaker.hold(Some(&tenant.state.bureau_hold), now, wait, upstream.retry_after_cap);
+                } else if shared.adaptive.load().is_none() {
+                    shared.breaker.hold(None, now, wait, upstream.retry_after_cap);
                 }
                 Err(ProxyError::new(ErrorKind::BureauBusy, "the bureau is at capacity and asked for a pause")
                     .retry_after(retry_after_secs(wait)))

@@ -12,7 +12,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio_util::task::TaskTracker;
 
-use crate::adaptive::{AdaptiveConfig, AdaptiveLimit};
+use crate::adaptive::{AdaptiveConfig, AdaptiveLimit, Phase};
 use crate::audit::AuditLog;
 use crate::breaker::Breaker;
 use crate::cache::{Cache, RoutePolicy};
@@ -267,7 +267,6 @@ impl Shared {
 pub fn adaptive_controller(config: &Config) -> Option<Arc<AdaptiveLimit>> {
     let a = config.upstream.adaptive.as_ref()?;
     let mut cfg = AdaptiveConfig::new(a.min, a.max, a.max);
-    cfg.tolerance = a.tolerance;
     cfg.backoff = a.backoff;
     Some(Arc::new(AdaptiveLimit::new(cfg)))
 }
@@ -291,6 +290,15 @@ impl Shared {
         m.coalesce_in_flight.set(self.coalescer.in_flight() as i64);
         self.cache.update_gauges();
         m.bureau_concurrency_limit.set(self.scheduler.limit() as i64);
+        let view = self.adaptive.load().as_ref().map(|a| a.view());
+        m.adaptive_knee.set(view.as_ref().map_or(0.0, |v| v.knee));
+        m.adaptive_baseline_seconds.set(view.as_ref().and_then(|v| v.baseline).map_or(0.0, |d| d.as_secs_f64()));
+        m.adaptive_latency_seconds.set(view.as_ref().and_then(|v| v.latency).map_or(0.0, |d| d.as_secs_f64()));
+        m.adaptive_queueing.set(view.as_ref().and_then(|v| v.queueing).unwrap_or(0.0));
+        for phase in [Phase::Cruise, Phase::ProbeDown, Phase::ProbeUp] {
+            let current = view.as_ref().is_some_and(|v| v.phase == phase);
+            m.adaptive_phase.with_label_values(&[phase.as_str()]).set(i64::from(current));
+        }
         for t in snap.tenants.iter() {
             let id = &*t.id;
             m.queue_depth.with_label_values(&[id]).set(self.scheduler.queued(t.state.index) as i64);

@@ -75,13 +75,14 @@
 //! ```
 //! # use std::time::Duration;
 //! # use tokio::time::Instant;
+//! # use bureau_guard::adaptive::Signal;
 //! # use bureau_guard::scheduler::{Ask, Scheduler};
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime").block_on(async {
 //! let sched = Scheduler::new(400);
 //! let ask = Ask { tenant: 0, weight: 2, cost: 1, max_queue: 100, deadline: Instant::now() + Duration::from_secs(2) };
 //! let permit = sched.acquire(ask).await.expect("a free slot is granted at once");
 //! // ... call the bureau ...
-//! permit.complete(Duration::from_millis(40), true);
+//! permit.complete(Duration::from_millis(40), Signal::Ok);
 //! assert_eq!(sched.in_flight(), 0);
 //! # });
 //! ```
@@ -97,7 +98,7 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::adaptive::AdaptiveLimit;
+use crate::adaptive::{AdaptiveLimit, Grant, Signal};
 
 /// Shortest `Retry-After`: the header has whole seconds, and 0 would invite an instant retry.
 pub const RETRY_AFTER_MIN: Duration = Duration::from_secs(1);
@@ -493,6 +494,9 @@ pub struct Permit {
     sched: Arc<Scheduler>,
     /// False only for a permit that bounced off a dropped waiter inside dispatch.
     armed: bool,
+    /// What the adaptive controller noted at the grant (its phase, the calls in flight), so
+    /// that the sample is read against the limit it was granted under.
+    grant: Grant,
 }
 
 impl fmt::Debug for Permit {
@@ -503,22 +507,28 @@ impl fmt::Debug for Permit {
 
 impl Permit {
     fn new(sched: Arc<Scheduler>) -> Permit {
-        Permit { sched, armed: true }
+        let grant = match sched.controller.load().as_ref() {
+            // This permit already counts in `in_flight`. With replicas sharing the budget (Redis
+            // backend) the controller sizes the whole budget, so this replica's concurrency
+            // stands for its share of the total.
+            Some(controller) => {
+                let replicas = (sched.share.load(Ordering::Relaxed) & 0xffff_ffff).max(1) as usize;
+                controller.grant(sched.in_flight.load(Ordering::Relaxed) * replicas)
+            }
+            None => Grant::default(),
+        };
+        Permit { sched, armed: true, grant }
     }
 
-    /// Frees the slot, reporting how the bureau call went: `latency` of the call and `ok` =
-    /// false for a bureau failure (5xx, timeout, connection error; not a 4xx the client caused).
-    /// The sample feeds the adaptive controller, if one is installed. Dropping a permit instead
-    /// frees the slot without a sample (e.g. the call never reached the bureau).
-    pub fn complete(self, latency: Duration, ok: bool) {
+    /// Frees the slot, reporting how the bureau call went: its `latency` and `signal` (a 5xx,
+    /// timeout or connection error is [`Signal::Error`]; a 429 or a 503 with `Retry-After` is
+    /// [`Signal::BackPressure`]; a 4xx the client caused is [`Signal::Ok`]). The sample feeds
+    /// the adaptive controller, if one is installed. Dropping a permit instead frees the slot
+    /// without a sample (e.g. the call never reached the bureau).
+    pub fn complete(self, latency: Duration, signal: Signal) {
         let controller = self.sched.controller.load();
         if let Some(controller) = controller.as_ref() {
-            // This permit still counts: the sample saw the bureau at this concurrency.
-            // The controller sizes the whole budget; with replicas sharing it (Redis backend),
-            // this replica's concurrency stands for its share of the total.
-            let replicas = (self.sched.share.load(Ordering::Relaxed) & 0xffff_ffff).max(1) as usize;
-            let in_flight = self.sched.in_flight.load(Ordering::Relaxed) * replicas;
-            if let Some(limit) = controller.observe(latency, ok, in_flight) {
+            if let Some(limit) = controller.observe(self.grant, latency, signal) {
                 self.sched.set_limit(limit);
             }
         }
@@ -1034,7 +1044,7 @@ mod tests {
                                 }
                             }
                             tokio::time::sleep(service).await;
-                            permit.complete(service, true);
+                            permit.complete(service, Signal::Ok);
                         }
                         Err(_) => log.lock().expect("unpoisoned").shed[tenant] += 1,
                     }
@@ -1393,19 +1403,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn completion_samples_drive_the_adaptive_limit() {
         let sched = Scheduler::new(1);
-        let cfg = AdaptiveConfig { window: 10, ..AdaptiveConfig::new(4, 64, 32) };
-        sched.set_controller(Some(Arc::new(AdaptiveLimit::new(cfg))));
-        assert_eq!(sched.limit(), 32);
-        let round = |latency_ms: u64| {
-            let permits: Vec<Permit> = (0..sched.limit()).map(|_| grant_now(&sched, ask(0, 1))).collect();
-            for p in permits.into_iter().take(10) {
-                p.complete(Duration::from_millis(latency_ms), true);
-            }
-        };
-        round(10); // baseline
-        let before = sched.limit();
-        round(50);
-        assert!(sched.limit() < before, "limit {} did not shrink from {before} under slow responses", sched.limit());
+        sched.set_controller(Some(Arc::new(AdaptiveLimit::new(AdaptiveConfig::new(4, 64, 32)))));
+        assert_eq!(sched.limit(), 32, "installing a controller sets its limit");
+        let permits: Vec<Permit> = (0..32).map(|_| grant_now(&sched, ask(0, 1))).collect();
+        let mut permits = permits.into_iter();
+        // The bureau says it is full: one cut for the calls granted before it, not one per call.
+        permits.next().expect("32 permits").complete(Duration::from_millis(10), Signal::BackPressure);
+        let cut = sched.limit();
+        assert!(cut < 32, "back-pressure did not cut the limit");
+        permits.next().expect("32 permits").complete(Duration::from_millis(10), Signal::BackPressure);
+        assert_eq!(sched.limit(), cut, "a second 429 from the same round cut again");
+        // A call granted after the cut that meets back-pressure cuts again.
+        drop(permits);
+        grant_now(&sched, ask(0, 1)).complete(Duration::from_millis(10), Signal::BackPressure);
+        assert!(sched.limit() < cut, "limit {} after a second round of back-pressure (was {cut})", sched.limit());
         assert_eq!(sched.in_flight(), 0);
     }
 
@@ -1454,7 +1465,7 @@ mod tests {
                 }
                 4 | 5 if !held.is_empty() => {
                     let p = held.swap_remove(rng.usize(..held.len()));
-                    if rng.bool() { drop(p) } else { p.complete(Duration::from_millis(5), true) }
+                    if rng.bool() { drop(p) } else { p.complete(Duration::from_millis(5), Signal::Ok) }
                 }
                 6 if !pending.is_empty() => drop(pending.swap_remove(rng.usize(..pending.len()))),
                 7 => sched.set_limit(rng.usize(0..5)),
@@ -1547,7 +1558,7 @@ mod tests {
                         let _using = Decrement(&using);
                         yields(rng.u32(0..20)).await;
                         drop(_using);
-                        if rng.bool() { drop(permit) } else { permit.complete(Duration::from_millis(1), true) }
+                        if rng.bool() { drop(permit) } else { permit.complete(Duration::from_millis(1), Signal::Ok) }
                     }
                 }));
             }

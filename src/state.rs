@@ -168,6 +168,9 @@ pub struct TenantState {
     pub daily: WindowCounter,
     /// Bureau calls charged this month (window = year * 12 + month0).
     pub monthly: WindowCounter,
+    /// The bureau answered this tenant 429: no new bureau calls for it before this instant
+    /// (nanoseconds on the breaker's clock, see `breaker::Breaker::held`).
+    pub bureau_hold: AtomicU64,
     /// With the Redis backend: the units of each shared limit this replica holds (see
     /// [`TenantState::leases`]).
     leases: std::sync::OnceLock<Box<crate::lease::TenantLeases>>,

@@ -296,7 +296,7 @@ fn refuse(mock: &MockHandle, status: u16, retry_after_s: u32) {
 }
 
 #[tokio::test]
-async fn bureau_429_is_not_charged_and_holds_new_calls_for_its_retry_after() {
+async fn bureau_429_is_not_charged_and_holds_that_tenant_s_calls_for_its_retry_after() {
     let (mock, proxy) = env(bureau(0), "queue_timeout = \"500ms\"").await;
     refuse(&mock, 429, 3);
     let r = get(&score(&proxy, "S-1"), &[("x-api-key", KEY_A)]).await;
@@ -304,32 +304,38 @@ async fn bureau_429_is_not_charged_and_holds_new_calls_for_its_retry_after() {
     assert_eq!(r.headers["retry-after"], "3");
     assert_eq!(daily_used(&proxy, "a").await, 0, "refused by the bureau: not charged");
 
-    // The bureau would answer now, but asked for 3 s: a request that cannot wait that long is
-    // answered at once, and the bureau sees nothing.
+    // The bureau would answer now, but asked a for 3 s: a's request cannot wait that long, so it
+    // is answered at once and the bureau sees nothing.
     mock.bureau.set_refusal(None).unwrap();
-    let r = get(&score(&proxy, "S-2"), &[("x-api-key", KEY_B)]).await;
+    let r = get(&score(&proxy, "S-2"), &[("x-api-key", KEY_A)]).await;
     assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (503, Some("bureau_busy")));
     let wait: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=3).contains(&wait), "the rest of the hold: {wait}");
-    let stats = mock.bureau.stats();
-    assert_eq!(stats.calls_total, 1, "no call during the hold");
-    assert_eq!(proxy.shared.metrics.sheds_total.with_label_values(&["b", "bureau_hold"]).get(), 1);
+    assert_eq!(mock.bureau.stats().calls_total, 1, "no call of a's during its hold");
+    assert_eq!(proxy.shared.metrics.sheds_total.with_label_values(&["a", "bureau_hold"]).get(), 1);
     assert_eq!(proxy.shared.metrics.bureau_holds_total.get(), 1);
-    assert_eq!(daily_used(&proxy, "b").await, 0);
+
+    // A 429 is about the tenant that got it: another bank is not held.
+    let r = get(&score(&proxy, "S-3"), &[("x-api-key", KEY_B)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(daily_used(&proxy, "a").await, 0);
+    assert_eq!(daily_used(&proxy, "b").await, 1);
 }
 
 #[tokio::test]
-async fn a_request_that_can_wait_out_the_bureau_s_hold_is_sent_after_it() {
+async fn bureau_503_holds_everyone_and_a_request_that_can_wait_is_sent_after_it() {
     let (mock, proxy) = env(bureau(0), "").await; // queue_timeout 5 s
     refuse(&mock, 503, 1);
     let r = get(&score(&proxy, "S-1"), &[("x-api-key", KEY_A)]).await;
     assert_eq!((r.status.as_u16(), r.json()["error"].as_str()), (503, Some("bureau_busy")));
-    let until = proxy.shared.breaker.held(tokio::time::Instant::now()).expect("a hold is on");
+    let idle = std::sync::atomic::AtomicU64::new(0);
+    let until = proxy.shared.breaker.held(&idle, tokio::time::Instant::now()).expect("everyone is held");
     mock.bureau.set_refusal(None).unwrap();
-    let r = get(&score(&proxy, "S-2"), &[("x-api-key", KEY_A)]).await;
+    let r = get(&score(&proxy, "S-2"), &[("x-api-key", KEY_B)]).await;
     assert_eq!(r.status, 200);
     assert!(tokio::time::Instant::now() >= until, "sent only once the hold had ended");
     let stats = mock.bureau.stats();
-    assert_eq!((stats.calls_total, stats.served_by_tenant.get("a").copied()), (2, Some(1)));
-    assert_eq!(daily_used(&proxy, "a").await, 1, "the refused call is not charged, the served one is");
+    assert_eq!((stats.calls_total, stats.served_by_tenant.get("b").copied()), (2, Some(1)));
+    assert_eq!(daily_used(&proxy, "a").await, 0, "the refused call is not charged");
+    assert_eq!(daily_used(&proxy, "b").await, 1);
 }
