@@ -1509,7 +1509,8 @@ mod tests {
             while tcp.read(&mut buf).await.unwrap_or(0) > 0 {}
             let _ = closed_tx.send(Instant::now());
         });
-        let stream = StreamSpec::new("gives-up", RequestTemplate::get(&url).unwrap()).phase(Duration::from_millis(1), 1.0);
+        let stream =
+            StreamSpec::new("gives-up", RequestTemplate::get(&url).unwrap()).phase(Duration::from_millis(1), 1.0);
         let started = Instant::now();
         let report = generator(Duration::from_millis(100)).run(vec![stream]).await.unwrap();
         assert_eq!(report.stream("gives-up").unwrap().timeouts, 1);

@@ -257,7 +257,9 @@ pub fn checks(s: &Scenario, runs: &[Replay], patient: Option<&Replay>) -> Vec<Ch
                         Mark::of(q.ratio() <= pq.ratio() + 0.05),
                     ));
                 }
-                None => out.push(check("quiet p99 surge / calm, against patient's", "patient run", "missing", Mark::Fail)),
+                None => {
+                    out.push(check("quiet p99 surge / calm, against patient's", "patient run", "missing", Mark::Fail))
+                }
             }
             out.push(charges_match_service(s, g));
         }
@@ -303,8 +305,17 @@ pub fn checks(s: &Scenario, runs: &[Replay], patient: Option<&Replay>) -> Vec<Ch
                     let rq = Group::of(r, quiet.iter().copied());
                     out.push(check(
                         "quiet p99 after the slow-down, against the fixed budget",
-                        format!("<= 1.1 x {:.1} ms = {:.1} ms", rq.after_change_p99_ms(), 1.1 * rq.after_change_p99_ms()),
-                        format!("{:.1} ms ({}: {:.1} ms)", q.after_change_p99_ms(), run_name(r), rq.after_change_p99_ms()),
+                        format!(
+                            "<= 1.1 x {:.1} ms = {:.1} ms",
+                            rq.after_change_p99_ms(),
+                            1.1 * rq.after_change_p99_ms()
+                        ),
+                        format!(
+                            "{:.1} ms ({}: {:.1} ms)",
+                            q.after_change_p99_ms(),
+                            run_name(r),
+                            rq.after_change_p99_ms()
+                        ),
                         Mark::of(q.after_change_p99_ms() <= 1.1 * rq.after_change_p99_ms()),
                     ));
                     out.push(check(
@@ -402,7 +413,12 @@ fn charges_match_service(s: &Scenario, g: &Replay) -> Check {
     } else {
         format!("{}; {detail}", mismatched.join("; "))
     };
-    check("daily quota units charged = calls the bureau served, per tenant", "equal", measured, Mark::of(mismatched.is_empty()))
+    check(
+        "daily quota units charged = calls the bureau served, per tenant",
+        "equal",
+        measured,
+        Mark::of(mismatched.is_empty()),
+    )
 }
 
 fn many_tenants(s: &Scenario, g: &Replay, label: &str) -> Vec<Check> {
