@@ -391,7 +391,7 @@ impl StreamSpec {
 pub struct LoadgenOptions {
     /// A request that has no complete response (status and whole body) this
     /// long after its *scheduled* send time is abandoned and counted as a
-    /// timeout. Measured from the scheduled time, like latency; a request
+    /// timeout; its connection is closed, so the server sees the client leave. Measured from the scheduled time, like latency; a request
     /// whose task starts after that is counted as a timeout without being
     /// sent.
     pub request_timeout: Duration,
@@ -1493,6 +1493,32 @@ mod tests {
         assert_eq!(stream.timeouts, 10);
         assert_eq!(stream.responses, 0);
         assert!(stream.success_latency_us.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_times_out_closes_its_connection() {
+        use tokio::io::AsyncReadExt;
+        // A server that reads the request, never answers, and reports when its client hangs up:
+        // a proxy must see a bank that gave up as a disconnect, not as a request still waiting.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/slow", listener.local_addr().unwrap());
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            while tcp.read(&mut buf).await.unwrap_or(0) > 0 {}
+            let _ = closed_tx.send(Instant::now());
+        });
+        let stream =
+            StreamSpec::new("gives-up", RequestTemplate::get(&url).unwrap()).phase(Duration::from_millis(1), 1.0);
+        let started = Instant::now();
+        let report = generator(Duration::from_millis(100)).run(vec![stream]).await.unwrap();
+        assert_eq!(report.stream("gives-up").unwrap().timeouts, 1);
+        let closed = tokio::time::timeout(Duration::from_secs(2), closed_rx)
+            .await
+            .expect("the server sees the client hang up")
+            .unwrap();
+        assert!(closed.duration_since(started) < Duration::from_millis(1000), "closed after {:?}", closed - started);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

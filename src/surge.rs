@@ -1,35 +1,238 @@
-//! The 2017 day, replayed on this machine: one bank surges far past the bureau's capacity while
-//! two others keep their usual pace. Used by `bureau-guard demo` and by `benches/surge.rs`.
+//! The 2017 day, replayed on this machine, in the conditions of a real launch day. Used by
+//! `bureau-guard demo` and by `benches/surge.rs`.
 //!
-//! The same open-loop traffic is sent twice: through bureau-guard (budget = the bureau's
-//! workers, fair queuing, bounded queues) and straight to the bureau. Through bureau-guard the
-//! quiet banks keep their success rate and latency and the surging bank gets the capacity they
-//! leave; straight to the bureau everybody's look-ups queue and fail together.
+//! One or more tenants surge far past the bureau's capacity while others keep their usual pace.
+//! The same open-loop traffic is sent through bureau-guard (the scenario's budget, and where it
+//! helps a second budget for reference) and straight to the bureau. Through bureau-guard the
+//! quiet tenants must keep their look-ups and their latency, and the surging ones share what the
+//! quiet ones leave; straight to the bureau everybody's look-ups queue and fail together.
+//!
+//! # Scenarios ([`Kind`])
+//! - **patient**: the kind case. Clients wait up to 5 s, the budget is the bureau's 8 workers,
+//!   the bureau's queue is bounded (64) and never changes.
+//! - **impatient** (issue 13): every client gives up after 40 ms (2× the service time), as a
+//!   bank's own timeouts do in a surge; the bureau keeps working on what was abandoned, so a
+//!   proxy that frees the slot when its client leaves overfills the bureau and charges quotas
+//!   for calls it forgot.
+//! - **too_high** (issue 14): the budget is set to 64 for a bureau of 8 workers; only the adaptive
+//!   limit can bring it down before the bureau's queue swallows the quiet tenants' latency.
+//! - **slower** (issue 14): the bureau's service time triples mid-surge (a failover, a batch
+//!   job); the adaptive limit must not leave the quiet tenants worse off than the right fixed
+//!   budget.
+//! - **fewer_workers** (issue 14): the bureau loses two thirds of its workers mid-surge; the
+//!   limit must follow within seconds.
+//! - **many_tenants** (issue 14): ten tenants surge at once beside forty quiet ones; the quiet
+//!   ones must not wait behind each surging tenant, and the surging ones must share evenly.
+//! - **all_at_once**: a budget too high, impatient clients and a bureau that slows mid-surge.
+//!
+//! For every scenario but patient the mock bureau has an unbounded queue (a call waits up to
+//! its 1 s queue timeout) and finishes abandoned work, as a real bureau does: nothing in the
+//! test caps what the bureau can be made to hold.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use bureau_guard::surge::{Kind, Length, Scenario, replay, summary};
+//! let s = Scenario::new(Kind::Impatient, Length::Quick);
+//! for target in s.targets() {
+//!     let r = replay(&s, target, |_| {}).await?;
+//!     println!("{}", summary(&s, &r));
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
+mod verdict;
+
+use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use tokio::time::Instant;
 
+pub use self::verdict::{Check, MANY_TENANTS_QUIET_P99_BOUND, Mark, checks, jain_index, table};
 use crate::app;
 use crate::config::Config;
 use crate::loadgen::{LoadGenerator, LoadgenOptions, RequestFactory, RunSnapshot, StreamSpec};
-use crate::mock_bureau::{self, MockConfig, Stats};
+use crate::mock_bureau::{self, MockConfig, Stats, Window};
 
-/// The surging tenant and the two quiet ones, with their demo keys.
-pub const TENANTS: [(&str, &str); 3] =
-    [("bank-a", "demo-key-bank-a"), ("bank-b", "demo-key-bank-b"), ("card-c", "demo-key-card-c")];
+/// How long a patient client waits: long enough that only the service, never the client, ends
+/// a look-up.
+const PATIENT: Duration = Duration::from_secs(5);
+
+/// How often the replay loop applies bureau changes and samples the scheduler's limit: fine
+/// enough to time "within 5 s", coarse enough to cost nothing.
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// Which launch-day condition a scenario reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Patient,
+    Impatient,
+    TooHigh,
+    Slower,
+    FewerWorkers,
+    ManyTenants,
+    AllAtOnce,
+}
+
+impl Kind {
+    /// Every scenario, in the order the benchmark runs them (patient first: impatient compares
+    /// against it).
+    pub const ALL: [Kind; 7] = [
+        Kind::Patient,
+        Kind::Impatient,
+        Kind::TooHigh,
+        Kind::Slower,
+        Kind::FewerWorkers,
+        Kind::ManyTenants,
+        Kind::AllAtOnce,
+    ];
+
+    /// Every scenario's name, as the command line takes it.
+    pub const NAMES: [&'static str; 7] =
+        ["patient", "impatient", "too_high", "slower", "fewer_workers", "many_tenants", "all_at_once"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Patient => "patient",
+            Kind::Impatient => "impatient",
+            Kind::TooHigh => "too_high",
+            Kind::Slower => "slower",
+            Kind::FewerWorkers => "fewer_workers",
+            Kind::ManyTenants => "many_tenants",
+            Kind::AllAtOnce => "all_at_once",
+        }
+    }
+
+    /// The scenario called `name`, if any.
+    pub fn parse(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The problem the scenario reproduces, in a sentence.
+    pub fn problem(self) -> &'static str {
+        match self {
+            Kind::Patient => "the kind case: clients wait, the budget is right, the bureau never changes",
+            Kind::Impatient => {
+                "every client gives up after 2x the service time; the bureau still works on what it \
+                 was sent (issue 13)"
+            }
+            Kind::TooHigh => "the budget is 8x the bureau's workers; adaptation must find the real one (issue 14)",
+            Kind::Slower => "the bureau's service time triples mid-surge (issue 14)",
+            Kind::FewerWorkers => "the bureau loses two thirds of its workers mid-surge (issue 14)",
+            Kind::ManyTenants => "ten tenants surge at once beside forty quiet ones (issue 14)",
+            Kind::AllAtOnce => "a budget too high, impatient clients and a bureau that slows mid-surge",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How long a scenario runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Length {
+    /// The benchmark's full run: long enough for thousands of quiet look-ups.
+    Full,
+    /// A smoke run for CI: every scenario in seconds, the same shape compressed.
+    Quick,
+}
+
+/// A tenant's part in the surge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends at its rate from the start to the end.
+    Quiet,
+    /// Sends nothing during the calm, then its rate through the surge.
+    Surging,
+}
+
+/// One tenant of the scenario; its api key is `demo-key-{id}`.
+#[derive(Debug, Clone)]
+pub struct TenantLoad {
+    pub id: String,
+    pub role: Role,
+    /// Requests per second while it sends.
+    pub rate: f64,
+}
+
+impl TenantLoad {
+    pub fn new(id: impl Into<String>, role: Role, rate: f64) -> TenantLoad {
+        TenantLoad { id: id.into(), role, rate }
+    }
+
+    /// The demo api key of this tenant (`config.example.toml`'s demo banks use the same form).
+    pub fn key(&self) -> String {
+        format!("demo-key-{}", self.id)
+    }
+}
+
+/// bureau-guard's bureau capacity budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// `max_concurrency = n`, no adaptation.
+    Fixed(usize),
+    /// `max_concurrency = max` with `[upstream.adaptive] min, max` (starting at `max`).
+    Adaptive { min: usize, max: usize },
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Budget::Fixed(n) => write!(f, "fixed budget {n}"),
+            Budget::Adaptive { min, max } => write!(f, "adaptive budget {min}..{max}"),
+        }
+    }
+}
+
+/// A change of the bureau during the surge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Service time of calls that start from then on.
+    ServiceTime(Duration),
+    /// Workers, live (calls in progress finish).
+    Workers(usize),
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::ServiceTime(d) => write!(f, "service time -> {} ms", d.as_millis()),
+            Change::Workers(n) => write!(f, "workers -> {n}"),
+        }
+    }
+}
 
 /// What to replay.
 #[derive(Debug, Clone)]
 pub struct Scenario {
-    /// The bureau's capacity model.
+    pub kind: Kind,
+    /// The bureau's capacity model at the start.
     pub bureau: MockConfig,
-    /// Requests per second of each quiet tenant, throughout.
-    pub quiet_rate: f64,
-    /// Requests per second of the surging tenant once it surges.
-    pub surge_rate: f64,
+    pub tenants: Vec<TenantLoad>,
+    /// bureau-guard's budget in the scenario's main run.
+    pub budget: Budget,
+    /// Budgets replayed beside it for reference (the right fixed budget, or adaptation on).
+    pub compare: Vec<Budget>,
+    /// Whether to replay the traffic straight to the bureau too.
+    pub direct: bool,
+    /// How long every client waits for its answer before it gives up and closes the request
+    /// (the load generator's `request_timeout`; counted as a timeout).
+    pub give_up: Duration,
+    /// Every tenant's `daily_quota` (`None`: no quota).
+    pub daily_quota: Option<u64>,
+    /// Changes of the bureau, at a time after the surge's start.
+    pub changes: Vec<(Duration, Change)>,
+    /// When, after the surge's start, the bureau's in-flight window starts (it is read at the
+    /// surge's end): how quickly bureau-guard must have settled.
+    pub settle: Duration,
     /// How long before the surge starts (the quiet tenants' baseline).
     pub calm: Duration,
     /// How long the surge lasts.
@@ -41,46 +244,204 @@ pub struct Scenario {
 }
 
 impl Default for Scenario {
-    /// The issue's scenario: a bureau of 8 workers × 20 ms (≈ 400 req/s), two tenants at
-    /// 40 req/s, one jumping from 0 to 1600 req/s (4× the bureau).
+    /// The issue's scenario (patient, full length): a bureau of 8 workers × 20 ms (≈ 400 req/s),
+    /// two tenants at 40 req/s, one jumping from 0 to 1600 req/s (4× the bureau).
     fn default() -> Self {
-        Scenario {
-            bureau: MockConfig {
-                workers: 8,
-                service_time: Duration::from_millis(20),
-                jitter: Duration::from_millis(2),
-                queue: 64,
-                queue_timeout: Duration::from_secs(1),
-            },
-            quiet_rate: 40.0,
-            surge_rate: 1600.0,
-            calm: Duration::from_secs(5),
-            surge: Duration::from_secs(10),
-            max_queue: 8,
-            queue_timeout: Duration::from_millis(500),
-        }
+        Scenario::new(Kind::Patient, Length::Full)
     }
 }
 
 impl Scenario {
-    /// The bureau's capacity in requests per second.
+    /// The scenario `kind`, at `length`.
+    pub fn new(kind: Kind, length: Length) -> Scenario {
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        let (calm, surge) = match (kind, length) {
+            (_, Length::Quick) => (secs(2), secs(4)),
+            (Kind::Patient | Kind::ManyTenants, Length::Full) => (secs(5), secs(20)),
+            // A few thousand quiet look-ups, for a 99.9% criterion to mean something.
+            (Kind::Impatient, Length::Full) => (secs(5), secs(35)),
+            (_, Length::Full) => (secs(5), secs(15)),
+        };
+        // Changes land after the adaptive limit has settled on the surge; the window opens
+        // once it has had time to follow them (5 s in a full run).
+        let (change_at, follow) = match length {
+            Length::Full => (secs(5), secs(5)),
+            Length::Quick => (ms(1500), ms(1500)),
+        };
+        let three_banks = vec![
+            TenantLoad::new("bank-a", Role::Surging, 1600.0),
+            TenantLoad::new("bank-b", Role::Quiet, 40.0),
+            TenantLoad::new("card-c", Role::Quiet, 40.0),
+        ];
+        let workers = 8;
+        let service = ms(20);
+        let right = Budget::Fixed(workers);
+        let too_high = Budget::Adaptive { min: 4, max: 64 };
+        let mut s = Scenario {
+            kind,
+            bureau: MockConfig {
+                workers,
+                service_time: service,
+                jitter: ms(2),
+                queue: mock_bureau::UNBOUNDED,
+                queue_timeout: secs(1),
+            },
+            tenants: three_banks,
+            budget: right,
+            compare: Vec::new(),
+            direct: true,
+            give_up: PATIENT,
+            daily_quota: None,
+            changes: Vec::new(),
+            settle: follow,
+            calm,
+            surge,
+            max_queue: 8,
+            queue_timeout: ms(500),
+        };
+        match kind {
+            Kind::Patient => s.bureau.queue = 64,
+            Kind::Impatient => {
+                s.give_up = 2 * service;
+                // Far above what a run can use: quotas are charged, never refused.
+                s.daily_quota = Some(10_000_000);
+            }
+            Kind::TooHigh => {
+                s.budget = too_high;
+                s.compare = vec![right];
+            }
+            Kind::Slower => {
+                s.budget = too_high;
+                s.compare = vec![right];
+                s.changes = vec![(change_at, Change::ServiceTime(3 * service))];
+                s.settle = change_at + follow;
+            }
+            Kind::FewerWorkers => {
+                s.budget = too_high;
+                s.changes = vec![(change_at, Change::Workers(3))];
+                s.settle = change_at + follow;
+            }
+            Kind::ManyTenants => {
+                // 40 × 5 = 200 req/s quiet (half the bureau), 10 × 160 = 1600 req/s surging.
+                s.tenants = (1..=40)
+                    .map(|i| TenantLoad::new(format!("quiet-{i:02}"), Role::Quiet, 5.0))
+                    .chain((1..=10).map(|i| TenantLoad::new(format!("surge-{i:02}"), Role::Surging, 160.0)))
+                    .collect();
+                if length == Length::Full {
+                    s.compare = vec![too_high];
+                }
+            }
+            Kind::AllAtOnce => {
+                s.budget = too_high;
+                s.give_up = (3 * service) * 5 / 2;
+                s.changes = vec![(change_at, Change::ServiceTime(3 * service))];
+                s.settle = change_at + follow;
+            }
+        }
+        // A quick run is a smoke test of the criteria that decide; straight to the bureau only
+        // shows the outage, so it is kept where it is the point (the kind case, issue 13).
+        if length == Length::Quick && !matches!(kind, Kind::Patient | Kind::Impatient) {
+            s.direct = false;
+        }
+        s
+    }
+
+    /// The kind case with other rates: each quiet tenant sends `quiet` req/s, each surging one
+    /// `surging` req/s.
+    pub fn with_rates(mut self, quiet: f64, surging: f64) -> Scenario {
+        for t in &mut self.tenants {
+            t.rate = match t.role {
+                Role::Quiet => quiet,
+                Role::Surging => surging,
+            };
+        }
+        self
+    }
+
+    /// The bureau's capacity in requests per second, at the start.
     pub fn bureau_capacity(&self) -> f64 {
         self.bureau.workers as f64 / self.bureau.service_time.as_secs_f64().max(1e-6)
+    }
+
+    /// The tenants with `role`.
+    pub fn with_role(&self, role: Role) -> impl Iterator<Item = &TenantLoad> {
+        self.tenants.iter().filter(move |t| t.role == role)
+    }
+
+    /// Requests per second the quiet tenants send together.
+    pub fn quiet_load(&self) -> f64 {
+        self.with_role(Role::Quiet).map(|t| t.rate).sum()
+    }
+
+    /// Every replay of the scenario, in order: its budget, the reference budgets, then straight
+    /// to the bureau.
+    pub fn targets(&self) -> Vec<Target> {
+        let mut targets = vec![Target::Guard(self.budget)];
+        targets.extend(self.compare.iter().map(|b| Target::Guard(*b)));
+        if self.direct {
+            targets.push(Target::Direct);
+        }
+        targets
+    }
+
+    /// The scenario in a few lines, for the demo and the benchmark.
+    pub fn describe(&self) -> String {
+        // "bank-a surges to 1600 req/s", "bank-b and card-c send 40 req/s each",
+        // "40 tenants send 5 req/s each".
+        let group = |role: Role, one: &str, many: &str| {
+            let ts: Vec<&TenantLoad> = self.with_role(role).collect();
+            let rate = ts.first().map_or(0.0, |t| t.rate);
+            let names: Vec<&str> = ts.iter().map(|t| t.id.as_str()).collect();
+            match ts.len() {
+                0 => "nobody".to_string(),
+                1 => format!("{} {one} {rate:.0} req/s", names[0]),
+                2..=3 => format!("{} {many} {rate:.0} req/s each", names.join(" and ")),
+                n => format!("{n} tenants {many} {rate:.0} req/s each"),
+            }
+        };
+        let mut out = format!(
+            "a mock bureau of {} workers x {} ms (~{:.0} req/s);\n{}; after {} s {} for {} s.\n",
+            self.bureau.workers,
+            self.bureau.service_time.as_millis(),
+            self.bureau_capacity(),
+            group(Role::Quiet, "sends", "send"),
+            self.calm.as_secs(),
+            group(Role::Surging, "surges to", "surge to"),
+            self.surge.as_secs()
+        );
+        if self.kind != Kind::Patient {
+            out.push_str(&format!(
+                "Scenario {}: {}.\nbureau-guard: {}; clients give up after {} ms{}; bureau queue unbounded (1 s timeout).\n",
+                self.kind,
+                self.kind.problem(),
+                self.budget,
+                self.give_up.as_millis(),
+                self.daily_quota.map(|q| format!("; daily quota {q} each")).unwrap_or_default(),
+            ));
+            for (at, change) in &self.changes {
+                out.push_str(&format!("At surge +{:.1} s: {change}.\n", at.as_secs_f64()));
+            }
+        }
+        out
     }
 }
 
 /// Where the traffic goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
-    Guard,
+    /// Through bureau-guard with this budget.
+    Guard(Budget),
+    /// Straight to the bureau.
     Direct,
 }
 
 impl Target {
-    pub fn label(self) -> &'static str {
+    pub fn label(self) -> String {
         match self {
-            Target::Guard => "through bureau-guard",
-            Target::Direct => "straight to the bureau",
+            Target::Guard(Budget::Fixed(_)) => "through bureau-guard".to_string(),
+            Target::Guard(b) => format!("through bureau-guard, {b}"),
+            Target::Direct => "straight to the bureau".to_string(),
         }
     }
 }
@@ -93,16 +454,28 @@ pub struct Replay {
     pub total: RunSnapshot,
     /// The calm window (before the surge).
     pub calm: RunSnapshot,
-    /// The surge window.
+    /// The surge window (to the last answer).
     pub surge: RunSnapshot,
-    /// What reached the bureau.
+    /// From the first bureau change to the last answer (`None` without changes).
+    pub after_change: Option<RunSnapshot>,
+    /// What reached the bureau, once it had finished every call.
     pub bureau: Stats,
-    /// bureau-guard's capacity budget (None when direct).
+    /// The bureau's in flight from [`Scenario::settle`] to the surge's end.
+    pub settled: Window,
+    /// bureau-guard's limit at the start (None when direct).
     pub budget: Option<usize>,
+    /// bureau-guard's limit every 100 ms from the surge's start (time since the surge's start).
+    pub limits: Vec<(Duration, usize)>,
+    /// Daily quota units bureau-guard charged, by tenant (empty when direct).
+    pub charged: BTreeMap<String, u64>,
 }
 
-/// The bureau-guard config of the scenario (ports chosen by the OS).
-pub fn guard_config(s: &Scenario, bureau_url: &str) -> Config {
+/// The bureau-guard config of the scenario with `budget` (ports chosen by the OS).
+pub fn guard_config(s: &Scenario, budget: Budget, bureau_url: &str) -> Config {
+    let (max_concurrency, adaptive) = match budget {
+        Budget::Fixed(n) => (n, String::new()),
+        Budget::Adaptive { min, max } => (max, format!("[upstream.adaptive]\nmin = {min}\nmax = {max}\n")),
+    };
     let mut text = format!(
         r#"
 [server]
@@ -112,9 +485,10 @@ request_timeout = "10s"
 listen = "127.0.0.1:0"
 [upstream]
 url = "{bureau_url}"
-max_concurrency = {workers}
+max_concurrency = {max_concurrency}
 queue_timeout = "{queue_ms}ms"
 response_timeout = "5s"
+{adaptive}
 [log]
 access_log = false
 [[routes]]
@@ -122,85 +496,159 @@ name = "score"
 method = "GET"
 path = "/v1/score/{{subject_id}}"
 "#,
-        workers = s.bureau.workers,
         queue_ms = s.queue_timeout.as_millis(),
     );
-    for (id, key) in TENANTS {
-        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()));
+    for t in &s.tenants {
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(t.key().as_bytes()));
         text.push_str(&format!(
-            "[[tenants]]\nid = \"{id}\"\napi_key_sha256 = \"{digest}\"\nmax_queue = {}\n",
-            s.max_queue
+            "[[tenants]]\nid = \"{}\"\napi_key_sha256 = \"{digest}\"\nmax_queue = {}\n",
+            t.id, s.max_queue
         ));
+        if let Some(q) = s.daily_quota {
+            text.push_str(&format!("daily_quota = {q}\n"));
+        }
     }
     Config::from_toml(&text, &|_| None).expect("the scenario's config is valid")
 }
 
 fn streams(s: &Scenario, base: &str, target: Target) -> Vec<StreamSpec> {
-    TENANTS
+    // Tenants of one role at one rate would otherwise send at the same instants (forty quiet
+    // look-ups in one burst every 200 ms); each starts a share of its period later, so that
+    // together they arrive evenly, as independent banks do on average.
+    let offset = |t: &TenantLoad| {
+        let peers: Vec<&TenantLoad> = s.with_role(t.role).collect();
+        let rank = peers.iter().position(|p| p.id == t.id).unwrap_or(0);
+        if t.rate > 0.0 { Duration::from_secs_f64(rank as f64 / (peers.len() as f64 * t.rate)) } else { Duration::ZERO }
+    };
+    s.tenants
         .iter()
-        .enumerate()
-        .map(|(i, (id, key))| {
-            let (base, id, key) = (base.to_string(), id.to_string(), key.to_string());
+        .map(|t| {
+            let offset = offset(t);
+            let (base, id, key) = (base.to_string(), t.id.clone(), t.key());
             let request = RequestFactory::from_fn(move |seq| {
                 let mut req = Request::builder().uri(format!("{base}/v1/score/{id}-S{seq}"));
                 req = match target {
-                    Target::Guard => req.header("x-api-key", key.as_str()),
+                    Target::Guard(_) => req.header("x-api-key", key.as_str()),
                     // Straight to the bureau, the bank says who it is itself.
                     Target::Direct => req.header("x-tenant", id.as_str()),
                 };
                 req.body(Full::new(Bytes::new())).expect("a valid request")
             });
-            let spec = StreamSpec::new(TENANTS[i].0, request);
-            if i == 0 {
-                spec.phase(s.calm, 0.0).phase(s.surge, s.surge_rate)
-            } else {
-                spec.phase(s.calm + s.surge, s.quiet_rate)
+            let spec = StreamSpec::new(t.id.clone(), request);
+            match t.role {
+                Role::Surging => spec.phase(s.calm + offset, 0.0).phase(s.surge.saturating_sub(offset), t.rate),
+                Role::Quiet => spec.phase(offset, 0.0).phase((s.calm + s.surge).saturating_sub(offset), t.rate),
             }
         })
         .collect()
 }
 
 /// Replays the scenario against `target`, calling `tick` about once a second with the
-/// cumulative figures and the time elapsed.
+/// cumulative figures. Applies the scenario's bureau changes on time, samples bureau-guard's
+/// limit, and opens the bureau's in-flight window at [`Scenario::settle`].
 pub async fn replay(s: &Scenario, target: Target, mut tick: impl FnMut(&RunSnapshot)) -> anyhow::Result<Replay> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let bureau = mock_bureau::start(s.bureau.clone(), listener);
     let (base, guard) = match target {
-        Target::Guard => {
-            let running = app::start(guard_config(s, &bureau.url())).await?;
+        Target::Guard(budget) => {
+            let running = app::start(guard_config(s, budget, &bureau.url())).await?;
             (format!("http://{}", running.addr), Some(running))
         }
         Target::Direct => (bureau.url(), None),
     };
-    let budget = guard.as_ref().map(|g| g.shared.scheduler.limit());
+    let shared = guard.as_ref().map(|g| g.shared.clone());
+    let budget = shared.as_ref().map(|g| g.scheduler.limit());
 
-    let generator =
-        LoadGenerator::new(LoadgenOptions { request_timeout: Duration::from_secs(5), ..Default::default() });
+    // A client that gives up drops its request: the load generator's client then closes the
+    // connection, so the proxy (or the bureau) sees the disconnect as it would from a bank.
+    let generator = LoadGenerator::new(LoadgenOptions { request_timeout: s.give_up, ..Default::default() });
+    let started = Instant::now();
     let run = generator.start(streams(s, &base, target))?;
-    let mut every = tokio::time::interval(Duration::from_secs(1));
-    every.tick().await;
-    let mut calm = None;
+    let surge_at = started + s.calm;
+    let surge_end = surge_at + s.surge;
+    let mut changes = s.changes.clone();
+    changes.sort_by_key(|(at, _)| *at);
+    let mut changes = changes.into_iter().peekable();
+    let (mut calm, mut after_change, mut settled, mut window_open) = (None, None, None, false);
+    let mut limits = Vec::new();
+    let settle_at = surge_at + s.settle;
+    let mut next_tick = started + Duration::from_secs(1);
+    let mut next_sample = started;
     while !run.is_finished() {
-        every.tick().await;
-        let now = run.snapshot();
-        if calm.is_none() && now.elapsed >= s.calm {
-            calm = Some(now.clone());
+        // Wake for the next sample, or earlier for a mark that must be on time (the calm
+        // snapshot at the surge's start, a change, the window's opening, the surge's end).
+        let marks = [
+            calm.is_none().then_some(surge_at),
+            changes.peek().map(|(at, _)| surge_at + *at),
+            (!window_open).then_some(settle_at),
+            settled.is_none().then_some(surge_end),
+        ];
+        let wake = marks.into_iter().flatten().fold(next_sample, Instant::min);
+        tokio::time::sleep_until(wake).await;
+        let now = Instant::now();
+        if now >= next_sample {
+            next_sample = now + SAMPLE_EVERY;
         }
-        tick(&now);
+        if calm.is_none() && now >= surge_at {
+            calm = Some(run.snapshot());
+        }
+        while let Some(&(_, change)) = changes.peek().filter(|(at, _)| now >= surge_at + *at) {
+            match change {
+                Change::ServiceTime(d) => bureau.bureau.set_service_time(d),
+                Change::Workers(n) => bureau.bureau.set_workers(n),
+            }
+            if after_change.is_none() {
+                after_change = Some(run.snapshot());
+            }
+            changes.next();
+        }
+        if !window_open && now >= settle_at {
+            bureau.bureau.reset_window();
+            window_open = true;
+        }
+        if settled.is_none() && now >= surge_end {
+            settled = Some(bureau.bureau.stats().window);
+        }
+        if let Some(shared) = &shared {
+            if now >= surge_at && now < surge_end {
+                limits.push((now - surge_at, shared.scheduler.limit()));
+            }
+        }
+        if now >= next_tick {
+            tick(&run.snapshot());
+            next_tick += Duration::from_secs(1);
+        }
     }
     let total = run.wait().await;
     let calm = calm.unwrap_or_else(|| total.clone());
     let surge = total.since(&calm);
+    let after_change = after_change.map(|at| total.since(&at));
+    let settled = settled.unwrap_or_else(|| bureau.bureau.stats().window);
+    // Shutting bureau-guard down waits for its bureau calls, abandoned ones included, so their
+    // charges are final.
     if let Some(g) = guard {
         g.shutdown().await;
     }
+    let charged = shared
+        .map(|g| g.states.all().into_iter().map(|(id, state)| (id, state.daily.load().1)).collect())
+        .unwrap_or_default();
+    // Calls nobody waits for any more still run to their end; count them too.
+    let drained = Instant::now() + Duration::from_secs(5);
+    while bureau.bureau.stats().in_flight > 0 && Instant::now() < drained {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let stats = bureau.bureau.stats();
     bureau.shutdown().await;
-    Ok(Replay { target, total, calm, surge, bureau: stats, budget })
+    Ok(Replay { target, total, calm, surge, after_change, bureau: stats, settled, budget, limits, charged })
 }
 
-/// One line per tenant: success rate and latency through the calm and the surge windows.
-pub fn summary(r: &Replay) -> String {
+/// Tenants listed one per line up to this many; beyond, one line per role (and the worst quiet
+/// tenant), so that fifty tenants stay readable.
+const MAX_TENANT_ROWS: usize = 12;
+
+/// One line per tenant (or per role, with many tenants): success rate and latency through the
+/// calm and the surge windows.
+pub fn summary(s: &Scenario, r: &Replay) -> String {
     let mut out = format!(
         "{}: bureau saw {} calls, at most {} at once{}\n",
         r.target.label(),
@@ -208,26 +656,53 @@ pub fn summary(r: &Replay) -> String {
         r.bureau.max_in_flight,
         r.budget.map(|b| format!(" (budget {b})")).unwrap_or_default()
     );
+    if s.kind != Kind::Patient {
+        out.push_str(&format!(
+            "  bureau from surge +{:.1} s to its end: in flight p95 {}, max {}; served {}, finished for nobody {}, refused {}\n",
+            s.settle.as_secs_f64(),
+            r.settled.p95_in_flight,
+            r.settled.max_in_flight,
+            r.bureau.calls_ok,
+            r.bureau.finished_for_nobody,
+            r.bureau.calls_overloaded + r.bureau.calls_refused,
+        ));
+        if let (Some(first), Some(last)) = (r.limits.first(), r.limits.last()) {
+            let lowest = r.limits.iter().map(|(_, l)| *l).min().unwrap_or(first.1);
+            out.push_str(&format!(
+                "  limit through the surge: {} at its start, {} at its end, lowest {lowest}\n",
+                first.1, last.1
+            ));
+        }
+    }
     out.push_str(&format!(
-        "  {:<8} {:>7} {:>7} {:>7} {:>9} {:>12} {:>12} {:>14}\n",
+        "  {:<10} {:>7} {:>7} {:>7} {:>9} {:>12} {:>12} {:>14}\n",
         "tenant", "sent", "ok", "ok %", "failed", "calm p99 ms", "surge p99 ms", "reject p99 ms"
     ));
-    for t in &r.total.streams {
-        let ok = t.class_count(2);
-        let pct = if t.sent == 0 { 100.0 } else { 100.0 * ok as f64 / t.sent as f64 };
-        let p99 =
-            |snap: &RunSnapshot| snap.stream(&t.name).map_or(0.0, |s| s.success_summary().p99.as_secs_f64() * 1000.0);
+    let mut row = |name: &str, g: &verdict::Group| {
         out.push_str(&format!(
-            "  {:<8} {:>7} {:>7} {:>6.2}% {:>9} {:>12.1} {:>12.1} {:>14.1}\n",
-            t.name,
-            t.sent,
-            ok,
-            pct,
-            t.sent - ok,
-            p99(&r.calm),
-            p99(&r.surge),
-            t.rejected_summary().p99.as_secs_f64() * 1000.0,
+            "  {:<10} {:>7} {:>7} {:>6.2}% {:>9} {:>12.1} {:>12.1} {:>14.1}\n",
+            name,
+            g.sent,
+            g.ok,
+            g.ok_pct(),
+            g.sent - g.ok,
+            g.calm_p99_ms(),
+            g.surge_p99_ms(),
+            g.reject_p99_ms(),
         ));
+    };
+    if s.tenants.len() <= MAX_TENANT_ROWS {
+        for t in &s.tenants {
+            row(&t.id, &verdict::Group::of(r, [t.id.as_str()]));
+        }
+    } else {
+        for (role, label) in [(Role::Quiet, "quiet"), (Role::Surging, "surging")] {
+            let ids: Vec<&str> = s.with_role(role).map(|t| t.id.as_str()).collect();
+            row(&format!("{} {label}", ids.len()), &verdict::Group::of(r, ids.iter().copied()));
+        }
+        if let Some((id, g)) = verdict::worst_quiet(s, r) {
+            row(&format!("worst {id}"), &g);
+        }
     }
     out
 }

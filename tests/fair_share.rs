@@ -172,7 +172,7 @@ async fn adaptive_limit_comes_down_to_the_workers_and_stays_when_the_bureau_slow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn surging_tenant_does_not_delay_others() {
-    use bureau_guard::surge::{Scenario, Target, replay};
+    use bureau_guard::surge::{Budget, Scenario, Target, replay};
     // A small 2017: a bureau of 4 x 20 ms (~200 req/s), two banks at 20 req/s, one at 600 req/s.
     let s = Scenario {
         bureau: MockConfig {
@@ -182,13 +182,14 @@ async fn surging_tenant_does_not_delay_others() {
             queue: 64,
             queue_timeout: Duration::from_secs(1),
         },
-        quiet_rate: 20.0,
-        surge_rate: 600.0,
+        budget: Budget::Fixed(4),
         calm: Duration::from_secs(1),
         surge: Duration::from_secs(3),
+        settle: Duration::from_secs(1),
         ..Scenario::default()
-    };
-    let guarded = replay(&s, Target::Guard, |_| {}).await.unwrap();
+    }
+    .with_rates(20.0, 600.0);
+    let guarded = replay(&s, Target::Guard(s.budget), |_| {}).await.unwrap();
     assert!(guarded.bureau.max_in_flight <= 4, "the bureau saw {} at once", guarded.bureau.max_in_flight);
     for quiet in ["bank-b", "card-c"] {
         let t = guarded.total.stream(quiet).unwrap();
@@ -197,7 +198,7 @@ async fn surging_tenant_does_not_delay_others() {
         assert!(p99 < Duration::from_millis(100), "{quiet} p99 {p99:?}");
     }
     let a = guarded.surge.stream("bank-a").unwrap();
-    let leftover = s.bureau_capacity() - 2.0 * s.quiet_rate;
+    let leftover = s.bureau_capacity() - s.quiet_load();
     let goodput = a.class_count(2) as f64 / s.surge.as_secs_f64();
     assert!(goodput > 0.75 * leftover, "bank-a got {goodput:.0} req/s of {leftover:.0} left over (work conservation)");
     assert!(a.rejected_summary().p99 < Duration::from_millis(600), "the excess is answered quickly");
