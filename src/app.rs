@@ -16,7 +16,7 @@ use crate::proxy::Proxy;
 use crate::quota::{Clock, SystemClock, Windows};
 use crate::runtime::Shared;
 use crate::server::{self, ConnLimits};
-use crate::state::{CounterStore, FileStore, Loaded, SavedState};
+use crate::state::{CounterStore, FileStore, LoadError, Loaded, SavedState};
 
 /// A running proxy: its bound addresses and the means to stop it.
 pub struct Running {
@@ -61,7 +61,8 @@ impl Default for Options {
     }
 }
 
-/// [`start`] with [`Options`]. Opens the audit log (if any) before binding anything.
+/// [`start`] with [`Options`]. Opens the audit log (if any) and restores the saved counters
+/// before binding anything; fails if either cannot be read.
 pub async fn start_with(config: Config, options: Options) -> std::io::Result<Running> {
     let (listen, admin_listen) = (config.server.listen, config.admin.listen);
     let limits = ConnLimits {
@@ -93,6 +94,14 @@ pub async fn start_with(config: Config, options: Options) -> std::io::Result<Run
     let store = config.state.file.clone().map(FileStore::new);
     let flush_interval = config.state.flush_interval;
     let shared = Shared::build(config, options.clock, options.config_path)?;
+    // Counters from the last run, before anything binds (and before the first request can touch
+    // them): saved counters that cannot be read stop start-up here, since the first save would
+    // overwrite them.
+    if let Some(store) = &store {
+        restore(&shared, store)?;
+    } else if shared.redis.is_none() {
+        tracing::warn!("state.file not set: quota counters are kept in memory only and restart from zero");
+    }
     if let Some(redis) = &shared.redis {
         // Count this replica in before taking traffic, so its first requests already use its
         // share of the bureau budget. A Redis that is down is not fatal: on_unavailable applies.
@@ -139,13 +148,6 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
     let addr = listener.local_addr().expect("a bound listener has an address");
     let admin_addr = admin_listener.local_addr().expect("a bound listener has an address");
     shared.metrics.reload_last_success_timestamp_seconds.set(shared.clock.now_unix_ms() / 1000);
-
-    // Counters from the last run, before the first request can touch them.
-    if let Some(store) = &store {
-        restore(&shared, store);
-    } else if shared.redis.is_none() {
-        tracing::warn!("state.file not set: quota counters are kept in memory only and restart from zero");
-    }
 
     let (stop, stopped) = watch::channel(false);
     let (stop_admin, admin_stopped) = watch::channel(false);
@@ -238,8 +240,10 @@ impl Running {
     }
 }
 
-fn restore(shared: &Shared, store: &FileStore) {
-    match store.load() {
+/// Loads the saved counters into `shared`; an error if they exist but cannot be read (or a
+/// corrupt file cannot be moved aside).
+fn restore(shared: &Shared, store: &FileStore) -> Result<(), LoadError> {
+    match store.load()? {
         Loaded::Empty => {
             tracing::info!(file = %store.path().display(), "no saved quota state; counters start from zero")
         }
@@ -251,12 +255,13 @@ fn restore(shared: &Shared, store: &FileStore) {
             shared.metrics.state_load_errors_total.inc();
             tracing::error!(
                 file = %store.path().display(),
-                moved_to = %moved_to.as_ref().map_or("(could not move)".to_string(), |p| p.display().to_string()),
+                moved_to = %moved_to.display(),
                 %reason,
                 "quota state file is corrupt; it was moved aside and counters start from zero"
             );
         }
     }
+    Ok(())
 }
 
 /// With the Redis backend: heartbeats, lease renewals and recovery every heartbeat interval;

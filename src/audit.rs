@@ -25,6 +25,17 @@
 //! `bureau_guard_audit_healthy` gauge and `/readyz`), until a write succeeds again; the file then
 //! gets a `{"event":"gap","lost":N}` line so a reader knows records are missing.
 //!
+//! Log rotation. The writer notices when the path no longer names the file it has open (another
+//! device and inode at the path, or nothing there: `logrotate`'s default `create` mode, `mv`),
+//! and opens the path afresh; it looks before a batch, at most once per [`ROTATION_CHECK`], so
+//! the check (one `stat`) stays in the writer thread, off the request path. A reload (SIGHUP,
+//! `POST /admin/reload`, accepted or not) asks for a reopen at once ([`AuditLog::reopen`]). No
+//! record is lost or written twice across a rotation: each batch is written whole to one file,
+//! so records written between the rename and the reopen are in the old (renamed) file, which
+//! `logrotate` keeps, and every later one is in the new file. The old file is synced before it
+//! is closed. If the path cannot be opened, the writer keeps appending to the file it has (the
+//! records are not lost while that file exists), logs the error and tries again a second later.
+//!
 //! What requests do meanwhile is `audit.fail_closed`:
 //! - `false` (default, *fail open*): answers keep flowing; the failure is loud but does not
 //!   turn a disk problem into a bureau outage for every bank.
@@ -36,6 +47,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,6 +72,10 @@ const BATCH: usize = 1024;
 const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// While failing, how often the writer tries again when no record arrives to try with.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often, at most, the writer checks that the path still names its open file (a rotation):
+/// records written in between go to the old file, which a rotation keeps; one `stat` a second
+/// costs nothing.
+const ROTATION_CHECK: Duration = Duration::from_secs(1);
 
 /// One answer given to a tenant.
 #[derive(Debug, Clone)]
@@ -109,27 +125,45 @@ enum Msg {
 trait Sink: Send + 'static {
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
     fn sync(&mut self) -> io::Result<()>;
+    /// Whether the destination's name now names something else (the file was rotated away).
+    fn moved(&self) -> bool {
+        false
+    }
+    /// Opens the destination's name afresh. On an error, the old destination stays in use.
+    fn reopen(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
-/// An append-only file, reopened after a failure (it may have been moved or its disk remounted).
+/// An append-only file, reopened after a failure (it may have been moved or its disk remounted)
+/// and when its path names another file (rotation).
 struct FileSink {
     path: PathBuf,
-    file: Option<File>,
+    file: Option<OpenFile>,
 }
 
-impl FileSink {
-    fn open(path: &Path) -> io::Result<File> {
-        OpenOptions::new().create(true).append(true).open(path)
+/// The open file and the device and inode it had when opened, to tell whether the path still
+/// names it.
+struct OpenFile {
+    file: File,
+    id: (u64, u64),
+}
+
+impl OpenFile {
+    fn open(path: &Path) -> io::Result<OpenFile> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let meta = file.metadata()?;
+        Ok(OpenFile { file, id: (meta.dev(), meta.ino()) })
     }
 }
 
 impl Sink for FileSink {
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let file = match &mut self.file {
+        let open = match &mut self.file {
             Some(f) => f,
-            None => self.file.insert(FileSink::open(&self.path)?),
+            None => self.file.insert(OpenFile::open(&self.path)?),
         };
-        let result = file.write_all(bytes);
+        let result = open.file.write_all(bytes);
         if result.is_err() {
             self.file = None;
         }
@@ -137,7 +171,21 @@ impl Sink for FileSink {
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        self.file.as_mut().map_or(Ok(()), |f| f.sync_data())
+        self.file.as_mut().map_or(Ok(()), |f| f.file.sync_data())
+    }
+
+    fn moved(&self) -> bool {
+        let Some(open) = &self.file else { return false }; // opened by the next write anyway
+        match std::fs::metadata(&self.path) {
+            Ok(m) => (m.dev(), m.ino()) != open.id,
+            // Nothing there (renamed without `create`, deleted) or not reachable: open it again.
+            Err(_) => true,
+        }
+    }
+
+    fn reopen(&mut self) -> io::Result<()> {
+        self.file = Some(OpenFile::open(&self.path)?);
+        Ok(())
     }
 }
 
@@ -146,6 +194,8 @@ struct Health {
     healthy: AtomicBool,
     /// Records dropped at the queue since the writer last looked: it reports them in its gap line.
     dropped: AtomicU64,
+    /// Set by [`AuditLog::reopen`]; the writer opens the path afresh before its next write.
+    reopen: AtomicBool,
     metrics: AuditMetrics,
 }
 
@@ -168,15 +218,29 @@ impl AuditLog {
     /// Opens `path` for appending (created if missing) and starts the writer. Fails if the file
     /// cannot be opened, so a misconfigured log stops start-up instead of losing records.
     pub fn open(path: &Path, fail_closed: bool, metrics: AuditMetrics) -> io::Result<AuditLog> {
-        let file = FileSink::open(path)?;
-        AuditLog::start(FileSink { path: path.to_path_buf(), file: Some(file) }, fail_closed, metrics, QUEUE)
+        let sink = FileSink { path: path.to_path_buf(), file: Some(OpenFile::open(path)?) };
+        AuditLog::start(sink, fail_closed, metrics, QUEUE)
     }
 
     fn start(sink: impl Sink, fail_closed: bool, metrics: AuditMetrics, queue: usize) -> io::Result<AuditLog> {
         let (tx, rx) = sync_channel(queue);
-        let health = Arc::new(Health { healthy: AtomicBool::new(true), dropped: AtomicU64::new(0), metrics });
+        let health = Arc::new(Health {
+            healthy: AtomicBool::new(true),
+            dropped: AtomicU64::new(0),
+            reopen: AtomicBool::new(false),
+            metrics,
+        });
         health.set(true);
-        let writer = Writer { sink, health: health.clone(), lost: 0, last_sync: Instant::now(), unsynced: false };
+        let now = Instant::now();
+        let writer = Writer {
+            sink,
+            health: health.clone(),
+            lost: 0,
+            last_sync: now,
+            unsynced: false,
+            last_rotation_check: now,
+            reopen_failing: false,
+        };
         std::thread::Builder::new().name("audit-writer".into()).spawn(move || writer.run(rx))?;
         Ok(AuditLog { tx, health, fail_closed })
     }
@@ -184,6 +248,13 @@ impl AuditLog {
     /// False from the first lost record until a write succeeds again. For `/readyz`.
     pub fn healthy(&self) -> bool {
         self.health.healthy.load(Ordering::Acquire)
+    }
+
+    /// Asks the writer to open the path afresh before its next write (a reload: `logrotate`'s
+    /// `postrotate` sends SIGHUP). Without it the writer notices a rotation within
+    /// [`ROTATION_CHECK`] anyway. Never blocks.
+    pub fn reopen(&self) {
+        self.health.reopen.store(true, Ordering::Release);
     }
 
     /// Whether an answer may be given now: with `fail_closed`, not while records are being lost.
@@ -240,6 +311,9 @@ struct Writer<S> {
     lost: u64,
     last_sync: Instant,
     unsynced: bool,
+    last_rotation_check: Instant,
+    /// The path could not be reopened at the last attempt (logged once per episode).
+    reopen_failing: bool,
 }
 
 impl<S: Sink> Writer<S> {
@@ -280,6 +354,7 @@ impl<S: Sink> Writer<S> {
             }
             self.lost += self.health.dropped.swap(0, Ordering::AcqRel);
             if records > 0 || self.lost > 0 || !self.health.healthy.load(Ordering::Acquire) {
+                self.follow_rotation();
                 self.write(&buf, records);
             }
             if self.unsynced && (!acks.is_empty() || self.last_sync.elapsed() >= SYNC_INTERVAL) {
@@ -291,6 +366,37 @@ impl<S: Sink> Writer<S> {
         }
         if self.unsynced {
             self.sync();
+        }
+    }
+
+    /// Before a batch: if a reload asked for it, or (at most once per [`ROTATION_CHECK`]) the
+    /// path names another file, syncs the old file and opens the path. The whole batch then goes
+    /// to one file or the other, so no record is lost or doubled.
+    fn follow_rotation(&mut self) {
+        let asked = self.health.reopen.swap(false, Ordering::AcqRel);
+        let due = self.last_rotation_check.elapsed() >= ROTATION_CHECK;
+        if !asked && !due {
+            return;
+        }
+        self.last_rotation_check = Instant::now();
+        if !asked && !self.sink.moved() {
+            return;
+        }
+        if self.unsynced {
+            // What went to the old file is on disk before the writer lets go of it.
+            self.sync();
+        }
+        match self.sink.reopen() {
+            Ok(()) => {
+                if std::mem::take(&mut self.reopen_failing) {
+                    tracing::warn!(target: "bureau_guard::audit", "audit log path opened again after rotation");
+                }
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.reopen_failing, true) {
+                    tracing::error!(target: "bureau_guard::audit", error = %e, "cannot open the audit log path after rotation; still appending to the old file");
+                }
+            }
         }
     }
 
@@ -440,6 +546,72 @@ mod tests {
         assert!(log.flush().await);
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 6);
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// The `request_id` numbers of the records in `path`, in file order (none if it is missing).
+    fn ids(path: &Path) -> Vec<u32> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| v["request_id"].as_str().unwrap().trim_start_matches("req-").parse().unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_log_renamed_during_traffic_is_followed_and_no_record_is_lost() {
+        let path = temp_path("rotate");
+        let rotated = path.with_extension("jsonl.1");
+        let _ = std::fs::remove_file(&rotated);
+        let log = AuditLog::open(&path, false, Metrics::new().audit_handles()).unwrap();
+        let mut next = 0;
+        let send = |log: &AuditLog, next: &mut u32, n: u32| {
+            for _ in 0..n {
+                log.record(record(*next, Outcome::Bureau, None)).unwrap();
+                *next += 1;
+            }
+        };
+        send(&log, &mut next, 100);
+        assert!(log.flush().await);
+        // As logrotate does (create mode): rename while records keep arriving.
+        std::fs::rename(&path, &rotated).unwrap();
+        send(&log, &mut next, 100);
+        // Traffic goes on until the writer has noticed (within its one-second check).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ids(&path).is_empty() {
+            assert!(Instant::now() < deadline, "the writer never reopened the rotated path");
+            send(&log, &mut next, 10);
+            assert!(log.flush().await);
+        }
+        send(&log, &mut next, 100);
+        assert!(log.flush().await);
+        assert!(log.healthy());
+
+        let (old, new) = (ids(&rotated), ids(&path));
+        let mut all: Vec<u32> = old.iter().chain(&new).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..next).collect::<Vec<_>>(), "every record exactly once, in one file or the other");
+        assert!(old.len() >= 100, "records before the rename (and until the check) stay in the old file");
+        assert!(new.contains(&(next - 1)) && new.len() >= 100, "later records go to the new file: {new:?}");
+        assert!(old.iter().max() < new.iter().min(), "one switch: the old file ends where the new one starts");
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&rotated);
+    }
+
+    #[tokio::test]
+    async fn a_reopen_request_switches_files_at_the_next_write() {
+        let path = temp_path("reopen");
+        let rotated = path.with_extension("jsonl.1");
+        let log = AuditLog::open(&path, false, Metrics::new().audit_handles()).unwrap();
+        log.record(record(0, Outcome::Bureau, None)).unwrap();
+        assert!(log.flush().await);
+        std::fs::rename(&path, &rotated).unwrap();
+        // A reload (SIGHUP from logrotate's postrotate): no waiting for the periodic check.
+        log.reopen();
+        log.record(record(1, Outcome::Bureau, None)).unwrap();
+        assert!(log.flush().await);
+        assert_eq!((ids(&rotated), ids(&path)), (vec![0], vec![1]));
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&rotated);
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@
 //! to a config (quota counters, rate buckets, in-flight counts; the bureau budget's slots).
 //! Settings fixed when the process bound its sockets (listen addresses, hyper's connection
 //! limits, log format, the state file) are reported as needing a restart, never silently dropped.
+//! A reload also reopens the audit log (log rotation, see `audit.rs`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -60,7 +61,14 @@ impl Outcome {
 }
 
 /// Re-reads the config file the proxy was started with and applies it (see the module doc).
+///
+/// Every attempt, accepted or not, also reopens the audit log's path: `logrotate`'s
+/// `postrotate` sends SIGHUP, and a typo in the config must not keep records going to the
+/// rotated file.
 pub fn reload_from_file(shared: &Shared) -> Outcome {
+    if let Some(audit) = &shared.audit {
+        audit.reopen();
+    }
     let Some(path) = shared.config_path.as_deref() else {
         return Outcome {
             result: "rejected",

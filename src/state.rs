@@ -261,17 +261,66 @@ pub enum Loaded {
     /// Nothing saved yet: start from zero.
     Empty,
     Found(SavedState),
-    /// The saved state could not be read; it was moved aside to `moved_to` (if it could be).
+    /// The saved state was read and is not valid; it was moved aside to `moved_to`, so the next
+    /// save does not destroy it.
     Corrupt {
         reason: String,
-        moved_to: Option<PathBuf>,
+        moved_to: PathBuf,
     },
+}
+
+/// Saved counters that could not be loaded and must not be overwritten, so start-up stops:
+/// the counters may be fine (a permission or a disk problem) and the first save would replace
+/// them with zeros.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The file exists (or something else is at its path) but could not be read: permission
+    /// denied, a directory, an I/O error.
+    Unreadable { path: PathBuf, error: std::io::Error },
+    /// The file was read and is corrupt, but could not be moved aside.
+    CorruptNotMoved { path: PathBuf, reason: String, error: std::io::Error },
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Unreadable { path, error } => write!(
+                f,
+                "cannot read the quota state file {}: {error}; fix it or move it away (state.file is never overwritten unread)",
+                path.display()
+            ),
+            LoadError::CorruptNotMoved { path, reason, error } => write!(
+                f,
+                "the quota state file {} is corrupt ({reason}) and cannot be moved aside: {error}; move it away to start from zero",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LoadError::Unreadable { error, .. } | LoadError::CorruptNotMoved { error, .. } => Some(error),
+        }
+    }
+}
+
+impl From<LoadError> for std::io::Error {
+    fn from(e: LoadError) -> std::io::Error {
+        let kind = match &e {
+            LoadError::Unreadable { error, .. } | LoadError::CorruptNotMoved { error, .. } => error.kind(),
+        };
+        std::io::Error::new(kind, e)
+    }
 }
 
 /// Where counters persist between runs.
 pub trait CounterStore: Send + Sync {
-    /// Reads the saved counters. Never fails the start-up: corruption is reported in [`Loaded`].
-    fn load(&self) -> Loaded;
+    /// Reads the saved counters. Only what was read and found invalid is [`Loaded::Corrupt`]
+    /// (and moved aside); anything that stops the store from being read is an error, and
+    /// start-up stops rather than overwrite it.
+    fn load(&self) -> Result<Loaded, LoadError>;
     /// Writes the counters durably (a crash after it returns loses nothing written).
     fn save(&self, state: &SavedState) -> std::io::Result<()>;
 }
@@ -294,14 +343,14 @@ impl FileStore {
 }
 
 impl CounterStore for FileStore {
-    fn load(&self) -> Loaded {
+    fn load(&self) -> Result<Loaded, LoadError> {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Empty,
-            Err(e) => return Loaded::Corrupt { reason: format!("cannot read: {e}"), moved_to: None },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::Empty),
+            Err(error) => return Err(LoadError::Unreadable { path: self.path.clone(), error }),
         };
         match serde_json::from_slice::<SavedState>(&bytes) {
-            Ok(s) if s.version == 1 => Loaded::Found(s),
+            Ok(s) if s.version == 1 => Ok(Loaded::Found(s)),
             Ok(s) => self.move_aside(format!("unknown version {}", s.version)),
             Err(e) => self.move_aside(format!("not valid state JSON: {e}")),
         }
@@ -326,13 +375,15 @@ impl CounterStore for FileStore {
 }
 
 impl FileStore {
-    fn move_aside(&self, reason: String) -> Loaded {
+    fn move_aside(&self, reason: String) -> Result<Loaded, LoadError> {
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let mut aside = self.path.clone().into_os_string();
         aside.push(format!(".corrupt-{secs}"));
         let aside = PathBuf::from(aside);
-        let moved_to = std::fs::rename(&self.path, &aside).ok().map(|()| aside);
-        Loaded::Corrupt { reason, moved_to }
+        match std::fs::rename(&self.path, &aside) {
+            Ok(()) => Ok(Loaded::Corrupt { reason, moved_to: aside }),
+            Err(error) => Err(LoadError::CorruptNotMoved { path: self.path.clone(), reason, error }),
+        }
     }
 }
 
@@ -376,13 +427,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("bg-state-{}-{}", std::process::id(), fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let store = FileStore::new(dir.join("state.json"));
-        assert!(matches!(store.load(), Loaded::Empty));
+        assert!(matches!(store.load(), Ok(Loaded::Empty)));
 
         let reg = StateRegistry::default();
         reg.get_or_create("a").daily.set(100, 5);
         reg.get_or_create("a").monthly.set(7, 50);
         store.save(&reg.snapshot()).unwrap();
-        let Loaded::Found(saved) = store.load() else { panic!("saved state loads") };
+        let Ok(Loaded::Found(saved)) = store.load() else { panic!("saved state loads") };
         let reg2 = StateRegistry::default();
         reg2.restore(&saved);
         assert_eq!(reg2.get_or_create("a").daily.get(100), 5);
@@ -390,12 +441,31 @@ mod tests {
 
         std::fs::write(store.path(), b"{ not json").unwrap();
         match store.load() {
-            Loaded::Corrupt { moved_to: Some(p), .. } => {
+            Ok(Loaded::Corrupt { moved_to: p, .. }) => {
                 assert!(p.exists());
                 assert!(!store.path().exists(), "the corrupt file is moved, not left to fail the next start");
             }
             other => panic!("expected corrupt, got {other:?}"),
         }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_file_that_cannot_be_read_is_an_error_and_left_alone() {
+        let dir = std::env::temp_dir().join(format!("bg-state-{}-{}", std::process::id(), fastrand::u64(..)));
+        // A directory at the file's path: unreadable as a file even to root (EISDIR).
+        let path = dir.join("state.json");
+        std::fs::create_dir_all(path.join("inside")).unwrap();
+        let store = FileStore::new(&path);
+        match store.load() {
+            Err(e @ LoadError::Unreadable { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(&path.display().to_string()) && msg.contains("directory"), "{msg}");
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+        assert!(path.join("inside").is_dir(), "not moved, not touched");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "nothing moved aside");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -471,6 +471,9 @@ pub fn load_server(s: &ServerTlsSettings, now: i64) -> Result<ServerTls, Vec<Fil
     };
     let mut config = builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(id.certified)));
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    if s.client_auth != ClientAuth::Off {
+        disable_resumption(&mut config);
+    }
     let mut watched = id.watched;
     watched.extend(ca.as_ref().map(|c| c.watched.clone()).unwrap_or_default());
     Ok(ServerTls {
@@ -486,6 +489,27 @@ pub fn load_server(s: &ServerTlsSettings, now: i64) -> Result<ServerTls, Vec<Fil
         client_verifier,
         rustls: Arc::new(config),
     })
+}
+
+/// No session resumption (TLS 1.2 session ids, TLS 1.3 tickets) on a listener that verifies
+/// client certificates: every connection is a full handshake, its certificate verified now.
+///
+/// A resumed session brings back the client certificate of the handshake that made it, never
+/// verified again: a bank could go on connecting with a certificate past its `notAfter` (the
+/// connection's expiry watch only sees times still ahead; a reload's new CA or CRL already ends
+/// resumption, as it builds a new session cache). Verifying the chain again after a resumed
+/// handshake would keep resumption, but the refusal would come after the handshake, as a closed
+/// connection instead of a `certificate_expired` alert and the `expired` handshake label, and
+/// it would be a second place where client verification happens. What resumption saves is
+/// small here: rustls resumes TLS 1.3 with a fresh key exchange anyway, so a full handshake
+/// costs our certificate's signature and the client chain's verification, a few hundred µs of
+/// CPU per *new* connection (`benches/README.md`, `tls-handshake`: 262–278 µs for the whole
+/// TLS 1.3 handshake), and banks keep pooled, kept-alive connections.
+fn disable_resumption(config: &mut rustls::ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    // rustls' default ticketer already never produces tickets (no stateless resumption); with
+    // no session storage either, tickets would name nothing: send none.
+    config.send_tls13_tickets = 0;
 }
 
 /// The settings of `[upstream.tls]` after parsing.
@@ -1061,6 +1085,22 @@ mod tests {
         s.client_ca = None;
         let m = messages(load_server(&s, now()));
         assert!(m[0].starts_with("client_ca: required with client_auth"), "never quietly without client auth: {m:?}");
+    }
+
+    #[test]
+    fn listeners_that_verify_client_certificates_never_resume_sessions() {
+        let dir = test_certs::files("resumption", 90);
+        let mut s = settings(&dir, "leaf.pem", "leaf.key");
+        let plain = load_server(&s, now()).expect("loads");
+        assert!(plain.rustls.session_storage.can_cache(), "without client certificates, resumption stays");
+        for auth in [ClientAuth::Optional, ClientAuth::Required] {
+            s.client_auth = auth;
+            s.client_ca = Some(dir.join("ca.pem"));
+            let tls = load_server(&s, now()).expect("loads");
+            assert!(!tls.rustls.session_storage.can_cache(), "{auth:?}: no session-id cache");
+            assert!(!tls.rustls.ticketer.enabled(), "{auth:?}: no stateless tickets");
+            assert_eq!(tls.rustls.send_tls13_tickets, 0, "{auth:?}");
+        }
     }
 
     #[test]

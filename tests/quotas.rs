@@ -300,3 +300,24 @@ async fn corrupt_state_file_is_reported_moved_aside_and_the_proxy_starts() {
         .collect();
     assert_eq!(aside.len(), 1, "the corrupt file is kept for inspection");
 }
+
+#[tokio::test]
+async fn a_state_file_that_cannot_be_read_stops_start_up_and_is_left_untouched() {
+    let dir = temp_dir("unreadable");
+    let file = dir.join("state.json");
+    // A directory at the file's path: unreadable as a file even for root, where mode 000 is not.
+    std::fs::create_dir(&file).unwrap();
+    std::fs::write(file.join("keep"), b"counters someone needs").unwrap();
+    let mock = start_mock(fast_mock()).await;
+    let state = format!("[state]\nfile = \"{}\"\n", file.display());
+    let text = config_with(&mock.url(), &Extras { sections: &state, ..Extras::default() });
+    let err = match app::start(parse(&text)).await {
+        Ok(_) => panic!("started on a state file it could not read"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&format!("cannot read the quota state file {}", file.display())), "{err}");
+    assert!(err.contains("Is a directory"), "the OS error is named: {err}");
+    assert_eq!(std::fs::read(file.join("keep")).unwrap(), b"counters someone needs");
+    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["state.json"], "nothing moved aside, nothing written beside it");
+}

@@ -298,3 +298,29 @@ async fn sighup_reloads_a_running_process() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_reload_reopens_the_rotated_audit_log_even_when_the_config_is_rejected() {
+    let mock = start_mock(fast_mock()).await;
+    let path = config_path("reload-audit");
+    let log = path.with_file_name("audit.jsonl");
+    let rotated = path.with_file_name("audit.jsonl.1");
+    let admin = format!("token_sha256 = \"{}\"", sha(ADMIN_TOKEN));
+    let sections = format!("[audit]\nfile = \"{}\"\n", log.display());
+    let text = config_with(&mock.url(), &Extras { admin: &admin, sections: &sections, ..Extras::default() });
+    std::fs::write(&path, &text).unwrap();
+    let proxy = start_from_file(&path).await;
+    let audit = proxy.shared.audit.as_ref().expect("audit log configured");
+    let url = |p: &str| format!("http://{}{}", proxy.addr, p);
+    let lines = |p: &Path| std::fs::read_to_string(p).unwrap_or_default().lines().count();
+
+    assert_eq!(get(&url("/v1/score/S-1"), &[("x-api-key", KEY_A)]).await.status, 200);
+    assert!(audit.flush().await);
+    // logrotate: rename, then SIGHUP from postrotate (a reload); the config has a typo meanwhile.
+    std::fs::rename(&log, &rotated).unwrap();
+    std::fs::write(&path, text.replace("[audit]", "[audit]\nfail_closed = \"maybe\"")).unwrap();
+    assert_eq!(reload(&proxy.admin_addr.to_string()).await.status, 422);
+    assert_eq!(get(&url("/v1/score/S-2"), &[("x-api-key", KEY_A)]).await.status, 200);
+    assert!(audit.flush().await);
+    assert_eq!((lines(&rotated), lines(&log)), (1, 1), "the record after the reload is in the new file");
+}

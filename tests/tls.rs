@@ -813,3 +813,39 @@ async fn a_reload_that_turns_tls_off_keeps_exporting_what_the_listener_still_ser
     // ...and their expiry and due dates stay on the dashboard.
     assert_eq!(exported(), before);
 }
+
+#[tokio::test]
+async fn a_client_cannot_resume_a_session_after_its_certificate_expires() {
+    let s = Setup::new("tls-resume-expired");
+    let banks = Ca::new("Banks CA");
+    let mock = start_mock(fast_mock()).await;
+    let proxy = bank_a_by_certificate(&s, &banks, &mock.url()).await;
+    let issued = bureau_guard::tls::unix_now();
+    let short = banks.issue(&LeafSpec {
+        cn: "Bank A",
+        dns: &["bank-a.example"],
+        not_after_secs: Some(3),
+        ..LeafSpec::default()
+    });
+    // One client per version, each kept for both connections: its session cache (TLS 1.3
+    // tickets, TLS 1.2 session ids) is what a bank that resumes holds on to.
+    let clients = [&rustls::version::TLS13, &rustls::version::TLS12]
+        .map(|v| client_config(&s.ca, Some(&short), &[b"http/1.1"], &[v]));
+    for c in &clients {
+        let r = get_once(proxy.addr, c.clone(), "/v1/score/S-1", &[]).await.expect("valid certificate");
+        assert_eq!(r.status, 200);
+    }
+    // The certificate's notAfter (whole seconds, at most `issued + 3`) passes by the wall clock:
+    // what is awaited is time itself, bounded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while bureau_guard::tls::unix_now() <= issued + 4 {
+        assert!(std::time::Instant::now() < deadline, "the wall clock did not move");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let expired_before = handshakes(&proxy, "expired");
+    for (c, version) in clients.iter().zip(["TLS 1.3", "TLS 1.2"]) {
+        let r = get_once(proxy.addr, c.clone(), "/v1/score/S-2", &[]).await;
+        assert!(r.is_err(), "{version}: a session of an expired certificate was resumed: {r:?}");
+    }
+    assert_eq!(handshakes(&proxy, "expired") - expired_before, 2, "refused in the handshake, as expired");
+}
