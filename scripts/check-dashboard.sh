@@ -453,6 +453,8 @@ traffic() {
     burst "$KEY_C" 12 12 "co$r" same          # concurrent look-ups join one bureau call (coalesced)
     bureau_service_ms 5
     if [ $((r % 3)) -eq 1 ]; then             # the bureau slows past response_timeout: 504
+      burst "$KEY_B" 1 1 stale report         # fresh in the cache (a small cache evicts it between
+      sleep 1.1                               # rounds), then expired: served stale below
       bureau_service_ms 300
       burst "$KEY_B" 2 2 "slow$r"
       burst "$KEY_B" 1 1 stale report         # expired entry within stale_if_error: a stale answer

@@ -98,6 +98,9 @@ const DOWN: f64 = 0.75;
 /// Elasticity below this: latency does not follow concurrency, the knee is above. Below its
 /// negative, latency rose while concurrency fell: the bureau changed during the probe.
 const FLAT: f64 = 0.3;
+/// Up probes that keep finding the knee where it was are spaced out to at most this many
+/// `probe_interval`s (8 s by default): each one holds the bureau a quarter above its knee.
+const UP_BACKOFF_MAX: u32 = 8;
 /// Two cruise windows whose latencies differ by more than this share are a bureau in change:
 /// a probe compared against either would misread it, so probes wait for a steady window.
 const STEADY: f64 = 0.1;
@@ -316,8 +319,12 @@ struct State {
     phase: Phase,
     /// The cruise level, fractional so that estimates are not rounded twice.
     level: f64,
-    /// When the current cruise began (up probes follow `probe_interval` after).
+    /// When the current cruise began (up probes follow `up_interval` after).
     cruise_since: Instant,
+    /// Time between up probes: `probe_interval`, doubled (up to `UP_BACKOFF_MAX` times) after
+    /// each probe that found the knee where it was, reset when the knee moves. A knee that
+    /// stays put is probed rarely, so the bureau is rarely held above it.
+    up_interval: Duration,
     baseline: Option<f64>,
     /// When a down probe last confirmed the baseline.
     baseline_at: Option<Instant>,
@@ -353,6 +360,7 @@ impl AdaptiveLimit {
                 phase: Phase::Cruise,
                 level: cfg.initial as f64,
                 cruise_since: now,
+                up_interval: cfg.probe_interval,
                 baseline: None,
                 baseline_at: None,
                 reference: None,
@@ -487,6 +495,7 @@ impl AdaptiveLimit {
                         }
                     }
                 } else if e < PROPORTIONAL {
+                    st.up_interval = self.cfg.probe_interval;
                     // The probe ran at the bureau's no-load latency: the knee is between. (The
                     // baseline is not moved up on this weaker evidence: a baseline too high
                     // would hide queueing until it ages; one too low only costs another probe.)
@@ -494,6 +503,7 @@ impl AdaptiveLimit {
                 } else {
                     // Queueing even at the probe: cut to the knee the baseline implies, by at
                     // most half (a stale baseline must not collapse the budget).
+                    st.up_interval = self.cfg.probe_interval;
                     let half = c.in_flight / 2.0;
                     let knee = st.baseline.map_or(half, |r0| c.in_flight * r0 / rc);
                     st.level = st.level.min(knee.max(half).min(upper.max(half)));
@@ -510,6 +520,7 @@ impl AdaptiveLimit {
                 }
                 let e = (ru / rc).ln() / (m.in_flight / c.in_flight).ln();
                 if e < FLAT || ru - rc <= 2.0 * c.latency_se.hypot(m.latency_se) {
+                    st.up_interval = self.cfg.probe_interval;
                     st.level = st.level.max(m.in_flight);
                     st.reference = Some(m);
                     return self.up_level(st).map_or(Next::Cruise, Next::Up);
@@ -519,7 +530,13 @@ impl AdaptiveLimit {
                 // and the baseline, so that cruise noise does not push the level past the knee).
                 // An up probe never lowers the level.
                 let r0 = st.baseline.map_or(rc, |r0| r0.min(rc));
+                let before = st.level;
                 st.level = st.level.max((m.in_flight * r0 / ru).min(m.in_flight));
+                st.up_interval = if st.level - before < 0.5 {
+                    (st.up_interval * 2).min(self.cfg.probe_interval * UP_BACKOFF_MAX)
+                } else {
+                    self.cfg.probe_interval
+                };
                 Next::Cruise
             }
         }
@@ -536,7 +553,7 @@ impl AdaptiveLimit {
                 return Next::Down(down);
             }
         }
-        if m.in_flight >= USED * applied && now - st.cruise_since >= self.cfg.probe_interval {
+        if m.in_flight >= USED * applied && now - st.cruise_since >= st.up_interval {
             if let Some(up) = self.up_level(st) {
                 return Next::Up(up);
             }
@@ -545,6 +562,7 @@ impl AdaptiveLimit {
     }
 
     fn cut(&self, st: &mut State) -> Next {
+        st.up_interval = self.cfg.probe_interval;
         st.level = (st.level * self.cfg.backoff).max(self.cfg.min as f64);
         Next::Cruise
     }

@@ -278,7 +278,9 @@ impl Shared {
 /// The adaptive controller `[upstream.adaptive]` asks for, if any; it starts at the full budget.
 pub fn adaptive_controller(config: &Config) -> Option<Arc<AdaptiveLimit>> {
     let a = config.upstream.adaptive.as_ref()?;
-    let mut cfg = AdaptiveConfig::new(a.min, a.max, a.max);
+    // From the bottom up, as TCP slow start: a budget set too high is never offered to the
+    // bureau, and up probes find the knee within a second of the limit coming into use.
+    let mut cfg = AdaptiveConfig::new(a.min, a.max, a.min);
     cfg.backoff = a.backoff;
     Some(Arc::new(AdaptiveLimit::new(cfg)))
 }

@@ -126,9 +126,10 @@ async fn a_client_that_disconnects_while_queued_leaves_without_taking_a_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn adaptive_limit_comes_down_to_the_workers_and_stays_when_the_bureau_slows() {
-    // 8 workers behind a budget of 32: the limit must come down to them. Then the bureau gets 3x
-    // slower with the same workers: the limit must re-baseline, not collapse to min.
+async fn adaptive_limit_finds_the_workers_from_below_and_stays_when_the_bureau_slows() {
+    // 8 workers behind a budget of 32: the limit starts at min (a budget set too high is never
+    // offered to the bureau) and finds the 8 workers. Then the bureau gets 3x slower with the
+    // same workers: the limit must re-baseline, not collapse to min.
     let env = Env::with(
         bureau(8, 20),
         &Extras {
@@ -138,7 +139,7 @@ async fn adaptive_limit_comes_down_to_the_workers_and_stays_when_the_bureau_slow
     )
     .await;
     let shared = env.proxy.shared.clone();
-    assert_eq!(shared.scheduler.limit(), 32);
+    assert_eq!(shared.scheduler.limit(), 2, "starts at min");
 
     // Closed-loop load from 24 clients for as long as the test needs it.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -154,10 +155,12 @@ async fn adaptive_limit_comes_down_to_the_workers_and_stays_when_the_bureau_slow
     }
     let limiter = shared.clone();
     let controller = shared.adaptive.load_full().expect("adaptive configured");
-    wait_until("the limit near the 8 workers, with a baseline", || {
-        limiter.scheduler.limit() <= 10 && controller.view().baseline.is_some()
+    wait_until("the limit grown to the 8 workers, with a baseline", || {
+        controller.view().knee >= 6.0 && controller.view().baseline.is_some()
     })
     .await;
+    assert!(limiter.scheduler.limit() <= 10, "past the knee: {}", limiter.scheduler.limit());
+    assert!(env.mock.bureau.stats().max_in_flight <= 10, "the bureau never saw the budget of 32");
     let fast = controller.view().baseline.expect("waited for it");
     env.mock.bureau.set_service_time(Duration::from_millis(60));
     wait_until("a slower baseline", || controller.view().baseline.is_some_and(|b| b > fast * 2)).await;
