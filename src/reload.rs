@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::config::{Config, Problem, RouteConfig, TenantConfig};
+use crate::config::{AdminAuth, Config, Problem, RouteConfig, TenantConfig};
 use crate::runtime::{Shared, Snapshot, adaptive_controller};
 use crate::tls::{FileStamp, ServerTls, UpstreamTls};
 
@@ -177,9 +177,19 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     };
     field("server.trusted_proxies", trusted(s0), trusted(s1), true);
     field("admin.listen", old.admin.listen.to_string(), new.admin.listen.to_string(), true);
-    if old.admin.token_digest != new.admin.token_digest {
-        field("admin.token", "(old)".into(), "(new)".into(), false);
+    match (&old.admin.auth, &new.admin.auth) {
+        (AdminAuth::Token(a), AdminAuth::Token(b)) if a != b => {
+            field("admin.token", "(old)".into(), "(new)".into(), false);
+        }
+        (a, b) => {
+            let show = |x: &AdminAuth| match x {
+                AdminAuth::Token(_) => "required".to_string(),
+                AdminAuth::InsecureNoToken => "none (insecure_no_token)".to_string(),
+            };
+            field("admin.token", show(a), show(b), false);
+        }
     }
+    field("admin.allowed_hosts", format!("{:?}", old.admin.allowed_hosts), format!("{:?}", new.admin.allowed_hosts), false);
     let (u0, u1) = (&old.upstream, &new.upstream);
     field("upstream.url", u0.url.to_string(), u1.url.to_string(), false);
     field("upstream.connect_timeout", dur(u0.connect_timeout), dur(u1.connect_timeout), false);
@@ -386,6 +396,8 @@ id = "a"
 api_key_sha256 = "{}"
 {rate}
 {extra_tenant}
+[admin]
+insecure_no_token = true
 "#,
             "ab".repeat(32)
         );
@@ -488,7 +500,7 @@ api_key_sha256 = "{}"
     fn toml_of_minimal() -> String {
         format!(
             "[upstream]\nurl = \"http://127.0.0.1:8081\"\n[[routes]]\nname = \"score\"\nmethod = \"GET\"\npath = \"/s\"\n\
-             [[tenants]]\nid = \"a\"\napi_key_sha256 = \"{}\"\n",
+             [[tenants]]\nid = \"a\"\napi_key_sha256 = \"{}\"\n[admin]\ninsecure_no_token = true\n",
             "ab".repeat(32)
         )
     }
