@@ -233,12 +233,20 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     diff_upstream_tls(&mut out, old.upstream.tls.as_ref(), new.upstream.tls.as_ref());
     diff_named(&mut out, "routes", &old.routes, &new.routes, |r| &r.name, route_fields);
     diff_named(&mut out, "tenants", &old.tenants, &new.tenants, |t| &t.id, tenant_fields);
+    for o in &old.tenants {
+        if let Some(n) = new.tenants.iter().find(|n| n.id == o.id)
+            && let Some(what) = keys_change(&o.key_digests, &n.key_digests)
+        {
+            out.push(Change { path: format!("tenants[{}].api_key", o.id), what, needs_restart: false });
+        }
+    }
     out
 }
 
-/// A TLS file in a diff: its path and a short digest of its contents (never the contents).
+/// A TLS file in a diff: its path and a keyed fingerprint of its contents (never the contents,
+/// nor a plain digest of them: see [`FileStamp::short`]).
 fn file(f: Option<&FileStamp>) -> String {
-    f.map_or_else(|| "none".to_string(), |f| format!("{} (sha256 {}…)", f.path.display(), f.short()))
+    f.map_or_else(|| "none".to_string(), |f| format!("{f:?}"))
 }
 
 fn files(list: &[FileStamp]) -> String {
@@ -319,7 +327,6 @@ fn tenant_fields(t: &TenantConfig) -> Vec<(&'static str, String)> {
     let l = &t.limits;
     vec![
         ("name", t.name.clone()),
-        ("api keys", format!("{} key(s) {:016x}", t.key_digests.len(), keys_fingerprint(&t.key_digests))),
         ("weight", t.weight.to_string()),
         ("rate", opt(l.rate.map(|r| r.to_string()))),
         ("burst", l.burst.to_string()),
@@ -332,9 +339,25 @@ fn tenant_fields(t: &TenantConfig) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// A short fingerprint of a key set, so a rotation shows as a change without printing digests.
-fn keys_fingerprint(digests: &[[u8; 32]]) -> u64 {
-    digests.iter().fold(0u64, |acc, d| acc.rotate_left(7) ^ u64::from_le_bytes(d[..8].try_into().expect("8 bytes")))
+/// A tenant's api keys that changed, by their place in the config (`[1] changed, [2] added`;
+/// a lone key: `changed`). Nothing derived from a key is shown: a digest, or any part of one,
+/// would let whoever reads the reload output test guessed keys offline.
+fn keys_change(old: &[[u8; 32]], new: &[[u8; 32]]) -> Option<String> {
+    if old == new {
+        return None;
+    }
+    if old.len() == 1 && new.len() == 1 {
+        return Some("changed".to_string());
+    }
+    let what: Vec<String> = (0..old.len().max(new.len()))
+        .filter_map(|i| match (old.get(i), new.get(i)) {
+            (Some(a), Some(b)) if a != b => Some(format!("[{i}] changed")),
+            (Some(_), None) => Some(format!("[{i}] removed")),
+            (None, Some(_)) => Some(format!("[{i}] added")),
+            _ => None,
+        })
+        .collect();
+    Some(what.join(", "))
 }
 
 fn diff_named<T>(
@@ -355,8 +378,7 @@ fn diff_named<T>(
             Some(n) => {
                 for ((f, a), (_, b)) in fields(o).into_iter().zip(fields(n)) {
                     if a != b {
-                        // Key changes are described without the digests themselves.
-                        let what = if f == "api keys" { "rotated".to_string() } else { format!("{a} → {b}") };
+                        let what = format!("{a} → {b}");
                         out.push(Change { path: format!("{section}[{}].{f}", name(o)), what, needs_restart: false });
                     }
                 }
@@ -466,16 +488,15 @@ insecure_no_token = true
         let on = tls("leaf.key");
         let changes: Vec<String> = diff(&plain, &on).iter().map(ToString::to_string).collect();
         assert_eq!(changes, ["server.tls: off → on (needs a restart)"]);
-        // Same path, new contents (a rotated key): shown by digest, never by content.
+        // Same path, new contents (a rotated key): shown by a keyed fingerprint, never by
+        // content nor by a digest one could check a guessed key file against.
         let mut rotated = on.clone();
         let t = rotated.server.tls.as_mut().unwrap();
         t.key.sha256 = [7; 32];
         let changes: Vec<String> = diff(&on, &rotated).iter().map(ToString::to_string).collect();
         assert_eq!(changes.len(), 1, "{changes:?}");
-        assert!(
-            changes[0].starts_with("server.tls.key: ") && changes[0].contains("sha256 070707070707…"),
-            "{changes:?}"
-        );
+        assert!(changes[0].starts_with("server.tls.key: ") && changes[0].contains("(contents "), "{changes:?}");
+        assert!(!changes[0].contains("070707"), "{changes:?}");
         assert!(!changes[0].contains("restart"));
     }
 
@@ -495,6 +516,43 @@ insecure_no_token = true
         assert!(changes[0].starts_with("state.backend: ") && changes[0].ends_with("(needs a restart)"));
         assert!(!changes[0].contains("Secret"), "{changes:?}");
         assert!(diff(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn reload_output_names_changed_keys_by_place_and_shows_nothing_derived_from_them() {
+        use sha2::{Digest, Sha256};
+        let key_file = crate::tls::test_certs::files("reload-keys", 90).join("leaf.key");
+        let key_digest: [u8; 32] = Sha256::digest(std::fs::read(&key_file).unwrap()).into();
+        let with_key = |path: &std::path::Path| {
+            let cert = path.with_file_name("leaf.pem");
+            let text = format!(
+                "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n{}",
+                cert.display(),
+                path.display(),
+                toml_of_minimal()
+            );
+            Config::from_toml(&text, &|_| None).unwrap()
+        };
+        let old = with_key(&key_file);
+        let copy = key_file.with_file_name("leaf-copy.key");
+        std::fs::copy(&key_file, &copy).unwrap();
+        let mut new = with_key(&copy);
+        // A guessable api key, rotated, and a second one added.
+        let guess: [u8; 32] = Sha256::digest(b"bank-a-2024").into();
+        new.tenants[0].key_digests = vec![guess];
+        let changes: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
+        assert!(changes.contains(&"tenants[a].api_key: changed".to_string()), "{changes:?}");
+        new.tenants[0].key_digests.push([1; 32]);
+        let more: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
+        assert!(more.contains(&"tenants[a].api_key: [0] changed, [1] added".to_string()), "{more:?}");
+        let all = format!("{changes:?}{more:?}");
+        for digest in [key_digest, guess, old.tenants[0].key_digests[0]] {
+            for n in [4, 6, 8] {
+                let prefix = hex::encode(&digest[..n]);
+                assert!(!all.contains(&prefix), "{prefix} (a digest prefix) in {all}");
+            }
+        }
+        assert!(all.contains("server.tls.key: "), "the key file moved: {all}");
     }
 
     fn toml_of_minimal() -> String {
