@@ -297,7 +297,8 @@ impl AllowedHosts<'_> {
     /// is one of ours.
     fn contains(&self, authority: &str) -> bool {
         let port = self.local.port();
-        let ours = [self.local.to_string(), format!("localhost:{port}"), format!("127.0.0.1:{port}"), format!("[::1]:{port}")];
+        let ours =
+            [self.local.to_string(), format!("localhost:{port}"), format!("127.0.0.1:{port}"), format!("[::1]:{port}")];
         ours.iter().any(|h| h == authority)
             || self.extra.iter().any(|h| h == authority || with_port(h, port) == authority)
     }
@@ -323,7 +324,8 @@ enum Refusal {
 
 /// Whether the request was addressed to us by a name of ours, and not sent by another site.
 fn same_site<B>(req: &Request<B>, hosts: &AllowedHosts<'_>) -> Result<(), Refusal> {
-    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let host =
+        req.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().authority().map(|a| a.as_str()));
     let host = host.map(|h| with_port(&h.trim().to_ascii_lowercase(), 80));
     if !host.is_some_and(|h| hosts.contains(&h)) {
         return Err(Refusal::Host);

@@ -1028,8 +1028,8 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         .flatten()
         .enumerate()
         .filter_map(|(i, h)| {
-            let ok = !h.is_empty()
-                && h.parse::<http::uri::Authority>().is_ok_and(|a| a.as_str() == h && !h.contains('@'));
+            let ok =
+                !h.is_empty() && h.parse::<http::uri::Authority>().is_ok_and(|a| a.as_str() == h && !h.contains('@'));
             if !ok {
                 p.add(
                     format!("admin.allowed_hosts[{i}]"),
@@ -2101,7 +2101,11 @@ api_key_sha256 = "{KEY_HEX}"
         assert!(!format!("{:?}", c.admin).contains(&KEY_HEX[..8]), "the digest stays out of debug output");
         let both = token.replacen("[admin]\n", "[admin]\ninsecure_no_token = true\n", 1);
         assert_eq!(problems(&both), ["admin.insecure_no_token: a token is set: remove insecure_no_token or the token"]);
-        let hosts = token.replacen("[admin]\n", "[admin]\nallowed_hosts = [\"Guard-1.internal\", \"ops:8443\", \"http://x\", \"\"]\n", 1);
+        let hosts = token.replacen(
+            "[admin]\n",
+            "[admin]\nallowed_hosts = [\"Guard-1.internal\", \"ops:8443\", \"http://x\", \"\"]\n",
+            1,
+        );
         let found = problems(&hosts);
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(found[0].starts_with("admin.allowed_hosts[2]") && found[1].starts_with("admin.allowed_hosts[3]"));

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::config::{AdminAuth, Config, Problem, RouteConfig, TenantConfig};
+use crate::config::{AdminAuth, Config, ConfigError, Problem, RouteConfig, TenantConfig};
 use crate::runtime::{Shared, Snapshot, adaptive_controller};
 use crate::tls::{FileStamp, ServerTls, UpstreamTls};
 
@@ -60,7 +60,15 @@ impl Outcome {
 }
 
 /// Re-reads the config file the proxy was started with and applies it (see the module doc).
+/// The file is read under the reload lock: of two reloads at once, the one that read the file
+/// last applies last, so the running config is the file's latest contents, never an older read
+/// that lost the race to the lock.
 pub fn reload_from_file(shared: &Shared) -> Outcome {
+    reload_with(shared, Config::load)
+}
+
+/// [`reload_from_file`] with the file read by `read` (tests pause between read and apply).
+fn reload_with(shared: &Shared, read: impl FnOnce(&std::path::Path) -> Result<Config, ConfigError>) -> Outcome {
     let Some(path) = shared.config_path.as_deref() else {
         return Outcome {
             result: "rejected",
@@ -68,8 +76,9 @@ pub fn reload_from_file(shared: &Shared) -> Outcome {
             problems: vec!["this proxy was started without a config file; nothing to re-read".to_string()],
         };
     };
-    match Config::load(path) {
-        Ok(config) => apply(shared, config),
+    let one_at_a_time = shared.reload_lock.lock().expect("reload lock not poisoned");
+    match read(path) {
+        Ok(config) => apply_locked(shared, config, one_at_a_time),
         Err(e) => {
             let out = Outcome::rejected(&e.problems);
             record(shared, &out);
@@ -81,7 +90,12 @@ pub fn reload_from_file(shared: &Shared) -> Outcome {
 /// Applies a validated config: compile, swap, resize the bureau budget. Serialized, so two
 /// reloads never interleave.
 pub fn apply(shared: &Shared, config: Config) -> Outcome {
-    let _one_at_a_time = shared.reload_lock.lock().expect("reload lock not poisoned");
+    let one_at_a_time = shared.reload_lock.lock().expect("reload lock not poisoned");
+    apply_locked(shared, config, one_at_a_time)
+}
+
+/// [`apply`] under the reload lock, which the caller took (and which is held until the end).
+fn apply_locked(shared: &Shared, config: Config, _one_at_a_time: std::sync::MutexGuard<'_, ()>) -> Outcome {
     let old = shared.snapshot.load_full();
     let changes = diff(&old.config, &config);
     let new_config = Arc::new(config);
@@ -189,7 +203,12 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
             field("admin.token", show(a), show(b), false);
         }
     }
-    field("admin.allowed_hosts", format!("{:?}", old.admin.allowed_hosts), format!("{:?}", new.admin.allowed_hosts), false);
+    field(
+        "admin.allowed_hosts",
+        format!("{:?}", old.admin.allowed_hosts),
+        format!("{:?}", new.admin.allowed_hosts),
+        false,
+    );
     let (u0, u1) = (&old.upstream, &new.upstream);
     field("upstream.url", u0.url.to_string(), u1.url.to_string(), false);
     field("upstream.connect_timeout", dur(u0.connect_timeout), dur(u1.connect_timeout), false);
@@ -553,6 +572,47 @@ insecure_no_token = true
             }
         }
         assert!(all.contains("server.tls.key: "), "the key file moved: {all}");
+    }
+
+    #[test]
+    fn two_reloads_at_once_apply_the_files_latest_contents_last() {
+        use std::sync::mpsc;
+        let dir = std::env::temp_dir().join(format!("bureau-guard-reload-order-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bureau-guard.toml");
+        let write = |rate: u32| {
+            std::fs::write(&path, toml_of_minimal().replace("id = \"a\"", &format!("id = \"a\"\nrate = {rate}")))
+                .unwrap()
+        };
+        write(1);
+        let clock: Arc<dyn crate::quota::Clock> = Arc::new(crate::quota::SystemClock);
+        let shared = crate::runtime::Shared::build(Config::load(&path).unwrap(), clock, Some(path.clone())).unwrap();
+        let (read_tx, read_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let shared = &shared;
+        std::thread::scope(|s| {
+            // A reads rate = 2, then is held between its read and its apply...
+            write(2);
+            let first = s.spawn(move || {
+                reload_with(shared, |p| {
+                    // The read happens under the reload lock: no other reload can apply meanwhile.
+                    assert!(shared.reload_lock.try_lock().is_err(), "the file is read without the reload lock");
+                    let c = Config::load(p);
+                    read_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    c
+                })
+            });
+            read_rx.recv().unwrap();
+            // ...while the operator writes rate = 3 and reloads again.
+            write(3);
+            let second = s.spawn(|| reload_from_file(shared));
+            go_tx.send(()).unwrap();
+            assert!(first.join().unwrap().applied());
+            assert!(second.join().unwrap().applied());
+        });
+        let rate = shared.snapshot.load().config.tenants[0].limits.rate;
+        assert_eq!(rate, Some(3.0), "the file's latest contents are what runs");
     }
 
     fn toml_of_minimal() -> String {

@@ -39,8 +39,8 @@ async fn a_foreign_host_or_another_site_is_refused_even_with_the_token() {
     assert_eq!(r.status, 421, "{:?}", r.body);
     assert_eq!(r.json()["error"], "unknown_host");
     // CSRF: a page elsewhere posting to localhost (a form or fetch sends Origin).
-    let r = send(&c, Method::POST, &purge, &[("origin", "http://attacker.example"), ("authorization", &bearer)], b"")
-        .await;
+    let r =
+        send(&c, Method::POST, &purge, &[("origin", "http://attacker.example"), ("authorization", &bearer)], b"").await;
     assert_eq!(r.status, 403, "{:?}", r.body);
     assert_eq!(r.json()["error"], "cross_origin");
     let r = send(&c, Method::POST, &purge, &[("sec-fetch-site", "cross-site"), ("authorization", &bearer)], b"").await;
@@ -48,7 +48,8 @@ async fn a_foreign_host_or_another_site_is_refused_even_with_the_token() {
     // The operator, by the listen address, localhost, or the listener's own page.
     let localhost = format!("localhost:{port}");
     let own = format!("http://localhost:{port}");
-    for headers in [vec![], vec![("host", localhost.as_str())], vec![("host", localhost.as_str()), ("origin", own.as_str())]]
+    for headers in
+        [vec![], vec![("host", localhost.as_str())], vec![("host", localhost.as_str()), ("origin", own.as_str())]]
     {
         let mut headers = headers;
         headers.push(("authorization", &bearer));
