@@ -141,11 +141,18 @@ impl Admin {
         match (req.method(), path) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => {
-                if self.shared.is_ready() {
-                    text(StatusCode::OK, "ready\n")
+                let (status, mut body) = if self.shared.is_ready() {
+                    (StatusCode::OK, "ready\n".to_string())
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
+                };
+                // What an operator must know about the shared state, ready or not.
+                for note in self.shared.redis.iter().flat_map(|r| r.readiness_notes()) {
+                    body.push_str(&format!("warning: {note}\n"));
                 }
+                let mut resp = text(status, "");
+                *resp.body_mut() = Full::new(Bytes::from(body));
+                resp
             }
             (&Method::GET, "/metrics") => {
                 self.shared.refresh_gauges();

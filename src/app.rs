@@ -96,7 +96,11 @@ pub async fn start_with(config: Config, options: Options) -> std::io::Result<Run
     if let Some(redis) = &shared.redis {
         // Count this replica in before taking traffic, so its first requests already use its
         // share of the bureau budget. A Redis that is down is not fatal: on_unavailable applies.
-        if redis.heartbeat().await {
+        let joined = match redis.join().await {
+            Ok(joined) => joined,
+            Err(refused) => return Err(std::io::Error::other(refused)),
+        };
+        if joined {
             tracing::info!(
                 replica = redis.replica_id(),
                 replicas = redis.replicas(),

@@ -270,7 +270,7 @@ fn serve(path: &Path) -> ExitCode {
         let running = match crate::app::start_with(config, options).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "cannot bind");
+                tracing::error!(error = %e, "cannot start");
                 return ExitCode::FAILURE;
             }
         };
