@@ -60,27 +60,28 @@ impl Admin {
         Admin { shared, peer, local }
     }
 
-    /// The checks every `/admin/*` request passes before its handler runs (see the module doc).
-    fn guard<B>(&self, req: &Request<B>) -> Result<(), Response<Body>> {
+    /// The checks every `/admin/*` request passes before its handler runs (see the module doc):
+    /// the answer refusing it, if it fails one.
+    fn refusal<B>(&self, req: &Request<B>) -> Option<Response<Body>> {
         let snap = self.shared.snapshot.load();
         let admin = &snap.config.admin;
         let hosts = AllowedHosts { local: self.local, extra: &admin.allowed_hosts };
         match same_site(req, &hosts) {
             Err(Refusal::Host) => {
-                return Err(json(
+                return Some(json(
                     StatusCode::MISDIRECTED_REQUEST,
                     &serde_json::json!({"error": "unknown_host", "message": "this admin listener does not answer to that Host; address it by its listen address or localhost, or add the name to admin.allowed_hosts"}),
                 ));
             }
             Err(Refusal::CrossOrigin) => {
-                return Err(json(
+                return Some(json(
                     StatusCode::FORBIDDEN,
                     &serde_json::json!({"error": "cross_origin", "message": "admin requests from another site (Origin, Sec-Fetch-Site) are refused"}),
                 ));
             }
             Ok(()) => {}
         }
-        if authorized(&admin.auth, req) { Ok(()) } else { Err(unauthorized()) }
+        (!authorized(&admin.auth, req)).then(unauthorized)
     }
 
     /// `POST /admin/reload`: file reading and compiling run off the async workers.
@@ -395,7 +396,7 @@ impl tower::Service<Request<Incoming>> for Admin {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         if req.uri().path().starts_with("/admin/")
-            && let Err(refused) = self.guard(&req)
+            && let Some(refused) = self.refusal(&req)
         {
             return Box::pin(async move { Ok(refused) });
         }
