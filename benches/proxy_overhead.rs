@@ -1352,6 +1352,7 @@ listen = "{listen}"
 {tls}
 [admin]
 listen = "{admin}"
+insecure_no_token = true
 
 [upstream]
 url = "http://{upstream}"

@@ -162,6 +162,7 @@ fn config(dir: &Path, v: Variant, mock: SocketAddr, redis_port: u16) -> (PathBuf
 listen = "127.0.0.1:{port}"
 [admin]
 listen = "127.0.0.1:{admin}"
+insecure_no_token = true
 [upstream]
 url = "http://{mock}"
 max_concurrency = 512

@@ -190,6 +190,7 @@ drain_timeout = "1s"
 
 [admin]
 listen = "127.0.0.1:$ADMIN_PORT"
+insecure_no_token = true   # a throwaway proxy on loopback, for this check only
 
 [upstream]
 url = "$BUREAU"
@@ -314,6 +315,7 @@ client_identity = "san_dns"
 
 [admin]
 listen = "127.0.0.1:$LOCAL_ADMIN_PORT"
+insecure_no_token = true
 
 [upstream]
 url = "$BUREAU"

@@ -11,8 +11,17 @@
 //! | `POST /admin/reload` | re-read and apply the config file (token); 200 applied, 422 rejected |
 //! | `POST /admin/cache/purge[?tenant=ID\|?route=NAME]` | drop cached answers: a tenant's, a route's, or all (token) |
 //!
-//! `POST` endpoints require `Authorization: Bearer TOKEN` when `admin.token_sha256`/`token_env`
-//! is configured; each is logged with the peer address and the `x-operator` header, if sent.
+//! Every `/admin/*` request (usage included) must carry `Authorization: Bearer TOKEN`
+//! (`admin.token_sha256`/`token_env`); only a config that writes `admin.insecure_no_token = true`
+//! leaves them open. A listener on loopback is no protection by itself: any local process, and any
+//! web page a browser on the host visits, can reach it. So `/admin/*` also answers only to the
+//! names it is known by (`Host`: its listen address, localhost, 127.0.0.1 and [::1] at its port,
+//! and `admin.allowed_hosts`; 421 otherwise, which defeats DNS rebinding) and refuses requests a
+//! browser marks as coming from another site (`Origin` not one of those names, or
+//! `Sec-Fetch-Site: cross-site`/`same-site`: 403), so a page cannot forge a POST (CSRF).
+//! `/healthz`, `/readyz` and `/metrics` stay open to any name: probes and scrapers address the
+//! listener by IP, and they change nothing. Each `POST` is logged with the peer address and the
+//! `x-operator` header, if sent.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -23,7 +32,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, ORIGIN};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -31,6 +40,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::config::AdminAuth;
 use crate::quota::Windows;
 use crate::respond::Body;
 use crate::runtime::Shared;
@@ -40,18 +50,42 @@ use crate::runtime::Shared;
 pub struct Admin {
     shared: Arc<Shared>,
     peer: Option<SocketAddr>,
+    /// The admin listener's bound address: the names it answers to follow from it.
+    local: SocketAddr,
 }
 
 impl Admin {
-    pub fn new(shared: Arc<Shared>, peer: Option<SocketAddr>) -> Admin {
-        Admin { shared, peer }
+    /// The service for one connection from `peer` to the admin listener bound at `local`.
+    pub fn new(shared: Arc<Shared>, peer: Option<SocketAddr>, local: SocketAddr) -> Admin {
+        Admin { shared, peer, local }
+    }
+
+    /// The checks every `/admin/*` request passes before its handler runs (see the module doc):
+    /// the answer refusing it, if it fails one.
+    fn refusal<B>(&self, req: &Request<B>) -> Option<Response<Body>> {
+        let snap = self.shared.snapshot.load();
+        let admin = &snap.config.admin;
+        let hosts = AllowedHosts { local: self.local, extra: &admin.allowed_hosts };
+        match same_site(req, &hosts) {
+            Err(Refusal::Host) => {
+                return Some(json(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    &serde_json::json!({"error": "unknown_host", "message": "this admin listener does not answer to that Host; address it by its listen address or localhost, or add the name to admin.allowed_hosts"}),
+                ));
+            }
+            Err(Refusal::CrossOrigin) => {
+                return Some(json(
+                    StatusCode::FORBIDDEN,
+                    &serde_json::json!({"error": "cross_origin", "message": "admin requests from another site (Origin, Sec-Fetch-Site) are refused"}),
+                ));
+            }
+            Ok(()) => {}
+        }
+        (!authorized(&admin.auth, req)).then(unauthorized)
     }
 
     /// `POST /admin/reload`: file reading and compiling run off the async workers.
     async fn reload(self, req: Request<Incoming>) -> Response<Body> {
-        if !self.authorized(&req) {
-            return unauthorized();
-        }
         let who = self.who(&req);
         let shared = self.shared.clone();
         let outcome = tokio::task::spawn_blocking(move || crate::reload::reload_from_file(&shared)).await;
@@ -71,9 +105,6 @@ impl Admin {
     /// `POST /admin/cache/purge`: for when the bureau corrects a record.
     async fn purge(self, req: Request<Incoming>) -> Response<Body> {
         use crate::cache::Purge;
-        if !self.authorized(&req) {
-            return unauthorized();
-        }
         let query = req.uri().query().unwrap_or("");
         let mut tenant = None;
         let mut route = None;
@@ -111,11 +142,18 @@ impl Admin {
         match (req.method(), path) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => {
-                if self.shared.is_ready() {
-                    text(StatusCode::OK, "ready\n")
+                let (status, mut body) = if self.shared.is_ready() {
+                    (StatusCode::OK, "ready\n".to_string())
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
+                };
+                // What an operator must know about the shared state, ready or not.
+                for note in self.shared.redis.iter().flat_map(|r| r.readiness_notes()) {
+                    body.push_str(&format!("warning: {note}\n"));
                 }
+                let mut resp = text(status, "");
+                *resp.body_mut() = Full::new(Bytes::from(body));
+                resp
             }
             (&Method::GET, "/metrics") => {
                 self.shared.refresh_gauges();
@@ -125,26 +163,8 @@ impl Admin {
                 resp
             }
             (&Method::GET, "/admin/tenants") => json(StatusCode::OK, &self.tenants()),
-            (&Method::POST, p) if p.starts_with("/admin/") => {
-                if !self.authorized(req) {
-                    return unauthorized();
-                }
-                not_found()
-            }
             _ => not_found(),
         }
-    }
-
-    /// Whether the request carries the admin token (or no token is configured).
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(want) = self.shared.snapshot.load().config.admin.token_digest else { return true };
-        let presented = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(|t| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
-        presented.is_some_and(|d| bool::from(d.ct_eq(&want)))
     }
 
     fn who(&self, req: &Request<Incoming>) -> String {
@@ -163,9 +183,6 @@ impl Admin {
 
     /// `POST /admin/tenants/{id}/reset`.
     async fn reset(self, req: Request<Incoming>) -> Response<Body> {
-        if !self.authorized(&req) {
-            return unauthorized();
-        }
         let path = req.uri().path();
         let id = path.strip_prefix("/admin/tenants/").and_then(|rest| rest.strip_suffix("/reset")).unwrap_or("");
         let snap = self.shared.snapshot.load_full();
@@ -265,6 +282,83 @@ struct UsageView {
     monthly_resets_in_s: u64,
 }
 
+/// Whether the request carries the admin token (or the config says none is needed).
+fn authorized<B>(auth: &AdminAuth, req: &Request<B>) -> bool {
+    let AdminAuth::Token(want) = auth else { return true };
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(|t| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
+    presented.is_some_and(|d| bool::from(d.ct_eq(want)))
+}
+
+/// The names `/admin/*` answers to: `host:port`, lower case, the port always written.
+struct AllowedHosts<'a> {
+    local: SocketAddr,
+    extra: &'a [String],
+}
+
+impl AllowedHosts<'_> {
+    /// Whether `authority` (a `Host` value or an origin's host, already given its default port)
+    /// is one of ours.
+    fn contains(&self, authority: &str) -> bool {
+        let port = self.local.port();
+        let ours =
+            [self.local.to_string(), format!("localhost:{port}"), format!("127.0.0.1:{port}"), format!("[::1]:{port}")];
+        ours.iter().any(|h| h == authority)
+            || self.extra.iter().any(|h| h == authority || with_port(h, port) == authority)
+    }
+}
+
+/// `host` with `port` unless it names one already (`[v6]` without a port included).
+fn with_port(host: &str, port: u16) -> String {
+    let has_port = match host.rfind(':') {
+        Some(i) => !host.starts_with('[') || host[..i].ends_with(']'),
+        None => false,
+    };
+    if has_port { host.to_string() } else { format!("{host}:{port}") }
+}
+
+/// Why `/admin/*` refused a request before looking at its token.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// `Host` (or the h2 `:authority`) is missing or not one of ours: DNS rebinding, or a typo.
+    Host,
+    /// A browser says another site sent it.
+    CrossOrigin,
+}
+
+/// Whether the request was addressed to us by a name of ours, and not sent by another site.
+fn same_site<B>(req: &Request<B>, hosts: &AllowedHosts<'_>) -> Result<(), Refusal> {
+    let host =
+        req.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let host = host.map(|h| with_port(&h.trim().to_ascii_lowercase(), 80));
+    if !host.is_some_and(|h| hosts.contains(&h)) {
+        return Err(Refusal::Host);
+    }
+    if let Some(origin) = req.headers().get(ORIGIN) {
+        // `null` (a sandboxed frame, a redirect) and anything unreadable are refused too.
+        let origin = origin.to_str().unwrap_or("").trim().to_ascii_lowercase();
+        let ok = match (origin.strip_prefix("http://"), origin.strip_prefix("https://")) {
+            (Some(h), _) => hosts.contains(&with_port(h, 80)),
+            (_, Some(h)) => hosts.contains(&with_port(h, 443)),
+            _ => false,
+        };
+        if !ok {
+            return Err(Refusal::CrossOrigin);
+        }
+    }
+    // Browsers that send Origin only on some requests still send Sec-Fetch-Site; a sibling
+    // subdomain (`same-site`) is another origin all the same.
+    let site = req.headers().get("sec-fetch-site").map(|v| v.as_bytes());
+    if matches!(site, Some(b"cross-site" | b"same-site")) {
+        return Err(Refusal::CrossOrigin);
+    }
+    Ok(())
+}
+
 fn unauthorized() -> Response<Body> {
     json(
         StatusCode::UNAUTHORIZED,
@@ -301,6 +395,11 @@ impl tower::Service<Request<Incoming>> for Admin {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        if req.uri().path().starts_with("/admin/")
+            && let Some(refused) = self.refusal(&req)
+        {
+            return Box::pin(async move { Ok(refused) });
+        }
         if req.method() == Method::POST && req.uri().path() == "/admin/reload" {
             let admin = self.clone();
             return Box::pin(async move { Ok(admin.reload(req).await) });
@@ -318,5 +417,74 @@ impl tower::Service<Request<Incoming>> for Admin {
         }
         let resp = self.handle(&req);
         Box::pin(async move { Ok(resp) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::post("/admin/reload");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn check(headers: &[(&str, &str)]) -> Result<(), Refusal> {
+        let extra = ["guard-1.internal".to_string(), "ops.internal:8443".to_string()];
+        let hosts = AllowedHosts { local: "10.0.0.5:9090".parse().unwrap(), extra: &extra };
+        same_site(&req(headers), &hosts)
+    }
+
+    #[test]
+    fn admin_answers_only_to_its_own_names() {
+        for host in ["10.0.0.5:9090", "localhost:9090", "LOCALHOST:9090", "127.0.0.1:9090", "[::1]:9090"] {
+            assert_eq!(check(&[("host", host)]), Ok(()), "{host}");
+        }
+        for host in ["guard-1.internal:9090", "guard-1.internal", "ops.internal:8443"] {
+            // An allowed name without a port answers at the listener's port (and at 80 if it
+            // is the listener's).
+            let want = if host == "guard-1.internal" { Err(Refusal::Host) } else { Ok(()) };
+            assert_eq!(check(&[("host", host)]), want, "{host}");
+        }
+        // DNS rebinding: the attacker's name resolves to us, the browser sends its name.
+        for host in ["attacker.example:9090", "localhost:9091", "ops.internal:9090", "localhost", ""] {
+            assert_eq!(check(&[("host", host)]), Err(Refusal::Host), "{host:?}");
+        }
+        assert_eq!(check(&[]), Err(Refusal::Host), "no Host at all");
+    }
+
+    #[test]
+    fn admin_refuses_what_a_browser_says_another_site_sent() {
+        let host = ("host", "localhost:9090");
+        assert_eq!(check(&[host, ("origin", "http://localhost:9090")]), Ok(()));
+        assert_eq!(check(&[host, ("origin", "https://ops.internal:8443")]), Ok(()));
+        assert_eq!(check(&[host, ("sec-fetch-site", "same-origin")]), Ok(()));
+        assert_eq!(check(&[host, ("sec-fetch-site", "none")]), Ok(()), "typed in the address bar");
+        for origin in ["http://attacker.example", "null", "http://localhost:9091", "file://", "http://localhost"] {
+            assert_eq!(check(&[host, ("origin", origin)]), Err(Refusal::CrossOrigin), "{origin}");
+        }
+        for site in ["cross-site", "same-site"] {
+            assert_eq!(check(&[host, ("sec-fetch-site", site)]), Err(Refusal::CrossOrigin), "{site}");
+        }
+    }
+
+    #[test]
+    fn the_token_is_compared_by_digest_and_optional_only_when_written_out() {
+        let auth = AdminAuth::Token(Sha256::digest(b"s3cret").into());
+        assert!(authorized(&auth, &req(&[("authorization", "Bearer s3cret")])));
+        assert!(!authorized(&auth, &req(&[("authorization", "Bearer guess")])));
+        assert!(!authorized(&auth, &req(&[])));
+        assert!(authorized(&AdminAuth::InsecureNoToken, &req(&[])));
+    }
+
+    #[test]
+    fn with_port_adds_the_port_only_when_missing() {
+        assert_eq!(with_port("a.internal", 80), "a.internal:80");
+        assert_eq!(with_port("a.internal:81", 80), "a.internal:81");
+        assert_eq!(with_port("[::1]", 80), "[::1]:80");
+        assert_eq!(with_port("[::1]:9", 80), "[::1]:9");
     }
 }

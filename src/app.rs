@@ -105,7 +105,11 @@ pub async fn start_with(config: Config, options: Options) -> std::io::Result<Run
     if let Some(redis) = &shared.redis {
         // Count this replica in before taking traffic, so its first requests already use its
         // share of the bureau budget. A Redis that is down is not fatal: on_unavailable applies.
-        if redis.heartbeat().await {
+        let joined = match redis.join().await {
+            Ok(joined) => joined,
+            Err(refused) => return Err(std::io::Error::other(refused)),
+        };
+        if joined {
             tracing::info!(
                 replica = redis.replica_id(),
                 replicas = redis.replicas(),
@@ -173,7 +177,7 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
     let admin_task = tokio::spawn(server::serve_edge(
         admin_listener,
         server::Edge::plain(admin_limits, drain),
-        move |peer: &server::Peer| Admin::new(admin_shared.clone(), Some(peer.addr.peer)),
+        move |peer: &server::Peer| Admin::new(admin_shared.clone(), Some(peer.addr.peer), admin_addr),
         wait(admin_stopped),
     ));
     let persist_task = tokio::spawn(async move {
@@ -182,8 +186,8 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
             redis_loop(shared_for_persist, wait(persist_stopped)),
         );
     });
-    if !admin_addr.ip().is_loopback() && shared.snapshot.load().config.admin.token_digest.is_none() {
-        tracing::warn!(%admin_addr, "the admin listener is reachable beyond this host and has no token: anyone who reaches it can reload, reset quotas and purge the cache; set admin.token_sha256 or admin.token_env");
+    if !admin_addr.ip().is_loopback() && !shared.snapshot.load().config.admin.auth.has_token() {
+        tracing::warn!(%admin_addr, "the admin listener is reachable beyond this host and has no token: anyone who reaches it can reload, reset quotas and purge the cache; set admin.token_sha256 or admin.token_env instead of admin.insecure_no_token");
     }
     shared.ready.store(true, Ordering::Release);
     let tls = shared.snapshot.load().config.server.tls.as_ref().map_or("off", |t| t.client_auth.as_str());

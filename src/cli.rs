@@ -358,6 +358,15 @@ fn reload(admin: &str, token: Option<&str>) -> ExitCode {
             eprintln!("the admin endpoint refused the token: pass --token or set BUREAU_GUARD_ADMIN_TOKEN");
             return ExitCode::FAILURE;
         }
+        if status == http::StatusCode::MISDIRECTED_REQUEST || status == http::StatusCode::FORBIDDEN {
+            // The admin listener does not know the name in --admin (admin.allowed_hosts).
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            eprintln!("the admin endpoint refused the request ({status}): {message}");
+            return ExitCode::FAILURE;
+        }
         let Ok(out) = serde_json::from_slice::<serde_json::Value>(&body) else {
             eprintln!("unexpected answer ({status}): {}", String::from_utf8_lossy(&body));
             return ExitCode::FAILURE;

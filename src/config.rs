@@ -345,9 +345,38 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
-    /// SHA-256 of the token that `POST /admin/...` requests must present as `Authorization:
-    /// Bearer TOKEN`. Without one, admin mutations are open to whoever reaches the admin listener.
-    pub token_digest: Option<[u8; 32]>,
+    /// Who may use `/admin/*`: a token, or (written out by the operator) anyone.
+    pub auth: AdminAuth,
+    /// `admin.allowed_hosts`: names (`host` or `host:port`, lower case) that `/admin/*` answers
+    /// to besides the listen address and localhost, 127.0.0.1 and [::1] at its port.
+    pub allowed_hosts: Vec<String>,
+}
+
+/// How `/admin/*` requests are authorized.
+#[derive(Clone, PartialEq, Eq)]
+pub enum AdminAuth {
+    /// The SHA-256 of the token every `/admin/*` request must present as `Authorization:
+    /// Bearer TOKEN` (`token_sha256`, or the digest of `token_env`'s value).
+    Token([u8; 32]),
+    /// `admin.insecure_no_token = true`: `/admin/*` is open to whatever reaches the listener.
+    InsecureNoToken,
+}
+
+impl AdminAuth {
+    /// Whether a token is required.
+    pub fn has_token(&self) -> bool {
+        matches!(self, AdminAuth::Token(_))
+    }
+}
+
+impl fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The digest is not shown: it would let whoever reads a debug dump test guesses offline.
+        f.write_str(match self {
+            AdminAuth::Token(_) => "Token(..)",
+            AdminAuth::InsecureNoToken => "InsecureNoToken",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -692,6 +721,8 @@ struct RawAdmin {
     listen: Option<String>,
     token_sha256: Option<String>,
     token_env: Option<String>,
+    insecure_no_token: Option<bool>,
+    allowed_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -981,9 +1012,45 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         },
         (None, None) => None,
     };
+    let insecure = raw.admin.insecure_no_token.unwrap_or(false);
+    let has_token = raw.admin.token_sha256.is_some() || raw.admin.token_env.is_some();
+    let auth = match token_digest {
+        Some(d) => AdminAuth::Token(d),
+        // A token that is set but invalid was reported above; this is only a placeholder.
+        None => AdminAuth::InsecureNoToken,
+    };
+    if has_token && insecure {
+        p.add("admin.insecure_no_token", "a token is set: remove insecure_no_token or the token");
+    } else if !has_token && !insecure {
+        p.add(
+            "admin",
+            "no admin token: set admin.token_sha256 (the SHA-256 of a secret) or admin.token_env (the \
+             variable that holds it), or write admin.insecure_no_token = true to leave /admin/* open to \
+             every local process and to web pages a browser on this host visits",
+        );
+    }
+    let allowed_hosts = raw
+        .admin
+        .allowed_hosts
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, h)| {
+            let ok =
+                !h.is_empty() && h.parse::<http::uri::Authority>().is_ok_and(|a| a.as_str() == h && !h.contains('@'));
+            if !ok {
+                p.add(
+                    format!("admin.allowed_hosts[{i}]"),
+                    format!("{h:?} is not a host name or host:port (no scheme, path or user)"),
+                );
+            }
+            ok.then(|| h.to_ascii_lowercase())
+        })
+        .collect();
     let admin = AdminConfig {
         listen: p.addr("admin.listen", raw.admin.listen.as_deref(), defaults::ADMIN_LISTEN),
-        token_digest,
+        auth,
+        allowed_hosts,
     };
     if admin.listen == server.listen && server.listen.port() != 0 {
         p.add("admin.listen", format!("must differ from server.listen ({})", server.listen));
@@ -2014,6 +2081,8 @@ mod tests {
     fn minimal() -> String {
         format!(
             r#"
+[admin]
+insecure_no_token = true
 [upstream]
 url = "http://127.0.0.1:8081"
 [[routes]]
@@ -2032,6 +2101,32 @@ api_key_sha256 = "{KEY_HEX}"
             Ok(_) => vec![],
             Err(e) => e.problems.iter().map(ToString::to_string).collect(),
         }
+    }
+
+    #[test]
+    fn a_config_without_an_admin_token_is_rejected_with_what_to_set() {
+        let without = minimal().replace("[admin]\ninsecure_no_token = true\n", "");
+        let found = problems(&without);
+        assert_eq!(found.len(), 1, "{found:?}");
+        for want in ["admin.token_sha256", "admin.token_env", "insecure_no_token = true"] {
+            assert!(found[0].contains(want), "{found:?} should name {want}");
+        }
+        let token = format!("[admin]\ntoken_sha256 = \"{KEY_HEX}\"\n{without}");
+        let c = Config::from_toml(&token, &no_env).expect("a token is enough");
+        assert!(c.admin.auth.has_token());
+        assert!(!format!("{:?}", c.admin).contains(&KEY_HEX[..8]), "the digest stays out of debug output");
+        let both = token.replacen("[admin]\n", "[admin]\ninsecure_no_token = true\n", 1);
+        assert_eq!(problems(&both), ["admin.insecure_no_token: a token is set: remove insecure_no_token or the token"]);
+        let hosts = token.replacen(
+            "[admin]\n",
+            "[admin]\nallowed_hosts = [\"Guard-1.internal\", \"ops:8443\", \"http://x\", \"\"]\n",
+            1,
+        );
+        let found = problems(&hosts);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].starts_with("admin.allowed_hosts[2]") && found[1].starts_with("admin.allowed_hosts[3]"));
+        let ok = token.replacen("[admin]\n", "[admin]\nallowed_hosts = [\"Guard-1.internal\", \"ops:8443\"]\n", 1);
+        assert_eq!(Config::from_toml(&ok, &no_env).unwrap().admin.allowed_hosts, ["guard-1.internal", "ops:8443"]);
     }
 
     #[test]
@@ -2159,6 +2254,8 @@ api_key_sha256 = "{KEY_HEX}"
     fn every_problem_is_reported_not_just_the_first() {
         let text = format!(
             r#"
+[admin]
+insecure_no_token = true
 [server]
 max_body = "lots"
 request_timeout = "soon"
@@ -2430,6 +2527,8 @@ fail_closed = true
         let f = |name: &str| dir.join(name).display().to_string();
         let text = format!(
             r#"
+[admin]
+insecure_no_token = true
 [server.tls]
 cert = "{}"
 key = "{}"

@@ -11,7 +11,7 @@
 //! | rate, burst | GCRA arrival time, µs, Redis clock (`{p:t}:rate`) | tokens; unused ones go back |
 //! | daily / monthly | units leased out in the window (`{p:t}:daily:N`), expiring after it | quota units |
 //! | max_in_flight | hash replica → `held:expiry_ms` (`{p:t}:inflight`) | slots, renewed each heartbeat |
-//! | bureau budget | sorted set of live replicas by expiry (`{p}:replicas`) | `max_concurrency / replicas` |
+//! | bureau budget | sorted set of live replicas by expiry (`{p}:replicas`), its creation time (`{p}:replicas:born`), each id's owning process (`{p}:owners`), the deployment's epoch (`{p}:epoch`) | `max_concurrency / replicas` |
 //!
 //! A replica that dies stops renewing: its in-flight slots expire after `lease_ttl` and it drops
 //! out of the replica count; the quota units it held unspent are lost to the tenant (the safe
@@ -24,6 +24,12 @@
 //! once it is back — each batch once, guarded by a unique token, so a retried sync never counts
 //! twice; `fail_closed` answers 503 `state_unavailable`. Transitions are logged once and
 //! counted in metrics.
+//!
+//! A Redis that comes back without its data (no persistence, a failover to a replica that
+//! lagged) is noticed by the deployment's epoch key changing, and the bureau budget holds through
+//! it: a replica set younger than `lease_ttl` may not list every live replica yet, so no replica
+//! takes a larger share than it held until it is that old. Replica ids are owned by one process
+//! at a time (`{p}:owners`): a second one under a live id refuses to start.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -185,21 +191,68 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return {d, m}
 ";
 
-/// Heartbeat: drops replicas whose lease expired, renews ours. Returns {live replicas, our
-/// rank among them by name} (ranks split the bureau budget's remainder deterministically).
+/// Heartbeat: drops replicas whose lease expired, renews ours. KEYS: the replica set, when it
+/// was last created (ms, Redis clock), the deployment's epoch, the owners of replica ids (id →
+/// `instance:expiry_ms`). ARGV: id, lease ttl ms, an epoch to write if there is none, this
+/// process's instance, `join` (start-up: do not enter the set under an id another live process
+/// renews) or `beat`.
+///
+/// Returns {live replicas, our rank among them by name (ranks split the bureau budget's
+/// remainder deterministically), age of the replica set ms, epoch, 1 if another live process
+/// holds our id}. A set created less than a lease ttl ago may not yet hold every live replica
+/// (a Redis that lost its data, or the first replica of a deployment): see `heartbeat`.
 const HEARTBEAT: &str = r"
 local now_t = redis.call('TIME')
 local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('SET', KEYS[3], epoch)
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[2], now, 'PX', ttl * 2)
+end
+local born = tonumber(redis.call('GET', KEYS[2]) or now)
+local owners = redis.call('HGETALL', KEYS[4])
+local dup = 0
+for i = 1, #owners, 2 do
+  local v = owners[i + 1]
+  local sep = string.find(v, ':', 1, true)
+  local exp = tonumber(string.sub(v, sep + 1))
+  if exp <= now then
+    redis.call('HDEL', KEYS[4], owners[i])
+  elseif owners[i] == ARGV[1] and string.sub(v, 1, sep - 1) ~= ARGV[4] then
+    dup = 1
+  end
+end
+if dup == 1 and ARGV[5] == 'join' then
+  return {0, 0, now - born, epoch, 1}
+end
+if dup == 0 then
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[4] .. ':' .. (now + ttl))
+end
+redis.call('PEXPIRE', KEYS[4], ttl * 2)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
+redis.call('PEXPIRE', KEYS[2], ttl * 2)
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 table.sort(members)
 for i, m in ipairs(members) do
-  if m == ARGV[1] then return {#members, i - 1} end
+  if m == ARGV[1] then return {#members, i - 1, now - born, epoch, dup} end
 end
-return {#members, 0}
+return {#members, 0, now - born, epoch, dup}
+";
+
+/// Leaving at shutdown: out of the replica set, and the id given up if it is still ours.
+const LEAVE: &str = r"
+redis.call('ZREM', KEYS[1], ARGV[1])
+local v = redis.call('HGET', KEYS[2], ARGV[1])
+if v and string.sub(v, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. ':' then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+return 1
 ";
 
 /// A connection to a single Redis (reconnecting by itself) or to a Redis Cluster (connected on
@@ -332,6 +385,7 @@ struct Scripts {
     quota_sync: Script,
     in_flight: Script,
     heartbeat: Script,
+    leave: Script,
     reset: Script,
 }
 
@@ -346,6 +400,10 @@ struct RedisMetrics {
     fallback: IntCounterVec,
     /// `fallback` resolved per [`Limit`] (no label lookup per request during an outage).
     fallback_by_limit: [prometheus::IntCounter; 4],
+    /// Times this replica found Redis without the data it had seen (a new epoch).
+    data_lost: prometheus::IntCounter,
+    /// Times this replica found another live process heartbeating with its replica id.
+    id_conflicts: prometheus::IntCounter,
 }
 
 /// The limits a decision without Redis can be about (index into `fallback_by_limit`).
@@ -404,13 +462,25 @@ impl RedisMetrics {
             .expect("valid metric"),
             fallback,
             fallback_by_limit,
+            data_lost: prometheus::IntCounter::new(
+                "bureau_guard_state_redis_data_lost_total",
+                "Times Redis was found without the data this replica had seen (restarted empty, or a failover to a replica that lagged): shared counts were lost",
+            )
+            .expect("valid metric"),
+            id_conflicts: prometheus::IntCounter::new(
+                "bureau_guard_state_replica_id_conflicts_total",
+                "Times another live process was found heartbeating with this replica's state.redis.replica_id",
+            )
+            .expect("valid metric"),
         };
         for op in OPS {
             m.calls.with_label_values(&[op]);
             m.errors.with_label_values(&[op]);
         }
 
-        let all: [Box<dyn prometheus::core::Collector>; 7] = [
+        let all: [Box<dyn prometheus::core::Collector>; 9] = [
+            Box::new(m.data_lost.clone()),
+            Box::new(m.id_conflicts.clone()),
             Box::new(m.up.clone()),
             Box::new(m.replicas.clone()),
             Box::new(m.calls.clone()),
@@ -481,6 +551,20 @@ enum Period {
     Month,
 }
 
+/// A heartbeat at start-up, or one of the renewals after it.
+#[derive(Clone, Copy)]
+enum Beat {
+    Join,
+    Renew,
+}
+
+/// What a heartbeat that Redis answered found.
+enum Joined {
+    Yes,
+    /// (Start-up only.) Another live process renews this replica's id.
+    IdTaken,
+}
+
 /// The shared-state backend of one replica.
 pub struct RedisState {
     conn: Conn,
@@ -500,6 +584,14 @@ pub struct RedisState {
     sync_nonce: u64,
     /// The password in `settings.url` (as written and percent-decoded), kept out of logs.
     secrets: Vec<String>,
+    /// This process in Redis's owner of its replica id (`sync_nonce` in hex).
+    instance: String,
+    /// The deployment's epoch this replica saw last: Redis holds one key for the deployment's
+    /// life, written by the first replica to find none. A different one means Redis lost
+    /// everything it held (the key included) since.
+    epoch: std::sync::Mutex<Option<String>>,
+    /// Another live process heartbeats with this replica's id (see `heartbeat`).
+    id_conflict: AtomicBool,
     /// When an error about one tenant's keys was last logged (`now_ns`).
     local_error_logged: AtomicU64,
     scheduler: Arc<Scheduler>,
@@ -530,6 +622,7 @@ impl RedisState {
         let expected = settings.expected_replicas.max(1);
         metrics.replicas.set(expected as i64);
         scheduler.set_share(expected - 1, expected);
+        let sync_nonce = getrandom::u64().map_err(|e| format!("no random source for the outage sync tokens: {e}"))?;
         Ok(Arc::new(RedisState {
             conn,
             scripts: Scripts {
@@ -540,6 +633,7 @@ impl RedisState {
                 quota_sync: Script::new(QUOTA_SYNC),
                 in_flight: Script::new(IN_FLIGHT),
                 heartbeat: Script::new(HEARTBEAT),
+                leave: Script::new(LEAVE),
                 reset: Script::new(RESET),
             },
             settings: settings.clone(),
@@ -548,7 +642,10 @@ impl RedisState {
             replicas: AtomicUsize::new(expected),
             sync_seq: AtomicU64::new(0),
             tick_start: AtomicUsize::new(0),
-            sync_nonce: getrandom::u64().map_err(|e| format!("no random source for the outage sync tokens: {e}"))?,
+            sync_nonce,
+            instance: format!("{sync_nonce:016x}"),
+            epoch: std::sync::Mutex::new(None),
+            id_conflict: AtomicBool::new(false),
             secrets: url_secrets(&settings.url),
             local_error_logged: AtomicU64::new(0),
             scheduler,
@@ -577,6 +674,34 @@ impl RedisState {
 
     fn replicas_key(&self) -> String {
         format!("{{{}}}:replicas", self.settings.key_prefix)
+    }
+
+    /// The keys the heartbeat script reads besides the replica set (same hash tag).
+    fn deployment_key(&self, what: &str) -> String {
+        format!("{{{}}}:{what}", self.settings.key_prefix)
+    }
+
+    /// Whether another live process heartbeats with this replica's id (`/readyz` says 503).
+    pub fn id_conflict(&self) -> bool {
+        self.id_conflict.load(Ordering::Acquire)
+    }
+
+    /// What `/readyz` should tell the operator about the shared state, one line each.
+    pub fn readiness_notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.id_conflict() {
+            notes.push(format!(
+                "replica id {:?} is in use by another live process: give each replica its own state.redis.replica_id",
+                self.replica
+            ));
+        }
+        let lost = self.metrics.data_lost.get();
+        if lost > 0 {
+            notes.push(format!(
+                "Redis lost its data {lost} time(s) since this replica started (restarted empty, or a failover to a replica that lagged): quota counts from before were lost"
+            ));
+        }
+        notes
     }
 
     /// Runs one script with a background time bound, counting it; any failure marks Redis down.
@@ -1018,14 +1143,80 @@ impl RedisState {
     // -----------------------------------------------------------------------------------------
     // Background: heartbeats, renewals, give-backs, recovery
 
+    /// Start-up's first heartbeat. `Err` when another live process renews this replica's id: two
+    /// processes under one id count as one replica, and each would take that one's share of
+    /// the bureau budget. An id whose holder has died (a crash, then a restart under a fixed id)
+    /// is free once its lease runs out, so this waits up to `lease_ttl` for that before
+    /// refusing. `Ok(false)`: Redis did not answer (on_unavailable applies until it does).
+    pub async fn join(&self) -> Result<bool, String> {
+        let deadline = Instant::now() + self.settings.lease_ttl + self.settings.heartbeat_interval;
+        loop {
+            match self.beat(Beat::Join).await {
+                None => return Ok(false),
+                Some(Joined::Yes) => return Ok(true),
+                Some(Joined::IdTaken) if Instant::now() < deadline => {
+                    tokio::time::sleep(self.settings.heartbeat_interval).await;
+                }
+                Some(Joined::IdTaken) => {
+                    self.metrics.id_conflicts.inc();
+                    return Err(format!(
+                        "state.redis.replica_id {:?} is renewed by another live replica; give each replica its own id (or leave replica_id out)",
+                        self.replica
+                    ));
+                }
+            }
+        }
+    }
+
     /// Announces this replica, learns how many are live, and takes this replica's share of the
     /// bureau budget. Returns whether Redis answered.
     pub async fn heartbeat(&self) -> bool {
+        self.beat(Beat::Renew).await.is_some()
+    }
+
+    async fn beat(&self, mode: Beat) -> Option<Joined> {
         let mut inv = self.scripts.heartbeat.key(self.replicas_key());
-        inv.arg(&self.replica).arg(self.settings.lease_ttl.as_millis() as u64);
-        let Some((count, rank)) = self.call::<(usize, usize)>("heartbeat", inv).await else { return false };
+        inv.key(self.deployment_key("replicas:born"))
+            .key(self.deployment_key("epoch"))
+            .key(self.deployment_key("owners"));
+        inv.arg(&self.replica)
+            .arg(self.settings.lease_ttl.as_millis() as u64)
+            // A new epoch unique to this write: one this replica wrote before, written again
+            // after Redis lost it, must not look like the one it saw.
+            .arg(format!("{}-{:016x}", self.instance, fastrand::u64(..)))
+            .arg(&self.instance)
+            .arg(match mode {
+                Beat::Join => "join",
+                Beat::Renew => "beat",
+            });
+        let (count, rank, age_ms, epoch, taken) =
+            self.call::<(usize, usize, u64, String, u8)>("heartbeat", inv).await?;
+        self.check_epoch(epoch);
+        let taken = taken == 1;
+        if taken && matches!(mode, Beat::Join) {
+            return Some(Joined::IdTaken);
+        }
+        if taken != self.id_conflict.swap(taken, Ordering::AcqRel) {
+            if taken {
+                self.metrics.id_conflicts.inc();
+                tracing::error!(
+                    replica = %self.replica,
+                    "another live process heartbeats with this replica's state.redis.replica_id: both count as one replica and the bureau budget can be exceeded; /readyz answers 503 until it is gone"
+                );
+            } else {
+                tracing::info!(replica = %self.replica, "this replica's id is its own again");
+            }
+        }
+        // A set younger than a lease ttl may not list every live replica yet: Redis lost it (a
+        // restart without persistence, a failover to a replica that lagged), or this is the
+        // first replica of a deployment. Each replica that is missing from it would count
+        // itself almost alone and take most of the budget; so until every live replica has had
+        // a full lease ttl to heartbeat, none takes a larger share than the one it holds.
         let count = count.max(1);
-        let before = self.replicas.swap(count, Ordering::Relaxed);
+        let before = self.replicas.load(Ordering::Relaxed);
+        let settling = u128::from(age_ms) < self.settings.lease_ttl.as_millis();
+        let (count, rank) = if settling && count < before { (before, before - 1) } else { (count, rank) };
+        self.replicas.store(count, Ordering::Relaxed);
         self.metrics.replicas.set(count as i64);
         self.scheduler.set_share(rank, count);
         if before != count {
@@ -1036,7 +1227,21 @@ impl RedisState {
                 "replica count changed; bureau budget re-split"
             );
         }
-        true
+        Some(Joined::Yes)
+    }
+
+    /// Notices a Redis that lost its data: the epoch it holds is not the one seen before.
+    fn check_epoch(&self, epoch: String) {
+        let mut seen = self.epoch.lock().expect("epoch lock not poisoned");
+        if let Some(before) = seen.as_deref()
+            && before != epoch
+        {
+            self.metrics.data_lost.inc();
+            tracing::error!(
+                "Redis lost its data (restarted without persistence, or a failover to a replica that lagged): the shared quota counts, rate state and replica set are gone; tenants may get more than their daily and monthly quota this window. Each replica keeps its share of the bureau budget until the replica set is rebuilt"
+            );
+        }
+        *seen = Some(epoch);
     }
 
     /// One heartbeat tick: heartbeat, then (while Redis answers) for every tenant: the units
@@ -1279,11 +1484,12 @@ impl RedisState {
                 "shutting down with Redis unreachable: quota units charged during the outage are not in Redis"
             );
         }
-        let leave = redis::cmd("ZREM").arg(self.replicas_key()).arg(&self.replica).clone();
         let leave = async {
             // A connection that died in the outage fails its first command and reconnects.
             for _ in 0..2 {
-                if self.conn.run(async |c| leave.query_async::<i64>(c).await).await.is_ok() {
+                let mut inv = self.scripts.leave.key(self.replicas_key());
+                inv.key(self.deployment_key("owners")).arg(&self.replica).arg(&self.instance);
+                if self.conn.run(async |c| inv.invoke_async::<i64>(c).await).await.is_ok() {
                     return;
                 }
             }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::config::{Config, Problem, RouteConfig, TenantConfig};
+use crate::config::{AdminAuth, Config, ConfigError, Problem, RouteConfig, TenantConfig};
 use crate::runtime::{Shared, Snapshot, adaptive_controller};
 use crate::tls::{FileStamp, ServerTls, UpstreamTls};
 
@@ -64,8 +64,15 @@ impl Outcome {
 ///
 /// Every attempt, accepted or not, also reopens the audit log's path: `logrotate`'s
 /// `postrotate` sends SIGHUP, and a typo in the config must not keep records going to the
-/// rotated file.
+/// rotated file. The file is read under the reload lock: of two reloads at once, the one that
+/// read the file last applies last, so the running config is the file's latest contents, never
+/// an older read that lost the race to the lock.
 pub fn reload_from_file(shared: &Shared) -> Outcome {
+    reload_with(shared, Config::load)
+}
+
+/// [`reload_from_file`] with the file read by `read` (tests pause between read and apply).
+fn reload_with(shared: &Shared, read: impl FnOnce(&std::path::Path) -> Result<Config, ConfigError>) -> Outcome {
     if let Some(audit) = &shared.audit {
         audit.reopen();
     }
@@ -76,8 +83,9 @@ pub fn reload_from_file(shared: &Shared) -> Outcome {
             problems: vec!["this proxy was started without a config file; nothing to re-read".to_string()],
         };
     };
-    match Config::load(path) {
-        Ok(config) => apply(shared, config),
+    let one_at_a_time = shared.reload_lock.lock().expect("reload lock not poisoned");
+    match read(path) {
+        Ok(config) => apply_locked(shared, config, one_at_a_time),
         Err(e) => {
             let out = Outcome::rejected(&e.problems);
             record(shared, &out);
@@ -89,7 +97,12 @@ pub fn reload_from_file(shared: &Shared) -> Outcome {
 /// Applies a validated config: compile, swap, resize the bureau budget. Serialized, so two
 /// reloads never interleave.
 pub fn apply(shared: &Shared, config: Config) -> Outcome {
-    let _one_at_a_time = shared.reload_lock.lock().expect("reload lock not poisoned");
+    let one_at_a_time = shared.reload_lock.lock().expect("reload lock not poisoned");
+    apply_locked(shared, config, one_at_a_time)
+}
+
+/// [`apply`] under the reload lock, which the caller took (and which is held until the end).
+fn apply_locked(shared: &Shared, config: Config, _one_at_a_time: std::sync::MutexGuard<'_, ()>) -> Outcome {
     let old = shared.snapshot.load_full();
     let changes = diff(&old.config, &config);
     let new_config = Arc::new(config);
@@ -186,9 +199,24 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     };
     field("server.trusted_proxies", trusted(s0), trusted(s1), true);
     field("admin.listen", old.admin.listen.to_string(), new.admin.listen.to_string(), true);
-    if old.admin.token_digest != new.admin.token_digest {
-        field("admin.token", "(old)".into(), "(new)".into(), false);
+    match (&old.admin.auth, &new.admin.auth) {
+        (AdminAuth::Token(a), AdminAuth::Token(b)) if a != b => {
+            field("admin.token", "(old)".into(), "(new)".into(), false);
+        }
+        (a, b) => {
+            let show = |x: &AdminAuth| match x {
+                AdminAuth::Token(_) => "required".to_string(),
+                AdminAuth::InsecureNoToken => "none (insecure_no_token)".to_string(),
+            };
+            field("admin.token", show(a), show(b), false);
+        }
     }
+    field(
+        "admin.allowed_hosts",
+        format!("{:?}", old.admin.allowed_hosts),
+        format!("{:?}", new.admin.allowed_hosts),
+        false,
+    );
     let (u0, u1) = (&old.upstream, &new.upstream);
     field("upstream.url", u0.url.to_string(), u1.url.to_string(), false);
     field("upstream.connect_timeout", dur(u0.connect_timeout), dur(u1.connect_timeout), false);
@@ -233,12 +261,20 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     diff_upstream_tls(&mut out, old.upstream.tls.as_ref(), new.upstream.tls.as_ref());
     diff_named(&mut out, "routes", &old.routes, &new.routes, |r| &r.name, route_fields);
     diff_named(&mut out, "tenants", &old.tenants, &new.tenants, |t| &t.id, tenant_fields);
+    for o in &old.tenants {
+        if let Some(n) = new.tenants.iter().find(|n| n.id == o.id)
+            && let Some(what) = keys_change(&o.key_digests, &n.key_digests)
+        {
+            out.push(Change { path: format!("tenants[{}].api_key", o.id), what, needs_restart: false });
+        }
+    }
     out
 }
 
-/// A TLS file in a diff: its path and a short digest of its contents (never the contents).
+/// A TLS file in a diff: its path and a keyed fingerprint of its contents (never the contents,
+/// nor a plain digest of them: see [`FileStamp::short`]).
 fn file(f: Option<&FileStamp>) -> String {
-    f.map_or_else(|| "none".to_string(), |f| format!("{} (sha256 {}…)", f.path.display(), f.short()))
+    f.map_or_else(|| "none".to_string(), |f| format!("{f:?}"))
 }
 
 fn files(list: &[FileStamp]) -> String {
@@ -319,7 +355,6 @@ fn tenant_fields(t: &TenantConfig) -> Vec<(&'static str, String)> {
     let l = &t.limits;
     vec![
         ("name", t.name.clone()),
-        ("api keys", format!("{} key(s) {:016x}", t.key_digests.len(), keys_fingerprint(&t.key_digests))),
         ("weight", t.weight.to_string()),
         ("rate", opt(l.rate.map(|r| r.to_string()))),
         ("burst", l.burst.to_string()),
@@ -332,9 +367,25 @@ fn tenant_fields(t: &TenantConfig) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// A short fingerprint of a key set, so a rotation shows as a change without printing digests.
-fn keys_fingerprint(digests: &[[u8; 32]]) -> u64 {
-    digests.iter().fold(0u64, |acc, d| acc.rotate_left(7) ^ u64::from_le_bytes(d[..8].try_into().expect("8 bytes")))
+/// A tenant's api keys that changed, by their place in the config (`[1] changed, [2] added`;
+/// a lone key: `changed`). Nothing derived from a key is shown: a digest, or any part of one,
+/// would let whoever reads the reload output test guessed keys offline.
+fn keys_change(old: &[[u8; 32]], new: &[[u8; 32]]) -> Option<String> {
+    if old == new {
+        return None;
+    }
+    if old.len() == 1 && new.len() == 1 {
+        return Some("changed".to_string());
+    }
+    let what: Vec<String> = (0..old.len().max(new.len()))
+        .filter_map(|i| match (old.get(i), new.get(i)) {
+            (Some(a), Some(b)) if a != b => Some(format!("[{i}] changed")),
+            (Some(_), None) => Some(format!("[{i}] removed")),
+            (None, Some(_)) => Some(format!("[{i}] added")),
+            _ => None,
+        })
+        .collect();
+    Some(what.join(", "))
 }
 
 fn diff_named<T>(
@@ -355,8 +406,7 @@ fn diff_named<T>(
             Some(n) => {
                 for ((f, a), (_, b)) in fields(o).into_iter().zip(fields(n)) {
                     if a != b {
-                        // Key changes are described without the digests themselves.
-                        let what = if f == "api keys" { "rotated".to_string() } else { format!("{a} → {b}") };
+                        let what = format!("{a} → {b}");
                         out.push(Change { path: format!("{section}[{}].{f}", name(o)), what, needs_restart: false });
                     }
                 }
@@ -396,6 +446,8 @@ id = "a"
 api_key_sha256 = "{}"
 {rate}
 {extra_tenant}
+[admin]
+insecure_no_token = true
 "#,
             "ab".repeat(32)
         );
@@ -464,16 +516,15 @@ api_key_sha256 = "{}"
         let on = tls("leaf.key");
         let changes: Vec<String> = diff(&plain, &on).iter().map(ToString::to_string).collect();
         assert_eq!(changes, ["server.tls: off → on (needs a restart)"]);
-        // Same path, new contents (a rotated key): shown by digest, never by content.
+        // Same path, new contents (a rotated key): shown by a keyed fingerprint, never by
+        // content nor by a digest one could check a guessed key file against.
         let mut rotated = on.clone();
         let t = rotated.server.tls.as_mut().unwrap();
         t.key.sha256 = [7; 32];
         let changes: Vec<String> = diff(&on, &rotated).iter().map(ToString::to_string).collect();
         assert_eq!(changes.len(), 1, "{changes:?}");
-        assert!(
-            changes[0].starts_with("server.tls.key: ") && changes[0].contains("sha256 070707070707…"),
-            "{changes:?}"
-        );
+        assert!(changes[0].starts_with("server.tls.key: ") && changes[0].contains("(contents "), "{changes:?}");
+        assert!(!changes[0].contains("070707"), "{changes:?}");
         assert!(!changes[0].contains("restart"));
     }
 
@@ -495,10 +546,88 @@ api_key_sha256 = "{}"
         assert!(diff(&old, &old).is_empty());
     }
 
+    #[test]
+    fn reload_output_names_changed_keys_by_place_and_shows_nothing_derived_from_them() {
+        use sha2::{Digest, Sha256};
+        let key_file = crate::tls::test_certs::files("reload-keys", 90).join("leaf.key");
+        let key_digest: [u8; 32] = Sha256::digest(std::fs::read(&key_file).unwrap()).into();
+        let with_key = |path: &std::path::Path| {
+            let cert = path.with_file_name("leaf.pem");
+            let text = format!(
+                "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n{}",
+                cert.display(),
+                path.display(),
+                toml_of_minimal()
+            );
+            Config::from_toml(&text, &|_| None).unwrap()
+        };
+        let old = with_key(&key_file);
+        let copy = key_file.with_file_name("leaf-copy.key");
+        std::fs::copy(&key_file, &copy).unwrap();
+        let mut new = with_key(&copy);
+        // A guessable api key, rotated, and a second one added.
+        let guess: [u8; 32] = Sha256::digest(b"bank-a-2024").into();
+        new.tenants[0].key_digests = vec![guess];
+        let changes: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
+        assert!(changes.contains(&"tenants[a].api_key: changed".to_string()), "{changes:?}");
+        new.tenants[0].key_digests.push([1; 32]);
+        let more: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
+        assert!(more.contains(&"tenants[a].api_key: [0] changed, [1] added".to_string()), "{more:?}");
+        let all = format!("{changes:?}{more:?}");
+        for digest in [key_digest, guess, old.tenants[0].key_digests[0]] {
+            for n in [4, 6, 8] {
+                let prefix = hex::encode(&digest[..n]);
+                assert!(!all.contains(&prefix), "{prefix} (a digest prefix) in {all}");
+            }
+        }
+        assert!(all.contains("server.tls.key: "), "the key file moved: {all}");
+    }
+
+    #[test]
+    fn two_reloads_at_once_apply_the_files_latest_contents_last() {
+        use std::sync::mpsc;
+        let dir = std::env::temp_dir().join(format!("bureau-guard-reload-order-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bureau-guard.toml");
+        let write = |rate: u32| {
+            std::fs::write(&path, toml_of_minimal().replace("id = \"a\"", &format!("id = \"a\"\nrate = {rate}")))
+                .unwrap()
+        };
+        write(1);
+        let clock: Arc<dyn crate::quota::Clock> = Arc::new(crate::quota::SystemClock);
+        let shared = crate::runtime::Shared::build(Config::load(&path).unwrap(), clock, Some(path.clone())).unwrap();
+        let (read_tx, read_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let shared = &shared;
+        std::thread::scope(|s| {
+            // A reads rate = 2, then is held between its read and its apply...
+            write(2);
+            let first = s.spawn(move || {
+                reload_with(shared, |p| {
+                    // The read happens under the reload lock: no other reload can apply meanwhile.
+                    assert!(shared.reload_lock.try_lock().is_err(), "the file is read without the reload lock");
+                    let c = Config::load(p);
+                    read_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    c
+                })
+            });
+            read_rx.recv().unwrap();
+            // ...while the operator writes rate = 3 and reloads again.
+            write(3);
+            let second = s.spawn(|| reload_from_file(shared));
+            go_tx.send(()).unwrap();
+            assert!(first.join().unwrap().applied());
+            assert!(second.join().unwrap().applied());
+        });
+        let rate = shared.snapshot.load().config.tenants[0].limits.rate;
+        assert_eq!(rate, Some(3.0), "the file's latest contents are what runs");
+    }
+
     fn toml_of_minimal() -> String {
         format!(
             "[upstream]\nurl = \"http://127.0.0.1:8081\"\n[[routes]]\nname = \"score\"\nmethod = \"GET\"\npath = \"/s\"\n\
-             [[tenants]]\nid = \"a\"\napi_key_sha256 = \"{}\"\n",
+             [[tenants]]\nid = \"a\"\napi_key_sha256 = \"{}\"\n[admin]\ninsecure_no_token = true\n",
             "ab".repeat(32)
         )
     }

@@ -271,7 +271,10 @@ impl Shared {
 
     /// Ready for traffic: serving, not draining, and the audit log (if any) writing.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(std::sync::atomic::Ordering::Acquire) && self.audit.as_ref().is_none_or(AuditLog::healthy)
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+            && self.audit.as_ref().is_none_or(AuditLog::healthy)
+            // Two processes under one replica id: the one that found out stops taking traffic.
+            && self.redis.as_ref().is_none_or(|r| !r.id_conflict())
     }
 }
 

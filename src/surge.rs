@@ -483,6 +483,8 @@ listen = "127.0.0.1:0"
 request_timeout = "10s"
 [admin]
 listen = "127.0.0.1:0"
+# The scenario makes no admin calls: a token nobody knows (a random digest) closes /admin/*.
+token_sha256 = "{admin_digest}"
 [upstream]
 url = "{bureau_url}"
 max_concurrency = {max_concurrency}
@@ -497,6 +499,11 @@ method = "GET"
 path = "/v1/score/{{subject_id}}"
 "#,
         queue_ms = s.queue_timeout.as_millis(),
+        admin_digest = {
+            let mut digest = [0u8; 32];
+            getrandom::fill(&mut digest).expect("the operating system's random source is available");
+            hex::encode(digest)
+        },
     );
     for t in &s.tenants {
         let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(t.key().as_bytes()));

@@ -127,16 +127,25 @@ pub struct FileStamp {
 }
 
 impl FileStamp {
-    /// A short fingerprint of the contents for diffs: enough to tell files apart, nothing secret
-    /// (the digest of a key file does not reveal the key).
+    /// A short fingerprint of the contents for diffs and logs: enough to tell two versions of a
+    /// file apart within one process's output, and no help to whoever reads it. Not a prefix of
+    /// the SHA-256: with that, anyone who saw a reload's output could test a guessed or stolen
+    /// key file against it offline. A keyed hash under a key this process drew at random instead
+    /// (so `check --diff` and the running proxy show different fingerprints for one file).
     pub fn short(&self) -> String {
-        hex::encode(&self.sha256[..6])
+        static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let key = KEY.get_or_init(|| {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).expect("the operating system's random source is available");
+            key
+        });
+        hex::encode(&blake3::keyed_hash(key, &self.sha256).as_bytes()[..6])
     }
 }
 
 impl fmt::Debug for FileStamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (sha256 {}…)", self.path.display(), self.short())
+        write!(f, "{} (contents {}…)", self.path.display(), self.short())
     }
 }
 

@@ -23,6 +23,8 @@ fn config(mock_url: &str, upstream_extra: &str) -> String {
 listen = "127.0.0.1:0"
 [admin]
 listen = "127.0.0.1:0"
+insecure_no_token = true
+insecure_no_token = true
 [upstream]
 url = "{mock_url}"
 {upstream_extra}

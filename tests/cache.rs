@@ -18,6 +18,8 @@ fn config(mock_url: &str, score_extra: &str, upstream_extra: &str, sections: &st
 listen = "127.0.0.1:0"
 [admin]
 listen = "127.0.0.1:0"
+insecure_no_token = true
+insecure_no_token = true
 [upstream]
 url = "{mock_url}"
 {upstream_extra}

@@ -88,3 +88,17 @@ fn serve_refuses_a_bad_config_before_binding_anything() {
     assert!(stderr.contains("not starting"), "{stderr}");
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "the port was never bound");
 }
+
+#[test]
+fn check_refuses_a_config_without_an_admin_token_and_says_what_to_set() {
+    let text = std::fs::read_to_string(example()).unwrap();
+    let start = text.find("token_sha256 = ").expect("the example sets a token");
+    let end = start + text[start..].find('\n').unwrap();
+    let path = write_temp("no-admin-token.toml", &format!("{}{}", &text[..start], &text[end..]));
+    let out = run(&["check", "--config", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    for want in ["admin: no admin token", "admin.token_sha256", "admin.token_env", "admin.insecure_no_token = true"] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
+}

@@ -1148,3 +1148,83 @@ async fn a_dear_request_refused_by_the_shared_rate_leaves_no_tokens_and_waits_fo
     assert_eq!(pooled, 0, "no tokens leased that the request could not use");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_comes_back_empty_keeps_each_replica_on_its_share_and_says_so() {
+    let Some(redis) = RedisServer::start("redis-empty") else { return };
+    let mock = start_mock(fast_mock()).await;
+    // Heartbeats only when the test calls them (the start-up one, then by hand), so the order
+    // below is the order Redis sees.
+    let sections = redis_state(&redis.url(), "").replace("\"100ms\"", "\"30s\"").replace("\"1s\"", "\"60s\"");
+    let text =
+        config_with(&mock.url(), &Extras { sections: &sections, upstream: "max_concurrency = 8", ..Extras::default() });
+    let one = app::start(parse(&text)).await.unwrap();
+    let two = app::start(parse(&text)).await.unwrap();
+    let (r1, r2) = (one.shared.redis.clone().unwrap(), two.shared.redis.clone().unwrap());
+    assert!(r1.heartbeat().await);
+    let limits = || (one.shared.scheduler.limit(), two.shared.scheduler.limit());
+    assert_eq!(limits(), (4, 4), "two replicas, a budget of 8");
+
+    // Redis restarts without its data (or fails over to a replica that lagged).
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    assert!(r1.heartbeat().await);
+    assert_eq!(limits(), (4, 4), "alone in a new replica set, one keeps its share: the other has not heartbeaten yet");
+    assert!(r2.heartbeat().await);
+    assert_eq!(limits(), (4, 4));
+
+    for proxy in [&one, &two] {
+        let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+        assert!(m.contains("bureau_guard_state_redis_data_lost_total 1"), "{m}");
+        let ready = get(&format!("http://{}/readyz", proxy.admin_addr), &[]).await;
+        assert_eq!(ready.status, 200, "every replica lost the same data: none leaves the load balancer");
+        assert!(ready.text().contains("Redis lost its data"), "{}", ready.text());
+    }
+    two.shutdown().await;
+    one.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replica_under_a_live_replicas_id_refuses_to_start() {
+    let Some(redis) = RedisServer::start("redis-dup-id") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let text = config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state(&redis.url(), "replica_id = \"bg-1\""), ..Extras::default() },
+    );
+    let first = app::start(parse(&text)).await.unwrap();
+    // It waits one lease ttl (1 s here) for a holder that died to lose the id, then refuses.
+    let err = app::start(parse(&text)).await.err().expect("the second process under bg-1 must not start");
+    assert!(err.to_string().contains("replica_id \"bg-1\""), "{err}");
+    assert_eq!(redis.cli(&["ZCARD", "{bureau-guard}:replicas"]), "1");
+    // A clean shutdown gives the id up at once: the next process under it starts.
+    first.shutdown().await;
+    let again = app::start(parse(&text)).await.unwrap();
+    again.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_id_taken_later_is_logged_counted_and_not_ready() {
+    let Some(redis) = RedisServer::start("redis-dup-later") else { return };
+    let mock = start_mock(fast_mock()).await;
+    // Heartbeats only by hand (see above).
+    let sections =
+        redis_state(&redis.url(), "replica_id = \"bg-2\"").replace("\"100ms\"", "\"30s\"").replace("\"1s\"", "\"60s\"");
+    let text = config_with(&mock.url(), &Extras { sections: &sections, ..Extras::default() });
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let r = proxy.shared.redis.clone().unwrap();
+    let ready = || async { get(&format!("http://{}/readyz", proxy.admin_addr), &[]).await };
+    assert_eq!(ready().await.status, 200);
+    // Another process took bg-2 while this one could not reach Redis (and renews it).
+    redis.cli(&["HSET", "{bureau-guard}:owners", "bg-2", "0123456789abcdef:99999999999999"]);
+    assert!(r.heartbeat().await);
+    let resp = ready().await;
+    assert_eq!(resp.status, 503, "out of the load balancer until the id is its own");
+    assert!(resp.text().contains("replica id \"bg-2\" is in use by another live process"), "{}", resp.text());
+    let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert!(m.contains("bureau_guard_state_replica_id_conflicts_total 1"), "{m}");
+    // The other process is gone: ready again.
+    redis.cli(&["HDEL", "{bureau-guard}:owners", "bg-2"]);
+    assert!(r.heartbeat().await);
+    assert_eq!(ready().await.status, 200);
+    proxy.shutdown().await;
+}

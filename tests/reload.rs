@@ -171,7 +171,8 @@ async fn fifty_reloads_under_steady_traffic_fail_no_request_and_each_takes_effec
         assert_eq!(r.status, 200, "reload {i}: {:?}", r.body);
         let c_status = get(&format!("http://{addr}/v1/score/S-c"), &[("x-api-key", "key-c")]).await.status;
         assert_eq!(c_status, if with_c { 200 } else { 401 }, "reload {i} in effect at once");
-        let tenants = get(&format!("http://{admin}/admin/tenants"), &[]).await.json();
+        let bearer = format!("Bearer {ADMIN_TOKEN}");
+        let tenants = get(&format!("http://{admin}/admin/tenants"), &[("authorization", &bearer)]).await.json();
         let a = tenants.as_array().unwrap().iter().find(|t| t["id"] == "a").unwrap().clone();
         assert_eq!(a["limits"]["rate"], f64::from(100_000 + i), "reload {i}");
     }

@@ -26,6 +26,8 @@ pub fn sha(key: &str) -> String {
 #[derive(Default, Clone)]
 pub struct Extras<'a> {
     pub server: &'a str,
+    /// `[admin]` lines; when empty, `insecure_no_token = true` (the tests that are about the
+    /// admin token set one here).
     pub admin: &'a str,
     pub upstream: &'a str,
     /// Whole sections (e.g. `[state]`), placed before the routes.
@@ -44,6 +46,7 @@ pub fn config_text(upstream_url: &str, server_extra: &str, upstream_extra: &str)
 /// The test config with [`Extras`].
 pub fn config_with(upstream_url: &str, x: &Extras) -> String {
     let Extras { server: server_extra, admin: admin_extra, upstream: upstream_extra, sections, tenant_a, tenant_b } = x;
+    let admin_extra = if admin_extra.is_empty() { "insecure_no_token = true" } else { admin_extra };
     format!(
         r#"
 [server]
