@@ -19,7 +19,6 @@ listen = "127.0.0.1:0"
 [admin]
 listen = "127.0.0.1:0"
 insecure_no_token = true
-insecure_no_token = true
 [upstream]
 url = "{mock_url}"
 {upstream_extra}
