@@ -153,14 +153,16 @@ async fn adaptive_limit_finds_the_workers_from_below_and_stays_when_the_bureau_s
             }
         }));
     }
-    let limiter = shared.clone();
     let controller = shared.adaptive.load_full().expect("adaptive configured");
     wait_until("the limit grown to the 8 workers, with a baseline", || {
         controller.view().knee >= 6.0 && controller.view().baseline.is_some()
     })
     .await;
-    assert!(limiter.scheduler.limit() <= 10, "past the knee: {}", limiter.scheduler.limit());
-    assert!(env.mock.bureau.stats().max_in_flight <= 10, "the bureau never saw the budget of 32");
+    let knee = controller.view().knee;
+    assert!(knee <= 10.0, "the knee estimate {knee} is past the 8 workers");
+    // Up probes hold the bureau a quarter above the knee for a moment; never near the 32.
+    let seen = env.mock.bureau.stats().max_in_flight;
+    assert!(seen <= 13, "the bureau saw {seen} at once: the budget of 32 reached it");
     let fast = controller.view().baseline.expect("waited for it");
     env.mock.bureau.set_service_time(Duration::from_millis(60));
     wait_until("a slower baseline", || controller.view().baseline.is_some_and(|b| b > fast * 2)).await;
