@@ -22,6 +22,8 @@ const V1_PREFIX: &[u8; 6] = b"PROXY ";
 /// v1 lines are at most 107 bytes; v2 headers carry TLVs, which load balancers keep small
 /// (AWS: a few dozen bytes). Anything longer is not a header we will wait for.
 const MAX_HEADER: usize = 1024;
+/// The longest v1 header, `\r\n` included (the spec's 107 bytes).
+const V1_MAX: usize = 107;
 
 /// Why a connection's PROXY header was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +126,15 @@ pub async fn read_header<S: AsyncRead + Unpin>(
             return Err(HeaderError::Closed);
         }
         buf.extend_from_slice(&chunk[..n]);
+        // `ppp` reads a v1 line cut inside an address or port (`PROXY TCP4 192.`) as invalid,
+        // not as partial, so a header split across two reads would refuse a good connection:
+        // wait for the line's end (or more than a v1 line can hold) before parsing.
+        let v1_unfinished = V1_PREFIX.starts_with(&buf[..buf.len().min(V1_PREFIX.len())])
+            && !buf.contains(&b'\n')
+            && buf.len() <= V1_MAX;
+        if v1_unfinished {
+            continue;
+        }
         let parsed = HeaderResult::parse(&buf);
         if parsed.is_incomplete() {
             if buf.len() > MAX_HEADER {
@@ -223,6 +234,28 @@ mod tests {
         assert_eq!(src, Err(HeaderError::Invalid));
         let (src, _) = through(b"PROXY TCP4 192.0.2.7").await;
         assert_eq!(src, Err(HeaderError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_v1_header_split_across_reads_is_read_whole() {
+        // Found by the property tests: a read that ended inside an address refused the header.
+        let input = b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443\r\nGET /";
+        for cut in 1..input.len() {
+            let (mut client, server) = tokio::io::duplex(4096);
+            let reader = tokio::spawn(async move {
+                let (src, mut rest) = read_header(server).await.expect("a valid header");
+                let mut after = Vec::new();
+                rest.read_to_end(&mut after).await.unwrap();
+                (src, after)
+            });
+            client.write_all(&input[..cut]).await.unwrap();
+            tokio::task::yield_now().await;
+            client.write_all(&input[cut..]).await.unwrap();
+            drop(client);
+            let (src, after) = reader.await.unwrap();
+            assert_eq!(src, Some("192.0.2.7:51000".parse().unwrap()), "cut at {cut}");
+            assert_eq!(after, b"GET /", "cut at {cut}");
+        }
     }
 
     #[tokio::test]
