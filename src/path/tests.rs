@@ -73,6 +73,9 @@ fn ambiguous_targets_are_refused() {
         ("/v1/score/S1?x=1;report_type=full", QuerySemicolon),
         ("/v1/score/S1?x=%00", EncodedDelimiter),
         ("*", NotAbsolute),
+        // Found by fuzzing: routed as `/`, but forwarded as it came, without a path.
+        ("://a?a/r", NotAbsolute),
+        ("http://bureau.example?x=1", NotAbsolute),
     ] {
         assert_eq!(norm(t), Err(why), "{t:?}");
     }
