@@ -811,6 +811,8 @@ mod property {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
         #[test]
         fn one_path_key_means_one_forwarded_path(a in path_value(), b in path_value()) {
             let spec = KeySpec::new("score", Scope::Tenant, vec![KeyPart::parse("path.subject_id").unwrap()]);
@@ -825,6 +827,80 @@ mod property {
             let key = |q: &str| spec.key(&secret(), "t", &Params::new(), Some(q), b"").unwrap();
             if key(&a) == key(&b) {
                 prop_assert_eq!(query_views(&a), query_views(&b), "{:?} and {:?} share a key", a, b);
+            }
+        }
+
+        #[test]
+        fn one_key_over_several_parts_means_the_same_bytes_for_each(
+            a in (path_value(), query_part(), body()),
+            b in (path_value(), query_part(), body()),
+        ) {
+            // The parts are hashed one after another: no value may spill into the next part.
+            let parts = ["path.subject_id", "query.report_type", "body.subject_id"];
+            let spec = KeySpec::new("all", Scope::Tenant, parts.iter().map(|p| KeyPart::parse(p).unwrap()).collect());
+            let key = |(value, query, body): &(String, String, String)| -> Option<(String, CacheKey)> {
+                let uri: http::Uri = format!("/v1/score/{value}").parse().ok()?;
+                let forwarded = crate::path::normalize(&uri).ok()?.map_or(uri.path().to_string(), |pq| pq.path().to_string());
+                let mut router = matchit::Router::new();
+                router.insert("/v1/score/{subject_id}", ()).unwrap();
+                let m = router.at(&forwarded).ok()?;
+                let k = spec.key(&secret(), "t", &m.params, Some(query), body.as_bytes()).ok()?;
+                Some((forwarded, k))
+            };
+            if let (Some((pa, ka)), Some((pb, kb))) = (key(&a), key(&b)) && ka == kb {
+                prop_assert_eq!(pa, pb);
+                prop_assert_eq!(query_views(&a.1), query_views(&b.1));
+                prop_assert_eq!(body_views(&a.2), body_views(&b.2));
+            }
+        }
+
+        #[test]
+        fn field_order_and_whitespace_do_not_change_a_body_key(
+            fields in prop::collection::btree_map("[a-z_]{1,8}", prop::sample::select(vec!["1", "\"S1\"", "null", "[1,{\"x\":2}]", "{\"id\":\"A\"}"]), 0..6),
+            order in any::<prop::sample::Index>(),
+            space in prop::sample::select(vec!["", " ", "\n\t "]),
+        ) {
+            let spec = KeySpec::new("r", Scope::Tenant, vec![KeyPart::parse("body.subject_id").unwrap(), KeyPart::parse("body.applicant.id").unwrap()]);
+            let mut fields: Vec<(String, &str)> = fields.into_iter().collect();
+            fields.push(("subject_id".into(), "\"S1\""));
+            fields.push(("applicant".into(), "{\"id\":\"A\",\"z\":1}"));
+            let text = |fields: &[(String, &str)], sp: &str| {
+                let f: Vec<String> = fields.iter().map(|(k, v)| format!("{sp}\"{k}\"{sp}:{sp}{v}{sp}")).collect();
+                format!("{{{}}}", f.join(","))
+            };
+            let key = |body: &str| spec.key(&secret(), "t", &Params::new(), None, body.as_bytes()).unwrap();
+            let plain = key(&text(&fields, ""));
+            let by = order.index(fields.len());
+            fields.rotate_left(by);
+            prop_assert_eq!(key(&text(&fields, space)), plain);
+        }
+
+        #[test]
+        fn tenants_never_share_a_key_unless_the_route_is_shared(
+            a in "[a-z-]{0,6}", b in "[a-z-]{0,6}", body in body(),
+        ) {
+            let parts = vec![KeyPart::parse("body.subject_id").unwrap()];
+            let tenant = KeySpec::new("r", Scope::Tenant, parts.clone());
+            let shared = KeySpec::new("r", Scope::Shared, parts);
+            let key = |s: &KeySpec, t: &str| s.key(&secret(), t, &Params::new(), None, body.as_bytes());
+            if let (Ok(ka), Ok(kb)) = (key(&tenant, &a), key(&tenant, &b)) {
+                prop_assert_eq!(ka == kb, a == b, "{:?} and {:?}", a, b);
+                prop_assert_ne!(key(&shared, &a).unwrap(), ka, "the shared scope is apart from every tenant");
+                prop_assert_eq!(key(&shared, &a).unwrap(), key(&shared, &b).unwrap());
+            }
+        }
+
+        #[test]
+        fn any_request_gets_a_key_or_a_reason_never_a_panic(
+            query in prop::option::of(".{0,40}"),
+            body in prop::collection::vec(any::<u8>(), 0..80),
+            json in body(),
+        ) {
+            let parts = ["query.report_type", "body.subject_id", "body.applicant.id"];
+            let spec = KeySpec::new("r", Scope::Tenant, parts.iter().map(|p| KeyPart::parse(p).unwrap()).collect());
+            for body in [&body[..], json.as_bytes()] {
+                let once = spec.key(&secret(), "t", &Params::new(), query.as_deref(), body);
+                prop_assert_eq!(&once, &spec.key(&secret(), "t", &Params::new(), query.as_deref(), body));
             }
         }
 

@@ -270,3 +270,120 @@ mod tests {
         assert_eq!(h[&FORWARDED], "for=\"[2001:db8::1]\"");
     }
 }
+
+/// The identity invariant as properties: whatever names and values a client sends, in whatever
+/// `_`/`-` spelling and case, the bureau sees only bureau-guard's identity fields.
+#[cfg(test)]
+mod property {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One of our identity or credential names, in a random spelling: each `-` maybe `_`, each
+    /// letter maybe upper case (`HeaderName` lower-cases it, as the wire does not).
+    fn ours_spelled() -> impl Strategy<Value = String> {
+        let name = prop::sample::select(IDENTITY.iter().chain(CREDENTIALS).copied().collect::<Vec<_>>());
+        (name, prop::collection::vec(any::<(bool, bool)>(), 32)).prop_map(|(n, flips)| {
+            n.chars()
+                .zip(flips)
+                .map(|(c, (under, upper))| match c {
+                    '-' if under => '_',
+                    c if upper => c.to_ascii_uppercase(),
+                    c => c,
+                })
+                .collect()
+        })
+    }
+
+    /// Names that are not ours but look close (a prefix, a suffix, one letter off).
+    fn other_name() -> impl Strategy<Value = String> {
+        prop::sample::select(vec![
+            "x-tenants",
+            "x-tenant-id",
+            "tenant",
+            "x_bank_trace",
+            "x-request",
+            "x-api-keys",
+            "authorization2",
+            "accept",
+            "content-type",
+            "x-forwarded",
+            "cookie2",
+        ])
+        .prop_map(String::from)
+    }
+
+    fn value() -> impl Strategy<Value = HeaderValue> {
+        "[ -~]{0,24}".prop_map(|v| HeaderValue::from_str(&v).expect("visible ASCII is a valid value"))
+    }
+
+    fn request_headers() -> impl Strategy<Value = Vec<(String, HeaderValue)>> {
+        prop::collection::vec((prop_oneof![ours_spelled(), other_name()], value()), 0..12)
+    }
+
+    fn map(fields: &[(String, HeaderValue)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in fields {
+            h.append(HeaderName::from_bytes(n.as_bytes()).expect("a valid name"), v.clone());
+        }
+        h
+    }
+
+    fn is_ours(name: &str) -> bool {
+        let dashed = name.to_ascii_lowercase().replace('_', "-");
+        IDENTITY.iter().chain(CREDENTIALS).any(|ours| *ours == dashed)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn strip_identity_removes_every_spelling_and_nothing_else(fields in request_headers()) {
+            let mut h = map(&fields);
+            strip_identity(&mut h);
+            for (n, v) in &fields {
+                let lower = n.to_ascii_lowercase();
+                if is_ours(n) {
+                    prop_assert!(!h.contains_key(lower.as_str()), "{} survived", n);
+                } else {
+                    prop_assert!(h.get_all(lower.as_str()).iter().any(|x| x == v), "{} was removed", n);
+                }
+            }
+        }
+
+        #[test]
+        fn forward_never_lets_a_client_identity_through(
+            fields in request_headers(),
+            client_id in prop::option::of("[A-Za-z0-9._:-]{1,16}"),
+            addr in prop::option::of(any::<std::net::IpAddr>()),
+        ) {
+            let mut h = map(&fields);
+            let id = RequestId {
+                id: HeaderValue::from_static("ours-1"),
+                client: client_id.map(|c| HeaderValue::from_str(&c).unwrap()),
+            };
+            forward(&mut h, &HeaderValue::from_static("bank-a"), &id, addr);
+            // Every field left that reads as ours has exactly one value, and it is ours.
+            let ours: Vec<(&str, Option<String>)> = vec![
+                ("x-tenant", Some("bank-a".into())),
+                ("x-request-id", Some("ours-1".into())),
+                ("x-client-request-id", id.client.as_ref().map(|c| c.to_str().unwrap().to_string())),
+                ("forwarded", addr.map(|a| match a {
+                    IpAddr::V4(v4) => format!("for={v4}"),
+                    IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+                })),
+                ("x-forwarded-for", addr.map(|a| a.to_string())),
+            ];
+            for name in h.keys() {
+                if is_ours(name.as_str()) {
+                    let expected = ours.iter().find(|(n, _)| *n == name.as_str()).and_then(|(_, v)| v.as_deref());
+                    let values: Vec<&str> = h.get_all(name).iter().map(|v| v.to_str().unwrap()).collect();
+                    prop_assert_eq!(values, expected.into_iter().collect::<Vec<_>>(), "{}", name);
+                }
+            }
+            for (name, value) in &ours {
+                prop_assert_eq!(h.get(*name).map(|v| v.to_str().unwrap()), value.as_deref(), "{}", name);
+            }
+        }
+    }
+}

@@ -69,6 +69,11 @@ impl TargetError {
 /// Checks `uri`'s target and returns the normalised one if it differs (`None`: `uri` is already
 /// normal, use it as it is).
 pub fn normalize(uri: &Uri) -> Result<Option<PathAndQuery>, TargetError> {
+    // `Uri::path` reads the empty path of `?q` (or `http://host?q`) as `/`, but `upstream.rs`
+    // forwards the target as it came: refuse it rather than route one target and send another.
+    if uri.path_and_query().is_some_and(|pq| pq.as_str().starts_with('?')) {
+        return Err(TargetError::NotAbsolute);
+    }
     let path = uri.path();
     if let Some(query) = uri.query() {
         check_query(query.as_bytes())?;

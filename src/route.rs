@@ -110,3 +110,91 @@ mod tests {
         assert!(err.contains("/a/{y}"), "{err}");
     }
 }
+
+/// Routing and normalisation together: the proxy routes the normalised target, so normalising
+/// must not move a request from one route to another.
+#[cfg(test)]
+mod property {
+    use http::Uri;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn table() -> RouteTable {
+        let route = |name: &str, path: &str| RouteConfig {
+            name: name.into(),
+            method: Method::GET,
+            path: path.into(),
+            cost: 1,
+            cache: Default::default(),
+        };
+        RouteTable::new(&[
+            route("score", "/v1/score/{subject_id}"),
+            route("report", "/v1/credit-report"),
+            route("admin", "/v1/admin"),
+            route("files", "/v1/files/{kind}/{*rest}"),
+        ])
+        .unwrap()
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        let segment = prop::sample::select(vec![
+            "v1",
+            "score",
+            "credit-report",
+            "credit%2Dreport",
+            "admin",
+            "%61dmin",
+            "files",
+            "S1",
+            "%53%31",
+            "%c3%a9",
+            "",
+            ".",
+            "..",
+            "a+b",
+            "%2B",
+        ]);
+        // Mostly under a route's prefix, so that most paths match something.
+        let prefix = prop::sample::select(vec!["", "v1/", "v1/score/", "v1//score/", "v1/files/k/", "v1/files//k/"]);
+        (prefix, prop::collection::vec(segment, 0..4), any::<bool>())
+            .prop_map(|(pre, s, trailing)| format!("/{pre}{}{}", s.join("/"), if trailing { "/" } else { "" }))
+    }
+
+    fn normalised(p: &str) -> Option<String> {
+        let uri: Uri = p.parse().ok()?;
+        Some(match crate::path::normalize(&uri).ok()? {
+            Some(pq) => pq.path().to_string(),
+            None => uri.path().to_string(),
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// A path without dot segments that matches a route matches the same route once
+        /// normalised. (Dot segments are why paths are normalised first: `/v1/score/..` is
+        /// `/v1`, not a score look-up for the subject `..`.) The one exception is a catch-all
+        /// that held nothing but empty segments (`/v1/files/k//`): normal, it holds nothing and
+        /// the path is no longer that route's, which is a 404, never another route.
+        #[test]
+        fn normalising_keeps_a_request_on_its_route(p in path()) {
+            let t = table();
+            let Some(n) = normalised(&p) else { return Ok(()) };
+            let normal = t.find(&Method::GET, &n).map(|m| m.index);
+            if !p.split('/').any(|s| s == "." || s == "..") {
+                if let Some(raw) = t.find(&Method::GET, &p) {
+                    let empty_rest = raw.params.get("rest").is_some_and(|r| r.split('/').all(str::is_empty));
+                    if empty_rest {
+                        prop_assert_eq!(normal, None, "{} → {}", p, n);
+                    } else {
+                        prop_assert_eq!(normal, Some(raw.index), "{} → {}", p, n);
+                    }
+                }
+            }
+            // The normal form routes the same as its own normal form (routing is stable).
+            let again = normalised(&n).expect("a normal path is accepted");
+            prop_assert_eq!(t.find(&Method::GET, &again).map(|m| m.index), normal);
+        }
+    }
+}

@@ -73,6 +73,9 @@ fn ambiguous_targets_are_refused() {
         ("/v1/score/S1?x=1;report_type=full", QuerySemicolon),
         ("/v1/score/S1?x=%00", EncodedDelimiter),
         ("*", NotAbsolute),
+        // Found by fuzzing: routed as `/`, but forwarded as it came, without a path.
+        ("://a?a/r", NotAbsolute),
+        ("http://bureau.example?x=1", NotAbsolute),
     ] {
         assert_eq!(norm(t), Err(why), "{t:?}");
     }
@@ -91,5 +94,72 @@ fn normalising_twice_changes_nothing() {
         let once = norm(t).unwrap();
         let uri: Uri = once.parse().unwrap();
         assert_eq!(normalize(&uri), Ok(None), "{t:?} → {once:?} is normal");
+    }
+}
+
+/// Normalisation as properties over targets built from the pieces that make paths ambiguous.
+mod property {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn piece() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "/", "/", "/", "//", ".", "..", "/.", "/..", "a", "S-1", "v1", "~", "%41", "%2D", "%2d", "%7e", "%c3%a9",
+            "%C3", "%20", "%2B", "+", "%2F", "%2f", "%2E", "%2e", "%5C", "%25", "%252F", "%00", "%", "%G1", ";", "\\",
+            ":", "@", "!", "$", "'", "(", "*", ",", "=",
+        ])
+    }
+
+    fn query_piece() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec!["a", "=", "&", "%2F", "%2f", "..", "/", "+", "%00", "%", ";", "?", "%41"])
+    }
+
+    /// A target: a path of pieces, maybe a query.
+    fn target() -> impl Strategy<Value = String> {
+        let path = prop::collection::vec(piece(), 0..10).prop_map(|p| format!("/{}", p.concat()));
+        let query = prop::option::of(prop::collection::vec(query_piece(), 0..5).prop_map(|q| q.concat()));
+        (path, query).prop_map(|(p, q)| match q {
+            Some(q) => format!("{p}?{q}"),
+            None => p,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn the_normal_form_is_normal_and_never_climbs_or_doubles(t in target()) {
+            let Ok(uri) = t.parse::<Uri>() else { return Ok(()) };
+            if let Ok(normal) = norm(&t) {
+                let (path, query) = normal.split_once('?').map_or((normal.as_str(), None), |(p, q)| (p, Some(q)));
+                prop_assert!(path.starts_with('/'), "{} → {}", t, normal);
+                prop_assert!(!path.contains("//"), "{} → {}", t, normal);
+                prop_assert!(path == "/" || !path.ends_with('/'), "{} → {}", t, normal);
+                prop_assert!(path.split('/').all(|s| s != "." && s != ".."), "{} → {}", t, normal);
+                prop_assert_eq!(query, uri.query(), "the query is forwarded as sent");
+                // Idempotent: the normal form is left alone (and not copied).
+                prop_assert_eq!(normalize(&normal.parse().unwrap()), Ok(None), "{} → {}", t, normal);
+            }
+        }
+
+        #[test]
+        fn escaped_slashes_and_dots_are_always_refused(t in target()) {
+            let Ok(uri) = t.parse::<Uri>() else { return Ok(()) };
+            let path = uri.path().to_ascii_lowercase();
+            if ["%2f", "%5c", "%2e", "%25"].iter().any(|e| path.contains(e)) {
+                prop_assert!(norm(&t).is_err(), "{} was not refused", t);
+            }
+        }
+
+        #[test]
+        fn what_is_normal_already_is_not_rewritten(t in target()) {
+            // A target that comes back unchanged must have been reported as normal (no copy), and
+            // one reported normal must be normal by the rules above.
+            let Ok(uri) = t.parse::<Uri>() else { return Ok(()) };
+            if let Ok(Some(pq)) = normalize(&uri) {
+                prop_assert_ne!(pq.as_str(), t.as_str(), "rewritten to itself");
+            }
+        }
     }
 }

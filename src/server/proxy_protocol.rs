@@ -22,6 +22,8 @@ const V1_PREFIX: &[u8; 6] = b"PROXY ";
 /// v1 lines are at most 107 bytes; v2 headers carry TLVs, which load balancers keep small
 /// (AWS: a few dozen bytes). Anything longer is not a header we will wait for.
 const MAX_HEADER: usize = 1024;
+/// The longest v1 header, `\r\n` included (the spec's 107 bytes).
+const V1_MAX: usize = 107;
 
 /// Why a connection's PROXY header was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +126,15 @@ pub async fn read_header<S: AsyncRead + Unpin>(
             return Err(HeaderError::Closed);
         }
         buf.extend_from_slice(&chunk[..n]);
+        // `ppp` reads a v1 line cut inside an address or port (`PROXY TCP4 192.`) as invalid,
+        // not as partial, so a header split across two reads would refuse a good connection:
+        // wait for the line's end (or more than a v1 line can hold) before parsing.
+        let v1_unfinished = V1_PREFIX.starts_with(&buf[..buf.len().min(V1_PREFIX.len())])
+            && !buf.contains(&b'\n')
+            && buf.len() <= V1_MAX;
+        if v1_unfinished {
+            continue;
+        }
         let parsed = HeaderResult::parse(&buf);
         if parsed.is_incomplete() {
             if buf.len() > MAX_HEADER {
@@ -226,6 +237,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_v1_header_split_across_reads_is_read_whole() {
+        // Found by the property tests: a read that ended inside an address refused the header.
+        let input = b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443\r\nGET /";
+        for cut in 1..input.len() {
+            let (mut client, server) = tokio::io::duplex(4096);
+            let reader = tokio::spawn(async move {
+                let (src, mut rest) = read_header(server).await.expect("a valid header");
+                let mut after = Vec::new();
+                rest.read_to_end(&mut after).await.unwrap();
+                (src, after)
+            });
+            client.write_all(&input[..cut]).await.unwrap();
+            tokio::task::yield_now().await;
+            client.write_all(&input[cut..]).await.unwrap();
+            drop(client);
+            let (src, after) = reader.await.unwrap();
+            assert_eq!(src, Some("192.0.2.7:51000".parse().unwrap()), "cut at {cut}");
+            assert_eq!(after, b"GET /", "cut at {cut}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_header_from_an_untrusted_peer_is_refused_and_anything_else_kept() {
         for refused in [&b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"[..], &V2_SIGNATURE[..]] {
             let (mut client, server) = tokio::io::duplex(4096);
@@ -239,6 +272,125 @@ mod tests {
             let mut rest = Vec::new();
             refuse_header(server).await.map_err(|_| ()).unwrap().read_to_end(&mut rest).await.unwrap();
             assert_eq!(rest, kept);
+        }
+    }
+}
+
+/// Framing as properties: whatever the bytes and however the socket splits them into reads, a
+/// header is read whole or refused, and not one byte after it is lost or reordered.
+#[cfg(test)]
+mod property {
+    use std::future::Future;
+    use std::net::{IpAddr, SocketAddr};
+    use std::pin::pin;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A socket that delivers `data` in reads of the given sizes (then the rest), never waiting.
+    struct Reads {
+        data: Vec<u8>,
+        at: usize,
+        sizes: Vec<usize>,
+    }
+
+    impl AsyncRead for Reads {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let size = if self.sizes.is_empty() { usize::MAX } else { self.sizes.remove(0) };
+            let n = (self.data.len() - self.at).min(size).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.data[at..at + n]);
+            self.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn ready<F: Future>(fut: F) -> F::Output {
+        match pin!(fut).poll(&mut Context::from_waker(std::task::Waker::noop())) {
+            Poll::Ready(out) => out,
+            Poll::Pending => unreachable!("in-memory reads never wait"),
+        }
+    }
+
+    fn rest_of<S: AsyncRead + Unpin>(mut s: Prefixed<S>) -> Vec<u8> {
+        let mut out = Vec::new();
+        ready(s.read_to_end(&mut out)).unwrap();
+        out
+    }
+
+    fn sizes() -> impl Strategy<Value = Vec<usize>> {
+        prop::collection::vec(1usize..300, 0..8)
+    }
+
+    /// A header for `src` in either version (v2 with a TLV or not), as a load balancer sends it.
+    fn header(src: SocketAddr, v2: bool, tlv: Option<Vec<u8>>) -> Vec<u8> {
+        let dst: SocketAddr = match src.ip() {
+            IpAddr::V4(_) => "10.0.0.1:443".parse().unwrap(),
+            IpAddr::V6(_) => "[2001:db8::1]:443".parse().unwrap(),
+        };
+        if !v2 {
+            let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+            return format!("PROXY {family} {} {} {} {}\r\n", src.ip(), dst.ip(), src.port(), dst.port()).into_bytes();
+        }
+        let mut b = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Stream,
+            (src, dst),
+        );
+        if let Some(value) = tlv {
+            b = b.write_tlv(ppp::v2::Type::NoOp, &value).unwrap();
+        }
+        b.build().unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn a_trusted_header_is_read_whole_and_what_follows_kept(
+            src in any::<SocketAddr>(),
+            v2 in any::<bool>(),
+            tlv in prop::option::of(prop::collection::vec(any::<u8>(), 0..64)),
+            tail in prop::collection::vec(any::<u8>(), 0..600),
+            sizes in sizes(),
+        ) {
+            // v1 carries no flow info or scope id; v2 neither.
+            let src = SocketAddr::new(src.ip(), src.port());
+            let mut data = header(src, v2, tlv);
+            data.extend_from_slice(&tail);
+            let (source, rest) = ready(read_header(Reads { data, at: 0, sizes })).expect("a valid header");
+            prop_assert_eq!(source, Some(src));
+            prop_assert_eq!(rest_of(rest), tail);
+        }
+
+        #[test]
+        fn any_bytes_are_a_header_or_refused_never_a_panic_or_a_lost_byte(
+            prefix in prop::sample::select(vec![&b""[..], b"PROXY ", b"PROXY TCP4 ", V2_SIGNATURE, b"\r\n\r\n"]),
+            body in prop::collection::vec(any::<u8>(), 0..1400),
+            sizes in sizes(),
+        ) {
+            let mut data = prefix.to_vec();
+            data.extend_from_slice(&body);
+            match ready(read_header(Reads { data: data.clone(), at: 0, sizes: sizes.clone() })) {
+                Ok((_, rest)) => {
+                    let after = rest_of(rest);
+                    prop_assert!(data.ends_with(&after));
+                    let consumed = &data[..data.len() - after.len()];
+                    let len = match HeaderResult::parse(consumed) {
+                        HeaderResult::V1(Ok(h)) => h.header.len(),
+                        HeaderResult::V2(Ok(h)) => h.len(),
+                        other => panic!("consumed {consumed:?}, not a header: {other:?}"),
+                    };
+                    prop_assert_eq!(len, consumed.len(), "exactly one header consumed");
+                }
+                Err(e) => prop_assert!(matches!(e, HeaderError::Invalid | HeaderError::Closed)),
+            }
+            match ready(refuse_header(Reads { data: data.clone(), at: 0, sizes })) {
+                Ok(rest) => prop_assert_eq!(rest_of(rest), data),
+                Err(HeaderError::Untrusted) => prop_assert!(data.starts_with(V1_PREFIX) || data.starts_with(V2_SIGNATURE)),
+                Err(e) => prop_assert_eq!(e, HeaderError::Closed),
+            }
         }
     }
 }
