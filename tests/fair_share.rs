@@ -126,10 +126,11 @@ async fn a_client_that_disconnects_while_queued_leaves_without_taking_a_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn adaptive_limit_finds_the_workers_from_below_and_stays_when_the_bureau_slows() {
+async fn adaptive_limit_finds_the_workers_and_follows_a_slower_then_smaller_bureau() {
     // 8 workers behind a budget of 32: the limit starts at min (a budget set too high is never
     // offered to the bureau) and finds the 8 workers. Then the bureau gets 3x slower with the
-    // same workers: the limit must re-baseline, not collapse to min.
+    // same workers: the limit must re-baseline, not collapse to min. Then it loses workers:
+    // the limit must follow them down.
     let env = Env::with(
         bureau(8, 20),
         &Extras {
@@ -168,6 +169,11 @@ async fn adaptive_limit_finds_the_workers_from_below_and_stays_when_the_bureau_s
     wait_until("a slower baseline", || controller.view().baseline.is_some_and(|b| b > fast * 2)).await;
     let limit = shared.scheduler.limit();
     assert!(limit >= 6, "limit {limit} cut below the 8 workers when the bureau only got slower");
+
+    // Then the bureau, still slow, loses workers (other clients take them): 8 -> 3. The knee
+    // must follow.
+    env.mock.bureau.set_workers(3);
+    wait_until("the knee down to the 3 workers", || controller.view().knee <= 4.0).await;
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for l in load {
