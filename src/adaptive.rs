@@ -32,8 +32,10 @@
 //!   the probe: cut to `Nc·R0/Rc` (the knee if `R0` is right; Vegas' estimate), never below half
 //!   (a stale `R0` cannot collapse the budget) nor above `Nc·Rd/Rc`. In between, the knee lies
 //!   between the two levels, at `Nc·Rd/Rc` (the probe ran at no-load latency).
-//! - **Up probe** to 1.25 × the level (at least +1). Flat latency: the knee is higher, the level
-//!   becomes the probe's concurrency and the next up probe follows at once (exponential growth).
+//! - **Up probe** one slot above the level (each flat probe in a row grows the next: a quarter,
+//!   then double; until the first probe that finds the knee, double: slow start). Flat latency:
+//!   the knee is higher, the level becomes the probe's concurrency and the next up probe
+//!   follows at once. Probes that find the knee where it was are spaced out (1, 2, 4, 8 s).
 //!   Rising latency: the knee is between, at `Nu·Rc/Ru`; an up probe never lowers the level.
 //! - **Back-pressure** (a 503: the bureau says it is full; a 429 concerns one tenant, whom
 //!   `proxy.rs` holds, and gives no sample) on a call granted since the last cut multiplies the
@@ -55,9 +57,13 @@
 //! - **Workers cut to a third**: latency rises to `L/W'·S`, the down probe shows `e ≈ 1` and the
 //!   cut goes straight to `Nc·R0/Rc` = the new workers (within a second in the simulation).
 //!
-//! In steady state the cost is an up probe per second (the bureau holds 1.25 × its workers for
-//! about 100 ms, which idles nothing) and a down probe every 10 s (¾ of the budget for about
-//! 100 ms: about 0.3% of capacity).
+//! In steady state the cost is an up probe of one slot every 1 to 8 s (the interval doubles
+//! while the knee stays put; the bureau holds one call more than its workers for about 100 ms,
+//! which idles nothing but makes the calls of that moment wait one service time more), and a
+//! down probe every 10 s (¾ of the budget for about 100 ms: about 0.3% of capacity). It starts
+//! at `min` and doubles until a probe finds the knee (slow start): a budget set too high is
+//! never offered to the bureau, at the cost of a second or so below capacity when traffic
+//! first arrives.
 //!
 //! # Why not the alternatives
 //! - **AIMD on a latency threshold** (the previous controller) cannot tell a slower bureau from
@@ -321,6 +327,9 @@ struct State {
     level: f64,
     /// When the current cruise began (up probes follow `up_interval` after).
     cruise_since: Instant,
+    /// Up probes in a row that found latency flat (the knee is higher still); starts at 2, so
+    /// that the first probes double the level (slow start) until one finds the knee.
+    flat_ups: u32,
     /// Time between up probes: `probe_interval`, doubled (up to `UP_BACKOFF_MAX` times) after
     /// each probe that found the knee where it was, reset when the knee moves. A knee that
     /// stays put is probed rarely, so the bureau is rarely held above it.
@@ -361,6 +370,7 @@ impl AdaptiveLimit {
                 level: cfg.initial as f64,
                 cruise_since: now,
                 up_interval: cfg.probe_interval,
+                flat_ups: 2,
                 baseline: None,
                 baseline_at: None,
                 reference: None,
@@ -496,6 +506,7 @@ impl AdaptiveLimit {
                     }
                 } else if e < PROPORTIONAL {
                     st.up_interval = self.cfg.probe_interval;
+                    st.flat_ups = 0;
                     // The probe ran at the bureau's no-load latency: the knee is between. (The
                     // baseline is not moved up on this weaker evidence: a baseline too high
                     // would hide queueing until it ages; one too low only costs another probe.)
@@ -504,6 +515,7 @@ impl AdaptiveLimit {
                     // Queueing even at the probe: cut to the knee the baseline implies, by at
                     // most half (a stale baseline must not collapse the budget).
                     st.up_interval = self.cfg.probe_interval;
+                    st.flat_ups = 0;
                     let half = c.in_flight / 2.0;
                     let knee = st.baseline.map_or(half, |r0| c.in_flight * r0 / rc);
                     st.level = st.level.min(knee.max(half).min(upper.max(half)));
@@ -521,6 +533,7 @@ impl AdaptiveLimit {
                 let e = (ru / rc).ln() / (m.in_flight / c.in_flight).ln();
                 if e < FLAT || ru - rc <= 2.0 * c.latency_se.hypot(m.latency_se) {
                     st.up_interval = self.cfg.probe_interval;
+                    st.flat_ups = st.flat_ups.saturating_add(1);
                     st.level = st.level.max(m.in_flight);
                     st.reference = Some(m);
                     return self.up_level(st).map_or(Next::Cruise, Next::Up);
@@ -531,6 +544,7 @@ impl AdaptiveLimit {
                 // An up probe never lowers the level.
                 let r0 = st.baseline.map_or(rc, |r0| r0.min(rc));
                 let before = st.level;
+                st.flat_ups = 0;
                 st.level = st.level.max((m.in_flight * r0 / ru).min(m.in_flight));
                 st.up_interval = if st.level - before < 0.5 {
                     (st.up_interval * 2).min(self.cfg.probe_interval * UP_BACKOFF_MAX)
@@ -563,6 +577,7 @@ impl AdaptiveLimit {
 
     fn cut(&self, st: &mut State) -> Next {
         st.up_interval = self.cfg.probe_interval;
+        st.flat_ups = 0;
         st.level = (st.level * self.cfg.backoff).max(self.cfg.min as f64);
         Next::Cruise
     }
@@ -576,7 +591,16 @@ impl AdaptiveLimit {
     /// 1.25 × the level, at least one more, if `max` allows.
     fn up_level(&self, st: &State) -> Option<usize> {
         let applied = self.applied(st.level);
-        let up = (applied + (applied / 4).max(1)).min(self.cfg.max);
+        // A bureau at its knee pays for a probe above it with queueing (quiet banks' look-ups
+        // wait behind the extra calls), so a probe starts one slot up; each flat probe in a row
+        // grows the next (a quarter, then double), and until the first probe that finds the
+        // knee the controller doubles, as TCP's slow start does.
+        let step = match st.flat_ups {
+            0 => 1,
+            1 => (applied / 4).max(1),
+            _ => applied,
+        };
+        let up = (applied + step).min(self.cfg.max);
         (up > applied).then_some(up)
     }
 
