@@ -33,7 +33,7 @@
 //!   (a stale `R0` cannot collapse the budget) nor above `Nc·Rd/Rc`. In between, the knee lies
 //!   between the two levels, at `Nc·Rd/Rc` (the probe ran at no-load latency).
 //! - **Up probe** one slot above the level (each flat probe in a row grows the next: a quarter,
-//!   then double; until the first probe that finds the knee, double: slow start). Flat latency:
+//!   then a half; until the first probe that finds the knee, a half: slow start). Flat latency:
 //!   the knee is higher, the level becomes the probe's concurrency and the next up probe
 //!   follows at once. Probes that find the knee where it was are spaced out (1, 2, 4, 8 s).
 //!   Rising latency: the knee is between, at `Nu·Rc/Ru`; an up probe never lowers the level.
@@ -61,7 +61,7 @@
 //! while the knee stays put; the bureau holds one call more than its workers for about 100 ms,
 //! which idles nothing but makes the calls of that moment wait one service time more), and a
 //! down probe every 10 s (¾ of the budget for about 100 ms: about 0.3% of capacity). It starts
-//! at `min` and doubles until a probe finds the knee (slow start): a budget set too high is
+//! at `min` and grows by half until a probe finds the knee (slow start): a budget set too high is
 //! never offered to the bureau, at the cost of a second or so below capacity when traffic
 //! first arrives.
 //!
@@ -328,7 +328,7 @@ struct State {
     /// When the current cruise began (up probes follow `up_interval` after).
     cruise_since: Instant,
     /// Up probes in a row that found latency flat (the knee is higher still); starts at 2, so
-    /// that the first probes double the level (slow start) until one finds the knee.
+    /// that the first probes grow the level by half (slow start) until one finds the knee.
     flat_ups: u32,
     /// Time between up probes: `probe_interval`, doubled (up to `UP_BACKOFF_MAX` times) after
     /// each probe that found the knee where it was, reset when the knee moves. A knee that
@@ -525,9 +525,11 @@ impl AdaptiveLimit {
             Phase::ProbeUp => {
                 let Some(c) = st.reference else { return Next::Cruise };
                 let (Some(rc), Some(ru)) = (c.latency, m.latency) else { return Next::Cruise };
-                let probe = self.limit() as f64;
-                // Errors or back-pressure during the probe, or extra slots left unused: no growth.
-                if failing || m.back_pressure > 0 || m.in_flight < c.in_flight + 0.5 * (probe - c.in_flight) {
+                // Errors or back-pressure during the probe, or no extra slot used at all: no
+                // growth. (Growth goes only as far as the probe was used: `level` becomes its
+                // mean concurrency. Demand just above the level, with requests queued for it,
+                // uses part of a probe; it must grow the level, not be read as "unused".)
+                if failing || m.back_pressure > 0 || m.in_flight <= c.in_flight + 0.25 {
                     return Next::Cruise;
                 }
                 let e = (ru / rc).ln() / (m.in_flight / c.in_flight).ln();
@@ -593,12 +595,13 @@ impl AdaptiveLimit {
         let applied = self.applied(st.level);
         // A bureau at its knee pays for a probe above it with queueing (quiet banks' look-ups
         // wait behind the extra calls), so a probe starts one slot up; each flat probe in a row
-        // grows the next (a quarter, then double), and until the first probe that finds the
-        // knee the controller doubles, as TCP's slow start does.
+        // grows the next (a quarter, then a half), and until the first probe that finds the
+        // knee the controller grows by half, as TCP's slow start does (by half, not double: a
+        // probe never offers the bureau more than 1.5 times the knee).
         let step = match st.flat_ups {
             0 => 1,
             1 => (applied / 4).max(1),
-            _ => applied,
+            _ => (applied / 2).max(1),
         };
         let up = (applied + step).min(self.cfg.max);
         (up > applied).then_some(up)
