@@ -56,7 +56,7 @@ if [ "$mode" = fuzz ]; then
     log="fuzz/target/fuzz-$t.log"
     mkdir -p fuzz/target
     if ! (cd fuzz && env -u CARGO_TARGET_DIR cargo +nightly fuzz run "${flags[@]}" "$t" "${dirs[@]#fuzz/}" -- \
-        -max_total_time="$per_target" -max_len=8192 -print_final_stats=1) >"$log" 2>&1; then
+        -max_total_time="$per_target" -max_len=8192 -print_final_stats=1 -seed="${FUZZ_SEED:-0}") >"$log" 2>&1; then
       grep -E 'panicked at|^SUMMARY|Test unit written' -A2 "$log" >&2 || tail -30 "$log" >&2
       echo "fuzz $t failed; inputs in fuzz/artifacts/$t/ (replay: cd fuzz && cargo +nightly fuzz run $t FILE)" >&2
       exit 1

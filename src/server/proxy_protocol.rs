@@ -128,9 +128,10 @@ pub async fn read_header<S: AsyncRead + Unpin>(
         buf.extend_from_slice(&chunk[..n]);
         // `ppp` reads a v1 line cut inside an address or port (`PROXY TCP4 192.`) as invalid,
         // not as partial, so a header split across two reads would refuse a good connection:
-        // wait for the line's end (or more than a v1 line can hold) before parsing.
+        // wait for the line's end, CRLF (a bare LF can sit inside an UNKNOWN line: the fuzzer
+        // found one), or more than a v1 line can hold, before parsing.
         let v1_unfinished = V1_PREFIX.starts_with(&buf[..buf.len().min(V1_PREFIX.len())])
-            && !buf.contains(&b'\n')
+            && !buf.windows(2).any(|w| w == b"\r\n")
             && buf.len() <= V1_MAX;
         if v1_unfinished {
             continue;
