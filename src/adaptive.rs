@@ -28,8 +28,8 @@
 //! - **Down probe** to ¾ of the concurrency in use. The latency's elasticity to concurrency,
 //!   `e = ln(Rc/Rd) / ln(Nc/Nd)`, says where the knee is. `e < 0.3`: flat, the bureau is not
 //!   queueing our calls, so a higher latency is the bureau's own: `R0 := Rd` (re-baseline), no
-//!   cut, then probe up. `e ≥ 0.7`: the latency fell with the concurrency, the knee is below even
-//!   the probe: cut to `Nc·R0/Rc` (the knee if `R0` is right; Vegas' estimate), never below half
+//!   cut, and the next up probe waits at least 4 s (its knee most likely stayed). `e ≥ 0.7`:
+//!   the latency fell with the concurrency, the knee is below even the probe: cut to `Nc·R0/Rc` (the knee if `R0` is right; Vegas' estimate), never below half
 //!   (a stale `R0` cannot collapse the budget) nor above `Nc·Rd/Rc`. In between, the knee lies
 //!   between the two levels, at `Nc·Rd/Rc` (the probe ran at no-load latency).
 //! - **Up probe** one slot above the level (each flat probe in a row grows the next: a quarter,
@@ -51,9 +51,11 @@
 //!   bureau below the limit is at the knee in about 2 s. Cost: a quarter of the budget for one
 //!   phase per halving, while the budget is too high anyway.
 //! - **Bureau 3× slower** (same workers): the window's latency is 3 × `R0`, so the controller
-//!   probes down, sees latency stay (`e ≈ 0`) and re-baselines instead of cutting; the up probe
-//!   shows latency rising with concurrency, so the level stays at the workers. Cost: one down
-//!   probe (¾ of the budget for about 100 ms + one latency) when the slow-down happens.
+//!   probes down, sees latency stay (`e ≈ 0`) and re-baselines instead of cutting; the level
+//!   stays at the workers, and up probes (one slot) wait 4 s and more. Cost: one down probe
+//!   (¾ of the budget for about 100 ms + one latency) when the slow-down happens, and the
+//!   spaced up probes, during which calls wait one service time more (measured end to end in
+//!   `benches/surge.rs`, scenario `slower`).
 //! - **Workers cut to a third**: latency rises to `L/W'·S`, the down probe shows `e ≈ 1` and the
 //!   cut goes straight to `Nc·R0/Rc` = the new workers (within a second in the simulation).
 //!
@@ -497,13 +499,12 @@ impl AdaptiveLimit {
                 if e < FLAT || noise {
                     // Latency did not follow concurrency: whatever slowness there is, it is
                     // the bureau's own. Re-baseline; never cut on it.
+                    // A bureau that got slower, not fuller, most likely kept its knee: the next
+                    // up probe waits at least 4 probe intervals (each holds the now slower
+                    // bureau a call above its knee, and every call of that moment waits longer).
                     st.baseline = Some(rd);
                     st.baseline_at = Some(now);
-                    if c.in_flight >= USED * self.applied(st.level) as f64 {
-                        if let Some(up) = self.up_level(st) {
-                            return Next::Up(up);
-                        }
-                    }
+                    st.up_interval = st.up_interval.max(self.cfg.probe_interval * 4);
                 } else if e < PROPORTIONAL {
                     st.up_interval = self.cfg.probe_interval;
                     st.flat_ups = 0;

@@ -2717,7 +2717,7 @@ mod property {
             port in (1u16..).prop_filter("the admin listener's default port", |p| *p != 9090),
         ) {
             let mut text = format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\nrequest_timeout = \"{request_ms}ms\"\n[upstream]\nurl = \"http://bureau:8081\"\n"
+                "[server]\nlisten = \"127.0.0.1:{port}\"\nrequest_timeout = \"{request_ms}ms\"\n[admin]\ninsecure_no_token = true\n[upstream]\nurl = \"http://bureau:8081\"\n"
             );
             for (i, (name, (method, cost, cached))) in routes.iter().enumerate() {
                 text += &format!("[[routes]]\nname = \"{name}\"\nmethod = \"{method}\"\npath = \"/r{i}/{{id}}\"\ncost = {cost}\n");

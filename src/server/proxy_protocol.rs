@@ -128,14 +128,9 @@ pub async fn read_header<S: AsyncRead + Unpin>(
         buf.extend_from_slice(&chunk[..n]);
         // `ppp` reads a v1 line cut inside an address or port (`PROXY TCP4 192.`) as invalid,
         // not as partial, so a header split across two reads would refuse a good connection:
-        // wait for the line's end, CRLF (a bare LF can sit inside an UNKNOWN line: the fuzzer
-        // found one), or more than a v1 line can hold, before parsing.
-        let v1_unfinished = V1_PREFIX.starts_with(&buf[..buf.len().min(V1_PREFIX.len())])
-            && !buf.windows(2).any(|w| w == b"\r\n")
-            && buf.len() <= V1_MAX;
-        if v1_unfinished {
-            continue;
-        }
+        // a v1 line that does not parse yet is waited for until its CRLF has arrived (or more
+        // than a v1 line can hold). What `ppp` accepts is taken as soon as it parses: it ends
+        // some lines at a bare LF, others only at CRLF (the fuzzer found both).
         let parsed = HeaderResult::parse(&buf);
         if parsed.is_incomplete() {
             if buf.len() > MAX_HEADER {
@@ -146,7 +141,15 @@ pub async fn read_header<S: AsyncRead + Unpin>(
         let (len, source) = match parsed {
             HeaderResult::V1(Ok(h)) => (h.header.len(), v1_source(&h.addresses)),
             HeaderResult::V2(Ok(h)) => (h.len(), v2_source(&h)),
-            HeaderResult::V1(Err(_)) | HeaderResult::V2(Err(_)) => return Err(HeaderError::Invalid),
+            HeaderResult::V1(Err(_)) | HeaderResult::V2(Err(_)) => {
+                let v1_unfinished = V1_PREFIX.starts_with(&buf[..buf.len().min(V1_PREFIX.len())])
+                    && !buf.windows(2).any(|w| w == b"\r\n")
+                    && buf.len() <= V1_MAX;
+                if v1_unfinished {
+                    continue;
+                }
+                return Err(HeaderError::Invalid);
+            }
         };
         let rest = buf.split_off(len);
         return Ok((source, Prefixed::new(rest, stream)));
