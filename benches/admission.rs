@@ -9,11 +9,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bureau_guard::admission::quota::{self, Windows};
+use bureau_guard::admission::ratelimit::{self, InFlightGuard, RateDecision};
+use bureau_guard::admission::tenant::TenantTable;
 use bureau_guard::config::{DryRun, TenantConfig, TenantLimits};
-use bureau_guard::quota::{self, Windows};
-use bureau_guard::ratelimit::{self, InFlightGuard, RateDecision};
 use bureau_guard::state::StateRegistry;
-use bureau_guard::tenant::TenantTable;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};

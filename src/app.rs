@@ -10,13 +10,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::Admin;
+use crate::admission::quota::{Clock, SystemClock, Windows};
 use crate::config::{Config, StateBackend};
+use crate::ops::admin::Admin;
 use crate::proxy::Proxy;
-use crate::quota::{Clock, SystemClock, Windows};
 use crate::runtime::Shared;
 use crate::server::{self, ConnLimits};
-use crate::state::{CounterStore, FileStore, LoadError, Loaded, SavedState};
+use crate::state::file::{CounterStore, FileStore, LoadError, Loaded, SavedState};
 
 /// A running proxy: its bound addresses and the means to stop it.
 pub struct Running {

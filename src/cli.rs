@@ -245,7 +245,7 @@ fn check(path: &Path, diff_against: Option<&Path>) -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                let changes = crate::reload::diff(&old, &c);
+                let changes = crate::ops::reload::diff(&old, &c);
                 println!("changes relative to {}: {}", old_path.display(), changes.len());
                 for ch in &changes {
                     println!("  {ch}");
@@ -307,7 +307,7 @@ fn serve(path: &Path) -> ExitCode {
                 s = &mut stop => break s,
                 _ = hup.recv() => {
                     let shared = running.shared.clone();
-                    let out = tokio::task::spawn_blocking(move || crate::reload::reload_from_file(&shared)).await;
+                    let out = tokio::task::spawn_blocking(move || crate::ops::reload::reload_from_file(&shared)).await;
                     if let Ok(out) = out {
                         tracing::info!(result = out.result, "SIGHUP reload");
                     }

@@ -20,21 +20,21 @@ use http::header::{HeaderName, RETRY_AFTER};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::audit::Record;
-use crate::breaker::{self, Cause, Verdict};
-use crate::cache::{self, CacheStatus, Entry, Fetched, Lookup};
-use crate::cache_key::{CacheKey, KeyError};
-use crate::coalesce::{CoalesceError, Interest, Role};
-use crate::headers::{self, RequestId, X_CLIENT_REQUEST_ID, X_REQUEST_ID};
-use crate::limits;
-use crate::quota::{self, Exhausted, Windows, retry_after_secs};
-use crate::ratelimit::{InFlightGuard, RateDecision};
-use crate::redis_state::Budget;
+use crate::admission::limits;
+use crate::admission::quota::{self, Exhausted, Windows, retry_after_secs};
+use crate::admission::ratelimit::{InFlightGuard, RateDecision};
+use crate::admission::tenant::Tenant;
+use crate::bureau::breaker::{self, Cause, Verdict};
+use crate::bureau::headers::{self, RequestId, X_CLIENT_REQUEST_ID, X_REQUEST_ID};
+use crate::bureau::scheduler::{Ask, Permit, ShedReason};
+use crate::cache::audit::Record;
+use crate::cache::coalesce::{CoalesceError, Interest, Role};
+use crate::cache::key::{CacheKey, KeyError};
+use crate::cache::store::{self, CacheStatus, Entry, Fetched, Lookup};
 use crate::respond::{Body, ErrorKind, Outcome, ProxyError, RateLimitState, error_response};
 use crate::runtime::{Shared, Snapshot};
-use crate::scheduler::{Ask, Permit, ShedReason};
 use crate::server::{ClientAddr, Peer};
-use crate::tenant::Tenant;
+use crate::state::redis::Budget;
 use crate::tls::ClientCert;
 
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -99,8 +99,8 @@ impl Proxy {
         let (mut resp, mut outcome) = match result {
             // Stale-if-error: the bureau failed (or was too slow, or out of capacity) and an
             // expired answer within the route's window is better than an error.
-            Ok((resp, _)) if cache::stale_may_replace(resp.status()) && ctx.stale.is_some() => self.stale(&ctx),
-            Err(err) if cache::stale_may_answer(err.kind) && ctx.stale.is_some() => self.stale(&ctx),
+            Ok((resp, _)) if store::stale_may_replace(resp.status()) && ctx.stale.is_some() => self.stale(&ctx),
+            Err(err) if store::stale_may_answer(err.kind) && ctx.stale.is_some() => self.stale(&ctx),
             Ok(answer) => answer,
             Err(err) => (error_response(&err, ctx.tenant.as_ref().map(|t| &t.id)), Outcome::Rejected(err.kind)),
         };
@@ -144,7 +144,7 @@ impl Proxy {
             // Never the key, the path (it may hold a subject id) or a body.
             tracing::info!(
                 target: "bureau_guard::access",
-                tenant = ctx.tenant.as_ref().map_or(crate::metrics::NONE_LABEL, |t| &*t.id),
+                tenant = ctx.tenant.as_ref().map_or(crate::ops::metrics::NONE_LABEL, |t| &*t.id),
                 route = snap.cells.route_label(ctx.route),
                 status = resp.status().as_u16(),
                 outcome = outcome.as_str(),
@@ -191,7 +191,7 @@ impl Proxy {
 
         // Path: normalised once, here, and ambiguity refused; route, cost, cache key, audit and
         // the bureau all see this one target (nearly always already normal: nothing is copied).
-        match crate::path::normalize(&parts.uri) {
+        match crate::route::path::normalize(&parts.uri) {
             Ok(None) => {}
             Ok(Some(normal)) => {
                 let mut uri = std::mem::take(&mut parts.uri).into_parts();
@@ -228,7 +228,7 @@ impl Proxy {
         // Rate: every request of the tenant pays, cache hits included; it shapes the tenant's pace.
         if let Some(rate) = &tenant.rate {
             let decision = match &self.shared.redis {
-                None => rate.check(&tenant.state.rate_tat, crate::ratelimit::now_ns(), cost),
+                None => rate.check(&tenant.state.rate_tat, crate::admission::ratelimit::now_ns(), cost),
                 Some(redis) => redis.rate(&mut redis_budget, &tenant, rate, cost).await?,
             };
             ctx.rate = Some(decision);
@@ -500,9 +500,9 @@ enum Keep {
 
 /// Where a cached route's answer goes.
 struct Store {
-    ticket: cache::Ticket,
+    ticket: store::Ticket,
     key: CacheKey,
-    policy: cache::RoutePolicy,
+    policy: store::RoutePolicy,
     route: Arc<str>,
 }
 

@@ -12,22 +12,22 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio_util::task::TaskTracker;
 
-use crate::adaptive::{AdaptiveConfig, AdaptiveLimit, Phase};
-use crate::audit::AuditLog;
-use crate::breaker::Breaker;
-use crate::cache::{Cache, RoutePolicy};
-use crate::cache_key::{KeySecret, KeySpec};
-use crate::coalesce::Coalescer;
+use crate::admission::quota::{Clock, SystemClock, Windows};
+use crate::admission::tenant::TenantTable;
+use crate::bureau::adaptive::{AdaptiveConfig, AdaptiveLimit, Phase};
+use crate::bureau::breaker::Breaker;
+use crate::bureau::headers::RequestIds;
+use crate::bureau::scheduler::Scheduler;
+use crate::bureau::upstream::Upstream;
+use crate::cache::audit::AuditLog;
+use crate::cache::coalesce::Coalescer;
+use crate::cache::key::{KeySecret, KeySpec};
+use crate::cache::store::{Cache, RoutePolicy};
 use crate::config::{Config, StateBackend};
-use crate::headers::RequestIds;
-use crate::metrics::{Metrics, RequestCells};
-use crate::quota::{Clock, SystemClock, Windows};
-use crate::redis_state::RedisState;
+use crate::ops::metrics::{Metrics, RequestCells};
 use crate::route::RouteTable;
-use crate::scheduler::Scheduler;
 use crate::state::StateRegistry;
-use crate::tenant::TenantTable;
-use crate::upstream::Upstream;
+use crate::state::redis::RedisState;
 
 /// What the request path needs from `[server]` and `[log]`, copied out of the config.
 #[derive(Debug, Clone)]
@@ -291,7 +291,7 @@ pub fn adaptive_controller(config: &Config) -> Option<Arc<AdaptiveLimit>> {
 impl Shared {
     /// A tenant's daily and monthly use: this process's counters, or with Redis the units all
     /// replicas have charged as last seen here.
-    pub fn quota_used(&self, t: &crate::tenant::Tenant, w: &Windows) -> (u64, u64) {
+    pub fn quota_used(&self, t: &crate::admission::tenant::Tenant, w: &Windows) -> (u64, u64) {
         match &self.redis {
             None => (t.state.daily.get(w.day), t.state.monthly.get(w.month)),
             Some(r) => r.quota_used(t, w),

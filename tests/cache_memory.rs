@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bureau_guard::cache::{Cache, Fetched, RoutePolicy};
-use bureau_guard::cache_key::CacheKey;
-use bureau_guard::metrics::Metrics;
+use bureau_guard::cache::key::CacheKey;
+use bureau_guard::cache::store::{Cache, Fetched, RoutePolicy};
+use bureau_guard::ops::metrics::Metrics;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 

@@ -5,9 +5,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bureau_guard::admission::quota::ManualClock;
 use bureau_guard::app;
 use bureau_guard::mock_bureau::MockConfig;
-use bureau_guard::quota::ManualClock;
 use common::*;
 use http::Method;
 

@@ -733,7 +733,7 @@ async fn an_idle_replica_does_not_sit_on_in_flight_slots_others_need() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_from_just_before_midnight_is_charged_to_the_new_day() {
-    use bureau_guard::quota::ManualClock;
+    use bureau_guard::admission::quota::ManualClock;
     let Some(redis) = RedisServer::start("redis-midnight") else { return };
     let mock = start_mock(fast_mock()).await;
     // 23:59:59 in Seoul (quota.utc_offset defaults to +09:00) of the coming night: a date taken
@@ -774,7 +774,7 @@ async fn a_request_from_just_before_midnight_is_charged_to_the_new_day() {
 #[test]
 fn an_outage_sync_resent_with_its_token_counts_once() {
     let Some(redis) = RedisServer::start("redis-sync") else { return };
-    let script = bureau_guard::redis_state::QUOTA_SYNC;
+    let script = bureau_guard::state::redis::QUOTA_SYNC;
     let sync = || redis.cli(&["EVAL", script, "2", "{p:a}:daily:1", "{p:a}:sync:r1:7", "4", "4102444800", "86400"]);
     assert_eq!(sync(), "1\n4", "the first sync adds its units, and answers the total");
     assert_eq!(sync(), "0\n4", "the same batch resent (its answer was lost) adds nothing");

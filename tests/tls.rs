@@ -455,7 +455,7 @@ async fn certificate_reload_serves_new_handshakes_and_keeps_open_connections() {
     let renewed = s.ca.issue(&LeafSpec { cn: "bureau-guard-2026", dns: &["localhost"], ..LeafSpec::default() });
     std::fs::write(&s.cert, &renewed.cert_pem).unwrap();
     std::fs::write(&s.key, &renewed.key_pem).unwrap();
-    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    let out = bureau_guard::ops::reload::reload_from_file(&proxy.shared);
     assert!(out.applied(), "{out:?}");
     let changed: Vec<String> = out.changes.iter().map(ToString::to_string).collect();
     assert!(changed.iter().any(|c| c.starts_with("server.tls.cert: ") && !c.contains("restart")), "{changed:?}");
@@ -472,7 +472,7 @@ async fn certificate_reload_serves_new_handshakes_and_keeps_open_connections() {
 
     // A broken key file rejects the reload; the running certificate stays.
     std::fs::write(&s.key, "-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n").unwrap();
-    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    let out = bureau_guard::ops::reload::reload_from_file(&proxy.shared);
     assert!(!out.applied());
     assert!(out.problems.iter().any(|p| p.starts_with("server.tls.key: ")), "{:?}", out.problems);
     let third = TlsConn::connect(proxy.addr, s.client(None)).await.unwrap();
@@ -507,7 +507,7 @@ async fn client_cert_names_changed_by_reload_apply_to_open_connections() {
 
     // The institution's certificate moves to tenant b (e.g. after a merger).
     write_config("", "client_cert_names = [\"bank-a.example\"]");
-    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    let out = bureau_guard::ops::reload::reload_from_file(&proxy.shared);
     assert!(out.applied(), "{out:?}");
     assert_eq!(conn.get("/echo/x", &[]).await.unwrap().json()["headers"]["x-tenant"], "b");
 }
@@ -617,7 +617,7 @@ async fn a_crl_loaded_by_reload_closes_the_revoked_banks_open_connections_only()
     // The bank's CA revokes one certificate; the operator installs the new CRL.
     let crl = write(&s.dir, "banks.crl.pem", &banks.crl(&[&bad.serial]));
     write_config(&banks, &format!("crl = [\"{crl}\"]"));
-    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    let out = bureau_guard::ops::reload::reload_from_file(&proxy.shared);
     assert!(out.applied(), "{out:?}");
     assert!(out.changes.iter().any(|c| c.to_string().starts_with("server.tls.crl: ")), "{out:?}");
 
@@ -638,7 +638,7 @@ async fn a_crl_loaded_by_reload_closes_the_revoked_banks_open_connections_only()
 
     // A CA bundle that no longer trusts the banks' CA closes the rest.
     write_config(&Ca::new("Other Banks CA"), "");
-    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    let out = bureau_guard::ops::reload::reload_from_file(&proxy.shared);
     assert!(out.applied(), "{out:?}");
     let closing = async {
         good_h1.closed().await;
@@ -646,7 +646,7 @@ async fn a_crl_loaded_by_reload_closes_the_revoked_banks_open_connections_only()
     };
     tokio::time::timeout(std::time::Duration::from_secs(10), closing).await.expect("untrusted now: closed");
     write_config(&banks, &format!("crl = [\"{crl}\"]"));
-    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    let out = bureau_guard::ops::reload::reload_from_file(&proxy.shared);
     assert!(out.applied(), "{out:?}");
     let mut again = connect(&good, b"h2").await.unwrap();
     assert_eq!(again.get("/v1/score/S-4", &[]).await.unwrap().status, 200);
@@ -655,7 +655,7 @@ async fn a_crl_loaded_by_reload_closes_the_revoked_banks_open_connections_only()
     let mut text = std::fs::read_to_string(&path).unwrap();
     text += &format!("[[tenants]]\nid = \"c\"\napi_key_sha256 = \"{}\"\n", sha("key-c"));
     std::fs::write(&path, text).unwrap();
-    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    let out = bureau_guard::ops::reload::reload_from_file(&proxy.shared);
     assert!(out.applied() && out.changes.iter().any(|c| c.to_string().starts_with("tenants[c]")), "{out:?}");
     assert_eq!(again.get("/v1/score/S-5", &[]).await.unwrap().status, 200);
     assert!(!again.is_closed());
@@ -683,7 +683,7 @@ async fn client_identity_changed_by_reload_applies_to_open_connections() {
 
     // The bureau's operators move to subject CNs: the same connection is known by its CN now.
     write_config("cn", "Bank A Ltd");
-    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    let out = bureau_guard::ops::reload::reload_from_file(&proxy.shared);
     assert!(out.applied(), "{out:?}");
     let r = conn.get("/echo/y", &[]).await.unwrap();
     assert_eq!(r.json()["headers"]["x-tenant"], "a", "{:?}", r.body);
@@ -747,7 +747,7 @@ async fn a_revoked_banks_request_in_flight_is_cut_after_the_drain_timeout() {
     wait_until("the look-up at the bureau", || mock.bureau.stats().in_flight == 1).await;
     let crl = write(&s.dir, "banks.crl.pem", &banks.crl(&[&bad.serial]));
     write_config(&format!("crl = [\"{crl}\"]"));
-    assert!(bureau_guard::reload::reload_from_file(&proxy.shared).applied());
+    assert!(bureau_guard::ops::reload::reload_from_file(&proxy.shared).applied());
     let answer = tokio::time::timeout(std::time::Duration::from_secs(10), slow)
         .await
         .expect("cut within the drain timeout, not after the bureau's 30 s")
@@ -808,7 +808,7 @@ async fn a_reload_that_turns_tls_off_keeps_exporting_what_the_listener_still_ser
     assert!(before.iter().all(Option::is_some), "{before:?}");
     // [server.tls] removed: needs a restart, so the listener keeps its certificate and CRL...
     std::fs::write(&path, config_with(&mock.url(), &Extras::default())).unwrap();
-    let out = bureau_guard::reload::reload_from_file(&proxy.shared);
+    let out = bureau_guard::ops::reload::reload_from_file(&proxy.shared);
     assert!(out.applied() && out.changes.iter().any(|c| c.path == "server.tls" && c.needs_restart), "{out:?}");
     // ...and their expiry and due dates stay on the dashboard.
     assert_eq!(exported(), before);

@@ -10,9 +10,9 @@ use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
-use bureau_guard::cache_key::{KeyPart, KeySecret, KeySpec, Scope};
+use bureau_guard::cache::key::{KeyPart, KeySecret, KeySpec, Scope};
 use bureau_guard::config::Config;
-use bureau_guard::path::normalize;
+use bureau_guard::route::path::normalize;
 use bureau_guard::server::proxy_protocol::{HeaderError, read_header, refuse_header};
 
 /// The config parser: any text parses into a config or into at least one problem, never a

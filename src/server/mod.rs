@@ -24,10 +24,10 @@
 //! loop follows hyper-util's graceful example: accept, `select!` on shutdown, watch each
 //! connection, then drain with a timeout (an idle keep-alive client must not hold shutdown open).
 
-pub mod auth_failures;
-pub mod client_addr;
-pub mod conns;
-pub mod nofile;
+pub(crate) mod auth_failures;
+pub(crate) mod client_addr;
+pub(crate) mod conns;
+pub(crate) mod nofile;
 pub mod proxy_protocol;
 
 use std::convert::Infallible;

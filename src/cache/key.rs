@@ -15,7 +15,7 @@
 //! parts, however it parses them (a wrong merge leaks a report; a missed one costs one bureau
 //! call). So a key is never looser than the bureau:
 //! - path values are keyed as they are forwarded: the target is normalised before routing
-//!   (`path.rs`: `%2D` is already `-`, hex upper-case, ambiguous escapes refused), and the
+//!   (`route/path.rs`: `%2D` is already `-`, hex upper-case, ambiguous escapes refused), and the
 //!   parameter's bytes are keyed as they are, never decoded again (`a%2Bb` and `a+b` differ);
 //! - the query is forwarded unchanged, so a query part keys on the raw `name=value` pairs, in
 //!   order, of every parameter a lenient parser could read as that name: the name
@@ -30,7 +30,7 @@
 //! - a missing part is keyed as missing, which differs from an empty value.
 //!
 //! ```
-//! use bureau_guard::cache_key::{KeyPart, KeySecret, KeySpec, Scope};
+//! use bureau_guard::cache::key::{KeyPart, KeySecret, KeySpec, Scope};
 //!
 //! let spec = KeySpec::new("report", Scope::Tenant, vec![KeyPart::parse("body.subject_id").unwrap()]);
 //! let secret = KeySecret::from_bytes([7; 32]);
@@ -799,7 +799,7 @@ mod property {
     /// The path the bureau is sent for `/v1/score/{value}`, and its key; `None` if refused.
     fn path_key(spec: &KeySpec, value: &str) -> Option<(String, CacheKey)> {
         let uri: http::Uri = format!("/v1/score/{value}").parse().ok()?;
-        let forwarded = match crate::path::normalize(&uri).ok()? {
+        let forwarded = match crate::route::path::normalize(&uri).ok()? {
             Some(pq) => pq.path().to_string(),
             None => uri.path().to_string(),
         };
@@ -840,7 +840,7 @@ mod property {
             let spec = KeySpec::new("all", Scope::Tenant, parts.iter().map(|p| KeyPart::parse(p).unwrap()).collect());
             let key = |(value, query, body): &(String, String, String)| -> Option<(String, CacheKey)> {
                 let uri: http::Uri = format!("/v1/score/{value}").parse().ok()?;
-                let forwarded = crate::path::normalize(&uri).ok()?.map_or(uri.path().to_string(), |pq| pq.path().to_string());
+                let forwarded = crate::route::path::normalize(&uri).ok()?.map_or(uri.path().to_string(), |pq| pq.path().to_string());
                 let mut router = matchit::Router::new();
                 router.insert("/v1/score/{subject_id}", ()).unwrap();
                 let m = router.at(&forwarded).ok()?;

@@ -40,8 +40,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::admission::quota::Windows;
 use crate::config::AdminAuth;
-use crate::quota::Windows;
 use crate::respond::Body;
 use crate::runtime::Shared;
 
@@ -88,7 +88,7 @@ impl Admin {
     async fn reload(self, req: Request<Incoming>) -> Response<Body> {
         let who = self.who(&req);
         let shared = self.shared.clone();
-        let outcome = tokio::task::spawn_blocking(move || crate::reload::reload_from_file(&shared)).await;
+        let outcome = tokio::task::spawn_blocking(move || crate::ops::reload::reload_from_file(&shared)).await;
         match outcome {
             Ok(out) => {
                 tracing::info!(by = %who, result = out.result, "reload requested");
@@ -104,7 +104,7 @@ impl Admin {
 
     /// `POST /admin/cache/purge`: for when the bureau corrects a record.
     async fn purge(self, req: Request<Incoming>) -> Response<Body> {
-        use crate::cache::Purge;
+        use crate::cache::store::Purge;
         let query = req.uri().query().unwrap_or("");
         let mut tenant = None;
         let mut route = None;

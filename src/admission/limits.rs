@@ -2,8 +2,8 @@
 //!
 //! Oversized heads and bodies are the cheapest attacks on a proxy, so they are refused first,
 //! from the head alone when `Content-Length` already says too much. hyper enforces a hard cap on
-//! the head buffer and the header read timeout (see `server.rs`); this stage gives the clear JSON
-//! answer (431/413) for everything under that cap.
+//! the head buffer and the header read timeout (see `server/mod.rs`); this stage gives the clear
+//! JSON answer (431/413) for everything under that cap.
 
 use bytes::Bytes;
 use http::request::Parts;

@@ -75,8 +75,8 @@
 //! ```
 //! # use std::time::Duration;
 //! # use tokio::time::Instant;
-//! # use bureau_guard::adaptive::Signal;
-//! # use bureau_guard::scheduler::{Ask, Scheduler};
+//! # use bureau_guard::bureau::adaptive::Signal;
+//! # use bureau_guard::bureau::scheduler::{Ask, Scheduler};
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime").block_on(async {
 //! let sched = Scheduler::new(400);
 //! let ask = Ask { tenant: 0, weight: 2, cost: 1, max_queue: 100, deadline: Instant::now() + Duration::from_secs(2) };
@@ -98,7 +98,7 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::adaptive::{AdaptiveLimit, Grant, Signal};
+use crate::bureau::adaptive::{AdaptiveLimit, Grant, Signal};
 
 /// Shortest `Retry-After`: the header has whole seconds, and 0 would invite an instant retry.
 pub const RETRY_AFTER_MIN: Duration = Duration::from_secs(1);
@@ -863,7 +863,7 @@ mod tests {
         sched.set_share(0, 1);
         assert_eq!(sched.limit(), 20);
     }
-    use crate::adaptive::AdaptiveConfig;
+    use crate::bureau::adaptive::AdaptiveConfig;
     use std::future::Future;
     use std::pin::Pin;
     use std::sync::atomic::AtomicBool;

@@ -4,7 +4,7 @@
 //! monthly look-ups, requests in flight) and the same bureau budget, through the Redis the
 //! deployment already runs. Redis holds the authoritative state; each decision is one atomic
 //! server-side script, and the request path reaches Redis only when this replica's leased batch
-//! runs out (see `lease.rs`), never for longer than `state.redis.timeout`.
+//! runs out (see `lease.rs` beside it), never for longer than `state.redis.timeout`.
 //!
 //! | limit | in Redis (key, hash-tagged by tenant) | leased to a replica as |
 //! |---|---|---|
@@ -42,14 +42,14 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script};
 use tokio::time::Instant;
 
+use crate::admission::quota::{Exhausted, Reservation, Reserved, Source, Windows};
+use crate::admission::ratelimit::{RateDecision, RatePolicy, now_ns};
+use crate::admission::tenant::Tenant;
+use crate::bureau::scheduler::Scheduler;
 use crate::config::{FailPolicy, RedisSettings, redact_url};
-use crate::lease::{Lease, PendingSync};
-use crate::quota::{Exhausted, Reservation, Reserved, Source, Windows};
-use crate::ratelimit::{RateDecision, RatePolicy, now_ns};
 use crate::respond::{ErrorKind, ProxyError};
-use crate::scheduler::Scheduler;
 use crate::state::TenantState;
-use crate::tenant::Tenant;
+use crate::state::lease::{Lease, PendingSync};
 
 /// How long a background call (heartbeat, refill in its own task, give-back) may take.
 const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(1);
@@ -1520,7 +1520,7 @@ impl RedisState {
     }
 
     /// Forgets every refusal held from Redis (after a reload: limits may have been raised).
-    pub fn forget_denials(&self, tenants: &crate::tenant::TenantTable) {
+    pub fn forget_denials(&self, tenants: &crate::admission::tenant::TenantTable) {
         for t in tenants.iter() {
             let l = t.state.leases();
             for lease in [&l.rate, &l.daily, &l.monthly, &l.in_flight] {

@@ -4,6 +4,11 @@
 //! coalescing policy. Matching is a radix-tree look-up (`matchit`, the router under axum), so it
 //! costs the same with two routes or two hundred, and ambiguous patterns are refused when the
 //! config is loaded rather than resolved by order at run time.
+//!
+//! [`path`] comes first: the request target is normalised once (ambiguity: 400), and that one
+//! target is routed, keyed and forwarded.
+
+pub mod path;
 
 use http::Method;
 use matchit::{Params, Router};
@@ -163,7 +168,7 @@ mod property {
 
     fn normalised(p: &str) -> Option<String> {
         let uri: Uri = p.parse().ok()?;
-        Some(match crate::path::normalize(&uri).ok()? {
+        Some(match crate::route::path::normalize(&uri).ok()? {
             Some(pq) => pq.path().to_string(),
             None => uri.path().to_string(),
         })

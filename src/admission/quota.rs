@@ -105,7 +105,7 @@ pub enum Source {
     None,
     /// This process's counter (`state.backend = "local"`).
     Counter,
-    /// The units leased from Redis (`lease.rs`).
+    /// The units leased from Redis (`state/lease.rs`).
     Pool,
     /// Counted here while Redis was unreachable (fail-open), added to Redis later.
     Outage,

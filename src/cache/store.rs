@@ -7,7 +7,7 @@
 //! So:
 //!
 //! - entries are found by [`CacheKey`] only, and a key already carries the tenant (or the
-//!   explicit shared scope), see `cache_key.rs`: a tenant can only ever hit its own entries;
+//!   explicit shared scope), see `key.rs`: a tenant can only ever hit its own entries;
 //! - a route opts in with `cache_ttl`; the bureau's `Cache-Control` can only shorten it
 //!   (`max-age`/`s-maxage`) or forbid storing (`no-store`, `no-cache`, `private`); responses that
 //!   vary by request headers (`Vary`) or set cookies are not stored either, and only the route's
@@ -34,10 +34,10 @@ use http_body_util::{BodyExt, Full};
 use moka::notification::RemovalCause;
 use tokio::time::Instant;
 
-use crate::cache_key::CacheKey;
+use crate::bureau::headers::{X_REQUEST_ID, X_TENANT};
+use crate::cache::key::CacheKey;
 use crate::config::RouteCache;
-use crate::headers::{X_REQUEST_ID, X_TENANT};
-use crate::metrics::CacheMetrics;
+use crate::ops::metrics::CacheMetrics;
 use crate::respond::{Blame, Body, ErrorKind};
 
 /// `x-cache: HIT | MISS | COALESCED | STALE` on responses of routes that cache or coalesce.
@@ -108,9 +108,9 @@ impl RoutePolicy {
 #[derive(Debug)]
 pub struct Fetched {
     pub status: StatusCode,
-    /// The bureau's headers, hop-by-hop fields already removed by `upstream.rs`, and the fields
-    /// that name one request (`x-request-id`, `x-tenant`) removed here: replayed to another
-    /// request they would be wrong, and to another tenant a leak.
+    /// The bureau's headers, hop-by-hop fields already removed by `bureau/upstream.rs`, and the
+    /// fields that name one request (`x-request-id`, `x-tenant`) removed here: replayed to
+    /// another request they would be wrong, and to another tenant a leak.
     pub headers: HeaderMap,
     pub body: Bytes,
     /// When the bureau's answer arrived: `Age` and freshness count from here.
@@ -127,7 +127,7 @@ impl Fetched {
         Fetched { status, headers, body, received_at: Instant::now(), fetched_for: None }
     }
 
-    /// A buffered response from `upstream.rs` (its body is already in memory), received now.
+    /// A buffered response from `bureau/upstream.rs` (its body is already in memory), received now.
     pub async fn from_response(resp: Response<Body>) -> Fetched {
         let (head, body) = resp.into_parts();
         let body = match body.collect().await {
@@ -538,7 +538,7 @@ impl CacheControl {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::ops::metrics::Metrics;
 
     #[test]
     fn private_answers_and_cookies_belong_to_their_requester() {

@@ -81,11 +81,11 @@ pub enum Verdict {
 impl Verdict {
     /// The same judgement for the adaptive limit: a refusal is the bureau's back-pressure, a
     /// failure an error; an answer (a 500 included, as for the breaker) is a latency sample.
-    pub fn signal(self) -> crate::adaptive::Signal {
+    pub fn signal(self) -> crate::bureau::adaptive::Signal {
         match self {
-            Verdict::Answered => crate::adaptive::Signal::Ok,
-            Verdict::Failed(_) => crate::adaptive::Signal::Error,
-            Verdict::Refused { .. } => crate::adaptive::Signal::BackPressure,
+            Verdict::Answered => crate::bureau::adaptive::Signal::Ok,
+            Verdict::Failed(_) => crate::bureau::adaptive::Signal::Error,
+            Verdict::Refused { .. } => crate::bureau::adaptive::Signal::BackPressure,
         }
     }
 }

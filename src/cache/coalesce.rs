@@ -20,9 +20,9 @@
 //!
 //! ```no_run
 //! # use std::sync::Arc;
-//! # use bureau_guard::coalesce::{Coalescer, Role};
-//! # use bureau_guard::cache::Fetched;
-//! # use bureau_guard::cache_key::CacheKey;
+//! # use bureau_guard::cache::coalesce::{Coalescer, Role};
+//! # use bureau_guard::cache::store::Fetched;
+//! # use bureau_guard::cache::key::CacheKey;
 //! # async fn demo(key: CacheKey) {
 //! let coalescer = Coalescer::new();
 //! let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
@@ -45,8 +45,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::Fetched;
-use crate::cache_key::CacheKey;
+use crate::cache::key::CacheKey;
+use crate::cache::store::Fetched;
 use crate::respond::{ErrorKind, ProxyError};
 
 /// Shards of the in-flight map: enough that concurrent look-ups rarely meet on one mutex.

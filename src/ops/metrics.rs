@@ -506,7 +506,7 @@ impl Metrics {
         }
     }
 
-    /// Handles for the cache, resolved once (see `cache.rs`).
+    /// Handles for the cache, resolved once (see `cache/store.rs`).
     pub fn cache_handles(&self) -> CacheMetrics {
         let lookup = |r: &str| self.cache_lookups_total.with_label_values(&[r]);
         let evicted = |c: &str| self.cache_evictions_total.with_label_values(&[c]);
@@ -524,7 +524,7 @@ impl Metrics {
         }
     }
 
-    /// Handles for the audit log (see `audit.rs`).
+    /// Handles for the audit log (see `cache/audit.rs`).
     pub fn audit_handles(&self) -> AuditMetrics {
         AuditMetrics {
             records: self.audit_records_total.clone(),

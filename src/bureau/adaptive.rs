@@ -239,7 +239,7 @@ pub struct Grant {
 
 /// The controller: fed one sample per completed bureau call, answers with a new limit when it
 /// changes. Shared by every request (`Arc`); install it with
-/// [`crate::scheduler::Scheduler::set_controller`].
+/// [`crate::bureau::scheduler::Scheduler::set_controller`].
 #[derive(Debug)]
 pub struct AdaptiveLimit {
     cfg: AdaptiveConfig,
@@ -658,7 +658,7 @@ mod tests {
     use std::collections::{BinaryHeap, HashMap, VecDeque};
     use std::sync::Arc;
 
-    use crate::scheduler::{Ask, Permit, Scheduler};
+    use crate::bureau::scheduler::{Ask, Permit, Scheduler};
 
     const MS: Duration = Duration::from_millis(1);
     const SEC: Duration = Duration::from_secs(1);

@@ -14,7 +14,7 @@
 //! `request_id` is always bureau-guard's own id (the bureau's `x-request-id`);
 //! `client_request_id` is the id the bank sent, if any (`null` otherwise), never trusted as ours.
 //!
-//! `subject` is the look-up's keyed hash (the cache key, see `cache_key.rs`; `null` on routes
+//! `subject` is the look-up's keyed hash (the cache key, see `key.rs`; `null` on routes
 //! without a `cache_key`), never a raw subject id. It is stable across restarts only with a
 //! configured `cache.key_secret_*`.
 //!
@@ -58,8 +58,8 @@ use http::HeaderValue;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::cache_key::CacheKey;
-use crate::metrics::AuditMetrics;
+use crate::cache::key::CacheKey;
+use crate::ops::metrics::AuditMetrics;
 use crate::respond::{ErrorKind, Outcome, ProxyError};
 
 /// Records that may wait for the writer: seconds of a surge at thousands of answers per second.
@@ -475,8 +475,8 @@ fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache_key::{KeyPart, KeySecret, KeySpec, Scope};
-    use crate::metrics::Metrics;
+    use crate::cache::key::{KeyPart, KeySecret, KeySpec, Scope};
+    use crate::ops::metrics::Metrics;
     use std::sync::Mutex;
 
     fn record(n: u32, outcome: Outcome, subject: Option<CacheKey>) -> Record {

@@ -19,7 +19,7 @@ use http::{Method, StatusCode, Uri};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::cache_key::{KeyPart, KeySecret, Scope};
+use crate::cache::key::{KeyPart, KeySecret, Scope};
 use crate::tls::{ClientAuth, IdentitySource, ServerTls, UpstreamTls};
 
 /// Defaults, each with the reason it is what it is.
@@ -216,7 +216,7 @@ pub struct StateConfig {
 pub enum StateBackend {
     /// In memory, persisted to `state.file`: one replica.
     Local,
-    /// Shared through Redis by every replica (see `redis_state.rs`).
+    /// Shared through Redis by every replica (see `state/redis.rs`).
     Redis(Box<RedisSettings>),
 }
 
@@ -410,7 +410,7 @@ pub struct UpstreamConfig {
     pub tls: Option<crate::tls::UpstreamTls>,
 }
 
-/// `[upstream.breaker]`: see `breaker.rs`.
+/// `[upstream.breaker]`: see `bureau/breaker.rs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerSettings {
     /// Bureau failures in a row (connect errors, timeouts, 502/504) that open it.
@@ -431,7 +431,7 @@ impl Default for BreakerSettings {
     }
 }
 
-/// `[upstream.adaptive]`: see `adaptive.rs` for the controller.
+/// `[upstream.adaptive]`: see `bureau/adaptive.rs` for the controller.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdaptiveSettings {
     pub min: usize,
@@ -2053,7 +2053,7 @@ fn validate_limits(p: &mut Problems, i: usize, t: &RawTenant, max_cost: u32) -> 
         rate,
         burst,
         max_in_flight: positive(p, "max_in_flight", t.max_in_flight, 1_000_000).map(|n| n as u32),
-        // Counters hold 40 bits (state.rs): a larger quota could never be reached.
+        // Counters hold 40 bits (state/mod.rs): a larger quota could never be reached.
         daily_quota: positive(p, "daily_quota", t.daily_quota, (1 << 40) - 1).map(|n| n as u64),
         monthly_quota: positive(p, "monthly_quota", t.monthly_quota, (1 << 40) - 1).map(|n| n as u64),
         max_queue: match t.max_queue {

@@ -23,8 +23,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::bureau::headers::strip_hop_by_hop;
 use crate::config::UpstreamConfig;
-use crate::headers::strip_hop_by_hop;
 use crate::respond::{Body, ErrorKind, ProxyError};
 
 /// The pooled client: plain TCP, or TLS over it.

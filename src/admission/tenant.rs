@@ -29,8 +29,8 @@ use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::admission::ratelimit::RatePolicy;
 use crate::config::{TenantConfig, TenantLimits};
-use crate::ratelimit::RatePolicy;
 use crate::respond::{ErrorKind, ProxyError};
 use crate::state::{StateRegistry, TenantState};
 use crate::tls::{ClientCert, IdentitySource};

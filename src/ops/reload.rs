@@ -7,7 +7,7 @@
 //! to a config (quota counters, rate buckets, in-flight counts; the bureau budget's slots).
 //! Settings fixed when the process bound its sockets (listen addresses, hyper's connection
 //! limits, log format, the state file) are reported as needing a restart, never silently dropped.
-//! A reload also reopens the audit log (log rotation, see `audit.rs`).
+//! A reload also reopens the audit log (log rotation, see `cache/audit.rs`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -481,9 +481,9 @@ insecure_no_token = true
         let mut new = old.clone();
         new.routes[0].cache.coalesce = true;
         new.routes[0].cache.cache_ttl = Some(std::time::Duration::from_secs(60));
-        new.routes[0].cache.cache_key = vec![crate::cache_key::KeyPart::parse("path.subject_id").unwrap()];
+        new.routes[0].cache.cache_key = vec![crate::cache::key::KeyPart::parse("path.subject_id").unwrap()];
         new.cache.max_bytes = 1 << 20;
-        new.cache.key_secret = Some(crate::cache_key::KeySecret::from_bytes([9; 32]));
+        new.cache.key_secret = Some(crate::cache::key::KeySecret::from_bytes([9; 32]));
         new.audit.file = Some("audit.jsonl".into());
         let changes: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
         for want in [
@@ -594,7 +594,7 @@ insecure_no_token = true
                 .unwrap()
         };
         write(1);
-        let clock: Arc<dyn crate::quota::Clock> = Arc::new(crate::quota::SystemClock);
+        let clock: Arc<dyn crate::admission::quota::Clock> = Arc::new(crate::admission::quota::SystemClock);
         let shared = crate::runtime::Shared::build(Config::load(&path).unwrap(), clock, Some(path.clone())).unwrap();
         let (read_tx, read_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel::<()>();

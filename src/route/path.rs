@@ -5,7 +5,8 @@
 //! one spelling and the bureau, after its own normalisation, served another endpoint, the request
 //! would be priced, cached and audited as something it is not. So the target is normalised once,
 //! here, before routing; what cannot be normalised without guessing how the bureau reads it is
-//! refused; and the normalised target is what goes to the bureau (`upstream.rs` only prefixes it).
+//! refused; and the normalised target is what goes to the bureau (`bureau/upstream.rs` only
+//! prefixes it).
 //!
 //! Path rules, in order:
 //! - the path must be absolute (`/...`); `*` and other forms are refused;
@@ -69,8 +70,9 @@ impl TargetError {
 /// Checks `uri`'s target and returns the normalised one if it differs (`None`: `uri` is already
 /// normal, use it as it is).
 pub fn normalize(uri: &Uri) -> Result<Option<PathAndQuery>, TargetError> {
-    // `Uri::path` reads the empty path of `?q` (or `http://host?q`) as `/`, but `upstream.rs`
-    // forwards the target as it came: refuse it rather than route one target and send another.
+    // `Uri::path` reads the empty path of `?q` (or `http://host?q`) as `/`, but
+    // `bureau/upstream.rs` forwards the target as it came: refuse it rather than route one target
+    // and send another.
     if uri.path_and_query().is_some_and(|pq| pq.as_str().starts_with('?')) {
         return Err(TargetError::NotAbsolute);
     }

@@ -3,10 +3,10 @@
 //! Banks reach the bureau over networks they do not control, and an api key alone is a bearer
 //! secret that leaks with any log or proxy in between. So the listener can terminate TLS and,
 //! with `client_auth`, ask each bank for a client certificate: the certificate's identity
-//! (SAN DNS name, SAN URI or subject CN, as configured) names the institution, and `tenant.rs`
-//! maps it to a tenant per request. Toward the bureau, an `https://` upstream gets a verified
-//! connection (hostname always checked) and, if configured, bureau-guard's own client
-//! certificate.
+//! (SAN DNS name, SAN URI or subject CN, as configured) names the institution, and
+//! `admission/tenant.rs` maps it to a tenant per request. Toward the bureau, an `https://`
+//! upstream gets a verified connection (hostname always checked) and, if configured,
+//! bureau-guard's own client certificate.
 //!
 //! Everything that can be wrong with a PEM file (missing, garbage, key not matching its
 //! certificate, expired, an empty CA bundle, a bad CRL) is found here *while the config is
@@ -813,7 +813,8 @@ impl Listener {
         let v = &self.verification;
         match (cert, &v.verifier) {
             (None, _) => v.client_auth != ClientAuth::Required,
-            // A certificate that is no longer asked for is ignored (tenant.rs: the key decides).
+            // A certificate that is no longer asked for is ignored (admission/tenant.rs: the key
+            // decides).
             (Some(_), None) => true,
             (Some(c), Some(verifier)) => {
                 let Some((leaf, intermediates)) = c.chain.split_first() else { return false };
@@ -984,7 +985,7 @@ pub async fn accept<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 }
 
 /// Certificates made at test time (rcgen), written as PEM files, for the unit tests here and in
-/// `config.rs`.
+/// `config/mod.rs`.
 #[cfg(test)]
 pub(crate) mod test_certs {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
