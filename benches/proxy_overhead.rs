@@ -6,7 +6,7 @@
 //! serve`, proxying to the mock) and nginx (proxying to the mock with a
 //! keep-alive upstream pool) — then, for each target in turn (direct to the
 //! mock, through bureau-guard, through nginx), offers open-loop load at
-//! increasing rates with [`bureau_guard::loadgen`] and prints a markdown
+//! increasing rates with [`bureau_sim::loadgen`] and prints a markdown
 //! table, each target's maximum sustainable rate and the latency each proxy
 //! adds at a moderate rate.
 //!
@@ -42,8 +42,8 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use bureau_guard::loadgen::{LoadGenerator, LoadgenOptions, RequestTemplate, RunSnapshot, StreamSnapshot, StreamSpec};
-use bureau_guard::mock_bureau::Stats;
+use bureau_sim::loadgen::{LoadGenerator, LoadgenOptions, RequestTemplate, RunSnapshot, StreamSnapshot, StreamSpec};
+use bureau_sim::mock_bureau::Stats;
 use sha2::Digest;
 
 /// The API key every request carries; bureau-guard's config holds its hash.

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bureau_guard::loadgen::{LatencySummary, LoadGenerator, LoadgenOptions, RequestTemplate, StreamSpec};
+use bureau_sim::loadgen::{LatencySummary, LoadGenerator, LoadgenOptions, RequestTemplate, StreamSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bureau-guard");
 const KEY: &str = "bench-redis-key";

@@ -1,7 +1,7 @@
 //! The 2017 surge, measured in the conditions of a real launch day: the acceptance benchmark of
 //! fair sharing (issues 13 and 14).
 //!
-//! Every scenario of `bureau_guard::surge` (patient, impatient, too_high, slower, fewer_workers,
+//! Every scenario of `bureau_sim::surge` (patient, impatient, too_high, slower, fewer_workers,
 //! many_tenants, all_at_once): open-loop load, latency from the scheduled send time, the same
 //! traffic through bureau-guard (and a reference budget where the scenario has one) and straight
 //! to the bureau. Prints each replay's per-tenant table and each scenario's verdict table.
@@ -16,7 +16,8 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use bureau_guard::surge::{Kind, Length, Mark, Replay, Scenario, checks, replay, summary, table};
+use bureau_guard::tools::InProcessGuard;
+use bureau_sim::surge::{Kind, Length, Mark, Replay, Scenario, checks, replay, summary, table};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
         if kind == Kind::Impatient && patient.is_none() {
             let s = Scenario::new(Kind::Patient, length);
             println!("== patient (reference for impatient)\n");
-            match rt.block_on(replay(&s, s.targets()[0], |_| {})) {
+            match rt.block_on(replay(&s, s.targets()[0], &InProcessGuard, |_| {})) {
                 Ok(r) => {
                     println!("{}", summary(&s, &r));
                     patient = Some(r);
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
         println!("== {kind}: {}\n{}", kind.problem(), s.describe());
         let mut runs = Vec::new();
         for target in s.targets() {
-            match rt.block_on(replay(&s, target, |_| {})) {
+            match rt.block_on(replay(&s, target, &InProcessGuard, |_| {})) {
                 Ok(r) => {
                     println!("{}", summary(&s, &r));
                     runs.push(r);

@@ -1,9 +1,9 @@
-//! The `bureau-guard` command line: `serve`, `check`, `reload`, `mock-bureau`, `demo`.
+//! The `bureau-guard` command line: `serve`, `check`, `reload`; and `mock-bureau`, `demo` with
+//! the `tools` feature (see [`crate::tools`]).
 //!
 //! `serve` runs in three phases, as linkerd's main does: parse and validate the config (fail
 //! before binding anything), bind and run until SIGTERM/SIGINT, then drain.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,7 +11,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
-use crate::mock_bureau::{self, MockConfig};
+#[cfg(feature = "tools")]
+use crate::tools::ToolCommand;
+#[cfg(not(feature = "tools"))]
+use without_tools::ToolCommand;
 
 #[derive(Parser, Debug)]
 #[command(name = "bureau-guard", version, about = "A reverse proxy that protects a credit bureau's API")]
@@ -46,64 +49,10 @@ pub enum Command {
         #[arg(long, env = "BUREAU_GUARD_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
-    /// Run a credit-bureau stand-in that fails like a real one (capacity, overload, refusals).
-    ///
-    /// A fixed number of workers and a queue with a timeout (503 + Retry-After past them), calls
-    /// that run to their end when the client leaves, and 429/503 refusals on demand. Live
-    /// changes: POST /control with
-    /// {"service_ms": N, "workers": N, "refuse": {"status": 429, "share": 1.0, "retry_after_s": 2,
-    /// "for_ms": 3000} | null}; GET /stats tells what reached it, POST /stats/reset starts a new
-    /// in-flight window.
-    MockBureau {
-        #[arg(long, default_value = mock_bureau::DEFAULT_LISTEN)]
-        listen: SocketAddr,
-        /// Requests served concurrently.
-        #[arg(long, default_value_t = 8)]
-        workers: usize,
-        /// Service time of one request, in milliseconds.
-        #[arg(long, default_value_t = 20)]
-        service_ms: u64,
-        /// Service time varies uniformly by ± this many milliseconds.
-        #[arg(long, default_value_t = 5)]
-        jitter_ms: u64,
-        /// Requests that may wait for a worker before new ones get 503; `unbounded`: no bound.
-        #[arg(long, default_value = "64", value_name = "N|unbounded", value_parser = parse_queue)]
-        queue: usize,
-        /// Longest wait for a worker before 503, in milliseconds.
-        #[arg(long, default_value_t = 1000)]
-        queue_timeout_ms: u64,
-        /// Refuse look-up calls with this status (429 or 503) until told otherwise on /control.
-        #[arg(long, value_name = "429|503", value_parser = parse_refuse_status)]
-        refuse_status: Option<http::StatusCode>,
-        /// The share of look-up calls refused, 0 to 1.
-        #[arg(long, value_name = "F", default_value_t = 1.0, value_parser = parse_share, requires = "refuse_status")]
-        refuse_share: f64,
-        /// `Retry-After` seconds sent with refusals (none if absent).
-        #[arg(long, value_name = "S", requires = "refuse_status")]
-        retry_after: Option<u32>,
-    },
-    /// Replay the 2017 surge on this machine: a mock bureau, bureau-guard, one bank surging to
-    /// 4x the bureau's capacity and two normal tenants; then the same traffic straight to the
-    /// bureau. Needs no files or services. `--scenario` picks a harder day (see `surge.rs`).
-    Demo {
-        /// The scenario: patient (the kind case), impatient, too_high, slower, fewer_workers,
-        /// many_tenants or all_at_once.
-        #[arg(long, default_value = "patient", value_parser = clap::builder::PossibleValuesParser::new(crate::surge::Kind::NAMES))]
-        scenario: String,
-        /// Seconds of normal traffic before the surge (default: 4 for patient, else the
-        /// scenario's short run).
-        #[arg(long)]
-        calm_s: Option<u64>,
-        /// Seconds the surge lasts (default: 8 for patient, else the scenario's short run).
-        #[arg(long)]
-        surge_s: Option<u64>,
-        /// Each surging tenant's requests per second (default: the scenario's).
-        #[arg(long)]
-        surge_rate: Option<f64>,
-        /// Each quiet tenant's requests per second (default: the scenario's).
-        #[arg(long)]
-        quiet_rate: Option<f64>,
-    },
+    // `mock-bureau` and `demo`: the simulation tools, with the `tools` feature (see
+    // `crate::tools`); a deployment build answers them with an error naming the feature.
+    #[command(flatten)]
+    Tools(ToolCommand),
 }
 
 /// Entry point of the binary.
@@ -113,111 +62,8 @@ pub fn main() -> ExitCode {
         Command::Check { config, diff } => check(&config, diff.as_deref()),
         Command::Reload { admin, token } => reload(&admin, token.as_deref()),
         Command::Serve { config } => serve(&config),
-        Command::MockBureau {
-            listen,
-            workers,
-            service_ms,
-            jitter_ms,
-            queue,
-            queue_timeout_ms,
-            refuse_status,
-            refuse_share,
-            retry_after,
-        } => {
-            let cfg = MockConfig {
-                workers: workers.max(1),
-                service_time: Duration::from_millis(service_ms),
-                jitter: Duration::from_millis(jitter_ms.min(service_ms)),
-                queue,
-                queue_timeout: Duration::from_millis(queue_timeout_ms),
-            };
-            let refusal = refuse_status.map(|status| mock_bureau::Refusal {
-                status,
-                share: refuse_share,
-                retry_after_s: retry_after,
-                duration: None,
-            });
-            mock(listen, cfg, refusal)
-        }
-        Command::Demo { scenario, calm_s, surge_s, surge_rate, quiet_rate } => {
-            use crate::surge::{Kind, Length, Role, Scenario};
-            let kind = Kind::parse(&scenario).expect("clap accepts only scenario names");
-            let mut s = Scenario::new(kind, Length::Quick);
-            if kind == Kind::Patient {
-                // The demo's own pace since it was written: 4 s calm, 8 s surge.
-                (s.calm, s.surge) = (Duration::from_secs(4), Duration::from_secs(8));
-            }
-            if let Some(c) = calm_s {
-                s.calm = Duration::from_secs(c);
-            }
-            if let Some(d) = surge_s {
-                s.surge = Duration::from_secs(d.max(1));
-            }
-            for t in &mut s.tenants {
-                let rate = match t.role {
-                    Role::Quiet => quiet_rate,
-                    Role::Surging => surge_rate,
-                };
-                t.rate = rate.unwrap_or(t.rate);
-            }
-            demo(s)
-        }
+        Command::Tools(tool) => tool.run(),
     }
-}
-
-fn demo(s: crate::surge::Scenario) -> ExitCode {
-    use crate::surge::{Kind, replay, summary};
-    use std::io::IsTerminal;
-    let tty = std::io::stdout().is_terminal();
-    println!("bureau-guard demo: {}", s.describe());
-    let surging: Vec<&str> = s.with_role(crate::surge::Role::Surging).map(|t| t.id.as_str()).collect();
-    let surging = match surging.as_slice() {
-        [one] => format!("{one} SURGING"),
-        many => format!("{} tenants SURGING", many.len()),
-    };
-    runtime().block_on(async {
-        let mut replays = Vec::new();
-        for target in s.targets() {
-            let label = target.label();
-            let result = replay(&s, target, |snap| {
-                let phase = if snap.elapsed < s.calm { "calm" } else { surging.as_str() };
-                if tty {
-                    print!("\x1b[2J\x1b[H");
-                }
-                println!("== {label}: {:.0} s, {phase}\n{snap}\n", snap.elapsed.as_secs_f64());
-            })
-            .await;
-            match result {
-                Ok(r) => {
-                    println!("{}", summary(&s, &r));
-                    replays.push(r);
-                }
-                Err(e) => {
-                    eprintln!("demo failed: {e:#}");
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
-        if tty {
-            print!("\x1b[2J\x1b[H");
-        }
-        println!("== the same traffic, side by side (latency from the scheduled send time)\n");
-        for r in &replays {
-            println!("{}", summary(&s, r));
-        }
-        if s.kind == Kind::Patient {
-            println!(
-                "Through bureau-guard the bureau is never pushed past its {} workers: bank-b and card-c keep\n\
-                 their look-ups, bank-a gets the capacity they leave and a fast 503 (with Retry-After) for\n\
-                 the rest. Straight to the bureau, everyone's look-ups queue behind bank-a's and fail.",
-                s.bureau.workers
-            );
-        } else {
-            println!("{}: {}.", s.kind, s.kind.problem());
-            println!("The verdict against the issue's criteria: cargo bench --bench surge -- --scenario {}", s.kind);
-        }
-        ExitCode::SUCCESS
-    })
 }
 
 fn check(path: &Path, diff_against: Option<&Path>) -> ExitCode {
@@ -263,7 +109,7 @@ fn check(path: &Path, diff_against: Option<&Path>) -> ExitCode {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime can be built")
 }
 
@@ -391,63 +237,8 @@ fn reload(admin: &str, token: Option<&str>) -> ExitCode {
     })
 }
 
-/// `--queue`: a number, or `unbounded`.
-fn parse_queue(s: &str) -> Result<usize, String> {
-    match s {
-        "unbounded" => Ok(mock_bureau::UNBOUNDED),
-        n => n.parse().map_err(|_| format!("expected a number of requests or `unbounded`, not {n:?}")),
-    }
-}
-
-/// `--refuse-status`: the two statuses a bureau pushes back with.
-fn parse_refuse_status(s: &str) -> Result<http::StatusCode, String> {
-    match s {
-        "429" => Ok(http::StatusCode::TOO_MANY_REQUESTS),
-        "503" => Ok(http::StatusCode::SERVICE_UNAVAILABLE),
-        other => Err(format!("expected 429 or 503, not {other:?}")),
-    }
-}
-
-/// `--refuse-share`: a share of calls, 0 to 1.
-fn parse_share(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
-        _ => Err(format!("expected a share between 0 and 1, not {s:?}")),
-    }
-}
-
-fn mock(listen: SocketAddr, cfg: MockConfig, refusal: Option<mock_bureau::Refusal>) -> ExitCode {
-    // The flags' parsers check each value; this checks the whole before anything binds.
-    if let Some(problems) = refusal.as_ref().map(mock_bureau::Refusal::problems).filter(|p| !p.is_empty()) {
-        eprintln!("error: invalid refusal: {}", problems.join("; "));
-        return ExitCode::from(2);
-    }
-    let _log_guard = init_logging(LogFormat::Text);
-    runtime().block_on(async {
-        let listener = match tokio::net::TcpListener::bind(listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, %listen, "cannot bind");
-                return ExitCode::FAILURE;
-            }
-        };
-        tracing::info!(
-            %listen,
-            workers = cfg.workers,
-            service_ms = cfg.service_time.as_millis() as u64,
-            refusing = ?refusal,
-            "mock bureau serving"
-        );
-        let handle = mock_bureau::start(cfg, listener);
-        handle.bureau.set_refusal(refusal).expect("the refusal was checked before binding");
-        wait_for_signal().await;
-        handle.shutdown().await;
-        ExitCode::SUCCESS
-    })
-}
-
 /// Resolves on SIGTERM or SIGINT; returns the signal's name.
-async fn wait_for_signal() -> &'static str {
+pub(crate) async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
@@ -458,7 +249,7 @@ async fn wait_for_signal() -> &'static str {
 }
 
 /// Logs go through a background writer so a slow stdout never blocks a request.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+pub(crate) fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -471,52 +262,40 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     guard
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A deployment build (`--no-default-features`) carries no simulation tools. Their commands are
+/// still recognised, hidden, so that asking for one says what is missing and how to get it,
+/// rather than that the command does not exist.
+#[cfg(not(feature = "tools"))]
+mod without_tools {
+    use std::process::ExitCode;
 
-    fn mock_bureau_args(args: &[&str]) -> Result<Command, clap::Error> {
-        Cli::try_parse_from(["bureau-guard", "mock-bureau"].iter().chain(args)).map(|cli| cli.command)
+    #[derive(clap::Subcommand, Debug)]
+    pub enum ToolCommand {
+        #[command(hide = true, disable_help_flag = true)]
+        MockBureau {
+            #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+            args: Vec<String>,
+        },
+        #[command(hide = true, disable_help_flag = true)]
+        Demo {
+            #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+            args: Vec<String>,
+        },
     }
 
-    #[test]
-    fn mock_bureau_takes_an_unbounded_queue_and_a_refusal() {
-        let Ok(Command::MockBureau { queue, refuse_status, refuse_share, retry_after, .. }) = mock_bureau_args(&[
-            "--queue",
-            "unbounded",
-            "--refuse-status",
-            "503",
-            "--refuse-share",
-            "0.25",
-            "--retry-after",
-            "3",
-        ]) else {
-            panic!("mock-bureau flags rejected");
-        };
-        assert_eq!(queue, mock_bureau::UNBOUNDED);
-        assert_eq!(
-            (refuse_status, refuse_share, retry_after),
-            (Some(http::StatusCode::SERVICE_UNAVAILABLE), 0.25, Some(3))
-        );
-        let Ok(Command::MockBureau { queue: 10, refuse_status: None, .. }) = mock_bureau_args(&["--queue", "10"])
-        else {
-            panic!("a numeric queue rejected");
-        };
-    }
-
-    #[test]
-    fn mock_bureau_rejects_bad_refusal_flags_with_exit_2() {
-        for bad in [
-            &["--queue", "lots"][..],
-            &["--refuse-status", "418"],
-            &["--refuse-status", "429", "--refuse-share", "1.5"],
-            &["--refuse-status", "429", "--retry-after", "-1"],
-            &["--refuse-share", "0.5"],
-        ] {
-            match mock_bureau_args(bad) {
-                Ok(_) => panic!("{bad:?} accepted"),
-                Err(e) => assert_eq!(e.exit_code(), 2, "{bad:?}: {e}"),
-            }
+    impl ToolCommand {
+        /// Says that the command is not in this build; exits 2, as for a bad command line.
+        pub fn run(self) -> ExitCode {
+            let name = match self {
+                ToolCommand::MockBureau { .. } => "mock-bureau",
+                ToolCommand::Demo { .. } => "demo",
+            };
+            eprintln!(
+                "error: `bureau-guard {name}` is not in this binary: it was built without the `tools` feature \
+                 (a deployment build, --no-default-features). The simulation tools come with the default \
+                 features: cargo run --release -- {name}"
+            );
+            ExitCode::from(2)
         }
     }
 }

@@ -31,8 +31,6 @@ pub mod bureau;
 pub mod cache;
 pub mod cli;
 pub mod config;
-pub mod loadgen;
-pub mod mock_bureau;
 pub mod ops;
 pub mod proxy;
 pub mod respond;
@@ -40,8 +38,9 @@ pub mod route;
 pub(crate) mod runtime;
 pub mod server;
 pub mod state;
-pub mod surge;
 pub mod tls;
+#[cfg(feature = "tools")]
+pub mod tools;
 
 pub use app::{Options, Running};
 pub use config::Config;

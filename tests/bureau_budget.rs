@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use bureau_guard::app::Running;
-use bureau_guard::mock_bureau::{MockConfig, MockHandle, Refusal};
+use bureau_sim::mock_bureau::{MockConfig, MockHandle, Refusal};
 use common::*;
 
 /// Tenants `a` and `b` (daily quota 100 each); routes `score` (plain) and `cached` (coalesced and
@@ -270,7 +270,7 @@ async fn breaker_opens_answers_fast_half_opens_and_closes() {
 
     // The bureau comes back on the same address; after open_for, two probes close it.
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let _mock = bureau_guard::mock_bureau::start(fast_mock(), listener);
+    let _mock = bureau_sim::mock_bureau::start(fast_mock(), listener);
     let mut answers = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while metrics.breaker_state.get() != 0 {

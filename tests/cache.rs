@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use bureau_guard::app::Running;
-use bureau_guard::mock_bureau::{MockConfig, MockHandle};
+use bureau_sim::mock_bureau::{MockConfig, MockHandle};
 use common::*;
 use http::Method;
 

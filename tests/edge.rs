@@ -129,7 +129,7 @@ async fn an_idle_h2_connection_is_closed_after_the_idle_timeout() {
 
 #[tokio::test]
 async fn when_full_silent_sockets_make_room_for_banks_and_a_busy_bank_is_never_closed() {
-    let mock = bureau_guard::mock_bureau::MockConfig {
+    let mock = bureau_sim::mock_bureau::MockConfig {
         service_time: Duration::from_millis(600),
         jitter: Duration::ZERO,
         workers: 64,

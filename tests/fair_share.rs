@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use bureau_guard::mock_bureau::MockConfig;
+use bureau_sim::mock_bureau::MockConfig;
 use common::*;
 
 fn bureau(workers: usize, service_ms: u64) -> MockConfig {
@@ -181,9 +181,12 @@ async fn adaptive_limit_finds_the_workers_and_follows_a_slower_then_smaller_bure
     }
 }
 
+// It drives the proxy through bureau-sim's surge replay: the `tools` feature (on by default).
+#[cfg(feature = "tools")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn surging_tenant_does_not_delay_others() {
-    use bureau_guard::surge::{Budget, Scenario, Target, replay};
+    use bureau_guard::tools::InProcessGuard;
+    use bureau_sim::surge::{Budget, Scenario, Target, replay};
     // A small 2017: a bureau of 4 x 20 ms (~200 req/s), two banks at 20 req/s, one at 600 req/s.
     let s = Scenario {
         bureau: MockConfig {
@@ -200,7 +203,7 @@ async fn surging_tenant_does_not_delay_others() {
         ..Scenario::default()
     }
     .with_rates(20.0, 600.0);
-    let guarded = replay(&s, Target::Guard(s.budget), |_| {}).await.unwrap();
+    let guarded = replay(&s, Target::Guard(s.budget), &InProcessGuard, |_| {}).await.unwrap();
     assert!(guarded.bureau.max_in_flight <= 4, "the bureau saw {} at once", guarded.bureau.max_in_flight);
     for quiet in ["bank-b", "card-c"] {
         let t = guarded.total.stream(quiet).unwrap();
@@ -215,7 +218,7 @@ async fn surging_tenant_does_not_delay_others() {
     assert!(a.rejected_summary().p99 < Duration::from_millis(600), "the excess is answered quickly");
 
     // The same traffic straight to the bureau: the quiet banks fail with the surging one.
-    let direct = replay(&s, Target::Direct, |_| {}).await.unwrap();
+    let direct = replay(&s, Target::Direct, &InProcessGuard, |_| {}).await.unwrap();
     let b = direct.total.stream("bank-b").unwrap();
     assert!(b.class_count(2) < b.sent, "without bureau-guard the quiet bank loses look-ups: {b:?}");
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use bureau_guard::mock_bureau::MockConfig;
+use bureau_sim::mock_bureau::MockConfig;
 use common::*;
 use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -95,7 +95,7 @@ async fn look_ups_reach_the_bureau_attributed_to_their_tenant() {
     )
     .await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.body, bureau_guard::mock_bureau::credit_report("S-9", "full"));
+    assert_eq!(r.body, bureau_sim::mock_bureau::credit_report("S-9", "full"));
     for _ in 0..3 {
         assert_eq!(send(&c, Method::GET, &env.url("/v1/score/S-9"), &[("x-api-key", KEY_B)], b"").await.status, 200);
     }

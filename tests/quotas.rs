@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bureau_guard::admission::quota::ManualClock;
 use bureau_guard::app;
-use bureau_guard::mock_bureau::MockConfig;
+use bureau_sim::mock_bureau::MockConfig;
 use common::*;
 use http::Method;
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bureau_guard::app::{self, Options, Running};
 use bureau_guard::config::Config;
-use bureau_guard::mock_bureau;
+use bureau_sim::mock_bureau;
 use common::*;
 use pki::*;
 use tokio::net::TcpListener;

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use bureau_guard::app::{self, Running};
 use bureau_guard::config::Config;
-use bureau_guard::mock_bureau::{self, MockConfig, MockHandle};
+use bureau_sim::mock_bureau::{self, MockConfig, MockHandle};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};

@@ -42,14 +42,10 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::fmt;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -63,11 +59,12 @@ use tokio::sync::{Semaphore, SemaphorePermit, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::respond::Body;
-use crate::server::{self, ConnLimits};
-
+mod serve;
 #[cfg(test)]
 mod tests;
+
+/// Answers are built whole, as a bureau's are.
+type Body = Full<Bytes>;
 
 /// Default listen address; `config.example.toml`'s upstream points here.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
@@ -899,24 +896,6 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json(status, &serde_json::json!({"error": code, "message": message}))
 }
 
-#[derive(Clone)]
-struct Service(Arc<MockBureau>);
-
-impl tower::Service<Request<Incoming>> for Service {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let bureau = self.0.clone();
-        Box::pin(async move { Ok(bureau.handle(req).await) })
-    }
-}
-
 /// A mock bureau serving in the background.
 pub struct MockHandle {
     pub addr: SocketAddr,
@@ -942,32 +921,21 @@ impl MockHandle {
 
 /// Serves a mock bureau on `listener` in the background.
 pub fn start(cfg: MockConfig, listener: TcpListener) -> MockHandle {
-    let addr = listener.local_addr().expect("a bound listener has an address");
-    let bureau = MockBureau::new(cfg);
-    let (stop, mut stopped) = watch::channel(false);
-    let limits = ConnLimits::for_max_header_bytes(32 * 1024, Duration::from_secs(10));
-    let shutdown = async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    };
-    let task = tokio::spawn(server::serve(listener, Service(bureau.clone()), limits, shutdown, Duration::from_secs(5)));
-    MockHandle { addr, scheme: "http", bureau, stop, task }
+    start_on(cfg, listener, None)
 }
 
 /// Like [`start`] over TLS with `tls` (which may require a client certificate): a bureau
 /// reached by `https://`, for upstream TLS tests and benchmarks.
 pub fn start_tls(cfg: MockConfig, listener: TcpListener, tls: Arc<rustls::ServerConfig>) -> MockHandle {
+    start_on(cfg, listener, Some(tls))
+}
+
+fn start_on(cfg: MockConfig, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> MockHandle {
     let addr = listener.local_addr().expect("a bound listener has an address");
     let bureau = MockBureau::new(cfg);
-    let (stop, mut stopped) = watch::channel(false);
-    let limits = ConnLimits::for_max_header_bytes(32 * 1024, Duration::from_secs(10));
-    let shutdown = async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    };
-    let current = Arc::new(arc_swap::ArcSwap::from_pointee(crate::tls::Listener::fixed(tls)));
-    let tls = server::TlsListener { current, counters: crate::tls::HandshakeCounters::unregistered() };
-    let edge = server::Edge { tls: Some(tls), ..server::Edge::plain(limits, Duration::from_secs(5)) };
-    let service = Service(bureau.clone());
-    let make = move |_: &server::Peer| service.clone();
-    let task = tokio::spawn(server::serve_edge(listener, edge, make, shutdown));
-    MockHandle { addr, scheme: "https", bureau, stop, task }
+    let (stop, stopped) = watch::channel(false);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    let task = tokio::spawn(serve::serve(listener, tls, bureau.clone(), stopped));
+    MockHandle { addr, scheme, bureau, stop, task }
 }

@@ -460,36 +460,11 @@ fn many_tenants(s: &Scenario, g: &Replay, label: &str) -> Vec<Check> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Budget, Length, guard_config};
     use super::*;
 
     #[test]
     fn jain_index_is_one_when_equal_and_one_over_n_when_one_takes_all() {
         assert!((jain_index(&[5.0, 5.0, 5.0, 5.0]) - 1.0).abs() < 1e-12);
         assert!((jain_index(&[8.0, 0.0, 0.0, 0.0]) - 0.25).abs() < 1e-12);
-    }
-
-    #[test]
-    fn every_scenario_has_a_valid_config_and_a_bureau_guard_run() {
-        for kind in Kind::ALL {
-            for length in [Length::Full, Length::Quick] {
-                let s = Scenario::new(kind, length);
-                assert_eq!(Kind::parse(kind.name()), Some(kind));
-                assert_eq!(s.targets()[0], Target::Guard(s.budget), "{kind}");
-                for t in s.targets() {
-                    if let Target::Guard(b) = t {
-                        let c = guard_config(&s, b, "http://127.0.0.1:1");
-                        let expect = match b {
-                            Budget::Fixed(n) => n,
-                            Budget::Adaptive { max, .. } => max,
-                        };
-                        assert_eq!(c.upstream.max_concurrency, expect, "{kind}");
-                        assert_eq!(c.tenants.len(), s.tenants.len(), "{kind}");
-                    }
-                }
-                assert!(s.settle < s.surge, "{kind}: the window opens inside the surge");
-                assert!(s.changes.iter().all(|(at, _)| *at < s.settle), "{kind}");
-            }
-        }
     }
 }

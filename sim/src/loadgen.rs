@@ -38,9 +38,9 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use bureau_guard::loadgen::{LoadGenerator, LoadgenOptions, RequestTemplate, StreamSpec};
+//! use bureau_sim::loadgen::{LoadGenerator, LoadgenOptions, RequestTemplate, StreamSpec};
 //!
-//! # async fn demo() -> Result<(), bureau_guard::loadgen::LoadgenError> {
+//! # async fn demo() -> Result<(), bureau_sim::loadgen::LoadgenError> {
 //! let template = RequestTemplate::get("http://127.0.0.1:8080/v1/score/S0")?
 //!     .header("x-api-key", "bench-key")?;
 //! let stream = StreamSpec::new(
