@@ -11,8 +11,8 @@ use super::{Change, Kind, Replay, Role, Scenario, Target};
 
 /// The strict-priority bound on a quiet look-up's p99 in many_tenants: forty quiet tenants at
 /// 5 req/s each served first on a bureau of 8 × U(18, 22) ms kept full wait 12.3 ms at p99, plus
-/// up to 22 ms of service ≈ 34 ms. The model (and its Monte Carlo) is in `src/scheduler.rs`'s
-/// module doc, "The bound".
+/// up to 22 ms of service ≈ 34 ms. The model (and its Monte Carlo) is in bureau-guard's
+/// `src/bureau/scheduler.rs` module doc, "The bound".
 pub const MANY_TENANTS_QUIET_P99_BOUND: Duration = Duration::from_millis(34);
 
 /// How a criterion came out.
