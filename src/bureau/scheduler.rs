@@ -44,7 +44,7 @@
 //!   it is granted would game. The one request of slack keeps a quiet bank's random bunching
 //!   (two look-ups close together) from dropping it into the heap.
 //! - **A down probe is not a smaller bureau.** The adaptive limit measures the bureau at ¾ of
-//!   the budget for a moment ([`crate::adaptive`]); the capacity it withholds must come from
+//!   the budget for a moment ([`super::adaptive`]); the capacity it withholds must come from
 //!   the tenants with a standing queue, not from the quiet ones (a quiet bank at 90% of its
 //!   share, squeezed to ¾, queued for 50–80 ms). While a probe is on, sparse tenants and
 //!   backlogged ones with at most [`LIGHT_QUEUE`] waiters are served up to the cruise limit,
