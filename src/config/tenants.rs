@@ -1,0 +1,312 @@
+//! `[[tenants]]`: who may call, by api key or client certificate, and each one's contract.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::{Problems, defaults, is_label_safe};
+use crate::tls::IdentitySource;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantConfig {
+    /// Stable identifier: metric label, `x-tenant` header value, log field.
+    pub id: String,
+    pub name: String,
+    /// SHA-256 digests of the tenant's API keys (several during a key rotation).
+    pub key_digests: Vec<[u8; 32]>,
+    /// Share of the bureau under contention, relative to other tenants.
+    pub weight: u32,
+    pub limits: TenantLimits,
+    /// Client certificate identities (of `server.tls.client_identity`'s kind, normalized) that
+    /// name this tenant.
+    pub client_cert_names: Vec<String>,
+}
+
+/// A tenant's contract. `None` means no limit of that kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantLimits {
+    /// Sustained requests per second, in route cost units.
+    pub rate: Option<f64>,
+    /// Cost units that may be spent at once after an idle period (defaults to one second of `rate`).
+    pub burst: u32,
+    /// Requests of this tenant inside bureau-guard at once.
+    pub max_in_flight: Option<u32>,
+    /// Bureau calls per local day.
+    pub daily_quota: Option<u64>,
+    /// Bureau calls per local calendar month.
+    pub monthly_quota: Option<u64>,
+    /// Requests that may wait for a bureau slot; one more gets 503 `bureau_busy` at once.
+    pub max_queue: usize,
+    /// Limits that are computed, logged and counted but not enforced.
+    pub dry_run: DryRun,
+}
+
+/// Which limits run in dry-run mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DryRun {
+    pub rate: bool,
+    pub in_flight: bool,
+    pub daily: bool,
+    pub monthly: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTenant {
+    id: Option<String>,
+    name: Option<String>,
+    api_key_sha256: Option<OneOrMany>,
+    api_key_env: Option<OneOrMany>,
+    weight: Option<i64>,
+    rate: Option<f64>,
+    burst: Option<i64>,
+    max_in_flight: Option<i64>,
+    daily_quota: Option<i64>,
+    monthly_quota: Option<i64>,
+    max_queue: Option<i64>,
+    dry_run: Option<BoolOrList>,
+    client_cert_names: Option<Vec<String>>,
+}
+
+/// `dry_run = true` or `dry_run = ["rate", "daily"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum BoolOrList {
+    Bool(bool),
+    List(Vec<String>),
+}
+
+/// `key = "x"` or `key = ["x", "y"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// Each value with the path suffix that addresses it (`""` for a lone string, `[i]` in a list).
+    fn items(&self) -> Vec<(String, &str)> {
+        match self {
+            OneOrMany::One(s) => vec![(String::new(), s.as_str())],
+            OneOrMany::Many(v) => v.iter().enumerate().map(|(i, s)| (format!("[{i}]"), s.as_str())).collect(),
+        }
+    }
+}
+
+pub(super) fn validate(
+    p: &mut Problems,
+    raw: &[RawTenant],
+    env: &dyn Fn(&str) -> Option<String>,
+    max_cost: u32,
+) -> Vec<TenantConfig> {
+    if raw.is_empty() {
+        p.add("tenants", "at least one [[tenants]] entry is required");
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut keys: HashMap<[u8; 32], String> = HashMap::new();
+    for (i, t) in raw.iter().enumerate() {
+        let at = |field: &str| format!("tenants[{i}].{field}");
+        let id = match t.id.as_deref() {
+            None => {
+                p.add(at("id"), "required");
+                None
+            }
+            Some(id) if !is_label_safe(id) || id.starts_with('_') => {
+                p.add(at("id"), format!("{id:?} must be 1-64 characters of A-Z a-z 0-9 _ - . and not start with _"));
+                None
+            }
+            Some(id) => {
+                if let Some(first) = ids.insert(id, i) {
+                    p.add(at("id"), format!("duplicate tenant id {id:?} (also tenants[{first}])"));
+                }
+                Some(id)
+            }
+        };
+
+        let mut digests = Vec::new();
+        let mut add_digest = |p: &mut Problems, path: String, d: [u8; 32]| {
+            if let Some(first) = keys.get(&d) {
+                p.add(path, format!("duplicate api key (also {first})"));
+            } else {
+                keys.insert(d, path);
+                digests.push(d);
+            }
+        };
+        if let Some(list) = &t.api_key_sha256 {
+            for (suffix, hex_str) in list.items() {
+                let path = format!("{}{suffix}", at("api_key_sha256"));
+                let mut d = [0u8; 32];
+                if hex_str.len() != 64 || hex::decode_to_slice(hex_str, &mut d).is_err() {
+                    p.add(path, "expected 64 hex characters (the SHA-256 of the key, e.g. from `sha256sum`)");
+                } else {
+                    add_digest(p, path, d);
+                }
+            }
+        }
+        if let Some(list) = &t.api_key_env {
+            for (suffix, var) in list.items() {
+                let path = format!("{}{suffix}", at("api_key_env"));
+                match env(var) {
+                    Some(key) if !key.is_empty() => add_digest(p, path, Sha256::digest(key.as_bytes()).into()),
+                    _ => p.add(path, format!("environment variable {var} is not set or empty")),
+                }
+            }
+        }
+        // A tenant identified by its client certificate alone needs no key (checked with the
+        // certificate names in `validate_cert_names`).
+        if t.api_key_sha256.is_none() && t.api_key_env.is_none() && t.client_cert_names.is_none() {
+            p.add(at("api_key_sha256"), "each tenant needs api_key_sha256, api_key_env or client_cert_names");
+        }
+
+        let weight = match t.weight {
+            None => 1,
+            Some(w) if (1..=1000).contains(&w) => w as u32,
+            Some(w) => {
+                p.add(at("weight"), format!("{w} must be between 1 and 1000"));
+                1
+            }
+        };
+        let limits = validate_limits(p, i, t, max_cost);
+        if let Some(id) = id {
+            out.push(TenantConfig {
+                id: id.to_string(),
+                name: t.name.clone().unwrap_or_else(|| id.to_string()),
+                key_digests: digests,
+                weight,
+                limits,
+                client_cert_names: Vec::new(),
+            });
+        }
+    }
+    out
+}
+
+fn validate_limits(p: &mut Problems, i: usize, t: &RawTenant, max_cost: u32) -> TenantLimits {
+    let at = |field: &str| format!("tenants[{i}].{field}");
+    let positive = |p: &mut Problems, field: &str, v: Option<i64>, max: i64| -> Option<i64> {
+        match v {
+            None => None,
+            Some(n) if (1..=max).contains(&n) => Some(n),
+            Some(n) => {
+                p.add(at(field), format!("{n} must be between 1 and {max}"));
+                None
+            }
+        }
+    };
+    let rate = match t.rate {
+        None => None,
+        Some(r) if r.is_finite() && (1e-6..=1e9).contains(&r) => Some(r),
+        Some(r) => {
+            p.add(at("rate"), format!("{r} must be a number of requests per second between 0.000001 and 1e9"));
+            None
+        }
+    };
+    let burst = positive(p, "burst", t.burst, u32::MAX as i64).map(|b| b as u32);
+    if burst.is_some() && rate.is_none() {
+        p.add(at("burst"), "only meaningful with `rate`");
+    }
+    // Default burst: one second's worth of rate, at least the dearest route so it can ever pass.
+    let burst = burst.unwrap_or_else(|| rate.map_or(1, |r| r.ceil() as u32).max(max_cost));
+    // The bucket's depth in time must fit the limiter's nanosecond arithmetic (and be sane).
+    if let Some(r) = rate
+        && f64::from(burst) / r > 1e9
+    {
+        p.add(at("burst"), format!("{burst} at {r}/s takes more than 1e9 s to refill; lower burst or raise rate"));
+    }
+    if rate.is_some() && burst < max_cost {
+        p.add(
+            at("burst"),
+            format!("{burst} is below the cost of the dearest route ({max_cost}); such requests could never pass"),
+        );
+    }
+    let mut dry_run = DryRun::default();
+    match &t.dry_run {
+        None | Some(BoolOrList::Bool(false)) => {}
+        Some(BoolOrList::Bool(true)) => dry_run = DryRun { rate: true, in_flight: true, daily: true, monthly: true },
+        Some(BoolOrList::List(names)) => {
+            for (j, name) in names.iter().enumerate() {
+                match name.as_str() {
+                    "rate" => dry_run.rate = true,
+                    "in_flight" => dry_run.in_flight = true,
+                    "daily" => dry_run.daily = true,
+                    "monthly" => dry_run.monthly = true,
+                    other => p.add(
+                        format!("{}[{j}]", at("dry_run")),
+                        format!("unknown limit {other:?}; expected \"rate\", \"in_flight\", \"daily\" or \"monthly\""),
+                    ),
+                }
+            }
+        }
+    }
+    TenantLimits {
+        rate,
+        burst,
+        max_in_flight: positive(p, "max_in_flight", t.max_in_flight, 1_000_000).map(|n| n as u32),
+        // Counters hold 40 bits (state/mod.rs): a larger quota could never be reached.
+        daily_quota: positive(p, "daily_quota", t.daily_quota, (1 << 40) - 1).map(|n| n as u64),
+        monthly_quota: positive(p, "monthly_quota", t.monthly_quota, (1 << 40) - 1).map(|n| n as u64),
+        max_queue: match t.max_queue {
+            None => defaults::MAX_QUEUE,
+            Some(n) if (0..=1_000_000).contains(&n) => n as usize,
+            Some(n) => {
+                p.add(at("max_queue"), format!("{n} must be between 0 and 1000000"));
+                defaults::MAX_QUEUE
+            }
+        },
+        dry_run,
+    }
+}
+
+/// Each tenant's `client_cert_names`: non-empty, normalized, on one tenant only, and only with a
+/// listener that asks for certificates. `raw` and `tenants` are matched by id (invalid tenants
+/// were dropped from `tenants` and already reported).
+pub(super) fn validate_cert_names(
+    p: &mut Problems,
+    raw: &[RawTenant],
+    mut tenants: Vec<TenantConfig>,
+    identity: Option<IdentitySource>,
+    tls_configured: bool,
+) -> Vec<TenantConfig> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, t) in raw.iter().enumerate() {
+        let Some(list) = &t.client_cert_names else { continue };
+        let at = format!("tenants[{i}].client_cert_names");
+        let Some(identity) = identity else {
+            // Without [server.tls] its own problems already explain; say only what is missing.
+            let why = if tls_configured {
+                "only meaningful with server.tls.client_auth = \"optional\" or \"required\""
+            } else {
+                "only meaningful with [server.tls] and client_auth = \"optional\" or \"required\""
+            };
+            p.add(at, why);
+            continue;
+        };
+        let mut names = Vec::with_capacity(list.len());
+        for (j, name) in list.iter().enumerate() {
+            let item_at = format!("{at}[{j}]");
+            let name = identity.normalize(name.trim());
+            if name.is_empty() {
+                p.add(item_at, "must not be empty");
+            } else if let Some(first) = seen.get(&name) {
+                p.add(
+                    item_at,
+                    format!("{name:?} already names tenants[{first}]: a certificate must map to one tenant"),
+                );
+            } else {
+                seen.insert(name.clone(), i);
+                names.push(name);
+            }
+        }
+        if names.is_empty() && list.is_empty() && t.api_key_sha256.is_none() && t.api_key_env.is_none() {
+            p.add(at, "empty, and the tenant has no api key either: nothing could identify it");
+            continue;
+        }
+        if let Some(tenant) = tenants.iter_mut().find(|c| t.id.as_deref() == Some(c.id.as_str())) {
+            tenant.client_cert_names = names;
+        }
+    }
+    tenants
+}
