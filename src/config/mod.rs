@@ -22,6 +22,7 @@ mod tenants;
 mod tests;
 mod upstream;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -398,6 +399,44 @@ fn config_path(p: &mut Problems, at: &str, raw: Option<&str>, required: &str) ->
             None
         }
         Some(s) => Some(PathBuf::from(s)),
+    }
+}
+
+/// The names of one list's entries (`routes[i].name`, `tenants[i].id`): each required, usable as
+/// a metric label and log field as it is, and given once. One check for both lists, so a route
+/// name and a tenant id follow the same rule and say so in the same words.
+struct Labels<'a> {
+    /// `routes`, `tenants`.
+    list: &'static str,
+    /// `name`, `id`.
+    field: &'static str,
+    /// What a repeat is called: `route name`, `tenant id`.
+    what: &'static str,
+    /// Each name seen, with the index of the entry that gave it first.
+    seen: HashMap<&'a str, usize>,
+}
+
+impl<'a> Labels<'a> {
+    fn new(list: &'static str, field: &'static str, what: &'static str) -> Self {
+        Labels { list, field, what, seen: HashMap::new() }
+    }
+
+    /// Entry `i`'s name, or `None` when it is missing or not label-safe (reported). A repeat is
+    /// reported too, but returned: the entry's other settings are still checked.
+    fn check(&mut self, p: &mut Problems, i: usize, raw: Option<&'a str>) -> Option<&'a str> {
+        let at = format!("{}[{i}].{}", self.list, self.field);
+        let Some(name) = raw else {
+            p.add(at, "required");
+            return None;
+        };
+        if !is_label_safe(name) || name.starts_with('_') {
+            p.add(at, format!("{name:?} must be 1-64 characters of A-Z a-z 0-9 _ - . and not start with _"));
+            return None;
+        }
+        if let Some(first) = self.seen.insert(name, i) {
+            p.add(at, format!("duplicate {} {name:?} (also {}[{first}])", self.what, self.list));
+        }
+        Some(name)
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use serde::Deserialize;
 
-use super::{Problems, defaults, is_label_safe};
+use super::{Labels, Problems, defaults};
 use crate::cache::key::{KeyPart, Scope};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -85,26 +85,11 @@ pub(super) struct RawRoute {
 
 pub(super) fn validate(p: &mut Problems, raw: &[RawRoute]) -> Vec<RouteConfig> {
     let mut out = Vec::with_capacity(raw.len());
-    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut names = Labels::new("routes", "name", "route name");
     let mut patterns: HashMap<(String, &str), usize> = HashMap::new();
     for (i, r) in raw.iter().enumerate() {
         let at = |field: &str| format!("routes[{i}].{field}");
-        let name = match r.name.as_deref() {
-            None => {
-                p.add(at("name"), "required");
-                None
-            }
-            Some(n) if !is_label_safe(n) || n.starts_with('_') => {
-                p.add(at("name"), format!("{n:?} must be 1-64 characters of A-Z a-z 0-9 _ - . and not start with _"));
-                None
-            }
-            Some(n) => {
-                if let Some(first) = names.insert(n, i) {
-                    p.add(at("name"), format!("duplicate route name {n:?} (also routes[{first}])"));
-                }
-                Some(n)
-            }
-        };
+        let name = names.check(p, i, r.name.as_deref());
         let method = match r.method.as_deref() {
             None => {
                 p.add(at("method"), "required, e.g. \"GET\" or \"POST\"");

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::{Problems, defaults, is_label_safe};
+use super::{Labels, Problems, defaults};
 use crate::tls::IdentitySource;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -105,26 +105,11 @@ pub(super) fn validate(
         p.add("tenants", "at least one [[tenants]] entry is required");
     }
     let mut out = Vec::with_capacity(raw.len());
-    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut ids = Labels::new("tenants", "id", "tenant id");
     let mut keys: HashMap<[u8; 32], String> = HashMap::new();
     for (i, t) in raw.iter().enumerate() {
         let at = |field: &str| format!("tenants[{i}].{field}");
-        let id = match t.id.as_deref() {
-            None => {
-                p.add(at("id"), "required");
-                None
-            }
-            Some(id) if !is_label_safe(id) || id.starts_with('_') => {
-                p.add(at("id"), format!("{id:?} must be 1-64 characters of A-Z a-z 0-9 _ - . and not start with _"));
-                None
-            }
-            Some(id) => {
-                if let Some(first) = ids.insert(id, i) {
-                    p.add(at("id"), format!("duplicate tenant id {id:?} (also tenants[{first}])"));
-                }
-                Some(id)
-            }
-        };
+        let id = ids.check(p, i, t.id.as_deref());
 
         let mut digests = Vec::new();
         let mut add_digest = |p: &mut Problems, path: String, d: [u8; 32]| {

@@ -245,6 +245,27 @@ fn api_key_from_env_is_hashed_and_missing_env_is_an_error() {
 }
 
 #[test]
+fn route_names_and_tenant_ids_follow_one_rule() {
+    let text = minimal().replace(
+        "[[tenants]]",
+        "[[routes]]\nname = \"score\"\nmethod = \"GET\"\npath = \"/v2/score\"\n\
+         [[routes]]\nmethod = \"GET\"\npath = \"/v3/score\"\n\
+         [[routes]]\nname = \"_internal\"\nmethod = \"GET\"\npath = \"/v4/score\"\n\
+         [[tenants]]\nid = \"_bank\"\napi_key_env = \"UNSET\"\n[[tenants]]",
+    );
+    let found = problems(&text);
+    let expect = [
+        "routes[1].name: duplicate route name \"score\" (also routes[0])",
+        "routes[2].name: required",
+        "routes[3].name: \"_internal\" must be 1-64 characters of A-Z a-z 0-9 _ - . and not start with _",
+        "tenants[0].id: \"_bank\" must be 1-64 characters of A-Z a-z 0-9 _ - . and not start with _",
+    ];
+    for e in expect {
+        assert!(found.iter().any(|line| line == e), "missing {e:?} in {found:#?}");
+    }
+}
+
+#[test]
 fn conflicting_route_patterns_are_rejected() {
     let text = minimal()
         + r#"
