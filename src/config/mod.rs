@@ -25,6 +25,7 @@ mod upstream;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -310,6 +311,16 @@ impl Problems {
                 default
             }
         }
+    }
+
+    /// An optional integer; `None` when it is left out or outside `range` (reported).
+    fn in_range(&mut self, path: &str, raw: Option<i64>, range: RangeInclusive<i64>) -> Option<i64> {
+        let n = raw?;
+        if range.contains(&n) {
+            return Some(n);
+        }
+        self.add(path, format!("{n} must be between {} and {}", range.start(), range.end()));
+        None
     }
 
     fn addr(&mut self, path: &str, raw: Option<&str>, default: &str) -> SocketAddr {

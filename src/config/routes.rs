@@ -125,14 +125,7 @@ pub(super) fn validate(p: &mut Problems, raw: &[RawRoute]) -> Vec<RouteConfig> {
         {
             p.add(at("path"), format!("{m} {path} is already routes[{first}]"));
         }
-        let cost = match r.cost {
-            None => 1,
-            Some(c) if (1..=1_000_000).contains(&c) => c as u32,
-            Some(c) => {
-                p.add(at("cost"), format!("{c} must be between 1 and 1000000"));
-                1
-            }
-        };
+        let cost = p.in_range(&at("cost"), r.cost, 1..=1_000_000).map_or(1, |c| c as u32);
         let cache = validate_route_cache(p, i, r, method.as_ref(), path);
         if let (Some(name), Some(method), Some(path)) = (name, method, path) {
             out.push(RouteConfig { name: name.to_string(), method, path: path.to_string(), cost, cache });

@@ -146,14 +146,7 @@ pub(super) fn validate(
             p.add(at("api_key_sha256"), "each tenant needs api_key_sha256, api_key_env or client_cert_names");
         }
 
-        let weight = match t.weight {
-            None => 1,
-            Some(w) if (1..=1000).contains(&w) => w as u32,
-            Some(w) => {
-                p.add(at("weight"), format!("{w} must be between 1 and 1000"));
-                1
-            }
-        };
+        let weight = p.in_range(&at("weight"), t.weight, 1..=1000).map_or(1, |w| w as u32);
         let limits = validate_limits(p, i, t, max_cost);
         if let Some(id) = id {
             out.push(TenantConfig {
@@ -171,16 +164,6 @@ pub(super) fn validate(
 
 fn validate_limits(p: &mut Problems, i: usize, t: &RawTenant, max_cost: u32) -> TenantLimits {
     let at = |field: &str| format!("tenants[{i}].{field}");
-    let positive = |p: &mut Problems, field: &str, v: Option<i64>, max: i64| -> Option<i64> {
-        match v {
-            None => None,
-            Some(n) if (1..=max).contains(&n) => Some(n),
-            Some(n) => {
-                p.add(at(field), format!("{n} must be between 1 and {max}"));
-                None
-            }
-        }
-    };
     let rate = match t.rate {
         None => None,
         Some(r) if r.is_finite() && (1e-6..=1e9).contains(&r) => Some(r),
@@ -189,7 +172,7 @@ fn validate_limits(p: &mut Problems, i: usize, t: &RawTenant, max_cost: u32) -> 
             None
         }
     };
-    let burst = positive(p, "burst", t.burst, u32::MAX as i64).map(|b| b as u32);
+    let burst = p.in_range(&at("burst"), t.burst, 1..=u32::MAX as i64).map(|b| b as u32);
     if burst.is_some() && rate.is_none() {
         p.add(at("burst"), "only meaningful with `rate`");
     }
@@ -229,18 +212,11 @@ fn validate_limits(p: &mut Problems, i: usize, t: &RawTenant, max_cost: u32) -> 
     TenantLimits {
         rate,
         burst,
-        max_in_flight: positive(p, "max_in_flight", t.max_in_flight, 1_000_000).map(|n| n as u32),
+        max_in_flight: p.in_range(&at("max_in_flight"), t.max_in_flight, 1..=1_000_000).map(|n| n as u32),
         // Counters hold 40 bits (state/mod.rs): a larger quota could never be reached.
-        daily_quota: positive(p, "daily_quota", t.daily_quota, (1 << 40) - 1).map(|n| n as u64),
-        monthly_quota: positive(p, "monthly_quota", t.monthly_quota, (1 << 40) - 1).map(|n| n as u64),
-        max_queue: match t.max_queue {
-            None => defaults::MAX_QUEUE,
-            Some(n) if (0..=1_000_000).contains(&n) => n as usize,
-            Some(n) => {
-                p.add(at("max_queue"), format!("{n} must be between 0 and 1000000"));
-                defaults::MAX_QUEUE
-            }
-        },
+        daily_quota: p.in_range(&at("daily_quota"), t.daily_quota, 1..=(1 << 40) - 1).map(|n| n as u64),
+        monthly_quota: p.in_range(&at("monthly_quota"), t.monthly_quota, 1..=(1 << 40) - 1).map(|n| n as u64),
+        max_queue: p.in_range(&at("max_queue"), t.max_queue, 0..=1_000_000).map_or(defaults::MAX_QUEUE, |n| n as usize),
         dry_run,
     }
 }

@@ -140,23 +140,13 @@ pub(super) fn validate(p: &mut Problems, u: &RawUpstream) -> UpstreamConfig {
             u.max_response_body.as_deref(),
             defaults::MAX_RESPONSE_BODY,
         ),
-        max_concurrency: match u.max_concurrency {
-            None => defaults::MAX_CONCURRENCY,
-            Some(n) if (1..=100_000).contains(&n) => n as usize,
-            Some(n) => {
-                p.add("upstream.max_concurrency", format!("{n} must be between 1 and 100000"));
-                defaults::MAX_CONCURRENCY
-            }
-        },
+        max_concurrency: p
+            .in_range("upstream.max_concurrency", u.max_concurrency, 1..=100_000)
+            .map_or(defaults::MAX_CONCURRENCY, |n| n as usize),
         queue_timeout: p.duration("upstream.queue_timeout", u.queue_timeout.as_deref(), defaults::QUEUE_TIMEOUT),
-        max_queue_total: match u.max_queue_total {
-            None => defaults::MAX_QUEUE_TOTAL,
-            Some(n) if (1..=10_000_000).contains(&n) => n as usize,
-            Some(n) => {
-                p.add("upstream.max_queue_total", format!("{n} must be between 1 and 10000000"));
-                defaults::MAX_QUEUE_TOTAL
-            }
-        },
+        max_queue_total: p
+            .in_range("upstream.max_queue_total", u.max_queue_total, 1..=10_000_000)
+            .map_or(defaults::MAX_QUEUE_TOTAL, |n| n as usize),
         max_call_time: Duration::ZERO, // below: its default follows response_timeout
         retry_after_cap: p.duration(
             "upstream.retry_after_cap",
@@ -296,14 +286,8 @@ fn validate_adaptive(p: &mut Problems, a: &RawAdaptive, budget: usize) -> Option
 
 fn validate_breaker(p: &mut Problems, b: &RawBreaker) -> BreakerSettings {
     let d = BreakerSettings::default();
-    let mut count = |path: &str, raw: Option<i64>, default: u32| match raw {
-        None => default,
-        Some(n) if (1..=10_000).contains(&n) => n as u32,
-        Some(n) => {
-            p.add(path, format!("{n} must be between 1 and 10000"));
-            default
-        }
-    };
+    let mut count =
+        |path: &str, raw: Option<i64>, default: u32| p.in_range(path, raw, 1..=10_000).map_or(default, |n| n as u32);
     let failures = count("upstream.breaker.failures", b.failures, d.failures);
     let probes = count("upstream.breaker.probes", b.probes, d.probes);
     let open_for = p.duration("upstream.breaker.open_for", b.open_for.as_deref(), d.open_for);
