@@ -70,13 +70,7 @@ pub(super) fn validate(p: &mut Problems, a: &RawAdmin, env: &dyn Fn(&str) -> Opt
                 Some(d)
             }
         }
-        (None, Some(var)) => match env(var) {
-            Some(t) if !t.is_empty() => Some(Sha256::digest(t.as_bytes()).into()),
-            _ => {
-                p.add("admin.token_env", format!("environment variable {var} is not set or empty"));
-                None
-            }
-        },
+        (None, Some(var)) => p.env_var("admin.token_env", env, var).map(|t| Sha256::digest(t.as_bytes()).into()),
         (None, None) => None,
     };
     let insecure = a.insecure_no_token.unwrap_or(false);

@@ -45,16 +45,12 @@ pub(super) fn validate(p: &mut Problems, c: &RawCache, env: &dyn Fn(&str) -> Opt
             p.add("cache.key_secret_hex", format!("expected {hint}"));
             None
         }),
-        (None, Some(var)) => match env(var) {
-            Some(v) if !v.is_empty() => KeySecret::from_hex(v.trim()).or_else(|| {
+        (None, Some(var)) => p.env_var("cache.key_secret_env", env, var).and_then(|v| {
+            KeySecret::from_hex(v.trim()).or_else(|| {
                 p.add("cache.key_secret_env", format!("environment variable {var} must hold {hint}"));
                 None
-            }),
-            _ => {
-                p.add("cache.key_secret_env", format!("environment variable {var} is not set or empty"));
-                None
-            }
-        },
+            })
+        }),
         (None, None) => None,
     };
     CacheConfig { max_bytes, max_entry_bytes, key_secret }

@@ -323,6 +323,15 @@ impl Problems {
         None
     }
 
+    /// The value of `var`, named at `path`; `None` when it is unset or empty (reported).
+    fn env_var(&mut self, path: &str, env: &dyn Fn(&str) -> Option<String>, var: &str) -> Option<String> {
+        let value = env(var).filter(|v| !v.is_empty());
+        if value.is_none() {
+            self.add(path, format!("environment variable {var} is not set or empty"));
+        }
+        value
+    }
+
     fn addr(&mut self, path: &str, raw: Option<&str>, default: &str) -> SocketAddr {
         let s = raw.unwrap_or(default);
         s.parse().unwrap_or_else(|_| {

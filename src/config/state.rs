@@ -179,13 +179,7 @@ fn validate_backend(p: &mut Problems, raw: &RawState, env: &dyn Fn(&str) -> Opti
             None
         }
         (Some(u), None) => Some(u.clone()),
-        (None, Some(var)) => match env(var) {
-            Some(u) if !u.is_empty() => Some(u),
-            _ => {
-                p.add("state.redis.url_env", format!("environment variable {var} is not set or empty"));
-                None
-            }
-        },
+        (None, Some(var)) => p.env_var("state.redis.url_env", env, var),
         (None, None) => {
             p.add("state.redis.url", "required with state.backend = \"redis\", e.g. \"redis://127.0.0.1:6379\"");
             None

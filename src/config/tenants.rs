@@ -134,9 +134,8 @@ pub(super) fn validate(
         if let Some(list) = &t.api_key_env {
             for (suffix, var) in list.items() {
                 let path = format!("{}{suffix}", at("api_key_env"));
-                match env(var) {
-                    Some(key) if !key.is_empty() => add_digest(p, path, Sha256::digest(key.as_bytes()).into()),
-                    _ => p.add(path, format!("environment variable {var} is not set or empty")),
+                if let Some(key) = p.env_var(&path, env, var) {
+                    add_digest(p, path, Sha256::digest(key.as_bytes()).into());
                 }
             }
         }
