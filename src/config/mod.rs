@@ -8,6 +8,12 @@
 //!
 //! Nothing here is read on the request path: the proxy compiles a [`Config`] into its runtime
 //! tables once (see `runtime.rs`).
+//!
+//! Each section has a file with its raw struct, its typed struct and its validation (`server.rs`
+//! for `[server]` and `[server.tls]`, `tenants.rs` for `[[tenants]]`, ...). This file keeps what
+//! they share: [`Config`], the entry points, the defaults, the problem collector that parses
+//! durations, sizes and ranges with their paths, and `validate`, which calls the sections in a
+//! fixed order (problems are reported in it) and checks what spans two of them.
 
 mod admin;
 mod audit;
@@ -341,6 +347,9 @@ impl Problems {
     }
 }
 
+/// Every section, then what spans sections: a listener per port, routes or `pass_unmatched`, TLS
+/// files, and tenants (whose burst needs the dearest route, and whose certificate names need the
+/// listener's kind of name).
 fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let mut p = Problems(Vec::new());
 
