@@ -10,7 +10,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admission::quota::{Clock, SystemClock, Windows};
+use crate::admission::quota::Windows;
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StateBackend};
 use crate::ops::admin::Admin;
 use crate::proxy::Proxy;

@@ -30,6 +30,7 @@ pub mod app;
 pub mod bureau;
 pub mod cache;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod ops;
 pub mod proxy;

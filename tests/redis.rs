@@ -733,7 +733,7 @@ async fn an_idle_replica_does_not_sit_on_in_flight_slots_others_need() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_from_just_before_midnight_is_charged_to_the_new_day() {
-    use bureau_guard::admission::quota::ManualClock;
+    use bureau_guard::clock::ManualClock;
     let Some(redis) = RedisServer::start("redis-midnight") else { return };
     let mock = start_mock(fast_mock()).await;
     // 23:59:59 in Seoul (quota.utc_offset defaults to +09:00) of the coming night: a date taken

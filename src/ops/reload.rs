@@ -594,7 +594,7 @@ insecure_no_token = true
                 .unwrap()
         };
         write(1);
-        let clock: Arc<dyn crate::admission::quota::Clock> = Arc::new(crate::admission::quota::SystemClock);
+        let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
         let shared = crate::runtime::Shared::build(Config::load(&path).unwrap(), clock, Some(path.clone())).unwrap();
         let (read_tx, read_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel::<()>();
