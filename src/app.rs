@@ -1,6 +1,7 @@
 //! `serve`: restore state, bind, run until told to stop, drain, persist. The config is already
 //! validated when it gets here, so a bad config never binds a port.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,7 +11,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admission::quota::{Clock, SystemClock, Windows};
+use crate::admission::quota::Windows;
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StateBackend};
 use crate::ops::admin::Admin;
 use crate::proxy::Proxy;
@@ -168,7 +170,13 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
         .map(|current| server::TlsListener { current: current.clone(), counters: shared.handshakes.clone() });
     let header_read_timeout = edge.limits.header_read_timeout;
     let proxy_shared = shared.clone();
-    let make = move |peer: &server::Peer| Proxy::for_connection(proxy_shared.clone(), peer);
+    let make = move |peer: &server::Peer| {
+        let proxy = Proxy::for_connection(proxy_shared.clone(), peer);
+        tower::service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+        })
+    };
     let proxy_task = tokio::spawn(server::serve_edge(listener, edge, make, wait(stopped.clone())));
     // The admin listener keeps answering /metrics and /readyz (false) while the proxy drains.
     let admin_limits = ConnLimits::for_max_header_bytes(16 * 1024, header_read_timeout);
@@ -177,7 +185,13 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
     let admin_task = tokio::spawn(server::serve_edge(
         admin_listener,
         server::Edge::plain(admin_limits, drain),
-        move |peer: &server::Peer| Admin::new(admin_shared.clone(), Some(peer.addr.peer), admin_addr),
+        move |peer: &server::Peer| {
+            let admin = Admin::new(admin_shared.clone(), Some(peer.addr.peer), admin_addr);
+            tower::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.serve(req).await) }
+            })
+        },
         wait(admin_stopped),
     ));
     let persist_task = tokio::spawn(async move {

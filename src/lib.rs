@@ -16,7 +16,8 @@
 //!
 //! Every error's status and JSON body is built in [`respond`]. Around the path: [`config`]
 //! (TOML → validated config, every problem reported), `runtime` (the compiled config behind
-//! an atomic pointer, and the process's shared state), [`state`] (live counters, on disk or in
+//! an atomic pointer, and the process's shared state), [`clock`] (the one wall clock,
+//! injectable), [`state`] (live counters, on disk or in
 //! Redis), [`ops`] (admin listener, metrics, reload), [`app`] (bind, run, drain) and [`cli`]
 //! (the binary's commands). With the `tools` feature (on by default), `tools` lets
 //! `bureau-sim`'s surge replay drive this proxy (the `demo` command, benchmarks, tests).
@@ -30,6 +31,7 @@ pub mod app;
 pub mod bureau;
 pub mod cache;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod ops;
 pub mod proxy;

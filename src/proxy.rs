@@ -8,7 +8,6 @@
 //!        ─▶ respond (+ stale-if-error, audit, RateLimit fields, metrics, log)
 //! ```
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -41,7 +40,8 @@ static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
-/// The proxy as a tower `Service`: cheap to clone (two `Arc`s), one clone per connection.
+/// The proxy, one per connection (served through `tower::service_fn` in `app.rs`): cheap to
+/// clone (two `Arc`s), one clone per request.
 #[derive(Clone)]
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -845,21 +845,6 @@ fn quota_error(e: Exhausted) -> ProxyError {
             ProxyError::new(ErrorKind::MonthlyQuotaExhausted, format!("monthly quota of {limit} bureau calls used up"))
                 .retry_after(retry_after_s)
         }
-    }
-}
-
-impl tower::Service<Request<Incoming>> for Proxy {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let proxy = self.clone();
-        Box::pin(async move { Ok(proxy.handle(req).await) })
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio_util::task::TaskTracker;
 
-use crate::admission::quota::{Clock, SystemClock, Windows};
+use crate::admission::quota::Windows;
 use crate::admission::tenant::TenantTable;
 use crate::bureau::adaptive::{AdaptiveConfig, AdaptiveLimit, Phase};
 use crate::bureau::breaker::Breaker;
@@ -23,6 +23,7 @@ use crate::cache::audit::AuditLog;
 use crate::cache::coalesce::Coalescer;
 use crate::cache::key::{KeySecret, KeySpec};
 use crate::cache::store::{Cache, RoutePolicy};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StateBackend};
 use crate::ops::metrics::{Metrics, RequestCells};
 use crate::route::RouteTable;

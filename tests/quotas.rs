@@ -5,8 +5,8 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bureau_guard::admission::quota::ManualClock;
 use bureau_guard::app;
+use bureau_guard::clock::ManualClock;
 use bureau_sim::mock_bureau::MockConfig;
 use common::*;
 use http::Method;

@@ -733,14 +733,14 @@ async fn an_idle_replica_does_not_sit_on_in_flight_slots_others_need() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_from_just_before_midnight_is_charged_to_the_new_day() {
-    use bureau_guard::admission::quota::ManualClock;
+    use bureau_guard::clock::{Clock, ManualClock, SystemClock};
     let Some(redis) = RedisServer::start("redis-midnight") else { return };
     let mock = start_mock(fast_mock()).await;
     // 23:59:59 in Seoul (quota.utc_offset defaults to +09:00) of the coming night: a date taken
     // from the real clock, because the quota keys expire (EXPIREAT) after the window plus a
     // grace on Redis's own clock, so a fixed date in the past would expire them at once.
     const SEOUL_S: i64 = 9 * 3600;
-    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now_s = SystemClock.now_unix_s();
     let next_midnight_s = ((now_s + SEOUL_S) / 86_400 + 1) * 86_400 - SEOUL_S;
     let before_midnight_ms = (next_midnight_s - 1) * 1000;
     let clock = Arc::new(ManualClock::new(before_midnight_ms));

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bureau_guard::app::{self, Options, Running};
+use bureau_guard::clock::{Clock, SystemClock};
 use bureau_guard::config::Config;
 use bureau_sim::mock_bureau;
 use common::*;
@@ -350,7 +351,7 @@ async fn check_warns_about_an_overdue_crl_and_the_listener_still_uses_it() {
     // Exported for alerting too: the CRL was due two days ago.
     let text = String::from_utf8(proxy.shared.metrics.encode()).unwrap();
     let due = metric_value(&text, "bureau_guard_tls_crl_next_update_timestamp_seconds{crl=\"0\"}").expect("exported");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let now = SystemClock.now_unix_ms() as f64 / 1000.0;
     assert!((now - due - 2.0 * 86_400.0).abs() < 600.0, "due {due}, now {now}");
     assert!(get_once(proxy.addr, s.client(Some(&revoked)), "/v1/score/S-1", &[]).await.is_err());
     wait_until("the revoked handshake to be counted", || handshakes(&proxy, "revoked") == 1).await;
@@ -820,7 +821,7 @@ async fn a_client_cannot_resume_a_session_after_its_certificate_expires() {
     let banks = Ca::new("Banks CA");
     let mock = start_mock(fast_mock()).await;
     let proxy = bank_a_by_certificate(&s, &banks, &mock.url()).await;
-    let issued = bureau_guard::tls::unix_now();
+    let issued = SystemClock.now_unix_s();
     let short = banks.issue(&LeafSpec {
         cn: "Bank A",
         dns: &["bank-a.example"],
@@ -838,7 +839,7 @@ async fn a_client_cannot_resume_a_session_after_its_certificate_expires() {
     // The certificate's notAfter (whole seconds, at most `issued + 3`) passes by the wall clock:
     // what is awaited is time itself, bounded.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while bureau_guard::tls::unix_now() <= issued + 4 {
+    while SystemClock.now_unix_s() <= issued + 4 {
         assert!(std::time::Instant::now() < deadline, "the wall clock did not move");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }

@@ -715,12 +715,12 @@ impl StreamState {
         }
     }
 
-    fn record(&self, outcome: Outcome, timing: Timing) {
+    fn record(&self, outcome: RequestEnd, timing: Timing) {
         {
             // Held for three array increments; never across an await.
             let mut histograms = lock(&self.histograms);
             histograms.send_lag.saturating_record(timing.send_lag_us);
-            if let Outcome::Response(status) = &outcome {
+            if let RequestEnd::Response(status) = &outcome {
                 if status.is_success() {
                     histograms.success.saturating_record(timing.latency_us);
                 } else if is_rejection(*status) {
@@ -730,7 +730,7 @@ impl StreamState {
         }
         let counters = &self.counters;
         match outcome {
-            Outcome::Response(status) => {
+            RequestEnd::Response(status) => {
                 if let Some(slot) = counters.by_status.get(usize::from(status.as_u16())) {
                     slot.fetch_add(1, Ordering::Relaxed);
                 }
@@ -739,14 +739,14 @@ impl StreamState {
                 }
                 counters.responses.fetch_add(1, Ordering::Relaxed);
             }
-            Outcome::Timeout => {
+            RequestEnd::Timeout => {
                 counters.timeouts.fetch_add(1, Ordering::Relaxed);
             }
-            Outcome::Transport(message) => {
+            RequestEnd::Transport(message) => {
                 *lock(&self.last_error) = Some(message);
                 counters.transport_errors.fetch_add(1, Ordering::Relaxed);
             }
-            Outcome::RequestError(message) => {
+            RequestEnd::RequestError(message) => {
                 *lock(&self.last_error) = Some(message);
                 counters.request_errors.fetch_add(1, Ordering::Relaxed);
             }
@@ -881,7 +881,8 @@ fn dispatch(guard: PendingGuard, runtime: Handle) {
     }
 }
 
-enum Outcome {
+/// How one generated request ended, as the load generator saw it.
+enum RequestEnd {
     Response(StatusCode),
     Timeout,
     Transport(String),
@@ -910,10 +911,10 @@ async fn execute(guard: PendingGuard, stream_index: usize, seq: u64, scheduled: 
         // Already out of time before it could start (the generator or the
         // machine is far behind): sending it would only add load to a run
         // that is collapsing, so it is a timeout without touching the wire.
-        Outcome::Timeout
+        RequestEnd::Timeout
     } else {
         match stream.factory.make(seq) {
-            Err(e) => Outcome::RequestError(e.to_string()),
+            Err(e) => RequestEnd::RequestError(e.to_string()),
             Ok(request) => {
                 let exchange = exchange(&shared.client, request);
                 let result = match deadline {
@@ -922,9 +923,9 @@ async fn execute(guard: PendingGuard, stream_index: usize, seq: u64, scheduled: 
                     None => Ok(exchange.await),
                 };
                 match result {
-                    Err(_elapsed) => Outcome::Timeout,
-                    Ok(Err(message)) => Outcome::Transport(message),
-                    Ok(Ok(status)) => Outcome::Response(status),
+                    Err(_elapsed) => RequestEnd::Timeout,
+                    Ok(Err(message)) => RequestEnd::Transport(message),
+                    Ok(Ok(status)) => RequestEnd::Response(status),
                 }
             }
         }

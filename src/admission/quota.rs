@@ -8,49 +8,12 @@
 //! UTC offset (the bureau's day), monthly on the first of the month.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chrono::{Datelike, FixedOffset, NaiveDate, TimeZone};
 
 use crate::config::TenantLimits;
 use crate::state::TenantState;
-
-/// Wall-clock time, injectable so tests can cross midnight without waiting for it.
-pub trait Clock: Send + Sync {
-    /// Milliseconds since the Unix epoch.
-    fn now_unix_ms(&self) -> i64;
-}
-
-/// The system clock.
-#[derive(Debug, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_unix_ms(&self) -> i64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-    }
-}
-
-/// A clock that moves only when told to (tests).
-#[derive(Debug, Default)]
-pub struct ManualClock(AtomicI64);
-
-impl ManualClock {
-    pub fn new(unix_ms: i64) -> ManualClock {
-        ManualClock(AtomicI64::new(unix_ms))
-    }
-
-    pub fn set(&self, unix_ms: i64) {
-        self.0.store(unix_ms, Ordering::Release);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_unix_ms(&self) -> i64 {
-        self.0.load(Ordering::Acquire)
-    }
-}
 
 /// The daily and monthly windows at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -468,8 +468,7 @@ fn rfc3339(unix_ms: i64) -> String {
 }
 
 fn now_rfc3339() -> String {
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    rfc3339(ms)
+    rfc3339(crate::clock::Clock::now_unix_ms(&crate::clock::SystemClock))
 }
 
 #[cfg(test)]

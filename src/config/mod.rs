@@ -389,7 +389,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
 
 /// Seconds since the Unix epoch, for certificate validity.
 fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    crate::clock::Clock::now_unix_s(&crate::clock::SystemClock)
 }
 
 impl Config {

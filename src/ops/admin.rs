@@ -23,13 +23,9 @@
 //! listener by IP, and they change nothing. Each `POST` is logged with the peer address and the
 //! `x-operator` header, if sent.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, ORIGIN};
@@ -45,7 +41,8 @@ use crate::config::AdminAuth;
 use crate::respond::Body;
 use crate::runtime::Shared;
 
-/// The admin endpoints as a tower `Service`, one per connection (it knows its peer).
+/// The admin endpoints, one per connection (it knows its peer); served through
+/// `tower::service_fn` in `app.rs`.
 #[derive(Clone)]
 pub struct Admin {
     shared: Arc<Shared>,
@@ -385,38 +382,27 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     resp
 }
 
-impl tower::Service<Request<Incoming>> for Admin {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+impl Admin {
+    /// Answers one request on the admin listener; never fails.
+    pub async fn serve(self, req: Request<Incoming>) -> Response<Body> {
         if req.uri().path().starts_with("/admin/")
             && let Some(refused) = self.refusal(&req)
         {
-            return Box::pin(async move { Ok(refused) });
+            return refused;
         }
         if req.method() == Method::POST && req.uri().path() == "/admin/reload" {
-            let admin = self.clone();
-            return Box::pin(async move { Ok(admin.reload(req).await) });
+            return self.reload(req).await;
         }
         if req.method() == Method::POST && req.uri().path() == "/admin/cache/purge" {
-            let admin = self.clone();
-            return Box::pin(async move { Ok(admin.purge(req).await) });
+            return self.purge(req).await;
         }
         if req.method() == Method::POST
             && req.uri().path().starts_with("/admin/tenants/")
             && req.uri().path().ends_with("/reset")
         {
-            let admin = self.clone();
-            return Box::pin(async move { Ok(admin.reset(req).await) });
+            return self.reset(req).await;
         }
-        let resp = self.handle(&req);
-        Box::pin(async move { Ok(resp) })
+        self.handle(&req)
     }
 }
 

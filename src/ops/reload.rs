@@ -38,7 +38,7 @@ impl fmt::Display for Change {
 /// The result of a reload attempt, as printed by `bureau-guard reload` and returned by
 /// `POST /admin/reload`.
 #[derive(Debug, Clone, Serialize)]
-pub struct Outcome {
+pub struct ReloadReport {
     /// `applied` or `rejected`.
     pub result: &'static str,
     pub changes: Vec<Change>,
@@ -46,13 +46,13 @@ pub struct Outcome {
     pub problems: Vec<String>,
 }
 
-impl Outcome {
+impl ReloadReport {
     pub fn applied(&self) -> bool {
         self.result == "applied"
     }
 
-    fn rejected(problems: &[Problem]) -> Outcome {
-        Outcome {
+    fn rejected(problems: &[Problem]) -> ReloadReport {
+        ReloadReport {
             result: "rejected",
             changes: Vec::new(),
             problems: problems.iter().map(ToString::to_string).collect(),
@@ -67,17 +67,17 @@ impl Outcome {
 /// rotated file. The file is read under the reload lock: of two reloads at once, the one that
 /// read the file last applies last, so the running config is the file's latest contents, never
 /// an older read that lost the race to the lock.
-pub fn reload_from_file(shared: &Shared) -> Outcome {
+pub fn reload_from_file(shared: &Shared) -> ReloadReport {
     reload_with(shared, Config::load)
 }
 
 /// [`reload_from_file`] with the file read by `read` (tests pause between read and apply).
-fn reload_with(shared: &Shared, read: impl FnOnce(&std::path::Path) -> Result<Config, ConfigError>) -> Outcome {
+fn reload_with(shared: &Shared, read: impl FnOnce(&std::path::Path) -> Result<Config, ConfigError>) -> ReloadReport {
     if let Some(audit) = &shared.audit {
         audit.reopen();
     }
     let Some(path) = shared.config_path.as_deref() else {
-        return Outcome {
+        return ReloadReport {
             result: "rejected",
             changes: Vec::new(),
             problems: vec!["this proxy was started without a config file; nothing to re-read".to_string()],
@@ -87,7 +87,7 @@ fn reload_with(shared: &Shared, read: impl FnOnce(&std::path::Path) -> Result<Co
     match read(path) {
         Ok(config) => apply_locked(shared, config, one_at_a_time),
         Err(e) => {
-            let out = Outcome::rejected(&e.problems);
+            let out = ReloadReport::rejected(&e.problems);
             record(shared, &out);
             out
         }
@@ -96,13 +96,13 @@ fn reload_with(shared: &Shared, read: impl FnOnce(&std::path::Path) -> Result<Co
 
 /// Applies a validated config: compile, swap, resize the bureau budget. Serialized, so two
 /// reloads never interleave.
-pub fn apply(shared: &Shared, config: Config) -> Outcome {
+pub fn apply(shared: &Shared, config: Config) -> ReloadReport {
     let one_at_a_time = shared.reload_lock.lock().expect("reload lock not poisoned");
     apply_locked(shared, config, one_at_a_time)
 }
 
 /// [`apply`] under the reload lock, which the caller took (and which is held until the end).
-fn apply_locked(shared: &Shared, config: Config, _one_at_a_time: std::sync::MutexGuard<'_, ()>) -> Outcome {
+fn apply_locked(shared: &Shared, config: Config, _one_at_a_time: std::sync::MutexGuard<'_, ()>) -> ReloadReport {
     let old = shared.snapshot.load_full();
     let changes = diff(&old.config, &config);
     let new_config = Arc::new(config);
@@ -137,12 +137,12 @@ fn apply_locked(shared: &Shared, config: Config, _one_at_a_time: std::sync::Mute
         // A limit that was raised applies at once, not after a refusal Redis gave under the old one.
         redis.forget_denials(&shared.snapshot.load().tenants);
     }
-    let out = Outcome { result: "applied", changes, problems: Vec::new() };
+    let out = ReloadReport { result: "applied", changes, problems: Vec::new() };
     record(shared, &out);
     out
 }
 
-fn record(shared: &Shared, out: &Outcome) {
+fn record(shared: &Shared, out: &ReloadReport) {
     let m = &shared.metrics;
     m.reloads_total.with_label_values(&[out.result]).inc();
     if out.applied() {
@@ -594,7 +594,7 @@ insecure_no_token = true
                 .unwrap()
         };
         write(1);
-        let clock: Arc<dyn crate::admission::quota::Clock> = Arc::new(crate::admission::quota::SystemClock);
+        let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
         let shared = crate::runtime::Shared::build(Config::load(&path).unwrap(), clock, Some(path.clone())).unwrap();
         let (read_tx, read_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel::<()>();

@@ -47,6 +47,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::either::Either;
 
+use crate::clock::{Clock, SystemClock};
 use crate::respond::Body;
 use crate::tls::{self, ClientCert, HandshakeCounters};
 pub use client_addr::{ClientAddr, TrustedProxies};
@@ -296,7 +297,8 @@ impl<F> ConnCtx<F> {
 
         let tls_listener = self.edge.tls.as_ref().map(|t| t.current.clone());
         let mut verified_under = tls_listener.as_ref().map(|l| l.load_full());
-        let next_expiry = |c: &Option<Arc<ClientCert>>| c.as_ref().map_or(i64::MAX, |c| c.next_expiry(tls::unix_now()));
+        let next_expiry =
+            |c: &Option<Arc<ClientCert>>| c.as_ref().map_or(i64::MAX, |c| c.next_expiry(SystemClock.now_unix_s()));
         let mut expires = next_expiry(&client_cert);
         let peer_info = Peer { addr: ClientAddr { peer, client }, client_cert: client_cert.clone() };
         let service = conns::Tracked { inner: (self.make_service)(&peer_info), activity: activity.clone() };

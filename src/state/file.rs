@@ -150,7 +150,7 @@ impl CounterStore for FileStore {
 
 impl FileStore {
     fn move_aside(&self, reason: String) -> Result<Loaded, LoadError> {
-        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let secs = crate::clock::Clock::now_unix_s(&crate::clock::SystemClock);
         let mut aside = self.path.clone().into_os_string();
         aside.push(format!(".corrupt-{secs}"));
         let aside = PathBuf::from(aside);
