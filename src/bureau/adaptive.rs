@@ -527,9 +527,12 @@ impl AdaptiveLimit {
                     // A bureau that got slower, not fuller, most likely kept its knee: the next
                     // up probe waits at least 4 probe intervals (each holds the now slower
                     // bureau a call above its knee, and every call of that moment waits longer).
+                    // (The first baseline is no slow-down: growth from a start at `min` goes on.)
+                    if st.baseline.is_some() {
+                        st.up_interval = st.up_interval.max(self.cfg.probe_interval * 4);
+                    }
                     st.baseline = Some(rd);
                     st.baseline_at = Some(now);
-                    st.up_interval = st.up_interval.max(self.cfg.probe_interval * 4);
                 } else if e < PROPORTIONAL {
                     // Latency fell, less than in proportion: the probe ran at the bureau's
                     // no-load latency and the cruise a little above the knee, which lies
@@ -571,7 +574,13 @@ impl AdaptiveLimit {
                     return Next::Cruise;
                 }
                 let e = (ru / rc).ln() / (m.in_flight / c.in_flight).ln();
-                if e < FLAT || ru - rc <= 2.0 * c.latency_se.hypot(m.latency_se) {
+                // Flat: within the noise, and nearer no rise than the rise queueing would
+                // cause (`rc·(Nu/Nc − 1)` if the knee were at the level). One slot above a knee
+                // of 8 adds 1/8, about twice a phase's noise: "within the noise" alone called
+                // 17% of such probes flat and left the level a slot above the knee.
+                let queueing_rise = rc * (m.in_flight / c.in_flight - 1.0);
+                let noise = 2.0 * c.latency_se.hypot(m.latency_se);
+                if e < FLAT || ru - rc <= noise.min(0.5 * queueing_rise) {
                     st.up_interval = self.cfg.probe_interval;
                     st.flat_ups = st.flat_ups.saturating_add(1);
                     st.level = st.level.max(self.limit() as f64);
@@ -934,7 +943,9 @@ mod tests {
         sim.print_trace("too_low", 10 * SEC);
         let settled = sim.settled_at(7..=10, 10 * SEC).expect("the limit settled near 8");
         println!("too_low: settled at {settled:?}");
-        assert!(settled <= 5 * SEC, "reached the knee only at {settled:?}");
+        // Slow start from the first window: the first baseline is not a slow-down (that rule once
+        // held growth back 4 s, and forty quiet banks at a fresh start queued for it).
+        assert!(settled <= 3 * SEC, "reached the knee only at {settled:?}");
         let served = sim.throughput(5 * SEC, 10 * SEC);
         assert!(served >= 0.9 * 400.0, "served {served:.0}/s, under 90% of 400");
     }
@@ -957,11 +968,11 @@ mod tests {
             worst = worst.max(above);
             sum += above;
         }
-        // Up probes hold it above for about 1% of the time; an up probe that looks flat by
-        // chance (a rise of 1/8 is near a phase's noise) can leave it a slot above until the
-        // next down probe, a few seconds.
-        assert!(sum / 8.0 <= 0.05, "limit above the knee for {:.1}% of the time on average", sum / 8.0 * 100.0);
-        assert!(worst <= 0.2, "limit above the knee for {:.1}% of the time in one run", worst * 100.0);
+        // Up probes hold it above for about 1% of the time. (Before: 22% on average, 99% in
+        // one run, the down probe reading a rise of 1/8 as flat; then 18% in one run, an up
+        // probe calling a rise within twice the noise flat.)
+        assert!(sum / 8.0 <= 0.03, "limit above the knee for {:.1}% of the time on average", sum / 8.0 * 100.0);
+        assert!(worst <= 0.05, "limit above the knee for {:.1}% of the time in one run", worst * 100.0);
     }
 
     #[tokio::test(start_paused = true)]
