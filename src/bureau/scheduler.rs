@@ -79,13 +79,13 @@
 //!
 //! Priority classes within a tenant are not implemented: every request of a tenant is FIFO.
 //!
-//! # Example
-//! ```
-//!
 //! One file of about 900 lines (its tests are in `scheduler/tests.rs`): the fast path, the
 //! hand-off, the sparse list and the heap share one set of invariants (a slot is claimed once,
 //! handed on or given back; a tenant has one current entry), and each function's comment
 //! leans on the others. Split into files, those invariants would be stated nowhere whole.
+//!
+//! # Example
+//! ```
 //! # use std::time::Duration;
 //! # use tokio::time::Instant;
 //! # use bureau_guard::bureau::adaptive::Signal;
