@@ -42,9 +42,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script};
 use tokio::time::Instant;
 
-use crate::admission::quota::{Exhausted, Reservation, Reserved, Source, Windows};
-use crate::admission::ratelimit::{RateDecision, RatePolicy, now_ns};
+use crate::admission::quota::{Reservation, Source, Windows};
+use crate::admission::ratelimit::{InFlightGuard, RateDecision, RatePolicy, in_flight_refusal, now_ns};
 use crate::admission::tenant::Tenant;
+use crate::admission::verdict::{Mode, Verdict};
 use crate::bureau::scheduler::Scheduler;
 use crate::config::{FailPolicy, RedisSettings, redact_url};
 use crate::respond::{ErrorKind, ProxyError};
@@ -551,6 +552,16 @@ enum Period {
     Month,
 }
 
+/// One unit of one quota, taken or not.
+enum Taken {
+    /// Within the limit, from `Source`, charged to window `u32`.
+    Within(Source, u32),
+    /// Past the limit, which is in dry run: taken all the same.
+    Over(Source, u32),
+    /// The limit is reached (and enforced).
+    Exhausted,
+}
+
 /// A heartbeat at start-up, or one of the renewals after it.
 #[derive(Clone, Copy)]
 enum Beat {
@@ -932,14 +943,15 @@ impl RedisState {
     // In flight
 
     /// Makes sure this replica holds a slot in Redis for every request of the tenant inside it
-    /// now (the caller has already counted this one in `state.in_flight`). `Ok(true)`: the
-    /// tenant is over `max` (the caller refuses, or lets it through in dry run).
+    /// now, `guard`'s included: over `max` across all replicas is refused (the guard dropped),
+    /// or let through in dry run. `Err`: Redis unreachable and `fail_closed`.
     pub async fn in_flight(
         self: &Arc<Self>,
         budget: &mut Budget,
         tenant: &Arc<Tenant>,
         max: u32,
-    ) -> Result<bool, ProxyError> {
+        guard: InFlightGuard,
+    ) -> Result<Verdict<InFlightGuard>, ProxyError> {
         let s = &tenant.state;
         let inside = || s.in_flight.load(Ordering::Acquire);
         let ttl = self.settings.lease_ttl.as_nanos() as u64;
@@ -957,15 +969,19 @@ impl RedisState {
                 || self.refill_in_flight(tenant, max),
             )
             .await;
-        match got {
-            Got::Yes => Ok(false),
-            Got::Denied(_) => Ok(true),
+        let over = match got {
+            Got::Yes => false,
+            Got::Denied(_) => true,
             Got::Unavailable => {
                 self.fallback(Limit::InFlight)?;
                 let share = (max as usize / self.replicas()).max(1) as u32;
-                Ok(inside() > share)
+                inside() > share
             }
-        }
+        };
+        Ok(match over {
+            false => Verdict::Allow(guard),
+            true => Verdict::over(guard, in_flight_refusal(), Mode::of(tenant.limits.dry_run.in_flight)),
+        })
     }
 
     fn refill_in_flight(self: &Arc<Self>, tenant: &Arc<Tenant>, max: u32) {
@@ -1000,46 +1016,44 @@ impl RedisState {
     // Quotas
 
     /// Reserves one bureau call against the tenant's daily and monthly quotas, shared by all
-    /// replicas. Outer `Err`: Redis unreachable and `fail_closed`.
+    /// replicas. `Err`: Redis unreachable and `fail_closed`.
     pub async fn reserve(
         self: &Arc<Self>,
         budget: &mut Budget,
         tenant: &Arc<Tenant>,
         w: &Windows,
         now_unix_s: i64,
-    ) -> Result<Result<Reserved, Exhausted>, ProxyError> {
+    ) -> Result<Verdict<Reservation>, ProxyError> {
         let limits = &tenant.limits;
         let mut dry_run_hit = None;
         let (daily, day) = match limits.daily_quota {
             None => (Source::None, w.day),
             Some(limit) => match self.take_quota(budget, tenant, Period::Day, w, limit, now_unix_s).await? {
-                Ok((source, day, over)) => {
-                    if over {
-                        dry_run_hit = Some(Exhausted::Daily { limit, retry_after_s: w.day_resets_in_s });
-                    }
+                Taken::Within(source, day) => (source, day),
+                Taken::Over(source, day) => {
+                    dry_run_hit = Some(w.day_refusal());
                     (source, day)
                 }
-                Err(()) => return Ok(Err(Exhausted::Daily { limit, retry_after_s: w.day_resets_in_s })),
+                Taken::Exhausted => return Ok(Verdict::Refuse(w.day_refusal())),
             },
         };
         // Built now, so an early return below gives the daily unit back.
         let mut reservation = Reservation::shared(tenant.state.clone(), day, daily);
         if let Some(limit) = limits.monthly_quota {
             match self.take_quota(budget, tenant, Period::Month, w, limit, now_unix_s).await? {
-                Ok((source, month, over)) => {
-                    if over && dry_run_hit.is_none() {
-                        dry_run_hit = Some(Exhausted::Monthly { limit, retry_after_s: w.month_resets_in_s });
-                    }
+                Taken::Within(source, month) => reservation.set_monthly(source, month),
+                Taken::Over(source, month) => {
+                    dry_run_hit = dry_run_hit.or(Some(w.month_refusal()));
                     reservation.set_monthly(source, month);
                 }
-                Err(()) => return Ok(Err(Exhausted::Monthly { limit, retry_after_s: w.month_resets_in_s })),
+                Taken::Exhausted => return Ok(Verdict::Refuse(w.month_refusal())),
             }
         }
-        Ok(Ok(Reserved { reservation, dry_run_hit }))
+        Ok(Verdict::admitted(reservation, dry_run_hit))
     }
 
     /// One unit of one quota: from the leased pool, else a refill, else (Redis down) the
-    /// outage allowance. `Ok(Err(()))`: exhausted. The flag: over the limit in dry run.
+    /// outage allowance.
     async fn take_quota(
         self: &Arc<Self>,
         budget: &mut Budget,
@@ -1048,7 +1062,7 @@ impl RedisState {
         w: &Windows,
         limit: u64,
         now_unix_s: i64,
-    ) -> Result<Result<(Source, u32, bool), ()>, ProxyError> {
+    ) -> Result<Taken, ProxyError> {
         let s = &tenant.state;
         let (lease, outage, window, dry_run, resets_in) = match period {
             Period::Day => {
@@ -1062,6 +1076,7 @@ impl RedisState {
                 w.month_resets_in_s,
             ),
         };
+        let mode = Mode::of(dry_run);
         // A request that computed its window just before midnight, when the pool has already
         // moved on, is charged to the newer window (as the local counters do): leasing units
         // of a day that is over would strand them.
@@ -1073,13 +1088,13 @@ impl RedisState {
                 lease,
                 (window, 1),
                 || lease.avail.try_take(window, 1),
-                || self.refill_quota(tenant, period, window, limit, !dry_run, expire_at),
+                || self.refill_quota(tenant, period, window, limit, mode, expire_at),
             )
             .await;
-        let over = || dry_run && lease.last_seen.get(window) > limit;
+        let taken = |source, over: bool| if over { Taken::Over(source, window) } else { Taken::Within(source, window) };
         match got {
-            Got::Yes => Ok(Ok((Source::Pool, window, over()))),
-            Got::Denied(_) => Ok(Err(())),
+            Got::Yes => Ok(taken(Source::Pool, dry_run && lease.last_seen.get(window) > limit)),
+            Got::Denied(_) => Ok(Taken::Exhausted),
             Got::Unavailable => {
                 self.fallback(match period {
                     Period::Day => Limit::Daily,
@@ -1088,9 +1103,9 @@ impl RedisState {
                 // This replica's share of what was left at the last contact.
                 let left = limit.saturating_sub(lease.last_seen.get(window));
                 let share = left / self.replicas() as u64;
-                match outage.try_add(window, 1, Some(share), !dry_run) {
-                    Ok(n) => Ok(Ok((Source::Outage, window, n > share))),
-                    Err(_) => Ok(Err(())),
+                match outage.try_add(window, 1, Some(share), mode) {
+                    Ok(n) => Ok(taken(Source::Outage, n > share)),
+                    Err(_) => Ok(Taken::Exhausted),
                 }
             }
         }
@@ -1102,7 +1117,7 @@ impl RedisState {
         period: Period,
         window: u32,
         limit: u64,
-        enforce: bool,
+        mode: Mode,
         expire_at: i64,
     ) {
         let (this, id, state) = (self.clone(), tenant.id.clone(), tenant.state.clone());
@@ -1125,7 +1140,7 @@ impl RedisState {
             let want = lease.next_batch(1, cap, lease_period, now_ns());
             let key = this.key(&id, format_args!("{period_name}:{window}"));
             let mut inv = this.scripts.quota_lease.key(key);
-            inv.arg(want).arg(if enforce { limit as i64 } else { -1 }).arg(expire_at);
+            inv.arg(want).arg(if mode == Mode::Enforce { limit as i64 } else { -1 }).arg(expire_at);
             if let Some((granted, used)) = this.call::<(u64, u64)>("quota_lease", inv).await {
                 lease.last_seen.set(window, used);
                 if granted > 0 {
