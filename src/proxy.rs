@@ -282,10 +282,10 @@ impl Proxy {
         }
 
         // Quota: reserve a bureau call now, charge it only when the call is made (below).
-        let windows = Windows::at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
+        let now_unix_ms = self.shared.clock.now_unix_ms();
+        let windows = Windows::at(now_unix_ms, snap.config.quota.utc_offset);
         ctx.windows = Some(windows);
-        let now_unix_s = self.shared.clock.now_unix_ms() / 1000;
-        let reservation = self.admit(snap, &tenant, admission.reserve(&tenant, &windows, now_unix_s).await?)?;
+        let reservation = self.admit(snap, &tenant, admission.reserve(&tenant, &windows, now_unix_ms / 1000).await?)?;
 
         let ctx_tenant = tenant.id.clone();
         let route = snap.routes.get(ctx.route).map(|r| r.name.clone());

@@ -192,6 +192,16 @@ mod tests {
     }
 
     #[test]
+    fn a_limited_rate_is_refused_or_in_dry_run_let_through() {
+        let allowed = RateDecision::Allowed { remaining: 1, reset: Duration::from_secs(1) };
+        assert!(matches!(rate_verdict(allowed, Mode::Enforce), Verdict::Allow(d) if d == allowed));
+        let limited = RateDecision::Limited { retry_after: Duration::from_millis(1500) };
+        let refusal = Refusal::tenant(Reason::Rate, Duration::from_millis(1500));
+        assert!(matches!(rate_verdict(limited, Mode::Enforce), Verdict::Refuse(r) if r == refusal));
+        assert!(matches!(rate_verdict(limited, Mode::DryRun), Verdict::DryRun(d, r) if d == limited && r == refusal));
+    }
+
+    #[test]
     fn in_flight_guard_caps_and_releases() {
         let s = Arc::new(TenantState::default());
         let Verdict::Allow(a) = InFlightGuard::admit(&s, Some(2), Mode::Enforce) else { panic!("first enters") };

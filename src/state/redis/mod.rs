@@ -95,11 +95,6 @@ const FAILED_CALL_HOLD: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy)]
 pub struct Budget(Duration);
 
-impl Budget {
-    /// No waiting at all (the local backend never needs one).
-    pub const ZERO: Budget = Budget(Duration::ZERO);
-}
-
 /// How a wait for a lease ended.
 enum Got {
     Yes,
