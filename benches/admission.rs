@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bureau_guard::admission::quota::{self, Windows};
 use bureau_guard::admission::ratelimit::{self, InFlightGuard, RateDecision};
 use bureau_guard::admission::tenant::TenantTable;
+use bureau_guard::admission::verdict::{Mode, Verdict};
 use bureau_guard::config::{DryRun, TenantConfig, TenantLimits};
 use bureau_guard::state::StateRegistry;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -57,9 +58,13 @@ fn admit(table: &TenantTable, headers: &mut HeaderMap, key: &HeaderValue, window
     let tenant = table.identify(headers).expect("known key");
     let rate = tenant.rate.as_ref().expect("rate");
     let rate_ok = matches!(rate.check(&tenant.state.rate_tat, ratelimit::now_ns(), 1), RateDecision::Allowed { .. });
-    let guard = InFlightGuard::enter(&tenant.state, tenant.limits.max_in_flight, true).expect("under cap");
-    let reserved = quota::reserve(&tenant.state, &tenant.limits, windows).expect("under quota");
-    reserved.reservation.commit();
+    let Verdict::Allow(guard) = InFlightGuard::admit(&tenant.state, tenant.limits.max_in_flight, Mode::Enforce) else {
+        panic!("under cap")
+    };
+    let Verdict::Allow(reservation) = quota::reserve(&tenant.state, &tenant.limits, windows) else {
+        panic!("under quota")
+    };
+    reservation.commit();
     drop(guard);
     rate_ok
 }

@@ -19,10 +19,12 @@ use http::header::{HeaderName, RETRY_AFTER};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use crate::admission::backend::Admission;
 use crate::admission::limits;
-use crate::admission::quota::{self, Exhausted, Windows, retry_after_secs};
+use crate::admission::quota::{self, Windows, retry_after_secs};
 use crate::admission::ratelimit::{InFlightGuard, RateDecision};
 use crate::admission::tenant::Tenant;
+use crate::admission::verdict::{self, Mode, Reason, Refusal};
 use crate::bureau::breaker::{self, Cause, Verdict};
 use crate::bureau::headers::{self, RequestId, X_CLIENT_REQUEST_ID, X_REQUEST_ID};
 use crate::bureau::scheduler::{Ask, Permit, ShedReason};
@@ -33,7 +35,6 @@ use crate::cache::store::{self, CacheStatus, Entry, Fetched, Lookup};
 use crate::respond::{Body, ErrorKind, Outcome, ProxyError, RateLimitState, error_response};
 use crate::runtime::{Shared, Snapshot};
 use crate::server::{ClientAddr, Peer};
-use crate::state::redis::Budget;
 use crate::tls::ClientCert;
 
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -222,52 +223,23 @@ impl Proxy {
             }
         };
 
-        // With Redis: what this request may still wait for it, over all its limits.
-        let mut redis_budget = self.shared.redis.as_ref().map_or(Budget::ZERO, |r| r.budget());
+        // Admission: local counters, or (with Redis) leases shared with the other replicas,
+        // and what this request may still wait for Redis over all its limits.
+        let mut admission = Admission::new(self.shared.redis.as_ref());
 
         // Rate: every request of the tenant pays, cache hits included; it shapes the tenant's pace.
         if let Some(rate) = &tenant.rate {
-            let decision = match &self.shared.redis {
-                None => rate.check(&tenant.state.rate_tat, crate::admission::ratelimit::now_ns(), cost),
-                Some(redis) => redis.rate(&mut redis_budget, &tenant, rate, cost).await?,
-            };
-            ctx.rate = Some(decision);
-            if let RateDecision::Limited { retry_after } = decision {
-                let err = ProxyError::new(
-                    ErrorKind::RateLimited,
-                    format!("over {} requests/s (burst {})", rate.rate, rate.burst),
-                )
-                .retry_after(retry_after_secs(retry_after));
-                self.over_limit(snap, &tenant, err, tenant.limits.dry_run.rate)?;
-            }
+            let decided = admission.rate(&tenant, rate, cost).await?;
+            ctx.rate = Some(match &decided {
+                verdict::Verdict::Allow(decision) | verdict::Verdict::DryRun(decision, _) => *decision,
+                verdict::Verdict::Refuse(refusal) => RateDecision::Limited { retry_after: refusal.retry_after },
+            });
+            self.admit(snap, &tenant, decided)?;
         }
 
         // In flight: the tenant's share of bureau-guard itself; a guard, so every exit releases it
         // (a bureau call takes it along: it is released when the bureau has answered).
-        let in_flight = match (&self.shared.redis, tenant.limits.max_in_flight) {
-            // Shared with other replicas: counted here, held as a slot in Redis.
-            (Some(redis), Some(max)) => {
-                let (guard, _) = InFlightGuard::enter(&tenant.state, None, false).expect("no max: always enters");
-                if redis.in_flight(&mut redis_budget, &tenant, max).await? {
-                    self.over_limit(snap, &tenant, self.in_flight_error(&tenant), tenant.limits.dry_run.in_flight)?;
-                }
-                guard
-            }
-            _ => {
-                match InFlightGuard::enter(&tenant.state, tenant.limits.max_in_flight, !tenant.limits.dry_run.in_flight)
-                {
-                    Ok((guard, over)) => {
-                        if over {
-                            self.over_limit(snap, &tenant, self.in_flight_error(&tenant), true)?;
-                        }
-                        guard
-                    }
-                    Err(_) => {
-                        return Err(self.over_limit(snap, &tenant, self.in_flight_error(&tenant), false).unwrap_err());
-                    }
-                }
-            }
-        };
+        let in_flight = self.admit(snap, &tenant, admission.in_flight(&tenant).await?)?;
 
         // Body: read only for identified, admitted requests, and bounded.
         let body = limits::read_body(body, snap.limits.max_body).await?;
@@ -310,26 +282,10 @@ impl Proxy {
         }
 
         // Quota: reserve a bureau call now, charge it only when the call is made (below).
-        let windows = Windows::at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
+        let now_unix_ms = self.shared.clock.now_unix_ms();
+        let windows = Windows::at(now_unix_ms, snap.config.quota.utc_offset);
         ctx.windows = Some(windows);
-        let reserved = match &self.shared.redis {
-            None => quota::reserve(&tenant.state, &tenant.limits, &windows),
-            Some(redis) => {
-                redis.reserve(&mut redis_budget, &tenant, &windows, self.shared.clock.now_unix_ms() / 1000).await?
-            }
-        };
-        let reservation = match reserved {
-            Ok(reserved) => {
-                if let Some(hit) = reserved.dry_run_hit {
-                    self.over_limit(snap, &tenant, quota_error(hit), true)?;
-                }
-                reserved.reservation
-            }
-            Err(exhausted) => {
-                let err = quota_error(exhausted);
-                return Err(self.over_limit(snap, &tenant, err, false).unwrap_err());
-            }
-        };
+        let reservation = self.admit(snap, &tenant, admission.reserve(&tenant, &windows, now_unix_ms / 1000).await?)?;
 
         let ctx_tenant = tenant.id.clone();
         let route = snap.routes.get(ctx.route).map(|r| r.name.clone());
@@ -422,20 +378,23 @@ impl Proxy {
         })
     }
 
-    fn in_flight_error(&self, tenant: &Tenant) -> ProxyError {
-        let max = tenant.limits.max_in_flight.unwrap_or(0);
-        ProxyError::new(ErrorKind::TooManyInFlight, format!("more than {max} requests in flight")).retry_after(1)
-    }
-
-    /// A request over one of its tenant's limits: counted, and refused unless `dry_run`, in
-    /// which case it is logged and let through.
-    fn over_limit(&self, snap: &Snapshot, tenant: &Tenant, err: ProxyError, dry_run: bool) -> Result<(), ProxyError> {
-        snap.cells.record_limit(&self.shared.metrics, tenant.index, err.kind, dry_run);
-        if dry_run {
-            tracing::info!(target: "bureau_guard::dry_run", tenant = &*tenant.id, reason = err.kind.code(), "limit exceeded (dry run: not enforced)");
-            Ok(())
-        } else {
-            Err(err)
+    /// What a limit's verdict means for the request, decided here once for every limit and
+    /// back-end: within it, go on; over one in dry run, counted and logged and let through;
+    /// refused, counted and answered 429.
+    fn admit<T>(&self, snap: &Snapshot, tenant: &Tenant, decided: verdict::Verdict<T>) -> Result<T, ProxyError> {
+        match decided {
+            verdict::Verdict::Allow(held) => Ok(held),
+            verdict::Verdict::DryRun(held, refusal) => {
+                let kind = refusal_kind(refusal.reason);
+                snap.cells.record_limit(&self.shared.metrics, tenant.index, kind, Mode::DryRun);
+                tracing::info!(target: "bureau_guard::dry_run", tenant = &*tenant.id, reason = kind.code(), "limit exceeded (dry run: not enforced)");
+                Ok(held)
+            }
+            verdict::Verdict::Refuse(refusal) => {
+                let err = refusal_error(&refusal, tenant);
+                snap.cells.record_limit(&self.shared.metrics, tenant.index, err.kind, Mode::Enforce);
+                Err(err)
+            }
         }
     }
 
@@ -835,17 +794,28 @@ impl Drop for Detachable {
     }
 }
 
-fn quota_error(e: Exhausted) -> ProxyError {
-    match e {
-        Exhausted::Daily { limit, retry_after_s } => {
-            ProxyError::new(ErrorKind::DailyQuotaExhausted, format!("daily quota of {limit} bureau calls used up"))
-                .retry_after(retry_after_s)
-        }
-        Exhausted::Monthly { limit, retry_after_s } => {
-            ProxyError::new(ErrorKind::MonthlyQuotaExhausted, format!("monthly quota of {limit} bureau calls used up"))
-                .retry_after(retry_after_s)
-        }
+fn refusal_kind(reason: Reason) -> ErrorKind {
+    match reason {
+        Reason::Rate => ErrorKind::RateLimited,
+        Reason::InFlight => ErrorKind::TooManyInFlight,
+        Reason::DailyQuota => ErrorKind::DailyQuotaExhausted,
+        Reason::MonthlyQuota => ErrorKind::MonthlyQuotaExhausted,
     }
+}
+
+/// The 429 of a refusal by one of `tenant`'s limits, naming the limit.
+fn refusal_error(refusal: &Refusal, tenant: &Tenant) -> ProxyError {
+    let l = &tenant.limits;
+    let message = match refusal.reason {
+        Reason::Rate => match &tenant.rate {
+            Some(rate) => format!("over {} requests/s (burst {})", rate.rate, rate.burst),
+            None => "over the request rate".to_string(),
+        },
+        Reason::InFlight => format!("more than {} requests in flight", l.max_in_flight.unwrap_or(0)),
+        Reason::DailyQuota => format!("daily quota of {} bureau calls used up", l.daily_quota.unwrap_or(0)),
+        Reason::MonthlyQuota => format!("monthly quota of {} bureau calls used up", l.monthly_quota.unwrap_or(0)),
+    };
+    ProxyError::new(refusal_kind(refusal.reason), message).retry_after(retry_after_secs(refusal.retry_after))
 }
 
 /// Counts a request in `bureau_guard_requests_in_flight` for as long as it lives.

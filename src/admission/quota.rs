@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use chrono::{Datelike, FixedOffset, NaiveDate, TimeZone};
 
+use crate::admission::verdict::{Mode, Reason, Refusal, Verdict};
 use crate::config::TenantLimits;
 use crate::state::TenantState;
 
@@ -52,13 +53,16 @@ impl Windows {
             month_resets_in_s: until(midnight_after(next_month)),
         }
     }
-}
 
-/// Which quota a request ran into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exhausted {
-    Daily { limit: u64, retry_after_s: u64 },
-    Monthly { limit: u64, retry_after_s: u64 },
+    /// The daily quota is used up: it comes back at the next local midnight.
+    pub fn day_refusal(&self) -> Refusal {
+        Refusal::tenant(Reason::DailyQuota, Duration::from_secs(self.day_resets_in_s))
+    }
+
+    /// The monthly quota is used up: it comes back on the first of next month.
+    pub fn month_refusal(&self) -> Refusal {
+        Refusal::tenant(Reason::MonthlyQuota, Duration::from_secs(self.month_resets_in_s))
+    }
 }
 
 /// Where a reserved unit of one quota came from, so an unused one goes back there.
@@ -125,47 +129,34 @@ impl Drop for Reservation {
     }
 }
 
-/// Outcome of [`reserve`], including limits that were hit in dry-run mode.
-#[derive(Debug)]
-pub struct Reserved {
-    pub reservation: Reservation,
-    /// A limit that would have refused this request, were it enforced.
-    pub dry_run_hit: Option<Exhausted>,
-}
-
-/// Reserves one bureau call against the tenant's daily and monthly quotas.
-pub fn reserve(state: &Arc<TenantState>, limits: &TenantLimits, w: &Windows) -> Result<Reserved, Exhausted> {
+/// Reserves one bureau call against the tenant's daily and monthly quotas (this process's
+/// counters).
+pub fn reserve(state: &Arc<TenantState>, limits: &TenantLimits, w: &Windows) -> Verdict<Reservation> {
     let mut dry_run_hit = None;
-    let daily = state.daily.try_add(w.day, 1, limits.daily_quota, !limits.dry_run.daily);
+    let daily = state.daily.try_add(w.day, 1, limits.daily_quota, Mode::of(limits.dry_run.daily));
     match (daily, limits.daily_quota) {
-        (Err(_), Some(limit)) => return Err(Exhausted::Daily { limit, retry_after_s: w.day_resets_in_s }),
-        (Ok(n), Some(limit)) if n > limit => {
-            dry_run_hit = Some(Exhausted::Daily { limit, retry_after_s: w.day_resets_in_s });
-        }
+        (Err(_), Some(_)) => return Verdict::Refuse(w.day_refusal()),
+        (Ok(n), Some(limit)) if n > limit => dry_run_hit = Some(w.day_refusal()),
         _ => {}
     }
-    let monthly = state.monthly.try_add(w.month, 1, limits.monthly_quota, !limits.dry_run.monthly);
+    let monthly = state.monthly.try_add(w.month, 1, limits.monthly_quota, Mode::of(limits.dry_run.monthly));
     match (monthly, limits.monthly_quota) {
-        (Err(_), Some(limit)) => {
+        (Err(_), Some(_)) => {
             state.daily.sub(w.day, 1);
-            return Err(Exhausted::Monthly { limit, retry_after_s: w.month_resets_in_s });
+            return Verdict::Refuse(w.month_refusal());
         }
-        (Ok(n), Some(limit)) if n > limit && dry_run_hit.is_none() => {
-            dry_run_hit = Some(Exhausted::Monthly { limit, retry_after_s: w.month_resets_in_s });
-        }
+        (Ok(n), Some(limit)) if n > limit && dry_run_hit.is_none() => dry_run_hit = Some(w.month_refusal()),
         _ => {}
     }
-    Ok(Reserved {
-        reservation: Reservation {
-            state: state.clone(),
-            day: w.day,
-            month: w.month,
-            daily: Source::Counter,
-            monthly: Source::Counter,
-            committed: false,
-        },
-        dry_run_hit,
-    })
+    let reservation = Reservation {
+        state: state.clone(),
+        day: w.day,
+        month: w.month,
+        daily: Source::Counter,
+        monthly: Source::Counter,
+        committed: false,
+    };
+    Verdict::admitted(reservation, dry_run_hit)
 }
 
 /// Seconds as a `Retry-After` value for a duration (rounded up, at least 1).
@@ -194,6 +185,13 @@ mod tests {
         }
     }
 
+    fn allowed(v: Verdict<Reservation>) -> Reservation {
+        match v {
+            Verdict::Allow(r) => r,
+            other => panic!("expected to be allowed, got {other:?}"),
+        }
+    }
+
     // 2026-11-23T14:59:59Z is 23:59:59 in Seoul.
     const BEFORE_KST_MIDNIGHT_MS: i64 = 1_795_445_999_000;
 
@@ -219,14 +217,17 @@ mod tests {
         let state = Arc::new(TenantState::default());
         let l = limits(Some(2), None);
         let w = Windows::at(BEFORE_KST_MIDNIGHT_MS, kst());
-        reserve(&state, &l, &w).unwrap().reservation.commit();
-        let second = reserve(&state, &l, &w).unwrap();
-        assert_eq!(reserve(&state, &l, &w).unwrap_err(), Exhausted::Daily { limit: 2, retry_after_s: 1 });
+        allowed(reserve(&state, &l, &w)).commit();
+        let second = allowed(reserve(&state, &l, &w));
+        assert!(matches!(
+            reserve(&state, &l, &w),
+            Verdict::Refuse(r) if r == Refusal::tenant(Reason::DailyQuota, Duration::from_secs(1))
+        ));
         drop(second); // never sent to the bureau: given back
-        reserve(&state, &l, &w).unwrap().reservation.commit();
-        assert!(reserve(&state, &l, &w).is_err());
+        allowed(reserve(&state, &l, &w)).commit();
+        assert!(matches!(reserve(&state, &l, &w), Verdict::Refuse(_)));
         let tomorrow = Windows::at(BEFORE_KST_MIDNIGHT_MS + 1000, kst());
-        reserve(&state, &l, &tomorrow).expect("a new day, a new quota").reservation.commit();
+        allowed(reserve(&state, &l, &tomorrow)).commit(); // a new day, a new quota
         assert_eq!(state.daily.get(tomorrow.day), 1);
     }
 
@@ -235,8 +236,8 @@ mod tests {
         let state = Arc::new(TenantState::default());
         let l = limits(Some(10), Some(1));
         let w = Windows::at(BEFORE_KST_MIDNIGHT_MS, kst());
-        reserve(&state, &l, &w).unwrap().reservation.commit();
-        assert!(matches!(reserve(&state, &l, &w), Err(Exhausted::Monthly { limit: 1, .. })));
+        allowed(reserve(&state, &l, &w)).commit();
+        assert!(matches!(reserve(&state, &l, &w), Verdict::Refuse(r) if r.reason == Reason::MonthlyQuota));
         assert_eq!(state.daily.get(w.day), 1, "the refused request is not charged to the day");
     }
 
@@ -246,9 +247,9 @@ mod tests {
         let mut l = limits(Some(1), None);
         l.dry_run.daily = true;
         let w = Windows::at(BEFORE_KST_MIDNIGHT_MS, kst());
-        let first = reserve(&state, &l, &w).unwrap();
-        assert!(first.dry_run_hit.is_none());
-        let r = reserve(&state, &l, &w).unwrap();
-        assert!(matches!(r.dry_run_hit, Some(Exhausted::Daily { .. })));
+        let first = reserve(&state, &l, &w);
+        assert!(matches!(first, Verdict::Allow(_)));
+        let r = reserve(&state, &l, &w);
+        assert!(matches!(r, Verdict::DryRun(_, hit) if hit.reason == Reason::DailyQuota));
     }
 }

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::admission::verdict::{Mode, Reason, Refusal, Verdict};
 use crate::state::TenantState;
 
 /// A tenant's rate policy: `rate` cost units per second, up to `burst` at once.
@@ -83,25 +84,54 @@ impl RatePolicy {
 
 /// Counts one request in its tenant's `in_flight` for as long as it lives.
 #[derive(Debug)]
-pub struct InFlightGuard(Arc<TenantState>);
+pub struct InFlightGuard {
+    state: Arc<TenantState>,
+    /// The tenant's requests inside when this one entered.
+    ahead: u32,
+}
 
 impl InFlightGuard {
-    /// Enters if fewer than `max` requests are inside (always enters when `enforce` is false or
-    /// there is no max). `Err` carries the count found.
-    pub fn enter(state: &Arc<TenantState>, max: Option<u32>, enforce: bool) -> Result<(InFlightGuard, bool), u32> {
-        let before = state.in_flight.fetch_add(1, Ordering::AcqRel);
-        let over = max.is_some_and(|m| before >= m);
-        if over && enforce {
-            state.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return Err(before);
+    /// Counts the request in (always: whether it may stay is the caller's decision; dropping
+    /// the guard counts it out).
+    pub fn enter(state: &Arc<TenantState>) -> InFlightGuard {
+        let ahead = state.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard { state: state.clone(), ahead }
+    }
+
+    /// The tenant's requests that were inside when this one entered.
+    pub fn ahead(&self) -> u32 {
+        self.ahead
+    }
+
+    /// This process's in-flight verdict: over when `max` or more were inside already.
+    pub fn admit(state: &Arc<TenantState>, max: Option<u32>, mode: Mode) -> Verdict<InFlightGuard> {
+        let guard = InFlightGuard::enter(state);
+        if max.is_some_and(|m| guard.ahead >= m) {
+            return Verdict::over(guard, in_flight_refusal(), mode);
         }
-        Ok((InFlightGuard(state.clone()), over))
+        Verdict::Allow(guard)
+    }
+}
+
+/// Over `max_in_flight`: retry in a second (a slot frees when a call ends, which is not known).
+pub fn in_flight_refusal() -> Refusal {
+    Refusal::tenant(Reason::InFlight, Duration::from_secs(1))
+}
+
+/// The verdict of a rate decision (local or from Redis) under `mode`; the decision itself is
+/// kept for the `RateLimit` response field.
+pub fn rate_verdict(decision: RateDecision, mode: Mode) -> Verdict<RateDecision> {
+    match decision {
+        RateDecision::Allowed { .. } => Verdict::Allow(decision),
+        RateDecision::Limited { retry_after } => {
+            Verdict::over(decision, Refusal::tenant(Reason::Rate, retry_after), mode)
+        }
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -162,13 +192,28 @@ mod tests {
     }
 
     #[test]
+    fn a_limited_rate_is_refused_or_in_dry_run_let_through() {
+        let allowed = RateDecision::Allowed { remaining: 1, reset: Duration::from_secs(1) };
+        assert!(matches!(rate_verdict(allowed, Mode::Enforce), Verdict::Allow(d) if d == allowed));
+        let limited = RateDecision::Limited { retry_after: Duration::from_millis(1500) };
+        let refusal = Refusal::tenant(Reason::Rate, Duration::from_millis(1500));
+        assert!(matches!(rate_verdict(limited, Mode::Enforce), Verdict::Refuse(r) if r == refusal));
+        assert!(matches!(rate_verdict(limited, Mode::DryRun), Verdict::DryRun(d, r) if d == limited && r == refusal));
+    }
+
+    #[test]
     fn in_flight_guard_caps_and_releases() {
         let s = Arc::new(TenantState::default());
-        let (a, _) = InFlightGuard::enter(&s, Some(2), true).unwrap();
-        let (b, _) = InFlightGuard::enter(&s, Some(2), true).unwrap();
-        assert_eq!(InFlightGuard::enter(&s, Some(2), true).unwrap_err(), 2);
-        let (c, over) = InFlightGuard::enter(&s, Some(2), false).unwrap();
-        assert!(over, "dry run: admitted but flagged");
+        let Verdict::Allow(a) = InFlightGuard::admit(&s, Some(2), Mode::Enforce) else { panic!("first enters") };
+        let Verdict::Allow(b) = InFlightGuard::admit(&s, Some(2), Mode::Enforce) else { panic!("second enters") };
+        assert!(
+            matches!(InFlightGuard::admit(&s, Some(2), Mode::Enforce), Verdict::Refuse(r) if r.reason == Reason::InFlight)
+        );
+        assert_eq!(s.in_flight.load(Ordering::Acquire), 2, "the refused one is counted out");
+        let Verdict::DryRun(c, _) = InFlightGuard::admit(&s, Some(2), Mode::DryRun) else {
+            panic!("dry run: admitted but flagged")
+        };
+        assert_eq!(c.ahead(), 2);
         drop((a, b, c));
         assert_eq!(s.in_flight.load(Ordering::Acquire), 0);
     }

@@ -15,6 +15,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::admission::verdict::Mode;
 use crate::respond::{ErrorKind, Outcome};
 
 /// Label for "no tenant identified" / "no route matched".
@@ -648,12 +649,15 @@ impl RequestCells {
     }
 
     /// Counts a request over a tenant limit (`reason` is one of the 429 kinds).
-    pub fn record_limit(&self, metrics: &Metrics, tenant: usize, reason: ErrorKind, dry_run: bool) {
+    pub fn record_limit(&self, metrics: &Metrics, tenant: usize, reason: ErrorKind, mode: Mode) {
         let Some(r) = LIMIT_REASONS.iter().position(|k| *k == reason) else { return };
-        let i = (tenant * LIMIT_REASONS.len() + r) * 2 + usize::from(dry_run);
+        let i = (tenant * LIMIT_REASONS.len() + r) * 2 + usize::from(mode == Mode::DryRun);
         self.limits[i]
             .get_or_init(|| {
-                let mode = if dry_run { "dry_run" } else { "enforced" };
+                let mode = match mode {
+                    Mode::Enforce => "enforced",
+                    Mode::DryRun => "dry_run",
+                };
                 metrics.limit_rejections_total.with_label_values(&[&self.tenant_labels[tenant], reason.code(), mode])
             })
             .inc();

@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use file::{SavedCounters, SavedState};
 
+use crate::admission::verdict::Mode;
+
 /// A counter for one window (a day, a month), packed with the window's id into one atomic so a
 /// window change and a count are never seen apart: `window << 40 | count`.
 #[derive(Debug, Default)]
@@ -44,8 +46,8 @@ impl WindowCounter {
     }
 
     /// Adds `n` in `window` if the result stays within `limit` (or `limit` is `None`, or
-    /// `enforce` is false). Returns the new count, or `Err(current)` when it would exceed.
-    pub fn try_add(&self, window: u32, n: u64, limit: Option<u64>, enforce: bool) -> Result<u64, u64> {
+    /// `mode` is dry run). Returns the new count, or `Err(current)` when it would exceed.
+    pub fn try_add(&self, window: u32, n: u64, limit: Option<u64>, mode: Mode) -> Result<u64, u64> {
         let mut cur = self.0.load(Ordering::Acquire);
         loop {
             let (w, c) = unpack(cur);
@@ -60,7 +62,7 @@ impl WindowCounter {
                 (window, 0)
             };
             let next = c + n;
-            if enforce && limit.is_some_and(|l| next > l) {
+            if mode == Mode::Enforce && limit.is_some_and(|l| next > l) {
                 return Err(c);
             }
             match self.0.compare_exchange_weak(cur, pack(window, next), Ordering::AcqRel, Ordering::Acquire) {
@@ -249,17 +251,17 @@ mod tests {
     #[test]
     fn window_counter_limits_rolls_over_and_ignores_stale_refunds() {
         let c = WindowCounter::default();
-        assert_eq!(c.try_add(7, 1, Some(2), true), Ok(1));
-        assert_eq!(c.try_add(7, 1, Some(2), true), Ok(2));
-        assert_eq!(c.try_add(7, 1, Some(2), true), Err(2));
-        assert_eq!(c.try_add(7, 1, Some(2), false), Ok(3), "dry run counts past the limit");
+        assert_eq!(c.try_add(7, 1, Some(2), Mode::Enforce), Ok(1));
+        assert_eq!(c.try_add(7, 1, Some(2), Mode::Enforce), Ok(2));
+        assert_eq!(c.try_add(7, 1, Some(2), Mode::Enforce), Err(2));
+        assert_eq!(c.try_add(7, 1, Some(2), Mode::DryRun), Ok(3), "dry run counts past the limit");
         c.sub(7, 1);
         assert_eq!(c.get(7), 2);
         assert_eq!(c.get(8), 0, "a new window starts at zero");
-        assert_eq!(c.try_add(8, 1, Some(2), true), Ok(1));
+        assert_eq!(c.try_add(8, 1, Some(2), Mode::Enforce), Ok(1));
         c.sub(7, 1);
         assert_eq!(c.get(8), 1, "a refund from yesterday does not touch today");
-        assert_eq!(c.try_add(7, 1, Some(5), true), Ok(2), "a late request from yesterday is charged to today");
+        assert_eq!(c.try_add(7, 1, Some(5), Mode::Enforce), Ok(2), "a late request from yesterday is charged to today");
         assert_eq!(c.get(8), 2, "and never moves the counter back");
     }
 
