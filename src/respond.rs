@@ -2,7 +2,8 @@
 //!
 //! Every stage of the request path answers with a [`ProxyError`] when it stops a request; the
 //! kind says who is to blame and picks the status and the stable `error` code that clients and
-//! dashboards rely on (DESIGN.md, "Errors"). Nothing else in the crate writes an error response.
+//! dashboards rely on (the README, "Errors"). Nothing else on the proxy listener writes one (hyper answers a head it cannot parse itself; the
+//! admin listener has its own).
 
 use std::sync::Arc;
 
@@ -299,7 +300,7 @@ struct ErrorBody<'a> {
     retry_after_s: Option<u64>,
 }
 
-/// Renders `err` as the JSON error response of DESIGN.md, attributed to `tenant` when known.
+/// Renders `err` as the JSON error response the README documents, attributed to `tenant` when known.
 pub fn error_response(err: &ProxyError, tenant: Option<&Arc<str>>) -> Response<Body> {
     let body = ErrorBody {
         error: err.kind.code(),

@@ -23,7 +23,7 @@ pub struct StateConfig {
 pub enum StateBackend {
     /// In memory, persisted to `state.file`: one replica.
     Local,
-    /// Shared through Redis by every replica (see `state/redis.rs`).
+    /// Shared through Redis by every replica (see `state/redis/`).
     Redis(Box<RedisSettings>),
 }
 

@@ -12,7 +12,7 @@
 //! certificate, expired, an empty CA bundle, a bad CRL) is found here *while the config is
 //! validated*, so `check`, `serve` and `reload` reject it with the file's TOML path, and the
 //! rustls configs are built once per config, never per connection. The crypto provider is ring,
-//! passed explicitly everywhere (STACK.md): nothing depends on a process-wide default.
+//! passed explicitly everywhere (two providers in one process panic at run time): nothing depends on a process-wide default.
 //!
 //! `files.rs` reads and checks the PEM files and builds the rustls configs; `identity.rs` is
 //! what a client certificate says about who connects; `listener.rs` is the listener's side at
