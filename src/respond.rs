@@ -2,8 +2,8 @@
 //!
 //! Every stage of the request path answers with a [`ProxyError`] when it stops a request; the
 //! kind says who is to blame and picks the status and the stable `error` code that clients and
-//! dashboards rely on (the README, "Errors"). Nothing else on the proxy listener writes one (hyper answers a head it cannot parse itself; the
-//! admin listener has its own).
+//! dashboards rely on (the README, "Errors"). Nothing else on the proxy listener writes one
+//! (hyper answers a head it cannot parse itself; the admin listener has its own).
 
 use std::sync::Arc;
 
