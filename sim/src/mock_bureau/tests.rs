@@ -1,10 +1,15 @@
+use std::collections::BTreeMap;
 use std::time::Instant as StdInstant;
 
+use http::header::RETRY_AFTER;
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 
+use super::stats::Inside;
 use super::*;
 
 #[test]
