@@ -17,7 +17,6 @@ use std::time::Instant;
 
 use http::header::{HeaderName, RETRY_AFTER};
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 use crate::admission::backend::Admission;
 use crate::admission::limits;
@@ -79,8 +78,14 @@ impl Proxy {
         Proxy { shared, client_cert: peer.client_cert.clone(), client: Some(peer.addr) }
     }
 
-    /// Answers one request; never fails (errors become JSON responses).
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    /// Answers one request; never fails (errors become JSON responses). Generic over the body
+    /// (monomorphised, nothing boxed): hyper's `Incoming` when served from a listener, a
+    /// `http_body_util::Full` when a test drives it in-process with `ServiceExt::oneshot`.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let started = Instant::now();
         let _in_flight = InFlight::enter(&self.shared.metrics.requests_in_flight);
         // One load per request: a reload during this request does not change its rules.
@@ -161,13 +166,17 @@ impl Proxy {
         (entry.response(tokio::time::Instant::now(), CacheStatus::Stale), Outcome::Stale)
     }
 
-    async fn stages(
+    async fn stages<B>(
         &self,
         snap: &Arc<Snapshot>,
         ctx: &mut Ctx,
-        req: Request<Incoming>,
+        req: Request<B>,
         request_id: &RequestId,
-    ) -> Result<(Response<Body>, Outcome), ProxyError> {
+    ) -> Result<(Response<Body>, Outcome), ProxyError>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let (mut parts, body) = req.into_parts();
 
         // Limits first: refusing an oversized head costs nothing and needs no identity.
