@@ -8,7 +8,6 @@
 use bytes::Bytes;
 use http::request::Parts;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use crate::respond::{ErrorKind, ProxyError};
 
@@ -37,8 +36,13 @@ pub fn check_head(parts: &Parts, max_header_bytes: u64, max_body: u64) -> Result
     Ok(())
 }
 
-/// Reads the whole body, refusing it (413) as soon as it passes `max_body` bytes.
-pub async fn read_body(body: Incoming, max_body: u64) -> Result<Bytes, ProxyError> {
+/// Reads the whole body, refusing it (413) as soon as it passes `max_body` bytes. Any body
+/// type: hyper's `Incoming` from a connection, or a `Full` from an in-process test.
+pub async fn read_body<B>(body: B, max_body: u64) -> Result<Bytes, ProxyError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),

@@ -46,7 +46,7 @@
 //!   follows at once. Probes that find the knee where it was are spaced out (1, 2, 4, 8 s).
 //!   Rising latency: the knee is between, at `Nu·Rc/Ru`; an up probe never lowers the level.
 //! - **Back-pressure** (a 503: the bureau says it is full; a 429 concerns one tenant, whom
-//!   `proxy.rs` holds, and gives no sample) on a call granted since the last cut multiplies the
+//!   `bureau/call.rs` holds, and gives no sample) on a call granted since the last cut multiplies the
 //!   level by `backoff` at once (once per round trip, as TCP does); during an up probe,
 //!   back-pressure on a call above the level only ends the probe. **Errors** (502/504,
 //!   timeouts, connection failures; see `breaker::verdict`) above `max_error_rate` of a phase cut

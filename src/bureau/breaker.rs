@@ -22,7 +22,7 @@
 //!   its `Retry-After` (1 s if it gave none, at most `upstream.retry_after_cap`): requests whose
 //!   queue deadline falls inside the hold are answered 503 `bureau_busy` at once, the others
 //!   wait for the hold to end. With `[upstream.adaptive]` on, the adaptive limit shrinks instead
-//!   (the caller decides; see `proxy.rs`). A refused call is not charged to the tenant.
+//!   (the caller decides; see `bureau/call.rs`). A refused call is not charged to the tenant.
 //!
 //! The request path reads one atomic when the breaker is closed and no failure run is open, and
 //! one more per hold check. Everything else (failures, probes, transitions) happens under one
