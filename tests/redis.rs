@@ -3,6 +3,10 @@
 //! Each test starts its own Redis on an ephemeral port when `redis-server` is on PATH, and is
 //! skipped (with a line on stderr) when it is not — unless `BUREAU_GUARD_REQUIRE_REDIS` is set,
 //! as `.ci/run` does, which turns a missing Redis into a failure.
+//!
+//! One file of about 1,200 lines: every test here shares the fixtures that start and stop
+//! `redis-server` (single, TLS, a 3-node cluster) and the replica processes; split, those
+//! fixtures would move to `common/` for this file alone.
 
 mod common;
 #[path = "common/pki.rs"]

@@ -1,5 +1,8 @@
 //! TLS end to end (issue 7): a real proxy on 127.0.0.1:0 with certificates made at test time,
 //! real rustls clients, and a TLS mock bureau for the upstream side.
+//!
+//! About 850 lines: the tests share one set-up (a CA, certificates, a config writer) and read
+//! as one story of the TLS listener, reload included.
 
 mod common;
 #[path = "common/pki.rs"]

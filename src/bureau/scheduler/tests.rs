@@ -1,3 +1,6 @@
+//! The scheduler's guarantees, one test each (about 900 lines): they share the helpers that
+//! poll acquires by hand, so a test decides exactly when a slot frees.
+
 use super::*;
 
 #[test]
