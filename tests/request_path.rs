@@ -14,41 +14,16 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::ServiceExt;
 
-/// Tenants `a` (no limits) and `b` (`rate = 0.5`, `burst = 1`); routes `score` (cached by
-/// subject) and `echo_get` (the mock echoes what it received).
+/// The common test config, with the `score` route cached by subject and tenant `b` limited
+/// to `rate = 0.5`, `burst = 1`.
 fn config(mock_url: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-insecure_no_token = true
-[upstream]
-url = "{mock_url}"
-[log]
-access_log = false
-[[routes]]
-name = "score"
-method = "GET"
-path = "/v1/score/{{subject_id}}"
-cache_ttl = "10m"
-cache_key = ["path.subject_id"]
-[[routes]]
-name = "echo_get"
-method = "GET"
-path = "/echo/{{*rest}}"
-[[tenants]]
-id = "a"
-api_key_sha256 = "{}"
-[[tenants]]
-id = "b"
-api_key_sha256 = "{}"
-rate = 0.5
-burst = 1
-"#,
-        sha(KEY_A),
-        sha(KEY_B)
+    config_with(
+        mock_url,
+        &Extras {
+            score: "cache_ttl = \"10m\"\ncache_key = [\"path.subject_id\"]",
+            tenant_b: "rate = 0.5\nburst = 1",
+            ..Extras::default()
+        },
     )
 }
 

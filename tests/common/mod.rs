@@ -34,6 +34,8 @@ pub struct Extras<'a> {
     pub sections: &'a str,
     pub tenant_a: &'a str,
     pub tenant_b: &'a str,
+    /// Lines added to the `score` route (e.g. its cache settings).
+    pub score: &'a str,
 }
 
 /// A config for tests: ephemeral ports, tenants `a` (key-a) and `b` (key-b), routes `score`,
@@ -45,7 +47,15 @@ pub fn config_text(upstream_url: &str, server_extra: &str, upstream_extra: &str)
 
 /// The test config with [`Extras`].
 pub fn config_with(upstream_url: &str, x: &Extras) -> String {
-    let Extras { server: server_extra, admin: admin_extra, upstream: upstream_extra, sections, tenant_a, tenant_b } = x;
+    let Extras {
+        server: server_extra,
+        admin: admin_extra,
+        upstream: upstream_extra,
+        sections,
+        tenant_a,
+        tenant_b,
+        score,
+    } = x;
     let admin_extra = if admin_extra.is_empty() { "insecure_no_token = true" } else { admin_extra };
     format!(
         r#"
@@ -65,6 +75,7 @@ access_log = false
 name = "score"
 method = "GET"
 path = "/v1/score/{{subject_id}}"
+{score}
 [[routes]]
 name = "report"
 method = "POST"
