@@ -776,8 +776,9 @@ impl State {
     /// among those with at most [`LIGHT_QUEUE`] waiters. Such a tenant is not surging: it fell
     /// into the heap through random bunching near its share, and the slots a probe withholds
     /// must not come from it. A scan over the backlogged tenants, only while a probe is on;
-    /// the entry it bypasses in the heap becomes stale (its ticket changes) and is dropped
-    /// when popped.
+    /// a tenant whose queue cancellations emptied is passed over (the heap drops its entry when
+    /// popped), not taken for the last candidate. The entry it bypasses in the heap becomes
+    /// stale (its ticket changes) and is dropped when popped.
     fn pop_light(&mut self) -> Option<(usize, Waiter)> {
         let tenants = &self.tenants;
         let Reverse((start, ticket, tenant)) = *self
@@ -785,7 +786,7 @@ impl State {
             .iter()
             .filter(|Reverse((_, ticket, t))| {
                 let q = &tenants[*t];
-                q.listed == Listed::Heap && q.ticket == *ticket && q.waiters.len() <= LIGHT_QUEUE
+                q.listed == Listed::Heap && q.ticket == *ticket && (1..=LIGHT_QUEUE).contains(&q.waiters.len())
             })
             .min()?;
         let waiter = self.grant_head(tenant, ticket, start)?;
