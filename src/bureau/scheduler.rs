@@ -50,7 +50,11 @@
 //!   backlogged ones with at most [`LIGHT_QUEUE`] waiters are served up to the cruise limit,
 //!   and a sparse grant is charged no further than one request past the virtual time (the
 //!   withheld slots slow the virtual time; the quiet tenant must not lose its standing for
-//!   them). Finding a light backlogged tenant scans the heap, only during a probe.
+//!   them). Both only while the tenant holds fewer slots than its weighted share of the cruise
+//!   limit (counted per tenant for grants from the queue): a tenant whose calls are all in
+//!   flight and which asks again as each returns has no queue either, and would otherwise
+//!   take every slot the probe withholds. Finding a light backlogged tenant, or a sparse one
+//!   within its share, scans the lists, only during a probe.
 //! - **The bound.** With the bureau kept full, a sparse request waits for the next completion
 //!   among the `limit` busy slots (their residual time), plus the sparse requests ahead of it.
 //!   With `n` slots of service `S` at independent phases the residual exceeds `x` with
@@ -474,17 +478,21 @@ impl Scheduler {
                     break;
                 };
             }
-            let forgive = sparse_limit.is_some();
             let next = match held {
-                Some(Claim::Light) => st.pop_sparse(forgive).or_else(|| st.pop_light()),
-                _ => st.pop_next(forgive),
+                Some(Claim::Light) => st.pop_sparse(sparse_limit, true).or_else(|| st.pop_light(sparse_limit)),
+                _ => st.pop_next(sparse_limit),
             };
             let Some((tenant, waiter)) = next else { break };
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            match waiter.tx.send(Permit::new(Arc::clone(&me))) {
+            let mut permit = Permit::new(Arc::clone(&me));
+            permit.holder = Some(tenant);
+            match waiter.tx.send(permit) {
                 Ok(()) => {
                     held = None;
-                    st.tenants[tenant].granted_after_wait += 1;
+                    let t = &mut st.tenants[tenant];
+                    t.granted_after_wait += 1;
+                    // Under the lock the permit's release needs: its drop cannot count down first.
+                    t.held += 1;
                 }
                 // The waiter was dropped: disarm the bounced permit (its drop must not release,
                 // and must not take this lock again) and keep the slot for the next waiter.
@@ -496,12 +504,16 @@ impl Scheduler {
         }
     }
 
-    /// Frees one slot and, if anyone waits, hands it on.
-    fn release(&self) {
+    /// Frees one slot (one of `holder`'s, for a permit granted from the queue) and, if anyone
+    /// waits, hands it on.
+    fn release(&self, holder: Option<usize>) {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.released.fetch_add(1, Ordering::Relaxed);
-        if self.waiting.load(Ordering::SeqCst) > 0 {
+        if holder.is_some() || self.waiting.load(Ordering::SeqCst) > 0 {
             let mut st = self.lock();
+            if let Some(t) = holder.and_then(|t| st.tenants.get_mut(t)) {
+                t.held = t.held.saturating_sub(1);
+            }
             self.dispatch_locked(&mut st);
         }
     }
@@ -583,6 +595,9 @@ pub struct Permit {
     /// What the adaptive controller noted at the grant (its phase, the calls in flight), so
     /// that the sample is read against the limit it was granted under.
     grant: Grant,
+    /// The tenant whose `held` count includes this permit: set for grants from the queue (see
+    /// [`TenantQueue::held`]), `None` for the lock-free grants made while nobody queued.
+    holder: Option<usize>,
 }
 
 impl fmt::Debug for Permit {
@@ -603,7 +618,7 @@ impl Permit {
             }
             None => Grant::default(),
         };
-        Permit { sched, armed: true, grant }
+        Permit { sched, armed: true, grant, holder: None }
     }
 
     /// Frees the slot, reporting how the bureau call went: its `latency` and `signal` (a 5xx,
@@ -624,7 +639,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.armed {
-            self.sched.release();
+            self.sched.release(self.holder);
         }
     }
 }
@@ -685,6 +700,11 @@ struct TenantQueue {
     ticket: u64,
     /// The weight counted in `active_weight` while the queue is non-empty, 0 while empty.
     active_weight: u32,
+    /// Permits granted from the queue and not yet released: the slots the tenant holds under
+    /// contention. A down probe's extra slots and forgiveness go only to a tenant below its
+    /// weighted share of the cruise limit ([`State::within_share`]). Grants made while nobody
+    /// queued are not counted: they predate the contention and end within a bureau call.
+    held: u32,
     granted_after_wait: u64,
     shed_queue_full: u64,
     shed_queue_timeout: u64,
@@ -768,8 +788,25 @@ impl State {
 
     /// Removes and returns the waiter served next: the oldest sparse tenant's, else the one
     /// start-time fair queuing picks among the backlogged tenants.
-    fn pop_next(&mut self, forgive: bool) -> Option<(usize, Waiter)> {
-        self.pop_sparse(forgive).or_else(|| self.pop_backlogged())
+    /// During a down probe, a sparse tenant that already holds its share of the cruise limit
+    /// comes after the backlogged ones (else, forgiven and so still sparse, it would take the
+    /// slots under the probe's limit too).
+    fn pop_next(&mut self, probe: Option<usize>) -> Option<(usize, Waiter)> {
+        self.pop_sparse(probe, probe.is_some())
+            .or_else(|| self.pop_backlogged())
+            .or_else(|| self.pop_sparse(probe, false))
+    }
+
+    /// During a down probe whose cruise limit is `cruise`: whether `tenant` holds fewer slots
+    /// than its weighted share of it among the tenants that queue. Only such a tenant is served
+    /// above the probe's limit and forgiven the withheld slots; one that holds more (all its
+    /// calls in flight, asking again as each returns) would otherwise take every slot the probe
+    /// withholds from the backlogged tenants.
+    fn within_share(&self, tenant: usize, cruise: usize) -> bool {
+        let t = &self.tenants[tenant];
+        let weight = u64::from(t.active_weight.max(1));
+        let active = self.active_weight.max(weight);
+        u64::from(t.held) * active < cruise as u64 * weight
     }
 
     /// During a down probe, the head waiter of the backlogged tenant with the smallest tag
@@ -779,14 +816,17 @@ impl State {
     /// a tenant whose queue cancellations emptied is passed over (the heap drops its entry when
     /// popped), not taken for the last candidate. The entry it bypasses in the heap becomes
     /// stale (its ticket changes) and is dropped when popped.
-    fn pop_light(&mut self) -> Option<(usize, Waiter)> {
-        let tenants = &self.tenants;
+    fn pop_light(&mut self, probe: Option<usize>) -> Option<(usize, Waiter)> {
+        let cruise = probe?;
         let Reverse((start, ticket, tenant)) = *self
             .heap
             .iter()
             .filter(|Reverse((_, ticket, t))| {
-                let q = &tenants[*t];
-                q.listed == Listed::Heap && q.ticket == *ticket && (1..=LIGHT_QUEUE).contains(&q.waiters.len())
+                let q = &self.tenants[*t];
+                q.listed == Listed::Heap
+                    && q.ticket == *ticket
+                    && (1..=LIGHT_QUEUE).contains(&q.waiters.len())
+                    && self.within_share(*t, cruise)
             })
             .min()?;
         let waiter = self.grant_head(tenant, ticket, start)?;
@@ -794,12 +834,28 @@ impl State {
         Some((tenant, waiter))
     }
 
-    /// The oldest sparse tenant's head waiter. With `forgive` (the adaptive limit's down probe
-    /// is on) the grant is charged no further than one request past the virtual time: the
-    /// slots the probe withholds slow the virtual time, and a quiet tenant must not lose its
-    /// standing for a shortfall the bureau does not have.
-    fn pop_sparse(&mut self, forgive: bool) -> Option<(usize, Waiter)> {
-        while let Some((start, ticket, tenant)) = self.sparse.pop_front() {
+    /// The oldest sparse tenant's head waiter. During a down probe (`probe` is its cruise
+    /// limit) a tenant within its share of it ([`State::within_share`]) is charged no further
+    /// than one request past the virtual time: the slots the probe withholds slow the virtual
+    /// time, and a quiet tenant must not lose its standing for a shortfall the bureau does not
+    /// have. With `within` only such a tenant is served.
+    fn pop_sparse(&mut self, probe: Option<usize>, within: bool) -> Option<(usize, Waiter)> {
+        loop {
+            let at = if within {
+                let cruise = probe?;
+                // A scan, only during a probe: the first current entry within its share.
+                self.sparse.iter().position(|&(_, ticket, t)| {
+                    let q = &self.tenants[t];
+                    q.listed == Listed::Sparse
+                        && q.ticket == ticket
+                        && !q.waiters.is_empty()
+                        && self.within_share(t, cruise)
+                })?
+            } else {
+                0
+            };
+            let (start, ticket, tenant) = self.sparse.remove(at)?;
+            let forgive = probe.is_some_and(|cruise| self.within_share(tenant, cruise));
             // Charged from the start tag SFQ would have given it on arrival, like any grant;
             // `vtime` stays where the backlogged tenants have brought it.
             if let Some(waiter) = self.grant_head(tenant, ticket, start) {
@@ -811,7 +867,6 @@ impl State {
                 return Some((tenant, waiter));
             }
         }
-        None
     }
 
     /// The waiter start-time fair queuing picks among the backlogged tenants.

@@ -21,6 +21,7 @@ fn replicas_split_the_budget_without_exceeding_it() {
     assert_eq!(sched.limit(), 20);
 }
 use crate::bureau::adaptive::AdaptiveConfig;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
@@ -935,4 +936,45 @@ async fn yields(n: u32) {
     for _ in 0..n {
         tokio::task::yield_now().await;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_down_probe_gives_no_tenant_more_than_its_share_of_the_withheld_slots() {
+    // A tenant whose calls are all in flight and which asks again as each returns has no
+    // queue, so it looks sparse; during a probe it must not take every slot the probe
+    // withholds from the backlogged tenant, only up to its share of the cruise limit.
+    let sched = Scheduler::new(8);
+    let ctl = Arc::new(AdaptiveLimit::new(AdaptiveConfig::new(4, 64, 8)));
+    sched.set_controller(Some(Arc::clone(&ctl)));
+    let mut held: Vec<Permit> = (0..8).map(|_| grant_now(&sched, ask(2, 1))).collect();
+    let mut surge: Vec<Acquire> = (0..20).map(|_| acquire_boxed(&sched, ask(1, 1))).collect();
+    let mut surge_granted = Vec::new();
+    held.pop();
+    assert_eq!(take_granted(&mut surge, &mut surge_granted), 1, "the surge's rest is in the heap");
+    let probe = ctl.force_phase(Some(6)).expect("the probe changes the limit");
+    sched.set_limit(probe);
+    assert_eq!((sched.limit(), ctl.down_from()), (6, 8));
+
+    // Calls end in the order they started (the bureau's FIFO); each time a slot frees, the
+    // greedy tenant asks once more, keeping what it got.
+    let mut bureau: VecDeque<(usize, Permit)> = held.drain(..).map(|p| (2, p)).collect();
+    bureau.extend(surge_granted.drain(..).map(|p| (1, p)));
+    let mut asking: Vec<Acquire> = Vec::new();
+    for _ in 0..40 {
+        let (_, done) = bureau.pop_front().expect("calls in flight");
+        drop(done);
+        asking.push(acquire_boxed(&sched, ask(0, 1)));
+        let mut granted = Vec::new();
+        take_granted(&mut asking, &mut granted);
+        bureau.extend(granted.drain(..).map(|p| (0, p)));
+        take_granted(&mut surge, &mut granted);
+        bureau.extend(granted.drain(..).map(|p| (1, p)));
+        asking.truncate(1);
+    }
+    assert!(sched.in_flight() <= 8);
+    let holding = |tenant| bureau.iter().filter(|(t, _)| *t == tenant).count();
+    // Its share of the cruise limit among two queueing tenants of equal weight is 4; above
+    // that it only gets what fair queuing under the probe's limit gives it.
+    assert!(holding(0) <= 4, "the greedy tenant holds {} of {} slots", holding(0), bureau.len());
+    assert!(holding(1) >= 2, "the backlogged tenant holds {} of {} slots", holding(1), bureau.len());
 }
