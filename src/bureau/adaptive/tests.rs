@@ -64,7 +64,8 @@ impl Sim {
             ctl,
             bureau,
             clients: None,
-            rng: fastrand::Rng::with_seed(7),
+            // `SIM_SEED=n` runs other seeds, to see how far a result depends on this one.
+            rng: fastrand::Rng::with_seed(std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7)),
             start: Instant::now(),
             busy: 0,
             queue: VecDeque::new(),
