@@ -9,6 +9,8 @@
 //!     cargo bench --bench surge                          # every scenario, full length (~8 min)
 //!     cargo bench --bench surge -- --quick               # every scenario, short (CI, ~75 s)
 //!     cargo bench --bench surge -- --scenario slower     # one (with --quick: short)
+//!     RUST_LOG=bureau_guard::adaptive=debug cargo bench --bench surge -- --scenario slower
+//!                                                        # with each adaptive limit decision
 //!
 //! A criterion that fails is reported FAIL; the exit status is non-zero only when the harness
 //! itself breaks (a replay cannot run).
@@ -36,6 +38,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // `RUST_LOG=bureau_guard::adaptive=debug` shows each adaptive limit decision on stderr.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
     let started = Instant::now();
     let mut patient: Option<Replay> = None;

@@ -39,7 +39,9 @@
 //!   while it is on, the scheduler serves sparse tenants, and backlogged ones with a short
 //!   queue, up to the cruise limit without charging them for the withheld slots
 //!   ([`AdaptiveLimit::down_from`]); only tenants with a standing queue are held to the probe's
-//!   limit, and the probe measures the concurrency its calls actually saw.
+//!   limit, and the probe measures the concurrency its calls actually saw. A probe whose
+//!   concurrency did not fall (demand fell, or the tenants served up to the cruise limit
+//!   filled it) measured nothing; the next one is strict, holding every tenant to its limit.
 //! - **Up probe** one slot above the level (each flat probe in a row grows the next: a quarter,
 //!   then a half; until the first probe that finds the knee, a half: slow start). Flat latency:
 //!   the knee is higher, the level becomes the probe's concurrency and the next up probe
@@ -354,6 +356,9 @@ struct State {
     /// latency, as far as the run knows). A probe above that sees queueing may take the level
     /// back down to the knee it reads, never below where the run's last step began.
     growth: Option<Growth>,
+    /// The last down probe could not lower concurrency: the next one is strict (no tenant is
+    /// served above its limit; [`AdaptiveLimit::down_from`] is 0 during it).
+    strict_down: bool,
     /// Time between up probes: `probe_interval`, doubled (up to `UP_BACKOFF_MAX` times) after
     /// each probe that found the knee where it was, reset when the knee moves. A knee that
     /// stays put is probed rarely, so the bureau is rarely held above it.
@@ -405,6 +410,7 @@ impl AdaptiveLimit {
                 up_interval: Duration::ZERO,
                 flat_ups: 2,
                 growth: None,
+                strict_down: false,
                 baseline: None,
                 baseline_at: None,
                 reference: None,
@@ -546,7 +552,13 @@ impl AdaptiveLimit {
                 let Some(c) = st.reference else { return Next::Cruise };
                 let (Some(rc), Some(rd)) = (c.latency, m.latency) else { return Next::Cruise };
                 if m.in_flight > 0.95 * c.in_flight {
-                    return Next::Cruise; // the probe did not lower concurrency: demand fell
+                    // The probe did not lower concurrency: demand fell, or the tenants the
+                    // scheduler serves up to the cruise limit during a probe filled it. Either
+                    // way it measured nothing, and the same probe again would measure nothing
+                    // again (it once looped for a whole surge, holding the level at 5 with no
+                    // baseline and no up probe): the next one holds everyone to its limit.
+                    st.strict_down = true;
+                    return Next::Cruise;
                 }
                 // Whatever it finds, a down probe settles the level: no longer a growth run's.
                 st.growth = None;
@@ -721,7 +733,8 @@ impl AdaptiveLimit {
             st.previous = None;
         }
         st.phase = phase;
-        let down_from = if phase == Phase::ProbeDown { self.applied(st.level) } else { 0 };
+        let strict = phase == Phase::ProbeDown && std::mem::take(&mut st.strict_down);
+        let down_from = if phase == Phase::ProbeDown && !strict { self.applied(st.level) } else { 0 };
         self.down_from.store(down_from, Ordering::Relaxed);
         let id = PHASE_IDS.fetch_add(1, Ordering::Relaxed);
         self.phase_id.store(0, Ordering::Release);

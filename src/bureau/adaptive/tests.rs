@@ -347,3 +347,43 @@ fn out_of_range_config_is_made_safe() {
     assert_eq!((cfg.backoff, cfg.max_error_rate, cfg.probe_interval), (0.9, 0.05, MIN_PHASE));
     assert_eq!(c.limit(), 1);
 }
+
+/// Feeds `n` samples, granted now at `in_flight` with `latency`, one every `gap`.
+async fn feed(ctl: &AdaptiveLimit, n: usize, in_flight: usize, latency: Duration, gap: Duration) {
+    for _ in 0..n {
+        let grant = ctl.grant(in_flight);
+        tokio::time::advance(gap).await;
+        ctl.observe(grant, latency, Signal::Ok);
+    }
+}
+
+/// A down probe whose concurrency did not fall (the quiet tenants it serves up to the cruise
+/// limit fill it) measures nothing. Repeating it in the same way looped for a whole surge in
+/// benches/surge.rs (many_tenants: a level of 5, forty quiet banks using 4.8, a probe to 4 that
+/// never got below 4.8, no baseline, no up probe for 15 s). The next probe is strict: the
+/// scheduler holds everyone to its limit.
+#[tokio::test(start_paused = true)]
+async fn a_down_probe_that_could_not_lower_concurrency_is_followed_by_a_strict_one() {
+    let ctl = AdaptiveLimit::new(cfg(4, 64, 6));
+    let ms = |n: u64| Duration::from_millis(n);
+    // Cruise windows at 4.8 of 6 (unused: no up probe), no baseline yet: a down probe follows
+    // two steady windows.
+    let mut probes = Vec::new();
+    for _ in 0..40 {
+        let phase = ctl.lock().phase;
+        if phase == Phase::ProbeDown {
+            probes.push(ctl.down_from());
+            // Its calls saw the same concurrency as the cruise: the band was filled.
+            let in_flight = if ctl.down_from() > 0 { 5 } else { 4 };
+            feed(&ctl, 30, in_flight, ms(21), ms(5)).await;
+        } else {
+            feed(&ctl, 30, 5, ms(21), ms(5)).await;
+        }
+        if probes.len() >= 2 {
+            break;
+        }
+    }
+    assert_eq!(probes.len(), 2, "expected two down probes");
+    assert_eq!(probes[0], 6, "the first probe serves sparse tenants up to the cruise limit");
+    assert_eq!(probes[1], 0, "the probe after one that measured nothing is strict");
+}
