@@ -133,6 +133,7 @@ impl BureauCall {
             cost: self.cost,
             max_queue: tenant.limits.max_queue,
             deadline,
+            level: 0,
         };
         let permit = loop {
             self.wait_out_holds(deadline).await?;
