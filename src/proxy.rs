@@ -212,15 +212,15 @@ impl Proxy {
 
         // Route: names the request for metrics, gives its cost and its cache policy.
         let matched = snap.route_table.find(&parts.method, parts.uri.path());
-        let (cost, caching, params) = match matched {
+        let (cost, caching, params, route_level) = match matched {
             Some(m) => {
                 ctx.route = m.index;
                 let route = &snap.routes[m.index];
-                (route.cost, route.cache.as_ref(), Some(m.params))
+                (route.cost, route.cache.as_ref(), Some(m.params), snap.config.priority.routes[m.index])
             }
             None if snap.limits.pass_unmatched => {
                 ctx.route = snap.cells.route_passthrough();
-                (1, None, None)
+                (1, None, None, None)
             }
             None => {
                 return Err(ProxyError::new(
@@ -229,6 +229,10 @@ impl Proxy {
                 ));
             }
         };
+
+        // Priority: the level the call queues in for a bureau slot. Consumed here, never sent on.
+        let level =
+            crate::route::priority::level(&snap.config.priority, tenant.index, route_level, &mut parts.headers)?;
 
         // Admission: local counters, or (with Redis) leases shared with the other replicas,
         // and what this request may still wait for Redis over all its limits.
@@ -308,6 +312,7 @@ impl Proxy {
             },
             source,
             cost,
+            level,
             reservation,
             in_flight,
         };

@@ -219,6 +219,7 @@ impl Shared {
         let states = StateRegistry::default();
         let scheduler = Scheduler::new(config.upstream.max_concurrency);
         scheduler.set_max_waiting(config.upstream.max_queue_total);
+        scheduler.set_levels(level_table(&config));
         let adaptive = adaptive_controller(&config);
         scheduler.set_controller(adaptive.clone());
         let redis = match &config.state.backend {
@@ -331,4 +332,14 @@ impl Shared {
             }
         }
     }
+}
+
+/// The scheduler's priority levels for `config`: a level's slot is its place in
+/// `[[priority]]`; without levels, one level that is the whole budget.
+pub fn level_table(config: &Config) -> crate::bureau::scheduler::LevelTable {
+    let levels: Vec<_> = config.priority.levels.iter().enumerate().map(|(slot, l)| (slot, l.spec)).collect();
+    if levels.is_empty() {
+        return crate::bureau::scheduler::LevelTable::default();
+    }
+    crate::bureau::scheduler::LevelTable::new(&levels).expect("config validation caps the levels at MAX_LEVELS")
 }

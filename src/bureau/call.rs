@@ -47,6 +47,8 @@ pub(crate) struct BureauCall {
     /// The client's address (the connection's, or the one trusted proxies vouch for).
     pub(crate) source: Option<std::net::IpAddr>,
     pub(crate) cost: u32,
+    /// The priority level slot it queues in ([`crate::route::priority`]).
+    pub(crate) level: usize,
     pub(crate) reservation: quota::Reservation,
     /// The tenant's `max_in_flight` place: held until the bureau has answered.
     pub(crate) in_flight: InFlightGuard,
@@ -133,7 +135,7 @@ impl BureauCall {
             cost: self.cost,
             max_queue: tenant.limits.max_queue,
             deadline,
-            level: 0,
+            level: self.level,
         };
         let permit = loop {
             self.wait_out_holds(deadline).await?;
@@ -203,7 +205,7 @@ impl Granted {
     async fn call(self, mut parts: http::request::Parts, body: bytes::Bytes, keep: Keep) -> Done {
         let Granted { call, permit, ticket, queued_at } = self;
         // The in-flight place is held (unused) until the bureau has answered.
-        let BureauCall { who, source, cost: _, reservation, in_flight: _in_flight } = call;
+        let BureauCall { who, source, cost: _, level: _, reservation, in_flight: _in_flight } = call;
         let Attribution { shared, snap, tenant, request_id, .. } = &who;
         let upstream = &snap.config.upstream;
         let called_at = tokio::time::Instant::now();

@@ -19,6 +19,7 @@ mod admin;
 mod audit;
 mod cache;
 mod log;
+mod priority;
 mod quota;
 mod routes;
 mod server;
@@ -43,6 +44,7 @@ pub use admin::{AdminAuth, AdminConfig};
 pub use audit::AuditConfig;
 pub use cache::CacheConfig;
 pub use log::{LogConfig, LogFormat};
+pub use priority::{Priorities, PriorityConfig, TenantPriority};
 pub use quota::QuotaConfig;
 pub use routes::{RouteCache, RouteConfig};
 pub use server::ServerConfig;
@@ -199,6 +201,8 @@ pub struct Config {
     pub audit: AuditConfig,
     pub routes: Vec<RouteConfig>,
     pub tenants: Vec<TenantConfig>,
+    /// `[[priority]]` levels and the routes' and tenants' levels.
+    pub priority: Priorities,
 }
 
 impl Config {
@@ -265,6 +269,8 @@ struct RawConfig {
     routes: Vec<routes::RawRoute>,
     #[serde(default)]
     tenants: Vec<tenants::RawTenant>,
+    #[serde(default)]
+    priority: Vec<priority::RawPriority>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -380,8 +386,13 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let tenants = tenants::validate(&mut p, &raw.tenants, env, max_cost);
     let tenants = tenants::validate_cert_names(&mut p, &raw.tenants, tenants, cert_identity, raw.server.tls.is_some());
 
+    let levels = priority::validate(&mut p, &raw.priority);
+    let route_levels: Vec<Option<String>> = raw.routes.iter().map(|r| r.priority.clone()).collect();
+    let tenant_levels: Vec<_> = raw.tenants.iter().map(|t| (t.priority.clone(), t.priorities.clone())).collect();
+    let priority = priority::resolve(&mut p, levels, &route_levels, &tenant_levels);
+
     if p.0.is_empty() {
-        Ok(Config { server, admin, upstream, log, quota, state, cache, audit, routes, tenants })
+        Ok(Config { server, admin, upstream, log, quota, state, cache, audit, routes, tenants, priority })
     } else {
         Err(ConfigError { problems: p.0 })
     }

@@ -67,6 +67,9 @@ pub(super) struct RawTenant {
     max_queue: Option<i64>,
     dry_run: Option<BoolOrList>,
     client_cert_names: Option<Vec<String>>,
+    /// Resolved in `priority.rs`, against the levels.
+    pub(super) priority: Option<String>,
+    pub(super) priorities: Option<Vec<String>>,
 }
 
 /// `dry_run = true` or `dry_run = ["rate", "daily"]`.

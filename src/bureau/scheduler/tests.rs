@@ -1047,23 +1047,23 @@ async fn interactive_work_gets_its_nominal_part_back_from_a_batch_surge() {
     assert_eq!(take_granted(&mut batch_waiting, &mut more_batch), 0);
     // Each batch call that ends frees a slot for the interactive requests first.
     for i in 1..=6 {
-        batch.remove(0);
+        drop(batch.remove(0));
         assert_eq!(take_granted(&mut interactive_waiting, &mut interactive), 1, "release {i}");
         assert_eq!(take_granted(&mut batch_waiting, &mut more_batch), 0, "release {i}");
     }
     // Interactive holds its 6: batch gets the next slots (its nominal 2).
-    batch.remove(0);
+    drop(batch.remove(0));
     assert_eq!(take_granted(&mut batch_waiting, &mut more_batch), 1);
     assert_eq!((sched.level_stats(0).in_flight, sched.level_stats(1).in_flight), (6, 2));
     assert_eq!((sched.level_stats(0).nominal, sched.level_stats(1).nominal), (6, 2));
     // Interactive work beyond its part would borrow, but batch is below its nominal part with
     // waiters: a freed batch slot goes back to batch.
     let mut extra = vec![acquire_boxed(&sched, level_ask(1, 0))];
-    batch.remove(0);
+    drop(batch.remove(0));
     assert_eq!(take_granted(&mut extra, &mut interactive), 0);
     assert_eq!(take_granted(&mut batch_waiting, &mut more_batch), 1, "batch below its nominal part goes first");
     // An interactive call that ends goes to interactive work again.
-    interactive.remove(0);
+    drop(interactive.remove(0));
     assert_eq!(take_granted(&mut extra, &mut interactive), 1);
     assert_eq!((sched.level_stats(0).in_flight, sched.level_stats(1).in_flight), (6, 2));
 }
