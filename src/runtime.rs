@@ -318,6 +318,16 @@ impl Shared {
             let current = view.as_ref().is_some_and(|v| v.phase == phase);
             m.adaptive_phase.with_label_values(&[phase.as_str()]).set(i64::from(current));
         }
+        // Only the levels in force: a reload that removes one removes its series.
+        for gauge in [&m.level_in_flight, &m.level_queued, &m.level_nominal] {
+            gauge.reset();
+        }
+        for (slot, level) in snap.config.priority.levels.iter().enumerate() {
+            let stats = self.scheduler.level_stats(slot);
+            m.level_in_flight.with_label_values(&[&level.name]).set(stats.in_flight as i64);
+            m.level_queued.with_label_values(&[&level.name]).set(stats.queued as i64);
+            m.level_nominal.with_label_values(&[&level.name]).set(stats.nominal as i64);
+        }
         for t in snap.tenants.iter() {
             let id = &*t.id;
             m.queue_depth.with_label_values(&[id]).set(self.scheduler.queued(t.state.index) as i64);

@@ -124,3 +124,43 @@ fn bad_priority_settings_are_refused_with_their_path() {
     let err = bureau_guard::config::Config::from_toml(&text, &|_| None).expect_err("unknown level");
     assert!(err.to_string().contains("routes[0].priority") && err.to_string().contains("interactive, batch"), "{err}");
 }
+
+/// Levels are reloaded live under a batch backlog: no request fails, the gauges follow the
+/// levels in force, and `check --diff`'s changes name them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn levels_reload_under_load_without_a_failed_request() {
+    let x = Extras {
+        upstream: "max_concurrency = 4\nqueue_timeout = \"10s\"",
+        sections: LEVELS,
+        tenant_a: "priorities = [\"interactive\", \"batch\"]\nmax_queue = 1000",
+        ..Extras::default()
+    };
+    let env = Env::with(bureau(), &x).await;
+    let metrics = get(&env.admin_url("/metrics"), &[]).await.text();
+    assert_eq!(metric_value(&metrics, r#"bureau_guard_level_nominal{level="interactive"}"#), Some(3.0), "{metrics}");
+    assert_eq!(metric_value(&metrics, r#"bureau_guard_level_nominal{level="batch"}"#), Some(1.0));
+
+    let (_, tasks) = batch_surge(&env, 40);
+    wait_until("the batch backlog forms", || env.proxy.shared.scheduler.queued_total() >= 30).await;
+    // Batch's share grows, then the batch level goes away (its queued requests are served from
+    // what interactive leaves over), then comes back.
+    let steps = [
+        LEVELS.replace("share = 1", "share = 3"),
+        "[[priority]]\nname = \"interactive\"\n".to_string(),
+        LEVELS.to_string(),
+    ];
+    for (i, sections) in steps.iter().enumerate() {
+        let tenant_a = if i == 1 { "max_queue = 1000" } else { x.tenant_a };
+        let text = config_with(&env.mock.url(), &Extras { sections, tenant_a, ..x.clone() });
+        let report = bureau_guard::ops::reload::apply(&env.proxy.shared, parse(&text));
+        assert!(report.applied(), "step {i}: {report:?}");
+        let r = get(&env.url(&format!("/v1/score/I-{i}")), &[("x-api-key", KEY_A)]).await;
+        assert_eq!(r.status, 200, "step {i}");
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200, "no queued batch request failed through the reloads");
+    }
+    let metrics = get(&env.admin_url("/metrics"), &[]).await.text();
+    assert_eq!(metric_value(&metrics, r#"bureau_guard_level_in_flight{level="batch"}"#), Some(0.0), "{metrics}");
+    assert_eq!(env.proxy.shared.scheduler.in_flight(), 0);
+}

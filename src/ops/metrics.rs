@@ -41,6 +41,11 @@ pub struct Metrics {
     pub queue_wait_seconds: HistogramVec,
     pub sheds_total: IntCounterVec,
     pub queue_depth: IntGaugeVec,
+    /// Per priority level (`[[priority]]`; one series per configured level, none without):
+    /// calls it holds, requests of it waiting, and its nominal part of the budget.
+    pub level_in_flight: IntGaugeVec,
+    pub level_queued: IntGaugeVec,
+    pub level_nominal: IntGaugeVec,
     pub bureau_in_flight: IntGauge,
     pub bureau_concurrency_limit: IntGauge,
     pub bureau_duration_seconds: Histogram,
@@ -167,6 +172,17 @@ impl Metrics {
             &["tenant"],
         )
         .expect("valid metric");
+        let level_gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["level"]).expect("valid metric");
+        let level_in_flight =
+            level_gauge("bureau_guard_level_in_flight", "Bureau calls in flight, by priority level ([[priority]]).");
+        let level_queued =
+            level_gauge("bureau_guard_level_queued", "Requests waiting for a bureau slot, by priority level.");
+        let level_nominal = level_gauge(
+            "bureau_guard_level_nominal",
+            "A priority level's nominal part of the current bureau budget (its share; it gets at least this many \
+             slots when it has waiters, lends what it leaves idle).",
+        );
         let bureau_in_flight =
             IntGauge::new("bureau_guard_bureau_in_flight", "Requests at the bureau now.").expect("valid metric");
         let bureau_concurrency_limit = IntGauge::new(
@@ -376,6 +392,9 @@ impl Metrics {
             Box::new(queue_wait_seconds.clone()),
             Box::new(sheds_total.clone()),
             Box::new(queue_depth.clone()),
+            Box::new(level_in_flight.clone()),
+            Box::new(level_queued.clone()),
+            Box::new(level_nominal.clone()),
             Box::new(bureau_in_flight.clone()),
             Box::new(bureau_concurrency_limit.clone()),
             Box::new(bureau_duration_seconds.clone()),
@@ -424,6 +443,9 @@ impl Metrics {
             queue_wait_seconds,
             sheds_total,
             queue_depth,
+            level_in_flight,
+            level_queued,
+            level_nominal,
             bureau_in_flight,
             bureau_concurrency_limit,
             bureau_duration_seconds,
