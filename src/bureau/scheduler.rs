@@ -65,12 +65,15 @@
 //!   5 req/s each (200 req/s, half the bureau) 3.7 ms mean, 12.3 ms p99. A quiet look-up's
 //!   p99 latency is then at most about 32 ms and 34 ms (wait + 22 ms service), against 20 ms
 //!   calm, whatever the number of surging tenants.
-//! - **Room for levels above the tenant.** `State` is one fair-queuing level (sparse list +
-//!   SFQ heap) over tenants. Priority levels with nominal shares and borrowing (as Kubernetes
-//!   API Priority and Fairness has) would become one `State` per level, with the budget split
-//!   between levels above them; groups of affiliated tenants sharing one share would make the
-//!   heap two-level: groups by tag, then tenants by tag within the group (hierarchical SFQ),
-//!   with the sparse test applied at each level. Neither is built yet.
+//! - **Priority levels above the tenants** (issue 17, [`levels`]). `State` is one fair-queuing
+//!   level (sparse list + SFQ heap) over tenants; there is one per priority level slot, all
+//!   under the one lock. A freed slot first picks the level (the one furthest below its
+//!   nominal part of the limit, then the borrower furthest below it; Kubernetes APF's shares,
+//!   lending and borrowing), then the tenant inside it as above. Each permit counts in its
+//!   level (`level_held`), so a level below its nominal part still takes a free slot on the
+//!   lock-free fast path. Groups of affiliated tenants sharing one share would make each
+//!   level's heap two-level: groups by tag, then tenants by tag within the group
+//!   (hierarchical SFQ), with the sparse test applied at each level; not built yet.
 //! - **Hand-off.** A queued request receives its `Permit` through a oneshot channel. If the
 //!   waiter is dropped (client gone) after the permit was sent, dropping the unreceived permit
 //!   frees the slot again; if it was dropped before, the send fails and the slot goes to the
@@ -81,7 +84,7 @@
 //! - **Adaptive limit.** [`Permit::complete`] reports the bureau call's latency and outcome to
 //!   an optional [`AdaptiveLimit`], which moves the limit with [`Scheduler::set_limit`].
 //!
-//! Priority classes within a tenant are not implemented: every request of a tenant is FIFO.
+//! Within a tenant and a level, requests are FIFO.
 //!
 //! One file of about 900 lines (its tests are in `scheduler/tests.rs`): the fast path, the
 //! hand-off, the sparse list and the heap share one set of invariants (a slot is claimed once,
