@@ -2,7 +2,7 @@
 //! fair sharing (issues 13 and 14).
 //!
 //! Every scenario of `bureau_sim::surge` (patient, impatient, too_high, slower, fewer_workers,
-//! many_tenants, all_at_once): open-loop load, latency from the scheduled send time, the same
+//! many_tenants, all_at_once, priorities): open-loop load, latency from the scheduled send time, the same
 //! traffic through bureau-guard (and a reference budget where the scenario has one) and straight
 //! to the bureau. Prints each replay's per-tenant table and each scenario's verdict table.
 //!
@@ -50,8 +50,8 @@ fn main() -> ExitCode {
     let mut patient: Option<Replay> = None;
     let mut totals = Vec::new();
     for kind in kinds {
-        // impatient's latency criterion compares with patient's, from the same run.
-        if kind == Kind::Impatient && patient.is_none() {
+        // impatient's and priorities' latency criteria compare with patient's, from the same run.
+        if matches!(kind, Kind::Impatient | Kind::Priorities) && patient.is_none() {
             let s = Scenario::new(Kind::Patient, length);
             println!("== patient (reference for impatient)\n");
             match rt.block_on(replay(&s, s.targets()[0], &InProcessGuard, |_| {})) {
