@@ -78,12 +78,13 @@ pub enum Kind {
     ManyTenants,
     AllAtOnce,
     Priorities,
+    PrioritiesFewer,
 }
 
 impl Kind {
     /// Every scenario, in the order the benchmark runs them (patient first: impatient compares
     /// against it).
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Patient,
         Kind::Impatient,
         Kind::TooHigh,
@@ -92,11 +93,21 @@ impl Kind {
         Kind::ManyTenants,
         Kind::AllAtOnce,
         Kind::Priorities,
+        Kind::PrioritiesFewer,
     ];
 
     /// Every scenario's name, as the command line takes it.
-    pub const NAMES: [&'static str; 8] =
-        ["patient", "impatient", "too_high", "slower", "fewer_workers", "many_tenants", "all_at_once", "priorities"];
+    pub const NAMES: [&'static str; 9] = [
+        "patient",
+        "impatient",
+        "too_high",
+        "slower",
+        "fewer_workers",
+        "many_tenants",
+        "all_at_once",
+        "priorities",
+        "priorities_fewer",
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -108,6 +119,7 @@ impl Kind {
             Kind::ManyTenants => "many_tenants",
             Kind::AllAtOnce => "all_at_once",
             Kind::Priorities => "priorities",
+            Kind::PrioritiesFewer => "priorities_fewer",
         }
     }
 
@@ -132,6 +144,10 @@ impl Kind {
             Kind::Priorities => {
                 "one bank's batch pre-screen surges beside its own and the others' interactive look-ups \
                  (issue 17)"
+            }
+            Kind::PrioritiesFewer => {
+                "the same, and the bureau loses two thirds of its workers mid-surge; the adaptive limit \
+                 follows and batch absorbs the cut (issue 17)"
             }
         }
     }
@@ -263,6 +279,9 @@ pub struct Scenario {
     pub max_queue: usize,
     /// bureau-guard's `upstream.queue_timeout`.
     pub queue_timeout: Duration,
+    /// The shares of the `interactive` and `batch` priority levels, for streams that name a
+    /// level.
+    pub level_shares: (u32, u32),
 }
 
 impl Default for Scenario {
@@ -321,6 +340,7 @@ impl Scenario {
             surge,
             max_queue: 8,
             queue_timeout: ms(500),
+            level_shares: (1, 1),
         };
         match kind {
             Kind::Patient => s.bureau.queue = 64,
@@ -354,15 +374,26 @@ impl Scenario {
                     s.compare = vec![too_high];
                 }
             }
-            Kind::Priorities => {
+            Kind::Priorities | Kind::PrioritiesFewer => {
                 // bank-a's pre-screen (batch) surges; its own customers' look-ups and the other
                 // banks' stay interactive. Levels split the 8 slots 4 / 4; interactive needs 2.4.
+                // With the workers cut to 3 (150 req/s) the limit stays at `min` = 4, and
+                // interactive's share 3 of 4 is 3 slots, 112 req/s of what is left: its demand
+                // must fit that (the issue's condition), so the banks send 30 req/s each there
+                // (90 req/s; at 40 each, 120 req/s needs 3.2 slots at the slowed latency).
                 s.bureau.queue = 64;
+                let interactive = if kind == Kind::PrioritiesFewer { 30.0 } else { 40.0 };
+                if kind == Kind::PrioritiesFewer {
+                    s.budget = too_high;
+                    s.changes = vec![(change_at, Change::Workers(3))];
+                    s.settle = change_at + follow;
+                    s.level_shares = (3, 1);
+                }
                 s.tenants = vec![
                     TenantLoad::new("bank-a-batch", Role::Surging, 1600.0).at_level("bank-a", "batch"),
-                    TenantLoad::new("bank-a", Role::Quiet, 40.0),
-                    TenantLoad::new("bank-b", Role::Quiet, 40.0),
-                    TenantLoad::new("card-c", Role::Quiet, 40.0),
+                    TenantLoad::new("bank-a", Role::Quiet, interactive),
+                    TenantLoad::new("bank-b", Role::Quiet, interactive),
+                    TenantLoad::new("card-c", Role::Quiet, interactive),
                 ];
             }
             Kind::AllAtOnce => {
@@ -541,7 +572,10 @@ path = "/v1/score/{{subject_id}}"
     // Streams that name a level: two levels, interactive (everyone's default) and batch.
     let levelled = s.tenants.iter().any(|t| t.level.is_some());
     if levelled {
-        text.push_str("[[priority]]\nname = \"interactive\"\nshare = 1\n[[priority]]\nname = \"batch\"\nshare = 1\n");
+        let (interactive, batch) = s.level_shares;
+        text.push_str(&format!(
+            "[[priority]]\nname = \"interactive\"\nshare = {interactive}\n[[priority]]\nname = \"batch\"\nshare = {batch}\n"
+        ));
     }
     let mut seen = std::collections::BTreeSet::new();
     for t in s.tenants.iter().filter(|t| seen.insert(t.tenant.clone())) {

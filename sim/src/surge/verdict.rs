@@ -339,7 +339,7 @@ pub fn checks(s: &Scenario, runs: &[Replay], patient: Option<&Replay>) -> Vec<Ch
             }
             out.push(settled_info(s, g));
         }
-        Kind::FewerWorkers => {
+        Kind::FewerWorkers | Kind::PrioritiesFewer => {
             let (at, fewer) = s
                 .changes
                 .iter()
@@ -360,6 +360,15 @@ pub fn checks(s: &Scenario, runs: &[Replay], patient: Option<&Replay>) -> Vec<Ch
                 Mark::of(g.settled.p95_in_flight <= cap as i64),
             ));
             out.push(kept_999("", &q));
+            if s.kind == Kind::PrioritiesFewer {
+                let goodput = goodputs(s, g).iter().sum::<f64>();
+                out.push(check(
+                    "batch goodput through the cut",
+                    "(absorbs the cut)",
+                    format!("{goodput:.0} req/s"),
+                    Mark::Info,
+                ));
+            }
         }
         Kind::ManyTenants => {
             out.extend(many_tenants(s, g, ""));
