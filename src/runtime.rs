@@ -91,7 +91,7 @@ impl Snapshot {
                 pass_unmatched: config.server.pass_unmatched,
                 access_log: config.log.access_log,
             },
-            tenants: TenantTable::new(&config.tenants, cert_identity(&config), states),
+            tenants: TenantTable::new(&config.tenants, &config.routes, &config.groups, cert_identity(&config), states),
             route_table,
             routes: config
                 .routes
@@ -290,9 +290,9 @@ pub fn adaptive_controller(config: &Config) -> Option<Arc<AdaptiveLimit>> {
 }
 
 impl Shared {
-    /// A tenant's daily and monthly use: this process's counters, or with Redis the units all
+    /// A contract's (a tenant's, a route's, a group's) daily and monthly use: this process's counters, or with Redis the units all
     /// replicas have charged as last seen here.
-    pub fn quota_used(&self, t: &crate::admission::tenant::Tenant, w: &Windows) -> (u64, u64) {
+    pub fn quota_used(&self, t: &crate::admission::contract::Contract, w: &Windows) -> (u64, u64) {
         match &self.redis {
             None => (t.state.daily.get(w.day), t.state.monthly.get(w.month)),
             Some(r) => r.quota_used(t, w),

@@ -23,6 +23,7 @@
 //! listener by IP, and they change nothing. Each `POST` is logged with the peer address and the
 //! `x-operator` header, if sent.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -36,6 +37,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::admission::contract::Contract;
 use crate::admission::quota::Windows;
 use crate::config::AdminAuth;
 use crate::respond::Body;
@@ -215,39 +217,66 @@ impl Admin {
         snap.tenants
             .iter()
             .map(|t| {
-                let l = &t.limits;
-                let used = self.shared.quota_used(t, &w);
+                let (limits, usage) = self.contract_view(t, &w);
+                let routes = snap
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| {
+                        let c = &t.route_contract(i)?.contract;
+                        let (limits, usage) = self.contract_view(c, &w);
+                        Some((r.name.to_string(), ContractView { limits, usage }))
+                    })
+                    .collect();
+                let group = t.group.as_ref().map(|g| {
+                    let view = g.contract.as_ref().map(|c| {
+                        let (limits, usage) = self.contract_view(c, &w);
+                        ContractView { limits, usage }
+                    });
+                    GroupView { id: g.id.to_string(), weight: g.weight, contract: view }
+                });
                 TenantView {
                     id: t.id.to_string(),
                     name: t.name.clone(),
                     weight: t.weight,
-                    limits: LimitsView {
-                        rate: l.rate,
-                        burst: l.rate.map(|_| l.burst),
-                        max_in_flight: l.max_in_flight,
-                        daily_quota: l.daily_quota,
-                        monthly_quota: l.monthly_quota,
-                        dry_run: [
-                            ("rate", l.dry_run.rate),
-                            ("in_flight", l.dry_run.in_flight),
-                            ("daily", l.dry_run.daily),
-                            ("monthly", l.dry_run.monthly),
-                        ]
-                        .iter()
-                        .filter(|(_, on)| *on)
-                        .map(|(n, _)| *n)
-                        .collect(),
-                    },
-                    usage: UsageView {
-                        in_flight: t.state.in_flight.load(Ordering::Acquire),
-                        daily_used: used.0,
-                        daily_resets_in_s: w.day_resets_in_s,
-                        monthly_used: used.1,
-                        monthly_resets_in_s: w.month_resets_in_s,
-                    },
+                    limits,
+                    usage,
+                    routes,
+                    group,
                 }
             })
             .collect()
+    }
+
+    /// One contract's limits and live use (a tenant's, its route's, its group's).
+    fn contract_view(&self, c: &Contract, w: &Windows) -> (LimitsView, UsageView) {
+        let l = &c.limits;
+        let used = self.shared.quota_used(c, w);
+        let limits = LimitsView {
+            rate: l.rate,
+            burst: l.rate.map(|_| l.burst),
+            max_in_flight: l.max_in_flight,
+            daily_quota: l.daily_quota,
+            monthly_quota: l.monthly_quota,
+            dry_run: [
+                ("rate", l.dry_run.rate),
+                ("in_flight", l.dry_run.in_flight),
+                ("daily", l.dry_run.daily),
+                ("monthly", l.dry_run.monthly),
+            ]
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect(),
+        };
+        let usage = UsageView {
+            in_flight: c.state.in_flight.load(Ordering::Acquire),
+            daily_used: used.0,
+            daily_resets_in_s: w.day_resets_in_s,
+            monthly_used: used.1,
+            monthly_resets_in_s: w.month_resets_in_s,
+        };
+        (limits, usage)
     }
 }
 
@@ -258,6 +287,28 @@ struct TenantView {
     weight: u32,
     limits: LimitsView,
     usage: UsageView,
+    /// The tenant's own limits per route (`[tenants.routes.NAME]`), by route name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    routes: BTreeMap<String, ContractView>,
+    /// The tenant's group, and what its members use together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<GroupView>,
+}
+
+#[derive(Serialize)]
+struct ContractView {
+    limits: LimitsView,
+    usage: UsageView,
+}
+
+#[derive(Serialize)]
+struct GroupView {
+    id: String,
+    weight: u32,
+    /// The group's aggregate limits and their use (all members, all replicas); absent when the
+    /// group sets none.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    contract: Option<ContractView>,
 }
 
 #[derive(Serialize)]

@@ -605,11 +605,19 @@ pub struct TenantCell {
 }
 
 /// The limit reasons, in `limits` table order.
-const LIMIT_REASONS: [ErrorKind; 4] = [
+const LIMIT_REASONS: [ErrorKind; 12] = [
     ErrorKind::RateLimited,
     ErrorKind::TooManyInFlight,
     ErrorKind::DailyQuotaExhausted,
     ErrorKind::MonthlyQuotaExhausted,
+    ErrorKind::RouteRateLimited,
+    ErrorKind::RouteTooManyInFlight,
+    ErrorKind::RouteDailyQuotaExhausted,
+    ErrorKind::RouteMonthlyQuotaExhausted,
+    ErrorKind::GroupRateLimited,
+    ErrorKind::GroupTooManyInFlight,
+    ErrorKind::GroupDailyQuotaExhausted,
+    ErrorKind::GroupMonthlyQuotaExhausted,
 ];
 
 impl RequestCells {
