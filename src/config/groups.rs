@@ -57,8 +57,8 @@ pub(super) fn validate(
 ) -> Vec<GroupConfig> {
     let mut out = Vec::with_capacity(raw.len());
     let mut ids = Labels::new("groups", "id", "group id");
-    // Tenant id → the group (index, id) that has it.
-    let mut member_of: HashMap<&str, (usize, &str)> = HashMap::new();
+    // Tenant id → the group that has it: its index, and how to name it.
+    let mut member_of: HashMap<&str, (usize, String)> = HashMap::new();
     for (i, g) in raw.iter().enumerate() {
         let at = |field: &str| format!("groups[{i}].{field}");
         let id = ids.check(p, i, g.id.as_deref());
@@ -71,17 +71,19 @@ pub(super) fn validate(
                     let m_at = format!("{}[{j}]", at("members"));
                     if !tenants.iter().any(|t| t.id == *m) {
                         p.add(m_at, format!("unknown tenant {m:?}; members must be ids of [[tenants]]"));
-                    } else if let Some((first, first_id)) = member_of.get(m.as_str()) {
+                    } else if let Some((first, first_name)) = member_of.get(m.as_str()) {
                         let why = if *first == i {
                             format!("tenant {m:?} is listed twice")
                         } else {
-                            format!(
-                                "tenant {m:?} is already in groups[{first}] ({first_id:?}); a tenant belongs to at most one group"
-                            )
+                            format!("tenant {m:?} is already in {first_name}; a tenant belongs to at most one group")
                         };
                         p.add(m_at, why);
                     } else {
-                        member_of.insert(m, (i, id.unwrap_or("?")));
+                        let name = match id {
+                            Some(id) => format!("groups[{i}] ({id:?})"),
+                            None => format!("groups[{i}]"),
+                        };
+                        member_of.insert(m, (i, name));
                         members.push(m.clone());
                     }
                 }
