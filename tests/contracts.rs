@@ -209,3 +209,16 @@ async fn a_group_in_flight_cap_holds_across_its_members() {
     assert_eq!(tenants["a"]["usage"]["in_flight"], 0);
     assert_eq!(score_as(&env, KEY_A, 11).await.status, 200);
 }
+
+#[tokio::test]
+async fn an_admin_reset_starts_the_tenants_route_counts_over_too() {
+    let tenant_a = "daily_quota = 10\n[tenants.routes.score]\ndaily_quota = 1";
+    let env = Env::with(fast_mock(), &Extras { tenant_a, ..Extras::default() }).await;
+    assert_eq!(score_as(&env, KEY_A, 1).await.status, 200);
+    assert_eq!(score_as(&env, KEY_A, 2).await.json()["error"], "route_daily_quota_exhausted");
+    let reset = env.admin_url("/admin/tenants/a/reset");
+    let r = send(&client(), http::Method::POST, &reset, &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["reset"]["routes"]["score"]["daily_was"], 1);
+    assert_eq!(score_as(&env, KEY_A, 3).await.status, 200, "the route's quota starts over");
+}

@@ -7,7 +7,7 @@
 //! | `GET /readyz` | 200 while serving, 503 before start and while draining |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /admin/tenants` | every tenant's limits and live usage, JSON |
-//! | `POST /admin/tenants/{id}/reset` | zero a tenant's daily and monthly counters (token) |
+//! | `POST /admin/tenants/{id}/reset` | zero a tenant's daily and monthly counters, its routes' too (token) |
 //! | `POST /admin/reload` | re-read and apply the config file (token); 200 applied, 422 rejected |
 //! | `POST /admin/cache/purge[?tenant=ID\|?route=NAME]` | drop cached answers: a tenant's, a route's, or all (token) |
 //!
@@ -207,8 +207,33 @@ impl Admin {
         }
         tenant.state.daily.set(w.day, 0);
         tenant.state.monthly.set(w.month, 0);
-        tracing::warn!(tenant = id, by = %self.who(&req), daily_was = daily, monthly_was = monthly, "quota counters reset");
-        json(StatusCode::OK, &serde_json::json!({"tenant": id, "reset": {"daily_was": daily, "monthly_was": monthly}}))
+        // The tenant's limits per route are its own too (its group's are shared: not reset).
+        let mut routes = serde_json::Map::new();
+        for (i, route) in snap.routes.iter().enumerate() {
+            let Some(rc) = tenant.route_contract(i) else { continue };
+            let c = &rc.contract;
+            let mut was = (c.state.daily.get(w.day), c.state.monthly.get(w.month));
+            if let Some(redis) = &self.shared.redis {
+                match redis.reset(c, &w).await {
+                    Some(shared) => was = shared,
+                    None => {
+                        return json(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &serde_json::json!({"error": "state_unavailable", "message": "Redis did not answer; the tenant's own counts were reset, not all of its routes'"}),
+                        );
+                    }
+                }
+            }
+            c.state.daily.set(w.day, 0);
+            c.state.monthly.set(w.month, 0);
+            routes.insert(route.name.to_string(), serde_json::json!({"daily_was": was.0, "monthly_was": was.1}));
+        }
+        tracing::warn!(tenant = id, by = %self.who(&req), daily_was = daily, monthly_was = monthly, routes = routes.len(), "quota counters reset");
+        let mut reset = serde_json::json!({"daily_was": daily, "monthly_was": monthly});
+        if !routes.is_empty() {
+            reset["routes"] = serde_json::Value::Object(routes);
+        }
+        json(StatusCode::OK, &serde_json::json!({"tenant": id, "reset": reset}))
     }
 
     fn tenants(&self) -> Vec<TenantView> {
