@@ -29,6 +29,46 @@ fn write_config(path: &Path, mock_url: &str, tenant_a: &str, with_b: bool, extra
     std::fs::write(path, text).unwrap();
 }
 
+/// Tenant a's score look-ups on 4 connections, back to back, counting those not answered 200.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(addr: std::net::SocketAddr) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let mut workers = Vec::new();
+        for w in 0..4 {
+            let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+            workers.push(tokio::spawn(async move {
+                let c = client();
+                let url = format!("http://{addr}/v1/score/S-{w}");
+                while !stop.load(Ordering::Relaxed) {
+                    let r = send(&c, Method::GET, &url, &[("x-api-key", KEY_A)], b"").await;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if r.status != 200 {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        Traffic { stop, sent, failed, workers }
+    }
+
+    /// Stops the traffic: (requests sent, requests that failed).
+    async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            w.await.unwrap();
+        }
+        (self.sent.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+}
+
 async fn start_from_file(path: &Path) -> Running {
     let config = bureau_guard::config::Config::load(path).expect("valid initial config");
     app::start_with(config, Options { config_path: Some(path.to_path_buf()), ..Default::default() }).await.unwrap()
@@ -136,23 +176,7 @@ async fn fifty_reloads_under_steady_traffic_fail_no_request_and_each_takes_effec
     let addr = proxy.addr;
 
     // Steady traffic from tenant a (never removed) on 4 connections while the config churns.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut workers = Vec::new();
-    for w in 0..4 {
-        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-        workers.push(tokio::spawn(async move {
-            let c = client();
-            let url = format!("http://{addr}/v1/score/S-{w}");
-            while !stop.load(Ordering::Relaxed) {
-                let r = send(&c, Method::GET, &url, &[("x-api-key", KEY_A)], b"").await;
-                sent.fetch_add(1, Ordering::Relaxed);
-                if r.status != 200 {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
+    let traffic = Traffic::start(addr);
 
     let admin = proxy.admin_addr.to_string();
     for i in 0..50 {
@@ -176,11 +200,7 @@ async fn fifty_reloads_under_steady_traffic_fail_no_request_and_each_takes_effec
         let a = tenants.as_array().unwrap().iter().find(|t| t["id"] == "a").unwrap().clone();
         assert_eq!(a["limits"]["rate"], f64::from(100_000 + i), "reload {i}");
     }
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
-    }
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = traffic.stop().await;
     assert!(sent > 100, "traffic ran throughout ({sent} requests)");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed during reloads");
 }
@@ -339,23 +359,7 @@ async fn route_and_group_limits_change_under_load_without_a_failed_request_and_k
     let proxy = start_from_file(&path).await;
     let (addr, admin) = (proxy.addr, proxy.admin_addr.to_string());
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut workers = Vec::new();
-    for w in 0..4 {
-        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-        workers.push(tokio::spawn(async move {
-            let c = client();
-            let url = format!("http://{addr}/v1/score/S-{w}");
-            while !stop.load(Ordering::Relaxed) {
-                let r = send(&c, Method::GET, &url, &[("x-api-key", KEY_A)], b"").await;
-                sent.fetch_add(1, Ordering::Relaxed);
-                if r.status != 200 {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
+    let traffic = Traffic::start(addr);
     let bearer = format!("Bearer {ADMIN_TOKEN}");
     let tenant_a = async || {
         let tenants = get(&format!("http://{admin}/admin/tenants"), &[("authorization", &bearer)]).await.json();
@@ -372,11 +376,7 @@ async fn route_and_group_limits_change_under_load_without_a_failed_request_and_k
         assert_eq!(a["routes"]["score"]["limits"]["rate"], f64::from(100_000 + i), "reload {i} in effect");
         assert_eq!(a["group"]["limits"]["daily_quota"], 1_000_000 + i);
     }
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
-    }
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = traffic.stop().await;
     assert!(sent > 100, "traffic ran throughout ({sent} requests)");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed during reloads");
 

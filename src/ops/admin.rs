@@ -192,41 +192,24 @@ impl Admin {
             );
         };
         let w = Windows::at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
-        let (mut daily, mut monthly) = (tenant.state.daily.get(w.day), tenant.state.monthly.get(w.month));
-        if let Some(redis) = &self.shared.redis {
-            // The shared counts, for every replica.
-            match redis.reset(tenant, &w).await {
-                Some(was) => (daily, monthly) = was,
-                None => {
-                    return json(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &serde_json::json!({"error": "state_unavailable", "message": "Redis did not answer; nothing was reset"}),
-                    );
-                }
-            }
-        }
-        tenant.state.daily.set(w.day, 0);
-        tenant.state.monthly.set(w.month, 0);
+        let unavailable = |what: &str| {
+            let message = format!("Redis did not answer; {what}");
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"error": "state_unavailable", "message": message}),
+            )
+        };
+        let Some((daily, monthly)) = self.reset_contract(tenant, &w).await else {
+            return unavailable("nothing was reset");
+        };
         // The tenant's limits per route are its own too (its group's are shared: not reset).
         let mut routes = serde_json::Map::new();
         for (i, route) in snap.routes.iter().enumerate() {
             let Some(rc) = tenant.route_contract(i) else { continue };
-            let c = &rc.contract;
-            let mut was = (c.state.daily.get(w.day), c.state.monthly.get(w.month));
-            if let Some(redis) = &self.shared.redis {
-                match redis.reset(c, &w).await {
-                    Some(shared) => was = shared,
-                    None => {
-                        return json(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            &serde_json::json!({"error": "state_unavailable", "message": "Redis did not answer; the tenant's own counts were reset, not all of its routes'"}),
-                        );
-                    }
-                }
-            }
-            c.state.daily.set(w.day, 0);
-            c.state.monthly.set(w.month, 0);
-            routes.insert(route.name.to_string(), serde_json::json!({"daily_was": was.0, "monthly_was": was.1}));
+            let Some((daily, monthly)) = self.reset_contract(&rc.contract, &w).await else {
+                return unavailable("the tenant's own counts were reset, not all of its routes'");
+            };
+            routes.insert(route.name.to_string(), serde_json::json!({"daily_was": daily, "monthly_was": monthly}));
         }
         tracing::warn!(tenant = id, by = %self.who(&req), daily_was = daily, monthly_was = monthly, routes = routes.len(), "quota counters reset");
         let mut reset = serde_json::json!({"daily_was": daily, "monthly_was": monthly});
@@ -234,6 +217,18 @@ impl Admin {
             reset["routes"] = serde_json::Value::Object(routes);
         }
         json(StatusCode::OK, &serde_json::json!({"tenant": id, "reset": reset}))
+    }
+
+    /// Zeroes a contract's daily and monthly counts of windows `w` (with Redis, for every
+    /// replica); the counts that were there, or `None` when Redis did not answer (nothing reset).
+    async fn reset_contract(&self, c: &Contract, w: &Windows) -> Option<(u64, u64)> {
+        let mut was = (c.state.daily.get(w.day), c.state.monthly.get(w.month));
+        if let Some(redis) = &self.shared.redis {
+            was = redis.reset(c, w).await?;
+        }
+        c.state.daily.set(w.day, 0);
+        c.state.monthly.set(w.month, 0);
+        Some(was)
     }
 
     fn tenants(&self) -> Vec<TenantView> {
