@@ -290,6 +290,22 @@ mod tests {
     }
 
     #[test]
+    fn route_and_group_counters_are_saved_and_restored_apart_from_the_tenants() {
+        let reg = StateRegistry::default();
+        reg.get_or_create("bank-a").daily.set(7, 3);
+        reg.get_or_create_contract("bank-a/score").daily.set(7, 2);
+        reg.get_or_create_contract("group:kb").monthly.set(9, 5);
+        let saved = reg.snapshot();
+        assert_eq!(saved.tenants.len(), 3);
+        let back = StateRegistry::default();
+        back.restore(&saved);
+        assert_eq!(back.all().len(), 1, "only bank-a is a tenant (a scheduler queue)");
+        assert_eq!(back.get_or_create_contract("bank-a/score").daily.get(7), 2);
+        assert_eq!(back.get_or_create_contract("group:kb").monthly.get(9), 5);
+        assert_eq!(back.get_or_create("bank-a").daily.get(7), 3);
+    }
+
+    #[test]
     fn window_counter_raise_only_moves_up_within_a_window_and_ignores_older_ones() {
         let c = WindowCounter::default();
         c.set(7, 10);
