@@ -1303,3 +1303,36 @@ async fn with_redis_a_route_rate_refusal_gives_the_tenant_its_tokens_back() {
     assert_eq!(get(&echo, &[("x-api-key", KEY_A)]).await.json()["error"], "rate_limited");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_hold_a_group_to_its_rate_together() {
+    let Some(redis) = RedisServer::start("redis-group-rate") else { return };
+    let mock = start_mock(fast_mock()).await;
+    // The group's burst of 8 and no refill to speak of; each member alone has room for 20.
+    let burst = 8;
+    let groups = format!("[[groups]]\nid = \"kb\"\nmembers = [\"a\", \"b\"]\nrate = 0.0001\nburst = {burst}\n");
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&redis.url(), ""),
+            tenant_a: "rate = 0.0001\nburst = 20",
+            tenant_b: &format!("rate = 0.0001\nburst = 20\n{groups}"),
+            ..Extras::default()
+        },
+    );
+    let replicas = [app::start(parse(&text)).await.unwrap(), app::start(parse(&text)).await.unwrap()];
+    let mut ok = 0;
+    for i in 0..40 {
+        let key = if i % 3 == 0 { KEY_B } else { KEY_A };
+        let url = format!("http://{}/v1/score/G-{i}", replicas[i % 2].addr);
+        match get(&url, &[("x-api-key", key)]).await {
+            r if r.status == 200 => ok += 1,
+            r => assert_eq!(r.json()["error"], "group_rate_limited"),
+        }
+    }
+    assert!(ok <= burst, "{ok} passed a group burst of {burst} across 2 replicas");
+    assert!(ok + 2 >= burst, "only {ok} of a group burst of {burst} were usable");
+    for r in replicas {
+        r.shutdown().await;
+    }
+}
