@@ -329,6 +329,46 @@ impl Shared {
             if let Some(q) = t.limits.monthly_quota {
                 m.quota_limit.with_label_values(&[id, "monthly"]).set(q as i64);
             }
+            for (i, route) in snap.routes.iter().enumerate() {
+                let Some(c) = t.route_contract(i).map(|r| &r.contract) else { continue };
+                let (used, limit) = (&m.route_quota_used, &m.route_quota_limit);
+                self.contract_gauges(
+                    c,
+                    &w,
+                    |window| used.with_label_values(&[id, &route.name, window]),
+                    |window| limit.with_label_values(&[id, &route.name, window]),
+                );
+            }
+        }
+        // Each group once (its members share one contract).
+        let mut seen = std::collections::HashSet::new();
+        for g in snap.tenants.iter().filter_map(|t| t.group.as_ref()) {
+            let Some(c) = g.contract.as_ref().filter(|_| seen.insert(g.index)) else { continue };
+            let (used, limit) = (&m.group_quota_used, &m.group_quota_limit);
+            self.contract_gauges(
+                c,
+                &w,
+                |window| used.with_label_values(&[&g.id, window]),
+                |window| limit.with_label_values(&[&g.id, window]),
+            );
+        }
+    }
+
+    /// A route's or group's quota use and limits, into the gauges `used` and `limit` name.
+    fn contract_gauges(
+        &self,
+        c: &crate::admission::contract::Contract,
+        w: &Windows,
+        used: impl Fn(&str) -> prometheus::IntGauge,
+        limit: impl Fn(&str) -> prometheus::IntGauge,
+    ) {
+        let (daily, monthly) = self.quota_used(c, w);
+        for (window, quota, n) in [("daily", c.limits.daily_quota, daily), ("monthly", c.limits.monthly_quota, monthly)]
+        {
+            if let Some(q) = quota {
+                used(window).set(n as i64);
+                limit(window).set(q as i64);
+            }
         }
     }
 }

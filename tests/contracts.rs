@@ -106,6 +106,9 @@ async fn a_route_quota_refusal_gives_the_tenant_quota_back() {
     assert_eq!(tenants["a"]["usage"]["daily_used"], 3);
     assert_eq!(tenants["a"]["routes"]["score"]["usage"]["daily_used"], 1);
     assert_eq!(tenants["a"]["routes"]["score"]["limits"]["daily_quota"], 1);
+    let metrics = get(&env.admin_url("/metrics"), &[]).await.text();
+    let used = r#"bureau_guard_route_quota_used{route="score",tenant="a",window="daily"}"#;
+    assert_eq!(metric_value(&metrics, used), Some(1.0), "{metrics}");
     assert!(tenants["b"].get("routes").is_none(), "b has no route limits");
     // (The mock counts look-ups, not `/echo`.)
     assert_eq!(env.mock.bureau.stats().calls_total, 1);
@@ -179,6 +182,9 @@ async fn a_group_daily_quota_caps_its_members_together_and_leaves_other_tenants_
     let tenants = env.tenants().await;
     assert_eq!(tenants["a"]["group"]["usage"]["daily_used"], 3);
     assert!(tenants["b"].get("group").is_none());
+    let metrics = get(&env.admin_url("/metrics"), &[]).await.text();
+    assert_eq!(metric_value(&metrics, r#"bureau_guard_group_quota_used{group="kb",window="daily"}"#), Some(3.0));
+    assert_eq!(metric_value(&metrics, r#"bureau_guard_group_quota_limit{group="kb",window="daily"}"#), Some(3.0));
 }
 
 #[tokio::test]
