@@ -54,7 +54,8 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    /// A refusal by one of the tenant's own limits.
+    /// A refusal by one of the tenant's own limits (the checks make these for any contract;
+    /// [`Verdict::scoped`] then names whose limit it was).
     pub fn tenant(reason: Reason, retry_after: Duration) -> Refusal {
         Refusal { reason, scope: Scope::Tenant, retry_after }
     }
