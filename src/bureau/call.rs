@@ -15,7 +15,7 @@ use http::Response;
 use http::header::RETRY_AFTER;
 
 use crate::admission::quota::{self, retry_after_secs};
-use crate::admission::ratelimit::InFlightGuard;
+use crate::admission::ratelimit::InFlightGuards;
 use crate::admission::tenant::Tenant;
 use crate::bureau::breaker::{self, Cause, Verdict};
 use crate::bureau::headers::{self, RequestId};
@@ -49,9 +49,10 @@ pub(crate) struct BureauCall {
     pub(crate) cost: u32,
     /// The priority level slot it queues in ([`crate::route::priority`]).
     pub(crate) level: usize,
-    pub(crate) reservation: quota::Reservation,
-    /// The tenant's `max_in_flight` place: held until the bureau has answered.
-    pub(crate) in_flight: InFlightGuard,
+    /// The call's quota reservation in each contract it is charged to (tenant, route, group).
+    pub(crate) reservation: quota::Reservations,
+    /// The `max_in_flight` places (tenant, route, group): held until the bureau has answered.
+    pub(crate) in_flight: InFlightGuards,
 }
 
 /// A call that has its bureau slot: from here on the bureau is working on it.

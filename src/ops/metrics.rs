@@ -35,6 +35,12 @@ pub struct Metrics {
     pub limit_rejections_total: IntCounterVec,
     pub quota_used: IntGaugeVec,
     pub quota_limit: IntGaugeVec,
+    /// A tenant's use and limit per route (`[tenants.routes.NAME]`), by tenant, route, window.
+    pub route_quota_used: IntGaugeVec,
+    pub route_quota_limit: IntGaugeVec,
+    /// A group's use (all members) and limit (`[[groups]]`), by group, window.
+    pub group_quota_used: IntGaugeVec,
+    pub group_quota_limit: IntGaugeVec,
     pub state_load_errors_total: IntCounter,
     pub state_save_errors_total: IntCounter,
     pub state_last_save_timestamp_seconds: IntGauge,
@@ -136,6 +142,26 @@ impl Metrics {
             &["tenant", "window"],
         )
         .expect("valid metric");
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let route_quota_used = gauge(
+            "bureau_guard_route_quota_used",
+            "Bureau calls of one route charged to a tenant's route limit in the current window.",
+            &["tenant", "route", "window"],
+        );
+        let route_quota_limit = gauge(
+            "bureau_guard_route_quota_limit",
+            "A tenant's bureau calls allowed per window on one route.",
+            &["tenant", "route", "window"],
+        );
+        let group_quota_used = gauge(
+            "bureau_guard_group_quota_used",
+            "Bureau calls of a group's members together charged in the current window.",
+            &["group", "window"],
+        );
+        let group_quota_limit =
+            gauge("bureau_guard_group_quota_limit", "A group's bureau calls allowed per window.", &["group", "window"]);
         let state_load_errors_total = IntCounter::new(
             "bureau_guard_state_load_errors_total",
             "Quota state files found unreadable at start-up (moved aside; counters started from zero).",
@@ -414,6 +440,10 @@ impl Metrics {
             Box::new(limit_rejections_total.clone()),
             Box::new(quota_used.clone()),
             Box::new(quota_limit.clone()),
+            Box::new(route_quota_used.clone()),
+            Box::new(route_quota_limit.clone()),
+            Box::new(group_quota_used.clone()),
+            Box::new(group_quota_limit.clone()),
             Box::new(state_load_errors_total.clone()),
             Box::new(state_save_errors_total.clone()),
             Box::new(state_last_save_timestamp_seconds.clone()),
@@ -437,6 +467,10 @@ impl Metrics {
             limit_rejections_total,
             quota_used,
             quota_limit,
+            route_quota_used,
+            route_quota_limit,
+            group_quota_used,
+            group_quota_limit,
             state_load_errors_total,
             state_save_errors_total,
             state_last_save_timestamp_seconds,
@@ -627,11 +661,19 @@ pub struct TenantCell {
 }
 
 /// The limit reasons, in `limits` table order.
-const LIMIT_REASONS: [ErrorKind; 4] = [
+const LIMIT_REASONS: [ErrorKind; 12] = [
     ErrorKind::RateLimited,
     ErrorKind::TooManyInFlight,
     ErrorKind::DailyQuotaExhausted,
     ErrorKind::MonthlyQuotaExhausted,
+    ErrorKind::RouteRateLimited,
+    ErrorKind::RouteTooManyInFlight,
+    ErrorKind::RouteDailyQuotaExhausted,
+    ErrorKind::RouteMonthlyQuotaExhausted,
+    ErrorKind::GroupRateLimited,
+    ErrorKind::GroupTooManyInFlight,
+    ErrorKind::GroupDailyQuotaExhausted,
+    ErrorKind::GroupMonthlyQuotaExhausted,
 ];
 
 impl RequestCells {

@@ -264,6 +264,13 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     diff_named(&mut out, "routes", &old.routes, &new.routes, |r| &r.name, route_fields);
     diff_named(&mut out, "tenants", &old.tenants, &new.tenants, |t| &t.id, tenant_fields);
     for o in &old.tenants {
+        if let Some(n) = new.tenants.iter().find(|n| n.id == o.id) {
+            let section = format!("tenants[{}].routes", o.id);
+            diff_named(&mut out, &section, &o.routes, &n.routes, |r| &r.route, |r| limit_fields(&r.limits));
+        }
+    }
+    diff_named(&mut out, "groups", &old.groups, &new.groups, |g| &g.id, group_fields);
+    for o in &old.tenants {
         if let Some(n) = new.tenants.iter().find(|n| n.id == o.id)
             && let Some(what) = keys_change(&o.key_digests, &n.key_digests)
         {
@@ -404,6 +411,25 @@ fn route_fields(r: &RouteConfig) -> Vec<(&'static str, String)> {
         ("stale_if_error", dur(c.stale_if_error)),
         ("cache_statuses", list(c.cache_statuses.iter().map(|s| s.as_u16().to_string()).collect())),
     ]
+}
+
+/// The limits a route or group contract shares with a tenant's (`max_queue` aside).
+fn limit_fields(l: &crate::config::TenantLimits) -> Vec<(&'static str, String)> {
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "none".to_string());
+    vec![
+        ("rate", opt(l.rate.map(|r| r.to_string()))),
+        ("burst", l.burst.to_string()),
+        ("max_in_flight", opt(l.max_in_flight.map(|n| n.to_string()))),
+        ("daily_quota", opt(l.daily_quota.map(|n| n.to_string()))),
+        ("monthly_quota", opt(l.monthly_quota.map(|n| n.to_string()))),
+        ("dry_run", format!("{:?}", l.dry_run)),
+    ]
+}
+
+fn group_fields(g: &crate::config::GroupConfig) -> Vec<(&'static str, String)> {
+    let mut fields = vec![("members", format!("[{}]", g.members.join(", "))), ("weight", g.weight.to_string())];
+    fields.extend(limit_fields(&g.limits));
+    fields
 }
 
 fn tenant_fields(t: &TenantConfig) -> Vec<(&'static str, String)> {
