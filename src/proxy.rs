@@ -240,6 +240,9 @@ impl Proxy {
         // Priority: the level the call queues in for a bureau slot. Consumed here, never sent on.
         let level =
             crate::route::priority::level(&snap.config.priority, tenant.index, route_level, &mut parts.headers)?;
+        // Deadline: how long the client will wait, if it says (consumed; the bureau is told
+        // what is left of it).
+        let deadline = crate::route::deadline::take(&mut parts.headers, tokio::time::Instant::now())?;
 
         // Admission: local counters, or (with Redis) leases shared with the other replicas,
         // and what this request may still wait for Redis over all its limits.
@@ -331,6 +334,7 @@ impl Proxy {
             source,
             cost,
             level,
+            deadline,
             reservation,
             in_flight,
         };

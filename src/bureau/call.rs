@@ -49,6 +49,8 @@ pub(crate) struct BureauCall {
     pub(crate) cost: u32,
     /// The priority level slot it queues in ([`crate::route::priority`]).
     pub(crate) level: usize,
+    /// The client's own deadline ([`crate::route::deadline`]), if it gave one.
+    pub(crate) deadline: Option<tokio::time::Instant>,
     /// The call's quota reservation in each contract it is charged to (tenant, route, group).
     pub(crate) reservation: quota::Reservations,
     /// The `max_in_flight` places (tenant, route, group): held until the bureau has answered.
@@ -104,7 +106,10 @@ impl BureauCall {
         let queued_at = tokio::time::Instant::now();
         let who = &self.who;
         let upstream = &who.snap.config.upstream;
-        let deadline = queued_at + upstream.queue_timeout;
+        // The client's own deadline, when sooner, bounds the wait too.
+        let queue_deadline = queued_at + upstream.queue_timeout;
+        let client_binds = self.deadline.is_some_and(|d| d < queue_deadline);
+        let deadline = self.deadline.map_or(queue_deadline, |d| d.min(queue_deadline));
         let tenant = &who.tenant;
         let tenants = who.snap.tenants.len();
         let ticket = match who.shared.breaker.admit(&upstream.breaker, queued_at, tenant.state.index, tenants) {
@@ -138,6 +143,23 @@ impl BureauCall {
             deadline,
             level: self.level,
         };
+        // A request the queue cannot serve before its own deadline is refused now rather than
+        // when the deadline passes: it never takes a place, nor a slot.
+        if let Some(client) = self.deadline
+            && let Some(wait) = who.shared.scheduler.estimated_wait(&ask)
+            && queued_at + wait >= client
+        {
+            cells.shed_deadline.inc();
+            return Err(ProxyError::new(
+                ErrorKind::BureauBusy,
+                format!(
+                    "a bureau slot is about {} ms away; your x-request-timeout-ms leaves {} ms",
+                    wait.as_millis(),
+                    client.saturating_duration_since(queued_at).as_millis()
+                ),
+            )
+            .retry_after(retry_after_secs(wait)));
+        }
         let permit = loop {
             self.wait_out_holds(deadline).await?;
             let permit = match who.shared.scheduler.acquire(ask).await {
@@ -150,6 +172,10 @@ impl BureauCall {
                                 "the bureau is at capacity and {} of your requests are already waiting",
                                 tenant.limits.max_queue
                             )
+                        }
+                        ShedReason::QueueTimeout if client_binds => {
+                            cells.shed_deadline.inc();
+                            "no bureau slot before your x-request-timeout-ms passed".to_string()
                         }
                         ShedReason::QueueTimeout => {
                             cells.shed_queue_timeout.inc();
@@ -206,7 +232,7 @@ impl Granted {
     async fn call(self, mut parts: http::request::Parts, body: bytes::Bytes, keep: Keep) -> Done {
         let Granted { call, permit, ticket, queued_at } = self;
         // The in-flight place is held (unused) until the bureau has answered.
-        let BureauCall { who, source, cost: _, level: _, reservation, in_flight: _in_flight } = call;
+        let BureauCall { who, source, cost: _, level: _, deadline, reservation, in_flight: _in_flight } = call;
         let Attribution { shared, snap, tenant, request_id, .. } = &who;
         let upstream = &snap.config.upstream;
         let called_at = tokio::time::Instant::now();
@@ -215,6 +241,9 @@ impl Granted {
         // Forward headers: the bureau learns who asked and which request this is from us alone:
         // no credential, and no identity or forwarding field the bank sent, in any spelling.
         headers::forward(&mut parts.headers, &tenant.header_value, request_id, source);
+        if let Some(deadline) = deadline {
+            crate::route::deadline::tell_the_bureau(&mut parts.headers, deadline, called_at);
+        }
 
         // Upstream: the bureau is touched last, and the call runs until it answers (or
         // max_call_time cuts it). Not answering within response_timeout is a failure for the

@@ -33,11 +33,14 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Fields the bureau could read as who is asking or from where: the ones bureau-guard sets, and
 /// the forwarding fields only bureau-guard may set (from the connection, not from the client);
-/// and the control field bureau-guard consumes (`x-bureau-priority`, read in
-/// `route/priority.rs`), never passed on as the client sent it.
+/// and the control fields bureau-guard consumes (`x-bureau-priority`, `x-request-timeout-ms`,
+/// read in `route/`) or sets itself (`x-expected-timeout-ms`), never passed on as the client
+/// sent them.
 pub const IDENTITY: &[&str] = &[
     "x-tenant",
     "x-bureau-priority",
+    "x-request-timeout-ms",
+    "x-expected-timeout-ms",
     "x-request-id",
     "x-client-request-id",
     "forwarded",

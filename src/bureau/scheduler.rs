@@ -413,6 +413,39 @@ impl Scheduler {
         }
     }
 
+    /// How long `ask` would wait for a slot if it were queued now: zero if one is free for it;
+    /// if its tenant would be sparse, the next completions (one per sparse request ahead of it);
+    /// else its place in its tenant's queue at the tenant's weighted share of its level's part
+    /// of the drain rate. An estimate from the measured drain rate (`None` before one is
+    /// measured), for refusing at once a request whose own deadline the queue cannot meet.
+    pub fn estimated_wait(&self, ask: &Ask) -> Option<Duration> {
+        let table = self.levels.load();
+        let level = Scheduler::level_of(&table, ask.level);
+        let limit = self.limit.load(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) == 0
+            && self.level_allows(&table, level, limit)
+            && self.in_flight() < limit
+        {
+            return Some(Duration::ZERO);
+        }
+        let part = self.level_part(&table, level);
+        let mut q = self.lock();
+        let drain = q.drain.sample(Instant::now(), self.released.load(Ordering::Relaxed))?;
+        let st = &q.levels[level];
+        let weight = ask.weight.max(1);
+        let service = u128::from(ask.cost.max(1)) * VTIME_SCALE / u128::from(weight);
+        let (queued, finish, own) =
+            st.tenants.get(ask.tenant).map_or((0, 0, 0), |t| (t.waiters.len(), t.finish, t.active_weight));
+        let slots = if queued == 0 && finish <= st.vtime + service {
+            (st.sparse.len() + 1) as f64 / drain
+        } else {
+            let active = st.active_weight + if own == 0 { u64::from(weight) } else { 0 };
+            let share = f64::from(weight) / active as f64;
+            (queued + 1) as f64 / (drain * part * share.min(1.0))
+        };
+        slots.is_finite().then(|| Duration::from_secs_f64(slots.min(3600.0)))
+    }
+
     /// The slot `level` is served as: itself if in use, else the least important level.
     fn level_of(table: &LevelTable, level: usize) -> usize {
         if table.contains(level) { level } else { *table.order().last().expect("a level table is never empty") }

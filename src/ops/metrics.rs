@@ -657,6 +657,8 @@ pub struct TenantCell {
     pub shed_bureau_hold: IntCounter,
     pub shed_overdue: IntCounter,
     pub shed_queue_full_total: IntCounter,
+    /// The request's own deadline (`x-request-timeout-ms`) could not be met.
+    pub shed_deadline: IntCounter,
     pub abandoned: IntCounter,
 }
 
@@ -738,6 +740,7 @@ impl RequestCells {
                 shed_bureau_hold: metrics.sheds_total.with_label_values(&[id, "bureau_hold"]),
                 shed_overdue: metrics.sheds_total.with_label_values(&[id, "overdue"]),
                 shed_queue_full_total: metrics.sheds_total.with_label_values(&[id, "queue_full_total"]),
+                shed_deadline: metrics.sheds_total.with_label_values(&[id, "deadline"]),
                 abandoned: metrics.bureau_calls_abandoned_total.with_label_values(&[id]),
             }
         })

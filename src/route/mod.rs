@@ -8,6 +8,7 @@
 //! [`path`] comes first: the request target is normalised once (ambiguity: 400), and that one
 //! target is routed, keyed and forwarded.
 
+pub mod deadline;
 pub mod path;
 pub mod priority;
 

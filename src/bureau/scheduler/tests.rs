@@ -1110,3 +1110,32 @@ async fn when_all_queues_are_full_batch_makes_room_for_interactive() {
     };
     assert_eq!(shed.reason, ShedReason::QueueFullTotal);
 }
+
+/// The wait a request would have, for refusing at once one whose own deadline the queue cannot
+/// meet: zero with a free slot, nothing before a drain rate is measured, then the tenant's
+/// place in its queue at its share of the drain, or (a sparse tenant) the next completions.
+#[tokio::test(start_paused = true)]
+async fn estimated_wait_follows_the_queue_and_the_measured_drain() {
+    let sched = Scheduler::new(1);
+    assert_eq!(sched.estimated_wait(&ask(0, 1)), Some(Duration::ZERO));
+    let held = grant_now(&sched, ask(2, 1));
+    assert_eq!(sched.estimated_wait(&ask(0, 1)), None, "no drain rate yet");
+    drop(held);
+    // 100 calls a second pass through the one slot for two seconds.
+    for _ in 0..200 {
+        let held = grant_now(&sched, ask(2, 1));
+        tokio::time::advance(Duration::from_millis(10)).await;
+        drop(held);
+    }
+    let _held = grant_now(&sched, ask(2, 1));
+    let mut queued: Vec<Acquire> = (0..5).map(|_| acquire_boxed(&sched, ask(0, 1))).collect();
+    assert!(queued.iter_mut().all(|w| poll_once(w).is_pending()));
+    // Tenant 0 has 5 waiting and is the only tenant queued: its share is the whole drain, and
+    // one more request waits for 6 slots at 100/s.
+    let behind_five = sched.estimated_wait(&ask(0, 1)).expect("a drain rate");
+    assert!((Duration::from_millis(50)..=Duration::from_millis(70)).contains(&behind_five), "{behind_five:?}");
+    // A newcomer is sparse: it waits for the sparse request ahead of it (tenant 0's first,
+    // which came to an empty queue) and then the next completion: 2 slots, not 6.
+    let newcomer = sched.estimated_wait(&ask(1, 1)).expect("a drain rate");
+    assert!((Duration::from_millis(18)..=Duration::from_millis(22)).contains(&newcomer), "{newcomer:?}");
+}
