@@ -164,3 +164,61 @@ async fn levels_reload_under_load_without_a_failed_request() {
     assert_eq!(metric_value(&metrics, r#"bureau_guard_level_in_flight{level="batch"}"#), Some(0.0), "{metrics}");
     assert_eq!(env.proxy.shared.scheduler.in_flight(), 0);
 }
+
+/// Three affiliates in one group (weight 1) surge together beside an unaffiliated bank
+/// (weight 1) surging as hard: the group's three ids share one share of the bureau between
+/// them, so while all four are backlogged the bank gets about as many calls as the three
+/// together (without the group it would get a quarter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affiliates_surging_together_get_their_groups_share_not_one_each() {
+    let mut text = config_with(
+        "http://127.0.0.1:1",
+        &Extras {
+            upstream: "max_concurrency = 2\nqueue_timeout = \"20s\"",
+            tenant_a: "max_queue = 1000",
+            tenant_b: "max_queue = 1000",
+            ..Extras::default()
+        },
+    );
+    // Two more affiliates of b's group (keys c and d), and the group.
+    let mock = start_mock(MockConfig { workers: 2, ..bureau() }).await;
+    text = text.replace("http://127.0.0.1:1", &mock.url());
+    for (id, key) in [("b2", "key-b2"), ("b3", "key-b3")] {
+        text.push_str(&format!("[[tenants]]\nid = \"{id}\"\napi_key_sha256 = \"{}\"\nmax_queue = 1000\n", sha(key)));
+    }
+    text.push_str("[[groups]]\nid = \"bank-b-family\"\nmembers = [\"b\", \"b2\", \"b3\"]\n");
+    let proxy = start_proxy(&text).await;
+    let url = |who: &str, i: usize| format!("http://{}/v1/score/{who}-{i}", proxy.addr);
+    let mut family = Vec::new();
+    for key in [KEY_B, "key-b2", "key-b3"] {
+        for i in 0..60 {
+            let u = url(key, i);
+            family.push(tokio::spawn(async move { get(&u, &[("x-api-key", key)]).await.status }));
+        }
+    }
+    let alone: Vec<_> = (0..60)
+        .map(|i| {
+            let u = url("a", i);
+            tokio::spawn(async move { get(&u, &[("x-api-key", KEY_A)]).await.status })
+        })
+        .collect();
+    // Counted from when all four have a backlog (the requests arrive over a few hundred ms).
+    let sched = proxy.shared.scheduler.clone();
+    wait_until("all four backlogged", || (0..4).all(|t| sched.queued(t) >= 20)).await;
+    let before = mock.bureau.stats().calls_by_tenant;
+    for t in alone {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let after = mock.bureau.stats().calls_by_tenant;
+    let delta = |t: &str| after.get(t).copied().unwrap_or(0) - before.get(t).copied().unwrap_or(0);
+    let family_calls: u64 = ["b", "b2", "b3"].iter().map(|t| delta(t)).sum();
+    let bank = delta("a");
+    assert!(bank >= 20, "the bank's backlog was served while counted: {bank}");
+    assert!(
+        family_calls <= bank * 5 / 4 + 2,
+        "while all were backlogged the three affiliates had {family_calls} calls to the bank's {bank}"
+    );
+    for t in family {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+}

@@ -137,7 +137,7 @@ impl BureauCall {
         }
         let ask = Ask {
             tenant: tenant.state.index,
-            weight: tenant.weight,
+            weight: tenant.scheduler_weight,
             cost: self.cost,
             max_queue: tenant.limits.max_queue,
             deadline,

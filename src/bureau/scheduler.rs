@@ -129,8 +129,10 @@ pub const RETRY_AFTER_MIN: Duration = Duration::from_secs(1);
 /// Longest `Retry-After`: past a minute the estimate says "the bureau is stuck", not "when".
 pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(60);
 
-/// Fixed-point scale of virtual time: `cost / weight` in units of 2^-32, exact enough for
-/// weights up to 1000 and, in a `u128`, impossible to overflow in the life of a process.
+/// Fixed-point scale of virtual time: `cost / weight` in units of 2^-32, exact to a few parts
+/// per million for the weights the request path uses (tenant weights up to 1000, in thousandths:
+/// `admission::tenant::WEIGHT_SCALE`) and, in a `u128`, impossible to overflow in the life of a
+/// process.
 const VTIME_SCALE: u128 = 1 << 32;
 /// The drain rate is re-sampled no more often than this: shorter intervals measure jitter.
 const DRAIN_SAMPLE_MIN: Duration = Duration::from_millis(100);
