@@ -41,6 +41,7 @@ pub(crate) mod runtime;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod usage;
 #[cfg(feature = "tools")]
 pub mod tools;
 

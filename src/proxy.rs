@@ -33,6 +33,7 @@ use crate::respond::{Body, ErrorKind, Outcome, ProxyError, RateLimitState, error
 use crate::runtime::{Shared, Snapshot};
 use crate::server::{ClientAddr, Peer};
 use crate::tls::ClientCert;
+use crate::usage::Column;
 
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -115,10 +116,7 @@ impl Proxy {
             let record = Record {
                 unix_ms: self.shared.clock.now_unix_ms(),
                 tenant: tenant.id.clone(),
-                route: snap
-                    .routes
-                    .get(ctx.route)
-                    .map_or_else(|| Arc::from(snap.cells.route_label(ctx.route)), |r| r.name.clone()),
+                route: snap.route_name(ctx.route),
                 subject: ctx.subject,
                 outcome,
                 status: resp.status().as_u16(),
@@ -128,6 +126,24 @@ impl Proxy {
             if let Err(err) = audit.admit().and_then(|()| audit.record(record)) {
                 resp = error_response(&err, Some(&tenant.id));
                 outcome = Outcome::Rejected(err.kind);
+            }
+        }
+        // Usage: what the tenant received without a bureau call of its own, or was refused
+        // (the bureau calls themselves are counted where they are charged, `bureau/call.rs`).
+        if let Some(tenant) = &ctx.tenant {
+            let column = match outcome {
+                Outcome::CacheHit => Some(Column::CacheHits),
+                Outcome::Coalesced => Some(Column::Coalesced),
+                Outcome::Stale => Some(Column::Stale),
+                Outcome::Rejected(kind) => Some(Column::Refused(kind)),
+                Outcome::Bureau | Outcome::Abandoned => None,
+            };
+            if let Some(column) = column {
+                let day = ctx.windows.map_or_else(
+                    || crate::usage::day_at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset),
+                    |w| w.day,
+                );
+                self.shared.usage.record(day, &tenant.id, &snap.route_name(ctx.route), column);
             }
         }
         resp.headers_mut().insert(&X_REQUEST_ID, request_id.id.clone());

@@ -25,6 +25,7 @@ use crate::cache::key::CacheKey;
 use crate::cache::store::{self, Fetched};
 use crate::respond::{Body, ErrorKind, Outcome, ProxyError};
 use crate::runtime::{Shared, Snapshot};
+use crate::usage::Column;
 
 /// Who a bureau call is for and where it is recorded: what both the call and its end
 /// ([`Done`]) carry, for metrics and the audit record of an abandoned call.
@@ -87,6 +88,8 @@ pub(crate) struct Done {
     pub(crate) answer: Result<Answer, ProxyError>,
     /// The tenant's quota was charged for it (the bureau took the call).
     charged: bool,
+    /// The local day the call was sent on (its usage day).
+    day: u32,
     who: Attribution,
 }
 
@@ -212,6 +215,9 @@ impl Granted {
         // no credential, and no identity or forwarding field the bank sent, in any spelling.
         headers::forward(&mut parts.headers, &tenant.header_value, request_id, source);
 
+        // The bureau's day for this call: it counts the call when it receives it.
+        let day = crate::usage::day_at(shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
+
         // Upstream: the bureau is touched last, and the call runs until it answers (or
         // max_call_time cuts it). Not answering within response_timeout is a failure for the
         // breaker at once, though the call goes on, and counts as overdue for its tenant.
@@ -248,6 +254,15 @@ impl Granted {
             reservation.commit();
         } else {
             drop(reservation);
+        }
+        // Usage: the call charged, or refused by the bureau (reached, not charged).
+        let usage_column = match (charged, reached) {
+            (true, _) => Some(Column::BureauCalls),
+            (false, true) => Some(Column::BureauRefused),
+            (false, false) => None,
+        };
+        if let Some(column) = usage_column {
+            shared.usage.record(day, &tenant.id, &snap.route_name(who.route), column);
         }
         match (ticket, &result) {
             // Never left this process: nothing learned about the bureau.
@@ -311,7 +326,7 @@ impl Granted {
                 }
             },
         };
-        Done { answer, charged, who }
+        Done { answer, charged, day, who }
     }
 }
 
@@ -344,17 +359,14 @@ impl Done {
         let who = &self.who;
         let cells = who.snap.cells.tenant(&who.shared.metrics, who.tenant.index);
         cells.abandoned.inc();
+        let route = who.snap.route_name(who.route);
+        who.shared.usage.record(self.day, &who.tenant.id, &route, Column::Abandoned);
         let Some(audit) = &who.shared.audit else { return };
         let status = match &self.answer {
             Ok(Answer::Plain(resp)) => resp.status(),
             Ok(Answer::Fetched(fetched)) => fetched.status,
             Err(e) => e.kind.status(),
         };
-        let route = who
-            .snap
-            .routes
-            .get(who.route)
-            .map_or_else(|| Arc::from(who.snap.cells.route_label(who.route)), |r| r.name.clone());
         let record = Record {
             unix_ms: who.shared.clock.now_unix_ms(),
             tenant: who.tenant.id.clone(),

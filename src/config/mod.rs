@@ -27,6 +27,7 @@ mod tenants;
 #[cfg(test)]
 mod tests;
 mod upstream;
+mod usage;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -49,6 +50,7 @@ pub use server::ServerConfig;
 pub use state::{FailPolicy, RedisSettings, RedisTls, StateBackend, StateConfig, redact_url};
 pub use tenants::{DryRun, TenantConfig, TenantLimits};
 pub use upstream::{AdaptiveSettings, BreakerSettings, UpstreamConfig};
+pub use usage::UsageConfig;
 
 /// Defaults, each with the reason it is what it is.
 pub mod defaults {
@@ -197,6 +199,7 @@ pub struct Config {
     pub state: StateConfig,
     pub cache: CacheConfig,
     pub audit: AuditConfig,
+    pub usage: UsageConfig,
     pub routes: Vec<RouteConfig>,
     pub tenants: Vec<TenantConfig>,
 }
@@ -261,6 +264,8 @@ struct RawConfig {
     cache: cache::RawCache,
     #[serde(default)]
     audit: audit::RawAudit,
+    #[serde(default)]
+    usage: usage::RawUsage,
     #[serde(default)]
     routes: Vec<routes::RawRoute>,
     #[serde(default)]
@@ -365,6 +370,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let state = state::validate(&mut p, &raw.state, env);
     let cache = cache::validate(&mut p, &raw.cache, env);
     let audit = audit::validate(&mut p, &raw.audit);
+    let usage = usage::validate(&mut p, &raw.usage);
 
     let routes = routes::validate(&mut p, &raw.routes);
     if routes.is_empty() && !server.pass_unmatched && raw.routes.is_empty() {
@@ -381,7 +387,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let tenants = tenants::validate_cert_names(&mut p, &raw.tenants, tenants, cert_identity, raw.server.tls.is_some());
 
     if p.0.is_empty() {
-        Ok(Config { server, admin, upstream, log, quota, state, cache, audit, routes, tenants })
+        Ok(Config { server, admin, upstream, log, quota, state, cache, audit, usage, routes, tenants })
     } else {
         Err(ConfigError { problems: p.0 })
     }

@@ -7,6 +7,7 @@
 //! | `GET /readyz` | 200 while serving, 503 before start and while draining |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /admin/tenants` | every tenant's limits and live usage, JSON |
+//! | `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD[&tenant=ID][&format=csv\|json]` | usage statement by tenant, route and day (token) |
 //! | `POST /admin/tenants/{id}/reset` | zero a tenant's daily and monthly counters (token) |
 //! | `POST /admin/reload` | re-read and apply the config file (token); 200 applied, 422 rejected |
 //! | `POST /admin/cache/purge[?tenant=ID\|?route=NAME]` | drop cached answers: a tenant's, a route's, or all (token) |
@@ -95,6 +96,53 @@ impl Admin {
             Err(_) => json(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &serde_json::json!({"result": "rejected", "changes": [], "problems": ["the reload task failed; the running config is unchanged"]}),
+            ),
+        }
+    }
+
+    /// `GET /admin/usage`: a usage statement (see `usage/`); 400 for a bad query or a tenant
+    /// neither configured nor in the statement's days.
+    async fn usage(self, req: Request<Incoming>) -> Response<Body> {
+        use crate::usage::query::{self, Format};
+        let bad = |message: String| json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "bad_request", "message": message}));
+        let usage = self.shared.usage.clone();
+        let q = match query::parse(req.uri().query().unwrap_or(""), usage.retention_days()) {
+            Ok(q) => q,
+            Err(message) => return bad(message),
+        };
+        let snap = self.shared.snapshot.load_full();
+        let (from, to, tenant) = (q.from, q.to, q.tenant.clone());
+        // File reads (and the flush before them) block: off the async workers.
+        let rows = match tokio::task::spawn_blocking(move || usage.rows(from, to, tenant.as_deref())).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read usage");
+                return json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": "usage_unavailable", "message": "the usage files could not be read; see the proxy's log"}),
+                );
+            }
+            Err(_) => return json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "usage_unavailable"})),
+        };
+        let configured: Vec<String> = match &q.tenant {
+            Some(t) => snap.tenants.by_id(t).map(|_| t.clone()).into_iter().collect(),
+            None => snap.tenants.iter().map(|t| t.id.to_string()).collect(),
+        };
+        if let Some(t) = &q.tenant
+            && configured.is_empty()
+            && rows.is_empty()
+        {
+            return bad(format!("unknown tenant {t:?}: not in the running config and no usage in these days"));
+        }
+        match q.format {
+            Format::Csv => {
+                let mut resp = Response::new(Full::new(Bytes::from(crate::usage::statement::csv(&rows))));
+                resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8; header=present"));
+                resp
+            }
+            Format::Json => json(
+                StatusCode::OK,
+                &crate::usage::statement::statement(q.from, q.to, snap.config.quota.utc_offset, &configured, &rows),
             ),
         }
     }
@@ -392,6 +440,9 @@ impl Admin {
         }
         if req.method() == Method::POST && req.uri().path() == "/admin/reload" {
             return self.reload(req).await;
+        }
+        if req.method() == Method::GET && req.uri().path() == "/admin/usage" {
+            return self.usage(req).await;
         }
         if req.method() == Method::POST && req.uri().path() == "/admin/cache/purge" {
             return self.purge(req).await;

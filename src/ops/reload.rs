@@ -256,6 +256,10 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     }
     field("audit.file", format!("{:?}", old.audit.file), format!("{:?}", new.audit.file), true);
     field("audit.fail_closed", old.audit.fail_closed.to_string(), new.audit.fail_closed.to_string(), true);
+    // The usage store is opened once per process, as the audit writer is.
+    field("usage.dir", format!("{:?}", old.usage.dir), format!("{:?}", new.usage.dir), true);
+    field("usage.retention", dur(old.usage.retention), dur(new.usage.retention), true);
+    field("usage.flush_interval", dur(old.usage.flush_interval), dur(new.usage.flush_interval), true);
 
     diff_server_tls(&mut out, old.server.tls.as_ref(), new.server.tls.as_ref());
     diff_upstream_tls(&mut out, old.upstream.tls.as_ref(), new.upstream.tls.as_ref());
