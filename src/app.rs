@@ -376,8 +376,7 @@ async fn usage_loop(shared: Arc<Shared>, stop: impl std::future::Future<Output =
             _ = tick.tick() => false,
             () = &mut stop => true,
         };
-        let today =
-            crate::usage::day_at(shared.clock.now_unix_ms(), shared.snapshot.load().config.quota.utc_offset);
+        let today = crate::usage::day_at(shared.clock.now_unix_ms(), shared.snapshot.load().config.quota.utc_offset);
         let usage = shared.usage.clone();
         let prune = pruned_on != Some(today);
         // File appends and fsync block: off the runtime's worker threads.

@@ -41,9 +41,9 @@ pub(crate) mod runtime;
 pub mod server;
 pub mod state;
 pub mod tls;
-pub mod usage;
 #[cfg(feature = "tools")]
 pub mod tools;
+pub mod usage;
 
 pub use app::{Options, Running};
 pub use config::Config;

@@ -69,7 +69,8 @@ mod tests {
 
     fn problems(usage: &str) -> String {
         let text = format!(
-            "[admin]\ninsecure_no_token = true\n[upstream]\nurl = \"http://127.0.0.1:1\"\n[usage]\n{usage}\n[[routes]]\nname = \"s\"\nmethod = \"GET\"\npath = \"/s\"\n[[tenants]]\nid = \"a\"\napi_key_sha256 = \"{}\"\n", "0".repeat(64)
+            "[admin]\ninsecure_no_token = true\n[upstream]\nurl = \"http://127.0.0.1:1\"\n[usage]\n{usage}\n[[routes]]\nname = \"s\"\nmethod = \"GET\"\npath = \"/s\"\n[[tenants]]\nid = \"a\"\napi_key_sha256 = \"{}\"\n",
+            "0".repeat(64)
         );
         match Config::from_toml(&text, &|_| None) {
             Ok(_) => String::new(),

@@ -104,7 +104,9 @@ impl Admin {
     /// neither configured nor in the statement's days.
     async fn usage(self, req: Request<Incoming>) -> Response<Body> {
         use crate::usage::query::{self, Format};
-        let bad = |message: String| json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "bad_request", "message": message}));
+        let bad = |message: String| {
+            json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "bad_request", "message": message}))
+        };
         let usage = self.shared.usage.clone();
         let q = match query::parse(req.uri().query().unwrap_or(""), usage.retention_days()) {
             Ok(q) => q,
@@ -122,7 +124,9 @@ impl Admin {
                     &serde_json::json!({"error": "usage_unavailable", "message": "the usage files could not be read; see the proxy's log"}),
                 );
             }
-            Err(_) => return json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "usage_unavailable"})),
+            Err(_) => {
+                return json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "usage_unavailable"}));
+            }
         };
         let configured: Vec<String> = match &q.tenant {
             Some(t) => snap.tenants.by_id(t).map(|_| t.clone()).into_iter().collect(),
@@ -137,7 +141,8 @@ impl Admin {
         match q.format {
             Format::Csv => {
                 let mut resp = Response::new(Full::new(Bytes::from(crate::usage::statement::csv(&rows))));
-                resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8; header=present"));
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8; header=present"));
                 resp
             }
             Format::Json => json(

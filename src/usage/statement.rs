@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::Row;
 use super::counts::{COLUMNS, Column, Counts};
 use super::store::date_of;
-use super::Row;
 
 /// What a statement says about one set of counts.
 #[derive(Debug, Serialize, PartialEq)]
@@ -94,7 +94,11 @@ pub fn statement(from: u32, to: u32, offset: chrono::FixedOffset, tenants: &[Str
         let (total, list) = by_tenant.entry(&r.tenant).or_default();
         total.merge(&r.counts);
         all.merge(&r.counts);
-        list.push(DayRow { day: date_of(r.day).to_string(), route: r.route.to_string(), figures: Figures::of(&r.counts) });
+        list.push(DayRow {
+            day: date_of(r.day).to_string(),
+            route: r.route.to_string(),
+            figures: Figures::of(&r.counts),
+        });
     }
     Statement {
         from: date_of(from).to_string(),

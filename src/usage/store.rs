@@ -281,11 +281,15 @@ mod tests {
         f.slack = 4096;
         // ~70 bytes a line: 200 appends pass 4 KiB of slack.
         for _ in 0..200 {
-            f.append(7, &row("tenant-with-a-long-id", "score", Column::BureauCalls, 1)).unwrap_or_else(|e| panic!("{e}"));
+            f.append(7, &row("tenant-with-a-long-id", "score", Column::BureauCalls, 1))
+                .unwrap_or_else(|e| panic!("{e}"));
         }
         let len = std::fs::metadata(f.path(7)).unwrap().len();
         assert!(len < 4096 + 200, "compacted along the way: {len} bytes");
-        assert_eq!(f.read(7).unwrap()[&(Arc::from("tenant-with-a-long-id"), Arc::from("score"))].get(Column::BureauCalls), 200);
+        assert_eq!(
+            f.read(7).unwrap()[&(Arc::from("tenant-with-a-long-id"), Arc::from("score"))].get(Column::BureauCalls),
+            200
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
