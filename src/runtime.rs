@@ -240,6 +240,7 @@ impl Shared {
             config.server.tls.as_ref().map(|t| Arc::new(ArcSwap::from_pointee(crate::tls::Listener::new(t))));
         let handshakes = metrics.handshake_counters();
         metrics.set_certificate_expiry(&config, tls_listener.is_some(), true);
+        crate::ops::series::declare(&metrics, &config, None);
         let trusted_proxies = config.server.trusted_proxies.clone();
         let auth_failures = crate::server::auth_failures::AuthFailures::new(
             config.server.auth_penalty,

@@ -282,3 +282,30 @@ async fn usage_needs_the_admin_token_and_the_cli_prints_the_statement() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("refused the token"));
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn dashboard_series_exist_at_zero_from_the_start_and_leave_with_their_tenant() {
+    let mock = start_mock(fast_mock()).await;
+    let text = usage_config(&mock.url(), "");
+    let proxy = start_proxy(&text).await;
+    let metrics = || async { get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text() };
+    let m = metrics().await;
+    for series in [
+        r#"bureau_guard_limit_rejections_total{mode="enforced",reason="daily_quota_exhausted",tenant="b"}"#,
+        r#"bureau_guard_sheds_total{reason="queue_timeout",tenant="a"}"#,
+        r#"bureau_guard_requests_total{outcome="coalesced",route="score",tenant="b"}"#,
+        r#"bureau_guard_bureau_calls_abandoned_total{tenant="a"}"#,
+        r#"bureau_guard_cache_stores_total{result="stored"}"#,
+    ] {
+        assert_eq!(metric_value(&m, series), Some(0.0), "{series} before any traffic");
+    }
+    // A reload without tenant b drops its series; a's stay.
+    let without_b = text.replace("[[tenants]]\nid = \"b\"", "[[tenants]]\nid = \"c\"");
+    let report = bureau_guard::ops::reload::apply(&proxy.shared, parse(&without_b));
+    assert!(report.applied(), "{report:?}");
+    let m = metrics().await;
+    assert!(!m.contains("tenant=\"b\""), "b's series are gone");
+    assert_eq!(metric_value(&m, r#"bureau_guard_sheds_total{reason="queue_timeout",tenant="c"}"#), Some(0.0));
+    assert_eq!(metric_value(&m, r#"bureau_guard_sheds_total{reason="queue_timeout",tenant="a"}"#), Some(0.0));
+    proxy.shutdown().await;
+}

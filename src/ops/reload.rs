@@ -121,6 +121,7 @@ fn apply_locked(shared: &Shared, config: Config, _one_at_a_time: std::sync::Mute
     }
     shared.scheduler.set_max_waiting(u_new.max_queue_total);
     shared.metrics.set_certificate_expiry(&new_config, shared.tls_listener.is_some(), false);
+    crate::ops::series::declare(&shared.metrics, &new_config, Some(&old.config));
     for w in new_config.warnings() {
         tracing::warn!(warning = %w, "config warning");
     }
@@ -215,6 +216,12 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         "admin.allowed_hosts",
         format!("{:?}", old.admin.allowed_hosts),
         format!("{:?}", new.admin.allowed_hosts),
+        false,
+    );
+    field(
+        "admin.zero_series_max_tenants",
+        old.admin.zero_series_max_tenants.to_string(),
+        new.admin.zero_series_max_tenants.to_string(),
         false,
     );
     let (u0, u1) = (&old.upstream, &new.upstream);
