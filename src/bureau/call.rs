@@ -215,8 +215,11 @@ impl Granted {
         // no credential, and no identity or forwarding field the bank sent, in any spelling.
         headers::forward(&mut parts.headers, &tenant.header_value, request_id, source);
 
-        // The bureau's day for this call: it counts the call when it receives it.
+        // The charge is durable before the call leaves (`usage/journal.rs`): a crash from here
+        // on cannot lose a call the bureau bills. The day is the bureau's day for this call.
         let day = crate::usage::day_at(shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
+        let route = snap.route_name(who.route);
+        shared.usage.charge(day, &tenant.id, &route).await;
 
         // Upstream: the bureau is touched last, and the call runs until it answers (or
         // max_call_time cuts it). Not answering within response_timeout is a failure for the
@@ -255,14 +258,10 @@ impl Granted {
         } else {
             drop(reservation);
         }
-        // Usage: the call charged, or refused by the bureau (reached, not charged).
-        let usage_column = match (charged, reached) {
-            (true, _) => Some(Column::BureauCalls),
-            (false, true) => Some(Column::BureauRefused),
-            (false, false) => None,
-        };
-        if let Some(column) = usage_column {
-            shared.usage.record(day, &tenant.id, &snap.route_name(who.route), column);
+        // Usage: a call the bureau did not take gives its charge back (and one it refused is
+        // counted as such).
+        if !charged {
+            shared.usage.refund(day, &tenant.id, &route, reached);
         }
         match (ticket, &result) {
             // Never left this process: nothing learned about the bureau.

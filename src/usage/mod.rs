@@ -20,6 +20,7 @@
 //! - `statement.rs`: the statement as JSON or CSV, savings stated
 
 pub mod counts;
+pub mod journal;
 pub mod query;
 pub mod statement;
 pub mod store;
@@ -51,9 +52,11 @@ pub struct Row {
 /// The process's usage counts: pending ones in shards, kept ones in the [`Store`].
 pub struct Usage {
     shards: Box<[Mutex<Pending>]>,
-    /// Only the flusher and statements take it, never the request path.
-    store: Mutex<Store>,
+    /// Only the flusher, the charge committer and statements take it, never the request path.
+    store: Arc<Mutex<Store>>,
     retention_days: u32,
+    /// With `usage.dir`: the charge committer's queue (`journal.rs`).
+    charges: Option<journal::Committer>,
 }
 
 /// The local day number (since 1970-01-01) of `unix_ms` at `offset`: the quota's day.
@@ -78,10 +81,14 @@ impl Usage {
             })?),
             None => Store::Memory(Default::default()),
         };
+        let durable = matches!(store, Store::Files(_));
+        let store = Arc::new(Mutex::new(store));
+        let charges = durable.then(|| journal::Committer::start(store.clone())).transpose()?;
         Ok(Usage {
             shards: (0..SHARDS).map(|_| Mutex::new(Pending::new())).collect(),
-            store: Mutex::new(store),
+            store,
             retention_days: config.retention_days(),
+            charges,
         })
     }
 
@@ -103,6 +110,30 @@ impl Usage {
                 c.add(column, n);
                 pending.insert((day, tenant.clone(), route.clone()), c);
             }
+        }
+    }
+
+    /// Charges one bureau call to (`day`, `tenant`, `route`) before it is sent. With `usage.dir`
+    /// the charge is on disk when this returns (group commit: the calls arriving together share
+    /// one `fdatasync`, `journal.rs`); if it cannot be written it is counted in memory like the
+    /// other columns (flushed later) and the call goes on: the bureau call matters more than
+    /// the statement, and the error is logged.
+    pub async fn charge(&self, day: u32, tenant: &Arc<str>, route: &Arc<str>) {
+        let durable = match &self.charges {
+            Some(c) => c.commit(day, tenant, route).await,
+            None => false,
+        };
+        if !durable {
+            self.record(day, tenant, route, Column::BureauCalls);
+        }
+    }
+
+    /// Takes back a [`Usage::charge`] whose call the bureau did not take: refused by it
+    /// (`reached`: counted in `bureau_refused`), or never delivered.
+    pub fn refund(&self, day: u32, tenant: &Arc<str>, route: &Arc<str>, reached: bool) {
+        self.add(day, tenant, route, Column::BureauCalls, -1);
+        if reached {
+            self.record(day, tenant, route, Column::BureauRefused);
         }
     }
 
@@ -168,6 +199,11 @@ impl Usage {
         }
         out.sort_by(|a, b| (&a.tenant, a.day, &a.route).cmp(&(&b.tenant, b.day, &b.route)));
         Ok(out)
+    }
+
+    /// Charge batches written (group commits) so far; 0 without `usage.dir`.
+    pub fn charge_batches(&self) -> u64 {
+        self.charges.as_ref().map_or(0, journal::Committer::batches)
     }
 
     /// Days kept, counting today.

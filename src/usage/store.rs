@@ -36,6 +36,17 @@ pub struct DayFiles {
     compact_len: HashMap<u32, u64>,
     /// How much a file may grow past four times its compact size before it is rewritten.
     slack: u64,
+    /// Open files of the days being appended to, and their lengths (today and yesterday,
+    /// nearly always): an append is one `write` and one `fdatasync`, no `open`.
+    open: HashMap<u32, Appending>,
+}
+
+/// A day file open for appends.
+struct Appending {
+    file: std::fs::File,
+    len: u64,
+    /// It did not end with a newline when opened: the torn end of a crashed process's write.
+    torn: bool,
 }
 
 /// Local day number since 1970-01-01 → its date.
@@ -56,7 +67,7 @@ impl DayFiles {
     /// The usage files in `dir`, created if missing.
     pub fn open(dir: &Path) -> std::io::Result<DayFiles> {
         std::fs::create_dir_all(dir)?;
-        Ok(DayFiles { dir: dir.to_path_buf(), compact_len: HashMap::new(), slack: SLACK })
+        Ok(DayFiles { dir: dir.to_path_buf(), compact_len: HashMap::new(), slack: SLACK, open: HashMap::new() })
     }
 
     fn path(&self, day: u32) -> PathBuf {
@@ -69,32 +80,50 @@ impl DayFiles {
         if rows.is_empty() {
             return Ok(());
         }
-        let path = self.path(day);
-        let mut file = std::fs::OpenOptions::new().create(true).read(true).append(true).open(&path)?;
-        let len = file.metadata()?.len();
+        if !self.open.contains_key(&day) {
+            // Days stop being appended to: keep the two latest open.
+            if self.open.len() >= 2
+                && let Some(oldest) = self.open.keys().min().copied()
+            {
+                self.open.remove(&oldest);
+            }
+            let opened = self.open_for_append(day)?;
+            self.open.insert(day, opened);
+        }
+        let Appending { file, len, torn } = self.open.get_mut(&day).expect("opened above");
         let mut buf = Vec::with_capacity(rows.len() * 96);
         // A crash may have torn the last line: start on a line of our own.
-        if len > 0 {
-            let mut last = [0u8; 1];
-            file.seek(SeekFrom::Start(len - 1))?;
-            file.read_exact(&mut last)?;
-            if last[0] != b'\n' {
-                buf.push(b'\n');
-            }
+        if *torn {
+            buf.push(b'\n');
         }
         for ((tenant, route), counts) in rows {
             line(&mut buf, tenant, route, counts);
         }
-        file.write_all(&buf)?;
-        file.sync_data()?;
-        if len == 0 {
+        let result = file.write_all(&buf).and_then(|()| file.sync_data());
+        if let Err(e) = result {
+            // Reopened (and its end checked) at the next append.
+            self.open.remove(&day);
+            return Err(e);
+        }
+        *torn = false;
+        let was = *len;
+        *len += buf.len() as u64;
+        let now = *len;
+        if was == 0 {
             sync_dir(&self.dir);
         }
-        let compact = *self.compact_len.entry(day).or_insert(len);
-        if len + buf.len() as u64 > compact * 4 + self.slack {
+        let compact = *self.compact_len.entry(day).or_insert(was);
+        if now > compact * 4 + self.slack {
             self.compact(day)?;
         }
         Ok(())
+    }
+
+    fn open_for_append(&self, day: u32) -> std::io::Result<Appending> {
+        let mut file = std::fs::OpenOptions::new().create(true).read(true).append(true).open(self.path(day))?;
+        let len = file.metadata()?.len();
+        let torn = len > 0 && !ends_line(&mut file, len)?;
+        Ok(Appending { file, len, torn })
     }
 
     /// Rewrites `day`'s file with one line per (tenant, route), atomically.
@@ -113,6 +142,8 @@ impl DayFiles {
         file.sync_data()?;
         std::fs::rename(&tmp, &path)?;
         sync_dir(&self.dir);
+        // The open handle is the old file's: appends go to the new one.
+        self.open.remove(&day);
         self.compact_len.insert(day, buf.len() as u64);
         Ok(())
     }
@@ -149,11 +180,20 @@ impl DayFiles {
             let day = day_of_date(date);
             if day < first_kept && std::fs::remove_file(e.path()).is_ok() {
                 self.compact_len.remove(&day);
+                self.open.remove(&day);
                 removed += 1;
             }
         }
         removed
     }
+}
+
+/// Whether the file of length `len` ends with a newline (asked when it is opened).
+fn ends_line(file: &mut std::fs::File, len: u64) -> std::io::Result<bool> {
+    let mut last = [0u8; 1];
+    file.seek(SeekFrom::Start(len - 1))?;
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }
 
 /// Makes a file's creation or rename in `dir` durable (best effort: not every filesystem can).
@@ -243,6 +283,7 @@ mod tests {
         // A crash mid-write leaves half a line; the next flush starts on a line of its own.
         let path = f.path(20_000);
         std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"t\":\"a\",\"r\":\"sc").unwrap();
+        let mut f = DayFiles::open(&dir).unwrap(); // the restart after the crash
         f.append(20_000, &row("b", "score", Column::CacheHits, 7)).unwrap();
         let day = f.read(20_000).unwrap();
         let a = day[&(Arc::from("a"), Arc::from("score"))];
