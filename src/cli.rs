@@ -67,21 +67,28 @@ pub enum Command {
     Tools(ToolCommand),
 }
 
-/// What `bureau-guard usage` asks for.
+/// What `bureau-guard usage` asks for: a statement (`--from`, `--to`), or the audit records of
+/// one request (`--request-id`).
 #[derive(clap::Args, Debug)]
 pub struct UsageArgs {
-    /// First day, YYYY-MM-DD (the quota's local day, `quota.utc_offset`).
-    #[arg(long)]
-    from: String,
+    /// First day, YYYY-MM-DD (the quota's local day, `quota.utc_offset`). With --request-id:
+    /// audit files last written before it are not read.
+    #[arg(long, required_unless_present = "request_id")]
+    from: Option<String>,
     /// Last day, YYYY-MM-DD, included.
-    #[arg(long)]
-    to: String,
+    #[arg(long, required_unless_present = "request_id")]
+    to: Option<String>,
     /// Only this tenant.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "request_id")]
     tenant: Option<String>,
     /// CSV with a header row (one row per day, tenant and route) instead of JSON.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "request_id")]
     csv: bool,
+    /// Reconciliation: the audit records of this request (bureau-guard's `x-request-id`, the
+    /// id the bureau received) and of the answers that rode on its bureau call, across rotated
+    /// audit files.
+    #[arg(long, conflicts_with = "to")]
+    request_id: Option<String>,
 }
 
 /// Entry point of the binary.
@@ -233,13 +240,26 @@ fn reload(admin: &str, token: Option<&str>) -> ExitCode {
 /// or CSV); a 400 (bad date, unknown tenant) printed as the error it is, exit 1.
 fn usage(admin: &str, token: Option<&str>, q: &UsageArgs) -> ExitCode {
     let enc = |v: &str| percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string();
-    let mut path = format!("/admin/usage?from={}&to={}", enc(&q.from), enc(&q.to));
-    if let Some(t) = &q.tenant {
-        path.push_str(&format!("&tenant={}", enc(t)));
-    }
-    if q.csv {
-        path.push_str("&format=csv");
-    }
+    let path = match (&q.request_id, &q.from, &q.to) {
+        (Some(id), since, _) => {
+            let mut p = format!("/admin/usage/request?id={}", enc(id));
+            if let Some(s) = since {
+                p.push_str(&format!("&since={}", enc(s)));
+            }
+            p
+        }
+        (None, Some(from), Some(to)) => {
+            let mut p = format!("/admin/usage?from={}&to={}", enc(from), enc(to));
+            if let Some(t) = &q.tenant {
+                p.push_str(&format!("&tenant={}", enc(t)));
+            }
+            if q.csv {
+                p.push_str("&format=csv");
+            }
+            p
+        }
+        _ => unreachable!("clap requires --from and --to without --request-id"),
+    };
     let (status, body) = match admin_call(http::Method::GET, admin, &path, token) {
         Ok(answer) => answer,
         Err(code) => return code,
@@ -249,6 +269,13 @@ fn usage(admin: &str, token: Option<&str>, q: &UsageArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     print!("{}", String::from_utf8_lossy(&body));
+    if q.request_id.is_some()
+        && serde_json::from_slice::<serde_json::Value>(&body)
+            .is_ok_and(|v| v["records"].as_array().is_some_and(Vec::is_empty))
+    {
+        eprintln!("\nno audit record of that request in the files read (see scanned, skipped)");
+        return ExitCode::FAILURE;
+    }
     ExitCode::SUCCESS
 }
 

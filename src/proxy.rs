@@ -64,6 +64,9 @@ struct Ctx {
     subject: Option<CacheKey>,
     /// An expired entry within `stale_if_error`, to answer with if the bureau fails.
     stale: Option<Arc<Entry>>,
+    /// The request id of the bureau call whose answer this request received without a call of
+    /// its own (cache hit, coalesced; stale from `stale`): the audit's `rode_on`.
+    rode_on: Option<http::HeaderValue>,
 }
 
 impl Proxy {
@@ -91,8 +94,15 @@ impl Proxy {
         let snap = self.shared.snapshot.load_full();
         let request_id = self.shared.ids.for_request(req.headers());
         let http1 = req.version() == http::Version::HTTP_11;
-        let mut ctx =
-            Ctx { tenant: None, route: snap.cells.route_none(), rate: None, windows: None, subject: None, stale: None };
+        let mut ctx = Ctx {
+            tenant: None,
+            route: snap.cells.route_none(),
+            rate: None,
+            windows: None,
+            subject: None,
+            stale: None,
+            rode_on: None,
+        };
 
         let timeout = snap.limits.request_timeout;
         let result = match tokio::time::timeout(timeout, self.stages(&snap, &mut ctx, req, &request_id)).await {
@@ -109,6 +119,9 @@ impl Proxy {
             Ok(answer) => answer,
             Err(err) => (error_response(&err, ctx.tenant.as_ref().map(|t| &t.id)), Outcome::Rejected(err.kind)),
         };
+        if outcome == Outcome::Stale {
+            ctx.rode_on = ctx.stale.as_ref().and_then(|e| e.response.fetched_by.clone());
+        }
         // Audit: every answer carrying bureau data, attributed to the tenant that received it.
         if let (Some(audit), Some(tenant)) = (&self.shared.audit, &ctx.tenant)
             && matches!(outcome, Outcome::Bureau | Outcome::CacheHit | Outcome::Coalesced | Outcome::Stale)
@@ -122,6 +135,7 @@ impl Proxy {
                 status: resp.status().as_u16(),
                 request_id: request_id.id.clone(),
                 client_request_id: request_id.client.clone(),
+                rode_on: ctx.rode_on.take().filter(|_| outcome != Outcome::Bureau),
             };
             if let Err(err) = audit.admit().and_then(|()| audit.record(record)) {
                 resp = error_response(&err, Some(&tenant.id));
@@ -291,6 +305,7 @@ impl Proxy {
         if let (Some(key), Some(_)) = (&key, &policy) {
             match self.shared.cache.lookup(key).await {
                 Lookup::Fresh(entry) => {
+                    ctx.rode_on = entry.response.fetched_by.clone();
                     return Ok((entry.response(tokio::time::Instant::now(), CacheStatus::Hit), Outcome::CacheHit));
                 }
                 Lookup::Stale(entry) => ctx.stale = Some(entry),
@@ -399,7 +414,10 @@ impl Proxy {
                 )
                 .retry_after(1));
             }
-            Role::Follower => (fetched.response(CacheStatus::Coalesced), Outcome::Coalesced),
+            Role::Follower => {
+                ctx.rode_on = fetched.fetched_by.clone();
+                (fetched.response(CacheStatus::Coalesced), Outcome::Coalesced)
+            }
         })
     }
 

@@ -309,3 +309,50 @@ async fn dashboard_series_exist_at_zero_from_the_start_and_leave_with_their_tena
     assert_eq!(metric_value(&m, r#"bureau_guard_sheds_total{reason="queue_timeout",tenant="a"}"#), Some(0.0));
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_finds_its_call_and_the_answers_that_rode_on_it_across_a_rotation() {
+    let dir = temp_dir("usage-reconcile");
+    let audit_file = dir.join("audit.jsonl");
+    let sections = format!("[audit]\nfile = \"{}\"", audit_file.display());
+    let mock = start_mock(fast_mock()).await;
+    let proxy = start_proxy(&usage_config(&mock.url(), &sections)).await;
+    let call = score(&proxy, KEY_A, "S1").await;
+    assert_eq!(call.headers["x-cache"], "MISS");
+    let id = call.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(score(&proxy, KEY_A, "S1").await.headers["x-cache"], "HIT");
+    let audit = proxy.shared.audit.as_ref().unwrap();
+    assert!(audit.flush().await);
+    // logrotate: rename, then the writer reopens the path.
+    std::fs::rename(&audit_file, dir.join("audit.jsonl.1")).unwrap();
+    audit.reopen();
+    assert_eq!(score(&proxy, KEY_A, "S1").await.headers["x-cache"], "HIT");
+    assert_eq!(score(&proxy, KEY_A, "S2").await.status, 200, "another call: not found");
+    assert!(audit.flush().await);
+
+    let bin = env!("CARGO_BIN_EXE_bureau-guard");
+    let admin = format!("http://{}", proxy.admin_addr);
+    let run = move |args: Vec<String>| {
+        let admin = admin.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(bin).arg("usage").arg("--admin").arg(admin).args(args).output().unwrap()
+        })
+    };
+    let out = run(vec!["--request-id".into(), id.clone()]).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let found: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let records = found["records"].as_array().unwrap();
+    let got: Vec<(&str, &str)> =
+        records.iter().map(|r| (r["outcome"].as_str().unwrap(), r["matched"].as_str().unwrap())).collect();
+    assert_eq!(got, [("bureau", "request_id"), ("cache_hit", "rode_on"), ("cache_hit", "rode_on")], "{found}");
+    assert!(records.iter().all(|r| r["tenant"] == "a" && r["route"] == "score"));
+    assert_eq!(found["scanned"].as_array().unwrap().len(), 2, "the rotated file and the current one");
+
+    let out = run(vec!["--request-id".into(), "00000000-0000000000000bad".into()]).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no audit record"));
+    let bad = get(&format!("http://{}/admin/usage/request?id=a%20b", proxy.admin_addr), &[]).await;
+    assert_eq!(bad.status, 400);
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -317,6 +317,7 @@ impl Granted {
                 Keep::Fetched(store) => {
                     let mut fetched = Fetched::from_response(resp).await;
                     fetched.fetched_for = Some(tenant.id.clone());
+                    fetched.fetched_by = Some(request_id.id.clone());
                     let fetched = Arc::new(fetched);
                     if let Some(s) = store {
                         shared.cache.store(s.ticket, s.key, &fetched, &s.policy, &tenant.id, &s.route).await;
@@ -375,6 +376,7 @@ impl Done {
             status: status.as_u16(),
             request_id: who.request_id.id.clone(),
             client_request_id: who.request_id.client.clone(),
+            rode_on: None,
         };
         // Nobody to refuse if it cannot be written: the audit log counts its own failures.
         let _ = audit.record(record);

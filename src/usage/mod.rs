@@ -22,6 +22,7 @@
 pub mod counts;
 pub mod journal;
 pub mod query;
+pub mod reconcile;
 pub mod statement;
 pub mod store;
 
