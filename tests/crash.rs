@@ -13,19 +13,25 @@ fn saved_daily(file: &std::path::Path, tenant: &str) -> Option<u64> {
     v["tenants"][tenant]["daily"].as_u64()
 }
 
+/// The test config with `sections`, on fixed free ports (a restarted process binds the same
+/// ones), written in `dir`: its path, the proxy's port and the admin address.
+fn config_file(dir: &std::path::Path, mock_url: &str, sections: &str) -> (std::path::PathBuf, u16, String) {
+    let (port, admin_port) = (free_port(), free_port());
+    let text = config_with(mock_url, &Extras { sections, ..Extras::default() })
+        .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1)
+        .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{admin_port}\""), 1);
+    let config = dir.join("config.toml");
+    std::fs::write(&config, text).unwrap();
+    (config, port, format!("127.0.0.1:{admin_port}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_survive_kill_9_losing_at_most_one_flush_interval() {
     let mock = start_mock(fast_mock()).await;
     let dir = temp_dir("kill9");
     let state_file = dir.join("state.json");
-    let (port, admin_port) = (free_port(), free_port());
     let state = format!("[state]\nfile = \"{}\"\n", state_file.display());
-    let text = config_with(&mock.url(), &Extras { sections: &state, ..Extras::default() })
-        .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1)
-        .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{admin_port}\""), 1);
-    let config = dir.join("config.toml");
-    std::fs::write(&config, text).unwrap();
-    let admin = format!("127.0.0.1:{admin_port}");
+    let (config, port, admin) = config_file(&dir, &mock.url(), &state);
 
     let mut proc = spawn(&config);
     wait_healthy(&admin).await;
@@ -59,14 +65,8 @@ async fn usage_statement_misses_no_billed_call_after_kill_9_mid_traffic() {
     let mock =
         start_mock(bureau_sim::mock_bureau::MockConfig { service_time: Duration::from_millis(5), ..fast_mock() }).await;
     let dir = temp_dir("kill9-usage");
-    let (port, admin_port) = (free_port(), free_port());
     let usage = format!("[usage]\ndir = \"{}\"\nflush_interval = \"1h\"\n", dir.join("usage").display());
-    let text = config_with(&mock.url(), &Extras { sections: &usage, ..Extras::default() })
-        .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1)
-        .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{admin_port}\""), 1);
-    let config = dir.join("config.toml");
-    std::fs::write(&config, text).unwrap();
-    let admin = format!("127.0.0.1:{admin_port}");
+    let (config, port, admin) = config_file(&dir, &mock.url(), &usage);
 
     let mut proc = spawn(&config);
     wait_healthy(&admin).await;

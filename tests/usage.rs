@@ -154,6 +154,11 @@ async fn statement_equals_the_bureaus_own_count_per_tenant_across_midnight() {
         (Some(3), Some(1), Some(1))
     );
     assert_eq!(b["refused_by_reason"]["bureau_busy"], 1, "the client saw the bureau's refusal as a 503");
+    let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    for (tenant, calls) in [("a", 6.0), ("b", 3.0)] {
+        let series = format!("bureau_guard_bureau_calls_charged_total{{tenant=\"{tenant}\"}}");
+        assert_eq!(metric_value(&m, &series), Some(calls), "the dashboard's count is the statement's");
+    }
 
     // By day: the calls before midnight in Seoul on the 23rd, after it on the 24th.
     let j = statement(&proxy, &format!("from={DAY1}&to={DAY2}&tenant=a")).await.json();

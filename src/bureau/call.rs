@@ -255,6 +255,7 @@ impl Granted {
         let charged = reached && !matches!(verdict, Verdict::Refused { .. });
         if charged {
             reservation.commit();
+            snap.cells.tenant(&shared.metrics, tenant.index).charged.inc();
         } else {
             drop(reservation);
         }

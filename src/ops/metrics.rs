@@ -46,6 +46,8 @@ pub struct Metrics {
     pub bureau_duration_seconds: Histogram,
     /// Bureau calls whose every requester had gone before the answer arrived, by tenant.
     pub bureau_calls_abandoned_total: IntCounterVec,
+    /// Bureau calls charged (the bureau took them), by tenant: the usage statement's column.
+    pub bureau_calls_charged_total: IntCounterVec,
     /// Bureau calls cut after `upstream.max_call_time` (slot freed while the bureau may still work).
     pub bureau_calls_cut_total: IntCounter,
     /// 0 closed, 1 open, 2 half-open.
@@ -184,6 +186,15 @@ impl Metrics {
                 "bureau_guard_bureau_calls_abandoned_total",
                 "Bureau calls whose requesters had all gone (disconnected, timed out) before the answer arrived; \
                  they kept their bureau slot and their quota charge to the end, and their answer was still cached.",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        let bureau_calls_charged_total = IntCounterVec::new(
+            Opts::new(
+                "bureau_guard_bureau_calls_charged_total",
+                "Bureau calls the bureau took and the tenant was charged for (its refusals and unreachable calls \
+                 not): what the bureau bills, the usage statement's bureau_calls.",
             ),
             &["tenant"],
         )
@@ -380,6 +391,7 @@ impl Metrics {
             Box::new(bureau_concurrency_limit.clone()),
             Box::new(bureau_duration_seconds.clone()),
             Box::new(bureau_calls_abandoned_total.clone()),
+            Box::new(bureau_calls_charged_total.clone()),
             Box::new(bureau_calls_cut_total.clone()),
             Box::new(breaker_state.clone()),
             Box::new(adaptive_knee.clone()),
@@ -428,6 +440,7 @@ impl Metrics {
             bureau_concurrency_limit,
             bureau_duration_seconds,
             bureau_calls_abandoned_total,
+            bureau_calls_charged_total,
             bureau_calls_cut_total,
             breaker_state,
             adaptive_knee,
@@ -602,6 +615,7 @@ pub struct TenantCell {
     pub shed_overdue: IntCounter,
     pub shed_queue_full_total: IntCounter,
     pub abandoned: IntCounter,
+    pub charged: IntCounter,
 }
 
 /// The limit reasons, in `limits` table order.
@@ -675,6 +689,7 @@ impl RequestCells {
                 shed_overdue: metrics.sheds_total.with_label_values(&[id, "overdue"]),
                 shed_queue_full_total: metrics.sheds_total.with_label_values(&[id, "queue_full_total"]),
                 abandoned: metrics.bureau_calls_abandoned_total.with_label_values(&[id]),
+                charged: metrics.bureau_calls_charged_total.with_label_values(&[id]),
             }
         })
     }

@@ -10,9 +10,9 @@
 //! Per tenant, with `R` configured routes: `requests_total` for the 4 answered outcomes per
 //! route (4R), `request_duration_seconds` per route (R histograms of 17 lines),
 //! `limit_rejections_total` enforced for 4 reasons, `sheds_total` for 5 reasons,
-//! `bureau_calls_abandoned_total`, `queue_depth`, `queue_wait_seconds` (17 lines) and
-//! `quota_used` daily and monthly: [`per_tenant`] lines, 114 with 4 routes. Above
-//! `admin.zero_series_max_tenants` tenants (default 1,000: ~114k lines with 4 routes) only the
+//! `bureau_calls_abandoned_total`, `bureau_calls_charged_total`, `queue_depth`, `queue_wait_seconds` (17 lines) and
+//! `quota_used` daily and monthly: [`per_tenant`] lines, 115 with 4 routes. Above
+//! `admin.zero_series_max_tenants` tenants (default 1,000: ~115k lines with 4 routes) only the
 //! tenant-free series are declared: a tenant's appear with its first event, as before.
 
 use std::collections::HashSet;
@@ -42,7 +42,7 @@ pub fn per_tenant(routes: usize) -> usize {
         + HISTOGRAM_LINES * routes
         + LIMIT_REASONS.len()
         + SHED_REASONS.len()
-        + 1 // bureau_calls_abandoned_total
+        + 2 // bureau_calls_abandoned_total, bureau_calls_charged_total
         + 1 // queue_depth
         + HISTOGRAM_LINES // queue_wait_seconds
         + 2 // quota_used daily, monthly
@@ -73,6 +73,7 @@ pub fn declare(m: &Metrics, new: &Config, old: Option<&Config>) {
             m.sheds_total.with_label_values(&[id, reason]);
         }
         m.bureau_calls_abandoned_total.with_label_values(&[id]);
+        m.bureau_calls_charged_total.with_label_values(&[id]);
         m.queue_depth.with_label_values(&[id]);
         m.queue_wait_seconds.with_label_values(&[id]);
         for window in ["daily", "monthly"] {
@@ -118,6 +119,7 @@ fn drop_removed(m: &Metrics, new: &Config, old: &Config) {
             let _ = m.sheds_total.remove_label_values(&[t, reason]);
         }
         let _ = m.bureau_calls_abandoned_total.remove_label_values(&[t]);
+        let _ = m.bureau_calls_charged_total.remove_label_values(&[t]);
         let _ = m.queue_depth.remove_label_values(&[t]);
         let _ = m.queue_wait_seconds.remove_label_values(&[t]);
         for window in ["daily", "monthly"] {
@@ -175,7 +177,7 @@ mod tests {
         let text = String::from_utf8(m.encode()).unwrap();
         assert!(text.contains(r#"bureau_guard_sheds_total{reason="queue_full",tenant="a"} 0"#), "{text}");
         assert!(text.contains(r#"bureau_guard_requests_total{outcome="cache_hit",route="report",tenant="b"} 0"#));
-        assert_eq!(per_tenant(4), 114, "the figure the module doc states");
+        assert_eq!(per_tenant(4), 115, "the figure the module doc states");
     }
 
     #[test]
