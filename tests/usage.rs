@@ -320,8 +320,31 @@ async fn a_request_id_finds_its_call_and_the_answers_that_rode_on_it_across_a_ro
     let dir = temp_dir("usage-reconcile");
     let audit_file = dir.join("audit.jsonl");
     let sections = format!("[audit]\nfile = \"{}\"", audit_file.display());
-    let mock = start_mock(fast_mock()).await;
+    let mock = start_mock(mock_config()).await;
     let proxy = start_proxy(&usage_config(&mock.url(), &sections)).await;
+    // A coalesced follower rides on its leader's call: both answered once both are in.
+    mock.bureau.set_workers(0);
+    let pair: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = proxy.addr;
+            tokio::spawn(async move { get(&format!("http://{addr}/v1/score/S0"), &[("x-api-key", KEY_A)]).await })
+        })
+        .collect();
+    let (shared, bureau) = (proxy.shared.clone(), mock.bureau.clone());
+    wait_until("the leader at the bureau, the follower joined", || {
+        bureau.stats().in_flight == 1 && shared.metrics.requests_in_flight.get() == 2
+    })
+    .await;
+    mock.bureau.set_workers(8);
+    let mut leader = None;
+    for t in pair {
+        let r = t.await.unwrap();
+        if r.headers["x-cache"] == "MISS" {
+            leader = Some(r.headers["x-request-id"].to_str().unwrap().to_string());
+        }
+    }
+    let leader = leader.expect("one of the two led the call");
+
     let call = score(&proxy, KEY_A, "S1").await;
     assert_eq!(call.headers["x-cache"], "MISS");
     let id = call.headers["x-request-id"].to_str().unwrap().to_string();
@@ -352,6 +375,17 @@ async fn a_request_id_finds_its_call_and_the_answers_that_rode_on_it_across_a_ro
     assert_eq!(got, [("bureau", "request_id"), ("cache_hit", "rode_on"), ("cache_hit", "rode_on")], "{found}");
     assert!(records.iter().all(|r| r["tenant"] == "a" && r["route"] == "score"));
     assert_eq!(found["scanned"].as_array().unwrap().len(), 2, "the rotated file and the current one");
+
+    let out = run(vec!["--request-id".into(), leader]).await.unwrap();
+    let found: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut got: Vec<(&str, &str)> = found["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["outcome"].as_str().unwrap(), r["matched"].as_str().unwrap()))
+        .collect();
+    got.sort(); // answered in the same millisecond
+    assert_eq!(got, [("bureau", "request_id"), ("coalesced", "rode_on")], "{found}");
 
     let out = run(vec!["--request-id".into(), "00000000-0000000000000bad".into()]).await.unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -50,7 +50,7 @@ const COMPRESSED: [&str; 4] = [".gz", ".zst", ".xz", ".bz2"];
 const BLOCK: usize = 8 << 20;
 
 /// The audit file at `audit` and its rotations beside it (`audit.jsonl.1`,
-/// `audit.jsonl-20261204`, ...), newest name first is not assumed: all are read.
+/// `audit.jsonl-20261204`, ...), whatever the rotation's naming, oldest first.
 fn audit_files(audit: &Path) -> std::io::Result<Vec<PathBuf>> {
     let dir = match audit.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -66,7 +66,9 @@ fn audit_files(audit: &Path) -> std::io::Result<Vec<PathBuf>> {
             out.push(e.path());
         }
     }
-    out.sort();
+    // Oldest first (rotations before the current file): records of one millisecond keep the
+    // order they were written in.
+    out.sort_by_key(|p| (std::fs::metadata(p).and_then(|m| m.modified()).ok(), p.clone()));
     Ok(out)
 }
 
