@@ -188,11 +188,15 @@ impl Usage {
     /// tenant, day and route. Flushes first: a statement includes every request answered before
     /// it. Blocking (file reads).
     pub fn rows(&self, from: u32, to: u32, tenant: Option<&str>) -> std::io::Result<Vec<Row>> {
-        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        self.flush_locked(&mut store)?;
+        let reader = {
+            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            self.flush_locked(&mut store)?;
+            store.reader(from, to)
+        };
+        // The files are read without the store's lock: charges go on meanwhile.
         let mut out = Vec::new();
         for day in from..=to {
-            for ((t, route), counts) in store.read(day)? {
+            for ((t, route), counts) in reader.read(day)? {
                 if tenant.is_none_or(|want| *t == *want) && !counts.is_zero() {
                     out.push(Row { day, tenant: t, route, counts });
                 }

@@ -74,6 +74,11 @@ impl DayFiles {
         self.dir.join(format!("{}.jsonl", date_of(day).format("%Y-%m-%d")))
     }
 
+    /// The directory, for reads that take no lock ([`read_day`]).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Appends `rows` to `day`'s file and makes them durable; compacts the file if it has grown
     /// past four times its compact size.
     pub fn append(&mut self, day: u32, rows: &Day) -> std::io::Result<()> {
@@ -148,25 +153,9 @@ impl DayFiles {
         Ok(())
     }
 
-    /// `day`'s counts: the sum of its file's lines (nothing if it has no file). A line that does
-    /// not parse (the torn end of a flush a crash cut) is skipped.
+    /// `day`'s counts (see [`read_day`]).
     pub fn read(&self, day: u32) -> std::io::Result<Day> {
-        let text = match std::fs::read(self.path(day)) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Day::new()),
-            Err(e) => return Err(e),
-        };
-        let mut out = Day::new();
-        for raw in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let Ok(parsed) = serde_json::from_slice::<Line>(raw) else { continue };
-            let entry = out.entry((Arc::from(parsed.t.as_str()), Arc::from(parsed.r.as_str()))).or_default();
-            for (name, n) in parsed.n {
-                if let Some(c) = Column::named(&name) {
-                    entry.add(c, n);
-                }
-            }
-        }
-        Ok(out)
+        read_day(&self.dir, day)
     }
 
     /// Deletes the files of days before `first_kept`; returns how many.
@@ -196,6 +185,29 @@ fn ends_line(file: &mut std::fs::File, len: u64) -> std::io::Result<bool> {
     Ok(last[0] == b'\n')
 }
 
+/// `day`'s counts in the usage directory `dir`: the sum of its file's lines (nothing if it has
+/// no file). A line that does not parse (the torn end of a flush a crash cut, or one being
+/// appended as this reads) is skipped. Reads take no lock: appends and the rename of a
+/// compaction leave every complete line's sum as it was.
+pub fn read_day(dir: &Path, day: u32) -> std::io::Result<Day> {
+    let text = match std::fs::read(dir.join(format!("{}.jsonl", date_of(day).format("%Y-%m-%d")))) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Day::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Day::new();
+    for raw in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let Ok(parsed) = serde_json::from_slice::<Line>(raw) else { continue };
+        let entry = out.entry((Arc::from(parsed.t.as_str()), Arc::from(parsed.r.as_str()))).or_default();
+        for (name, n) in parsed.n {
+            if let Some(c) = Column::named(&name) {
+                entry.add(c, n);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Makes a file's creation or rename in `dir` durable (best effort: not every filesystem can).
 fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
@@ -215,6 +227,21 @@ fn line(buf: &mut Vec<u8>, tenant: &str, route: &str, counts: &Counts) {
     let v = serde_json::json!({"t": tenant, "r": route, "n": n});
     serde_json::to_writer(&mut *buf, &v).expect("writing JSON to a Vec cannot fail");
     buf.push(b'\n');
+}
+
+/// Reads days without holding the store (a statement over 400 days must not stall charges).
+pub enum Reader {
+    Files(PathBuf),
+    Memory(BTreeMap<u32, Day>),
+}
+
+impl Reader {
+    pub fn read(&self, day: u32) -> std::io::Result<Day> {
+        match self {
+            Reader::Files(dir) => read_day(dir, day),
+            Reader::Memory(m) => Ok(m.get(&day).cloned().unwrap_or_default()),
+        }
+    }
 }
 
 /// The kept usage: the day files, or (without `usage.dir`) memory.
@@ -237,10 +264,12 @@ impl Store {
         }
     }
 
-    pub fn read(&self, day: u32) -> std::io::Result<Day> {
+    /// What reads days `from..=to` once the store's lock is released: the directory, or a copy
+    /// of those days in memory.
+    pub fn reader(&self, from: u32, to: u32) -> Reader {
         match self {
-            Store::Files(f) => f.read(day),
-            Store::Memory(m) => Ok(m.get(&day).cloned().unwrap_or_default()),
+            Store::Files(f) => Reader::Files(f.dir().to_path_buf()),
+            Store::Memory(m) => Reader::Memory(m.range(from..=to).map(|(d, v)| (*d, v.clone())).collect()),
         }
     }
 
