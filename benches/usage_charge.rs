@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bureau_guard::config::UsageConfig;
+use bureau_guard::ops::metrics::UsageMetrics;
 use bureau_guard::usage::Usage;
 
 fn cpu_seconds() -> f64 {
@@ -68,9 +69,12 @@ fn main() {
     for rate in [200.0, 1000.0, 5000.0] {
         let secs = 5.0;
         let _ = std::fs::remove_dir_all(&dir);
-        let memory = Arc::new(Usage::open(&UsageConfig::default()).unwrap());
+        let memory = Arc::new(Usage::open(&UsageConfig::default(), UsageMetrics::unregistered()).unwrap());
         let base = rt.block_on(run(memory, rate, secs));
-        let files = Arc::new(Usage::open(&UsageConfig { dir: Some(dir.clone()), ..Default::default() }).unwrap());
+        let files = Arc::new(
+            Usage::open(&UsageConfig { dir: Some(dir.clone()), ..Default::default() }, UsageMetrics::unregistered())
+                .unwrap(),
+        );
         let durable = rt.block_on(run(files.clone(), rate, secs));
         let cpu_per_call = (durable.cpu - base.cpu).max(0.0) / durable.calls as f64;
         println!(
@@ -85,7 +89,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 
     // The request path's count (a hit, a refusal): one shard lock and one hash-map update.
-    let usage = Arc::new(Usage::open(&UsageConfig::default()).unwrap());
+    let usage = Arc::new(Usage::open(&UsageConfig::default(), UsageMetrics::unregistered()).unwrap());
     let per_thread = 2_000_000u32;
     let started = Instant::now();
     let threads: Vec<_> = (0..2)

@@ -221,6 +221,10 @@ max_entry_bytes = "8KiB"
 [audit]
 file = "$TMP/audit.jsonl"
 
+# Charges made durable before each call (the usage row's charge wait).
+[usage]
+dir = "$TMP/usage"
+
 # Expires after 1 s but may be served stale for 1 h: answers it while the bureau times out.
 [[routes]]
 name = "credit_report"

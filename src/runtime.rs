@@ -218,7 +218,7 @@ impl Shared {
             }
             None => None,
         };
-        let usage = Arc::new(crate::usage::Usage::open(&config.usage)?);
+        let usage = Arc::new(crate::usage::Usage::open(&config.usage, metrics.usage_handles())?);
         let cache = Cache::new(config.cache.max_bytes, config.cache.max_entry_bytes, metrics.cache_handles());
         let random_secret = KeySecret::random();
         let idle_s = config.server.header_read_timeout.as_secs().saturating_sub(1).max(1);

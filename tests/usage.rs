@@ -182,6 +182,12 @@ async fn usage_survives_a_restart_and_adds_up_after_it() {
     let proxy = app::start_with_clock(parse(&text), clock.clone()).await.unwrap();
     drive(&proxy, &mock, &clock).await;
     let before = statement(&proxy, &format!("from={DAY1}&to={DAY2}")).await.json();
+    let m = get(&format!("http://{}/metrics", proxy.admin_addr), &[]).await.text();
+    assert_eq!(
+        metric_value(&m, "bureau_guard_usage_charge_seconds_count"),
+        Some(10.0),
+        "every call sent waited for its charge on disk: a's 6, b's 4 (B3 refused by the bureau included)"
+    );
     // A graceful stop flushes what the hourly flush has not (and the statement above did).
     assert_eq!(score(&proxy, KEY_B, "B9").await.status, 200);
     proxy.shutdown().await;

@@ -48,6 +48,10 @@ pub struct Metrics {
     pub bureau_calls_abandoned_total: IntCounterVec,
     /// Bureau calls charged (the bureau took them), by tenant: the usage statement's column.
     pub bureau_calls_charged_total: IntCounterVec,
+    /// Time a bureau call waited for its charge to be on disk (`usage/journal.rs`).
+    pub usage_charge_seconds: Histogram,
+    /// Usage writes (charges, flushes) that failed: counted in memory and retried.
+    pub usage_write_errors_total: IntCounter,
     /// Bureau calls cut after `upstream.max_call_time` (slot freed while the bureau may still work).
     pub bureau_calls_cut_total: IntCounter,
     /// 0 closed, 1 open, 2 half-open.
@@ -197,6 +201,21 @@ impl Metrics {
                  not): what the bureau bills, the usage statement's bureau_calls.",
             ),
             &["tenant"],
+        )
+        .expect("valid metric");
+        let usage_charge_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "bureau_guard_usage_charge_seconds",
+                "Time a bureau call waited, before it was sent, for its usage charge to be written and synced \
+                 (group commit; with usage.dir only).",
+            )
+            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1]),
+        )
+        .expect("valid metric");
+        let usage_write_errors_total = IntCounter::new(
+            "bureau_guard_usage_write_errors_total",
+            "Usage writes (a call's charge, a flush) that failed: the counts stay in memory and are written with \
+             the next flush; until then a crash would lose them.",
         )
         .expect("valid metric");
         let bureau_calls_cut_total = IntCounter::new(
@@ -392,6 +411,8 @@ impl Metrics {
             Box::new(bureau_duration_seconds.clone()),
             Box::new(bureau_calls_abandoned_total.clone()),
             Box::new(bureau_calls_charged_total.clone()),
+            Box::new(usage_charge_seconds.clone()),
+            Box::new(usage_write_errors_total.clone()),
             Box::new(bureau_calls_cut_total.clone()),
             Box::new(breaker_state.clone()),
             Box::new(adaptive_knee.clone()),
@@ -441,6 +462,8 @@ impl Metrics {
             bureau_duration_seconds,
             bureau_calls_abandoned_total,
             bureau_calls_charged_total,
+            usage_charge_seconds,
+            usage_write_errors_total,
             bureau_calls_cut_total,
             breaker_state,
             adaptive_knee,
@@ -538,6 +561,14 @@ impl Metrics {
         }
     }
 
+    /// Handles for usage (see `usage/`).
+    pub fn usage_handles(&self) -> UsageMetrics {
+        UsageMetrics {
+            charge_seconds: self.usage_charge_seconds.clone(),
+            write_errors: self.usage_write_errors_total.clone(),
+        }
+    }
+
     /// Handles for the audit log (see `cache/audit.rs`).
     pub fn audit_handles(&self) -> AuditMetrics {
         AuditMetrics {
@@ -576,6 +607,24 @@ pub struct CacheMetrics {
     pub evicted_replaced: IntCounter,
     pub entries: IntGauge,
     pub bytes: IntGauge,
+}
+
+/// Usage's metric handles.
+#[derive(Clone)]
+pub struct UsageMetrics {
+    pub charge_seconds: Histogram,
+    pub write_errors: IntCounter,
+}
+
+impl UsageMetrics {
+    /// Handles registered nowhere (unit tests, benchmarks).
+    pub fn unregistered() -> UsageMetrics {
+        UsageMetrics {
+            charge_seconds: Histogram::with_opts(HistogramOpts::new("usage_charge_seconds", "unregistered"))
+                .expect("valid metric"),
+            write_errors: IntCounter::new("usage_write_errors_total", "unregistered").expect("valid metric"),
+        }
+    }
 }
 
 /// The audit log's metric handles.

@@ -47,11 +47,13 @@ pub struct Committer {
 
 impl Committer {
     /// Starts the writer thread over `store`.
-    pub fn start(store: Arc<Mutex<Store>>) -> std::io::Result<Committer> {
+    pub fn start(store: Arc<Mutex<Store>>, write_errors: prometheus::IntCounter) -> std::io::Result<Committer> {
         let (queue, rx) = mpsc::channel();
         let batches = Arc::new(AtomicU64::new(0));
         let counted = batches.clone();
-        std::thread::Builder::new().name("usage-charges".into()).spawn(move || run(&store, &rx, &counted))?;
+        std::thread::Builder::new()
+            .name("usage-charges".into())
+            .spawn(move || run(&store, &rx, &counted, &write_errors))?;
         Ok(Committer { queue, batches })
     }
 
@@ -71,7 +73,7 @@ impl Committer {
     }
 }
 
-fn run(store: &Mutex<Store>, rx: &mpsc::Receiver<Charge>, batches: &AtomicU64) {
+fn run(store: &Mutex<Store>, rx: &mpsc::Receiver<Charge>, batches: &AtomicU64, write_errors: &prometheus::IntCounter) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -93,6 +95,7 @@ fn run(store: &Mutex<Store>, rx: &mpsc::Receiver<Charge>, batches: &AtomicU64) {
                 let ok = match store.append(day, rows) {
                     Ok(()) => true,
                     Err(e) => {
+                        write_errors.inc();
                         tracing::error!(error = %e, "cannot write usage charges; counted in memory until the next flush");
                         false
                     }
@@ -116,7 +119,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_charge_is_on_disk_when_it_returns() {
         let dir = std::env::temp_dir().join(format!("bg-journal-{}-{}", std::process::id(), fastrand::u64(..)));
-        let usage = Arc::new(Usage::open(&UsageConfig { dir: Some(dir.clone()), ..Default::default() }).unwrap());
+        let usage = Arc::new(
+            Usage::open(
+                &UsageConfig { dir: Some(dir.clone()), ..Default::default() },
+                crate::ops::metrics::UsageMetrics::unregistered(),
+            )
+            .unwrap(),
+        );
         let (a, r): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("score"));
         let tasks: Vec<_> = (0..200)
             .map(|_| {

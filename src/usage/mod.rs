@@ -34,6 +34,7 @@ pub use counts::{Column, Counts};
 use store::{Day, DayFiles, Store};
 
 use crate::config::UsageConfig;
+use crate::ops::metrics::UsageMetrics;
 
 /// Number of pending-count shards: more than the worker threads of any machine this runs on is
 /// pointless (one shard per thread is uncontended); a few spare for blocking threads.
@@ -58,6 +59,7 @@ pub struct Usage {
     retention_days: u32,
     /// With `usage.dir`: the charge committer's queue (`journal.rs`).
     charges: Option<journal::Committer>,
+    metrics: UsageMetrics,
 }
 
 /// The local day number (since 1970-01-01) of `unix_ms` at `offset`: the quota's day.
@@ -75,7 +77,7 @@ thread_local! {
 
 impl Usage {
     /// Usage as `config` keeps it: in `usage.dir` (created if missing), or in memory.
-    pub fn open(config: &UsageConfig) -> std::io::Result<Usage> {
+    pub fn open(config: &UsageConfig, metrics: UsageMetrics) -> std::io::Result<Usage> {
         let store = match &config.dir {
             Some(dir) => Store::Files(DayFiles::open(dir).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot open the usage directory {}: {e}", dir.display()))
@@ -84,12 +86,14 @@ impl Usage {
         };
         let durable = matches!(store, Store::Files(_));
         let store = Arc::new(Mutex::new(store));
-        let charges = durable.then(|| journal::Committer::start(store.clone())).transpose()?;
+        let charges =
+            durable.then(|| journal::Committer::start(store.clone(), metrics.write_errors.clone())).transpose()?;
         Ok(Usage {
             shards: (0..SHARDS).map(|_| Mutex::new(Pending::new())).collect(),
             store,
             retention_days: config.retention_days(),
             charges,
+            metrics,
         })
     }
 
@@ -121,7 +125,12 @@ impl Usage {
     /// the statement, and the error is logged.
     pub async fn charge(&self, day: u32, tenant: &Arc<str>, route: &Arc<str>) {
         let durable = match &self.charges {
-            Some(c) => c.commit(day, tenant, route).await,
+            Some(c) => {
+                let started = std::time::Instant::now();
+                let durable = c.commit(day, tenant, route).await;
+                self.metrics.charge_seconds.observe(started.elapsed().as_secs_f64());
+                durable
+            }
             None => false,
         };
         if !durable {
@@ -168,6 +177,7 @@ impl Usage {
             }
         }
         let Some(err) = failed else { return Ok(()) };
+        self.metrics.write_errors.inc();
         // Not lost: back to a shard, for the next flush.
         let mut pending = self.shards[0].lock().unwrap_or_else(|p| p.into_inner());
         for (day, rows) in unsaved {
@@ -234,7 +244,7 @@ mod tests {
 
     #[test]
     fn counts_from_many_threads_all_reach_the_statement() {
-        let usage = Arc::new(Usage::open(&UsageConfig::default()).unwrap());
+        let usage = Arc::new(Usage::open(&UsageConfig::default(), UsageMetrics::unregistered()).unwrap());
         let (a, r): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("score"));
         let threads: Vec<_> = (0..8)
             .map(|_| {
@@ -261,7 +271,7 @@ mod tests {
     #[test]
     fn retention_keeps_today_and_the_days_before_it() {
         let cfg = UsageConfig { retention: std::time::Duration::from_secs(2 * 86_400), ..Default::default() };
-        let usage = Usage::open(&cfg).unwrap();
+        let usage = Usage::open(&cfg, UsageMetrics::unregistered()).unwrap();
         let (a, r): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("score"));
         for day in 100..=103 {
             usage.record(day, &a, &r, Column::CacheHits);
