@@ -208,8 +208,8 @@ impl Granted {
         let BureauCall { who, source, cost: _, reservation, in_flight: _in_flight } = call;
         let Attribution { shared, snap, tenant, request_id, .. } = &who;
         let upstream = &snap.config.upstream;
-        let called_at = tokio::time::Instant::now();
-        snap.cells.tenant(&shared.metrics, tenant.index).queue_wait.observe((called_at - queued_at).as_secs_f64());
+        let granted_at = tokio::time::Instant::now();
+        snap.cells.tenant(&shared.metrics, tenant.index).queue_wait.observe((granted_at - queued_at).as_secs_f64());
 
         // Forward headers: the bureau learns who asked and which request this is from us alone:
         // no credential, and no identity or forwarding field the bank sent, in any spelling.
@@ -217,9 +217,12 @@ impl Granted {
 
         // The charge is durable before the call leaves (`usage/journal.rs`): a crash from here
         // on cannot lose a call the bureau bills. The day is the bureau's day for this call.
+        // Before `called_at`: the bureau's latency (the adaptive limit's signal) and the
+        // response timeout count the bureau's time, not the disk's.
         let day = crate::usage::day_at(shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
         let route = snap.route_name(who.route);
         shared.usage.charge(day, &tenant.id, &route).await;
+        let called_at = tokio::time::Instant::now();
 
         // Upstream: the bureau is touched last, and the call runs until it answers (or
         // max_call_time cuts it). Not answering within response_timeout is a failure for the
