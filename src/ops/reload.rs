@@ -265,7 +265,9 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     field("audit.fail_closed", old.audit.fail_closed.to_string(), new.audit.fail_closed.to_string(), true);
     // The usage store is opened once per process, as the audit writer is.
     field("usage.dir", format!("{:?}", old.usage.dir), format!("{:?}", new.usage.dir), true);
-    field("usage.retention", dur(old.usage.retention), dur(new.usage.retention), true);
+    // In days, as it is written (humantime would say "1year 1month 4days 7h 26m 24s").
+    let days = |u: &crate::config::UsageConfig| format!("{}d", u.retention_days());
+    field("usage.retention", days(&old.usage), days(&new.usage), true);
     field("usage.flush_interval", dur(old.usage.flush_interval), dur(new.usage.flush_interval), true);
 
     diff_server_tls(&mut out, old.server.tls.as_ref(), new.server.tls.as_ref());
@@ -508,6 +510,25 @@ insecure_no_token = true
             assert!(changes.contains(&want.to_string()), "missing {want:?} in {changes:#?}");
         }
         assert_eq!(changes.len(), 6, "{changes:#?}");
+    }
+
+    #[test]
+    fn diff_shows_usage_settings_needing_a_restart_and_the_series_cap_not() {
+        let old = config("", "");
+        let mut new = old.clone();
+        new.usage.dir = Some("usage".into());
+        new.usage.retention = std::time::Duration::from_secs(30 * 86_400);
+        new.admin.zero_series_max_tenants = 10;
+        let changes: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            changes,
+            [
+                "admin.zero_series_max_tenants: 1000 → 10",
+                "usage.dir: None → Some(\"usage\") (needs a restart)",
+                "usage.retention: 400d → 30d (needs a restart)",
+            ],
+            "{changes:#?}"
+        );
     }
 
     #[test]
