@@ -206,7 +206,7 @@ impl Usage {
         // The files are read without the store's lock: charges go on meanwhile.
         let mut out = Vec::new();
         for day in from..=to {
-            for ((t, route), counts) in reader.read(day)? {
+            for ((t, route), counts) in reader.read(day, tenant)? {
                 if tenant.is_none_or(|want| *t == *want) && !counts.is_zero() {
                     out.push(Row { day, tenant: t, route, counts });
                 }

@@ -155,7 +155,7 @@ impl DayFiles {
 
     /// `day`'s counts (see [`read_day`]).
     pub fn read(&self, day: u32) -> std::io::Result<Day> {
-        read_day(&self.dir, day)
+        read_day(&self.dir, day, None)
     }
 
     /// Deletes the files of days before `first_kept`; returns how many.
@@ -189,15 +189,25 @@ fn ends_line(file: &mut std::fs::File, len: u64) -> std::io::Result<bool> {
 /// no file). A line that does not parse (the torn end of a flush a crash cut, or one being
 /// appended as this reads) is skipped. Reads take no lock: appends and the rename of a
 /// compaction leave every complete line's sum as it was.
-pub fn read_day(dir: &Path, day: u32) -> std::io::Result<Day> {
+pub fn read_day(dir: &Path, day: u32, tenant: Option<&str>) -> std::io::Result<Day> {
     let text = match std::fs::read(dir.join(format!("{}.jsonl", date_of(day).format("%Y-%m-%d")))) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Day::new()),
         Err(e) => return Err(e),
     };
+    // One tenant's statement: only its lines are parsed (a line names it as `"t":"ID"`, the
+    // way `line` writes it; the parsed id is still compared below).
+    let needle = tenant.map(|t| serde_json::json!({ "t": t }).to_string());
+    let finder = needle.as_deref().map(|n| memchr::memmem::Finder::new(&n.as_bytes()[1..n.len() - 1]));
     let mut out = Day::new();
     for raw in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        if finder.as_ref().is_some_and(|f| f.find(raw).is_none()) {
+            continue;
+        }
         let Ok(parsed) = serde_json::from_slice::<Line>(raw) else { continue };
+        if tenant.is_some_and(|t| t != parsed.t) {
+            continue;
+        }
         let entry = out.entry((Arc::from(parsed.t.as_str()), Arc::from(parsed.r.as_str()))).or_default();
         for (name, n) in parsed.n {
             if let Some(c) = Column::named(&name) {
@@ -236,10 +246,17 @@ pub enum Reader {
 }
 
 impl Reader {
-    pub fn read(&self, day: u32) -> std::io::Result<Day> {
+    /// `day`'s counts, of `tenant` only if given.
+    pub fn read(&self, day: u32, tenant: Option<&str>) -> std::io::Result<Day> {
         match self {
-            Reader::Files(dir) => read_day(dir, day),
-            Reader::Memory(m) => Ok(m.get(&day).cloned().unwrap_or_default()),
+            Reader::Files(dir) => read_day(dir, day, tenant),
+            Reader::Memory(m) => Ok(m
+                .get(&day)
+                .map(|d| d.iter().filter(|((t, _), _)| tenant.is_none_or(|want| **t == *want)))
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()),
         }
     }
 }
