@@ -4,8 +4,8 @@
 //! ```text
 //! limits ─▶ tenant ─▶ route ─▶ ratelimit (rate, in-flight) ─▶ body ─▶ cache_key ─▶ cache ──hit──▶ respond
 //!        ─▶ quota (reserve) ─▶ coalesce (join or lead) ─▶ scheduler (a fair share of the bureau)
-//!        ─▶ forward headers ─▶ upstream (quota committed) ─▶ fill cache, fan out
-//!        ─▶ respond (+ stale-if-error, audit, RateLimit fields, metrics, log)
+//!        ─▶ forward headers ─▶ usage charge on disk ─▶ upstream (quota committed) ─▶ fill cache, fan out
+//!        ─▶ respond (+ stale-if-error, audit, usage, RateLimit fields, metrics, log)
 //! ```
 //!
 //! The bureau call itself (breaker, scheduler, headers, upstream, charge) is a stage of its own:
