@@ -32,6 +32,7 @@ fn table() -> (TenantTable, Vec<HeaderValue>) {
             key_digests: vec![Sha256::digest(k.as_bytes()).into()],
             weight: 1,
             client_cert_names: Vec::new(),
+            routes: Vec::new(),
             limits: TenantLimits {
                 // High enough that the bench measures admissions, not refusals.
                 rate: Some(1e9),
@@ -44,7 +45,7 @@ fn table() -> (TenantTable, Vec<HeaderValue>) {
             },
         })
         .collect();
-    let table = TenantTable::new(&configs, None, &StateRegistry::default());
+    let table = TenantTable::new(&configs, &[], &[], None, &StateRegistry::default());
     // Static header values: cloning one is a plain copy, as the request's own header is already
     // in hand when admission runs; a refcounted clone would add two cache misses the proxy never has.
     let values = keys.into_iter().map(|k| HeaderValue::from_static(Box::leak(k.into_boxed_str()))).collect();

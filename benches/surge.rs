@@ -2,13 +2,15 @@
 //! fair sharing (issues 13 and 14).
 //!
 //! Every scenario of `bureau_sim::surge` (patient, impatient, too_high, slower, fewer_workers,
-//! many_tenants, all_at_once): open-loop load, latency from the scheduled send time, the same
+//! many_tenants, all_at_once, priorities): open-loop load, latency from the scheduled send time, the same
 //! traffic through bureau-guard (and a reference budget where the scenario has one) and straight
 //! to the bureau. Prints each replay's per-tenant table and each scenario's verdict table.
 //!
 //!     cargo bench --bench surge                          # every scenario, full length (~8 min)
 //!     cargo bench --bench surge -- --quick               # every scenario, short (CI, ~75 s)
 //!     cargo bench --bench surge -- --scenario slower     # one (with --quick: short)
+//!     RUST_LOG=bureau_guard::adaptive=debug cargo bench --bench surge -- --scenario slower
+//!                                                        # with each adaptive limit decision
 //!
 //! A criterion that fails is reported FAIL; the exit status is non-zero only when the harness
 //! itself breaks (a replay cannot run).
@@ -36,13 +38,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // `RUST_LOG=bureau_guard::adaptive=debug` shows each adaptive limit decision on stderr.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
     let started = Instant::now();
     let mut patient: Option<Replay> = None;
     let mut totals = Vec::new();
     for kind in kinds {
-        // impatient's latency criterion compares with patient's, from the same run.
-        if kind == Kind::Impatient && patient.is_none() {
+        // impatient's and priorities' latency criteria compare with patient's, from the same run.
+        if matches!(kind, Kind::Impatient | Kind::Priorities) && patient.is_none() {
             let s = Scenario::new(Kind::Patient, length);
             println!("== patient (reference for impatient)\n");
             match rt.block_on(replay(&s, s.targets()[0], &InProcessGuard, |_| {})) {

@@ -225,12 +225,22 @@ file = "$TMP/audit.jsonl"
 [usage]
 dir = "$TMP/usage"
 
+# Two priority levels: the credit reports queue as batch, the scores as interactive.
+[[priority]]
+name = "interactive"
+share = 3
+
+[[priority]]
+name = "batch"
+share = 1
+
 # Expires after 1 s but may be served stale for 1 h: answers it while the bureau times out.
 [[routes]]
 name = "credit_report"
 method = "POST"
 path = "/v1/credit-report"
 cost = 1
+priority = "batch"
 cache_ttl = "1s"
 stale_if_error = "1h"
 cache_key = ["body.subject_id", "body.report_type"]

@@ -299,12 +299,19 @@ async fn redis_loop(shared: Arc<Shared>, stop: impl std::future::Future<Output =
         let snap = shared.snapshot.load_full();
         let now_ms = shared.clock.now_unix_ms();
         let w = Windows::at(now_ms, snap.config.quota.utc_offset);
-        let tenants: Vec<_> = snap.tenants.iter().cloned().collect();
-        // Tenants a reload removed: what they still hold goes back.
-        let retired: Vec<_> =
-            shared.states.all().into_iter().filter(|(id, _)| snap.tenants.by_id(id).is_none()).collect();
+        // Every contract: the tenants', their routes' and their groups'.
+        let contracts = snap.tenants.contracts();
+        // Tenants (and route or group limits) a reload removed: what they still hold goes back.
+        let kept: std::collections::HashSet<&str> = contracts.iter().map(|c| &*c.id).collect();
+        let retired: Vec<_> = shared
+            .states
+            .all()
+            .into_iter()
+            .chain(shared.states.all_contracts())
+            .filter(|(id, _)| !kept.contains(id.as_str()))
+            .collect();
         tokio::select! {
-            () = redis.tick(&tenants, &retired, &w, now_ms / 1000) => {}
+            () = redis.tick(contracts, &retired, &w, now_ms / 1000) => {}
             // Shutdown does not wait for a tick on a slow Redis (up to lease_ttl / 2): cutting
             // it is safe (a sync in flight is resent with its token by the release below; a
             // give-back cut in flight loses its units to the tenant, the safe side).
@@ -314,8 +321,7 @@ async fn redis_loop(shared: Arc<Shared>, stop: impl std::future::Future<Output =
     let snap = shared.snapshot.load_full();
     let now_ms = shared.clock.now_unix_ms();
     let w = Windows::at(now_ms, snap.config.quota.utc_offset);
-    let tenants: Vec<_> = snap.tenants.iter().cloned().collect();
-    redis.release_all(&tenants, &w, now_ms / 1000).await;
+    redis.release_all(snap.tenants.contracts(), &w, now_ms / 1000).await;
 }
 
 /// Every `interval`, if anything changed, write the counters. On stop: one final write.

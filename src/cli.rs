@@ -106,8 +106,11 @@ pub fn main() -> ExitCode {
 fn check(path: &Path, diff_against: Option<&Path>) -> ExitCode {
     match Config::load(path) {
         Ok(c) => {
+            let levels: Vec<&str> = c.priority.levels.iter().map(|l| l.name.as_str()).collect();
+            let levels =
+                if levels.is_empty() { String::new() } else { format!(", priority levels {}", levels.join(" > ")) };
             println!(
-                "{}: OK ({} tenants, {} routes, upstream {})",
+                "{}: OK ({} tenants, {} routes{levels}, upstream {})",
                 path.display(),
                 c.tenants.len(),
                 c.routes.len(),

@@ -7,7 +7,8 @@
 //! - [`server`]: the listener: accept, TLS ([`tls`]), PROXY protocol, client address,
 //!   connection caps, deadlines from accept, graceful drain
 //! - [`admission`]: who is asking and may they: size limits (431, 413), tenant (401, 403), rate
-//!   and in-flight (429), daily and monthly quota (429)
+//!   and in-flight (429), daily and monthly quota (429), each for the tenant, its route and its
+//!   group (`contract`)
 //! - [`route`]: the one normalised target (400) and which configured route it is (404)
 //! - [`cache`]: the cache key (400 for a body that is not JSON), answers from memory, identical
 //!   look-ups coalesced into one bureau call, the audit log of who received what

@@ -18,11 +18,12 @@ use http::header::HeaderName;
 use http::{Request, Response};
 
 use crate::admission::backend::Admission;
+use crate::admission::contract::Contract;
 use crate::admission::limits;
-use crate::admission::quota::{Windows, retry_after_secs};
-use crate::admission::ratelimit::RateDecision;
+use crate::admission::quota::{Reservations, Windows, retry_after_secs};
+use crate::admission::ratelimit::{InFlightGuards, RateDecision};
 use crate::admission::tenant::Tenant;
-use crate::admission::verdict::{self, Mode, Reason, Refusal};
+use crate::admission::verdict::{self, Mode, Reason, Refusal, Scope};
 use crate::bureau::call::{Answer, Attribution, BureauCall, Keep, Store};
 use crate::bureau::headers::{RequestId, X_CLIENT_REQUEST_ID, X_REQUEST_ID};
 use crate::cache::audit::Record;
@@ -56,8 +57,8 @@ struct Ctx {
     tenant: Option<Arc<Tenant>>,
     /// Index into the metric cells' route labels.
     route: usize,
-    /// The rate decision, for the `RateLimit` response field.
-    rate: Option<RateDecision>,
+    /// The rate decision of each contract (tenant, route, group), for the `RateLimit` field.
+    rate: [Option<RateDecision>; 3],
     /// The quota windows the request was counted in.
     windows: Option<Windows>,
     /// The look-up's keyed hash (routes with a `cache_key`): the audit's subject.
@@ -97,7 +98,7 @@ impl Proxy {
         let mut ctx = Ctx {
             tenant: None,
             route: snap.cells.route_none(),
-            rate: None,
+            rate: [None; 3],
             windows: None,
             subject: None,
             stale: None,
@@ -242,15 +243,15 @@ impl Proxy {
 
         // Route: names the request for metrics, gives its cost and its cache policy.
         let matched = snap.route_table.find(&parts.method, parts.uri.path());
-        let (cost, caching, params) = match matched {
+        let (cost, caching, params, route_level) = match matched {
             Some(m) => {
                 ctx.route = m.index;
                 let route = &snap.routes[m.index];
-                (route.cost, route.cache.as_ref(), Some(m.params))
+                (route.cost, route.cache.as_ref(), Some(m.params), snap.config.priority.routes[m.index])
             }
             None if snap.limits.pass_unmatched => {
                 ctx.route = snap.cells.route_passthrough();
-                (1, None, None)
+                (1, None, None, None)
             }
             None => {
                 return Err(ProxyError::new(
@@ -260,23 +261,29 @@ impl Proxy {
             }
         };
 
+        // Priority: the level the call queues in for a bureau slot. Consumed here, never sent on.
+        let level =
+            crate::route::priority::level(&snap.config.priority, tenant.index, route_level, &mut parts.headers)?;
+
         // Admission: local counters, or (with Redis) leases shared with the other replicas,
         // and what this request may still wait for Redis over all its limits.
         let mut admission = Admission::new(self.shared.redis.as_ref());
 
-        // Rate: every request of the tenant pays, cache hits included; it shapes the tenant's pace.
-        if let Some(rate) = &tenant.rate {
-            let decided = admission.rate(&tenant, rate, cost).await?;
-            ctx.rate = Some(match &decided {
-                verdict::Verdict::Allow(decision) | verdict::Verdict::DryRun(decision, _) => *decision,
-                verdict::Verdict::Refuse(refusal) => RateDecision::Limited { retry_after: refusal.retry_after },
-            });
-            self.admit(snap, &tenant, decided)?;
-        }
+        // Contracts: the tenant's, its route's (`[tenants.routes.NAME]`), its group's; a request
+        // must pass each, and what one refuses costs the others nothing.
+        let contracts = tenant.contracts(ctx.route);
 
-        // In flight: the tenant's share of bureau-guard itself; a guard, so every exit releases it
-        // (a bureau call takes it along: it is released when the bureau has answered).
-        let in_flight = self.admit(snap, &tenant, admission.in_flight(&tenant).await?)?;
+        // Rate: every request of the tenant pays, cache hits included; it shapes the tenant's pace.
+        self.admit_rate(snap, &tenant, &contracts, cost, &mut admission, ctx).await?;
+
+        // In flight: the tenant's share of bureau-guard itself; guards, so every exit releases
+        // them (a bureau call takes them along: released when the bureau has answered).
+        let mut in_flight = InFlightGuards::default();
+        for (k, c) in contracts.iter().enumerate() {
+            // The tenant's own count is kept even without a limit (the admin view shows it).
+            let Some(c) = c.filter(|c| k == 0 || c.limits.max_in_flight.is_some()) else { continue };
+            in_flight.0[k] = Some(self.admit(snap, &tenant, c, admission.in_flight(c).await?)?);
+        }
 
         // Body: read only for identified, admitted requests, and bounded.
         let body = limits::read_body(body, snap.limits.max_body).await?;
@@ -323,7 +330,16 @@ impl Proxy {
         let now_unix_ms = self.shared.clock.now_unix_ms();
         let windows = Windows::at(now_unix_ms, snap.config.quota.utc_offset);
         ctx.windows = Some(windows);
-        let reservation = self.admit(snap, &tenant, admission.reserve(&tenant, &windows, now_unix_ms / 1000).await?)?;
+        let mut reservation = Reservations::default();
+        for (k, c) in contracts.iter().enumerate() {
+            // A refusal here drops the reservations before it: given back.
+            let Some(c) = c.filter(|c| k == 0 || c.limits.daily_quota.is_some() || c.limits.monthly_quota.is_some())
+            else {
+                continue;
+            };
+            let held = admission.reserve(c, &windows, now_unix_ms / 1000).await?;
+            reservation.0[k] = Some(self.admit(snap, &tenant, c, held)?);
+        }
 
         let ctx_tenant = tenant.id.clone();
         let route = snap.routes.get(ctx.route).map(|r| r.name.clone());
@@ -339,6 +355,7 @@ impl Proxy {
             },
             source,
             cost,
+            level,
             reservation,
             in_flight,
         };
@@ -421,44 +438,92 @@ impl Proxy {
         })
     }
 
+    /// The rate of each contract in turn; one that refuses gives back what the ones before it
+    /// took, so a request the route's rate refuses does not use up the tenant's.
+    async fn admit_rate(
+        &self,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        contracts: &[Option<&Arc<Contract>>; 3],
+        cost: u32,
+        admission: &mut Admission<'_>,
+        ctx: &mut Ctx,
+    ) -> Result<(), ProxyError> {
+        for (k, c) in contracts.iter().enumerate() {
+            let Some((c, rate)) = c.and_then(|c| Some((c, c.rate.as_ref()?))) else { continue };
+            let decided = admission.rate(c, rate, cost).await;
+            if let Ok(decided) = &decided {
+                ctx.rate[k] = Some(match decided {
+                    verdict::Verdict::Allow(decision) | verdict::Verdict::DryRun(decision, _) => *decision,
+                    verdict::Verdict::Refuse(refusal) => RateDecision::Limited { retry_after: refusal.retry_after },
+                });
+            }
+            if let Err(err) = decided.and_then(|decided| self.admit(snap, tenant, c, decided)) {
+                for (j, before) in contracts[..k].iter().enumerate() {
+                    if let (Some(before), Some(RateDecision::Allowed { .. })) = (before, ctx.rate[j])
+                        && let Some(rate) = &before.rate
+                    {
+                        admission.refund_rate(before, rate, cost);
+                    }
+                }
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
     /// What a limit's verdict means for the request, decided here once for every limit and
     /// back-end: within it, go on; over one in dry run, counted and logged and let through;
     /// refused, counted and answered 429.
-    fn admit<T>(&self, snap: &Snapshot, tenant: &Tenant, decided: verdict::Verdict<T>) -> Result<T, ProxyError> {
+    /// `contract`: whose limit it was (the tenant's, its route's, its group's).
+    fn admit<T>(
+        &self,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        contract: &Contract,
+        decided: verdict::Verdict<T>,
+    ) -> Result<T, ProxyError> {
         match decided {
             verdict::Verdict::Allow(held) => Ok(held),
             verdict::Verdict::DryRun(held, refusal) => {
-                let kind = refusal_kind(refusal.reason);
+                let kind = refusal_kind(refusal.reason, refusal.scope);
                 snap.cells.record_limit(&self.shared.metrics, tenant.index, kind, Mode::DryRun);
                 tracing::info!(target: "bureau_guard::dry_run", tenant = &*tenant.id, reason = kind.code(), "limit exceeded (dry run: not enforced)");
                 Ok(held)
             }
             verdict::Verdict::Refuse(refusal) => {
-                let err = refusal_error(&refusal, tenant);
+                let err = refusal_error(&refusal, contract);
                 snap.cells.record_limit(&self.shared.metrics, tenant.index, err.kind, Mode::Enforce);
                 Err(err)
             }
         }
     }
 
-    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) for the tenant.
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) for the
+    /// tenant, and the route and group limits the request passed.
     fn ratelimit_fields(&self, snap: &Snapshot, tenant: &Tenant, ctx: &Ctx, headers: &mut http::HeaderMap) {
-        let Some(policy) = &tenant.policy_header else { return };
+        let route = tenant.route_contract(ctx.route);
+        let Some(policy) = route.map_or(&tenant.policy_header, |r| &r.policy_header) else { return };
         let w =
             ctx.windows.unwrap_or_else(|| Windows::at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset));
-        let l = &tenant.limits;
-        let state = RateLimitState {
-            rate: ctx.rate.map(|d| match d {
-                RateDecision::Allowed { remaining, reset } => (u64::from(remaining), reset.as_secs_f64().ceil() as u64),
-                RateDecision::Limited { retry_after } => (0, retry_after_secs(retry_after)),
-            }),
-            daily: l.daily_quota.map(|q| (q.saturating_sub(tenant.state.daily.get(w.day)), w.day_resets_in_s)),
-            monthly: l
-                .monthly_quota
-                .map(|q| (q.saturating_sub(tenant.state.monthly.get(w.month)), w.month_resets_in_s)),
-        };
+        let mut states: [([&'static str; 3], RateLimitState); 3] = Default::default();
+        for (k, c) in tenant.contracts(ctx.route).into_iter().enumerate() {
+            let Some(c) = c else { continue };
+            let l = &c.limits;
+            let state = RateLimitState {
+                rate: ctx.rate[k].map(|d| match d {
+                    RateDecision::Allowed { remaining, reset } => {
+                        (u64::from(remaining), reset.as_secs_f64().ceil() as u64)
+                    }
+                    RateDecision::Limited { retry_after } => (0, retry_after_secs(retry_after)),
+                }),
+                daily: l.daily_quota.map(|q| (q.saturating_sub(c.state.daily.get(w.day)), w.day_resets_in_s)),
+                monthly: l.monthly_quota.map(|q| (q.saturating_sub(c.state.monthly.get(w.month)), w.month_resets_in_s)),
+            };
+            states[k] = (c.policy_names(), state);
+        }
         headers.insert(&RATELIMIT_POLICY, policy.clone());
-        if let Some(v) = state.header() {
+        if let Some(v) = RateLimitState::header(&states) {
             headers.insert(&RATELIMIT, v);
         }
     }
@@ -471,20 +536,29 @@ fn bureau_timeout(response_timeout: std::time::Duration) -> ProxyError {
     )
 }
 
-fn refusal_kind(reason: Reason) -> ErrorKind {
-    match reason {
-        Reason::Rate => ErrorKind::RateLimited,
-        Reason::InFlight => ErrorKind::TooManyInFlight,
-        Reason::DailyQuota => ErrorKind::DailyQuotaExhausted,
-        Reason::MonthlyQuota => ErrorKind::MonthlyQuotaExhausted,
+fn refusal_kind(reason: Reason, scope: Scope) -> ErrorKind {
+    match (scope, reason) {
+        (Scope::Tenant, Reason::Rate) => ErrorKind::RateLimited,
+        (Scope::Tenant, Reason::InFlight) => ErrorKind::TooManyInFlight,
+        (Scope::Tenant, Reason::DailyQuota) => ErrorKind::DailyQuotaExhausted,
+        (Scope::Tenant, Reason::MonthlyQuota) => ErrorKind::MonthlyQuotaExhausted,
+        (Scope::Route, Reason::Rate) => ErrorKind::RouteRateLimited,
+        (Scope::Route, Reason::InFlight) => ErrorKind::RouteTooManyInFlight,
+        (Scope::Route, Reason::DailyQuota) => ErrorKind::RouteDailyQuotaExhausted,
+        (Scope::Route, Reason::MonthlyQuota) => ErrorKind::RouteMonthlyQuotaExhausted,
+        (Scope::Group, Reason::Rate) => ErrorKind::GroupRateLimited,
+        (Scope::Group, Reason::InFlight) => ErrorKind::GroupTooManyInFlight,
+        (Scope::Group, Reason::DailyQuota) => ErrorKind::GroupDailyQuotaExhausted,
+        (Scope::Group, Reason::MonthlyQuota) => ErrorKind::GroupMonthlyQuotaExhausted,
     }
 }
 
-/// The 429 of a refusal by one of `tenant`'s limits, naming the limit.
-fn refusal_error(refusal: &Refusal, tenant: &Tenant) -> ProxyError {
-    let l = &tenant.limits;
+/// The 429 of a refusal by one of `contract`'s limits, naming the limit (and for a route or a
+/// group, whose: the contract id is a tenant, route and group id, never a key or subject).
+fn refusal_error(refusal: &Refusal, contract: &Contract) -> ProxyError {
+    let l = &contract.limits;
     let message = match refusal.reason {
-        Reason::Rate => match &tenant.rate {
+        Reason::Rate => match &contract.rate {
             Some(rate) => format!("over {} requests/s (burst {})", rate.rate, rate.burst),
             None => "over the request rate".to_string(),
         },
@@ -492,7 +566,19 @@ fn refusal_error(refusal: &Refusal, tenant: &Tenant) -> ProxyError {
         Reason::DailyQuota => format!("daily quota of {} bureau calls used up", l.daily_quota.unwrap_or(0)),
         Reason::MonthlyQuota => format!("monthly quota of {} bureau calls used up", l.monthly_quota.unwrap_or(0)),
     };
-    ProxyError::new(refusal_kind(refusal.reason), message).retry_after(retry_after_secs(refusal.retry_after))
+    let message = match contract.scope {
+        Scope::Tenant => message,
+        Scope::Route => {
+            let route = contract.id.split_once('/').map_or(&*contract.id, |(_, r)| r);
+            format!("route {route}: {message}")
+        }
+        Scope::Group => {
+            let group = contract.id.strip_prefix("group:").unwrap_or(&contract.id);
+            format!("group {group}: {message}")
+        }
+    };
+    ProxyError::new(refusal_kind(refusal.reason, refusal.scope), message)
+        .retry_after(retry_after_secs(refusal.retry_after))
 }
 
 /// Counts a request in `bureau_guard_requests_in_flight` for as long as it lives.

@@ -13,6 +13,8 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
+use crate::admission::contract::Contract;
+
 /// The response body type of the proxy: bodies are buffered (bounded) end to end.
 pub type Body = Full<Bytes>;
 
@@ -48,6 +50,16 @@ pub enum ErrorKind {
     TooManyInFlight,
     DailyQuotaExhausted,
     MonthlyQuotaExhausted,
+    /// The tenant's own limits on the route (`[tenants.routes.NAME]`): rate, in flight, quotas.
+    RouteRateLimited,
+    RouteTooManyInFlight,
+    RouteDailyQuotaExhausted,
+    RouteMonthlyQuotaExhausted,
+    /// The limits the tenant's group shares (`[[groups]]`).
+    GroupRateLimited,
+    GroupTooManyInFlight,
+    GroupDailyQuotaExhausted,
+    GroupMonthlyQuotaExhausted,
     BureauBusy,
     /// The circuit breaker is open: the bureau failed several calls in a row, so requests are
     /// answered at once instead of waiting for connect or response timeouts.
@@ -65,7 +77,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for pre-registering metric label values and tests.
-    pub const ALL: [ErrorKind; 21] = [
+    pub const ALL: [ErrorKind; 29] = [
         ErrorKind::MissingApiKey,
         ErrorKind::InvalidApiKey,
         ErrorKind::RouteNotFound,
@@ -80,6 +92,14 @@ impl ErrorKind {
         ErrorKind::TooManyInFlight,
         ErrorKind::DailyQuotaExhausted,
         ErrorKind::MonthlyQuotaExhausted,
+        ErrorKind::RouteRateLimited,
+        ErrorKind::RouteTooManyInFlight,
+        ErrorKind::RouteDailyQuotaExhausted,
+        ErrorKind::RouteMonthlyQuotaExhausted,
+        ErrorKind::GroupRateLimited,
+        ErrorKind::GroupTooManyInFlight,
+        ErrorKind::GroupDailyQuotaExhausted,
+        ErrorKind::GroupMonthlyQuotaExhausted,
         ErrorKind::BureauBusy,
         ErrorKind::BureauUnavailable,
         ErrorKind::AuditUnavailable,
@@ -106,6 +126,14 @@ impl ErrorKind {
             ErrorKind::TooManyInFlight => "too_many_in_flight",
             ErrorKind::DailyQuotaExhausted => "daily_quota_exhausted",
             ErrorKind::MonthlyQuotaExhausted => "monthly_quota_exhausted",
+            ErrorKind::RouteRateLimited => "route_rate_limited",
+            ErrorKind::RouteTooManyInFlight => "route_too_many_in_flight",
+            ErrorKind::RouteDailyQuotaExhausted => "route_daily_quota_exhausted",
+            ErrorKind::RouteMonthlyQuotaExhausted => "route_monthly_quota_exhausted",
+            ErrorKind::GroupRateLimited => "group_rate_limited",
+            ErrorKind::GroupTooManyInFlight => "group_too_many_in_flight",
+            ErrorKind::GroupDailyQuotaExhausted => "group_daily_quota_exhausted",
+            ErrorKind::GroupMonthlyQuotaExhausted => "group_monthly_quota_exhausted",
             ErrorKind::BureauBusy => "bureau_busy",
             ErrorKind::BureauUnavailable => "bureau_unavailable",
             ErrorKind::AuditUnavailable => "audit_unavailable",
@@ -133,6 +161,14 @@ impl ErrorKind {
             | ErrorKind::TooManyInFlight
             | ErrorKind::DailyQuotaExhausted
             | ErrorKind::MonthlyQuotaExhausted
+            | ErrorKind::RouteRateLimited
+            | ErrorKind::RouteTooManyInFlight
+            | ErrorKind::RouteDailyQuotaExhausted
+            | ErrorKind::RouteMonthlyQuotaExhausted
+            | ErrorKind::GroupRateLimited
+            | ErrorKind::GroupTooManyInFlight
+            | ErrorKind::GroupDailyQuotaExhausted
+            | ErrorKind::GroupMonthlyQuotaExhausted
             | ErrorKind::TooManyAuthFailures => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::BureauBusy
             | ErrorKind::BureauUnavailable
@@ -161,7 +197,15 @@ impl ErrorKind {
             ErrorKind::RateLimited
             | ErrorKind::TooManyInFlight
             | ErrorKind::DailyQuotaExhausted
-            | ErrorKind::MonthlyQuotaExhausted => Blame::Tenant,
+            | ErrorKind::MonthlyQuotaExhausted
+            | ErrorKind::RouteRateLimited
+            | ErrorKind::RouteTooManyInFlight
+            | ErrorKind::RouteDailyQuotaExhausted
+            | ErrorKind::RouteMonthlyQuotaExhausted
+            | ErrorKind::GroupRateLimited
+            | ErrorKind::GroupTooManyInFlight
+            | ErrorKind::GroupDailyQuotaExhausted
+            | ErrorKind::GroupMonthlyQuotaExhausted => Blame::Tenant,
             // The shared bureau budget is used up: nobody's fault in particular, shed early.
             ErrorKind::BureauBusy => Blame::Capacity,
         }
@@ -248,24 +292,30 @@ impl Outcome {
     }
 }
 
-/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers): the tenant's policies, or `None`
-/// if it has none. Built once per config.
-pub fn ratelimit_policy(limits: &crate::config::TenantLimits) -> Option<HeaderValue> {
+/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers) of every contract given, in order
+/// (the tenant's `"rate"`, its route's `"route.rate"`, its group's `"group.rate"`, ...), or
+/// `None` if none has a limit the field describes. Built once per config.
+pub fn ratelimit_policy(contracts: &[Option<&Contract>]) -> Option<HeaderValue> {
     let mut items = Vec::new();
-    if let (Some(rate), burst) = (limits.rate, limits.burst) {
-        let window = (f64::from(burst) / rate).ceil().max(1.0) as u64;
-        items.push(format!("\"rate\";q={burst};w={window}"));
-    }
-    if let Some(q) = limits.daily_quota {
-        items.push(format!("\"daily\";q={q};w=86400"));
-    }
-    if let Some(q) = limits.monthly_quota {
-        items.push(format!("\"monthly\";q={q}"));
+    for c in contracts.iter().flatten() {
+        let [rate, daily, monthly] = c.policy_names();
+        let l = &c.limits;
+        if let Some(r) = l.rate {
+            let window = (f64::from(l.burst) / r).ceil().max(1.0) as u64;
+            items.push(format!("\"{rate}\";q={};w={window}", l.burst));
+        }
+        if let Some(q) = l.daily_quota {
+            items.push(format!("\"{daily}\";q={q};w=86400"));
+        }
+        if let Some(q) = l.monthly_quota {
+            items.push(format!("\"{monthly}\";q={q}"));
+        }
     }
     if items.is_empty() { None } else { HeaderValue::from_str(&items.join(", ")).ok() }
 }
 
-/// Live state of each policy, for the `RateLimit` field: remaining units and seconds to reset.
+/// Live state of each policy of one contract, for the `RateLimit` field: remaining units and
+/// seconds to reset.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RateLimitState {
     pub rate: Option<(u64, u64)>,
@@ -274,16 +324,19 @@ pub struct RateLimitState {
 }
 
 impl RateLimitState {
-    /// The `RateLimit` field value, e.g. `"rate";r=9;t=1, "daily";r=990;t=3600`.
-    pub fn header(&self) -> Option<HeaderValue> {
+    /// The `RateLimit` field value of the contracts' states, each with its policy names, e.g.
+    /// `"rate";r=9;t=1, "daily";r=990;t=3600, "route.daily";r=40;t=3600`.
+    pub fn header(states: &[([&'static str; 3], RateLimitState)]) -> Option<HeaderValue> {
         use std::fmt::Write;
         let mut out = String::new();
-        for (name, item) in [("rate", self.rate), ("daily", self.daily), ("monthly", self.monthly)] {
-            if let Some((r, t)) = item {
-                if !out.is_empty() {
-                    out.push_str(", ");
+        for (names, state) in states {
+            for (name, item) in names.iter().zip([state.rate, state.daily, state.monthly]) {
+                if let Some((r, t)) = item {
+                    if !out.is_empty() {
+                        out.push_str(", ");
+                    }
+                    let _ = write!(out, "\"{name}\";r={r};t={t}");
                 }
-                let _ = write!(out, "\"{name}\";r={r};t={t}");
             }
         }
         if out.is_empty() { None } else { HeaderValue::from_str(&out).ok() }

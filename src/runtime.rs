@@ -96,7 +96,7 @@ impl Snapshot {
                 pass_unmatched: config.server.pass_unmatched,
                 access_log: config.log.access_log,
             },
-            tenants: TenantTable::new(&config.tenants, cert_identity(&config), states),
+            tenants: TenantTable::new(&config.tenants, &config.routes, &config.groups, cert_identity(&config), states),
             route_table,
             routes: config
                 .routes
@@ -227,6 +227,7 @@ impl Shared {
         let states = StateRegistry::default();
         let scheduler = Scheduler::new(config.upstream.max_concurrency);
         scheduler.set_max_waiting(config.upstream.max_queue_total);
+        scheduler.set_levels(level_table(&config));
         let adaptive = adaptive_controller(&config);
         scheduler.set_controller(adaptive.clone());
         let redis = match &config.state.backend {
@@ -300,9 +301,9 @@ pub fn adaptive_controller(config: &Config) -> Option<Arc<AdaptiveLimit>> {
 }
 
 impl Shared {
-    /// A tenant's daily and monthly use: this process's counters, or with Redis the units all
+    /// A contract's (a tenant's, a route's, a group's) daily and monthly use: this process's counters, or with Redis the units all
     /// replicas have charged as last seen here.
-    pub fn quota_used(&self, t: &crate::admission::tenant::Tenant, w: &Windows) -> (u64, u64) {
+    pub fn quota_used(&self, t: &crate::admission::contract::Contract, w: &Windows) -> (u64, u64) {
         match &self.redis {
             None => (t.state.daily.get(w.day), t.state.monthly.get(w.month)),
             Some(r) => r.quota_used(t, w),
@@ -327,6 +328,16 @@ impl Shared {
             let current = view.as_ref().is_some_and(|v| v.phase == phase);
             m.adaptive_phase.with_label_values(&[phase.as_str()]).set(i64::from(current));
         }
+        // Only the levels in force: a reload that removes one removes its series.
+        for gauge in [&m.level_in_flight, &m.level_queued, &m.level_nominal] {
+            gauge.reset();
+        }
+        for (slot, level) in snap.config.priority.levels.iter().enumerate() {
+            let stats = self.scheduler.level_stats(slot);
+            m.level_in_flight.with_label_values(&[&level.name]).set(stats.in_flight as i64);
+            m.level_queued.with_label_values(&[&level.name]).set(stats.queued as i64);
+            m.level_nominal.with_label_values(&[&level.name]).set(stats.nominal as i64);
+        }
         for t in snap.tenants.iter() {
             let id = &*t.id;
             m.queue_depth.with_label_values(&[id]).set(self.scheduler.queued(t.state.index) as i64);
@@ -339,6 +350,56 @@ impl Shared {
             if let Some(q) = t.limits.monthly_quota {
                 m.quota_limit.with_label_values(&[id, "monthly"]).set(q as i64);
             }
+            for (i, route) in snap.routes.iter().enumerate() {
+                let Some(c) = t.route_contract(i).map(|r| &r.contract) else { continue };
+                let (used, limit) = (&m.route_quota_used, &m.route_quota_limit);
+                self.contract_gauges(
+                    c,
+                    &w,
+                    |window| used.with_label_values(&[id, &route.name, window]),
+                    |window| limit.with_label_values(&[id, &route.name, window]),
+                );
+            }
+        }
+        // Each group once (its members share one contract).
+        let mut seen = std::collections::HashSet::new();
+        for g in snap.tenants.iter().filter_map(|t| t.group.as_ref()) {
+            let Some(c) = g.contract.as_ref().filter(|_| seen.insert(g.index)) else { continue };
+            let (used, limit) = (&m.group_quota_used, &m.group_quota_limit);
+            self.contract_gauges(
+                c,
+                &w,
+                |window| used.with_label_values(&[&g.id, window]),
+                |window| limit.with_label_values(&[&g.id, window]),
+            );
         }
     }
+
+    /// A route's or group's quota use and limits, into the gauges `used` and `limit` name.
+    fn contract_gauges(
+        &self,
+        c: &crate::admission::contract::Contract,
+        w: &Windows,
+        used: impl Fn(&str) -> prometheus::IntGauge,
+        limit: impl Fn(&str) -> prometheus::IntGauge,
+    ) {
+        let (daily, monthly) = self.quota_used(c, w);
+        for (window, quota, n) in [("daily", c.limits.daily_quota, daily), ("monthly", c.limits.monthly_quota, monthly)]
+        {
+            if let Some(q) = quota {
+                used(window).set(n as i64);
+                limit(window).set(q as i64);
+            }
+        }
+    }
+}
+
+/// The scheduler's priority levels for `config`: a level's slot is its place in
+/// `[[priority]]`; without levels, one level that is the whole budget.
+pub fn level_table(config: &Config) -> crate::bureau::scheduler::LevelTable {
+    let levels: Vec<_> = config.priority.levels.iter().enumerate().map(|(slot, l)| (slot, l.spec)).collect();
+    if levels.is_empty() {
+        return crate::bureau::scheduler::LevelTable::default();
+    }
+    crate::bureau::scheduler::LevelTable::new(&levels).expect("config validation caps the levels at MAX_LEVELS")
 }

@@ -355,7 +355,13 @@ mod tests {
                             Budget::Adaptive { max, .. } => max,
                         };
                         assert_eq!(c.upstream.max_concurrency, expect, "{kind}");
-                        assert_eq!(c.tenants.len(), s.tenants.len(), "{kind}");
+                        // One tenant per distinct tenant id (a tenant may send several streams,
+                        // one per priority level), each with the levels its streams name.
+                        let tenants: std::collections::BTreeSet<&str> =
+                            s.tenants.iter().map(|t| t.tenant.as_str()).collect();
+                        assert_eq!(c.tenants.len(), tenants.len(), "{kind}");
+                        let levelled = s.tenants.iter().any(|t| t.level.is_some());
+                        assert_eq!(c.priority.levels.len(), if levelled { 2 } else { 0 }, "{kind}");
                     }
                 }
                 assert!(s.settle < s.surge, "{kind}: the window opens inside the surge");

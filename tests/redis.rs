@@ -1232,3 +1232,107 @@ async fn a_replica_id_taken_later_is_logged_counted_and_not_ready() {
     assert_eq!(ready().await.status, 200);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_route_and_group_quotas() {
+    let Some(redis) = RedisServer::start("redis-contracts") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let (route_daily, group_daily) = (10u64, 16u64);
+    let groups = format!("[[groups]]\nid = \"kb\"\nmembers = [\"a\", \"b\"]\ndaily_quota = {group_daily}\n");
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&redis.url(), ""),
+            tenant_a: &format!("[tenants.routes.score]\ndaily_quota = {route_daily}"),
+            tenant_b: &groups,
+            ..Extras::default()
+        },
+    );
+    let replicas = [app::start(parse(&text)).await.unwrap(), app::start(parse(&text)).await.unwrap()];
+    let url = |n: usize, path: &str| format!("http://{}{path}", replicas[n % 2].addr);
+
+    // a's score look-ups, round-robin over both replicas: the route's quota is one for both.
+    let mut a_ok = 0;
+    for i in 0..30 {
+        match get(&url(i, &format!("/v1/score/A-{i}")), &[("x-api-key", KEY_A)]).await {
+            r if r.status == 200 => a_ok += 1,
+            r => assert_eq!(r.json()["error"], "route_daily_quota_exhausted"),
+        }
+    }
+    assert!(a_ok <= route_daily, "{a_ok} look-ups passed a route quota of {route_daily} across 2 replicas");
+    assert!(a_ok + 2 >= route_daily, "only {a_ok} of a route quota of {route_daily} were usable");
+
+    // b shares the group's quota with a: what a used is gone for b too, on either replica.
+    let mut b_ok = 0;
+    for i in 0..30 {
+        match get(&url(i, &format!("/v1/score/B-{i}")), &[("x-api-key", KEY_B)]).await {
+            r if r.status == 200 => b_ok += 1,
+            r => assert_eq!(r.json()["error"], "group_daily_quota_exhausted"),
+        }
+    }
+    assert!(a_ok + b_ok <= group_daily, "a {a_ok} + b {b_ok} passed a group quota of {group_daily}");
+    assert!(a_ok + b_ok + 2 >= group_daily, "only {} of a group quota of {group_daily} were usable", a_ok + b_ok);
+    assert_eq!(mock.bureau.stats().calls_total, a_ok + b_ok);
+    // The shared counts are in Redis under the contracts' own keys.
+    let keys = redis.cli(&["KEYS", "*"]);
+    assert!(keys.contains("a/score}:daily:") && keys.contains("group:kb}:daily:"), "{keys}");
+    for r in replicas {
+        r.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_a_route_rate_refusal_gives_the_tenant_its_tokens_back() {
+    let Some(redis) = RedisServer::start("redis-route-refund") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let tenant_a = "rate = 0.0001\nburst = 4\n[tenants.routes.score]\nrate = 0.0001\nburst = 1";
+    let text =
+        config_with(&mock.url(), &Extras { sections: &redis_state(&redis.url(), ""), tenant_a, ..Extras::default() });
+    let proxy = app::start(parse(&text)).await.unwrap();
+    let score = |i: usize| format!("http://{}/v1/score/R-{i}", proxy.addr);
+    assert_eq!(status(&score(0), KEY_A).await, 200);
+    for i in 1..6 {
+        let r = get(&score(i), &[("x-api-key", KEY_A)]).await;
+        assert_eq!(r.json()["error"], "route_rate_limited");
+    }
+    // Three of the tenant's four tokens are left: the refused look-ups took none.
+    let echo = format!("http://{}/echo/x", proxy.addr);
+    for _ in 0..3 {
+        assert_eq!(status(&echo, KEY_A).await, 200);
+    }
+    assert_eq!(get(&echo, &[("x-api-key", KEY_A)]).await.json()["error"], "rate_limited");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_hold_a_group_to_its_rate_together() {
+    let Some(redis) = RedisServer::start("redis-group-rate") else { return };
+    let mock = start_mock(fast_mock()).await;
+    // The group's burst of 8 and no refill to speak of; each member alone has room for 20.
+    let burst = 8;
+    let groups = format!("[[groups]]\nid = \"kb\"\nmembers = [\"a\", \"b\"]\nrate = 0.0001\nburst = {burst}\n");
+    let text = config_with(
+        &mock.url(),
+        &Extras {
+            sections: &redis_state(&redis.url(), ""),
+            tenant_a: "rate = 0.0001\nburst = 20",
+            tenant_b: &format!("rate = 0.0001\nburst = 20\n{groups}"),
+            ..Extras::default()
+        },
+    );
+    let replicas = [app::start(parse(&text)).await.unwrap(), app::start(parse(&text)).await.unwrap()];
+    let mut ok = 0;
+    for i in 0..40 {
+        let key = if i % 3 == 0 { KEY_B } else { KEY_A };
+        let url = format!("http://{}/v1/score/G-{i}", replicas[i % 2].addr);
+        match get(&url, &[("x-api-key", key)]).await {
+            r if r.status == 200 => ok += 1,
+            r => assert_eq!(r.json()["error"], "group_rate_limited"),
+        }
+    }
+    assert!(ok <= burst, "{ok} passed a group burst of {burst} across 2 replicas");
+    assert!(ok + 2 >= burst, "only {ok} of a group burst of {burst} were usable");
+    for r in replicas {
+        r.shutdown().await;
+    }
+}

@@ -29,6 +29,46 @@ fn write_config(path: &Path, mock_url: &str, tenant_a: &str, with_b: bool, extra
     std::fs::write(path, text).unwrap();
 }
 
+/// Tenant a's score look-ups on 4 connections, back to back, counting those not answered 200.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(addr: std::net::SocketAddr) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let mut workers = Vec::new();
+        for w in 0..4 {
+            let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+            workers.push(tokio::spawn(async move {
+                let c = client();
+                let url = format!("http://{addr}/v1/score/S-{w}");
+                while !stop.load(Ordering::Relaxed) {
+                    let r = send(&c, Method::GET, &url, &[("x-api-key", KEY_A)], b"").await;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if r.status != 200 {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        Traffic { stop, sent, failed, workers }
+    }
+
+    /// Stops the traffic: (requests sent, requests that failed).
+    async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            w.await.unwrap();
+        }
+        (self.sent.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+}
+
 async fn start_from_file(path: &Path) -> Running {
     let config = bureau_guard::config::Config::load(path).expect("valid initial config");
     app::start_with(config, Options { config_path: Some(path.to_path_buf()), ..Default::default() }).await.unwrap()
@@ -136,23 +176,7 @@ async fn fifty_reloads_under_steady_traffic_fail_no_request_and_each_takes_effec
     let addr = proxy.addr;
 
     // Steady traffic from tenant a (never removed) on 4 connections while the config churns.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut workers = Vec::new();
-    for w in 0..4 {
-        let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-        workers.push(tokio::spawn(async move {
-            let c = client();
-            let url = format!("http://{addr}/v1/score/S-{w}");
-            while !stop.load(Ordering::Relaxed) {
-                let r = send(&c, Method::GET, &url, &[("x-api-key", KEY_A)], b"").await;
-                sent.fetch_add(1, Ordering::Relaxed);
-                if r.status != 200 {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
+    let traffic = Traffic::start(addr);
 
     let admin = proxy.admin_addr.to_string();
     for i in 0..50 {
@@ -176,11 +200,7 @@ async fn fifty_reloads_under_steady_traffic_fail_no_request_and_each_takes_effec
         let a = tenants.as_array().unwrap().iter().find(|t| t["id"] == "a").unwrap().clone();
         assert_eq!(a["limits"]["rate"], f64::from(100_000 + i), "reload {i}");
     }
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
-    }
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = traffic.stop().await;
     assert!(sent > 100, "traffic ran throughout ({sent} requests)");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed during reloads");
 }
@@ -324,4 +344,89 @@ async fn a_reload_reopens_the_rotated_audit_log_even_when_the_config_is_rejected
     assert_eq!(get(&url("/v1/score/S-2"), &[("x-api-key", KEY_A)]).await.status, 200);
     assert!(audit.flush().await);
     assert_eq!((lines(&rotated), lines(&log)), (1, 1), "the record after the reload is in the new file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_and_group_limits_change_under_load_without_a_failed_request_and_keep_their_counts() {
+    let mock = start_mock(fast_mock()).await;
+    let path = config_path("reload-contracts");
+    let write = |i: u32, route_quota: u64| {
+        let tenant_a = format!("[tenants.routes.score]\nrate = {}\ndaily_quota = {route_quota}", 100_000 + i);
+        let group = format!("[[groups]]\nid = \"kb\"\nmembers = [\"a\", \"b\"]\ndaily_quota = {}\n", 1_000_000 + i);
+        write_config(&path, &mock.url(), &tenant_a, true, &group);
+    };
+    write(0, 1_000_000);
+    let proxy = start_from_file(&path).await;
+    let (addr, admin) = (proxy.addr, proxy.admin_addr.to_string());
+
+    let traffic = Traffic::start(addr);
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let tenant_a = async || {
+        let tenants = get(&format!("http://{admin}/admin/tenants"), &[("authorization", &bearer)]).await.json();
+        tenants.as_array().unwrap().iter().find(|t| t["id"] == "a").unwrap().clone()
+    };
+    for i in 1..=20 {
+        write(i, 1_000_000);
+        let r = reload(&admin).await;
+        assert_eq!(r.status, 200, "reload {i}: {:?}", r.body);
+        let changes = r.json()["changes"].to_string();
+        assert!(changes.contains("tenants[a].routes[score].rate"), "reload {i}: {changes}");
+        assert!(changes.contains("groups[kb].daily_quota"), "reload {i}: {changes}");
+        let a = tenant_a().await;
+        assert_eq!(a["routes"]["score"]["limits"]["rate"], f64::from(100_000 + i), "reload {i} in effect");
+        assert_eq!(a["group"]["limits"]["daily_quota"], 1_000_000 + i);
+    }
+    let (sent, failed) = traffic.stop().await;
+    assert!(sent > 100, "traffic ran throughout ({sent} requests)");
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed during reloads");
+
+    // Every call was counted across the 20 reloads: the route's and the group's counters belong
+    // to their ids, not to a config.
+    let a = tenant_a().await;
+    assert_eq!(a["routes"]["score"]["usage"]["daily_used"], sent, "{a}");
+    assert_eq!(a["group"]["usage"]["daily_used"], sent, "{a}");
+    // So a quota lowered to what was used refuses at once.
+    write(21, sent);
+    assert_eq!(reload(&admin).await.status, 200);
+    let r = get(&format!("http://{addr}/v1/score/S-x"), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(r.json()["error"], "route_daily_quota_exhausted");
+    assert_eq!(get(&format!("http://{addr}/echo/x"), &[("x-api-key", KEY_A)]).await.status, 200, "other routes go on");
+}
+
+#[test]
+fn check_diff_shows_route_limits_and_groups() {
+    let old = config_path("diff-contracts-old");
+    let new = config_path("diff-contracts-new");
+    write_config(&old, "http://127.0.0.1:8081", "[tenants.routes.score]\nrate = 1", true, "");
+    let group = "[[groups]]\nid = \"kb\"\nmembers = [\"a\", \"b\"]\nweight = 2\n";
+    write_config(
+        &new,
+        "http://127.0.0.1:8081",
+        "[tenants.routes.score]\nrate = 2\n[tenants.routes.report]\ndaily_quota = 5",
+        true,
+        group,
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config", new.to_str().unwrap(), "--diff", old.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for line in ["  tenants[a].routes[score].rate: 1 → 2", "  tenants[a].routes[report]: added", "  groups[kb]: added"]
+    {
+        assert!(stdout.contains(line), "missing {line:?} in {stdout}");
+    }
+    // And `check` names a bad one by its path.
+    write_config(
+        &new,
+        "http://127.0.0.1:8081",
+        "[tenants.routes.scor]\nrate = 2",
+        true,
+        "[[groups]]\nid = \"kb\"\nmembers = [\"a\", \"z\"]\n",
+    );
+    let out = Command::new(BIN).args(["check", "--config", new.to_str().unwrap()]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("tenants[0].routes.scor: unknown route \"scor\""), "{text}");
+    assert!(text.contains("groups[0].members[1]: unknown tenant \"z\""), "{text}");
 }

@@ -77,12 +77,14 @@ pub enum Kind {
     FewerWorkers,
     ManyTenants,
     AllAtOnce,
+    Priorities,
+    PrioritiesFewer,
 }
 
 impl Kind {
     /// Every scenario, in the order the benchmark runs them (patient first: impatient compares
     /// against it).
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Patient,
         Kind::Impatient,
         Kind::TooHigh,
@@ -90,11 +92,22 @@ impl Kind {
         Kind::FewerWorkers,
         Kind::ManyTenants,
         Kind::AllAtOnce,
+        Kind::Priorities,
+        Kind::PrioritiesFewer,
     ];
 
     /// Every scenario's name, as the command line takes it.
-    pub const NAMES: [&'static str; 7] =
-        ["patient", "impatient", "too_high", "slower", "fewer_workers", "many_tenants", "all_at_once"];
+    pub const NAMES: [&'static str; 9] = [
+        "patient",
+        "impatient",
+        "too_high",
+        "slower",
+        "fewer_workers",
+        "many_tenants",
+        "all_at_once",
+        "priorities",
+        "priorities_fewer",
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -105,6 +118,8 @@ impl Kind {
             Kind::FewerWorkers => "fewer_workers",
             Kind::ManyTenants => "many_tenants",
             Kind::AllAtOnce => "all_at_once",
+            Kind::Priorities => "priorities",
+            Kind::PrioritiesFewer => "priorities_fewer",
         }
     }
 
@@ -126,6 +141,14 @@ impl Kind {
             Kind::FewerWorkers => "the bureau loses two thirds of its workers mid-surge (issue 14)",
             Kind::ManyTenants => "ten tenants surge at once beside forty quiet ones (issue 14)",
             Kind::AllAtOnce => "a budget too high, impatient clients and a bureau that slows mid-surge",
+            Kind::Priorities => {
+                "one bank's batch pre-screen surges beside its own and the others' interactive look-ups \
+                 (issue 17)"
+            }
+            Kind::PrioritiesFewer => {
+                "the same, and the bureau loses two thirds of its workers mid-surge; the adaptive limit \
+                 follows and batch absorbs the cut (issue 17)"
+            }
         }
     }
 }
@@ -154,23 +177,38 @@ pub enum Role {
     Surging,
 }
 
-/// One tenant of the scenario; its api key is `demo-key-{id}`.
+/// One stream of look-ups of the scenario: a tenant's, or (with `level`) the part of a tenant's
+/// traffic that names a priority level; its api key is `demo-key-{tenant}`.
 #[derive(Debug, Clone)]
 pub struct TenantLoad {
+    /// The stream's name in the report (the tenant id, unless the tenant has several streams).
     pub id: String,
     pub role: Role,
     /// Requests per second while it sends.
     pub rate: f64,
+    /// The tenant it sends as.
+    pub tenant: String,
+    /// The priority level its look-ups name in `x-bureau-priority` (`None`: the tenant's
+    /// default, the first level).
+    pub level: Option<String>,
 }
 
 impl TenantLoad {
     pub fn new(id: impl Into<String>, role: Role, rate: f64) -> TenantLoad {
-        TenantLoad { id: id.into(), role, rate }
+        let id = id.into();
+        TenantLoad { tenant: id.clone(), id, role, rate, level: None }
+    }
+
+    /// This stream sends as `tenant`, naming `level`.
+    pub fn at_level(mut self, tenant: &str, level: &str) -> TenantLoad {
+        self.tenant = tenant.to_string();
+        self.level = Some(level.to_string());
+        self
     }
 
     /// The demo api key of this tenant (`config.example.toml`'s demo banks use the same form).
     pub fn key(&self) -> String {
-        format!("demo-key-{}", self.id)
+        format!("demo-key-{}", self.tenant)
     }
 }
 
@@ -241,6 +279,9 @@ pub struct Scenario {
     pub max_queue: usize,
     /// bureau-guard's `upstream.queue_timeout`.
     pub queue_timeout: Duration,
+    /// The shares of the `interactive` and `batch` priority levels, for streams that name a
+    /// level.
+    pub level_shares: (u32, u32),
 }
 
 impl Default for Scenario {
@@ -299,6 +340,7 @@ impl Scenario {
             surge,
             max_queue: 8,
             queue_timeout: ms(500),
+            level_shares: (1, 1),
         };
         match kind {
             Kind::Patient => s.bureau.queue = 64,
@@ -331,6 +373,28 @@ impl Scenario {
                 if length == Length::Full {
                     s.compare = vec![too_high];
                 }
+            }
+            Kind::Priorities | Kind::PrioritiesFewer => {
+                // bank-a's pre-screen (batch) surges; its own customers' look-ups and the other
+                // banks' stay interactive. Levels split the 8 slots 4 / 4; interactive needs 2.4.
+                // With the workers cut to 3 (150 req/s) the limit stays at `min` = 4, and
+                // interactive's share 3 of 4 is 3 slots, 112 req/s of what is left: its demand
+                // must fit that (the issue's condition), so the banks send 30 req/s each there
+                // (90 req/s; at 40 each, 120 req/s needs 3.2 slots at the slowed latency).
+                s.bureau.queue = 64;
+                let interactive = if kind == Kind::PrioritiesFewer { 30.0 } else { 40.0 };
+                if kind == Kind::PrioritiesFewer {
+                    s.budget = too_high;
+                    s.changes = vec![(change_at, Change::Workers(3))];
+                    s.settle = change_at + follow;
+                    s.level_shares = (3, 1);
+                }
+                s.tenants = vec![
+                    TenantLoad::new("bank-a-batch", Role::Surging, 1600.0).at_level("bank-a", "batch"),
+                    TenantLoad::new("bank-a", Role::Quiet, interactive),
+                    TenantLoad::new("bank-b", Role::Quiet, interactive),
+                    TenantLoad::new("card-c", Role::Quiet, interactive),
+                ];
             }
             Kind::AllAtOnce => {
                 s.budget = too_high;
@@ -505,14 +569,26 @@ path = "/v1/score/{{subject_id}}"
             hex::encode(digest)
         },
     );
-    for t in &s.tenants {
+    // Streams that name a level: two levels, interactive (everyone's default) and batch.
+    let levelled = s.tenants.iter().any(|t| t.level.is_some());
+    if levelled {
+        let (interactive, batch) = s.level_shares;
+        text.push_str(&format!(
+            "[[priority]]\nname = \"interactive\"\nshare = {interactive}\n[[priority]]\nname = \"batch\"\nshare = {batch}\n"
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for t in s.tenants.iter().filter(|t| seen.insert(t.tenant.clone())) {
         let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(t.key().as_bytes()));
         text.push_str(&format!(
             "[[tenants]]\nid = \"{}\"\napi_key_sha256 = \"{digest}\"\nmax_queue = {}\n",
-            t.id, s.max_queue
+            t.tenant, s.max_queue
         ));
         if let Some(q) = s.daily_quota {
             text.push_str(&format!("daily_quota = {q}\n"));
+        }
+        if s.tenants.iter().any(|o| o.tenant == t.tenant && o.level.is_some()) {
+            text.push_str("priorities = [\"interactive\", \"batch\"]\n");
         }
     }
     text
@@ -532,13 +608,17 @@ fn streams(s: &Scenario, base: &str, target: Target) -> Vec<StreamSpec> {
         .map(|t| {
             let offset = offset(t);
             let (base, id, key) = (base.to_string(), t.id.clone(), t.key());
+            let (tenant, level) = (t.tenant.clone(), t.level.clone());
             let request = RequestFactory::from_fn(move |seq| {
                 let mut req = Request::builder().uri(format!("{base}/v1/score/{id}-S{seq}"));
                 req = match target {
                     Target::Guard(_) => req.header("x-api-key", key.as_str()),
                     // Straight to the bureau, the bank says who it is itself.
-                    Target::Direct => req.header("x-tenant", id.as_str()),
+                    Target::Direct => req.header("x-tenant", tenant.as_str()),
                 };
+                if let (Target::Guard(_), Some(level)) = (target, &level) {
+                    req = req.header("x-bureau-priority", level.as_str());
+                }
                 req.body(Full::new(Bytes::new())).expect("a valid request")
             });
             let spec = StreamSpec::new(t.id.clone(), request);

@@ -1,4 +1,5 @@
-//! One admission interface over the two places a tenant's limits can live: this process's
+//! One admission interface over the two places a contract's limits (a tenant's, its route's,
+//! its group's: `contract.rs`) can live: this process's
 //! counters (`state.backend = "local"`) or leases from Redis shared by every replica
 //! (`state.backend = "redis"`). The request path asks [`Admission`] for the rate, in-flight and
 //! quota verdicts and decides once what each [`Verdict`] means; it never asks which back-end
@@ -12,9 +13,9 @@
 
 use std::sync::Arc;
 
+use crate::admission::contract::Contract;
 use crate::admission::quota::{self, Reservation, Windows};
 use crate::admission::ratelimit::{InFlightGuard, RateDecision, RatePolicy, now_ns, rate_verdict};
-use crate::admission::tenant::Tenant;
 use crate::admission::verdict::{Mode, Verdict};
 use crate::respond::ProxyError;
 use crate::state::redis::{Budget, RedisState};
@@ -38,11 +39,11 @@ impl<'a> Admission<'a> {
         }
     }
 
-    /// The tenant's rate and burst for a request of `cost` units. The decision rides along
-    /// (for the `RateLimit` response field).
+    /// The contract's rate and burst for a request of `cost` units. The decision rides along
+    /// (for the `RateLimit` response field). Every check answers for the contract's scope.
     pub async fn rate(
         &mut self,
-        tenant: &Arc<Tenant>,
+        tenant: &Arc<Contract>,
         policy: &RatePolicy,
         cost: u32,
     ) -> Result<Verdict<RateDecision>, ProxyError> {
@@ -50,32 +51,42 @@ impl<'a> Admission<'a> {
             Admission::Local => policy.check(&tenant.state.rate_tat, now_ns(), cost),
             Admission::Shared { redis, budget } => redis.rate(budget, tenant, policy, cost).await?,
         };
-        Ok(rate_verdict(decision, Mode::of(tenant.limits.dry_run.rate)))
+        Ok(rate_verdict(decision, Mode::of(tenant.limits.dry_run.rate)).scoped(tenant.scope))
+    }
+
+    /// Gives back what an allowed [`Admission::rate`] took, for a request a later limit refused.
+    pub fn refund_rate(&self, tenant: &Contract, policy: &RatePolicy, cost: u32) {
+        match self {
+            Admission::Local => policy.refund(&tenant.state.rate_tat, cost),
+            Admission::Shared { redis, .. } => redis.refund_rate(tenant, policy, cost),
+        }
     }
 
     /// The tenant's requests in flight: an admitted request holds its place as a guard.
-    pub async fn in_flight(&mut self, tenant: &Arc<Tenant>) -> Result<Verdict<InFlightGuard>, ProxyError> {
+    pub async fn in_flight(&mut self, tenant: &Arc<Contract>) -> Result<Verdict<InFlightGuard>, ProxyError> {
         let mode = Mode::of(tenant.limits.dry_run.in_flight);
-        match (self, tenant.limits.max_in_flight) {
+        let verdict = match (self, tenant.limits.max_in_flight) {
             // Shared with other replicas: counted here, held as a slot in Redis.
             (Admission::Shared { redis, budget }, Some(max)) => {
-                redis.in_flight(budget, tenant, max, InFlightGuard::enter(&tenant.state)).await
+                redis.in_flight(budget, tenant, max, InFlightGuard::enter(&tenant.state)).await?
             }
-            _ => Ok(InFlightGuard::admit(&tenant.state, tenant.limits.max_in_flight, mode)),
-        }
+            _ => InFlightGuard::admit(&tenant.state, tenant.limits.max_in_flight, mode),
+        };
+        Ok(verdict.scoped(tenant.scope))
     }
 
     /// One bureau call reserved against the tenant's daily and monthly quotas of windows `w`
     /// (`now_unix_s`: when the Redis keys of those windows may expire from).
     pub async fn reserve(
         &mut self,
-        tenant: &Arc<Tenant>,
+        tenant: &Arc<Contract>,
         w: &Windows,
         now_unix_s: i64,
     ) -> Result<Verdict<Reservation>, ProxyError> {
-        match self {
-            Admission::Local => Ok(quota::reserve(&tenant.state, &tenant.limits, w)),
-            Admission::Shared { redis, budget } => redis.reserve(budget, tenant, w, now_unix_s).await,
-        }
+        let verdict = match self {
+            Admission::Local => quota::reserve(&tenant.state, &tenant.limits, w),
+            Admission::Shared { redis, budget } => redis.reserve(budget, tenant, w, now_unix_s).await?,
+        };
+        Ok(verdict.scoped(tenant.scope))
     }
 }

@@ -5,12 +5,14 @@
 //! - [`tenant`]: api key or client certificate → tenant (401, 403); the key header removed
 //! - [`ratelimit`]: the tenant's rate, burst and requests in flight (429)
 //! - [`quota`]: the tenant's daily and monthly bureau calls, reserved then charged (429)
+//! - [`contract`]: whose limits a request is charged to: its tenant, its route, its group
 //! - `backend`: the one interface over local and Redis admission, and [`verdict`]: what it answers
 //!
 //! The counters these stages keep belong to the tenant, not to a config: they live in
 //! [`crate::state`].
 
 pub(crate) mod backend;
+pub mod contract;
 pub(crate) mod limits;
 pub mod quota;
 pub mod ratelimit;

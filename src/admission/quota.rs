@@ -129,6 +129,20 @@ impl Drop for Reservation {
     }
 }
 
+/// One bureau call's reservations in every contract it is charged to (the tenant's, its
+/// route's, its group's: `contract.rs`), committed together; dropped, each is given back.
+#[derive(Debug, Default)]
+pub struct Reservations(pub [Option<Reservation>; 3]);
+
+impl Reservations {
+    /// The bureau call is happening: every charge stays.
+    pub fn commit(self) {
+        for r in self.0.into_iter().flatten() {
+            r.commit();
+        }
+    }
+}
+
 /// Reserves one bureau call against the tenant's daily and monthly quotas (this process's
 /// counters).
 pub fn reserve(state: &Arc<TenantState>, limits: &TenantLimits, w: &Windows) -> Verdict<Reservation> {

@@ -82,6 +82,23 @@ impl RatePolicy {
     }
 }
 
+impl RatePolicy {
+    /// Gives back `cost` units taken by [`RatePolicy::check`] from the bucket at `tat` for a
+    /// request another limit then refused: the refused request must not use up this one.
+    pub fn refund(&self, tat: &AtomicU64, cost: u32) {
+        let inc = self.t_ns.saturating_mul(u64::from(cost.max(1)));
+        let mut cur = tat.load(Ordering::Acquire);
+        loop {
+            // Never to 0, which means "never used".
+            let next = cur.saturating_sub(inc).max(1);
+            match tat.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+}
+
 /// Counts one request in its tenant's `in_flight` for as long as it lives.
 #[derive(Debug)]
 pub struct InFlightGuard {
@@ -112,6 +129,11 @@ impl InFlightGuard {
         Verdict::Allow(guard)
     }
 }
+
+/// One request's places in the in-flight counts of every contract it is charged to (tenant,
+/// route, group), held together and released together.
+#[derive(Debug, Default)]
+pub struct InFlightGuards(pub [Option<InFlightGuard>; 3]);
 
 /// Over `max_in_flight`: retry in a second (a slot frees when a call ends, which is not known).
 pub fn in_flight_refusal() -> Refusal {
@@ -189,6 +211,17 @@ mod tests {
         // Reloaded with a faster rate: the spent burst is not handed back.
         let fast = RatePolicy::new(100.0, 2);
         assert!(matches!(fast.check(&tat, SEC, 1), RateDecision::Limited { .. }));
+    }
+
+    #[test]
+    fn a_refund_gives_the_units_back() {
+        let p = RatePolicy::new(1.0, 2);
+        let tat = AtomicU64::new(0);
+        assert!(matches!(p.check(&tat, SEC, 2), RateDecision::Allowed { remaining: 0, .. }));
+        assert!(matches!(p.check(&tat, SEC, 1), RateDecision::Limited { .. }));
+        p.refund(&tat, 1);
+        assert!(matches!(p.check(&tat, SEC, 1), RateDecision::Allowed { remaining: 0, .. }), "one unit back");
+        assert!(matches!(p.check(&tat, SEC, 1), RateDecision::Limited { .. }));
     }
 
     #[test]

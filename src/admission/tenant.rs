@@ -29,10 +29,11 @@ use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::admission::ratelimit::RatePolicy;
-use crate::config::{TenantConfig, TenantLimits};
+use crate::admission::contract::{Contract, RouteContract, TenantGroup};
+use crate::admission::verdict::Scope;
+use crate::config::{GroupConfig, RouteConfig, TenantConfig};
 use crate::respond::{ErrorKind, ProxyError};
-use crate::state::{StateRegistry, TenantState};
+use crate::state::StateRegistry;
 use crate::tls::{ClientCert, IdentitySource};
 
 /// Header carrying the api key.
@@ -48,19 +49,57 @@ pub struct Tenant {
     pub weight: u32,
     /// `x-tenant` value sent to the bureau, prepared once.
     pub header_value: HeaderValue,
-    pub limits: TenantLimits,
-    /// The rate policy, if the tenant has a `rate`; the bucket itself is `state.rate_tat`.
-    pub rate: Option<RatePolicy>,
-    /// Live counters, shared with every snapshot that has this tenant and with persistence.
-    pub state: Arc<TenantState>,
-    /// `RateLimit-Policy` response field, prepared once; `None` if the tenant has no limits.
+    /// The tenant-wide limits and their live counters (shared with every snapshot that has
+    /// this tenant and with persistence); `tenant.limits`, `tenant.rate` and `tenant.state`
+    /// reach them through `Deref`.
+    pub contract: Arc<Contract>,
+    /// The tenant's limits per route, by route index (empty when it has none).
+    routes: Box<[Option<RouteContract>]>,
+    /// The group the tenant is in, if any.
+    pub group: Option<Arc<TenantGroup>>,
+    /// `RateLimit-Policy` response field (the tenant's and its group's limits), prepared once;
+    /// `None` if there are no limits.
     pub policy_header: Option<HeaderValue>,
+}
+
+impl std::ops::Deref for Tenant {
+    type Target = Contract;
+
+    fn deref(&self) -> &Contract {
+        &self.contract
+    }
+}
+
+impl Tenant {
+    /// The tenant's own limits on route `route` (an index into the snapshot's routes), if any.
+    pub fn route_contract(&self, route: usize) -> Option<&RouteContract> {
+        self.routes.get(route).and_then(Option::as_ref)
+    }
+
+    /// The group's aggregate limits, if the tenant is in a group that sets any.
+    pub fn group_contract(&self) -> Option<&Arc<Contract>> {
+        self.group.as_ref().and_then(|g| g.contract.as_ref())
+    }
+
+    /// The tenant's group as the fair scheduler weighs it: the group's index in the config's
+    /// `groups` and its weight; `None` for a tenant in no group.
+    pub fn group_slot(&self) -> Option<(usize, u32)> {
+        self.group.as_ref().map(|g| (g.index, g.weight))
+    }
+
+    /// Every contract a request of route `route` is charged to, in the order they are checked:
+    /// the tenant's, its route's, its group's.
+    pub fn contracts(&self, route: usize) -> [Option<&Arc<Contract>>; 3] {
+        [Some(&self.contract), self.route_contract(route).map(|r| &r.contract), self.group_contract()]
+    }
 }
 
 /// Key digest → tenant, built once per config.
 #[derive(Debug)]
 pub struct TenantTable {
     tenants: Vec<Arc<Tenant>>,
+    /// Every contract: the tenants' (in tenant order), then the routes' and the groups'.
+    contracts: Vec<Arc<Contract>>,
     /// Keyed by the first 8 bytes of the digest, entry inline (one cache miss per look-up); the
     /// full digest is compared in constant time. Distinct keys sharing a 64-bit digest prefix
     /// (never seen in practice) go to `by_key_collisions`.
@@ -78,8 +117,30 @@ impl TenantTable {
     /// Builds the table from validated tenants (ids and keys already known to be unique). Live
     /// state (counters, rate buckets) comes from `states`, so it carries over across reloads.
     /// `cert_identity`: the kind of client certificate name that identifies tenants, if any.
-    pub fn new(configs: &[TenantConfig], cert_identity: Option<IdentitySource>, states: &StateRegistry) -> TenantTable {
+    /// `routes` and `groups` are the config's: route limits are held by route index, and each
+    /// group's contract is shared by its members.
+    pub fn new(
+        configs: &[TenantConfig],
+        routes: &[RouteConfig],
+        groups: &[GroupConfig],
+        cert_identity: Option<IdentitySource>,
+        states: &StateRegistry,
+    ) -> TenantTable {
         let mut tenants = Vec::with_capacity(configs.len());
+        let mut extra = Vec::new();
+        let group_of: HashMap<&str, usize> =
+            groups.iter().enumerate().flat_map(|(i, g)| g.members.iter().map(move |m| (m.as_str(), i))).collect();
+        let groups: Vec<Arc<TenantGroup>> = groups
+            .iter()
+            .enumerate()
+            .map(|(index, g)| {
+                let contract = g
+                    .has_limits()
+                    .then(|| Arc::new(Contract::extra(format!("group:{}", g.id), Scope::Group, &g.limits, states)));
+                extra.extend(contract.clone());
+                Arc::new(TenantGroup { index, id: Arc::from(g.id.as_str()), weight: g.weight, contract })
+            })
+            .collect();
         let mut by_key: HashMap<u64, ([u8; 32], usize), DigestPrefix> = HashMap::default();
         let mut by_key_collisions = Vec::new();
         let mut by_id = HashMap::new();
@@ -93,20 +154,36 @@ impl TenantTable {
                 }
             }
             by_id.insert(id.clone(), index);
-            let rate = c.limits.rate.map(|r| RatePolicy::new(r, c.limits.burst));
+            let contract = Arc::new(Contract::tenant(&id, &c.limits, states));
+            let group = group_of.get(c.id.as_str()).map(|&g| groups[g].clone());
+            let group_contract = group.as_ref().and_then(|g| g.contract.as_deref());
+            let mut by_route: Vec<Option<RouteContract>> = Vec::new();
+            if !c.routes.is_empty() {
+                by_route.resize_with(routes.len(), || None);
+                for rl in &c.routes {
+                    let Some(i) = routes.iter().position(|r| r.name == rl.route) else { continue };
+                    let route =
+                        Arc::new(Contract::extra(format!("{}/{}", c.id, rl.route), Scope::Route, &rl.limits, states));
+                    extra.push(route.clone());
+                    let policy_header =
+                        crate::respond::ratelimit_policy(&[Some(&contract), Some(&route), group_contract]);
+                    by_route[i] = Some(RouteContract { contract: route, policy_header });
+                }
+            }
             tenants.push(Arc::new(Tenant {
                 index,
                 header_value: HeaderValue::from_str(&c.id).expect("validated ids are header-safe"),
                 id,
                 name: c.name.clone(),
                 weight: c.weight,
-                policy_header: crate::respond::ratelimit_policy(&c.limits),
-                limits: c.limits.clone(),
-                rate,
-                state: states.get_or_create(&c.id),
+                policy_header: crate::respond::ratelimit_policy(&[Some(&contract), group_contract]),
+                contract,
+                routes: by_route.into_boxed_slice(),
+                group,
             }));
         }
-        TenantTable { tenants, by_key, by_key_collisions, by_id, by_cert_name, cert_identity }
+        let contracts = tenants.iter().map(|t| t.contract.clone()).chain(extra).collect();
+        TenantTable { tenants, contracts, by_key, by_key_collisions, by_id, by_cert_name, cert_identity }
     }
 
     pub fn len(&self) -> usize {
@@ -119,6 +196,12 @@ impl TenantTable {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Tenant>> {
         self.tenants.iter()
+    }
+
+    /// Every contract of this config: the tenants' first (in tenant order), then the routes'
+    /// and the groups' (background work: Redis renewals, give-backs, the admin view).
+    pub fn contracts(&self) -> &[Arc<Contract>] {
+        &self.contracts
     }
 
     pub fn by_id(&self, id: &str) -> Option<&Arc<Tenant>> {
@@ -272,6 +355,7 @@ fn presented_key(headers: &HeaderMap) -> Option<(&'static HeaderName, HeaderValu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TenantLimits;
 
     fn table() -> TenantTable {
         let t = |id: &str, keys: &[&str]| TenantConfig {
@@ -280,6 +364,7 @@ mod tests {
             name: id.into(),
             key_digests: keys.iter().map(|k| Sha256::digest(k.as_bytes()).into()).collect(),
             weight: 1,
+            routes: Vec::new(),
             limits: TenantLimits {
                 rate: None,
                 burst: 1,
@@ -292,6 +377,8 @@ mod tests {
         };
         TenantTable::new(
             &[t("a", &["key-a", "key-a2"]), t("b", &["key-b"])],
+            &[],
+            &[],
             Some(IdentitySource::SanDns),
             &StateRegistry::default(),
         )

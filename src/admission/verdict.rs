@@ -20,11 +20,15 @@ impl Mode {
     }
 }
 
-/// Whose limit it is. Only the tenant's limits exist today; a route's, a group's or a priority
-/// level's would be further variants.
+/// Whose limit it is (see `contract.rs`): each scope has its own 429 codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
+    /// The tenant's contract as a whole.
     Tenant,
+    /// The tenant's contract for one route (`[tenants.routes.NAME]`).
+    Route,
+    /// What the tenant's group may use together (`[[groups]]`).
+    Group,
 }
 
 /// Which limit a request ran into.
@@ -50,7 +54,8 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    /// A refusal by one of the tenant's own limits.
+    /// A refusal by one of the tenant's own limits (the checks make these for any contract;
+    /// [`Verdict::scoped`] then names whose limit it was).
     pub fn tenant(reason: Reason, retry_after: Duration) -> Refusal {
         Refusal { reason, scope: Scope::Tenant, retry_after }
     }
@@ -75,6 +80,16 @@ impl<T> Verdict<T> {
         match mode {
             Mode::Enforce => Verdict::Refuse(refusal),
             Mode::DryRun => Verdict::DryRun(held, refusal),
+        }
+    }
+
+    /// The same verdict, its refusal (if any) being one of `scope`'s limits: the checks
+    /// themselves know a limit, not whose it is.
+    pub fn scoped(self, scope: Scope) -> Verdict<T> {
+        match self {
+            Verdict::Allow(held) => Verdict::Allow(held),
+            Verdict::DryRun(held, refusal) => Verdict::DryRun(held, Refusal { scope, ..refusal }),
+            Verdict::Refuse(refusal) => Verdict::Refuse(Refusal { scope, ..refusal }),
         }
     }
 

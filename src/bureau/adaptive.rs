@@ -39,12 +39,17 @@
 //!   while it is on, the scheduler serves sparse tenants, and backlogged ones with a short
 //!   queue, up to the cruise limit without charging them for the withheld slots
 //!   ([`AdaptiveLimit::down_from`]); only tenants with a standing queue are held to the probe's
-//!   limit, and the probe measures the concurrency its calls actually saw.
+//!   limit, and the probe measures the concurrency its calls actually saw. A probe whose
+//!   concurrency did not fall (demand fell, or the tenants served up to the cruise limit
+//!   filled it) measured nothing; the next one is strict, holding every tenant to its limit.
 //! - **Up probe** one slot above the level (each flat probe in a row grows the next: a quarter,
 //!   then a half; until the first probe that finds the knee, a half: slow start). Flat latency:
 //!   the knee is higher, the level becomes the probe's concurrency and the next up probe
 //!   follows at once. Probes that find the knee where it was are spaced out (1, 2, 4, 8 s).
-//!   Rising latency: the knee is between, at `Nu·Rc/Ru`; an up probe never lowers the level.
+//!   Rising latency (beyond the noise and nearer the rise queueing would cause than none): the
+//!   knee is between, at `Nu·R0/Ru`. An up probe lowers the level only when the level stands
+//!   on flat probes nobody has confirmed (a step of slow start read flat by noise), and then no
+//!   further than where the last of them began.
 //! - **Back-pressure** (a 503: the bureau says it is full; a 429 concerns one tenant, whom
 //!   `bureau/call.rs` holds, and gives no sample) on a call granted since the last cut multiplies the
 //!   level by `backoff` at once (once per round trip, as TCP does); during an up probe,
@@ -73,9 +78,10 @@
 //! which idles nothing but makes the calls of that moment wait for one more completion), and a
 //! down probe every 10 s (¾ of the budget for the backlogged tenants for 100–300 ms: about 1%
 //! of their capacity). It starts
-//! at `min` and grows by half until a probe finds the knee (slow start): a budget set too high is
-//! never offered to the bureau, at the cost of a second or so below capacity when traffic
-//! first arrives.
+//! at `min` and grows by half until a probe finds the knee (slow start, from the first cruise
+//! window that uses the limit): a budget set too high is never offered to the bureau, at the
+//! cost of a few hundred milliseconds below capacity when traffic first arrives (from 4 to a
+//! knee of 8 at 20 ms a call: 260 ms in the simulation).
 //!
 //! # Why not the alternatives
 //! - **AIMD on a latency threshold** (the previous controller) cannot tell a slower bureau from
@@ -345,6 +351,14 @@ struct State {
     /// Up probes in a row that found latency flat (the knee is higher still); starts at 2, so
     /// that the first probes grow the level by half (slow start) until one finds the knee.
     flat_ups: u32,
+    /// While the level stands on flat up probes no probe has confirmed yet: the level before
+    /// the last of them, and the lowest latency their run measured (the bureau's no-load
+    /// latency, as far as the run knows). A probe above that sees queueing may take the level
+    /// back down to the knee it reads, never below where the run's last step began.
+    growth: Option<Growth>,
+    /// The last down probe could not lower concurrency: the next one is strict (no tenant is
+    /// served above its limit; [`AdaptiveLimit::down_from`] is 0 during it).
+    strict_down: bool,
     /// Time between up probes: `probe_interval`, doubled (up to `UP_BACKOFF_MAX` times) after
     /// each probe that found the knee where it was, reset when the knee moves. A knee that
     /// stays put is probed rarely, so the bureau is rarely held above it.
@@ -356,6 +370,13 @@ struct State {
     reference: Option<Measure>,
     /// The latency of the cruise window before it at the same limit, if any.
     previous: Option<f64>,
+}
+
+/// See [`State::growth`].
+#[derive(Debug, Clone, Copy)]
+struct Growth {
+    from: f64,
+    floor: f64,
 }
 
 /// What a decision asks for next.
@@ -385,8 +406,11 @@ impl AdaptiveLimit {
                 phase: Phase::Cruise,
                 level: cfg.initial as f64,
                 cruise_since: now,
-                up_interval: cfg.probe_interval,
+                // Slow start: the first up probe follows the first window that uses the limit.
+                up_interval: Duration::ZERO,
                 flat_ups: 2,
+                growth: None,
+                strict_down: false,
                 baseline: None,
                 baseline_at: None,
                 reference: None,
@@ -472,7 +496,21 @@ impl AdaptiveLimit {
         }
         self.phase_id.store(0, Ordering::Release);
         let m = self.tally.take();
+        let (phase, level) = (st.phase, st.level);
         let next = self.decide(&mut st, now, m);
+        // Each decision, for whoever asks why the limit moved (`RUST_LOG=bureau_guard::adaptive=debug`).
+        tracing::debug!(
+            target: "bureau_guard::adaptive",
+            phase = phase.as_str(),
+            limit = self.limit(),
+            level_before = level,
+            level = st.level,
+            in_flight = m.in_flight,
+            latency_ms = m.latency.map(|r| r * 1e3),
+            latency_se_ms = m.latency_se * 1e3,
+            baseline_ms = st.baseline.map(|r| r * 1e3),
+            "adaptive limit: phase measured"
+        );
         self.start(&mut st, now, next, false)
     }
 
@@ -487,6 +525,7 @@ impl AdaptiveLimit {
             return self.start(&mut st, now, Next::Cruise, true);
         }
         st.level = (st.level * self.cfg.backoff).max(self.cfg.min as f64);
+        st.growth = None;
         self.start(&mut st, now, Next::Cruise, true)
     }
 
@@ -513,8 +552,16 @@ impl AdaptiveLimit {
                 let Some(c) = st.reference else { return Next::Cruise };
                 let (Some(rc), Some(rd)) = (c.latency, m.latency) else { return Next::Cruise };
                 if m.in_flight > 0.95 * c.in_flight {
-                    return Next::Cruise; // the probe did not lower concurrency: demand fell
+                    // The probe did not lower concurrency: demand fell, or the tenants the
+                    // scheduler serves up to the cruise limit during a probe filled it. Either
+                    // way it measured nothing, and the same probe again would measure nothing
+                    // again (it once looped for a whole surge, holding the level at 5 with no
+                    // baseline and no up probe): the next one holds everyone to its limit.
+                    st.strict_down = true;
+                    return Next::Cruise;
                 }
+                // Whatever it finds, a down probe settles the level: no longer a growth run's.
+                st.growth = None;
                 let e = (rc / rd).ln() / (c.in_flight / m.in_flight).ln();
                 let upper = c.in_flight * rd / rc;
                 let noise = (rc - rd).abs() <= 2.0 * c.latency_se.hypot(m.latency_se);
@@ -573,14 +620,17 @@ impl AdaptiveLimit {
                 if failing || m.back_pressure > 0 || m.in_flight <= c.in_flight + 0.25 {
                     return Next::Cruise;
                 }
-                let e = (ru / rc).ln() / (m.in_flight / c.in_flight).ln();
                 // Flat: within the noise, and nearer no rise than the rise queueing would
                 // cause (`rc·(Nu/Nc − 1)` if the knee were at the level). One slot above a knee
                 // of 8 adds 1/8, about twice a phase's noise: "within the noise" alone called
-                // 17% of such probes flat and left the level a slot above the knee.
+                // 17% of such probes flat and left the level a slot above the knee. (Nor is a
+                // small elasticity flat: slow start's step from 6 to 9 past a knee of 8 has
+                // e = 0.29, and reading it flat once kept the limit at 9 for 20 s.)
                 let queueing_rise = rc * (m.in_flight / c.in_flight - 1.0);
                 let noise = 2.0 * c.latency_se.hypot(m.latency_se);
-                if e < FLAT || ru - rc <= noise.min(0.5 * queueing_rise) {
+                if ru - rc <= noise.min(0.5 * queueing_rise) {
+                    let floor = st.growth.map_or(rc, |g| g.floor).min(rc).min(ru);
+                    st.growth = Some(Growth { from: st.level, floor });
                     st.up_interval = self.cfg.probe_interval;
                     st.flat_ups = st.flat_ups.saturating_add(1);
                     st.level = st.level.max(self.limit() as f64);
@@ -588,15 +638,23 @@ impl AdaptiveLimit {
                     return self.up_level(st).map_or(Next::Cruise, Next::Up);
                 }
                 // The knee is between the level and the probe: where the probe's latency says
-                // the bureau would answer at no-load latency (taking the lower of the cruise's
-                // and the baseline, so that cruise noise does not push the level past the knee).
-                // An up probe never lowers the level.
-                let r0 = st.baseline.map_or(rc, |r0| r0.min(rc));
+                // the bureau would answer at no-load latency (taking the lowest of the cruise's,
+                // the baseline and the growth run's, so that noise does not push the level past
+                // the knee). An up probe lowers the level only when it stands on unconfirmed
+                // flat probes, and then no further than where the last one began (slow start
+                // from 6 to 9 past a knee of 8, read flat by noise: the probe to 13 sees the
+                // knee at 8).
+                let growth = st.growth.take();
+                let r0 = st.baseline.map_or(rc, |r0| r0.min(rc)).min(growth.map_or(rc, |g| g.floor));
                 let before = st.level;
                 st.flat_ups = 0;
-                st.level = st.level.max((m.in_flight * r0 / ru).min(m.in_flight));
+                let knee = (m.in_flight * r0 / ru).min(m.in_flight);
+                st.level = match growth {
+                    Some(g) => knee.max(g.from).min(st.level.max(knee)),
+                    None => st.level.max(knee),
+                };
                 st.up_interval = if st.level - before < 0.5 {
-                    (st.up_interval * 2).min(self.cfg.probe_interval * UP_BACKOFF_MAX)
+                    (st.up_interval.max(self.cfg.probe_interval) * 2).min(self.cfg.probe_interval * UP_BACKOFF_MAX)
                 } else {
                     self.cfg.probe_interval
                 };
@@ -627,6 +685,7 @@ impl AdaptiveLimit {
     fn cut(&self, st: &mut State) -> Next {
         st.up_interval = self.cfg.probe_interval;
         st.flat_ups = 0;
+        st.growth = None;
         st.level = (st.level * self.cfg.backoff).max(self.cfg.min as f64);
         Next::Cruise
     }
@@ -674,7 +733,8 @@ impl AdaptiveLimit {
             st.previous = None;
         }
         st.phase = phase;
-        let down_from = if phase == Phase::ProbeDown { self.applied(st.level) } else { 0 };
+        let strict = phase == Phase::ProbeDown && std::mem::take(&mut st.strict_down);
+        let down_from = if phase == Phase::ProbeDown && !strict { self.applied(st.level) } else { 0 };
         self.down_from.store(down_from, Ordering::Relaxed);
         let id = PHASE_IDS.fetch_add(1, Ordering::Relaxed);
         self.phase_id.store(0, Ordering::Release);

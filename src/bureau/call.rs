@@ -15,7 +15,7 @@ use http::Response;
 use http::header::RETRY_AFTER;
 
 use crate::admission::quota::{self, retry_after_secs};
-use crate::admission::ratelimit::InFlightGuard;
+use crate::admission::ratelimit::InFlightGuards;
 use crate::admission::tenant::Tenant;
 use crate::bureau::breaker::{self, Cause, Verdict};
 use crate::bureau::headers::{self, RequestId};
@@ -48,9 +48,12 @@ pub(crate) struct BureauCall {
     /// The client's address (the connection's, or the one trusted proxies vouch for).
     pub(crate) source: Option<std::net::IpAddr>,
     pub(crate) cost: u32,
-    pub(crate) reservation: quota::Reservation,
-    /// The tenant's `max_in_flight` place: held until the bureau has answered.
-    pub(crate) in_flight: InFlightGuard,
+    /// The priority level slot it queues in ([`crate::route::priority`]).
+    pub(crate) level: usize,
+    /// The call's quota reservation in each contract it is charged to (tenant, route, group).
+    pub(crate) reservation: quota::Reservations,
+    /// The `max_in_flight` places (tenant, route, group): held until the bureau has answered.
+    pub(crate) in_flight: InFlightGuards,
 }
 
 /// A call that has its bureau slot: from here on the bureau is working on it.
@@ -136,6 +139,7 @@ impl BureauCall {
             cost: self.cost,
             max_queue: tenant.limits.max_queue,
             deadline,
+            level: self.level,
         };
         let permit = loop {
             self.wait_out_holds(deadline).await?;
@@ -205,7 +209,7 @@ impl Granted {
     async fn call(self, mut parts: http::request::Parts, body: bytes::Bytes, keep: Keep) -> Done {
         let Granted { call, permit, ticket, queued_at } = self;
         // The in-flight place is held (unused) until the bureau has answered.
-        let BureauCall { who, source, cost: _, reservation, in_flight: _in_flight } = call;
+        let BureauCall { who, source, cost: _, level: _, reservation, in_flight: _in_flight } = call;
         let Attribution { shared, snap, tenant, request_id, .. } = &who;
         let upstream = &snap.config.upstream;
         let granted_at = tokio::time::Instant::now();

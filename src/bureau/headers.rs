@@ -32,9 +32,12 @@ pub static X_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-client-r
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Fields the bureau could read as who is asking or from where: the ones bureau-guard sets, and
-/// the forwarding fields only bureau-guard may set (from the connection, not from the client).
+/// the forwarding fields only bureau-guard may set (from the connection, not from the client);
+/// and the control field bureau-guard consumes (`x-bureau-priority`, read in
+/// `route/priority.rs`), never passed on as the client sent it.
 pub const IDENTITY: &[&str] = &[
     "x-tenant",
+    "x-bureau-priority",
     "x-request-id",
     "x-client-request-id",
     "forwarded",

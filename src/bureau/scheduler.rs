@@ -50,7 +50,11 @@
 //!   backlogged ones with at most [`LIGHT_QUEUE`] waiters are served up to the cruise limit,
 //!   and a sparse grant is charged no further than one request past the virtual time (the
 //!   withheld slots slow the virtual time; the quiet tenant must not lose its standing for
-//!   them). Finding a light backlogged tenant scans the heap, only during a probe.
+//!   them). Both only while the tenant holds fewer slots than its weighted share of the cruise
+//!   limit (counted per tenant for grants from the queue): a tenant whose calls are all in
+//!   flight and which asks again as each returns has no queue either, and would otherwise
+//!   take every slot the probe withholds. Finding a light backlogged tenant, or a sparse one
+//!   within its share, scans the lists, only during a probe.
 //! - **The bound.** With the bureau kept full, a sparse request waits for the next completion
 //!   among the `limit` busy slots (their residual time), plus the sparse requests ahead of it.
 //!   With `n` slots of service `S` at independent phases the residual exceeds `x` with
@@ -61,12 +65,15 @@
 //!   5 req/s each (200 req/s, half the bureau) 3.7 ms mean, 12.3 ms p99. A quiet look-up's
 //!   p99 latency is then at most about 32 ms and 34 ms (wait + 22 ms service), against 20 ms
 //!   calm, whatever the number of surging tenants.
-//! - **Room for levels above the tenant.** `State` is one fair-queuing level (sparse list +
-//!   SFQ heap) over tenants. Priority levels with nominal shares and borrowing (as Kubernetes
-//!   API Priority and Fairness has) would become one `State` per level, with the budget split
-//!   between levels above them; groups of affiliated tenants sharing one share would make the
-//!   heap two-level: groups by tag, then tenants by tag within the group (hierarchical SFQ),
-//!   with the sparse test applied at each level. Neither is built yet.
+//! - **Priority levels above the tenants** (issue 17, [`levels`]). `State` is one fair-queuing
+//!   level (sparse list + SFQ heap) over tenants; there is one per priority level slot, all
+//!   under the one lock. A freed slot first picks the level (the one furthest below its
+//!   nominal part of the limit, then the borrower furthest below it; Kubernetes APF's shares,
+//!   lending and borrowing), then the tenant inside it as above. Each permit counts in its
+//!   level (`level_held`), so a level below its nominal part still takes a free slot on the
+//!   lock-free fast path. Groups of affiliated tenants sharing one share would make each
+//!   level's heap two-level: groups by tag, then tenants by tag within the group
+//!   (hierarchical SFQ), with the sparse test applied at each level; not built yet.
 //! - **Hand-off.** A queued request receives its `Permit` through a oneshot channel. If the
 //!   waiter is dropped (client gone) after the permit was sent, dropping the unreceived permit
 //!   frees the slot again; if it was dropped before, the send fails and the slot goes to the
@@ -77,7 +84,7 @@
 //! - **Adaptive limit.** [`Permit::complete`] reports the bureau call's latency and outcome to
 //!   an optional [`AdaptiveLimit`], which moves the limit with [`Scheduler::set_limit`].
 //!
-//! Priority classes within a tenant are not implemented: every request of a tenant is FIFO.
+//! Within a tenant and a level, requests are FIFO.
 //!
 //! One file of about 900 lines (its tests are in `scheduler/tests.rs`): the fast path, the
 //! hand-off, the sparse list and the heap share one set of invariants (a slot is claimed once,
@@ -92,7 +99,7 @@
 //! # use bureau_guard::bureau::scheduler::{Ask, Scheduler};
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime").block_on(async {
 //! let sched = Scheduler::new(400);
-//! let ask = Ask { tenant: 0, weight: 2, cost: 1, max_queue: 100, deadline: Instant::now() + Duration::from_secs(2) };
+//! let ask = Ask { tenant: 0, weight: 2, cost: 1, max_queue: 100, deadline: Instant::now() + Duration::from_secs(2), level: 0 };
 //! let permit = sched.acquire(ask).await.expect("a free slot is granted at once");
 //! // ... call the bureau ...
 //! permit.complete(Duration::from_millis(40), Signal::Ok);
@@ -107,11 +114,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::bureau::adaptive::{AdaptiveLimit, Grant, Signal};
+
+pub mod levels;
+
+pub use levels::{LevelSpec, LevelTable, MAX_LEVELS};
 
 /// Shortest `Retry-After`: the header has whole seconds, and 0 would invite an instant retry.
 pub const RETRY_AFTER_MIN: Duration = Duration::from_secs(1);
@@ -142,6 +153,9 @@ pub struct Ask {
     pub max_queue: usize,
     /// A request still queued at this instant is shed with `QueueTimeout`.
     pub deadline: Instant,
+    /// Its priority level's slot ([`levels`]); 0 without levels. A slot not in use is served as
+    /// the least important level.
+    pub level: usize,
 }
 
 /// Why the scheduler refused a request.
@@ -208,6 +222,17 @@ pub struct TenantStats {
     pub shed_queue_full_total: u64,
 }
 
+/// One priority level's figures: see [`Scheduler::level_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LevelStats {
+    /// Permits it holds.
+    pub in_flight: usize,
+    /// Requests of it waiting.
+    pub queued: usize,
+    /// Its nominal part of the current limit.
+    pub nominal: usize,
+}
+
 /// The bureau's capacity budget and the per-tenant queues in front of it. Shared via `Arc`.
 pub struct Scheduler {
     /// Lets `&self` methods (`set_limit`, a permit's release) mint permits, which own an `Arc`.
@@ -227,7 +252,11 @@ pub struct Scheduler {
     max_waiting: AtomicUsize,
     /// Slots freed since start: the numerator of the drain rate.
     released: AtomicU64,
-    state: Mutex<State>,
+    /// The priority levels in force ([`levels`]): one level, the whole budget, unless set.
+    levels: ArcSwap<LevelTable>,
+    /// Permits held per level slot.
+    level_held: [AtomicUsize; MAX_LEVELS],
+    state: Mutex<Queues>,
     controller: ArcSwapOption<AdaptiveLimit>,
     /// Runs inside `enqueue` right after the re-check found no free slot, where a release on
     /// another thread can land: lets a test replay that race deterministically.
@@ -258,7 +287,9 @@ impl Scheduler {
             waiting: AtomicUsize::new(0),
             max_waiting: AtomicUsize::new(usize::MAX),
             released: AtomicU64::new(0),
-            state: Mutex::new(State::new(Instant::now())),
+            levels: ArcSwap::from_pointee(LevelTable::default()),
+            level_held: std::array::from_fn(|_| AtomicUsize::new(0)),
+            state: Mutex::new(Queues::new(Instant::now())),
             controller: ArcSwapOption::empty(),
             #[cfg(test)]
             race_hook: Mutex::new(None),
@@ -298,8 +329,8 @@ impl Scheduler {
             }
         }
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            let mut st = self.lock();
-            self.dispatch_locked(&mut st);
+            let mut q = self.lock();
+            self.dispatch_locked(&mut q);
         }
     }
 
@@ -339,18 +370,68 @@ impl Scheduler {
 
     /// Requests waiting in `tenant`'s queue (0 for a tenant never seen).
     pub fn queued(&self, tenant: usize) -> usize {
-        self.lock().tenants.get(tenant).map_or(0, |t| t.waiters.len())
+        self.lock().levels.iter().filter_map(|l| l.tenants.get(tenant)).map(|t| t.waiters.len()).sum()
     }
 
     /// `tenant`'s counters (all zero for a tenant never seen).
     pub fn tenant_stats(&self, tenant: usize) -> TenantStats {
-        self.lock().tenants.get(tenant).map_or_else(TenantStats::default, |t| TenantStats {
-            queued: t.waiters.len(),
-            granted_after_wait: t.granted_after_wait,
-            shed_queue_full: t.shed_queue_full,
-            shed_queue_timeout: t.shed_queue_timeout,
-            shed_queue_full_total: t.shed_queue_full_total,
-        })
+        let q = self.lock();
+        let mut stats = TenantStats::default();
+        for t in q.levels.iter().filter_map(|l| l.tenants.get(tenant)) {
+            stats.queued += t.waiters.len();
+            stats.granted_after_wait += t.granted_after_wait;
+            stats.shed_queue_full += t.shed_queue_full;
+            stats.shed_queue_timeout += t.shed_queue_timeout;
+            stats.shed_queue_full_total += t.shed_queue_full_total;
+        }
+        stats
+    }
+
+    /// Sets the priority levels ([`levels`]). Queued requests of a level no longer in the table
+    /// stay queued and are served from what the levels in force leave over.
+    pub fn set_levels(&self, table: LevelTable) {
+        self.levels.store(Arc::new(table));
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            let mut q = self.lock();
+            self.dispatch_locked(&mut q);
+        }
+    }
+
+    /// The priority levels in force.
+    pub fn levels(&self) -> Arc<LevelTable> {
+        self.levels.load_full()
+    }
+
+    /// Level `slot`'s calls in flight, its waiters and its nominal part of the current limit.
+    pub fn level_stats(&self, slot: usize) -> LevelStats {
+        let table = self.levels.load();
+        let nominal = if table.contains(slot) { table.seats(self.limit())[slot].nominal } else { 0 };
+        LevelStats {
+            in_flight: self.level_held.get(slot).map_or(0, |h| h.load(Ordering::Relaxed)),
+            queued: self.lock().levels.get(slot).map_or(0, |l| l.queued),
+            nominal,
+        }
+    }
+
+    /// The slot `level` is served as: itself if in use, else the least important level.
+    fn level_of(table: &LevelTable, level: usize) -> usize {
+        if table.contains(level) { level } else { *table.order().last().expect("a level table is never empty") }
+    }
+
+    /// Whether `level` may take one more slot now (always, with one level: the total decides).
+    /// Reads the other levels' counts without a lock: two grants racing may borrow one slot
+    /// more than the rule allows; the total budget is claimed exactly either way.
+    fn level_allows(&self, table: &LevelTable, level: usize, limit: usize) -> bool {
+        if !table.is_split() {
+            return true;
+        }
+        let held = self.held_by_level();
+        let total = self.in_flight.load(Ordering::SeqCst) + 1;
+        levels::may_take(&table.seats(limit), &held, level, total, limit)
+    }
+
+    fn held_by_level(&self) -> [usize; MAX_LEVELS] {
+        std::array::from_fn(|i| self.level_held[i].load(Ordering::SeqCst))
     }
 
     /// Waits for a bureau slot for `ask`.
@@ -360,16 +441,17 @@ impl Scheduler {
     /// with `QueueFull` if the tenant already has `max_queue` waiters, and with `QueueTimeout`
     /// if `ask.deadline` passes first (a permit granted at that very instant is returned).
     /// Dropping the returned future leaves the queue and takes no slot.
-    pub async fn acquire(self: &Arc<Self>, ask: Ask) -> Result<Permit, Shed> {
-        if self.waiting.load(Ordering::SeqCst) == 0 && self.try_claim() {
-            return Ok(Permit::new(Arc::clone(self)));
+    pub async fn acquire(self: &Arc<Self>, mut ask: Ask) -> Result<Permit, Shed> {
+        ask.level = Scheduler::level_of(&self.levels.load(), ask.level);
+        if self.waiting.load(Ordering::SeqCst) == 0 && self.try_claim(ask.level) {
+            return Ok(Permit::new(Arc::clone(self), ask.level));
         }
         let (rx, id) = match self.enqueue(&ask) {
             Enqueued::Granted(permit) => return Ok(permit),
             Enqueued::Shed(shed) => return Err(shed),
             Enqueued::Waiting(rx, id) => (rx, id),
         };
-        let mut wait = Wait { sched: self, tenant: ask.tenant, id, rx, settled: false };
+        let mut wait = Wait { sched: self, level: ask.level, tenant: ask.tenant, id, rx, settled: false };
         tokio::select! {
             // A permit that arrives together with the deadline is used, not thrown away.
             biased;
@@ -383,9 +465,15 @@ impl Scheduler {
         }
     }
 
-    /// Claims a slot if one is free under the current limit.
-    fn try_claim(&self) -> bool {
-        self.try_claim_under(self.limit.load(Ordering::SeqCst))
+    /// Claims a slot for `level` if one is free under the current limit and the level may
+    /// take it; counts it in the level's permits.
+    fn try_claim(&self, level: usize) -> bool {
+        let limit = self.limit.load(Ordering::SeqCst);
+        if !self.level_allows(&self.levels.load(), level, limit) || !self.try_claim_under(limit) {
+            return false;
+        }
+        self.level_held[level].fetch_add(1, Ordering::SeqCst);
+        true
     }
 
     /// Claims a slot if fewer than `limit` are in flight.
@@ -394,14 +482,15 @@ impl Scheduler {
     }
 
     fn enqueue(&self, ask: &Ask) -> Enqueued {
-        let mut st = self.lock();
+        let mut q = self.lock();
         // Nobody queued and a slot freed since the fast path looked: it is ours.
-        if self.waiting.load(Ordering::SeqCst) == 0 && self.try_claim() {
-            drop(st);
+        if self.waiting.load(Ordering::SeqCst) == 0 && self.try_claim(ask.level) {
+            drop(q);
             return match self.me.upgrade() {
-                Some(me) => Enqueued::Granted(Permit::new(me)),
+                Some(me) => Enqueued::Granted(Permit::new(me, ask.level)),
                 // Unreachable: `acquire` holds an `Arc`. Give the slot back rather than panic.
                 None => {
+                    self.level_held[ask.level].fetch_sub(1, Ordering::SeqCst);
                     self.in_flight.fetch_sub(1, Ordering::SeqCst);
                     Enqueued::Shed(Shed { reason: ShedReason::QueueFull, retry_after: RETRY_AFTER_MIN })
                 }
@@ -414,41 +503,54 @@ impl Scheduler {
         let now = Instant::now();
         let released = self.released.load(Ordering::Relaxed);
         // Sampled here too (not only at sheds) so that the rate reflects the contended bureau.
-        st.drain.sample(now, released);
+        let drain = q.drain.sample(now, released);
+        let table = self.levels.load();
+        let part = self.level_part(&table, ask.level);
+        let st = &mut q.levels[ask.level];
         if st.tenant(ask.tenant).waiters.len() >= ask.max_queue {
             st.tenants[ask.tenant].shed_queue_full += 1;
-            let retry_after = st.retry_after(now, released, ask.tenant, ask.weight);
+            let retry_after = st.retry_after(drain, part, ask.tenant, ask.weight);
             return Enqueued::Shed(Shed { reason: ShedReason::QueueFull, retry_after });
         }
         if self.waiting.load(Ordering::SeqCst) >= self.max_waiting.load(Ordering::Relaxed) {
-            let mine = st.tenants[ask.tenant].waiters.len();
-            match st.longest_queue().filter(|&(_, len)| len > mine + 1) {
-                // Room made at the longest queue's tail: its newest waiter learns it was shed
-                // (its sender is dropped unsent).
-                Some((victim, _)) => {
-                    if st.drop_newest(victim) {
-                        st.tenants[victim].shed_queue_full_total += 1;
+            match q.make_room(&table, ask) {
+                // Room made at a queue's tail: its newest waiter learns it was shed (its
+                // sender is dropped unsent).
+                Some((level, victim)) => {
+                    if q.levels[level].drop_newest(victim) {
+                        q.levels[level].tenants[victim].shed_queue_full_total += 1;
                         self.waiting.fetch_sub(1, Ordering::SeqCst);
                     }
                 }
                 None => {
+                    let st = &mut q.levels[ask.level];
                     st.tenants[ask.tenant].shed_queue_full_total += 1;
-                    let retry_after = st.retry_after(now, released, ask.tenant, ask.weight);
+                    let retry_after = st.retry_after(drain, part, ask.tenant, ask.weight);
                     return Enqueued::Shed(Shed { reason: ShedReason::QueueFullTotal, retry_after });
                 }
             }
         }
         let (tx, rx) = oneshot::channel();
-        let id = st.push(ask, tx);
+        let id = q.levels[ask.level].push(ask, tx);
         // SeqCst increment then (in dispatch) SeqCst load of in_flight, against release's
         // decrement then load of `waiting`: a slot freed meanwhile is seen by one side.
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        self.dispatch_locked(&mut st);
+        self.dispatch_locked(&mut q);
         Enqueued::Waiting(rx, id)
     }
 
+    /// Level `slot`'s nominal part of the limit, as a fraction (1 without levels): what its
+    /// queues drain at under contention, for `Retry-After`.
+    fn level_part(&self, table: &LevelTable, slot: usize) -> f64 {
+        if !table.is_split() || !table.contains(slot) {
+            return 1.0;
+        }
+        let limit = self.limit().max(1);
+        (table.seats(limit)[slot].nominal.max(1) as f64 / limit as f64).min(1.0)
+    }
+
     /// Hands free slots to queued waiters in weighted-fair order. Called with the queue lock.
-    fn dispatch_locked(&self, st: &mut State) {
+    fn dispatch_locked(&self, q: &mut Queues) {
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
         }
@@ -464,9 +566,11 @@ impl Scheduler {
             let share = self.share.load(Ordering::Relaxed);
             share_of(down_from, (share >> 32) as usize, (share & 0xffff_ffff) as usize)
         });
+        let table = self.levels.load();
         while self.waiting.load(Ordering::SeqCst) > 0 {
+            let limit = self.limit.load(Ordering::SeqCst);
             if held.is_none() {
-                held = if self.try_claim() {
+                held = if self.try_claim_under(limit) {
                     Some(Claim::Any)
                 } else if sparse_limit.is_some_and(|limit| self.try_claim_under(limit)) {
                     Some(Claim::Light)
@@ -474,21 +578,36 @@ impl Scheduler {
                     break;
                 };
             }
-            let forgive = sparse_limit.is_some();
             let next = match held {
-                Some(Claim::Light) => st.pop_sparse(forgive).or_else(|| st.pop_light()),
-                _ => st.pop_next(forgive),
+                // A probe's extra slots go to quiet tenants whatever their level.
+                Some(Claim::Light) => (0..MAX_LEVELS).find_map(|l| {
+                    let st = &mut q.levels[l];
+                    let next = st.pop_sparse(sparse_limit, true).or_else(|| st.pop_light(sparse_limit));
+                    next.map(|(tenant, waiter)| (l, tenant, waiter))
+                }),
+                _ => q
+                    .level_for(&table, &self.held_by_level(), self.in_flight.load(Ordering::SeqCst), limit)
+                    .and_then(|l| q.levels[l].pop_next(sparse_limit).map(|(tenant, waiter)| (l, tenant, waiter))),
             };
-            let Some((tenant, waiter)) = next else { break };
+            let Some((level, tenant, waiter)) = next else { break };
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            match waiter.tx.send(Permit::new(Arc::clone(&me))) {
+            self.level_held[level].fetch_add(1, Ordering::SeqCst);
+            let mut permit = Permit::new(Arc::clone(&me), level);
+            permit.holder = Some(tenant);
+            match waiter.tx.send(permit) {
                 Ok(()) => {
                     held = None;
-                    st.tenants[tenant].granted_after_wait += 1;
+                    let t = &mut q.levels[level].tenants[tenant];
+                    t.granted_after_wait += 1;
+                    // Under the lock the permit's release needs: its drop cannot count down first.
+                    t.held += 1;
                 }
                 // The waiter was dropped: disarm the bounced permit (its drop must not release,
                 // and must not take this lock again) and keep the slot for the next waiter.
-                Err(mut bounced) => bounced.armed = false,
+                Err(mut bounced) => {
+                    bounced.armed = false;
+                    self.level_held[level].fetch_sub(1, Ordering::SeqCst);
+                }
             }
         }
         if held.is_some() {
@@ -496,17 +615,22 @@ impl Scheduler {
         }
     }
 
-    /// Frees one slot and, if anyone waits, hands it on.
-    fn release(&self) {
+    /// Frees one slot (one of `holder`'s, for a permit granted from the queue) and, if anyone
+    /// waits, hands it on.
+    fn release(&self, level: usize, holder: Option<usize>) {
+        self.level_held[level].fetch_sub(1, Ordering::SeqCst);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.released.fetch_add(1, Ordering::Relaxed);
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            let mut st = self.lock();
-            self.dispatch_locked(&mut st);
+        if holder.is_some() || self.waiting.load(Ordering::SeqCst) > 0 {
+            let mut q = self.lock();
+            if let Some(t) = holder.and_then(|t| q.levels[level].tenants.get_mut(t)) {
+                t.held = t.held.saturating_sub(1);
+            }
+            self.dispatch_locked(&mut q);
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Queues> {
         // Nothing inside the critical sections panics short of allocation failure, and each
         // leaves the queues consistent at every step, so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -536,6 +660,7 @@ enum Enqueued {
 /// A queued `acquire`: leaves the queue when dropped unsettled (cancellation or deadline).
 struct Wait<'a> {
     sched: &'a Arc<Scheduler>,
+    level: usize,
     tenant: usize,
     id: u64,
     rx: oneshot::Receiver<Permit>,
@@ -545,15 +670,18 @@ struct Wait<'a> {
 impl Wait<'_> {
     fn time_out(&mut self, weight: u32) -> Result<Permit, Shed> {
         self.settled = true;
-        let mut st = self.sched.lock();
-        if st.remove(self.tenant, self.id) {
+        let mut q = self.sched.lock();
+        if q.levels[self.level].remove(self.tenant, self.id) {
             self.sched.waiting.fetch_sub(1, Ordering::SeqCst);
-            st.tenants[self.tenant].shed_queue_timeout += 1;
             let released = self.sched.released.load(Ordering::Relaxed);
-            let retry_after = st.retry_after(Instant::now(), released, self.tenant, weight);
+            let drain = q.drain.sample(Instant::now(), released);
+            let part = self.sched.level_part(&self.sched.levels.load(), self.level);
+            let st = &mut q.levels[self.level];
+            st.tenants[self.tenant].shed_queue_timeout += 1;
+            let retry_after = st.retry_after(drain, part, self.tenant, weight);
             return Err(Shed { reason: ShedReason::QueueTimeout, retry_after });
         }
-        drop(st);
+        drop(q);
         // Not in the queue: it was granted as the deadline passed, and the permit was sent
         // under the lock we just held, so it is in the channel.
         self.rx.try_recv().map_err(|_| Shed { reason: ShedReason::QueueTimeout, retry_after: RETRY_AFTER_MIN })
@@ -565,8 +693,8 @@ impl Drop for Wait<'_> {
         if self.settled {
             return;
         }
-        let mut st = self.sched.lock();
-        if st.remove(self.tenant, self.id) {
+        let mut q = self.sched.lock();
+        if q.levels[self.level].remove(self.tenant, self.id) {
             self.sched.waiting.fetch_sub(1, Ordering::SeqCst);
         }
         // Otherwise a permit was already sent; `rx` drops right after this (without the lock
@@ -583,6 +711,11 @@ pub struct Permit {
     /// What the adaptive controller noted at the grant (its phase, the calls in flight), so
     /// that the sample is read against the limit it was granted under.
     grant: Grant,
+    /// The tenant whose `held` count includes this permit: set for grants from the queue (see
+    /// [`TenantQueue::held`]), `None` for the lock-free grants made while nobody queued.
+    holder: Option<usize>,
+    /// The priority level slot it counts in.
+    level: usize,
 }
 
 impl fmt::Debug for Permit {
@@ -592,7 +725,7 @@ impl fmt::Debug for Permit {
 }
 
 impl Permit {
-    fn new(sched: Arc<Scheduler>) -> Permit {
+    fn new(sched: Arc<Scheduler>, level: usize) -> Permit {
         let grant = match sched.controller.load().as_ref() {
             // This permit already counts in `in_flight`. With replicas sharing the budget (Redis
             // backend) the controller sizes the whole budget, so this replica's concurrency
@@ -603,7 +736,7 @@ impl Permit {
             }
             None => Grant::default(),
         };
-        Permit { sched, armed: true, grant }
+        Permit { sched, armed: true, grant, holder: None, level }
     }
 
     /// Frees the slot, reporting how the bureau call went: its `latency` and `signal` (a 5xx,
@@ -624,7 +757,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.armed {
-            self.sched.release();
+            self.sched.release(self.level, self.holder);
         }
     }
 }
@@ -637,8 +770,57 @@ fn share_of(base: usize, rank: usize, replicas: usize) -> usize {
     part.max(1)
 }
 
-/// Everything behind the queue lock: one fair-queuing level over tenants. Priority levels and
-/// tenant groups (see the module doc) would each own one of these, or nest them.
+/// Everything behind the queue lock: one fair-queuing [`State`] per priority level slot, and
+/// the drain rate.
+struct Queues {
+    levels: Vec<State>,
+    drain: DrainRate,
+}
+
+impl Queues {
+    fn new(now: Instant) -> Queues {
+        Queues {
+            levels: (0..MAX_LEVELS).map(|_| State::new()).collect(),
+            drain: DrainRate { at: now, released: 0, per_sec: None },
+        }
+    }
+
+    /// The level a slot freed under `limit` goes to, with `total` calls in flight (that one
+    /// included): by the level rules among the levels in force ([`levels::choose`]), else a
+    /// level no longer in force that still has waiters (it drains on what is left over).
+    fn level_for(&self, table: &LevelTable, held: &[usize; MAX_LEVELS], total: usize, limit: usize) -> Option<usize> {
+        let waiting: [usize; MAX_LEVELS] = std::array::from_fn(|l| self.levels[l].queued);
+        if !table.is_split() {
+            let only = table.order()[0];
+            if waiting[only] > 0 {
+                return Some(only);
+            }
+        } else if let Some(level) = levels::choose(table, &table.seats(limit), held, &waiting, total, limit) {
+            return Some(level);
+        }
+        (0..MAX_LEVELS).find(|&l| waiting[l] > 0 && !table.contains(l))
+    }
+
+    /// When all queues together are full: the `(level, tenant)` whose newest waiter makes room
+    /// for `ask`. Less important levels make room first (the longest queue of the least
+    /// important level with waiters below `ask`'s); within `ask`'s own level the longest queue,
+    /// if it is longer than the asker's by more than one. `None`: the asker is refused.
+    fn make_room(&self, table: &LevelTable, ask: &Ask) -> Option<(usize, usize)> {
+        let rank = |l: usize| table.order().iter().position(|&o| o == l).unwrap_or(usize::MAX);
+        let mine = rank(ask.level);
+        let mut below: Vec<usize> = (0..MAX_LEVELS).filter(|&l| self.levels[l].queued > 0 && rank(l) > mine).collect();
+        below.sort_by_key(|&l| std::cmp::Reverse(rank(l)));
+        if let Some(&level) = below.first() {
+            return self.levels[level].longest_queue().map(|(tenant, _)| (level, tenant));
+        }
+        let st = &self.levels[ask.level];
+        let own = st.tenants.get(ask.tenant).map_or(0, |t| t.waiters.len());
+        st.longest_queue().filter(|&(_, len)| len > own + 1).map(|(tenant, _)| (ask.level, tenant))
+    }
+}
+
+/// One fair-queuing level over tenants (one per priority level slot). Tenant groups (see the
+/// module doc) would nest a level of groups here.
 struct State {
     /// Indexed by tenant index; grown on first use of an index.
     tenants: Vec<TenantQueue>,
@@ -659,7 +841,8 @@ struct State {
     next_id: u64,
     /// Sum of the weights of tenants with a non-empty queue.
     active_weight: u64,
-    drain: DrainRate,
+    /// Waiters in all its tenants' queues.
+    queued: usize,
 }
 
 /// Where a tenant's current entry is. A tenant has at most one current entry (its `ticket`),
@@ -685,6 +868,11 @@ struct TenantQueue {
     ticket: u64,
     /// The weight counted in `active_weight` while the queue is non-empty, 0 while empty.
     active_weight: u32,
+    /// Permits granted from the queue and not yet released: the slots the tenant holds under
+    /// contention. A down probe's extra slots and forgiveness go only to a tenant below its
+    /// weighted share of the cruise limit ([`State::within_share`]). Grants made while nobody
+    /// queued are not counted: they predate the contention and end within a bureau call.
+    held: u32,
     granted_after_wait: u64,
     shed_queue_full: u64,
     shed_queue_timeout: u64,
@@ -699,7 +887,7 @@ struct Waiter {
 }
 
 impl State {
-    fn new(now: Instant) -> State {
+    fn new() -> State {
         State {
             tenants: Vec::new(),
             sparse: VecDeque::new(),
@@ -708,7 +896,7 @@ impl State {
             seq: 0,
             next_id: 0,
             active_weight: 0,
-            drain: DrainRate { at: now, released: 0, per_sec: None },
+            queued: 0,
         }
     }
 
@@ -729,6 +917,7 @@ impl State {
         // Field by field, so that the tenant and the lists can be borrowed together.
         let t = &mut self.tenants[ask.tenant];
         t.waiters.push_back(Waiter { id, weight, cost: ask.cost.max(1), tx });
+        self.queued += 1;
         if t.waiters.len() > 1 {
             return id;
         }
@@ -768,8 +957,25 @@ impl State {
 
     /// Removes and returns the waiter served next: the oldest sparse tenant's, else the one
     /// start-time fair queuing picks among the backlogged tenants.
-    fn pop_next(&mut self, forgive: bool) -> Option<(usize, Waiter)> {
-        self.pop_sparse(forgive).or_else(|| self.pop_backlogged())
+    /// During a down probe, a sparse tenant that already holds its share of the cruise limit
+    /// comes after the backlogged ones (else, forgiven and so still sparse, it would take the
+    /// slots under the probe's limit too).
+    fn pop_next(&mut self, probe: Option<usize>) -> Option<(usize, Waiter)> {
+        self.pop_sparse(probe, probe.is_some())
+            .or_else(|| self.pop_backlogged())
+            .or_else(|| self.pop_sparse(probe, false))
+    }
+
+    /// During a down probe whose cruise limit is `cruise`: whether `tenant` holds fewer slots
+    /// than its weighted share of it among the tenants that queue. Only such a tenant is served
+    /// above the probe's limit and forgiven the withheld slots; one that holds more (all its
+    /// calls in flight, asking again as each returns) would otherwise take every slot the probe
+    /// withholds from the backlogged tenants.
+    fn within_share(&self, tenant: usize, cruise: usize) -> bool {
+        let t = &self.tenants[tenant];
+        let weight = u64::from(t.active_weight.max(1));
+        let active = self.active_weight.max(weight);
+        u64::from(t.held) * active < cruise as u64 * weight
     }
 
     /// During a down probe, the head waiter of the backlogged tenant with the smallest tag
@@ -779,14 +985,17 @@ impl State {
     /// a tenant whose queue cancellations emptied is passed over (the heap drops its entry when
     /// popped), not taken for the last candidate. The entry it bypasses in the heap becomes
     /// stale (its ticket changes) and is dropped when popped.
-    fn pop_light(&mut self) -> Option<(usize, Waiter)> {
-        let tenants = &self.tenants;
+    fn pop_light(&mut self, probe: Option<usize>) -> Option<(usize, Waiter)> {
+        let cruise = probe?;
         let Reverse((start, ticket, tenant)) = *self
             .heap
             .iter()
             .filter(|Reverse((_, ticket, t))| {
-                let q = &tenants[*t];
-                q.listed == Listed::Heap && q.ticket == *ticket && (1..=LIGHT_QUEUE).contains(&q.waiters.len())
+                let q = &self.tenants[*t];
+                q.listed == Listed::Heap
+                    && q.ticket == *ticket
+                    && (1..=LIGHT_QUEUE).contains(&q.waiters.len())
+                    && self.within_share(*t, cruise)
             })
             .min()?;
         let waiter = self.grant_head(tenant, ticket, start)?;
@@ -794,12 +1003,28 @@ impl State {
         Some((tenant, waiter))
     }
 
-    /// The oldest sparse tenant's head waiter. With `forgive` (the adaptive limit's down probe
-    /// is on) the grant is charged no further than one request past the virtual time: the
-    /// slots the probe withholds slow the virtual time, and a quiet tenant must not lose its
-    /// standing for a shortfall the bureau does not have.
-    fn pop_sparse(&mut self, forgive: bool) -> Option<(usize, Waiter)> {
-        while let Some((start, ticket, tenant)) = self.sparse.pop_front() {
+    /// The oldest sparse tenant's head waiter. During a down probe (`probe` is its cruise
+    /// limit) a tenant within its share of it ([`State::within_share`]) is charged no further
+    /// than one request past the virtual time: the slots the probe withholds slow the virtual
+    /// time, and a quiet tenant must not lose its standing for a shortfall the bureau does not
+    /// have. With `within` only such a tenant is served.
+    fn pop_sparse(&mut self, probe: Option<usize>, within: bool) -> Option<(usize, Waiter)> {
+        loop {
+            let at = if within {
+                let cruise = probe?;
+                // A scan, only during a probe: the first current entry within its share.
+                self.sparse.iter().position(|&(_, ticket, t)| {
+                    let q = &self.tenants[t];
+                    q.listed == Listed::Sparse
+                        && q.ticket == ticket
+                        && !q.waiters.is_empty()
+                        && self.within_share(t, cruise)
+                })?
+            } else {
+                0
+            };
+            let (start, ticket, tenant) = self.sparse.remove(at)?;
+            let forgive = probe.is_some_and(|cruise| self.within_share(tenant, cruise));
             // Charged from the start tag SFQ would have given it on arrival, like any grant;
             // `vtime` stays where the backlogged tenants have brought it.
             if let Some(waiter) = self.grant_head(tenant, ticket, start) {
@@ -811,7 +1036,6 @@ impl State {
                 return Some((tenant, waiter));
             }
         }
-        None
     }
 
     /// The waiter start-time fair queuing picks among the backlogged tenants.
@@ -837,6 +1061,7 @@ impl State {
             t.listed = Listed::Idle;
             return None;
         };
+        self.queued -= 1;
         let start = start.max(t.finish);
         t.finish = start + u128::from(waiter.cost) * VTIME_SCALE / u128::from(waiter.weight);
         if t.waiters.is_empty() {
@@ -857,6 +1082,7 @@ impl State {
         let Some(t) = self.tenants.get_mut(tenant) else { return false };
         let Ok(at) = t.waiters.binary_search_by_key(&id, |w| w.id) else { return false };
         t.waiters.remove(at);
+        self.queued -= 1;
         if t.waiters.is_empty() {
             // The entry stays (it is dropped when popped); the weight leaves at once so that
             // Retry-After estimates see only tenants that compete.
@@ -879,9 +1105,10 @@ impl State {
         self.remove(tenant, id)
     }
 
-    /// How long until `tenant`'s queue, plus one more request, has drained.
-    fn retry_after(&mut self, now: Instant, released: u64, tenant: usize, weight: u32) -> Duration {
-        let Some(total_per_sec) = self.drain.sample(now, released) else {
+    /// How long until `tenant`'s queue, plus one more request, has drained, when the bureau
+    /// frees `drain` slots a second and this level's nominal part of them is `part`.
+    fn retry_after(&self, drain: Option<f64>, part: f64, tenant: usize, weight: u32) -> Duration {
+        let Some(total_per_sec) = drain.map(|d| d * part) else {
             // Nothing measured yet: no evidence the bureau is slow, and the next shed will
             // have a measured rate.
             return RETRY_AFTER_MIN;

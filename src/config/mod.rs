@@ -18,7 +18,9 @@
 mod admin;
 mod audit;
 mod cache;
+mod groups;
 mod log;
+mod priority;
 mod quota;
 mod routes;
 mod server;
@@ -43,12 +45,14 @@ use crate::tls::ClientAuth;
 pub use admin::{AdminAuth, AdminConfig};
 pub use audit::AuditConfig;
 pub use cache::CacheConfig;
+pub use groups::GroupConfig;
 pub use log::{LogConfig, LogFormat};
+pub use priority::{Priorities, PriorityConfig, TenantPriority};
 pub use quota::QuotaConfig;
 pub use routes::{RouteCache, RouteConfig};
 pub use server::ServerConfig;
 pub use state::{FailPolicy, RedisSettings, RedisTls, StateBackend, StateConfig, redact_url};
-pub use tenants::{DryRun, TenantConfig, TenantLimits};
+pub use tenants::{DryRun, RouteLimits, TenantConfig, TenantLimits};
 pub use upstream::{AdaptiveSettings, BreakerSettings, UpstreamConfig};
 pub use usage::UsageConfig;
 
@@ -202,6 +206,10 @@ pub struct Config {
     pub usage: UsageConfig,
     pub routes: Vec<RouteConfig>,
     pub tenants: Vec<TenantConfig>,
+    /// Affiliated tenants under one contract (`[[groups]]`).
+    pub groups: Vec<GroupConfig>,
+    /// `[[priority]]` levels and the routes' and tenants' levels.
+    pub priority: Priorities,
 }
 
 impl Config {
@@ -270,6 +278,10 @@ struct RawConfig {
     routes: Vec<routes::RawRoute>,
     #[serde(default)]
     tenants: Vec<tenants::RawTenant>,
+    #[serde(default)]
+    groups: Vec<groups::RawGroup>,
+    #[serde(default)]
+    priority: Vec<priority::RawPriority>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -383,11 +395,31 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     server.tls = raw.server.tls.as_ref().and_then(|t| server::validate_tls(&mut p, t, now));
     upstream.tls = upstream::validate_tls(&mut p, &upstream.url, raw.upstream.tls.as_ref(), now);
     let cert_identity = server.tls.as_ref().filter(|t| t.client_auth != ClientAuth::Off).map(|t| t.identity);
-    let tenants = tenants::validate(&mut p, &raw.tenants, env, max_cost);
+    let tenants = tenants::validate(&mut p, &raw.tenants, env, &routes);
     let tenants = tenants::validate_cert_names(&mut p, &raw.tenants, tenants, cert_identity, raw.server.tls.is_some());
+    let groups = groups::validate(&mut p, &raw.groups, &tenants, max_cost);
+
+    let levels = priority::validate(&mut p, &raw.priority);
+    let route_levels: Vec<Option<String>> = raw.routes.iter().map(|r| r.priority.clone()).collect();
+    let tenant_levels: Vec<_> = raw.tenants.iter().map(|t| (t.priority.clone(), t.priorities.clone())).collect();
+    let priority = priority::resolve(&mut p, levels, &route_levels, &tenant_levels);
 
     if p.0.is_empty() {
-        Ok(Config { server, admin, upstream, log, quota, state, cache, audit, usage, routes, tenants })
+        Ok(Config {
+            server,
+            admin,
+            upstream,
+            log,
+            quota,
+            state,
+            cache,
+            audit,
+            usage,
+            routes,
+            tenants,
+            groups,
+            priority,
+        })
     } else {
         Err(ConfigError { problems: p.0 })
     }

@@ -81,6 +81,8 @@ pub(super) struct RawRoute {
     scope: Option<String>,
     stale_if_error: Option<String>,
     cache_statuses: Option<Vec<i64>>,
+    /// Resolved in `priority.rs`, against the levels.
+    pub(super) priority: Option<String>,
 }
 
 pub(super) fn validate(p: &mut Problems, raw: &[RawRoute]) -> Vec<RouteConfig> {

@@ -1,6 +1,6 @@
 //! `[[tenants]]`: who may call, by api key or client certificate, and each one's contract.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -18,6 +18,9 @@ pub struct TenantConfig {
     /// Share of the bureau under contention, relative to other tenants.
     pub weight: u32,
     pub limits: TenantLimits,
+    /// Limits of the tenant's requests of one route, each on top of `limits` (a request must
+    /// pass both), in the order of `[[routes]]`.
+    pub routes: Vec<RouteLimits>,
     /// Client certificate identities (of `server.tls.client_identity`'s kind, normalized) that
     /// name this tenant.
     pub client_cert_names: Vec<String>,
@@ -40,6 +43,16 @@ pub struct TenantLimits {
     pub max_queue: usize,
     /// Limits that are computed, logged and counted but not enforced.
     pub dry_run: DryRun,
+}
+
+/// `[tenants.routes.NAME]`: a tenant's contract for one product (route), e.g. full reports
+/// capped apart from scores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteLimits {
+    /// A configured route's name.
+    pub route: String,
+    /// `max_queue` is unused (the tenant's applies).
+    pub limits: TenantLimits,
 }
 
 /// Which limits run in dry-run mode.
@@ -67,6 +80,33 @@ pub(super) struct RawTenant {
     max_queue: Option<i64>,
     dry_run: Option<BoolOrList>,
     client_cert_names: Option<Vec<String>>,
+    /// Resolved in `priority.rs`, against the levels.
+    pub(super) priority: Option<String>,
+    pub(super) priorities: Option<Vec<String>>,
+    routes: Option<BTreeMap<String, RawRouteLimits>>,
+}
+
+/// `[tenants.routes.NAME]`: the limits a tenant has on one route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouteLimits {
+    rate: Option<f64>,
+    burst: Option<i64>,
+    max_in_flight: Option<i64>,
+    daily_quota: Option<i64>,
+    monthly_quota: Option<i64>,
+    dry_run: Option<BoolOrList>,
+}
+
+/// The limit keys a tenant, a tenant's route and a group have in common, as read.
+pub(super) struct RawLimits<'a> {
+    pub rate: Option<f64>,
+    pub burst: Option<i64>,
+    pub max_in_flight: Option<i64>,
+    pub daily_quota: Option<i64>,
+    pub monthly_quota: Option<i64>,
+    pub max_queue: Option<i64>,
+    pub dry_run: Option<&'a BoolOrList>,
 }
 
 /// `dry_run = true` or `dry_run = ["rate", "daily"]`.
@@ -99,8 +139,9 @@ pub(super) fn validate(
     p: &mut Problems,
     raw: &[RawTenant],
     env: &dyn Fn(&str) -> Option<String>,
-    max_cost: u32,
+    routes: &[super::RouteConfig],
 ) -> Vec<TenantConfig> {
+    let max_cost = routes.iter().map(|r| r.cost).max().unwrap_or(1);
     if raw.is_empty() {
         p.add("tenants", "at least one [[tenants]] entry is required");
     }
@@ -146,7 +187,17 @@ pub(super) fn validate(
         }
 
         let weight = p.in_range(&at("weight"), t.weight, 1..=1000).map_or(1, |w| w as u32);
-        let limits = validate_limits(p, i, t, max_cost);
+        let raw_limits = RawLimits {
+            rate: t.rate,
+            burst: t.burst,
+            max_in_flight: t.max_in_flight,
+            daily_quota: t.daily_quota,
+            monthly_quota: t.monthly_quota,
+            max_queue: t.max_queue,
+            dry_run: t.dry_run.as_ref(),
+        };
+        let limits = validate_limits(p, &format!("tenants[{i}]"), &raw_limits, max_cost);
+        let route_limits = validate_route_limits(p, i, t.routes.as_ref(), routes);
         if let Some(id) = id {
             out.push(TenantConfig {
                 id: id.to_string(),
@@ -154,6 +205,7 @@ pub(super) fn validate(
                 key_digests: digests,
                 weight,
                 limits,
+                routes: route_limits,
                 client_cert_names: Vec::new(),
             });
         }
@@ -161,8 +213,52 @@ pub(super) fn validate(
     out
 }
 
-fn validate_limits(p: &mut Problems, i: usize, t: &RawTenant, max_cost: u32) -> TenantLimits {
-    let at = |field: &str| format!("tenants[{i}].{field}");
+/// `[tenants.routes.NAME]` of tenant `i`: each name a configured route, limits as a tenant's
+/// (burst at least the route's cost), in the order of `[[routes]]`.
+fn validate_route_limits(
+    p: &mut Problems,
+    i: usize,
+    raw: Option<&BTreeMap<String, RawRouteLimits>>,
+    routes: &[super::RouteConfig],
+) -> Vec<RouteLimits> {
+    let Some(raw) = raw else { return Vec::new() };
+    let mut out = Vec::with_capacity(raw.len());
+    for (name, r) in raw {
+        let at = format!("tenants[{i}].routes.{name}");
+        let Some(route) = routes.iter().find(|route| route.name == *name) else {
+            let known: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+            p.add(at, format!("unknown route {name:?}; configured routes: {}", known.join(", ")));
+            continue;
+        };
+        let raw_limits = RawLimits {
+            rate: r.rate,
+            burst: r.burst,
+            max_in_flight: r.max_in_flight,
+            daily_quota: r.daily_quota,
+            monthly_quota: r.monthly_quota,
+            max_queue: None,
+            dry_run: r.dry_run.as_ref(),
+        };
+        let limits = validate_limits(p, &at, &raw_limits, route.cost);
+        if limits.rate.is_none()
+            && limits.max_in_flight.is_none()
+            && limits.daily_quota.is_none()
+            && limits.monthly_quota.is_none()
+        {
+            p.add(at, "sets no limit; give rate, max_in_flight, daily_quota or monthly_quota, or remove it");
+            continue;
+        }
+        out.push(RouteLimits { route: name.clone(), limits });
+    }
+    // The order of `[[routes]]`: what the compiled table and the diff follow.
+    out.sort_by_key(|r| routes.iter().position(|route| route.name == r.route));
+    out
+}
+
+/// The limit keys under `prefix` (`tenants[0]`, `tenants[0].routes.score`, `groups[1]`).
+/// `max_cost`: the dearest request the limit sees; its burst must let one through.
+pub(super) fn validate_limits(p: &mut Problems, prefix: &str, t: &RawLimits<'_>, max_cost: u32) -> TenantLimits {
+    let at = |field: &str| format!("{prefix}.{field}");
     let rate = match t.rate {
         None => None,
         Some(r) if r.is_finite() && (1e-6..=1e9).contains(&r) => Some(r),
@@ -186,11 +282,11 @@ fn validate_limits(p: &mut Problems, i: usize, t: &RawTenant, max_cost: u32) -> 
     if rate.is_some() && burst < max_cost {
         p.add(
             at("burst"),
-            format!("{burst} is below the cost of the dearest route ({max_cost}); such requests could never pass"),
+            format!("{burst} is below the cost of the dearest route it applies to ({max_cost}); such requests could never pass"),
         );
     }
     let mut dry_run = DryRun::default();
-    match &t.dry_run {
+    match t.dry_run {
         None | Some(BoolOrList::Bool(false)) => {}
         Some(BoolOrList::Bool(true)) => dry_run = DryRun { rate: true, in_flight: true, daily: true, monthly: true },
         Some(BoolOrList::List(names)) => {

@@ -8,6 +8,7 @@ use super::*;
 use crate::cache::key::{KeyPart, KeySecret, Scope};
 use crate::tls::IdentitySource;
 
+mod contracts;
 mod property;
 
 const KEY_HEX: &str = "5b2cd6b7a9d6b8bb4c6e1a5ec4d1a4a6e3c0f7d0b5e1d4a8c7f2e0b6a9d3c1e4";

@@ -9,7 +9,7 @@
 //! | `GET /admin/tenants` | every tenant's limits and live usage, JSON |
 //! | `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD[&tenant=ID][&format=csv\|json]` | usage statement by tenant, route and day (token) |
 //! | `GET /admin/usage/request?id=ID[&since=YYYY-MM-DD]` | the audit records of one request and of the answers that rode on its bureau call (token) |
-//! | `POST /admin/tenants/{id}/reset` | zero a tenant's daily and monthly counters (token) |
+//! | `POST /admin/tenants/{id}/reset` | zero a tenant's daily and monthly counters, its routes' too (token) |
 //! | `POST /admin/reload` | re-read and apply the config file (token); 200 applied, 422 rejected |
 //! | `POST /admin/cache/purge[?tenant=ID\|?route=NAME]` | drop cached answers: a tenant's, a route's, or all (token) |
 //!
@@ -25,6 +25,7 @@
 //! listener by IP, and they change nothing. Each `POST` is logged with the peer address and the
 //! `x-operator` header, if sent.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -38,6 +39,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::admission::contract::Contract;
 use crate::admission::quota::Windows;
 use crate::config::AdminAuth;
 use crate::respond::Body;
@@ -286,23 +288,43 @@ impl Admin {
             );
         };
         let w = Windows::at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
-        let (mut daily, mut monthly) = (tenant.state.daily.get(w.day), tenant.state.monthly.get(w.month));
-        if let Some(redis) = &self.shared.redis {
-            // The shared counts, for every replica.
-            match redis.reset(tenant, &w).await {
-                Some(was) => (daily, monthly) = was,
-                None => {
-                    return json(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &serde_json::json!({"error": "state_unavailable", "message": "Redis did not answer; nothing was reset"}),
-                    );
-                }
-            }
+        let unavailable = |what: &str| {
+            let message = format!("Redis did not answer; {what}");
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"error": "state_unavailable", "message": message}),
+            )
+        };
+        let Some((daily, monthly)) = self.reset_contract(tenant, &w).await else {
+            return unavailable("nothing was reset");
+        };
+        // The tenant's limits per route are its own too (its group's are shared: not reset).
+        let mut routes = serde_json::Map::new();
+        for (i, route) in snap.routes.iter().enumerate() {
+            let Some(rc) = tenant.route_contract(i) else { continue };
+            let Some((daily, monthly)) = self.reset_contract(&rc.contract, &w).await else {
+                return unavailable("the tenant's own counts were reset, not all of its routes'");
+            };
+            routes.insert(route.name.to_string(), serde_json::json!({"daily_was": daily, "monthly_was": monthly}));
         }
-        tenant.state.daily.set(w.day, 0);
-        tenant.state.monthly.set(w.month, 0);
-        tracing::warn!(tenant = id, by = %self.who(&req), daily_was = daily, monthly_was = monthly, "quota counters reset");
-        json(StatusCode::OK, &serde_json::json!({"tenant": id, "reset": {"daily_was": daily, "monthly_was": monthly}}))
+        tracing::warn!(tenant = id, by = %self.who(&req), daily_was = daily, monthly_was = monthly, routes = routes.len(), "quota counters reset");
+        let mut reset = serde_json::json!({"daily_was": daily, "monthly_was": monthly});
+        if !routes.is_empty() {
+            reset["routes"] = serde_json::Value::Object(routes);
+        }
+        json(StatusCode::OK, &serde_json::json!({"tenant": id, "reset": reset}))
+    }
+
+    /// Zeroes a contract's daily and monthly counts of windows `w` (with Redis, for every
+    /// replica); the counts that were there, or `None` when Redis did not answer (nothing reset).
+    async fn reset_contract(&self, c: &Contract, w: &Windows) -> Option<(u64, u64)> {
+        let mut was = (c.state.daily.get(w.day), c.state.monthly.get(w.month));
+        if let Some(redis) = &self.shared.redis {
+            was = redis.reset(c, w).await?;
+        }
+        c.state.daily.set(w.day, 0);
+        c.state.monthly.set(w.month, 0);
+        Some(was)
     }
 
     fn tenants(&self) -> Vec<TenantView> {
@@ -311,39 +333,66 @@ impl Admin {
         snap.tenants
             .iter()
             .map(|t| {
-                let l = &t.limits;
-                let used = self.shared.quota_used(t, &w);
+                let (limits, usage) = self.contract_view(t, &w);
+                let routes = snap
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| {
+                        let c = &t.route_contract(i)?.contract;
+                        let (limits, usage) = self.contract_view(c, &w);
+                        Some((r.name.to_string(), ContractView { limits, usage }))
+                    })
+                    .collect();
+                let group = t.group.as_ref().map(|g| {
+                    let view = g.contract.as_ref().map(|c| {
+                        let (limits, usage) = self.contract_view(c, &w);
+                        ContractView { limits, usage }
+                    });
+                    GroupView { id: g.id.to_string(), weight: g.weight, contract: view }
+                });
                 TenantView {
                     id: t.id.to_string(),
                     name: t.name.clone(),
                     weight: t.weight,
-                    limits: LimitsView {
-                        rate: l.rate,
-                        burst: l.rate.map(|_| l.burst),
-                        max_in_flight: l.max_in_flight,
-                        daily_quota: l.daily_quota,
-                        monthly_quota: l.monthly_quota,
-                        dry_run: [
-                            ("rate", l.dry_run.rate),
-                            ("in_flight", l.dry_run.in_flight),
-                            ("daily", l.dry_run.daily),
-                            ("monthly", l.dry_run.monthly),
-                        ]
-                        .iter()
-                        .filter(|(_, on)| *on)
-                        .map(|(n, _)| *n)
-                        .collect(),
-                    },
-                    usage: UsageView {
-                        in_flight: t.state.in_flight.load(Ordering::Acquire),
-                        daily_used: used.0,
-                        daily_resets_in_s: w.day_resets_in_s,
-                        monthly_used: used.1,
-                        monthly_resets_in_s: w.month_resets_in_s,
-                    },
+                    limits,
+                    usage,
+                    routes,
+                    group,
                 }
             })
             .collect()
+    }
+
+    /// One contract's limits and live use (a tenant's, its route's, its group's).
+    fn contract_view(&self, c: &Contract, w: &Windows) -> (LimitsView, UsageView) {
+        let l = &c.limits;
+        let used = self.shared.quota_used(c, w);
+        let limits = LimitsView {
+            rate: l.rate,
+            burst: l.rate.map(|_| l.burst),
+            max_in_flight: l.max_in_flight,
+            daily_quota: l.daily_quota,
+            monthly_quota: l.monthly_quota,
+            dry_run: [
+                ("rate", l.dry_run.rate),
+                ("in_flight", l.dry_run.in_flight),
+                ("daily", l.dry_run.daily),
+                ("monthly", l.dry_run.monthly),
+            ]
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect(),
+        };
+        let usage = UsageView {
+            in_flight: c.state.in_flight.load(Ordering::Acquire),
+            daily_used: used.0,
+            daily_resets_in_s: w.day_resets_in_s,
+            monthly_used: used.1,
+            monthly_resets_in_s: w.month_resets_in_s,
+        };
+        (limits, usage)
     }
 }
 
@@ -354,6 +403,28 @@ struct TenantView {
     weight: u32,
     limits: LimitsView,
     usage: UsageView,
+    /// The tenant's own limits per route (`[tenants.routes.NAME]`), by route name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    routes: BTreeMap<String, ContractView>,
+    /// The tenant's group, and what its members use together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<GroupView>,
+}
+
+#[derive(Serialize)]
+struct ContractView {
+    limits: LimitsView,
+    usage: UsageView,
+}
+
+#[derive(Serialize)]
+struct GroupView {
+    id: String,
+    weight: u32,
+    /// The group's aggregate limits and their use (all members, all replicas); absent when the
+    /// group sets none.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    contract: Option<ContractView>,
 }
 
 #[derive(Serialize)]

@@ -35,12 +35,23 @@ pub struct Metrics {
     pub limit_rejections_total: IntCounterVec,
     pub quota_used: IntGaugeVec,
     pub quota_limit: IntGaugeVec,
+    /// A tenant's use and limit per route (`[tenants.routes.NAME]`), by tenant, route, window.
+    pub route_quota_used: IntGaugeVec,
+    pub route_quota_limit: IntGaugeVec,
+    /// A group's use (all members) and limit (`[[groups]]`), by group, window.
+    pub group_quota_used: IntGaugeVec,
+    pub group_quota_limit: IntGaugeVec,
     pub state_load_errors_total: IntCounter,
     pub state_save_errors_total: IntCounter,
     pub state_last_save_timestamp_seconds: IntGauge,
     pub queue_wait_seconds: HistogramVec,
     pub sheds_total: IntCounterVec,
     pub queue_depth: IntGaugeVec,
+    /// Per priority level (`[[priority]]`; one series per configured level, none without):
+    /// calls it holds, requests of it waiting, and its nominal part of the budget.
+    pub level_in_flight: IntGaugeVec,
+    pub level_queued: IntGaugeVec,
+    pub level_nominal: IntGaugeVec,
     pub bureau_in_flight: IntGauge,
     pub bureau_concurrency_limit: IntGauge,
     pub bureau_duration_seconds: Histogram,
@@ -137,6 +148,26 @@ impl Metrics {
             &["tenant", "window"],
         )
         .expect("valid metric");
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let route_quota_used = gauge(
+            "bureau_guard_route_quota_used",
+            "Bureau calls of one route charged to a tenant's route limit in the current window.",
+            &["tenant", "route", "window"],
+        );
+        let route_quota_limit = gauge(
+            "bureau_guard_route_quota_limit",
+            "A tenant's bureau calls allowed per window on one route.",
+            &["tenant", "route", "window"],
+        );
+        let group_quota_used = gauge(
+            "bureau_guard_group_quota_used",
+            "Bureau calls of a group's members together charged in the current window.",
+            &["group", "window"],
+        );
+        let group_quota_limit =
+            gauge("bureau_guard_group_quota_limit", "A group's bureau calls allowed per window.", &["group", "window"]);
         let state_load_errors_total = IntCounter::new(
             "bureau_guard_state_load_errors_total",
             "Quota state files found unreadable at start-up (moved aside; counters started from zero).",
@@ -173,6 +204,17 @@ impl Metrics {
             &["tenant"],
         )
         .expect("valid metric");
+        let level_gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["level"]).expect("valid metric");
+        let level_in_flight =
+            level_gauge("bureau_guard_level_in_flight", "Bureau calls in flight, by priority level ([[priority]]).");
+        let level_queued =
+            level_gauge("bureau_guard_level_queued", "Requests waiting for a bureau slot, by priority level.");
+        let level_nominal = level_gauge(
+            "bureau_guard_level_nominal",
+            "A priority level's nominal part of the current bureau budget (its share; it gets at least this many \
+             slots when it has waiters, lends what it leaves idle).",
+        );
         let bureau_in_flight =
             IntGauge::new("bureau_guard_bureau_in_flight", "Requests at the bureau now.").expect("valid metric");
         let bureau_concurrency_limit = IntGauge::new(
@@ -406,6 +448,9 @@ impl Metrics {
             Box::new(queue_wait_seconds.clone()),
             Box::new(sheds_total.clone()),
             Box::new(queue_depth.clone()),
+            Box::new(level_in_flight.clone()),
+            Box::new(level_queued.clone()),
+            Box::new(level_nominal.clone()),
             Box::new(bureau_in_flight.clone()),
             Box::new(bureau_concurrency_limit.clone()),
             Box::new(bureau_duration_seconds.clone()),
@@ -428,6 +473,10 @@ impl Metrics {
             Box::new(limit_rejections_total.clone()),
             Box::new(quota_used.clone()),
             Box::new(quota_limit.clone()),
+            Box::new(route_quota_used.clone()),
+            Box::new(route_quota_limit.clone()),
+            Box::new(group_quota_used.clone()),
+            Box::new(group_quota_limit.clone()),
             Box::new(state_load_errors_total.clone()),
             Box::new(state_save_errors_total.clone()),
             Box::new(state_last_save_timestamp_seconds.clone()),
@@ -451,12 +500,19 @@ impl Metrics {
             limit_rejections_total,
             quota_used,
             quota_limit,
+            route_quota_used,
+            route_quota_limit,
+            group_quota_used,
+            group_quota_limit,
             state_load_errors_total,
             state_save_errors_total,
             state_last_save_timestamp_seconds,
             queue_wait_seconds,
             sheds_total,
             queue_depth,
+            level_in_flight,
+            level_queued,
+            level_nominal,
             bureau_in_flight,
             bureau_concurrency_limit,
             bureau_duration_seconds,
@@ -668,11 +724,19 @@ pub struct TenantCell {
 }
 
 /// The limit reasons, in `limits` table order.
-const LIMIT_REASONS: [ErrorKind; 4] = [
+const LIMIT_REASONS: [ErrorKind; 12] = [
     ErrorKind::RateLimited,
     ErrorKind::TooManyInFlight,
     ErrorKind::DailyQuotaExhausted,
     ErrorKind::MonthlyQuotaExhausted,
+    ErrorKind::RouteRateLimited,
+    ErrorKind::RouteTooManyInFlight,
+    ErrorKind::RouteDailyQuotaExhausted,
+    ErrorKind::RouteMonthlyQuotaExhausted,
+    ErrorKind::GroupRateLimited,
+    ErrorKind::GroupTooManyInFlight,
+    ErrorKind::GroupDailyQuotaExhausted,
+    ErrorKind::GroupMonthlyQuotaExhausted,
 ];
 
 impl RequestCells {

@@ -120,6 +120,7 @@ fn apply_locked(shared: &Shared, config: Config, _one_at_a_time: std::sync::Mute
         }
     }
     shared.scheduler.set_max_waiting(u_new.max_queue_total);
+    shared.scheduler.set_levels(crate::runtime::level_table(&new_config));
     shared.metrics.set_certificate_expiry(&new_config, shared.tls_listener.is_some(), false);
     crate::ops::series::declare(&shared.metrics, &new_config, Some(&old.config));
     for w in new_config.warnings() {
@@ -272,8 +273,16 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
 
     diff_server_tls(&mut out, old.server.tls.as_ref(), new.server.tls.as_ref());
     diff_upstream_tls(&mut out, old.upstream.tls.as_ref(), new.upstream.tls.as_ref());
+    diff_priority(&mut out, old, new);
     diff_named(&mut out, "routes", &old.routes, &new.routes, |r| &r.name, route_fields);
     diff_named(&mut out, "tenants", &old.tenants, &new.tenants, |t| &t.id, tenant_fields);
+    for o in &old.tenants {
+        if let Some(n) = new.tenants.iter().find(|n| n.id == o.id) {
+            let section = format!("tenants[{}].routes", o.id);
+            diff_named(&mut out, &section, &o.routes, &n.routes, |r| &r.route, |r| limit_fields(&r.limits));
+        }
+    }
+    diff_named(&mut out, "groups", &old.groups, &new.groups, |g| &g.id, group_fields);
     for o in &old.tenants {
         if let Some(n) = new.tenants.iter().find(|n| n.id == o.id)
             && let Some(what) = keys_change(&o.key_digests, &n.key_digests)
@@ -282,6 +291,60 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         }
     }
     out
+}
+
+/// `[[priority]]` levels, and the level each route and tenant names (by name, as the file
+/// says them). All apply live: requests already queued in a level that is removed are served
+/// from what the remaining levels leave over.
+fn diff_priority(out: &mut Vec<Change>, old: &Config, new: &Config) {
+    let levels = |c: &Config| {
+        let list: Vec<String> = c
+            .priority
+            .levels
+            .iter()
+            .map(|l| {
+                let borrow = l.spec.borrow.map_or_else(|| "any".to_string(), |b| b.to_string());
+                format!("{} (share {}, lendable {}, borrow {borrow})", l.name, l.spec.share, l.spec.lendable)
+            })
+            .collect();
+        if list.is_empty() { "none".to_string() } else { list.join(", ") }
+    };
+    let (a, b) = (levels(old), levels(new));
+    if a != b {
+        out.push(Change { path: "priority".into(), what: format!("{a} → {b}"), needs_restart: false });
+    }
+    let name = |c: &Config, slot: Option<usize>| {
+        slot.and_then(|s| c.priority.levels.get(s)).map_or_else(|| "default".to_string(), |l| l.name.clone())
+    };
+    for (i, r) in new.routes.iter().enumerate() {
+        if let Some(j) = old.routes.iter().position(|o| o.name == r.name) {
+            let (x, y) = (name(old, old.priority.routes[j]), name(new, new.priority.routes[i]));
+            if x != y {
+                out.push(Change {
+                    path: format!("routes[{}].priority", r.name),
+                    what: format!("{x} → {y}"),
+                    needs_restart: false,
+                });
+            }
+        }
+    }
+    let tenant = |c: &Config, i: usize| {
+        let t = c.priority.tenants[i];
+        let allowed: Vec<String> = (0..8).filter(|&s| t.allows(s)).map(|s| name(c, Some(s))).collect();
+        format!("{} (may name {})", name(c, Some(t.default)), allowed.join(", "))
+    };
+    for (i, t) in new.tenants.iter().enumerate() {
+        if let Some(j) = old.tenants.iter().position(|o| o.id == t.id) {
+            let (x, y) = (tenant(old, j), tenant(new, i));
+            if x != y {
+                out.push(Change {
+                    path: format!("tenants[{}].priority", t.id),
+                    what: format!("{x} → {y}"),
+                    needs_restart: false,
+                });
+            }
+        }
+    }
 }
 
 /// A TLS file in a diff: its path and a keyed fingerprint of its contents (never the contents,
@@ -361,6 +424,25 @@ fn route_fields(r: &RouteConfig) -> Vec<(&'static str, String)> {
         ("stale_if_error", dur(c.stale_if_error)),
         ("cache_statuses", list(c.cache_statuses.iter().map(|s| s.as_u16().to_string()).collect())),
     ]
+}
+
+/// The limits a route or group contract shares with a tenant's (`max_queue` aside).
+fn limit_fields(l: &crate::config::TenantLimits) -> Vec<(&'static str, String)> {
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "none".to_string());
+    vec![
+        ("rate", opt(l.rate.map(|r| r.to_string()))),
+        ("burst", l.burst.to_string()),
+        ("max_in_flight", opt(l.max_in_flight.map(|n| n.to_string()))),
+        ("daily_quota", opt(l.daily_quota.map(|n| n.to_string()))),
+        ("monthly_quota", opt(l.monthly_quota.map(|n| n.to_string()))),
+        ("dry_run", format!("{:?}", l.dry_run)),
+    ]
+}
+
+fn group_fields(g: &crate::config::GroupConfig) -> Vec<(&'static str, String)> {
+    let mut fields = vec![("members", format!("[{}]", g.members.join(", "))), ("weight", g.weight.to_string())];
+    fields.extend(limit_fields(&g.limits));
+    fields
 }
 
 fn tenant_fields(t: &TenantConfig) -> Vec<(&'static str, String)> {

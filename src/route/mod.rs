@@ -9,6 +9,7 @@
 //! target is routed, keyed and forwarded.
 
 pub mod path;
+pub mod priority;
 
 use http::Method;
 use matchit::{Params, Router};

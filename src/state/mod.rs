@@ -195,13 +195,22 @@ impl TenantState {
     }
 }
 
-/// The counters of every tenant ever configured in this process, by id.
+/// The counters of every tenant ever configured in this process, by id, and of every route or
+/// group contract (`admission/contract.rs`), by contract id.
 ///
-/// Its mutex is taken when a config is compiled, when counters are persisted, and by admin
+/// Its mutexes are taken when a config is compiled, when counters are persisted, and by admin
 /// resets; never on the request path, which holds `Arc<TenantState>` from its snapshot.
 #[derive(Debug, Default)]
 pub struct StateRegistry {
     tenants: Mutex<HashMap<String, Arc<TenantState>>>,
+    /// Apart from the tenants: a tenant's `index` is its fair-scheduler queue, and these are
+    /// no tenants. Their ids hold `/` or `:`, which no tenant id does.
+    contracts: Mutex<HashMap<String, Arc<TenantState>>>,
+}
+
+/// Whether a saved or registered id is a route's or group's contract, not a tenant's.
+fn is_contract_id(id: &str) -> bool {
+    id.contains(['/', ':'])
 }
 
 impl StateRegistry {
@@ -214,21 +223,36 @@ impl StateRegistry {
             .clone()
     }
 
+    /// The state of the route or group contract `id` (`TENANT/ROUTE`, `group:GROUP`), created
+    /// empty on first use.
+    pub fn get_or_create_contract(&self, id: &str) -> Arc<TenantState> {
+        debug_assert!(is_contract_id(id), "contract ids hold '/' or ':'");
+        let mut map = self.contracts.lock().expect("state registry lock not poisoned");
+        map.entry(id.to_string()).or_default().clone()
+    }
+
     /// Every tenant's state, by id (for background work; takes the registry lock once).
     pub fn all(&self) -> Vec<(String, Arc<TenantState>)> {
         let map = self.tenants.lock().expect("state registry lock not poisoned");
         map.iter().map(|(id, s)| (id.clone(), s.clone())).collect()
     }
 
-    /// A copy of all counters, for persistence.
+    /// Every route and group contract's state, by contract id.
+    pub fn all_contracts(&self) -> Vec<(String, Arc<TenantState>)> {
+        let map = self.contracts.lock().expect("state registry lock not poisoned");
+        map.iter().map(|(id, s)| (id.clone(), s.clone())).collect()
+    }
+
+    /// A copy of all counters, for persistence (route and group contracts under their ids).
     pub fn snapshot(&self) -> SavedState {
-        let map = self.tenants.lock().expect("state registry lock not poisoned");
-        let tenants = map
-            .iter()
+        let tenants = self
+            .all()
+            .into_iter()
+            .chain(self.all_contracts())
             .map(|(id, s)| {
                 let (day, daily) = s.daily.load();
                 let (month, monthly) = s.monthly.load();
-                (id.clone(), SavedCounters { day, daily, month, monthly })
+                (id, SavedCounters { day, daily, month, monthly })
             })
             .collect();
         SavedState { version: 1, tenants }
@@ -237,7 +261,7 @@ impl StateRegistry {
     /// Loads counters saved earlier (before any traffic).
     pub fn restore(&self, saved: &SavedState) {
         for (id, c) in &saved.tenants {
-            let s = self.get_or_create(id);
+            let s = if is_contract_id(id) { self.get_or_create_contract(id) } else { self.get_or_create(id) };
             s.daily.set(c.day, c.daily);
             s.monthly.set(c.month, c.monthly);
         }
@@ -263,6 +287,22 @@ mod tests {
         assert_eq!(c.get(8), 1, "a refund from yesterday does not touch today");
         assert_eq!(c.try_add(7, 1, Some(5), Mode::Enforce), Ok(2), "a late request from yesterday is charged to today");
         assert_eq!(c.get(8), 2, "and never moves the counter back");
+    }
+
+    #[test]
+    fn route_and_group_counters_are_saved_and_restored_apart_from_the_tenants() {
+        let reg = StateRegistry::default();
+        reg.get_or_create("bank-a").daily.set(7, 3);
+        reg.get_or_create_contract("bank-a/score").daily.set(7, 2);
+        reg.get_or_create_contract("group:kb").monthly.set(9, 5);
+        let saved = reg.snapshot();
+        assert_eq!(saved.tenants.len(), 3);
+        let back = StateRegistry::default();
+        back.restore(&saved);
+        assert_eq!(back.all().len(), 1, "only bank-a is a tenant (a scheduler queue)");
+        assert_eq!(back.get_or_create_contract("bank-a/score").daily.get(7), 2);
+        assert_eq!(back.get_or_create_contract("group:kb").monthly.get(9), 5);
+        assert_eq!(back.get_or_create("bank-a").daily.get(7), 3);
     }
 
     #[test]

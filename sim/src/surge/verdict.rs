@@ -238,7 +238,7 @@ pub fn checks(s: &Scenario, runs: &[Replay], patient: Option<&Replay>) -> Vec<Ch
                 Mark::of(a.reject_p99_ms() < 50.0),
             ));
         }
-        Kind::Impatient => {
+        Kind::Impatient | Kind::Priorities => {
             out.push(max_in_flight(g));
             out.push(kept_999("", &q));
             match patient {
@@ -261,7 +261,17 @@ pub fn checks(s: &Scenario, runs: &[Replay], patient: Option<&Replay>) -> Vec<Ch
                     out.push(check("quiet p99 surge / calm, against patient's", "patient run", "missing", Mark::Fail))
                 }
             }
-            out.push(charges_match_service(s, g));
+            if s.kind == Kind::Impatient {
+                out.push(charges_match_service(s, g));
+            } else {
+                let goodput = goodputs(s, g).iter().sum::<f64>();
+                out.push(check(
+                    "batch goodput / capacity the interactive look-ups leave",
+                    format!(">= 90% of {leftover:.0} req/s"),
+                    format!("{:.1}% ({goodput:.0} req/s)", 100.0 * goodput / leftover),
+                    Mark::of(goodput >= 0.9 * leftover),
+                ));
+            }
         }
         Kind::TooHigh => {
             let cap = workers * 5 / 4;
@@ -329,7 +339,7 @@ pub fn checks(s: &Scenario, runs: &[Replay], patient: Option<&Replay>) -> Vec<Ch
             }
             out.push(settled_info(s, g));
         }
-        Kind::FewerWorkers => {
+        Kind::FewerWorkers | Kind::PrioritiesFewer => {
             let (at, fewer) = s
                 .changes
                 .iter()
@@ -350,6 +360,15 @@ pub fn checks(s: &Scenario, runs: &[Replay], patient: Option<&Replay>) -> Vec<Ch
                 Mark::of(g.settled.p95_in_flight <= cap as i64),
             ));
             out.push(kept_999("", &q));
+            if s.kind == Kind::PrioritiesFewer {
+                let goodput = goodputs(s, g).iter().sum::<f64>();
+                out.push(check(
+                    "batch goodput through the cut",
+                    "(absorbs the cut)",
+                    format!("{goodput:.0} req/s"),
+                    Mark::Info,
+                ));
+            }
         }
         Kind::ManyTenants => {
             out.extend(many_tenants(s, g, ""));

@@ -21,6 +21,7 @@ fn replicas_split_the_budget_without_exceeding_it() {
     assert_eq!(sched.limit(), 20);
 }
 use crate::bureau::adaptive::AdaptiveConfig;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
@@ -30,7 +31,7 @@ use tokio::sync::mpsc;
 const HOUR: Duration = Duration::from_secs(3600);
 
 fn ask(tenant: usize, weight: u32) -> Ask {
-    Ask { tenant, weight, cost: 1, max_queue: 100_000, deadline: Instant::now() + HOUR }
+    Ask { tenant, weight, cost: 1, max_queue: 100_000, deadline: Instant::now() + HOUR, level: 0 }
 }
 
 type Acquire = Pin<Box<dyn Future<Output = Result<Permit, Shed>> + Send>>;
@@ -242,7 +243,14 @@ async fn surging_tenant_does_not_delay_others_and_still_gets_the_spare_capacity(
             let service = Duration::from_millis(rng.u64(30..=70));
             tasks.push(tokio::spawn(async move {
                 let arrived = Instant::now();
-                let a = Ask { tenant, weight: 1, cost: 1, max_queue: 100, deadline: arrived + Duration::from_secs(1) };
+                let a = Ask {
+                    tenant,
+                    weight: 1,
+                    cost: 1,
+                    max_queue: 100,
+                    deadline: arrived + Duration::from_secs(1),
+                    level: 0,
+                };
                 match sched.acquire(a).await {
                     Ok(permit) => {
                         {
@@ -362,7 +370,7 @@ async fn sparse_entry_left_by_a_cancelled_waiter_is_not_granted_twice() {
     let mut back = acquire_boxed(&sched, ask(1, 1));
     let mut other = acquire_boxed(&sched, ask(2, 1));
     assert!(poll_once(&mut back).is_pending() && poll_once(&mut other).is_pending());
-    assert_eq!(sched.lock().sparse.len(), 2, "the returning tenant kept its one entry");
+    assert_eq!(sched.lock().levels[0].sparse.len(), 2, "the returning tenant kept its one entry");
     drop(hold);
     let Poll::Ready(Ok(p)) = poll_once(&mut back) else { panic!("returning sparse tenant not served first") };
     assert!(poll_once(&mut other).is_pending());
@@ -401,7 +409,14 @@ async fn after_the_limit_shrinks_tenants_within_their_share_keep_priority() {
 
             tasks.push(tokio::spawn(async move {
                 let arrived = Instant::now();
-                let a = Ask { tenant, weight: 1, cost: 1, max_queue: 50, deadline: arrived + Duration::from_secs(1) };
+                let a = Ask {
+                    tenant,
+                    weight: 1,
+                    cost: 1,
+                    max_queue: 50,
+                    deadline: arrived + Duration::from_secs(1),
+                    level: 0,
+                };
                 let Ok(permit) = sched.acquire(a).await else { return };
                 let at = Instant::now() - start;
                 if at >= Duration::from_millis(1500) && at < Duration::from_millis(4000) {
@@ -650,7 +665,7 @@ async fn slot_bounced_by_a_closed_receiver_goes_to_the_next_waiter() {
     {
         let mut st = sched.lock();
         let (tx, rx) = oneshot::channel();
-        st.push(&ask(1, 1), tx);
+        st.levels[0].push(&ask(1, 1), tx);
         sched.waiting.fetch_add(1, Ordering::SeqCst);
         drop(rx);
     }
@@ -739,6 +754,17 @@ async fn random_operations_keep_the_invariants() {
 async fn random_model(seed: u64) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let sched = Scheduler::new(rng.usize(1..4));
+    // Odd seeds split the budget into two priority levels (slot 2 is not in use: served as
+    // the least important level).
+    let split = seed % 2 == 1;
+    if split {
+        let spec = |rng: &mut fastrand::Rng| LevelSpec {
+            share: rng.u32(1..4),
+            lendable: rng.f64(),
+            borrow: rng.bool().then(|| rng.f64() * 2.0),
+        };
+        sched.set_levels(LevelTable::new(&[(0, spec(&mut rng)), (1, spec(&mut rng))]).expect("two levels"));
+    }
     let mut held: Vec<Permit> = Vec::new();
     // (tenant, creation index, future)
     let mut pending: Vec<(usize, usize, Acquire)> = Vec::new();
@@ -755,6 +781,7 @@ async fn random_model(seed: u64) {
                     cost: rng.u32(1..4),
                     max_queue: rng.usize(0..6),
                     deadline: Instant::now() + Duration::from_millis(rng.u64(0..50)),
+                    level: if split { rng.usize(0..3) } else { 0 },
                 };
                 let queued_before = sched.queued(tenant);
                 let mut f = acquire_boxed(&sched, a);
@@ -767,7 +794,8 @@ async fn random_model(seed: u64) {
                             assert!(queued_before >= a.max_queue, "{}: shed below the bound", ctx(step));
                         }
                     }
-                    Poll::Pending => pending.push((tenant, created, f)),
+                    // FIFO holds per tenant within a level (slot 2 is served as level 1).
+                    Poll::Pending => pending.push((tenant + 100 * a.level.min(1), created, f)),
                 }
             }
             4 | 5 if !held.is_empty() => {
@@ -796,9 +824,12 @@ async fn random_model(seed: u64) {
         // No slot leaks and none is invented: every counted slot is a permit we hold.
         assert_eq!(sched.in_flight(), held.len(), "{}", ctx(step));
         assert_eq!(sched.queued_total(), pending.len(), "{}", ctx(step));
-        // Work conservation: nobody waits while a slot is free.
-        if sched.queued_total() > 0 {
-            assert!(sched.in_flight() >= sched.limit(), "{}: idle slot with waiters", ctx(step));
+        // Work conservation: nobody waits while a slot is free (with levels: that a waiting
+        // level may take; a level may keep back what it does not lend, or cap its borrowing).
+        if sched.queued_total() > 0 && sched.in_flight() < sched.limit() {
+            let (table, held_by_level) = (sched.levels(), sched.held_by_level());
+            let free_for = sched.lock().level_for(&table, &held_by_level, sched.in_flight() + 1, sched.limit());
+            assert!(split && free_for.is_none(), "{}: idle slot with waiters (level {free_for:?})", ctx(step));
         }
         // The limit is never exceeded by a grant (only by lowering it).
         if held.len() > granted_before {
@@ -823,8 +854,19 @@ async fn random_model(seed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_holds_under_concurrency_with_random_cancellations() {
     const LIMIT: usize = 6;
-    for seed in 0..4u64 {
+    for seed in 0..6u64 {
         let sched = Scheduler::new(LIMIT);
+        // Seeds 4 and 5 split the budget into two levels, one lending half and one capped.
+        let split = seed >= 4;
+        if split {
+            sched.set_levels(
+                LevelTable::new(&[
+                    (0, LevelSpec { share: 2, lendable: 0.5, borrow: None }),
+                    (1, LevelSpec { share: 1, lendable: 1.0, borrow: Some(1.0) }),
+                ])
+                .expect("two levels"),
+            );
+        }
         let using = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let granted = Arc::new(AtomicUsize::new(0));
@@ -843,6 +885,7 @@ async fn limit_holds_under_concurrency_with_random_cancellations() {
                         cost: rng.u32(1..3),
                         max_queue: rng.usize(1..16),
                         deadline: Instant::now() + Duration::from_micros(rng.u64(0..3000)),
+                        level: if split { rng.usize(0..2) } else { 0 },
                     };
                     let give_up = rng.u32(0..40);
                     let permit = tokio::select! {
@@ -935,4 +978,135 @@ async fn yields(n: u32) {
     for _ in 0..n {
         tokio::task::yield_now().await;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_down_probe_gives_no_tenant_more_than_its_share_of_the_withheld_slots() {
+    // A tenant whose calls are all in flight and which asks again as each returns has no
+    // queue, so it looks sparse; during a probe it must not take every slot the probe
+    // withholds from the backlogged tenant, only up to its share of the cruise limit.
+    let sched = Scheduler::new(8);
+    let ctl = Arc::new(AdaptiveLimit::new(AdaptiveConfig::new(4, 64, 8)));
+    sched.set_controller(Some(Arc::clone(&ctl)));
+    let mut held: Vec<Permit> = (0..8).map(|_| grant_now(&sched, ask(2, 1))).collect();
+    let mut surge: Vec<Acquire> = (0..20).map(|_| acquire_boxed(&sched, ask(1, 1))).collect();
+    let mut surge_granted = Vec::new();
+    held.pop();
+    assert_eq!(take_granted(&mut surge, &mut surge_granted), 1, "the surge's rest is in the heap");
+    let probe = ctl.force_phase(Some(6)).expect("the probe changes the limit");
+    sched.set_limit(probe);
+    assert_eq!((sched.limit(), ctl.down_from()), (6, 8));
+
+    // Calls end in the order they started (the bureau's FIFO); each time a slot frees, the
+    // greedy tenant asks once more, keeping what it got.
+    let mut bureau: VecDeque<(usize, Permit)> = held.drain(..).map(|p| (2, p)).collect();
+    bureau.extend(surge_granted.drain(..).map(|p| (1, p)));
+    let mut asking: Vec<Acquire> = Vec::new();
+    for _ in 0..40 {
+        let (_, done) = bureau.pop_front().expect("calls in flight");
+        drop(done);
+        asking.push(acquire_boxed(&sched, ask(0, 1)));
+        let mut granted = Vec::new();
+        take_granted(&mut asking, &mut granted);
+        bureau.extend(granted.drain(..).map(|p| (0, p)));
+        take_granted(&mut surge, &mut granted);
+        bureau.extend(granted.drain(..).map(|p| (1, p)));
+        asking.truncate(1);
+    }
+    assert!(sched.in_flight() <= 8);
+    let holding = |tenant| bureau.iter().filter(|(t, _)| *t == tenant).count();
+    // Its share of the cruise limit among two queueing tenants of equal weight is 4; above
+    // that it only gets what fair queuing under the probe's limit gives it.
+    assert!(holding(0) <= 4, "the greedy tenant holds {} of {} slots", holding(0), bureau.len());
+    assert!(holding(1) >= 2, "the backlogged tenant holds {} of {} slots", holding(1), bureau.len());
+}
+
+fn two_levels(interactive: LevelSpec, batch: LevelSpec) -> LevelTable {
+    LevelTable::new(&[(0, interactive), (1, batch)]).expect("two levels")
+}
+
+fn level_ask(tenant: usize, level: usize) -> Ask {
+    Ask { level, ..ask(tenant, 1) }
+}
+
+const SHARE: fn(u32) -> LevelSpec = |share| LevelSpec { share, lendable: 1.0, borrow: None };
+
+/// A bank's batch pre-screen filled the idle budget; its customers' look-ups then arrive. Each
+/// slot that frees goes to interactive work until it holds its nominal part (6 of 8), and batch
+/// keeps the rest: the counter does not wait behind the pre-screen's backlog.
+#[tokio::test(start_paused = true)]
+async fn interactive_work_gets_its_nominal_part_back_from_a_batch_surge() {
+    let sched = Scheduler::new(8);
+    sched.set_levels(two_levels(SHARE(3), SHARE(1)));
+    // Idle interactive share is lent: batch alone takes all 8.
+    let mut batch: Vec<Permit> = (0..8).map(|_| grant_now(&sched, level_ask(0, 1))).collect();
+    let mut batch_waiting: Vec<Acquire> = (0..50).map(|_| acquire_boxed(&sched, level_ask(0, 1))).collect();
+    let mut interactive_waiting: Vec<Acquire> = (0..6).map(|_| acquire_boxed(&sched, level_ask(0, 0))).collect();
+    let (mut interactive, mut more_batch) = (Vec::new(), Vec::new());
+    assert_eq!(take_granted(&mut interactive_waiting, &mut interactive), 0);
+    assert_eq!(take_granted(&mut batch_waiting, &mut more_batch), 0);
+    // Each batch call that ends frees a slot for the interactive requests first.
+    for i in 1..=6 {
+        drop(batch.remove(0));
+        assert_eq!(take_granted(&mut interactive_waiting, &mut interactive), 1, "release {i}");
+        assert_eq!(take_granted(&mut batch_waiting, &mut more_batch), 0, "release {i}");
+    }
+    // Interactive holds its 6: batch gets the next slots (its nominal 2).
+    drop(batch.remove(0));
+    assert_eq!(take_granted(&mut batch_waiting, &mut more_batch), 1);
+    assert_eq!((sched.level_stats(0).in_flight, sched.level_stats(1).in_flight), (6, 2));
+    assert_eq!((sched.level_stats(0).nominal, sched.level_stats(1).nominal), (6, 2));
+    // Interactive work beyond its part would borrow, but batch is below its nominal part with
+    // waiters: a freed batch slot goes back to batch.
+    let mut extra = vec![acquire_boxed(&sched, level_ask(1, 0))];
+    drop(batch.remove(0));
+    assert_eq!(take_granted(&mut extra, &mut interactive), 0);
+    assert_eq!(take_granted(&mut batch_waiting, &mut more_batch), 1, "batch below its nominal part goes first");
+    // An interactive call that ends goes to interactive work again.
+    drop(interactive.remove(0));
+    assert_eq!(take_granted(&mut extra, &mut interactive), 1);
+    assert_eq!((sched.level_stats(0).in_flight, sched.level_stats(1).in_flight), (6, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_level_keeps_back_what_it_does_not_lend_and_borrows_within_its_cap() {
+    // Interactive lends half of its 6; batch alone gets 8 - 3 = 5.
+    let sched = Scheduler::new(8);
+    sched.set_levels(two_levels(LevelSpec { share: 3, lendable: 0.5, borrow: None }, SHARE(1)));
+    let mut waiting: Vec<Acquire> = (0..20).map(|_| acquire_boxed(&sched, level_ask(0, 1))).collect();
+    let mut granted = Vec::new();
+    assert_eq!(take_granted(&mut waiting, &mut granted), 5);
+    // Interactive arrives: served at once from what it kept back.
+    let mut counter: Vec<Acquire> = (0..3).map(|_| acquire_boxed(&sched, level_ask(1, 0))).collect();
+    assert_eq!(take_granted(&mut counter, &mut Vec::new()), 3);
+    drop(granted);
+
+    // Batch may borrow at most its own nominal part again (borrow 1.0: 2 + 2).
+    let sched = Scheduler::new(8);
+    sched.set_levels(two_levels(SHARE(3), LevelSpec { share: 1, lendable: 1.0, borrow: Some(1.0) }));
+    let mut waiting: Vec<Acquire> = (0..20).map(|_| acquire_boxed(&sched, level_ask(0, 1))).collect();
+    let mut granted = Vec::new();
+    assert_eq!(take_granted(&mut waiting, &mut granted), 4);
+    assert_eq!(sched.in_flight(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_all_queues_are_full_batch_makes_room_for_interactive() {
+    let sched = Scheduler::new(1);
+    sched.set_levels(two_levels(SHARE(1), SHARE(1)));
+    sched.set_max_waiting(4);
+    let _hold = grant_now(&sched, level_ask(0, 0));
+    let mut batch: Vec<Acquire> = (0..2).map(|_| acquire_boxed(&sched, level_ask(1, 1))).collect();
+    let mut interactive: Vec<Acquire> = (0..2).map(|_| acquire_boxed(&sched, level_ask(0, 0))).collect();
+    assert!(batch.iter_mut().chain(interactive.iter_mut()).all(|w| poll_once(w).is_pending()));
+    // A fifth waiter, interactive: the batch queue (shorter than the interactive one) makes room.
+    let mut one_more = acquire_boxed(&sched, level_ask(0, 0));
+    assert!(poll_once(&mut one_more).is_pending());
+    let Poll::Ready(Err(shed)) = poll_once(&mut batch[1]) else { panic!("batch's newest waiter was not shed") };
+    assert_eq!(shed.reason, ShedReason::QueueFullTotal);
+    // A batch arrival now finds no level below its own to make room: refused.
+    let Poll::Ready(Err(shed)) = poll_once(&mut acquire_boxed(&sched, level_ask(2, 1))) else {
+        panic!("a batch arrival displaced interactive work")
+    };
+    assert_eq!(shed.reason, ShedReason::QueueFullTotal);
 }

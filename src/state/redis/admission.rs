@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use super::metrics::Limit;
 use super::{Budget, DENY_HOLD, FAILED_CALL_HOLD, Got, QUOTA_DENY_HOLD, RedisState, WINDOW_GRACE_S};
+use crate::admission::contract::Contract;
 use crate::admission::quota::{Reservation, Source, Windows};
 use crate::admission::ratelimit::{InFlightGuard, RateDecision, RatePolicy, in_flight_refusal, now_ns};
-use crate::admission::tenant::Tenant;
 use crate::admission::verdict::{Mode, Verdict};
 use crate::respond::ProxyError;
 use crate::state::TenantState;
@@ -41,7 +41,7 @@ impl RedisState {
     pub async fn rate(
         self: &Arc<Self>,
         budget: &mut Budget,
-        tenant: &Arc<Tenant>,
+        tenant: &Arc<Contract>,
         policy: &RatePolicy,
         cost: u32,
     ) -> Result<RateDecision, ProxyError> {
@@ -76,7 +76,19 @@ impl RedisState {
         }
     }
 
-    pub(super) fn refill_rate(self: &Arc<Self>, tenant: &Arc<Tenant>, policy: &RatePolicy, cost: u64) {
+    /// Gives back `cost` tokens an allowed rate decision took, for a request another limit
+    /// refused: to the leased pool (they are this replica's to spend), or while Redis is down
+    /// to the local share's bucket that decided then.
+    pub fn refund_rate(&self, tenant: &Contract, policy: &RatePolicy, cost: u32) {
+        if self.is_up() {
+            tenant.state.leases().rate.avail.put(0, u64::from(cost.max(1)));
+        } else {
+            let share = RatePolicy::new(policy.rate / self.replicas() as f64, policy.burst);
+            share.refund(&tenant.state.rate_tat, cost);
+        }
+    }
+
+    pub(super) fn refill_rate(self: &Arc<Self>, tenant: &Arc<Contract>, policy: &RatePolicy, cost: u64) {
         let (this, id, state, policy) = (self.clone(), tenant.id.clone(), tenant.state.clone(), *policy);
         let period = self.settings.lease;
         self.spawn_refill(&tenant.state, |s| &s.leases().rate, async move {
@@ -115,7 +127,7 @@ impl RedisState {
     pub async fn in_flight(
         self: &Arc<Self>,
         budget: &mut Budget,
-        tenant: &Arc<Tenant>,
+        tenant: &Arc<Contract>,
         max: u32,
         guard: InFlightGuard,
     ) -> Result<Verdict<InFlightGuard>, ProxyError> {
@@ -151,7 +163,7 @@ impl RedisState {
         })
     }
 
-    pub(super) fn refill_in_flight(self: &Arc<Self>, tenant: &Arc<Tenant>, max: u32) {
+    pub(super) fn refill_in_flight(self: &Arc<Self>, tenant: &Arc<Contract>, max: u32) {
         let (this, id, state) = (self.clone(), tenant.id.clone(), tenant.state.clone());
         let (period, ttl) = (self.settings.lease, self.settings.lease_ttl);
         self.spawn_refill(&tenant.state, |s| &s.leases().in_flight, async move {
@@ -187,7 +199,7 @@ impl RedisState {
     pub async fn reserve(
         self: &Arc<Self>,
         budget: &mut Budget,
-        tenant: &Arc<Tenant>,
+        tenant: &Arc<Contract>,
         w: &Windows,
         now_unix_s: i64,
     ) -> Result<Verdict<Reservation>, ProxyError> {
@@ -224,7 +236,7 @@ impl RedisState {
     pub(super) async fn take_quota(
         self: &Arc<Self>,
         budget: &mut Budget,
-        tenant: &Arc<Tenant>,
+        tenant: &Arc<Contract>,
         period: Period,
         w: &Windows,
         limit: u64,
@@ -280,7 +292,7 @@ impl RedisState {
 
     pub(super) fn refill_quota(
         self: &Arc<Self>,
-        tenant: &Arc<Tenant>,
+        tenant: &Arc<Contract>,
         period: Period,
         window: u32,
         limit: u64,

@@ -9,8 +9,8 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use super::{RedisState, TICK_CONCURRENCY};
+use crate::admission::contract::Contract;
 use crate::admission::quota::Windows;
-use crate::admission::tenant::Tenant;
 use crate::state::TenantState;
 
 /// A heartbeat at start-up, or one of the renewals after it.
@@ -129,12 +129,13 @@ impl RedisState {
         *seen = Some(epoch);
     }
 
-    /// One heartbeat tick: heartbeat, then (while Redis answers) for every tenant: the units
+    /// One heartbeat tick: heartbeat, then (while Redis answers) for every contract (tenants',
+    /// routes', groups'; `tenants` for short below): the units
     /// charged during an outage, in-flight lease renewal, the return of rate tokens that sat
-    /// unused. `retired` are tenants a reload removed: what they hold goes back.
+    /// unused. `retired` are contracts a reload removed: what they hold goes back.
     pub async fn tick(
         &self,
-        tenants: &[Arc<Tenant>],
+        tenants: &[Arc<Contract>],
         retired: &[(String, Arc<TenantState>)],
         w: &Windows,
         now_unix_s: i64,

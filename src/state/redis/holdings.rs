@@ -9,9 +9,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use super::{LEAVE_TIMEOUT, RELEASE_DEADLINE, RedisState, TICK_CONCURRENCY, WINDOW_GRACE_S};
+use crate::admission::contract::Contract;
 use crate::admission::quota::Windows;
 use crate::admission::ratelimit::{RatePolicy, now_ns};
-use crate::admission::tenant::Tenant;
 use crate::state::TenantState;
 use crate::state::lease::PendingSync;
 
@@ -89,7 +89,7 @@ impl RedisState {
 
     /// Rate tokens leased more than two lease periods (or a second) ago and still unused go
     /// back to the shared bucket, where other replicas can use them.
-    pub(super) async fn return_idle_rate(&self, t: &Tenant) {
+    pub(super) async fn return_idle_rate(&self, t: &Contract) {
         let Some(policy) = &t.rate else { return };
         let lease = &t.state.leases().rate;
         let age = Duration::from_nanos(now_ns().saturating_sub(lease.granted_at.load(Ordering::Relaxed)));
@@ -156,7 +156,7 @@ impl RedisState {
     /// in-flight slots expire with the lease, unspent units are lost to the tenant (the safe
     /// side). Leaving is tried either way, on its own short bound, so a Redis that answers
     /// again hands this replica's share of the bureau budget to the others at once.
-    pub async fn release_all(&self, tenants: &[Arc<Tenant>], w: &Windows, now_unix_s: i64) {
+    pub async fn release_all(&self, tenants: &[Arc<Contract>], w: &Windows, now_unix_s: i64) {
         if self.is_up() {
             let release = futures_util::stream::iter(tenants).for_each_concurrent(TICK_CONCURRENCY, |t| async move {
                 if self.is_up() {

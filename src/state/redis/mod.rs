@@ -52,9 +52,9 @@ use prometheus::Registry;
 use redis::FromRedisValue;
 use tokio::time::Instant;
 
+use crate::admission::contract::Contract;
 use crate::admission::quota::Windows;
 use crate::admission::ratelimit::now_ns;
-use crate::admission::tenant::Tenant;
 use crate::bureau::scheduler::Scheduler;
 use crate::config::{FailPolicy, RedisSettings, redact_url};
 use crate::respond::{ErrorKind, ProxyError};
@@ -413,7 +413,7 @@ impl RedisState {
 
     /// Admin reset: the tenant's daily and monthly counts for the current windows start over
     /// for every replica. Returns the counts that were there, or `None` if Redis did not answer.
-    pub async fn reset(&self, t: &Tenant, w: &Windows) -> Option<(u64, u64)> {
+    pub async fn reset(&self, t: &Contract, w: &Windows) -> Option<(u64, u64)> {
         let (day, month) =
             (self.key(&t.id, format_args!("daily:{}", w.day)), self.key(&t.id, format_args!("monthly:{}", w.month)));
         let mut inv = self.scripts.reset.key(day);
@@ -433,9 +433,10 @@ impl RedisState {
         }
     }
 
-    /// Forgets every refusal held from Redis (after a reload: limits may have been raised).
+    /// Forgets every refusal held from Redis (after a reload: limits may have been raised), of
+    /// every contract: tenants', routes' and groups'.
     pub fn forget_denials(&self, tenants: &crate::admission::tenant::TenantTable) {
-        for t in tenants.iter() {
+        for t in tenants.contracts() {
             let l = t.state.leases();
             for lease in [&l.rate, &l.daily, &l.monthly, &l.in_flight] {
                 lease.clear_denial();
@@ -444,7 +445,7 @@ impl RedisState {
     }
 
     /// Quota units leased out in the window across all replicas, as last seen (admin view).
-    pub fn quota_used(&self, t: &Tenant, w: &Windows) -> (u64, u64) {
+    pub fn quota_used(&self, t: &Contract, w: &Windows) -> (u64, u64) {
         let l = t.state.leases();
         (
             l.daily.last_seen.get(w.day).saturating_sub(l.daily.avail.get(w.day)),
