@@ -221,6 +221,10 @@ max_entry_bytes = "8KiB"
 [audit]
 file = "$TMP/audit.jsonl"
 
+# Charges made durable before each call (the usage row's charge wait).
+[usage]
+dir = "$TMP/usage"
+
 # Two priority levels: the credit reports queue as batch, the scores as interactive.
 [[priority]]
 name = "interactive"

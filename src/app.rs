@@ -197,6 +197,7 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
     let persist_task = tokio::spawn(async move {
         tokio::join!(
             persist_loop(shared_for_persist.clone(), store, flush_interval, wait(persist_stopped.clone())),
+            usage_loop(shared_for_persist.clone(), wait(persist_stopped.clone())),
             redis_loop(shared_for_persist, wait(persist_stopped)),
         );
     });
@@ -361,6 +362,44 @@ async fn persist_loop(
                     Err(e) => tracing::error!(error = %e, "quota state writer panicked"),
                 }
             }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Every `usage.flush_interval`: the usage counts to their day files; once a day (and at
+/// start), the days past `usage.retention` deleted. On stop (after the drain): one final flush.
+async fn usage_loop(shared: Arc<Shared>, stop: impl std::future::Future<Output = ()>) {
+    tokio::pin!(stop);
+    let interval = shared.snapshot.load().config.usage.flush_interval;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pruned_on = None;
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            () = &mut stop => true,
+        };
+        let today = crate::usage::day_at(shared.clock.now_unix_ms(), shared.snapshot.load().config.quota.utc_offset);
+        let usage = shared.usage.clone();
+        let prune = pruned_on != Some(today);
+        // File appends and fsync block: off the runtime's worker threads.
+        let result = tokio::task::spawn_blocking(move || {
+            let removed = if prune { usage.prune(today) } else { 0 };
+            usage.flush().map(|()| removed)
+        })
+        .await;
+        match result {
+            Ok(Ok(removed)) => {
+                pruned_on = Some(today);
+                if removed > 0 {
+                    tracing::info!(days = removed, "usage days past usage.retention deleted");
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot write usage; the counts stay in memory and are retried"),
+            Err(e) => tracing::error!(error = %e, "usage writer panicked"),
         }
         if stopping {
             return;

@@ -1,4 +1,4 @@
-//! The `bureau-guard` command line: `serve`, `check`, `reload`; and `mock-bureau`, `demo` with
+//! The `bureau-guard` command line: `serve`, `check`, `reload`, `usage`; and `mock-bureau`, `demo` with
 //! the `tools` feature (see [`crate::tools`]).
 //!
 //! `serve` runs in three phases, as linkerd's main does: parse and validate the config (fail
@@ -49,10 +49,46 @@ pub enum Command {
         #[arg(long, env = "BUREAU_GUARD_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Print a usage statement from a running proxy (`GET /admin/usage`): bureau calls charged,
+    /// look-ups answered without the bureau, refusals, per tenant, route and local day.
+    Usage {
+        /// The proxy's admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9090", env = "BUREAU_GUARD_ADMIN")]
+        admin: String,
+        /// The admin token (`admin.token_sha256` / `token_env` of the running config).
+        #[arg(long, env = "BUREAU_GUARD_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[command(flatten)]
+        query: UsageArgs,
+    },
     // `mock-bureau` and `demo`: the simulation tools, with the `tools` feature (see
     // `crate::tools`); a deployment build answers them with an error naming the feature.
     #[command(flatten)]
     Tools(ToolCommand),
+}
+
+/// What `bureau-guard usage` asks for: a statement (`--from`, `--to`), or the audit records of
+/// one request (`--request-id`).
+#[derive(clap::Args, Debug)]
+pub struct UsageArgs {
+    /// First day, YYYY-MM-DD (the quota's local day, `quota.utc_offset`). With --request-id:
+    /// audit files last written before it are not read.
+    #[arg(long, required_unless_present = "request_id")]
+    from: Option<String>,
+    /// Last day, YYYY-MM-DD, included.
+    #[arg(long, required_unless_present = "request_id")]
+    to: Option<String>,
+    /// Only this tenant.
+    #[arg(long, conflicts_with = "request_id")]
+    tenant: Option<String>,
+    /// CSV with a header row (one row per day, tenant and route) instead of JSON.
+    #[arg(long, conflicts_with = "request_id")]
+    csv: bool,
+    /// Reconciliation: the audit records of this request (bureau-guard's `x-request-id`, the
+    /// id the bureau received) and of the answers that rode on its bureau call, across rotated
+    /// audit files.
+    #[arg(long, conflicts_with = "to")]
+    request_id: Option<String>,
 }
 
 /// Entry point of the binary.
@@ -61,6 +97,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Check { config, diff } => check(&config, diff.as_deref()),
         Command::Reload { admin, token } => reload(&admin, token.as_deref()),
+        Command::Usage { admin, token, query } => usage(&admin, token.as_deref(), &query),
         Command::Serve { config } => serve(&config),
         Command::Tools(tool) => tool.run(),
     }
@@ -175,68 +212,127 @@ fn serve(path: &Path) -> ExitCode {
 }
 
 fn reload(admin: &str, token: Option<&str>) -> ExitCode {
+    let body = match admin_call(http::Method::POST, admin, "/admin/reload", token) {
+        Ok((_, body)) => body,
+        Err(code) => return code,
+    };
+    let Ok(out) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        eprintln!("unexpected answer: {}", String::from_utf8_lossy(&body));
+        return ExitCode::FAILURE;
+    };
+    let list = |key: &str| -> Vec<serde_json::Value> { out[key].as_array().cloned().unwrap_or_default() };
+    if out["result"] == "applied" {
+        let changes = list("changes");
+        println!("reload applied: {} change(s)", changes.len());
+        for c in changes {
+            let restart = if c["needs_restart"] == true { " (needs a restart)" } else { "" };
+            println!("  {}: {}{restart}", c["path"].as_str().unwrap_or(""), c["what"].as_str().unwrap_or(""));
+        }
+        ExitCode::SUCCESS
+    } else {
+        let problems = list("problems");
+        println!("reload rejected: {} problem(s); the running config is unchanged", problems.len());
+        for p in problems {
+            println!("  {}", p.as_str().unwrap_or(""));
+        }
+        ExitCode::FAILURE
+    }
+}
+
+/// `usage`: the statement from a running proxy's `GET /admin/usage`, printed as it came (JSON
+/// or CSV); a 400 (bad date, unknown tenant) printed as the error it is, exit 1.
+fn usage(admin: &str, token: Option<&str>, q: &UsageArgs) -> ExitCode {
+    let enc = |v: &str| percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let path = match (&q.request_id, &q.from, &q.to) {
+        (Some(id), since, _) => {
+            let mut p = format!("/admin/usage/request?id={}", enc(id));
+            if let Some(s) = since {
+                p.push_str(&format!("&since={}", enc(s)));
+            }
+            p
+        }
+        (None, Some(from), Some(to)) => {
+            let mut p = format!("/admin/usage?from={}&to={}", enc(from), enc(to));
+            if let Some(t) = &q.tenant {
+                p.push_str(&format!("&tenant={}", enc(t)));
+            }
+            if q.csv {
+                p.push_str("&format=csv");
+            }
+            p
+        }
+        _ => unreachable!("clap requires --from and --to without --request-id"),
+    };
+    let (status, body) = match admin_call(http::Method::GET, admin, &path, token) {
+        Ok(answer) => answer,
+        Err(code) => return code,
+    };
+    if !status.is_success() {
+        eprintln!("usage: {}", error_message(&body));
+        return ExitCode::FAILURE;
+    }
+    print!("{}", String::from_utf8_lossy(&body));
+    if q.request_id.is_some()
+        && serde_json::from_slice::<serde_json::Value>(&body)
+            .is_ok_and(|v| v["records"].as_array().is_some_and(Vec::is_empty))
+    {
+        eprintln!("\nno audit record of that request in the files read (see scanned, skipped)");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// The `message` of an admin error body, or the body itself.
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(String::from))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
+}
+
+/// One request to the admin listener at `admin` (`path` with its query): its status and body,
+/// or the exit code after saying what went wrong (unreachable 2; token or name refused 1).
+fn admin_call(
+    method: http::Method,
+    admin: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(http::StatusCode, bytes::Bytes), ExitCode> {
     use http_body_util::{BodyExt, Full};
-    let url = format!("{}/admin/reload", admin.trim_end_matches('/'));
+    let url = format!("{}{path}", admin.trim_end_matches('/'));
     runtime().block_on(async {
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-        let mut req = http::Request::post(&url);
+        let mut req = http::Request::builder().method(method).uri(&url);
         if let Some(t) = token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let req = match req.body(Full::new(bytes::Bytes::new())) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("invalid admin URL {admin}: {e}");
-                return ExitCode::from(2);
-            }
-        };
+        let req = req.body(Full::new(bytes::Bytes::new())).map_err(|e| {
+            eprintln!("invalid admin URL {admin}: {e}");
+            ExitCode::from(2)
+        })?;
         let resp = match tokio::time::timeout(Duration::from_secs(30), client.request(req)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 eprintln!("cannot reach {url}: {e}");
-                return ExitCode::from(2);
+                return Err(ExitCode::from(2));
             }
             Err(_) => {
                 eprintln!("no answer from {url} within 30 s");
-                return ExitCode::from(2);
+                return Err(ExitCode::from(2));
             }
         };
         let status = resp.status();
         let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         if status == http::StatusCode::UNAUTHORIZED {
             eprintln!("the admin endpoint refused the token: pass --token or set BUREAU_GUARD_ADMIN_TOKEN");
-            return ExitCode::FAILURE;
+            return Err(ExitCode::FAILURE);
         }
         if status == http::StatusCode::MISDIRECTED_REQUEST || status == http::StatusCode::FORBIDDEN {
             // The admin listener does not know the name in --admin (admin.allowed_hosts).
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["message"].as_str().map(String::from))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            eprintln!("the admin endpoint refused the request ({status}): {message}");
-            return ExitCode::FAILURE;
+            eprintln!("the admin endpoint refused the request ({status}): {}", error_message(&body));
+            return Err(ExitCode::FAILURE);
         }
-        let Ok(out) = serde_json::from_slice::<serde_json::Value>(&body) else {
-            eprintln!("unexpected answer ({status}): {}", String::from_utf8_lossy(&body));
-            return ExitCode::FAILURE;
-        };
-        let list = |key: &str| -> Vec<serde_json::Value> { out[key].as_array().cloned().unwrap_or_default() };
-        if out["result"] == "applied" {
-            let changes = list("changes");
-            println!("reload applied: {} change(s)", changes.len());
-            for c in changes {
-                let restart = if c["needs_restart"] == true { " (needs a restart)" } else { "" };
-                println!("  {}: {}{restart}", c["path"].as_str().unwrap_or(""), c["what"].as_str().unwrap_or(""));
-            }
-            ExitCode::SUCCESS
-        } else {
-            let problems = list("problems");
-            println!("reload rejected: {} problem(s); the running config is unchanged", problems.len());
-            for p in problems {
-                println!("  {}", p.as_str().unwrap_or(""));
-            }
-            ExitCode::FAILURE
-        }
+        Ok((status, body))
     })
 }
 

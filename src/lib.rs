@@ -19,7 +19,8 @@
 //! (TOML → validated config, every problem reported), `runtime` (the compiled config behind
 //! an atomic pointer, and the process's shared state), [`clock`] (the one wall clock,
 //! injectable), [`state`] (live counters, on disk or in
-//! Redis), [`ops`] (admin listener, metrics, reload), [`app`] (bind, run, drain) and [`cli`]
+//! Redis), [`usage`] (statements of what each tenant is billed for, by route and day),
+//! [`ops`] (admin listener, metrics, reload), [`app`] (bind, run, drain) and [`cli`]
 //! (the binary's commands). With the `tools` feature (on by default), `tools` lets
 //! `bureau-sim`'s surge replay drive this proxy (the `demo` command, benchmarks, tests).
 //!
@@ -44,6 +45,7 @@ pub mod state;
 pub mod tls;
 #[cfg(feature = "tools")]
 pub mod tools;
+pub mod usage;
 
 pub use app::{Options, Running};
 pub use config::Config;

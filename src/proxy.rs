@@ -4,8 +4,8 @@
 //! ```text
 //! limits ─▶ tenant ─▶ route ─▶ ratelimit (rate, in-flight) ─▶ body ─▶ cache_key ─▶ cache ──hit──▶ respond
 //!        ─▶ quota (reserve) ─▶ coalesce (join or lead) ─▶ scheduler (a fair share of the bureau)
-//!        ─▶ forward headers ─▶ upstream (quota committed) ─▶ fill cache, fan out
-//!        ─▶ respond (+ stale-if-error, audit, RateLimit fields, metrics, log)
+//!        ─▶ forward headers ─▶ usage charge on disk ─▶ upstream (quota committed) ─▶ fill cache, fan out
+//!        ─▶ respond (+ stale-if-error, audit, usage, RateLimit fields, metrics, log)
 //! ```
 //!
 //! The bureau call itself (breaker, scheduler, headers, upstream, charge) is a stage of its own:
@@ -34,6 +34,7 @@ use crate::respond::{Body, ErrorKind, Outcome, ProxyError, RateLimitState, error
 use crate::runtime::{Shared, Snapshot};
 use crate::server::{ClientAddr, Peer};
 use crate::tls::ClientCert;
+use crate::usage::Column;
 
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -64,6 +65,9 @@ struct Ctx {
     subject: Option<CacheKey>,
     /// An expired entry within `stale_if_error`, to answer with if the bureau fails.
     stale: Option<Arc<Entry>>,
+    /// The request id of the bureau call whose answer this request received without a call of
+    /// its own (cache hit, coalesced; stale from `stale`): the audit's `rode_on`.
+    rode_on: Option<http::HeaderValue>,
 }
 
 impl Proxy {
@@ -98,6 +102,7 @@ impl Proxy {
             windows: None,
             subject: None,
             stale: None,
+            rode_on: None,
         };
 
         let timeout = snap.limits.request_timeout;
@@ -115,6 +120,9 @@ impl Proxy {
             Ok(answer) => answer,
             Err(err) => (error_response(&err, ctx.tenant.as_ref().map(|t| &t.id)), Outcome::Rejected(err.kind)),
         };
+        if outcome == Outcome::Stale {
+            ctx.rode_on = ctx.stale.as_ref().and_then(|e| e.response.fetched_by.clone());
+        }
         // Audit: every answer carrying bureau data, attributed to the tenant that received it.
         if let (Some(audit), Some(tenant)) = (&self.shared.audit, &ctx.tenant)
             && matches!(outcome, Outcome::Bureau | Outcome::CacheHit | Outcome::Coalesced | Outcome::Stale)
@@ -122,19 +130,35 @@ impl Proxy {
             let record = Record {
                 unix_ms: self.shared.clock.now_unix_ms(),
                 tenant: tenant.id.clone(),
-                route: snap
-                    .routes
-                    .get(ctx.route)
-                    .map_or_else(|| Arc::from(snap.cells.route_label(ctx.route)), |r| r.name.clone()),
+                route: snap.route_name(ctx.route),
                 subject: ctx.subject,
                 outcome,
                 status: resp.status().as_u16(),
                 request_id: request_id.id.clone(),
                 client_request_id: request_id.client.clone(),
+                rode_on: ctx.rode_on.take().filter(|_| outcome != Outcome::Bureau),
             };
             if let Err(err) = audit.admit().and_then(|()| audit.record(record)) {
                 resp = error_response(&err, Some(&tenant.id));
                 outcome = Outcome::Rejected(err.kind);
+            }
+        }
+        // Usage: what the tenant received without a bureau call of its own, or was refused
+        // (the bureau calls themselves are counted where they are charged, `bureau/call.rs`).
+        if let Some(tenant) = &ctx.tenant {
+            let column = match outcome {
+                Outcome::CacheHit => Some(Column::CacheHits),
+                Outcome::Coalesced => Some(Column::Coalesced),
+                Outcome::Stale => Some(Column::Stale),
+                Outcome::Rejected(kind) => Some(Column::Refused(kind)),
+                Outcome::Bureau | Outcome::Abandoned => None,
+            };
+            if let Some(column) = column {
+                let day = ctx.windows.map_or_else(
+                    || crate::usage::day_at(self.shared.clock.now_unix_ms(), snap.config.quota.utc_offset),
+                    |w| w.day,
+                );
+                self.shared.usage.record(day, &tenant.id, &snap.route_name(ctx.route), column);
             }
         }
         resp.headers_mut().insert(&X_REQUEST_ID, request_id.id.clone());
@@ -291,6 +315,7 @@ impl Proxy {
         if let (Some(key), Some(_)) = (&key, &policy) {
             match self.shared.cache.lookup(key).await {
                 Lookup::Fresh(entry) => {
+                    ctx.rode_on = entry.response.fetched_by.clone();
                     return Ok((entry.response(tokio::time::Instant::now(), CacheStatus::Hit), Outcome::CacheHit));
                 }
                 Lookup::Stale(entry) => ctx.stale = Some(entry),
@@ -410,7 +435,10 @@ impl Proxy {
                 )
                 .retry_after(1));
             }
-            Role::Follower => (fetched.response(CacheStatus::Coalesced), Outcome::Coalesced),
+            Role::Follower => {
+                ctx.rode_on = fetched.fetched_by.clone();
+                (fetched.response(CacheStatus::Coalesced), Outcome::Coalesced)
+            }
         })
     }
 

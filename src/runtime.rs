@@ -72,6 +72,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The name of route index `route` (a configured route, or `_none` / `_passthrough`).
+    pub fn route_name(&self, route: usize) -> Arc<str> {
+        self.routes.get(route).map_or_else(|| Arc::from(self.cells.route_label(route)), |r| r.name.clone())
+    }
+
     /// Compiles a validated config. Cheap enough to run on every reload; never on the request path.
     /// Live tenant state (counters, rate buckets) comes from `states`; the bureau client (and its
     /// pool of open connections) is kept from `previous` when `[upstream]` did not change.
@@ -170,6 +175,8 @@ pub struct Shared {
     pub random_secret: KeySecret,
     /// Who received which answer, if `[audit] file` is set.
     pub audit: Option<AuditLog>,
+    /// Usage by tenant, route and day, for statements (`usage/`); outlives snapshots.
+    pub usage: Arc<crate::usage::Usage>,
     pub metrics: Metrics,
     pub ids: RequestIds,
     /// False until the listeners are bound, and again once draining starts.
@@ -211,6 +218,7 @@ impl Shared {
             }
             None => None,
         };
+        let usage = Arc::new(crate::usage::Usage::open(&config.usage, metrics.usage_handles())?);
         let cache = Cache::new(config.cache.max_bytes, config.cache.max_entry_bytes, metrics.cache_handles());
         let random_secret = KeySecret::random();
         let idle_s = config.server.header_read_timeout.as_secs().saturating_sub(1).max(1);
@@ -233,6 +241,7 @@ impl Shared {
             config.server.tls.as_ref().map(|t| Arc::new(ArcSwap::from_pointee(crate::tls::Listener::new(t))));
         let handshakes = metrics.handshake_counters();
         metrics.set_certificate_expiry(&config, tls_listener.is_some(), true);
+        crate::ops::series::declare(&metrics, &config, None);
         let trusted_proxies = config.server.trusted_proxies.clone();
         let auth_failures = crate::server::auth_failures::AuthFailures::new(
             config.server.auth_penalty,
@@ -260,6 +269,7 @@ impl Shared {
             breaker,
             random_secret,
             audit,
+            usage,
             metrics,
             ids: RequestIds::default(),
             ready: AtomicBool::new(false),

@@ -25,6 +25,7 @@ use crate::cache::key::CacheKey;
 use crate::cache::store::{self, Fetched};
 use crate::respond::{Body, ErrorKind, Outcome, ProxyError};
 use crate::runtime::{Shared, Snapshot};
+use crate::usage::Column;
 
 /// Who a bureau call is for and where it is recorded: what both the call and its end
 /// ([`Done`]) carry, for metrics and the audit record of an abandoned call.
@@ -92,6 +93,8 @@ pub(crate) struct Done {
     pub(crate) answer: Result<Answer, ProxyError>,
     /// The tenant's quota was charged for it (the bureau took the call).
     charged: bool,
+    /// The local day the call was sent on (its usage day).
+    day: u32,
     who: Attribution,
 }
 
@@ -235,8 +238,8 @@ impl Granted {
         let BureauCall { who, source, cost: _, level: _, deadline, reservation, in_flight: _in_flight } = call;
         let Attribution { shared, snap, tenant, request_id, .. } = &who;
         let upstream = &snap.config.upstream;
-        let called_at = tokio::time::Instant::now();
-        snap.cells.tenant(&shared.metrics, tenant.index).queue_wait.observe((called_at - queued_at).as_secs_f64());
+        let granted_at = tokio::time::Instant::now();
+        snap.cells.tenant(&shared.metrics, tenant.index).queue_wait.observe((granted_at - queued_at).as_secs_f64());
 
         // Forward headers: the bureau learns who asked and which request this is from us alone:
         // no credential, and no identity or forwarding field the bank sent, in any spelling.
@@ -244,6 +247,15 @@ impl Granted {
         if let Some(deadline) = deadline {
             crate::route::deadline::tell_the_bureau(&mut parts.headers, deadline, called_at);
         }
+
+        // The charge is durable before the call leaves (`usage/journal.rs`): a crash from here
+        // on cannot lose a call the bureau bills. The day is the bureau's day for this call.
+        // Before `called_at`: the bureau's latency (the adaptive limit's signal) and the
+        // response timeout count the bureau's time, not the disk's.
+        let day = crate::usage::day_at(shared.clock.now_unix_ms(), snap.config.quota.utc_offset);
+        let route = snap.route_name(who.route);
+        shared.usage.charge(day, &tenant.id, &route).await;
+        let called_at = tokio::time::Instant::now();
 
         // Upstream: the bureau is touched last, and the call runs until it answers (or
         // max_call_time cuts it). Not answering within response_timeout is a failure for the
@@ -279,8 +291,14 @@ impl Granted {
         let charged = reached && !matches!(verdict, Verdict::Refused { .. });
         if charged {
             reservation.commit();
+            snap.cells.tenant(&shared.metrics, tenant.index).charged.inc();
         } else {
             drop(reservation);
+        }
+        // Usage: a call the bureau did not take gives its charge back (and one it refused is
+        // counted as such).
+        if !charged {
+            shared.usage.refund(day, &tenant.id, &route, reached);
         }
         match (ticket, &result) {
             // Never left this process: nothing learned about the bureau.
@@ -336,6 +354,7 @@ impl Granted {
                 Keep::Fetched(store) => {
                     let mut fetched = Fetched::from_response(resp).await;
                     fetched.fetched_for = Some(tenant.id.clone());
+                    fetched.fetched_by = Some(request_id.id.clone());
                     let fetched = Arc::new(fetched);
                     if let Some(s) = store {
                         shared.cache.store(s.ticket, s.key, &fetched, &s.policy, &tenant.id, &s.route).await;
@@ -344,7 +363,7 @@ impl Granted {
                 }
             },
         };
-        Done { answer, charged, who }
+        Done { answer, charged, day, who }
     }
 }
 
@@ -377,17 +396,14 @@ impl Done {
         let who = &self.who;
         let cells = who.snap.cells.tenant(&who.shared.metrics, who.tenant.index);
         cells.abandoned.inc();
+        let route = who.snap.route_name(who.route);
+        who.shared.usage.record(self.day, &who.tenant.id, &route, Column::Abandoned);
         let Some(audit) = &who.shared.audit else { return };
         let status = match &self.answer {
             Ok(Answer::Plain(resp)) => resp.status(),
             Ok(Answer::Fetched(fetched)) => fetched.status,
             Err(e) => e.kind.status(),
         };
-        let route = who
-            .snap
-            .routes
-            .get(who.route)
-            .map_or_else(|| Arc::from(who.snap.cells.route_label(who.route)), |r| r.name.clone());
         let record = Record {
             unix_ms: who.shared.clock.now_unix_ms(),
             tenant: who.tenant.id.clone(),
@@ -397,6 +413,7 @@ impl Done {
             status: status.as_u16(),
             request_id: who.request_id.id.clone(),
             client_request_id: who.request_id.client.clone(),
+            rode_on: None,
         };
         // Nobody to refuse if it cannot be written: the audit log counts its own failures.
         let _ = audit.record(record);

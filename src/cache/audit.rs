@@ -93,6 +93,9 @@ pub struct Record {
     pub request_id: HeaderValue,
     /// The id the client sent (`x-client-request-id`), if valid: the bank's, not ours.
     pub client_request_id: Option<HeaderValue>,
+    /// A cache hit's, stale or coalesced answer's: the request id of the bureau call that
+    /// fetched it (reconciliation: which billed call this answer rode on).
+    pub rode_on: Option<HeaderValue>,
 }
 
 #[derive(Serialize)]
@@ -105,6 +108,8 @@ struct Line<'a> {
     status: u16,
     request_id: &'a str,
     client_request_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rode_on: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -457,6 +462,7 @@ fn write_line(buf: &mut Vec<u8>, r: &Record) {
         status: r.status,
         request_id: r.request_id.to_str().unwrap_or(""),
         client_request_id: r.client_request_id.as_ref().and_then(|v| v.to_str().ok()),
+        rode_on: r.rode_on.as_ref().and_then(|v| v.to_str().ok()),
     };
     serde_json::to_writer(&mut *buf, &line).expect("serializing strings and integers cannot fail");
     buf.push(b'\n');
@@ -488,6 +494,7 @@ mod tests {
             status: 200,
             request_id: HeaderValue::from_str(&format!("req-{n}")).unwrap(),
             client_request_id: None,
+            rode_on: None,
         }
     }
 

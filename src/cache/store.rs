@@ -117,6 +117,9 @@ pub struct Fetched {
     pub received_at: Instant,
     /// The tenant whose request fetched it (set by the proxy), for shared-route fan-out checks.
     pub fetched_for: Option<std::sync::Arc<str>>,
+    /// The request id of the bureau call that fetched it (set by the proxy): the audit records
+    /// of the hits and coalesced answers it gave name it (`rode_on`).
+    pub fetched_by: Option<http::HeaderValue>,
 }
 
 impl Fetched {
@@ -124,7 +127,7 @@ impl Fetched {
     pub fn new(status: StatusCode, mut headers: HeaderMap, body: Bytes) -> Fetched {
         headers.remove(&X_REQUEST_ID);
         headers.remove(&X_TENANT);
-        Fetched { status, headers, body, received_at: Instant::now(), fetched_for: None }
+        Fetched { status, headers, body, received_at: Instant::now(), fetched_for: None, fetched_by: None }
     }
 
     /// A buffered response from `bureau/upstream.rs` (its body is already in memory), received now.

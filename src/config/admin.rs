@@ -16,7 +16,16 @@ pub struct AdminConfig {
     /// `admin.allowed_hosts`: names (`host` or `host:port`, lower case) that `/admin/*` answers
     /// to besides the listen address and localhost, 127.0.0.1 and [::1] at its port.
     pub allowed_hosts: Vec<String>,
+    /// `admin.zero_series_max_tenants`: with at most this many tenants, every per-tenant series
+    /// the dashboard reads is exported at 0 from the start (`ops/series.rs`); above it, a
+    /// tenant's series appear with its first event.
+    pub zero_series_max_tenants: usize,
 }
+
+/// Tenants whose series are all exported from the start, by default: 31 + 21 per route each
+/// (`ops/series.rs`), so 1,000 tenants with 4 routes is ~115k lines, which one Prometheus
+/// scrapes comfortably.
+pub const ZERO_SERIES_MAX_TENANTS: usize = 1_000;
 
 /// How `/admin/*` requests are authorized.
 #[derive(Clone, PartialEq, Eq)]
@@ -53,6 +62,7 @@ pub(super) struct RawAdmin {
     token_env: Option<String>,
     insecure_no_token: Option<bool>,
     allowed_hosts: Option<Vec<String>>,
+    zero_series_max_tenants: Option<i64>,
 }
 
 pub(super) fn validate(p: &mut Problems, a: &RawAdmin, env: &dyn Fn(&str) -> Option<String>) -> AdminConfig {
@@ -107,5 +117,13 @@ pub(super) fn validate(p: &mut Problems, a: &RawAdmin, env: &dyn Fn(&str) -> Opt
             ok.then(|| h.to_ascii_lowercase())
         })
         .collect();
-    AdminConfig { listen: p.addr("admin.listen", a.listen.as_deref(), defaults::ADMIN_LISTEN), auth, allowed_hosts }
+    let zero_series_max_tenants = p
+        .in_range("admin.zero_series_max_tenants", a.zero_series_max_tenants, 0..=1_000_000)
+        .map_or(ZERO_SERIES_MAX_TENANTS, |n| n as usize);
+    AdminConfig {
+        listen: p.addr("admin.listen", a.listen.as_deref(), defaults::ADMIN_LISTEN),
+        auth,
+        allowed_hosts,
+        zero_series_max_tenants,
+    }
 }

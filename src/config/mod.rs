@@ -29,6 +29,7 @@ mod tenants;
 #[cfg(test)]
 mod tests;
 mod upstream;
+mod usage;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -53,6 +54,7 @@ pub use server::ServerConfig;
 pub use state::{FailPolicy, RedisSettings, RedisTls, StateBackend, StateConfig, redact_url};
 pub use tenants::{DryRun, RouteLimits, TenantConfig, TenantLimits};
 pub use upstream::{AdaptiveSettings, BreakerSettings, UpstreamConfig};
+pub use usage::UsageConfig;
 
 /// Defaults, each with the reason it is what it is.
 pub mod defaults {
@@ -201,6 +203,7 @@ pub struct Config {
     pub state: StateConfig,
     pub cache: CacheConfig,
     pub audit: AuditConfig,
+    pub usage: UsageConfig,
     pub routes: Vec<RouteConfig>,
     pub tenants: Vec<TenantConfig>,
     /// Affiliated tenants under one contract (`[[groups]]`).
@@ -269,6 +272,8 @@ struct RawConfig {
     cache: cache::RawCache,
     #[serde(default)]
     audit: audit::RawAudit,
+    #[serde(default)]
+    usage: usage::RawUsage,
     #[serde(default)]
     routes: Vec<routes::RawRoute>,
     #[serde(default)]
@@ -377,6 +382,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let state = state::validate(&mut p, &raw.state, env);
     let cache = cache::validate(&mut p, &raw.cache, env);
     let audit = audit::validate(&mut p, &raw.audit);
+    let usage = usage::validate(&mut p, &raw.usage);
 
     let routes = routes::validate(&mut p, &raw.routes);
     if routes.is_empty() && !server.pass_unmatched && raw.routes.is_empty() {
@@ -399,7 +405,21 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let priority = priority::resolve(&mut p, levels, &route_levels, &tenant_levels);
 
     if p.0.is_empty() {
-        Ok(Config { server, admin, upstream, log, quota, state, cache, audit, routes, tenants, groups, priority })
+        Ok(Config {
+            server,
+            admin,
+            upstream,
+            log,
+            quota,
+            state,
+            cache,
+            audit,
+            usage,
+            routes,
+            tenants,
+            groups,
+            priority,
+        })
     } else {
         Err(ConfigError { problems: p.0 })
     }

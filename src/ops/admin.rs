@@ -7,6 +7,8 @@
 //! | `GET /readyz` | 200 while serving, 503 before start and while draining |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /admin/tenants` | every tenant's limits and live usage, JSON |
+//! | `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD[&tenant=ID][&format=csv\|json]` | usage statement by tenant, route and day (token) |
+//! | `GET /admin/usage/request?id=ID[&since=YYYY-MM-DD]` | the audit records of one request and of the answers that rode on its bureau call (token) |
 //! | `POST /admin/tenants/{id}/reset` | zero a tenant's daily and monthly counters, its routes' too (token) |
 //! | `POST /admin/reload` | re-read and apply the config file (token); 200 applied, 422 rejected |
 //! | `POST /admin/cache/purge[?tenant=ID\|?route=NAME]` | drop cached answers: a tenant's, a route's, or all (token) |
@@ -98,6 +100,100 @@ impl Admin {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &serde_json::json!({"result": "rejected", "changes": [], "problems": ["the reload task failed; the running config is unchanged"]}),
             ),
+        }
+    }
+
+    /// `GET /admin/usage`: a usage statement (see `usage/`); 400 for a bad query or a tenant
+    /// neither configured nor in the statement's days.
+    async fn usage(self, req: Request<Incoming>) -> Response<Body> {
+        use crate::usage::query::{self, Format};
+        let bad = |message: String| {
+            json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "bad_request", "message": message}))
+        };
+        let usage = self.shared.usage.clone();
+        let q = match query::parse(req.uri().query().unwrap_or(""), usage.retention_days()) {
+            Ok(q) => q,
+            Err(message) => return bad(message),
+        };
+        let snap = self.shared.snapshot.load_full();
+        let (from, to, tenant) = (q.from, q.to, q.tenant.clone());
+        // File reads (and the flush before them) block: off the async workers.
+        let rows = match tokio::task::spawn_blocking(move || usage.rows(from, to, tenant.as_deref())).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read usage");
+                return json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": "usage_unavailable", "message": "the usage files could not be read; see the proxy's log"}),
+                );
+            }
+            Err(_) => {
+                return json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "usage_unavailable"}));
+            }
+        };
+        let configured: Vec<String> = match &q.tenant {
+            Some(t) => snap.tenants.by_id(t).map(|_| t.clone()).into_iter().collect(),
+            None => snap.tenants.iter().map(|t| t.id.to_string()).collect(),
+        };
+        if let Some(t) = &q.tenant
+            && configured.is_empty()
+            && rows.is_empty()
+        {
+            return bad(format!("unknown tenant {t:?}: not in the running config and no usage in these days"));
+        }
+        match q.format {
+            Format::Csv => {
+                let mut resp = Response::new(Full::new(Bytes::from(crate::usage::statement::csv(&rows))));
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8; header=present"));
+                resp
+            }
+            Format::Json => json(
+                StatusCode::OK,
+                &crate::usage::statement::statement(q.from, q.to, snap.config.quota.utc_offset, &configured, &rows),
+            ),
+        }
+    }
+
+    /// `GET /admin/usage/request?id=ID[&since=YYYY-MM-DD]`: the audit records of one request and
+    /// of the answers that rode on its bureau call, across rotated audit files (`usage/reconcile.rs`).
+    async fn usage_request(self, req: Request<Incoming>) -> Response<Body> {
+        let bad = |message: String| {
+            json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "bad_request", "message": message}))
+        };
+        let snap = self.shared.snapshot.load_full();
+        let Some(audit) = snap.config.audit.file.clone() else {
+            return bad("no audit.file in the running config: there are no records to search".into());
+        };
+        let (mut id, mut since) = (None, None);
+        for pair in req.uri().query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let decoded =
+                pair.split_once('=').map(|(k, v)| (k, percent_encoding::percent_decode_str(v).decode_utf8_lossy()));
+            match decoded.as_ref().map(|(k, v)| (*k, v.as_ref())) {
+                Some(("id", v)) if crate::usage::reconcile::valid_id(v) => id = Some(v.to_string()),
+                Some(("id", _)) => return bad("id: a request id is 1-128 of A-Za-z0-9-_.:".into()),
+                Some(("since", v)) => match chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d") {
+                    Ok(d) => {
+                        let day = i64::from(crate::usage::store::day_of_date(d));
+                        let offset = i64::from(snap.config.quota.utc_offset.local_minus_utc());
+                        since = Some((day * 86_400 - offset) * 1000);
+                    }
+                    Err(_) => return bad(format!("since: {v:?} is not a date; use YYYY-MM-DD")),
+                },
+                _ => return bad("use ?id=REQUEST_ID[&since=YYYY-MM-DD]".into()),
+            }
+        }
+        let Some(id) = id else { return bad("id is required".into()) };
+        match tokio::task::spawn_blocking(move || crate::usage::reconcile::find(&audit, &id, since)).await {
+            Ok(Ok(found)) => json(StatusCode::OK, &found),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read the audit log");
+                json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": "audit_unreadable", "message": "the audit files could not be read; see the proxy's log"}),
+                )
+            }
+            Err(_) => json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "audit_unreadable"})),
         }
     }
 
@@ -463,6 +559,12 @@ impl Admin {
         }
         if req.method() == Method::POST && req.uri().path() == "/admin/reload" {
             return self.reload(req).await;
+        }
+        if req.method() == Method::GET && req.uri().path() == "/admin/usage" {
+            return self.usage(req).await;
+        }
+        if req.method() == Method::GET && req.uri().path() == "/admin/usage/request" {
+            return self.usage_request(req).await;
         }
         if req.method() == Method::POST && req.uri().path() == "/admin/cache/purge" {
             return self.purge(req).await;

@@ -57,6 +57,12 @@ pub struct Metrics {
     pub bureau_duration_seconds: Histogram,
     /// Bureau calls whose every requester had gone before the answer arrived, by tenant.
     pub bureau_calls_abandoned_total: IntCounterVec,
+    /// Bureau calls charged (the bureau took them), by tenant: the usage statement's column.
+    pub bureau_calls_charged_total: IntCounterVec,
+    /// Time a bureau call waited for its charge to be on disk (`usage/journal.rs`).
+    pub usage_charge_seconds: Histogram,
+    /// Usage writes (charges, flushes) that failed: counted in memory and retried.
+    pub usage_write_errors_total: IntCounter,
     /// Bureau calls cut after `upstream.max_call_time` (slot freed while the bureau may still work).
     pub bureau_calls_cut_total: IntCounter,
     /// 0 closed, 1 open, 2 half-open.
@@ -228,6 +234,30 @@ impl Metrics {
                  they kept their bureau slot and their quota charge to the end, and their answer was still cached.",
             ),
             &["tenant"],
+        )
+        .expect("valid metric");
+        let bureau_calls_charged_total = IntCounterVec::new(
+            Opts::new(
+                "bureau_guard_bureau_calls_charged_total",
+                "Bureau calls the bureau took and the tenant was charged for (its refusals and unreachable calls \
+                 not): what the bureau bills, the usage statement's bureau_calls.",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        let usage_charge_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "bureau_guard_usage_charge_seconds",
+                "Time a bureau call waited, before it was sent, for its usage charge to be written and synced \
+                 (group commit; with usage.dir only).",
+            )
+            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1]),
+        )
+        .expect("valid metric");
+        let usage_write_errors_total = IntCounter::new(
+            "bureau_guard_usage_write_errors_total",
+            "Usage writes (a call's charge, a flush) that failed: the counts stay in memory and are written with \
+             the next flush; until then a crash would lose them.",
         )
         .expect("valid metric");
         let bureau_calls_cut_total = IntCounter::new(
@@ -425,6 +455,9 @@ impl Metrics {
             Box::new(bureau_concurrency_limit.clone()),
             Box::new(bureau_duration_seconds.clone()),
             Box::new(bureau_calls_abandoned_total.clone()),
+            Box::new(bureau_calls_charged_total.clone()),
+            Box::new(usage_charge_seconds.clone()),
+            Box::new(usage_write_errors_total.clone()),
             Box::new(bureau_calls_cut_total.clone()),
             Box::new(breaker_state.clone()),
             Box::new(adaptive_knee.clone()),
@@ -484,6 +517,9 @@ impl Metrics {
             bureau_concurrency_limit,
             bureau_duration_seconds,
             bureau_calls_abandoned_total,
+            bureau_calls_charged_total,
+            usage_charge_seconds,
+            usage_write_errors_total,
             bureau_calls_cut_total,
             breaker_state,
             adaptive_knee,
@@ -581,6 +617,14 @@ impl Metrics {
         }
     }
 
+    /// Handles for usage (see `usage/`).
+    pub fn usage_handles(&self) -> UsageMetrics {
+        UsageMetrics {
+            charge_seconds: self.usage_charge_seconds.clone(),
+            write_errors: self.usage_write_errors_total.clone(),
+        }
+    }
+
     /// Handles for the audit log (see `cache/audit.rs`).
     pub fn audit_handles(&self) -> AuditMetrics {
         AuditMetrics {
@@ -619,6 +663,24 @@ pub struct CacheMetrics {
     pub evicted_replaced: IntCounter,
     pub entries: IntGauge,
     pub bytes: IntGauge,
+}
+
+/// Usage's metric handles.
+#[derive(Clone)]
+pub struct UsageMetrics {
+    pub charge_seconds: Histogram,
+    pub write_errors: IntCounter,
+}
+
+impl UsageMetrics {
+    /// Handles registered nowhere (unit tests, benchmarks).
+    pub fn unregistered() -> UsageMetrics {
+        UsageMetrics {
+            charge_seconds: Histogram::with_opts(HistogramOpts::new("usage_charge_seconds", "unregistered"))
+                .expect("valid metric"),
+            write_errors: IntCounter::new("usage_write_errors_total", "unregistered").expect("valid metric"),
+        }
+    }
 }
 
 /// The audit log's metric handles.
@@ -660,6 +722,7 @@ pub struct TenantCell {
     /// The request's own deadline (`x-request-timeout-ms`) could not be met.
     pub shed_deadline: IntCounter,
     pub abandoned: IntCounter,
+    pub charged: IntCounter,
 }
 
 /// The limit reasons, in `limits` table order.
@@ -742,6 +805,7 @@ impl RequestCells {
                 shed_queue_full_total: metrics.sheds_total.with_label_values(&[id, "queue_full_total"]),
                 shed_deadline: metrics.sheds_total.with_label_values(&[id, "deadline"]),
                 abandoned: metrics.bureau_calls_abandoned_total.with_label_values(&[id]),
+                charged: metrics.bureau_calls_charged_total.with_label_values(&[id]),
             }
         })
     }

@@ -122,6 +122,7 @@ fn apply_locked(shared: &Shared, config: Config, _one_at_a_time: std::sync::Mute
     shared.scheduler.set_max_waiting(u_new.max_queue_total);
     shared.scheduler.set_levels(crate::runtime::level_table(&new_config));
     shared.metrics.set_certificate_expiry(&new_config, shared.tls_listener.is_some(), false);
+    crate::ops::series::declare(&shared.metrics, &new_config, Some(&old.config));
     for w in new_config.warnings() {
         tracing::warn!(warning = %w, "config warning");
     }
@@ -218,6 +219,12 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         format!("{:?}", new.admin.allowed_hosts),
         false,
     );
+    field(
+        "admin.zero_series_max_tenants",
+        old.admin.zero_series_max_tenants.to_string(),
+        new.admin.zero_series_max_tenants.to_string(),
+        false,
+    );
     let (u0, u1) = (&old.upstream, &new.upstream);
     field("upstream.url", u0.url.to_string(), u1.url.to_string(), false);
     field("upstream.connect_timeout", dur(u0.connect_timeout), dur(u1.connect_timeout), false);
@@ -257,6 +264,12 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     }
     field("audit.file", format!("{:?}", old.audit.file), format!("{:?}", new.audit.file), true);
     field("audit.fail_closed", old.audit.fail_closed.to_string(), new.audit.fail_closed.to_string(), true);
+    // The usage store is opened once per process, as the audit writer is.
+    field("usage.dir", format!("{:?}", old.usage.dir), format!("{:?}", new.usage.dir), true);
+    // In days, as it is written (humantime would say "1year 1month 4days 7h 26m 24s").
+    let days = |u: &crate::config::UsageConfig| format!("{}d", u.retention_days());
+    field("usage.retention", days(&old.usage), days(&new.usage), true);
+    field("usage.flush_interval", dur(old.usage.flush_interval), dur(new.usage.flush_interval), true);
 
     diff_server_tls(&mut out, old.server.tls.as_ref(), new.server.tls.as_ref());
     diff_upstream_tls(&mut out, old.upstream.tls.as_ref(), new.upstream.tls.as_ref());
@@ -579,6 +592,25 @@ insecure_no_token = true
             assert!(changes.contains(&want.to_string()), "missing {want:?} in {changes:#?}");
         }
         assert_eq!(changes.len(), 6, "{changes:#?}");
+    }
+
+    #[test]
+    fn diff_shows_usage_settings_needing_a_restart_and_the_series_cap_not() {
+        let old = config("", "");
+        let mut new = old.clone();
+        new.usage.dir = Some("usage".into());
+        new.usage.retention = std::time::Duration::from_secs(30 * 86_400);
+        new.admin.zero_series_max_tenants = 10;
+        let changes: Vec<String> = diff(&old, &new).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            changes,
+            [
+                "admin.zero_series_max_tenants: 1000 → 10",
+                "usage.dir: None → Some(\"usage\") (needs a restart)",
+                "usage.retention: 400d → 30d (needs a restart)",
+            ],
+            "{changes:#?}"
+        );
     }
 
     #[test]
