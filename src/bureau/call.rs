@@ -244,9 +244,6 @@ impl Granted {
         // Forward headers: the bureau learns who asked and which request this is from us alone:
         // no credential, and no identity or forwarding field the bank sent, in any spelling.
         headers::forward(&mut parts.headers, &tenant.header_value, request_id, source);
-        if let Some(deadline) = deadline {
-            crate::route::deadline::tell_the_bureau(&mut parts.headers, deadline, called_at);
-        }
 
         // The charge is durable before the call leaves (`usage/journal.rs`): a crash from here
         // on cannot lose a call the bureau bills. The day is the bureau's day for this call.
@@ -256,6 +253,10 @@ impl Granted {
         let route = snap.route_name(who.route);
         shared.usage.charge(day, &tenant.id, &route).await;
         let called_at = tokio::time::Instant::now();
+        // What is left of the client's own deadline as the call leaves.
+        if let Some(deadline) = deadline {
+            crate::route::deadline::tell_the_bureau(&mut parts.headers, deadline, called_at);
+        }
 
         // Upstream: the bureau is touched last, and the call runs until it answers (or
         // max_call_time cuts it). Not answering within response_timeout is a failure for the
