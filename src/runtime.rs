@@ -227,7 +227,7 @@ impl Shared {
         let states = StateRegistry::default();
         let scheduler = Scheduler::new(config.upstream.max_concurrency);
         scheduler.set_max_waiting(config.upstream.max_queue_total);
-        scheduler.set_levels(level_table(&config));
+        scheduler.set_levels(level_table(&config), &|_| None);
         let adaptive = adaptive_controller(&config);
         scheduler.set_controller(adaptive.clone());
         let redis = match &config.state.backend {

@@ -142,8 +142,8 @@ async fn levels_reload_under_load_without_a_failed_request() {
 
     let (_, tasks) = batch_surge(&env, 40);
     wait_until("the batch backlog forms", || env.proxy.shared.scheduler.queued_total() >= 30).await;
-    // Batch's share grows, then the batch level goes away (its queued requests are served from
-    // what interactive leaves over), then comes back.
+    // Batch's share grows, then the batch level goes away (its queued requests move to bank a's
+    // default level, interactive), then comes back.
     let steps = [
         LEVELS.replace("share = 1", "share = 3"),
         "[[priority]]\nname = \"interactive\"\n".to_string(),

@@ -389,12 +389,23 @@ impl Scheduler {
         stats
     }
 
-    /// Sets the priority levels ([`levels`]). Queued requests of a level no longer in the table
-    /// stay queued and are served from what the levels in force leave over.
-    pub fn set_levels(&self, table: LevelTable) {
+    /// Sets the priority levels ([`levels`]). The queued requests of a level no longer in the
+    /// table move, in order and keeping their place in time, to their tenant's default level
+    /// (`default_of(tenant)`, if in the table), else to the least important level.
+    pub fn set_levels(&self, table: LevelTable, default_of: &dyn Fn(usize) -> Option<usize>) {
+        let mut q = self.lock();
+        let last = *table.order().last().expect("a level table is never empty");
+        for from in 0..MAX_LEVELS {
+            if table.contains(from) || q.levels[from].queued == 0 {
+                continue;
+            }
+            for (tenant, waiter) in q.levels[from].take_all() {
+                let to = default_of(tenant).filter(|&l| table.contains(l)).unwrap_or(last);
+                q.levels[to].insert(tenant, waiter);
+            }
+        }
         self.levels.store(Arc::new(table));
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            let mut q = self.lock();
             self.dispatch_locked(&mut q);
         }
     }
@@ -566,7 +577,9 @@ impl Scheduler {
             }
         }
         let (tx, rx) = oneshot::channel();
-        let id = q.levels[ask.level].push(ask, tx);
+        let id = q.next_id;
+        q.next_id += 1;
+        q.levels[ask.level].push(id, ask, tx);
         // SeqCst increment then (in dispatch) SeqCst load of in_flight, against release's
         // decrement then load of `waiting`: a slot freed meanwhile is seen by one side.
         self.waiting.fetch_add(1, Ordering::SeqCst);
@@ -706,12 +719,12 @@ impl Wait<'_> {
     fn time_out(&mut self, weight: u32) -> Result<Permit, Shed> {
         self.settled = true;
         let mut q = self.sched.lock();
-        if q.levels[self.level].remove(self.tenant, self.id) {
+        if let Some(level) = q.remove(self.level, self.tenant, self.id) {
             self.sched.waiting.fetch_sub(1, Ordering::SeqCst);
             let released = self.sched.released.load(Ordering::Relaxed);
             let drain = q.drain.sample(Instant::now(), released);
-            let part = self.sched.level_part(&self.sched.levels.load(), self.level);
-            let st = &mut q.levels[self.level];
+            let part = self.sched.level_part(&self.sched.levels.load(), level);
+            let st = &mut q.levels[level];
             st.tenants[self.tenant].shed_queue_timeout += 1;
             let retry_after = st.retry_after(drain, part, self.tenant, weight);
             return Err(Shed { reason: ShedReason::QueueTimeout, retry_after });
@@ -729,7 +742,7 @@ impl Drop for Wait<'_> {
             return;
         }
         let mut q = self.sched.lock();
-        if q.levels[self.level].remove(self.tenant, self.id) {
+        if q.remove(self.level, self.tenant, self.id).is_some() {
             self.sched.waiting.fetch_sub(1, Ordering::SeqCst);
         }
         // Otherwise a permit was already sent; `rx` drops right after this (without the lock
@@ -810,6 +823,9 @@ fn share_of(base: usize, rank: usize, replicas: usize) -> usize {
 struct Queues {
     levels: Vec<State>,
     drain: DrainRate,
+    /// Waiter ids, increasing across levels, so each tenant's queue is sorted by id and a
+    /// waiter moved to another level is still found by its id.
+    next_id: u64,
 }
 
 impl Queues {
@@ -817,6 +833,7 @@ impl Queues {
         Queues {
             levels: (0..MAX_LEVELS).map(|_| State::new()).collect(),
             drain: DrainRate { at: now, released: 0, per_sec: None },
+            next_id: 0,
         }
     }
 
@@ -834,6 +851,15 @@ impl Queues {
             return Some(level);
         }
         (0..MAX_LEVELS).find(|&l| waiting[l] > 0 && !table.contains(l))
+    }
+
+    /// Removes waiter `id` of `tenant`, looking in `level` first (a reload may have moved it to
+    /// another); the level it was in, or `None` if it is no longer queued (granted).
+    fn remove(&mut self, level: usize, tenant: usize, id: u64) -> Option<usize> {
+        if self.levels[level].remove(tenant, id) {
+            return Some(level);
+        }
+        (0..MAX_LEVELS).find(|&l| l != level && self.levels[l].remove(tenant, id))
     }
 
     /// When all queues together are full: the `(level, tenant)` whose newest waiter makes room
@@ -872,8 +898,6 @@ struct State {
     vtime: u128,
     /// Ticket of the last list or heap entry, increasing: the heap's tie-breaker too.
     seq: u64,
-    /// Waiter ids, increasing, so each tenant's queue is sorted by id.
-    next_id: u64,
     /// Sum of the weights of tenants with a non-empty queue.
     active_weight: u64,
     /// Waiters in all its tenants' queues.
@@ -929,7 +953,6 @@ impl State {
             heap: BinaryHeap::new(),
             vtime: 0,
             seq: 0,
-            next_id: 0,
             active_weight: 0,
             queued: 0,
         }
@@ -942,19 +965,24 @@ impl State {
         &mut self.tenants[tenant]
     }
 
-    /// Appends a waiter to its tenant's queue; lists the tenant if its queue was empty.
-    fn push(&mut self, ask: &Ask, tx: oneshot::Sender<Permit>) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        let weight = ask.weight.max(1);
+    /// Appends waiter `id` to its tenant's queue; lists the tenant if its queue was empty.
+    fn push(&mut self, id: u64, ask: &Ask, tx: oneshot::Sender<Permit>) {
+        self.insert(ask.tenant, Waiter { id, weight: ask.weight.max(1), cost: ask.cost.max(1), tx });
+    }
+
+    /// Puts a waiter in `tenant`'s queue in id order (one moved from a removed level may be
+    /// older than those queued here); lists the tenant if its queue was empty.
+    fn insert(&mut self, tenant: usize, waiter: Waiter) {
+        let (weight, cost) = (waiter.weight, waiter.cost);
         let vtime = self.vtime;
-        self.tenant(ask.tenant);
+        self.tenant(tenant);
         // Field by field, so that the tenant and the lists can be borrowed together.
-        let t = &mut self.tenants[ask.tenant];
-        t.waiters.push_back(Waiter { id, weight, cost: ask.cost.max(1), tx });
+        let t = &mut self.tenants[tenant];
+        let at = t.waiters.partition_point(|w| w.id < waiter.id);
+        t.waiters.insert(at, waiter);
         self.queued += 1;
         if t.waiters.len() > 1 {
-            return id;
+            return;
         }
         t.active_weight = weight;
         self.active_weight += u64::from(weight);
@@ -964,7 +992,7 @@ impl State {
         // ahead, so it queues in the heap like any backlogged tenant. The one request of
         // slack absorbs a quiet tenant's random bunching; it is charged like any grant.
         let start = vtime.max(t.finish);
-        let service = u128::from(ask.cost.max(1)) * VTIME_SCALE / u128::from(weight);
+        let service = u128::from(cost) * VTIME_SCALE / u128::from(weight);
         let sparse = t.finish <= vtime + service;
         match (t.listed, sparse) {
             // A stale entry whose queue emptied by cancellations: the tenant keeps its place.
@@ -977,17 +1005,32 @@ impl State {
                 self.seq += 1;
                 t.ticket = self.seq;
                 t.listed = Listed::Sparse;
-                self.sparse.push_back((start, self.seq, ask.tenant));
+                self.sparse.push_back((start, self.seq, tenant));
             }
             // Idling banks no credit: the tag is max(vtime, finish).
             (Listed::Idle, false) => {
                 self.seq += 1;
                 t.ticket = self.seq;
                 t.listed = Listed::Heap;
-                self.heap.push(Reverse((start, self.seq, ask.tenant)));
+                self.heap.push(Reverse((start, self.seq, tenant)));
             }
         }
-        id
+    }
+
+    /// Takes every waiter out, with its tenant, in each tenant's order; leaves the level empty
+    /// (its tenants' finish tags and held permits stay).
+    fn take_all(&mut self) -> Vec<(usize, Waiter)> {
+        let mut out = Vec::with_capacity(self.queued);
+        for (tenant, t) in self.tenants.iter_mut().enumerate() {
+            t.listed = Listed::Idle;
+            t.active_weight = 0;
+            out.extend(t.waiters.drain(..).map(|w| (tenant, w)));
+        }
+        self.sparse.clear();
+        self.heap.clear();
+        self.active_weight = 0;
+        self.queued = 0;
+        out
     }
 
     /// Removes and returns the waiter served next: the oldest sparse tenant's, else the one

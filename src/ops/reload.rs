@@ -120,7 +120,16 @@ fn apply_locked(shared: &Shared, config: Config, _one_at_a_time: std::sync::Mute
         }
     }
     shared.scheduler.set_max_waiting(u_new.max_queue_total);
-    shared.scheduler.set_levels(crate::runtime::level_table(&new_config));
+    // Requests queued in a level the new config removes move to their tenant's default level.
+    let mut defaults: Vec<Option<usize>> = Vec::new();
+    for t in snapshot.tenants.iter() {
+        let slot = t.state.index;
+        if slot >= defaults.len() {
+            defaults.resize(slot + 1, None);
+        }
+        defaults[slot] = new_config.priority.tenants.get(t.index).map(|p| p.default);
+    }
+    shared.scheduler.set_levels(crate::runtime::level_table(&new_config), &|t| defaults.get(t).copied().flatten());
     shared.metrics.set_certificate_expiry(&new_config, shared.tls_listener.is_some(), false);
     crate::ops::series::declare(&shared.metrics, &new_config, Some(&old.config));
     for w in new_config.warnings() {
@@ -294,8 +303,8 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
 }
 
 /// `[[priority]]` levels, and the level each route and tenant names (by name, as the file
-/// says them). All apply live: requests already queued in a level that is removed are served
-/// from what the remaining levels leave over.
+/// says them). All apply live: requests already queued in a level that is removed move to their
+/// tenant's default level.
 fn diff_priority(out: &mut Vec<Change>, old: &Config, new: &Config) {
     let levels = |c: &Config| {
         let list: Vec<String> = c

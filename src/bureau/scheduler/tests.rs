@@ -665,7 +665,7 @@ async fn slot_bounced_by_a_closed_receiver_goes_to_the_next_waiter() {
     {
         let mut st = sched.lock();
         let (tx, rx) = oneshot::channel();
-        st.levels[0].push(&ask(1, 1), tx);
+        st.levels[0].push(1_000, &ask(1, 1), tx);
         sched.waiting.fetch_add(1, Ordering::SeqCst);
         drop(rx);
     }
@@ -763,7 +763,7 @@ async fn random_model(seed: u64) {
             lendable: rng.f64(),
             borrow: rng.bool().then(|| rng.f64() * 2.0),
         };
-        sched.set_levels(LevelTable::new(&[(0, spec(&mut rng)), (1, spec(&mut rng))]).expect("two levels"));
+        sched.set_levels(LevelTable::new(&[(0, spec(&mut rng)), (1, spec(&mut rng))]).expect("two levels"), &|_| None);
     }
     let mut held: Vec<Permit> = Vec::new();
     // (tenant, creation index, future)
@@ -865,6 +865,7 @@ async fn limit_holds_under_concurrency_with_random_cancellations() {
                     (1, LevelSpec { share: 1, lendable: 1.0, borrow: Some(1.0) }),
                 ])
                 .expect("two levels"),
+                &|_| None,
             );
         }
         let using = Arc::new(AtomicUsize::new(0));
@@ -1037,7 +1038,7 @@ const SHARE: fn(u32) -> LevelSpec = |share| LevelSpec { share, lendable: 1.0, bo
 #[tokio::test(start_paused = true)]
 async fn interactive_work_gets_its_nominal_part_back_from_a_batch_surge() {
     let sched = Scheduler::new(8);
-    sched.set_levels(two_levels(SHARE(3), SHARE(1)));
+    sched.set_levels(two_levels(SHARE(3), SHARE(1)), &|_| None);
     // Idle interactive share is lent: batch alone takes all 8.
     let mut batch: Vec<Permit> = (0..8).map(|_| grant_now(&sched, level_ask(0, 1))).collect();
     let mut batch_waiting: Vec<Acquire> = (0..50).map(|_| acquire_boxed(&sched, level_ask(0, 1))).collect();
@@ -1072,7 +1073,7 @@ async fn interactive_work_gets_its_nominal_part_back_from_a_batch_surge() {
 async fn a_level_keeps_back_what_it_does_not_lend_and_borrows_within_its_cap() {
     // Interactive lends half of its 6; batch alone gets 8 - 3 = 5.
     let sched = Scheduler::new(8);
-    sched.set_levels(two_levels(LevelSpec { share: 3, lendable: 0.5, borrow: None }, SHARE(1)));
+    sched.set_levels(two_levels(LevelSpec { share: 3, lendable: 0.5, borrow: None }, SHARE(1)), &|_| None);
     let mut waiting: Vec<Acquire> = (0..20).map(|_| acquire_boxed(&sched, level_ask(0, 1))).collect();
     let mut granted = Vec::new();
     assert_eq!(take_granted(&mut waiting, &mut granted), 5);
@@ -1083,7 +1084,7 @@ async fn a_level_keeps_back_what_it_does_not_lend_and_borrows_within_its_cap() {
 
     // Batch may borrow at most its own nominal part again (borrow 1.0: 2 + 2).
     let sched = Scheduler::new(8);
-    sched.set_levels(two_levels(SHARE(3), LevelSpec { share: 1, lendable: 1.0, borrow: Some(1.0) }));
+    sched.set_levels(two_levels(SHARE(3), LevelSpec { share: 1, lendable: 1.0, borrow: Some(1.0) }), &|_| None);
     let mut waiting: Vec<Acquire> = (0..20).map(|_| acquire_boxed(&sched, level_ask(0, 1))).collect();
     let mut granted = Vec::new();
     assert_eq!(take_granted(&mut waiting, &mut granted), 4);
@@ -1093,7 +1094,7 @@ async fn a_level_keeps_back_what_it_does_not_lend_and_borrows_within_its_cap() {
 #[tokio::test(start_paused = true)]
 async fn when_all_queues_are_full_batch_makes_room_for_interactive() {
     let sched = Scheduler::new(1);
-    sched.set_levels(two_levels(SHARE(1), SHARE(1)));
+    sched.set_levels(two_levels(SHARE(1), SHARE(1)), &|_| None);
     sched.set_max_waiting(4);
     let _hold = grant_now(&sched, level_ask(0, 0));
     let mut batch: Vec<Acquire> = (0..2).map(|_| acquire_boxed(&sched, level_ask(1, 1))).collect();
@@ -1138,4 +1139,35 @@ async fn estimated_wait_follows_the_queue_and_the_measured_drain() {
     // which came to an empty queue) and then the next completion: 2 slots, not 6.
     let newcomer = sched.estimated_wait(&ask(1, 1)).expect("a drain rate");
     assert!((Duration::from_millis(18)..=Duration::from_millis(22)).contains(&newcomer), "{newcomer:?}");
+}
+
+/// A reload that removes a level moves its queued requests, in order, to their tenant's default
+/// level (else the least important one); a moved request that leaves is still found.
+#[tokio::test(start_paused = true)]
+async fn a_removed_levels_queue_moves_to_each_tenants_default_level() {
+    let sched = Scheduler::new(1);
+    let three = LevelTable::new(&[(0, SHARE(1)), (1, SHARE(1)), (2, SHARE(1))]).expect("three levels");
+    sched.set_levels(three, &|_| None);
+    let held = grant_now(&sched, level_ask(9, 0));
+    let mut t0: Vec<Acquire> = (0..3).map(|_| acquire_boxed(&sched, level_ask(0, 2))).collect();
+    let mut t1: Vec<Acquire> = (0..2).map(|_| acquire_boxed(&sched, level_ask(1, 2))).collect();
+    assert!(t0.iter_mut().chain(t1.iter_mut()).all(|w| poll_once(w).is_pending()));
+    assert_eq!(sched.level_stats(2).queued, 5);
+
+    // Level 2 goes; tenant 0's default is level 0, tenant 1 has none in the table: the last.
+    let two = LevelTable::new(&[(0, SHARE(1)), (1, SHARE(1))]).expect("two levels");
+    sched.set_levels(two, &|t| (t == 0).then_some(0));
+    let queued = |l| sched.level_stats(l).queued;
+    assert_eq!((queued(0), queued(1), queued(2)), (3, 2, 0));
+    assert_eq!(sched.queued_total(), 5);
+    // A moved request that leaves is removed from where it went.
+    drop(t1.pop());
+    assert_eq!((queued(1), sched.queued_total()), (1, 4));
+    // Served from the new levels, in each tenant's order: the freed slot goes to level 0 (its
+    // nominal part of a limit of 1), to tenant 0's oldest request.
+    drop(held);
+    let Poll::Ready(Ok(_permit)) = poll_once(&mut t0[0]) else {
+        panic!("tenant 0's oldest request was not served first")
+    };
+    assert!(poll_once(&mut t0[1]).is_pending() && poll_once(&mut t1[0]).is_pending());
 }
