@@ -268,6 +268,9 @@ id = "bank-b"
 api_key_sha256 = "$(sha "$KEY_B")"
 weight = 1
 max_queue = 1
+# A route quota (high: it never refuses here) for the contracts panel.
+[tenants.routes.score]
+daily_quota = 100000
 
 [[tenants]]
 id = "card-c"
@@ -276,6 +279,12 @@ weight = 1
 max_in_flight = 2
 dry_run = ["in_flight"]
 monthly_quota = 1000000
+
+# A group quota (high: it never refuses here) for the contracts panel.
+[[groups]]
+id = "card-family"
+members = ["card-c"]
+daily_quota = 1000000
 EOF
 
 # Certificates for the TLS listener of the local-backend proxy: a CA, a server certificate for
