@@ -392,6 +392,12 @@ impl Proxy {
             });
         };
 
+        // A flight serves whoever joins it, so it runs to the queue's own deadline, not the
+        // leader's: one client's short deadline must not shed the others (their deadlines are
+        // not enforced on a shared look-up either; README, "Work nobody waits for").
+        let mut call = call;
+        call.deadline = None;
+
         // Coalesced: the call runs in a flight of its own that every identical request arriving
         // meanwhile joins instead of calling the bureau again. While it is queued for a slot it
         // stops as soon as nobody waits for it; once at the bureau it runs to its end, and stays

@@ -93,3 +93,20 @@ async fn a_request_the_queue_cannot_serve_in_time_is_refused_at_once() {
     }
     assert_eq!(env.mock.bureau.stats().calls_total, 17, "10 + 7 calls; the late one never reached the bureau");
 }
+
+/// A coalesced look-up serves whoever joins it: one client's short deadline must not shed the
+/// flight the others joined (it runs to the queue's own deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaders_short_deadline_does_not_shed_a_coalesced_flight() {
+    let x = Extras { score: "coalesce = true\ncache_key = [\"path.subject_id\"]", ..config() };
+    let env = Env::with(one_worker(300), &x).await;
+    let busy = spawn_get(env.url("/v1/score/A"), vec![("x-api-key", KEY_A)]);
+    wait_until("the slot is taken", || env.proxy.shared.scheduler.in_flight() == 1).await;
+    let leader = spawn_get(env.url("/v1/score/S-1"), vec![("x-api-key", KEY_A), ("x-request-timeout-ms", "100")]);
+    wait_until("the flight is queued", || env.proxy.shared.scheduler.queued_total() == 1).await;
+    let follower = get(&env.url("/v1/score/S-1"), &[("x-api-key", KEY_A)]).await;
+    assert_eq!(follower.status, 200, "{}", follower.text());
+    assert_eq!(leader.await.unwrap().status, 200);
+    assert_eq!(busy.await.unwrap().status, 200);
+    assert_eq!(env.mock.bureau.stats().calls_total, 2, "one call for A, one for the flight");
+}

@@ -200,6 +200,17 @@ impl BureauCall {
                 break permit;
             }
         };
+        // Granted as the client's own deadline passed: nobody waits for the answer, so the call
+        // is not sent (nor charged); the slot goes to the next waiter.
+        if self.deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            drop(permit);
+            cells.shed_deadline.inc();
+            return Err(ProxyError::new(
+                ErrorKind::BureauBusy,
+                "no bureau slot before your x-request-timeout-ms passed",
+            )
+            .retry_after(1));
+        }
         Ok(Granted { call: self, permit, ticket, queued_at })
     }
 

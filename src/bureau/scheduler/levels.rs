@@ -160,6 +160,10 @@ pub fn may_take(
         return false;
     }
     let kept: usize = (0..MAX_LEVELS).filter(|&j| j != slot).map(|j| seats[j].reserved.saturating_sub(held[j])).sum();
+    // What the others keep back never takes a level's last seat: under a limit smaller than
+    // the levels (an adaptive `min` of 1, a budget split among replicas) a level with no
+    // nominal seat would otherwise wait forever on an idle bureau.
+    let kept = kept.min(limit.saturating_sub(seats[slot].nominal.max(1)));
     total + kept <= limit
 }
 
@@ -252,6 +256,21 @@ mod tests {
         assert!(!may_take(&s, &held(1, 6), 1, 8, 8), "past its borrowing cap");
         // Interactive borrows without a cap.
         assert!(may_take(&s, &held(7, 0), 0, 8, 8));
+    }
+
+    #[test]
+    fn under_a_limit_smaller_than_the_levels_an_idle_bureau_still_serves_each() {
+        // Limit 1: interactive (keeping half back) has the one nominal seat, batch none. With
+        // interactive idle, batch must still get the free seat.
+        let t = table(&[level(3, 0.5, None), level(1, 1.0, None)]);
+        let s = t.seats(1);
+        assert_eq!((s[0].nominal, s[0].reserved, s[1].nominal), (1, 1, 0));
+        assert!(may_take(&s, &[0; MAX_LEVELS], 1, 1, 1), "batch starved on an idle bureau");
+        // With a larger limit what interactive keeps back still holds.
+        let s = t.seats(8);
+        let mut held = [0; MAX_LEVELS];
+        held[1] = 5;
+        assert!(!may_take(&s, &held, 1, 6, 8));
     }
 
     #[test]
