@@ -114,6 +114,14 @@ fn bad_priority_settings_are_refused_with_their_path() {
         let err = bureau_guard::config::Config::from_toml(&text, &|_| None).expect_err(sections);
         assert!(err.to_string().contains(path), "{sections}: {err}");
     }
+    // Nine levels, a tenant naming the ninth: reported, not a panic.
+    let nine: String = (0..9).map(|i| format!("[[priority]]\nname = \"l{i}\"\n")).collect();
+    let text = config_with(
+        "http://127.0.0.1:1",
+        &Extras { sections: &nine, tenant_a: "priority = \"l8\"", ..Extras::default() },
+    );
+    let err = bureau_guard::config::Config::from_toml(&text, &|_| None).expect_err("nine levels");
+    assert!(err.to_string().contains("at most 8"), "{err}");
     let text = config_with("http://127.0.0.1:1", &Extras { tenant_a: "priority = \"batch\"", ..Extras::default() });
     let err = bureau_guard::config::Config::from_toml(&text, &|_| None).expect_err("no levels");
     assert!(err.to_string().contains("tenants[0].priority"), "{err}");

@@ -111,10 +111,13 @@ pub(super) fn resolve(
         .map(|(i, (default, allowed))| {
             let default =
                 default.as_deref().and_then(|n| slot(p, &levels, &format!("tenants[{i}].priority"), n)).unwrap_or(0);
-            let mut mask = 1u8 << default;
+            // Slots past the eighth level are reported by `validate` (at most 8); they are left
+            // out of the mask rather than shifted out of it.
+            let bit = |s: usize| if s < 8 { 1u8 << s } else { 0 };
+            let mut mask = bit(default);
             for (j, n) in allowed.iter().flatten().enumerate() {
                 if let Some(s) = slot(p, &levels, &format!("tenants[{i}].priorities[{j}]"), n) {
-                    mask |= 1 << s;
+                    mask |= bit(s);
                 }
             }
             TenantPriority { default, allowed: mask }
