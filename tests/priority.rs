@@ -19,6 +19,16 @@ name = "batch"
 share = 1
 "#;
 
+/// Four bureau slots, the two levels, and bank a allowed to name either with a deep queue.
+fn bank_a_with_both_levels() -> Extras<'static> {
+    Extras {
+        upstream: "max_concurrency = 4\nqueue_timeout = \"10s\"",
+        sections: LEVELS,
+        tenant_a: "priorities = [\"interactive\", \"batch\"]\nmax_queue = 1000",
+        ..Extras::default()
+    }
+}
+
 fn bureau() -> MockConfig {
     MockConfig {
         workers: 4,
@@ -50,12 +60,7 @@ fn batch_surge(env: &Env, n: usize) -> (Arc<AtomicUsize>, Vec<tokio::task::JoinH
 /// them. Without levels they would wait behind the whole batch queue (the bank's one FIFO).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interactive_look_ups_pass_the_same_banks_batch_backlog() {
-    let x = Extras {
-        upstream: "max_concurrency = 4\nqueue_timeout = \"10s\"",
-        sections: LEVELS,
-        tenant_a: "priorities = [\"interactive\", \"batch\"]\nmax_queue = 1000",
-        ..Extras::default()
-    };
+    let x = bank_a_with_both_levels();
     let env = Env::with(bureau(), &x).await;
     let (done, tasks) = batch_surge(&env, 60);
     wait_until("the batch backlog forms", || env.proxy.shared.scheduler.queued_total() >= 50).await;
@@ -137,12 +142,7 @@ fn bad_priority_settings_are_refused_with_their_path() {
 /// levels in force, and `check --diff`'s changes name them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn levels_reload_under_load_without_a_failed_request() {
-    let x = Extras {
-        upstream: "max_concurrency = 4\nqueue_timeout = \"10s\"",
-        sections: LEVELS,
-        tenant_a: "priorities = [\"interactive\", \"batch\"]\nmax_queue = 1000",
-        ..Extras::default()
-    };
+    let x = bank_a_with_both_levels();
     let env = Env::with(bureau(), &x).await;
     let metrics = get(&env.admin_url("/metrics"), &[]).await.text();
     assert_eq!(metric_value(&metrics, r#"bureau_guard_level_nominal{level="interactive"}"#), Some(3.0), "{metrics}");

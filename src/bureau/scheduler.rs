@@ -447,16 +447,13 @@ impl Scheduler {
         let st = &q.levels[level];
         let weight = ask.weight.max(1);
         let service = u128::from(ask.cost.max(1)) * VTIME_SCALE / u128::from(weight);
-        let (queued, finish, own) =
-            st.tenants.get(ask.tenant).map_or((0, 0, 0), |t| (t.waiters.len(), t.finish, t.active_weight));
-        let slots = if queued == 0 && finish <= st.vtime + service {
+        let (queued, finish) = st.tenants.get(ask.tenant).map_or((0, 0), |t| (t.waiters.len(), t.finish));
+        let secs = if queued == 0 && finish <= st.vtime + service {
             (st.sparse.len() + 1) as f64 / drain
         } else {
-            let active = st.active_weight + if own == 0 { u64::from(weight) } else { 0 };
-            let share = f64::from(weight) / active as f64;
-            (queued + 1) as f64 / (drain * part * share.min(1.0))
+            st.drain_secs(drain * part, ask.tenant, weight)
         };
-        slots.is_finite().then(|| Duration::from_secs_f64(slots.min(3600.0)))
+        secs.is_finite().then(|| Duration::from_secs_f64(secs.min(3600.0)))
     }
 
     /// The slot `level` is served as: itself if in use, else the least important level.
@@ -1191,17 +1188,23 @@ impl State {
             // have a measured rate.
             return RETRY_AFTER_MIN;
         };
-        let t = &self.tenants[tenant];
-        // Under contention the tenant drains at its weighted share of the total (more if the
-        // others use less: WFQ is work-conserving, so this errs long, never short).
-        let own = if t.active_weight == 0 { u64::from(weight.max(1)) } else { 0 };
-        let share = f64::from(weight.max(1)) / (self.active_weight + own) as f64;
-        let ahead = (t.waiters.len() + 1) as f64;
-        let secs = ahead / (total_per_sec * share.min(1.0));
+        let secs = self.drain_secs(total_per_sec, tenant, weight);
         if !secs.is_finite() || secs >= RETRY_AFTER_MAX.as_secs_f64() {
             return RETRY_AFTER_MAX;
         }
         Duration::from_secs(secs.ceil() as u64).max(RETRY_AFTER_MIN)
+    }
+
+    /// Seconds until `tenant`'s queue, plus one more request, has drained when this level frees
+    /// `per_sec` slots a second: under contention the tenant drains at its weighted share of
+    /// them (more if the others use less: WFQ is work-conserving, so this errs long, never
+    /// short). Shared by `Retry-After` and [`Scheduler::estimated_wait`].
+    fn drain_secs(&self, per_sec: f64, tenant: usize, weight: u32) -> f64 {
+        let (queued, own) = self.tenants.get(tenant).map_or((0, 0), |t| (t.waiters.len(), t.active_weight));
+        let weight = weight.max(1);
+        let active = self.active_weight + if own == 0 { u64::from(weight) } else { 0 };
+        let share = f64::from(weight) / active as f64;
+        (queued + 1) as f64 / (per_sec * share.min(1.0))
     }
 }
 
