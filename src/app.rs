@@ -34,9 +34,33 @@ pub struct Running {
     grace: std::time::Duration,
     /// `server.drain_timeout`: the longest shutdown waits for requests and bureau calls.
     drain: std::time::Duration,
-    proxy_task: JoinHandle<bool>,
+    proxy: Serving,
     admin_task: JoinHandle<bool>,
     persist_task: JoinHandle<()>,
+}
+
+/// Where the proxy's connections are served (`server.workers`).
+enum Serving {
+    /// On the runtime that started the proxy.
+    Shared(JoinHandle<bool>),
+    /// On worker threads of their own.
+    Workers(server::workers::Workers),
+}
+
+/// The proxy's listening sockets, bound.
+enum Listeners {
+    Shared(TcpListener),
+    /// One per worker thread, one `SO_REUSEPORT` group.
+    Group(Vec<std::net::TcpListener>),
+}
+
+impl Listeners {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Listeners::Shared(l) => l.local_addr(),
+            Listeners::Group(ls) => ls[0].local_addr(),
+        }
+    }
 }
 
 /// Binds both listeners from `config` and starts serving. Port 0 picks a free port (tests).
@@ -67,6 +91,7 @@ impl Default for Options {
 /// before binding anything; fails if either cannot be read.
 pub async fn start_with(config: Config, options: Options) -> std::io::Result<Running> {
     let (listen, admin_listen) = (config.server.listen, config.admin.listen);
+    let workers = config.server.workers.threads();
     let limits = ConnLimits {
         idle_timeout: config.server.idle_timeout,
         http2_keep_alive: Some((config.server.http2_keep_alive_interval, config.server.http2_keep_alive_timeout)),
@@ -125,7 +150,10 @@ pub async fn start_with(config: Config, options: Options) -> std::io::Result<Run
             );
         }
     }
-    let listener = TcpListener::bind(listen).await?;
+    let listener = match workers {
+        0 => Listeners::Shared(TcpListener::bind(listen).await?),
+        n => Listeners::Group(server::workers::bind_group(listen, n)?),
+    };
     let admin_listener = TcpListener::bind(admin_listen).await?;
     let grace = shared.snapshot.load().config.server.readiness_grace;
     let conns = server::Connections::new(
@@ -136,7 +164,7 @@ pub async fn start_with(config: Config, options: Options) -> std::io::Result<Run
     );
     tracing::info!(max_connections, max_connections_per_source = per_source, nofile = ?nofile, "connection limits");
     let edge = server::Edge { limits, tls: None, proxy_protocol, conns, drain_timeout: drain };
-    Ok(start_on(shared, listener, admin_listener, Settings { edge, drain, store, flush_interval, grace }))
+    start_on(shared, listener, admin_listener, Settings { edge, drain, store, flush_interval, grace })
 }
 
 /// What `start_on` needs beyond the shared state, fixed at start-up.
@@ -149,9 +177,14 @@ struct Settings {
 }
 
 /// Starts serving on bound listeners.
-fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListener, settings: Settings) -> Running {
+fn start_on(
+    shared: Arc<Shared>,
+    listener: Listeners,
+    admin_listener: TcpListener,
+    settings: Settings,
+) -> std::io::Result<Running> {
     let Settings { mut edge, drain, store, flush_interval, grace } = settings;
-    let addr = listener.local_addr().expect("a bound listener has an address");
+    let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr().expect("a bound listener has an address");
     shared.metrics.reload_last_success_timestamp_seconds.set(shared.clock.now_unix_ms() / 1000);
 
@@ -177,7 +210,24 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
             async move { Ok::<_, Infallible>(proxy.handle(req).await) }
         })
     };
-    let proxy_task = tokio::spawn(server::serve_edge(listener, edge, make, wait(stopped.clone())));
+    let proxy = match listener {
+        Listeners::Shared(listener) => {
+            Serving::Shared(tokio::spawn(server::serve_edge(listener, edge, make, wait(stopped.clone()))))
+        }
+        Listeners::Group(listeners) => {
+            for worker in 1..=listeners.len() {
+                shared.metrics.connections.worker(worker).set(0);
+            }
+            let make = Arc::new(make);
+            let stopped = stopped.clone();
+            let workers = server::workers::Workers::start(listeners, move |listener| {
+                let make = make.clone();
+                server::serve_edge(listener, edge.clone(), move |peer: &server::Peer| make(peer), wait(stopped.clone()))
+            })?;
+            tracing::info!(workers = workers.threads(), "serving on worker threads, one runtime and bureau pool each");
+            Serving::Workers(workers)
+        }
+    };
     // The admin listener keeps answering /metrics and /readyz (false) while the proxy drains.
     let admin_limits = ConnLimits::for_max_header_bytes(16 * 1024, header_read_timeout);
     let admin_shared = shared.clone();
@@ -210,7 +260,7 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
     for w in shared.snapshot.load().config.warnings() {
         tracing::warn!(warning = %w, "config warning");
     }
-    Running {
+    Ok(Running {
         addr,
         admin_addr,
         shared,
@@ -219,10 +269,10 @@ fn start_on(shared: Arc<Shared>, listener: TcpListener, admin_listener: TcpListe
         stop_persist,
         grace,
         drain,
-        proxy_task,
+        proxy,
         admin_task,
         persist_task,
-    }
+    })
 }
 
 impl Running {
@@ -238,7 +288,11 @@ impl Running {
         }
         let _ = self.stop.send(true);
         let drain_deadline = tokio::time::Instant::now() + self.drain;
-        let proxy_drained = self.proxy_task.await.unwrap_or(false);
+        let mut proxy = self.proxy;
+        let proxy_drained = match &mut proxy {
+            Serving::Shared(task) => task.await.unwrap_or(false),
+            Serving::Workers(workers) => workers.drained().await,
+        };
         // Bureau calls whose clients have gone, and coalesced flights, run on their own: wait for
         // them within the same drain timeout, so that their quota charges reach the final flush.
         self.shared.calls.close();
@@ -247,6 +301,9 @@ impl Running {
                 calls = self.shared.calls.len(),
                 "bureau calls still running after the drain timeout; their charges made so far are saved"
             );
+        }
+        if let Serving::Workers(workers) = proxy {
+            workers.release().await;
         }
         let _ = self.stop_persist.send(true);
         let _ = self.persist_task.await;

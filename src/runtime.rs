@@ -114,7 +114,7 @@ impl Snapshot {
             key_secret: config.cache.key_secret.clone().unwrap_or_else(|| random_secret.clone()),
             upstream: match previous {
                 Some(p) if same_client(&p.config.upstream, &config.upstream) => p.upstream.clone(),
-                _ => Upstream::new(&config.upstream),
+                _ => Upstream::new(&config.upstream, config.server.workers.threads()),
             },
             cells: RequestCells::new(
                 config.tenants.iter().map(|t| t.id.clone()),

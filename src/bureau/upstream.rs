@@ -26,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::bureau::headers::strip_hop_by_hop;
 use crate::config::UpstreamConfig;
 use crate::respond::{Body, ErrorKind, ProxyError};
+use crate::server::workers;
 
 /// The pooled client: plain TCP, or TLS over it.
 #[derive(Debug, Clone)]
@@ -46,7 +47,10 @@ impl Pool {
 /// A pooled client bound to the bureau's base URL.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Pool,
+    /// One pool per worker thread (index [`workers::current`]), and one (index 0) for any other
+    /// thread: a pooled connection is a task on the runtime that opened it, so a worker uses only
+    /// connections its own runtime drives.
+    pools: std::sync::Arc<[Pool]>,
     scheme: Scheme,
     authority: Authority,
     /// Path prefix of the base URL without its trailing slash; usually empty.
@@ -58,7 +62,24 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Upstream {
+    /// A client for `cfg` with a pool for each of `workers` worker threads (0: the shared
+    /// runtime, one pool) and one for other threads; `upstream.pool_max_idle` is divided among
+    /// the workers' pools.
+    pub fn new(cfg: &UpstreamConfig, workers: usize) -> Upstream {
+        let max_idle = cfg.pool_max_idle.div_ceil(workers.max(1)).max(1);
+        let pools = (0..=workers).map(|_| Upstream::pool(cfg, max_idle)).collect();
+        let parts = cfg.url.clone().into_parts();
+        Upstream {
+            pools,
+            scheme: parts.scheme.unwrap_or(Scheme::HTTP),
+            authority: parts.authority.expect("validated upstream url has a host"),
+            prefix: cfg.url.path().trim_end_matches('/').to_string(),
+            max_call_time: cfg.max_call_time,
+            max_response_body: usize::try_from(cfg.max_response_body).unwrap_or(usize::MAX),
+        }
+    }
+
+    fn pool(cfg: &UpstreamConfig, max_idle: usize) -> Pool {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(cfg.connect_timeout));
         connector.set_nodelay(true);
@@ -67,8 +88,8 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle);
-        let client = match &cfg.tls {
+            .pool_max_idle_per_host(max_idle);
+        match &cfg.tls {
             None => Pool::Http(builder.build(connector)),
             Some(tls) => {
                 // The TCP connector must accept https URIs; the TLS layer above it handles them.
@@ -80,16 +101,12 @@ impl Upstream {
                     .wrap_connector(connector);
                 Pool::Https(builder.build(https))
             }
-        };
-        let parts = cfg.url.clone().into_parts();
-        Upstream {
-            client,
-            scheme: parts.scheme.unwrap_or(Scheme::HTTP),
-            authority: parts.authority.expect("validated upstream url has a host"),
-            prefix: cfg.url.path().trim_end_matches('/').to_string(),
-            max_call_time: cfg.max_call_time,
-            max_response_body: usize::try_from(cfg.max_response_body).unwrap_or(usize::MAX),
         }
+    }
+
+    /// This thread's pool.
+    fn client(&self) -> &Pool {
+        &self.pools[workers::current() % self.pools.len()]
     }
 
     /// Sends the request (headers already prepared by the proxy) and buffers the response. A call
@@ -103,7 +120,7 @@ impl Upstream {
         let req = http::Request::from_parts(parts, Full::new(body));
 
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| {
+            let resp = self.client().request(req).await.map_err(|e| {
                 if let Some(tls) = tls_error(&e) {
                     ProxyError::new(
                         ErrorKind::BureauUnreachable,
@@ -143,7 +160,7 @@ impl Upstream {
 
     /// Whether this client speaks TLS to the bureau.
     pub fn is_tls(&self) -> bool {
-        matches!(self.client, Pool::Https(_))
+        matches!(self.pools[0], Pool::Https(_))
     }
 
     fn target(&self, original: &Uri) -> Result<Uri, ProxyError> {

@@ -50,7 +50,7 @@ pub use log::{LogConfig, LogFormat};
 pub use priority::{Priorities, PriorityConfig, TenantPriority};
 pub use quota::QuotaConfig;
 pub use routes::{RouteCache, RouteConfig};
-pub use server::ServerConfig;
+pub use server::{ServerConfig, Workers};
 pub use state::{FailPolicy, RedisSettings, RedisTls, StateBackend, StateConfig, redact_url};
 pub use tenants::{DryRun, RouteLimits, TenantConfig, TenantLimits};
 pub use upstream::{AdaptiveSettings, BreakerSettings, UpstreamConfig};

@@ -40,6 +40,45 @@ pub struct ServerConfig {
     pub trusted_proxies: crate::server::TrustedProxies,
     /// `server.proxy_protocol`: connections from `trusted_proxies` start with a PROXY header.
     pub proxy_protocol: bool,
+    /// `server.workers`: how connections are served (see [`Workers`]).
+    pub workers: Workers,
+}
+
+/// How the proxy's connections are spread over threads (`server.workers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// One thread per CPU available to the process (the default).
+    PerCpu,
+    /// This many threads, each with its own single-threaded runtime, listening socket
+    /// (`SO_REUSEPORT`) and bureau connection pool: a connection's request, its bureau call and
+    /// its answer stay on one thread.
+    Threads(usize),
+    /// `0`: one work-stealing runtime shared by every connection (tasks move between threads).
+    Shared,
+}
+
+impl Workers {
+    /// Most threads `server.workers` may ask for.
+    pub const MAX: usize = 1024;
+
+    /// The number of worker threads; 0 for the shared runtime.
+    pub fn threads(self) -> usize {
+        match self {
+            Workers::PerCpu => std::thread::available_parallelism().map_or(1, |n| n.get()).min(Workers::MAX),
+            Workers::Threads(n) => n,
+            Workers::Shared => 0,
+        }
+    }
+}
+
+impl std::fmt::Display for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Workers::PerCpu => write!(f, "one per CPU ({})", self.threads()),
+            Workers::Threads(n) => write!(f, "{n}"),
+            Workers::Shared => f.write_str("0 (shared runtime)"),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +104,7 @@ pub(super) struct RawServer {
     proxy_protocol: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
     forwarded_for: Option<bool>,
+    workers: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +185,23 @@ pub(super) fn validate(p: &mut Problems, s: &RawServer) -> ServerConfig {
             forwarded_for: s.forwarded_for.unwrap_or(false),
         },
         proxy_protocol: s.proxy_protocol.unwrap_or(false),
+        workers: match s.workers {
+            None => Workers::PerCpu,
+            Some(0) => Workers::Shared,
+            Some(n) => match usize::try_from(n) {
+                Ok(n) if n <= Workers::MAX => Workers::Threads(n),
+                _ => {
+                    p.add(
+                        "server.workers",
+                        format!(
+                            "must be 0 (one shared runtime) to {} threads (leave it out for one per CPU)",
+                            Workers::MAX
+                        ),
+                    );
+                    Workers::PerCpu
+                }
+            },
+        },
     };
     if s.trusted_proxies.as_ref().is_none_or(|t| t.is_empty()) {
         if server.proxy_protocol {

@@ -564,3 +564,29 @@ fn the_key_secret_can_come_from_the_environment() {
     assert_eq!(err.to_string(), "cache.key_secret_env: give either key_secret_hex or key_secret_env, not both");
     assert!(!format!("{:?}", c.cache).contains(&good), "Debug never shows the secret");
 }
+
+#[test]
+fn server_workers_is_one_per_cpu_a_count_or_zero_for_the_shared_runtime() {
+    use crate::config::Workers;
+    let with = |line: &str| format!("[server]\n{line}\n{}", minimal());
+    let workers = |line: &str| Config::from_toml(&with(line), &no_env).expect("valid").server.workers;
+    assert_eq!(workers(""), Workers::PerCpu);
+    assert!(Workers::PerCpu.threads() >= 1);
+    assert_eq!(workers("workers = 0"), Workers::Shared);
+    assert_eq!(Workers::Shared.threads(), 0);
+    assert_eq!(workers("workers = 3"), Workers::Threads(3));
+    for bad in ["workers = -1", "workers = 1025"] {
+        let found = problems(&with(bad));
+        assert_eq!(found.len(), 1, "{bad}: {found:?}");
+        assert!(found[0].starts_with("server.workers: must be 0 (one shared runtime) to 1024"), "{found:?}");
+    }
+    // A change is reported, and needs a restart (threads and sockets are made at start).
+    let (a, b) = (parse_ok(&with("workers = 2")), parse_ok(&with("workers = 0")));
+    let changes = crate::ops::reload::diff(&a, &b);
+    let change = changes.iter().find(|c| c.path == "server.workers").expect("the change is listed");
+    assert!(change.needs_restart, "{change}");
+}
+
+fn parse_ok(text: &str) -> Config {
+    Config::from_toml(text, &no_env).expect("valid")
+}

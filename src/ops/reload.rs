@@ -209,6 +209,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         format!("[{}] forwarded_for={}", blocks.join(", "), s.trusted_proxies.forwarded_for)
     };
     field("server.trusted_proxies", trusted(s0), trusted(s1), true);
+    field("server.workers", s0.workers.to_string(), s1.workers.to_string(), true);
     field("admin.listen", old.admin.listen.to_string(), new.admin.listen.to_string(), true);
     match (&old.admin.auth, &new.admin.auth) {
         (AdminAuth::Token(a), AdminAuth::Token(b)) if a != b => {

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -88,6 +88,20 @@ pub struct ConnMetrics {
     refused: [IntCounter; Refused::ALL.len()],
     closed: [IntCounter; Closed::ALL.len()],
     pub accept_errors: IntCounter,
+    /// Connections open now by the worker thread that accepted them (`server.workers`): how
+    /// evenly the kernel spreads them.
+    pub per_worker: IntGaugeVec,
+}
+
+fn per_worker() -> IntGaugeVec {
+    IntGaugeVec::new(
+        Opts::new(
+            "bureau_guard_worker_connections",
+            "Client connections open now, by the worker thread that accepted them (none on the shared runtime, server.workers = 0).",
+        ),
+        &["worker"],
+    )
+    .expect("valid metric")
 }
 
 impl ConnMetrics {
@@ -121,6 +135,7 @@ impl ConnMetrics {
                 "Failed accepts (EMFILE and friends: the descriptor limit is reached).",
             )
             .expect("valid metric"),
+            per_worker: per_worker(),
         };
         for c in [
             Box::new(m.open.clone()) as Box<dyn prometheus::core::Collector>,
@@ -128,6 +143,7 @@ impl ConnMetrics {
             Box::new(refused),
             Box::new(closed),
             Box::new(m.accept_errors.clone()),
+            Box::new(m.per_worker.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -143,7 +159,13 @@ impl ConnMetrics {
             refused: Refused::ALL.map(|r| c(r.as_str())),
             closed: Closed::ALL.map(|r| c(r.as_str())),
             accept_errors: c("accept_errors"),
+            per_worker: per_worker(),
         }
+    }
+
+    /// The gauge of worker `worker` (1-based), created at start so its series exists from zero.
+    pub fn worker(&self, worker: usize) -> IntGauge {
+        self.per_worker.with_label_values(&[&worker.to_string()])
     }
 
     pub fn refused(&self, r: Refused) {
@@ -362,7 +384,15 @@ impl Connections {
             *t.by_source.entry(source).or_insert(0) += 1;
         }
         self.metrics.open.set(t.open.len() as i64);
-        Ok(Slot { id, conns: self.clone(), activity })
+        drop(t);
+        let worker = match crate::server::workers::current() {
+            0 => None,
+            n => Some(self.metrics.worker(n)),
+        };
+        if let Some(g) = &worker {
+            g.inc();
+        }
+        Ok(Slot { id, conns: self.clone(), activity, worker })
     }
 }
 
@@ -371,6 +401,8 @@ pub struct Slot {
     id: u64,
     conns: Arc<Connections>,
     pub activity: Arc<Activity>,
+    /// The accepting worker's gauge (`None` off the worker threads).
+    worker: Option<IntGauge>,
 }
 
 impl Slot {
@@ -402,6 +434,9 @@ impl Drop for Slot {
         let mut t = self.conns.lock();
         t.remove(self.id);
         self.conns.metrics.open.set(t.open.len() as i64);
+        if let Some(g) = &self.worker {
+            g.dec();
+        }
     }
 }
 

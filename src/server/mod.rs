@@ -29,6 +29,7 @@ pub(crate) mod client_addr;
 pub(crate) mod conns;
 pub(crate) mod nofile;
 pub mod proxy_protocol;
+pub mod workers;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -161,6 +161,9 @@ pub struct RedisState {
     local_error_logged: AtomicU64,
     scheduler: Arc<Scheduler>,
     metrics: RedisMetrics,
+    /// The runtime that started the proxy, where refills run (see `spawn_refill`); `None` when
+    /// built outside a runtime (then the caller's).
+    background: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for RedisState {
@@ -205,6 +208,7 @@ impl RedisState {
             local_error_logged: AtomicU64::new(0),
             scheduler,
             metrics,
+            background: tokio::runtime::Handle::try_current().ok(),
         }))
     }
 
@@ -393,10 +397,17 @@ impl RedisState {
             }
         }
         let finish = Finish(state.clone(), lease);
-        tokio::spawn(async move {
+        let task = async move {
             let _finish = finish;
             work.await;
-        });
+        };
+        // On the runtime that started the proxy, never on a worker thread's: the Redis client
+        // opens its connection (a task, timers) on the runtime of whoever first needs it, and a
+        // worker's runtime stops at shutdown, before the last give-backs to Redis.
+        match &self.background {
+            Some(runtime) => drop(runtime.spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
     }
 
     fn fallback(&self, limit: Limit) -> Result<(), ProxyError> {
