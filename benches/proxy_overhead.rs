@@ -46,6 +46,9 @@ use bureau_sim::loadgen::{LoadGenerator, LoadgenOptions, RequestTemplate, RunSna
 use bureau_sim::mock_bureau::Stats;
 use sha2::Digest;
 
+#[path = "proxy_overhead/closed.rs"]
+mod closed;
+
 /// The API key every request carries; bureau-guard's config holds its hash.
 const API_KEY: &str = "bench-key";
 
@@ -99,7 +102,9 @@ usage: cargo bench --bench proxy_overhead -- [options]
   --mode M             overhead (unique subjects: every request reaches the mock), cache-hit (one hot
                        subject, every measured request a cache hit), tls (overhead load, each proxy plain and
                        over TLS, kept-alive connections), tls-handshake (the same, a new connection and full
-                       TLS handshake per request) or all (default: all four in that order)
+                       TLS handshake per request), closed (closed loop with wrk, 32 connections: req/s and
+                       CPU per request, bare and cache hits, against nginx) or all (default: all five in
+                       that order)
   --rates A,B,...      offered rates in req/s, both scenarios (default 1000,2000,4000,8000,10000,12000,16000,
                        20000,24000,32000; quick 500,1000,2000)
   --hit-rates A,B,...  offered rates of the cache-hit scenario only (default 1000,2000,4000,8000,10000,12000,
@@ -113,7 +118,10 @@ usage: cargo bench --bench proxy_overhead -- [options]
   --key-rounds N       cache-hit scenario: after the rate steps, N more rounds of one step per target at the key
                        rate, targets interleaved, for a median added p50 (default 5; quick 1; 0 = none)
   --targets LIST       subset of direct,bureau-guard,nginx (default all)
-  --nginx PATH         nginx binary (default: $NGINX, then PATH, then /usr/sbin/nginx)";
+  --nginx PATH         nginx binary (default: $NGINX, then PATH, then /usr/sbin/nginx)
+  --closed-rounds N    closed mode: rounds, targets in rotated order (default 3; quick 1)
+  --closed-secs S      closed mode: seconds of wrk per target and round (default 10; quick 1)
+  --closed-sets LIST   closed mode: subset of bare,features,hit (default all three)";
 
 // ---------------------------------------------------------------------------
 // Arguments
@@ -167,10 +175,12 @@ enum Scenario {
     Tls,
     /// The overhead load with a new connection (a full TLS handshake) per request.
     TlsHandshake,
+    /// Closed loop with wrk, 32 connections: throughput and CPU per request ([`closed`]).
+    Closed,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [Self::Overhead, Self::CacheHit, Self::Tls, Self::TlsHandshake];
+    const ALL: [Scenario; 5] = [Self::Overhead, Self::CacheHit, Self::Tls, Self::TlsHandshake, Self::Closed];
 
     fn as_str(self) -> &'static str {
         match self {
@@ -178,6 +188,7 @@ impl Scenario {
             Self::CacheHit => "cache-hit",
             Self::Tls => "tls",
             Self::TlsHandshake => "tls-handshake",
+            Self::Closed => "closed",
         }
     }
 
@@ -205,6 +216,10 @@ struct Args {
     key_rounds: usize,
     targets: Vec<TargetKind>,
     nginx: Option<PathBuf>,
+    /// Closed-loop mode: rounds, and seconds of wrk per target and round.
+    closed_rounds: usize,
+    closed_secs: u32,
+    closed_sets: Vec<String>,
 }
 
 impl Args {
@@ -225,6 +240,9 @@ impl Args {
                 key_rounds: 1,
                 targets: TargetKind::BASE.to_vec(),
                 nginx: None,
+                closed_rounds: 1,
+                closed_secs: 1,
+                closed_sets: closed::SETS.map(String::from).to_vec(),
             }
         } else {
             Args {
@@ -243,6 +261,9 @@ impl Args {
                 key_rounds: 5,
                 targets: TargetKind::BASE.to_vec(),
                 nginx: None,
+                closed_rounds: 3,
+                closed_secs: 10,
+                closed_sets: closed::SETS.map(String::from).to_vec(),
             }
         };
         let rate_list = |text: String, flag: &str| -> anyhow::Result<Vec<f64>> {
@@ -263,7 +284,7 @@ impl Args {
                     args.scenarios = match mode.trim() {
                         "all" => Scenario::ALL.to_vec(),
                         name => vec![Scenario::ALL.into_iter().find(|s| s.as_str() == name).with_context(|| {
-                            format!("unknown mode {name:?} (overhead, cache-hit, tls, tls-handshake or all)")
+                            format!("unknown mode {name:?} (overhead, cache-hit, tls, tls-handshake, closed or all)")
                         })?],
                     };
                 }
@@ -293,6 +314,28 @@ impl Args {
                         .collect::<anyhow::Result<_>>()?;
                 }
                 "--nginx" => args.nginx = Some(PathBuf::from(value()?)),
+                "--closed-rounds" => {
+                    let text = value()?;
+                    args.closed_rounds = text
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .with_context(|| format!("{flag}: {text:?} is not a count >= 1"))?;
+                }
+                "--closed-sets" => {
+                    args.closed_sets = value()?.split(',').map(|s| s.trim().to_owned()).collect();
+                    if let Some(bad) = args.closed_sets.iter().find(|s| !closed::SETS.contains(&s.as_str())) {
+                        bail!("{flag}: unknown set {bad:?} (bare, features, hit)");
+                    }
+                }
+                "--closed-secs" => {
+                    let text = value()?;
+                    args.closed_secs = text
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .with_context(|| format!("{flag}: {text:?} is not whole seconds >= 1"))?;
+                }
                 // cargo passes filters and other harnesses' flags to every
                 // bench binary; they are not ours to reject.
                 other => eprintln!("proxy_overhead: ignoring argument {other:?}"),
@@ -322,6 +365,7 @@ impl Args {
             Scenario::Overhead | Scenario::Tls => &self.rates,
             Scenario::CacheHit => &self.hit_rates,
             Scenario::TlsHandshake => &self.handshake_rates,
+            Scenario::Closed => &[],
         }
     }
 }
@@ -460,7 +504,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
     for &scenario in &args.scenarios {
         let dir = workdir.path.join(scenario.as_str());
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        run_scenario(&env, scenario, &mut mock, &dir)?;
+        if scenario == Scenario::Closed {
+            closed::run(&env, &dir)?;
+            mock.check_alive()?;
+        } else {
+            run_scenario(&env, scenario, &mut mock, &dir)?;
+        }
     }
     Ok(())
 }
@@ -563,7 +612,7 @@ fn run_scenario(env: &Env<'_>, scenario: Scenario, mock: &mut ChildGuard, dir: &
 
     // A TLS scenario runs each proxy plain and over TLS, side by side; direct has no TLS.
     let kinds: Vec<TargetKind> = match scenario {
-        Scenario::Overhead | Scenario::CacheHit => args.targets.clone(),
+        Scenario::Overhead | Scenario::CacheHit | Scenario::Closed => args.targets.clone(),
         Scenario::Tls | Scenario::TlsHandshake => args
             .targets
             .iter()
@@ -834,7 +883,7 @@ fn stream_spec(
     let scheme = if kind.is_tls() { "https" } else { "http" };
     let template = RequestTemplate::get(&format!("{scheme}://{addr}{HOT_PATH}"))?.header("x-api-key", API_KEY)?;
     match scenario {
-        Scenario::Overhead | Scenario::Tls | Scenario::TlsHandshake => {
+        Scenario::Overhead | Scenario::Tls | Scenario::TlsHandshake | Scenario::Closed => {
             let first = *next_subject;
             let spec = StreamSpec::new(
                 kind.as_str(),
@@ -990,6 +1039,7 @@ fn render(args: &Args, scenario: Scenario, steps: &[Step], rounds: &[Vec<Step>],
                  {step_secs:.1} s per rate (offered = connections/s)\n"
             );
         }
+        Scenario::Closed => unreachable!("the closed loop renders its own tables (closed.rs)"),
     }
     let _ = writeln!(
         out,

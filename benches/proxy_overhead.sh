@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end proxy benchmark: direct to the mock bureau vs through bureau-guard
-# vs through nginx, open-loop load at increasing rates, in four scenarios:
+# vs through nginx, open-loop load at increasing rates, in four scenarios,
+# and a closed loop with wrk (--mode closed):
 # overhead (every request reaches the mock), cache-hit (every request is
 # answered from the proxy's cache; issue 5), and tls / tls-handshake (each
 # proxy plain and terminating TLS with the same certificate; issue 7).
@@ -10,7 +11,8 @@
 #   bash benches/proxy_overhead.sh --mode cache-hit   # full run, cache hits only: ~4.5 minutes
 #   bash benches/proxy_overhead.sh --mode tls         # full run, plain vs TLS, kept-alive: ~3.5 minutes
 #   bash benches/proxy_overhead.sh --mode tls-handshake  # full run, a TLS handshake per request: ~4 minutes
-#   bash benches/proxy_overhead.sh --quick            # smoke run (CI), all four scenarios: ~55 s once built
+#   bash benches/proxy_overhead.sh --mode closed      # closed loop with wrk (issue 16): ~3 minutes
+#   bash benches/proxy_overhead.sh --quick            # smoke run (CI), all five scenarios: ~70 s once built
 #   bash benches/proxy_overhead.sh --help             # every option
 #
 # All load targets 127.0.0.1. See benches/README.md for the scenario and the criterion.
@@ -23,6 +25,14 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q nginx
+fi
+
+# wrk drives the closed-loop mode (`--mode closed`), as the issue 16 baseline was measured.
+if ! command -v wrk >/dev/null 2>&1; then
+  echo "proxy_overhead.sh: installing wrk" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q wrk
 fi
 
 # Open-loop load opens as many connections as a slow target needs: allow as
