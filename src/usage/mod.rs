@@ -60,6 +60,8 @@ pub struct Usage {
     /// With `usage.dir`: the charge committer's queue (`journal.rs`).
     charges: Option<journal::Committer>,
     metrics: UsageMetrics,
+    /// One reconciliation scan at a time (`reconcile.rs`).
+    scans: reconcile::ScanGate,
 }
 
 /// The local day number (since 1970-01-01) of `unix_ms` at `offset`: the quota's day.
@@ -94,6 +96,7 @@ impl Usage {
             retention_days: config.retention_days(),
             charges,
             metrics,
+            scans: reconcile::ScanGate::default(),
         })
     }
 
@@ -224,6 +227,11 @@ impl Usage {
     /// Days kept, counting today.
     pub fn retention_days(&self) -> u32 {
         self.retention_days
+    }
+
+    /// The process's one reconciliation scan at a time.
+    pub fn scans(&self) -> &reconcile::ScanGate {
+        &self.scans
     }
 }
 
