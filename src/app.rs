@@ -369,8 +369,9 @@ async fn persist_loop(
     }
 }
 
-/// Every `usage.flush_interval`: the usage counts to their day files; once a day (and at
-/// start), the days past `usage.retention` deleted. On stop (after the drain): one final flush.
+/// Every `usage.flush_interval`: the usage counts to their day files (and, with Redis, the
+/// totals that changed to Redis); once a day (and at start), the days past `usage.retention`
+/// deleted. On stop (after the drain): one final flush.
 async fn usage_loop(shared: Arc<Shared>, stop: impl std::future::Future<Output = ()>) {
     tokio::pin!(stop);
     let interval = shared.snapshot.load().config.usage.flush_interval;
@@ -400,6 +401,10 @@ async fn usage_loop(shared: Arc<Shared>, stop: impl std::future::Future<Output =
             }
             Ok(Err(e)) => tracing::error!(error = %e, "cannot write usage; the counts stay in memory and are retried"),
             Err(e) => tracing::error!(error = %e, "usage writer panicked"),
+        }
+        // With Redis: this flush's totals there too, one pipeline (kept and retried if not).
+        if let Some(redis) = &shared.redis {
+            shared.usage.ship(redis).await;
         }
         if stopping {
             return;

@@ -118,9 +118,29 @@ impl Admin {
         };
         let snap = self.shared.snapshot.load_full();
         let (from, to, tenant) = (q.from, q.to, q.tenant.clone());
-        // File reads (and the flush before them) block: off the async workers.
-        let rows = match tokio::task::spawn_blocking(move || usage.rows(from, to, tenant.as_deref())).await {
-            Ok(Ok(rows)) => rows,
+        // With Redis, every replica's usage: this one's copied there first (`usage/shared.rs`).
+        let rows = if let Some(redis) = &self.shared.redis {
+            let shared = if usage.ship(redis).await {
+                redis.read_usage(from, to, tenant.as_deref()).await
+            } else {
+                Err("this replica's latest counts could not be copied".into())
+            };
+            match shared {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read usage from Redis");
+                    let mut resp = json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({"error": "usage_unavailable", "message": "Redis did not answer: the statement across replicas cannot be made now; every replica keeps its counts and copies them once Redis is back"}),
+                    );
+                    resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return resp;
+                }
+            }
+        } else {
+            // File reads (and the flush before them) block: off the async workers.
+            match tokio::task::spawn_blocking(move || usage.rows(from, to, tenant.as_deref())).await {
+                Ok(Ok(rows)) => rows,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "cannot read usage");
                 return json(
@@ -128,8 +148,9 @@ impl Admin {
                     &serde_json::json!({"error": "usage_unavailable", "message": "the usage files could not be read; see the proxy's log"}),
                 );
             }
-            Err(_) => {
-                return json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "usage_unavailable"}));
+                Err(_) => {
+                    return json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "usage_unavailable"}));
+                }
             }
         };
         let configured: Vec<String> = match &q.tenant {
