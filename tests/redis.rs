@@ -1336,3 +1336,113 @@ async fn two_replicas_hold_a_group_to_its_rate_together() {
         r.shutdown().await;
     }
 }
+
+/// Each tenant's `bureau_calls` in a statement from the replica at `admin` (days around today).
+async fn statement_calls(admin: std::net::SocketAddr) -> Result<std::collections::BTreeMap<String, u64>, u16> {
+    let kst = chrono::FixedOffset::east_opt(9 * 3600).unwrap();
+    let today = bureau_guard::usage::day_at(
+        bureau_guard::clock::Clock::now_unix_ms(&bureau_guard::clock::SystemClock),
+        kst,
+    );
+    let (from, to) =
+        (bureau_guard::usage::store::date_of(today - 1), bureau_guard::usage::store::date_of(today + 1));
+    let r = get(&format!("http://{admin}/admin/usage?from={from}&to={to}"), &[]).await;
+    if r.status != 200 {
+        return Err(r.status.as_u16());
+    }
+    let j = r.json();
+    Ok(j["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["totals"]["bureau_calls"].as_u64() != Some(0))
+        .map(|t| (t["tenant"].as_str().unwrap().to_string(), t["totals"]["bureau_calls"].as_u64().unwrap()))
+        .collect())
+}
+
+/// Known traffic: `n` look-ups of a and of b, alternating over the replicas, some answered from
+/// each replica's cache (not billed) and some sent.
+async fn usage_traffic(replicas: &[&app::Running], tag: &str, n: usize) {
+    for i in 0..n {
+        let (ra, rb) = (replicas[i % replicas.len()], replicas[(i + 1) % replicas.len()]);
+        let a = get(&format!("http://{}/v1/score/{tag}-A{}", ra.addr, i % 3), &[("x-api-key", KEY_A)]).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        let b = get(&format!("http://{}/v1/score/{tag}-B{i}", rb.addr), &[("x-api-key", KEY_B)]).await;
+        assert_eq!(b.status, 200, "{}", b.text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_statement_from_either_replica_is_the_bureaus_count_through_outage_and_restart() {
+    let Some(mut redis) = RedisServer::start("redis-usage") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let dirs = [temp_dir("redis-usage-0"), temp_dir("redis-usage-1")];
+    let redis_url = redis.url();
+    // Flushes only when the test says (the periodic one is an hour away): each step below is
+    // what one periodic flush does.
+    let text = |n: usize| {
+        let usage = format!("[usage]\ndir = \"{}\"\nflush_interval = \"1h\"\n", dirs[n].display());
+        config_with(
+            &mock.url(),
+            &Extras {
+                score: "cache_ttl = \"10m\"\ncache_key = [\"path.subject_id\"]",
+                sections: &(redis_state(&redis_url, "") + &usage),
+                ..Extras::default()
+            },
+        )
+    };
+    let mut replicas = vec![app::start(parse(&text(0))).await.unwrap(), app::start(parse(&text(1))).await.unwrap()];
+    let flush = |r: &app::Running| {
+        let (usage, redis) = (r.shared.usage.clone(), r.shared.redis.clone().unwrap());
+        async move { usage.ship(&redis).await }
+    };
+    let billed = || -> std::collections::BTreeMap<String, u64> {
+        mock.bureau.stats().served_by_tenant.into_iter().filter(|(_, n)| *n > 0).collect()
+    };
+
+    usage_traffic(&[&replicas[0], &replicas[1]], "one", 12).await;
+    for r in &replicas {
+        assert!(flush(r).await);
+    }
+    let want = billed();
+    assert_eq!(want.len(), 2, "both tenants called: {want:?}");
+    for r in &replicas {
+        assert_eq!(statement_calls(r.admin_addr).await, Ok(want.clone()), "either replica: every call of both");
+    }
+    // Within one replica the cache answered some: the statement is the bureau's, not the requests'.
+    assert!(want["a"] < 12, "{want:?}");
+
+    // Redis down at flush time: the counts stay, a statement says it cannot be made, and the
+    // next flush Redis answers copies them, once.
+    redis.stop();
+    usage_traffic(&[&replicas[0]], "two", 4).await;
+    assert!(!flush(&replicas[0]).await, "Redis is down");
+    assert!(!flush(&replicas[0]).await, "still down: tried again");
+    assert_eq!(statement_calls(replicas[0].admin_addr).await, Err(503));
+    redis.launch();
+    assert!(flush(&replicas[0]).await);
+    assert!(flush(&replicas[0]).await, "a flush with nothing new changes nothing");
+    let want = billed();
+    for r in &replicas {
+        assert_eq!(statement_calls(r.admin_addr).await, Ok(want.clone()), "after the outage, exactly");
+    }
+
+    // A restart continues its own totals from its files: nothing twice.
+    let first = replicas.remove(0);
+    first.shutdown().await;
+    let again = app::start(parse(&text(0))).await.unwrap();
+    usage_traffic(&[&again], "three", 3).await;
+    assert!(flush(&again).await);
+    let want = billed();
+    assert_eq!(statement_calls(again.admin_addr).await, Ok(want.clone()));
+    assert_eq!(statement_calls(replicas[0].admin_addr).await, Ok(want));
+    let keys = redis.cli(&["KEYS", "*usage*"]);
+    assert!(keys.contains(":a}:usage:") && keys.contains(":usage:") && keys.contains(":tenants"), "{keys}");
+    again.shutdown().await;
+    for r in replicas {
+        r.shutdown().await;
+    }
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

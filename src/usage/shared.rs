@@ -74,6 +74,9 @@ pub struct Outbox {
     /// Days to copy whole: written since the last copy Redis answered before a restart, or
     /// whose totals could not be read.
     whole: BTreeSet<u32>,
+    /// Redis did not take the last copy: no whole day is loaded until it does (an outage at
+    /// start must not load every kept day into memory).
+    failing: bool,
 }
 
 impl Outbox {
@@ -88,6 +91,7 @@ impl Outbox {
                 dirty: HashSet::new(),
                 totals: BTreeMap::new(),
                 whole: BTreeSet::new(),
+                failing: false,
             });
         };
         let id_file = dir.join(WRITER_FILE);
@@ -107,6 +111,7 @@ impl Outbox {
             dirty: HashSet::new(),
             totals: BTreeMap::new(),
             whole: written_since_last_copy(dir)?,
+            failing: false,
         })
     }
 
@@ -141,7 +146,8 @@ impl Outbox {
     /// The totals to copy now (the marks are cleared: give the shipment back to
     /// [`Outbox::done`]). Whole days are read from `store` here, a few per call.
     pub fn take(&mut self, store: &Store) -> Shipment {
-        let whole: Vec<u32> = self.whole.iter().take(WHOLE_DAYS_PER_FLUSH).copied().collect();
+        let loading = if self.failing { 0 } else { WHOLE_DAYS_PER_FLUSH };
+        let whole: Vec<u32> = self.whole.iter().take(loading).copied().collect();
         for day in whole {
             self.whole.remove(&day);
             match store.read_all(day) {
@@ -177,9 +183,11 @@ impl Outbox {
     pub fn done(&mut self, shipment: Shipment, copied: Copied) {
         match copied {
             Copied::No => {
+                self.failing = true;
                 self.dirty.extend(shipment.rows.into_iter().map(|(day, pair, _)| (day, pair)));
             }
             Copied::Yes => {
+                self.failing = false;
                 if let Some(dir) = &self.dir
                     && self.whole.is_empty()
                 {
