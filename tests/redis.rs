@@ -1446,3 +1446,63 @@ async fn a_usage_statement_from_either_replica_is_the_bureaus_count_through_outa
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// `kill -9` of a replica mid-traffic: its restart copies the days written since its last copy
+/// again, so the statement across replicas misses no billed call (it can be above the bureau's
+/// count only by the calls the kill stopped between their charge and their send: at most the
+/// requests in flight, 4 per tenant here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_usage_reaches_the_shared_statement_after_its_restart() {
+    let Some(redis) = RedisServer::start("redis-usage-kill") else { return };
+    let mock =
+        start_mock(bureau_sim::mock_bureau::MockConfig { service_time: Duration::from_millis(5), ..fast_mock() }).await;
+    let dir = temp_dir("redis-usage-kill");
+    // The periodic flush (an hour) plays no part: only the charges on disk, and the restart.
+    let usage = format!("[usage]\ndir = \"{}\"\nflush_interval = \"1h\"\n", dir.join("usage").display());
+    let text = config_with(&mock.url(), &Extras { sections: &(redis_state(&redis.url(), "") + &usage), ..Extras::default() });
+    let config = replica_config(&dir, 0, &text);
+    let other = app::start(parse(&config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state(&redis.url(), ""), ..Extras::default() },
+    )))
+    .await
+    .unwrap();
+    let (mut proc, addr, admin) = spawn_serving(&config);
+    wait_healthy(&admin).await;
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let key = if c % 2 == 0 { KEY_A } else { KEY_B };
+                let client = client();
+                for i in 0.. {
+                    let url = format!("http://{addr}/v1/score/K-{c}-{i}");
+                    assert_eq!(send(&client, http::Method::GET, &url, &[("x-api-key", key)], b"").await.status, 200);
+                }
+            })
+        })
+        .collect();
+    let bureau = mock.bureau.clone();
+    wait_until("200 calls served", || bureau.stats().calls_ok >= 200).await;
+    proc.0.kill().unwrap(); // SIGKILL: no drain, no final flush, no copy to Redis
+    proc.0.wait().unwrap();
+    for c in clients {
+        c.abort();
+    }
+    wait_until("the bureau idle", || bureau.stats().in_flight == 0).await;
+    // The other replica's own calls, flushed (what its periodic flush does).
+    usage_traffic(&[&other], "other", 3).await;
+    assert!(other.shared.usage.ship(other.shared.redis.as_ref().unwrap()).await);
+
+    let (_proc, _, admin) = spawn_serving(&config);
+    wait_healthy(&admin).await;
+    let served = mock.bureau.stats().served_by_tenant;
+    let from_restarted = statement_calls(admin.parse().unwrap()).await.unwrap();
+    for tenant in ["a", "b"] {
+        let (charged, billed) = (from_restarted[tenant], served[tenant]);
+        assert!((billed..=billed + 4).contains(&charged), "{tenant}: statement {charged}, the bureau billed {billed}");
+    }
+    assert_eq!(statement_calls(other.admin_addr).await.unwrap(), from_restarted, "the same from either replica");
+    other.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
