@@ -239,7 +239,9 @@ impl Shared {
         };
         if redis.is_some() {
             // A statement from any replica covers them all (`usage/shared.rs`).
-            usage.share().map_err(|e| std::io::Error::new(e.kind(), format!("cannot share usage through Redis: {e}")))?;
+            usage
+                .share()
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot share usage through Redis: {e}")))?;
         }
         let tls_listener =
             config.server.tls.as_ref().map(|t| Arc::new(ArcSwap::from_pointee(crate::tls::Listener::new(t))));

@@ -1340,12 +1340,9 @@ async fn two_replicas_hold_a_group_to_its_rate_together() {
 /// Each tenant's `bureau_calls` in a statement from the replica at `admin` (days around today).
 async fn statement_calls(admin: std::net::SocketAddr) -> Result<std::collections::BTreeMap<String, u64>, u16> {
     let kst = chrono::FixedOffset::east_opt(9 * 3600).unwrap();
-    let today = bureau_guard::usage::day_at(
-        bureau_guard::clock::Clock::now_unix_ms(&bureau_guard::clock::SystemClock),
-        kst,
-    );
-    let (from, to) =
-        (bureau_guard::usage::store::date_of(today - 1), bureau_guard::usage::store::date_of(today + 1));
+    let today =
+        bureau_guard::usage::day_at(bureau_guard::clock::Clock::now_unix_ms(&bureau_guard::clock::SystemClock), kst);
+    let (from, to) = (bureau_guard::usage::store::date_of(today - 1), bureau_guard::usage::store::date_of(today + 1));
     let r = get(&format!("http://{admin}/admin/usage?from={from}&to={to}"), &[]).await;
     if r.status != 200 {
         return Err(r.status.as_u16());
@@ -1459,7 +1456,8 @@ async fn a_killed_replicas_usage_reaches_the_shared_statement_after_its_restart(
     let dir = temp_dir("redis-usage-kill");
     // The periodic flush (an hour) plays no part: only the charges on disk, and the restart.
     let usage = format!("[usage]\ndir = \"{}\"\nflush_interval = \"1h\"\n", dir.join("usage").display());
-    let text = config_with(&mock.url(), &Extras { sections: &(redis_state(&redis.url(), "") + &usage), ..Extras::default() });
+    let text =
+        config_with(&mock.url(), &Extras { sections: &(redis_state(&redis.url(), "") + &usage), ..Extras::default() });
     let config = replica_config(&dir, 0, &text);
     let other = app::start(parse(&config_with(
         &mock.url(),

@@ -141,13 +141,13 @@ impl Admin {
             // File reads (and the flush before them) block: off the async workers.
             match tokio::task::spawn_blocking(move || usage.rows(from, to, tenant.as_deref())).await {
                 Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot read usage");
-                return json(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &serde_json::json!({"error": "usage_unavailable", "message": "the usage files could not be read; see the proxy's log"}),
-                );
-            }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot read usage");
+                    return json(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &serde_json::json!({"error": "usage_unavailable", "message": "the usage files could not be read; see the proxy's log"}),
+                    );
+                }
                 Err(_) => {
                     return json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "usage_unavailable"}));
                 }
@@ -189,8 +189,7 @@ impl Admin {
         let Some(audit) = snap.config.audit.file.clone() else {
             return bad("no audit.file in the running config: there are no records to search".into());
         };
-        let q = match crate::usage::query::parse_search(req.uri().query().unwrap_or(""), snap.config.quota.utc_offset)
-        {
+        let q = match crate::usage::query::parse_search(req.uri().query().unwrap_or(""), snap.config.quota.utc_offset) {
             Ok(q) => q,
             Err(message) => return bad(message),
         };

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use super::counts::{Column, Counts};
 use super::Kept;
+use super::counts::{Column, Counts};
 use super::store::Day;
 
 /// The most charges written as one batch (bounds the writer's memory under a flood).

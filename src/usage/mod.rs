@@ -89,6 +89,21 @@ impl Kept {
     }
 }
 
+/// A copy taken from the outbox and not yet answered: if its future is dropped (a statement
+/// whose client left, a flush cut by shutdown), its pairs are marked to go again.
+struct Unanswered {
+    usage: Arc<Usage>,
+    shipment: Option<shared::Shipment>,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(shipment) = self.shipment.take() {
+            self.usage.shipped(shipment, shared::Copied::No);
+        }
+    }
+}
+
 /// The local day number (since 1970-01-01) of `unix_ms` at `offset`: the quota's day.
 pub fn day_at(unix_ms: i64, offset: chrono::FixedOffset) -> u32 {
     let local_s = unix_ms.div_euclid(1000) + i64::from(offset.local_minus_utc());
@@ -137,7 +152,8 @@ impl Usage {
 
     /// Flushes, then copies to Redis this replica's totals that changed since the last copy
     /// (one pipeline); what Redis does not take is copied with the next call. Returns whether
-    /// Redis took it (`true` too when there was nothing to copy, or no sharing).
+    /// Redis took it (`true` too when there was nothing to copy, or no sharing). Cancel-safe:
+    /// a copy dropped before Redis answered is marked to go again.
     pub async fn ship(self: &Arc<Self>, redis: &crate::state::redis::RedisState) -> bool {
         let _one = self.shipping.lock().await;
         let usage = self.clone();
@@ -146,28 +162,31 @@ impl Usage {
             let flushed = usage.flush();
             let mut kept = usage.store.lock().unwrap_or_else(|p| p.into_inner());
             let Kept { store, outbox } = &mut *kept;
-            (flushed, outbox.as_mut().map(|o| o.take(store)))
+            let shipment = outbox.as_mut().map(|o| o.take(store));
+            drop(kept);
+            (flushed, shipment.map(|s| Unanswered { usage: usage.clone(), shipment: Some(s) }))
         })
         .await;
-        let (flushed, shipment) = match taken {
-            Ok(t) => t,
-            Err(_) => return false,
-        };
-        let Some(shipment) = shipment else { return flushed.is_ok() };
+        let Ok((flushed, shipment)) = taken else { return false };
+        let Some(mut pending) = shipment else { return flushed.is_ok() };
+        let shipment = pending.shipment.as_ref().expect("taken above");
         let copied = if shipment.rows.is_empty() {
             shared::Copied::Yes
         } else {
-            redis.write_usage(&shipment, self.retention_days).await
+            redis.write_usage(shipment, self.retention_days).await
         };
+        let shipment = pending.shipment.take().expect("taken above");
         let usage = self.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            let mut kept = usage.store.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(outbox) = &mut kept.outbox {
-                outbox.done(shipment, copied);
-            }
-        })
-        .await;
+        // `done` writes the copy's mark in `usage.dir`.
+        let _ = tokio::task::spawn_blocking(move || usage.shipped(shipment, copied)).await;
         flushed.is_ok() && copied == shared::Copied::Yes
+    }
+
+    fn shipped(&self, shipment: shared::Shipment, copied: shared::Copied) {
+        let mut kept = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(outbox) = &mut kept.outbox {
+            outbox.done(shipment, copied);
+        }
     }
 
     /// Counts one `column` for (`day`, `tenant`, `route`). The request path: one uncontended

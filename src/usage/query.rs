@@ -46,7 +46,9 @@ pub fn parse_search(query: &str, offset: chrono::FixedOffset) -> Result<SearchQu
         (Some(_), None, Some(_)) => {
             return Err("tenant applies to client_request_id only: ?id= searches bureau-guard's own request ids, which are unique".into());
         }
-        (None, Some(id), Some(tenant)) if !tenant.is_empty() => Search::Client { id: checked("client_request_id", id)?, tenant },
+        (None, Some(id), Some(tenant)) if !tenant.is_empty() => {
+            Search::Client { id: checked("client_request_id", id)?, tenant }
+        }
         (None, Some(_), _) => {
             return Err("client_request_id needs tenant=ID: a bank sets its client ids itself, so they are searched within the tenant that sent them".into());
         }

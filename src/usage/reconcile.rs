@@ -214,10 +214,9 @@ fn matching(line: &[u8], search: &Search) -> Option<serde_json::Value> {
     let mut v: serde_json::Value = serde_json::from_slice(line).ok()?;
     let matched = match search {
         Search::Request(id) => ["request_id", "rode_on"].into_iter().find(|k| v[*k].as_str() == Some(id))?,
-        Search::Client { id, tenant } => {
-            (v["client_request_id"].as_str() == Some(id) && v["tenant"].as_str() == Some(tenant))
-                .then_some("client_request_id")?
-        }
+        Search::Client { id, tenant } => (v["client_request_id"].as_str() == Some(id)
+            && v["tenant"].as_str() == Some(tenant))
+        .then_some("client_request_id")?,
     };
     v["matched"] = serde_json::Value::from(matched);
     Some(v)
@@ -320,7 +319,8 @@ mod tests {
     }
 
     fn audit_dir(name: &str, lines: &[serde_json::Value]) -> (PathBuf, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("bg-reconcile-{name}-{}-{}", std::process::id(), fastrand::u64(..)));
+        let dir =
+            std::env::temp_dir().join(format!("bg-reconcile-{name}-{}-{}", std::process::id(), fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let audit = dir.join("audit.jsonl");
         let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
