@@ -122,23 +122,23 @@ impl Outbox {
 
     /// `rows` were added to `day` in `store`: their totals changed.
     pub fn record(&mut self, day: u32, rows: &Day, store: &Store) {
-        if !self.totals.contains_key(&day) {
+        match self.totals.entry(day) {
+            std::collections::btree_map::Entry::Occupied(mut totals) => {
+                for (pair, c) in rows {
+                    totals.get_mut().entry(pair.clone()).or_default().merge(c);
+                }
+            }
             // The store's sum already has `rows`: it is the total.
-            match store.read_all(day) {
+            std::collections::btree_map::Entry::Vacant(slot) => match store.read_all(day) {
                 Ok(sum) => {
-                    self.totals.insert(day, sum);
+                    slot.insert(sum);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read a usage day to share it; copied whole at the next flush");
                     self.whole.insert(day);
                     return;
                 }
-            }
-        } else {
-            let totals = self.totals.get_mut(&day).expect("checked above");
-            for (pair, c) in rows {
-                totals.entry(pair.clone()).or_default().merge(c);
-            }
+            },
         }
         self.dirty.extend(rows.keys().map(|pair| (day, pair.clone())));
     }
