@@ -1467,19 +1467,7 @@ async fn a_killed_replicas_usage_reaches_the_shared_statement_after_its_restart(
     .unwrap();
     let (mut proc, addr, admin) = spawn_serving(&config);
     wait_healthy(&admin).await;
-    let clients: Vec<_> = (0..8)
-        .map(|c| {
-            let addr = addr.clone();
-            tokio::spawn(async move {
-                let key = if c % 2 == 0 { KEY_A } else { KEY_B };
-                let client = client();
-                for i in 0.. {
-                    let url = format!("http://{addr}/v1/score/K-{c}-{i}");
-                    assert_eq!(send(&client, http::Method::GET, &url, &[("x-api-key", key)], b"").await.status, 200);
-                }
-            })
-        })
-        .collect();
+    let clients = clients_back_to_back(&addr, 8);
     let bureau = mock.bureau.clone();
     wait_until("200 calls served", || bureau.stats().calls_ok >= 200).await;
     proc.0.kill().unwrap(); // SIGKILL: no drain, no final flush, no copy to Redis
