@@ -713,6 +713,10 @@ async fn works_on_a_redis_cluster_with_each_tenant_in_its_own_hash_slot() {
     assert_eq!(metric_value(&metrics, "bureau_guard_state_redis_up"), Some(1.0));
     assert_eq!(metric_value(&metrics, "bureau_guard_replicas"), Some(1.0));
     assert_eq!(metric_value(&metrics, "bureau_guard_state_redis_errors_total{op=\"quota_lease\"}"), Some(0.0));
+    // Usage: one pipeline over keys in both tenants' slots, and a statement across them.
+    assert!(proxy.shared.usage.ship(proxy.shared.redis.as_ref().unwrap()).await, "usage copied through the cluster");
+    let served = mock.bureau.stats().served_by_tenant;
+    assert_eq!(statement_calls(proxy.admin_addr).await, Ok(served));
     proxy.shutdown().await;
 }
 

@@ -10,17 +10,23 @@
 //! no `|` (config validation), so a field splits at its last one.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::RedisState;
+use futures_util::StreamExt;
+use redis::FromRedisValue;
+
+use super::conn::Conn;
+use super::{RedisState, TICK_CONCURRENCY};
 use crate::usage::shared::{Copied, Shipment};
-use crate::usage::store::{Pair, date_of};
+use crate::usage::store::date_of;
 use crate::usage::{Column, Counts, Row};
 
 /// A copy or a statement may move a day's worth of pairs: longer than a script's bound.
 const USAGE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Commands per pipeline (a statement over 400 days of 10k tenants is 4M reads).
+/// Commands per pipeline (a statement over 400 days of 10k tenants is 4M reads): one
+/// pipeline's replies are held in memory at once.
 const CHUNK: usize = 2000;
 
 impl RedisState {
@@ -32,42 +38,44 @@ impl RedisState {
         self.deployment_key(&format!("usage:{}:tenants", date_of(day)))
     }
 
-    /// Writes `shipment`'s totals (one pipeline per [`CHUNK`] commands); whether Redis took all.
-    /// Logs the first failure of a run of them, and the recovery.
+    /// Writes `shipment`'s totals; whether Redis took all. Logs the first failure of a run of
+    /// them, and the recovery.
     pub async fn write_usage(&self, shipment: &Shipment, retention_days: u32) -> Copied {
-        let mut by_key: BTreeMap<(u32, &str), Vec<(String, String)>> = BTreeMap::new();
+        let mut by_key: BTreeMap<(&str, u32), Vec<(String, String)>> = BTreeMap::new();
         for (day, (tenant, route), counts) in &shipment.rows {
             let named: BTreeMap<String, i64> = counts.named().collect();
             let value = serde_json::to_string(&named).expect("a map of numbers serializes");
-            by_key.entry((*day, tenant)).or_default().push((format!("{route}|{}", shipment.writer), value));
+            by_key.entry((tenant, *day)).or_default().push((format!("{route}|{}", shipment.writer), value));
         }
-        let mut pipes = vec![redis::pipe()];
-        let mut commands = 0;
-        for ((day, tenant), fields) in &by_key {
-            if commands >= CHUNK {
-                pipes.push(redis::pipe());
-                commands = 0;
+        // A day after the day leaves the retention (counted from its start, UTC: a day of
+        // slack covers any quota offset).
+        let expire_at = |day: u32| (i64::from(day) + i64::from(retention_days) + 1) * 86_400;
+        // One group per hash tag: each tenant's days, then every day's tenant list.
+        let mut groups: Vec<Vec<redis::Cmd>> = Vec::new();
+        let mut index: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+        let mut last_tenant = None;
+        for ((tenant, day), fields) in &by_key {
+            if last_tenant != Some(*tenant) {
+                groups.push(Vec::new());
+                last_tenant = Some(*tenant);
             }
-            // A day after the day leaves the retention (counted from its start, UTC: a day
-            // of slack covers any quota offset).
-            let expire_at = (i64::from(*day) + i64::from(retention_days) + 1) * 86_400;
-            let (key, index) = (self.usage_key(tenant, *day), self.usage_tenants_key(*day));
-            let pipe = pipes.last_mut().expect("one at least");
-            pipe.hset_multiple(&key, fields).ignore();
-            pipe.expire_at(&key, expire_at).ignore();
-            pipe.sadd(&index, *tenant).ignore();
-            pipe.expire_at(&index, expire_at).ignore();
-            commands += 4 + fields.len();
+            let key = self.usage_key(tenant, *day);
+            let group = groups.last_mut().expect("pushed above");
+            group.push(redis::Cmd::hset_multiple(&key, fields));
+            group.push(redis::Cmd::expire_at(&key, expire_at(*day)));
+            index.entry(*day).or_default().push(tenant);
         }
-        let mut result = Ok(());
-        for pipe in &pipes {
-            result = self.usage_call("usage_write", async |conn| pipe.query_async::<()>(conn).await).await;
-            if result.is_err() {
-                break;
-            }
-        }
-        match result {
-            Ok(()) => {
+        groups.push(
+            index
+                .iter()
+                .flat_map(|(day, tenants)| {
+                    let key = self.usage_tenants_key(*day);
+                    [redis::Cmd::sadd(&key, tenants), redis::Cmd::expire_at(&key, expire_at(*day))]
+                })
+                .collect(),
+        );
+        match self.run_groups::<redis::Value>("usage_write", groups).await {
+            Ok(_) => {
                 if self.usage_failing.swap(false, Ordering::AcqRel) {
                     tracing::info!("usage copied to Redis again; the counts kept meanwhile are in it");
                 }
@@ -86,37 +94,35 @@ impl RedisState {
     /// sorted by tenant, day and route.
     pub async fn read_usage(&self, from: u32, to: u32, tenant: Option<&str>) -> Result<Vec<Row>, String> {
         let days: Vec<u32> = (from..=to).collect();
-        let mut keys: Vec<(u32, String)> = Vec::new();
+        // (tenant, day), grouped by tenant (one hash tag).
+        let mut keys: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         match tenant {
-            Some(t) => keys.extend(days.iter().map(|d| (*d, t.to_string()))),
+            Some(t) => {
+                keys.insert(t.to_string(), days);
+            }
             None => {
-                for chunk in days.chunks(CHUNK) {
-                    let mut pipe = redis::pipe();
-                    for day in chunk {
-                        pipe.smembers(self.usage_tenants_key(*day));
-                    }
-                    let tenants: Vec<Vec<String>> =
-                        self.usage_call("usage_read", async |conn| pipe.query_async(conn).await).await?;
-                    for (day, ts) in chunk.iter().zip(tenants) {
-                        keys.extend(ts.into_iter().map(|t| (*day, t)));
+                let lists = days.iter().map(|d| redis::Cmd::smembers(self.usage_tenants_key(*d))).collect();
+                let lists = self.run_groups::<Vec<String>>("usage_read", vec![lists]).await?;
+                for (day, tenants) in days.iter().zip(lists.into_iter().flatten()) {
+                    for t in tenants {
+                        keys.entry(t).or_default().push(*day);
                     }
                 }
             }
         }
-        let mut sums: BTreeMap<(std::sync::Arc<str>, u32, std::sync::Arc<str>), Counts> = BTreeMap::new();
-        for chunk in keys.chunks(CHUNK) {
-            let mut pipe = redis::pipe();
-            for (day, t) in chunk {
-                pipe.hgetall(self.usage_key(t, *day));
-            }
-            let hashes: Vec<HashMap<String, String>> =
-                self.usage_call("usage_read", async |conn| pipe.query_async(conn).await).await?;
-            for ((day, t), fields) in chunk.iter().zip(hashes) {
+        let groups = keys
+            .iter()
+            .map(|(t, days)| days.iter().map(|d| redis::Cmd::hgetall(self.usage_key(t, *d))).collect())
+            .collect();
+        let hashes = self.run_groups::<HashMap<String, String>>("usage_read", groups).await?;
+        let mut sums: BTreeMap<(Arc<str>, u32, Arc<str>), Counts> = BTreeMap::new();
+        for ((t, days), hashes) in keys.iter().zip(hashes) {
+            let tenant: Arc<str> = Arc::from(t.as_str());
+            for (day, fields) in days.iter().zip(hashes) {
                 for (field, value) in fields {
                     let Some((route, _writer)) = field.rsplit_once('|') else { continue };
                     let Ok(named) = serde_json::from_str::<BTreeMap<String, i64>>(&value) else { continue };
-                    let pair: Pair = (t.as_str().into(), route.into());
-                    let c = sums.entry((pair.0, *day, pair.1)).or_default();
+                    let c = sums.entry((tenant.clone(), *day, Arc::from(route))).or_default();
                     for (name, n) in named {
                         if let Some(col) = Column::named(&name) {
                             c.add(col, n);
@@ -130,6 +136,59 @@ impl RedisState {
             .filter(|(_, c)| !c.is_zero())
             .map(|((tenant, day, route), counts)| Row { day, tenant, route, counts })
             .collect())
+    }
+
+    /// Runs `groups` of commands, the keys of each group under one hash tag; the replies, group
+    /// by group. On a single Redis they go as pipelines of [`CHUNK`] commands, whatever the
+    /// groups; on a cluster a pipeline reaches one node, so each group is a pipeline of its own
+    /// ([`TICK_CONCURRENCY`] at once).
+    async fn run_groups<T: FromRedisValue + Send + 'static>(
+        &self,
+        op: &'static str,
+        groups: Vec<Vec<redis::Cmd>>,
+    ) -> Result<Vec<Vec<T>>, String> {
+        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+        let pipe = |cmds: &[redis::Cmd]| {
+            let mut p = redis::pipe();
+            for c in cmds {
+                p.add_command(c.clone());
+            }
+            p
+        };
+        let replies: Vec<T> = match &self.conn {
+            Conn::Single(_) => {
+                let all: Vec<redis::Cmd> = groups.into_iter().flatten().collect();
+                let mut replies = Vec::with_capacity(all.len());
+                for chunk in all.chunks(CHUNK) {
+                    let p = pipe(chunk);
+                    let got: Vec<T> = self.usage_call(op, async |conn| p.query_async(conn).await).await?;
+                    replies.extend(got);
+                }
+                replies
+            }
+            Conn::Cluster(_) => {
+                let results: Vec<Result<Vec<T>, String>> = futures_util::stream::iter(groups)
+                    .map(|group| async move {
+                        let mut replies = Vec::with_capacity(group.len());
+                        for chunk in group.chunks(CHUNK) {
+                            let p = pipe(chunk);
+                            let got: Vec<T> = self.usage_call(op, async |conn| p.query_async(conn).await).await?;
+                            replies.extend(got);
+                        }
+                        Ok(replies)
+                    })
+                    .buffered(TICK_CONCURRENCY)
+                    .collect()
+                    .await;
+                let mut replies = Vec::new();
+                for r in results {
+                    replies.extend(r?);
+                }
+                replies
+            }
+        };
+        let mut replies = replies.into_iter();
+        Ok(sizes.into_iter().map(|n| replies.by_ref().take(n).collect()).collect())
     }
 
     /// One usage pipeline with its own time bound; errors as text without the URL's password.
