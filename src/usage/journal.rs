@@ -48,7 +48,7 @@ pub struct Committer {
 
 impl Committer {
     /// Starts the writer thread over `store`.
-    pub fn start(store: Arc<Mutex<Kept>>, write_errors: prometheus::IntCounter) -> std::io::Result<Committer> {
+    pub(crate) fn start(store: Arc<Mutex<Kept>>, write_errors: prometheus::IntCounter) -> std::io::Result<Committer> {
         let (queue, rx) = mpsc::channel();
         let batches = Arc::new(AtomicU64::new(0));
         let counted = batches.clone();

@@ -72,9 +72,9 @@ pub struct Usage {
 }
 
 /// The usage kept, and (with Redis) what of it is still to be copied there.
-pub struct Kept {
-    pub store: Store,
-    pub outbox: Option<shared::Outbox>,
+pub(crate) struct Kept {
+    pub(crate) store: Store,
+    pub(crate) outbox: Option<shared::Outbox>,
 }
 
 impl Kept {

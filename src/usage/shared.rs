@@ -22,12 +22,18 @@
 //!   at start the days whose file was written since then are copied again whole. Without
 //!   `usage.dir` the counts were in memory only, so a crash loses at most what was not yet
 //!   copied: one `usage.flush_interval`, plus the length of a Redis outage running at the time.
+//!   The first start on a `usage.dir` that has never been copied copies every kept day, two
+//!   per flush: a statement right after it may not have the oldest days yet.
 //! - **Writer ids**: with `usage.dir`, the id is kept in `usage.dir/usage-writer` (one id per
 //!   directory: a restart continues its own totals); without it, a new id per process (its
 //!   totals start at zero, and the previous process's stay in Redis beside them).
 //! - **Redis losing its data** (no persistence, a failover that lagged): each replica writes
-//!   again only what changes after; the days before are then short in Redis until a replica
-//!   restarts with `usage.dir` older marks (delete `redis-shipped` to copy every kept day again).
+//!   again only what changes after, so the days before are short in Redis; delete
+//!   `redis-shipped` in each replica's `usage.dir` and restart it to copy every kept day again.
+//!
+//! Cost: the first change to a day after start reads that day's file under the store's lock
+//! (once; today and yesterday stay in memory, about 17 MB a day at 10k tenants × 5 routes, a 280-byte row per pair),
+//! which holds the charges of that moment for as long.
 //!
 //! Freshness: a statement flushes and copies this replica's counts first, so it includes every
 //! look-up this replica answered before it; other replicas' are as of their last flush (one
@@ -57,8 +63,11 @@ pub struct Shipment {
     pub writer: String,
     /// (day, tenant, route) → this writer's totals for it.
     pub rows: Vec<(u32, Pair, Counts)>,
-    /// When it was taken: every count that reached the store before is in it or was copied.
+    /// When it was taken: every count that reached the store before is in it or was copied...
     taken_at: SystemTime,
+    /// ...unless another copy was still unanswered then (one cut by a stop, whose pairs are
+    /// marked again only when it is dropped): then this one's mark is not written.
+    alone: bool,
 }
 
 /// What changed since it was last copied to Redis, and this writer's totals for it. Lives
@@ -77,6 +86,8 @@ pub struct Outbox {
     /// Redis did not take the last copy: no whole day is loaded until it does (an outage at
     /// start must not load every kept day into memory).
     failing: bool,
+    /// Copies taken and not yet given back to [`Outbox::done`].
+    outstanding: usize,
 }
 
 impl Outbox {
@@ -92,6 +103,7 @@ impl Outbox {
                 totals: BTreeMap::new(),
                 whole: BTreeSet::new(),
                 failing: false,
+                outstanding: 0,
             });
         };
         let id_file = dir.join(WRITER_FILE);
@@ -112,6 +124,7 @@ impl Outbox {
             totals: BTreeMap::new(),
             whole: written_since_last_copy(dir)?,
             failing: false,
+            outstanding: 0,
         })
     }
 
@@ -169,7 +182,9 @@ impl Outbox {
                 Some((day, pair, c))
             })
             .collect();
-        Shipment { writer: self.writer.clone(), rows, taken_at: SystemTime::now() }
+        let alone = self.outstanding == 0;
+        self.outstanding += 1;
+        Shipment { writer: self.writer.clone(), rows, taken_at: SystemTime::now(), alone }
     }
 
     /// Whether anything waits to be copied.
@@ -181,6 +196,7 @@ impl Outbox {
     /// again (their totals, by then maybe higher, go with the next copy); on success the mark
     /// of the copy is written, and days no longer changing are dropped from memory.
     pub fn done(&mut self, shipment: Shipment, copied: Copied) {
+        self.outstanding = self.outstanding.saturating_sub(1);
         match copied {
             Copied::No => {
                 self.failing = true;
@@ -190,6 +206,7 @@ impl Outbox {
                 self.failing = false;
                 if let Some(dir) = &self.dir
                     && self.whole.is_empty()
+                    && shipment.alone
                 {
                     let ms = shipment.taken_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
                     // Without the mark a restart copies more days again, never fewer: no sync.
@@ -302,6 +319,28 @@ mod tests {
         let shipment = again.take(&store);
         // Day 10 may come again (its file is within the mtime slack): harmless, a total.
         assert!(totals(&shipment).contains(&(11, "b".into(), 1)), "{:?}", totals(&shipment));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn no_mark_is_written_while_a_cut_copy_is_unanswered() {
+        let dir = std::env::temp_dir().join(format!("bg-shared-cut-{}-{}", std::process::id(), fastrand::u64(..)));
+        let mut files = DayFiles::open(&dir).unwrap();
+        files.append(10, &calls("a", 1)).unwrap();
+        let store = Store::Files(DayFiles::open(&dir).unwrap());
+        let mut out = Outbox::open(Some(&dir)).unwrap();
+        // A copy cut by a stop is still held (its pairs not yet marked again) when the last
+        // copy is taken: that one's mark would claim a's count is in Redis.
+        let cut = out.take(&store);
+        let last = out.take(&store);
+        assert!(last.rows.is_empty());
+        out.done(last, Copied::Yes);
+        assert!(!dir.join(SHIPPED_FILE).exists(), "no mark while another copy is unanswered");
+        out.done(cut, Copied::No);
+        let again = out.take(&store);
+        assert_eq!(totals(&again), [(10, "a".into(), 1)]);
+        out.done(again, Copied::Yes);
+        assert!(dir.join(SHIPPED_FILE).exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
