@@ -1410,6 +1410,9 @@ async fn a_usage_statement_from_either_replica_is_the_bureaus_count_through_outa
     for r in &replicas {
         assert_eq!(statement_calls(r.admin_addr).await, Ok(want.clone()), "either replica: every call of both");
     }
+    let covers =
+        get(&format!("http://{}/admin/usage?from=2026-01-01&to=2026-01-02", replicas[0].admin_addr), &[]).await;
+    assert!(covers.json()["covers"].as_str().unwrap().starts_with("every replica"), "{}", covers.text());
     // Within one replica the cache answered some: the statement is the bureau's, not the requests'.
     assert!(want["a"] < 12, "{want:?}");
 

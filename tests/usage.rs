@@ -169,6 +169,7 @@ async fn statement_equals_the_bureaus_own_count_per_tenant_across_midnight() {
     assert_eq!(j["tenants"].as_array().unwrap().len(), 1, "only the tenant asked for");
     let day2 = statement(&proxy, &format!("from={DAY2}&to={DAY2}")).await.json();
     assert_eq!(day2["totals"]["bureau_calls"], 3, "a's 2 and b's 1 on the 24th");
+    assert_eq!(day2["covers"], "this replica", "no Redis: no other replica's look-ups");
     proxy.shutdown().await;
 }
 

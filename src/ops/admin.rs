@@ -170,10 +170,17 @@ impl Admin {
                     .insert(CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8; header=present"));
                 resp
             }
-            Format::Json => json(
-                StatusCode::OK,
-                &crate::usage::statement::statement(q.from, q.to, snap.config.quota.utc_offset, &configured, &rows),
-            ),
+            Format::Json => {
+                let statement =
+                    crate::usage::statement::statement(q.from, q.to, snap.config.quota.utc_offset, &configured, &rows);
+                let mut v = serde_json::to_value(statement).expect("a statement serializes");
+                // Whose look-ups it counts: an operator comparing replicas must know.
+                v["covers"] = serde_json::Value::from(match self.shared.redis {
+                    Some(_) => "every replica sharing this Redis (the others' as of their last flush)",
+                    None => "this replica",
+                });
+                json(StatusCode::OK, &v)
+            }
         }
     }
 
