@@ -36,7 +36,8 @@ fn main() {
         ("every file, again", None),
         ("since yesterday (2 rotations skipped)", Some(now_ms() - 86_400_000 - 60_000)),
     ] {
-        let found = reconcile::find(&audit, &id, since).unwrap();
+        let search = reconcile::Search::Request(id.clone());
+        let found = reconcile::find(&audit, &search, since, reconcile::DEFAULT_LIMIT).unwrap();
         let read: u64 = found.scanned.iter().map(|s| s.bytes).sum();
         println!(
             "{what:>40}: {} records in {} ms, {:.2} GB read ({:.2} GB/s), {} files skipped",

@@ -426,8 +426,12 @@ async fn persist_loop(
     }
 }
 
-/// Every `usage.flush_interval`: the usage counts to their day files; once a day (and at
-/// start), the days past `usage.retention` deleted. On stop (after the drain): one final flush.
+/// The last copy of usage to Redis at shutdown: a hung Redis must not hold the exit.
+const FINAL_USAGE_COPY: Duration = Duration::from_secs(1);
+
+/// Every `usage.flush_interval`: the usage counts to their day files (and, with Redis, the
+/// totals that changed to Redis); once a day (and at start), the days past `usage.retention`
+/// deleted. On stop (after the drain): one final flush.
 async fn usage_loop(shared: Arc<Shared>, stop: impl std::future::Future<Output = ()>) {
     tokio::pin!(stop);
     let interval = shared.snapshot.load().config.usage.flush_interval;
@@ -457,6 +461,22 @@ async fn usage_loop(shared: Arc<Shared>, stop: impl std::future::Future<Output =
             }
             Ok(Err(e)) => tracing::error!(error = %e, "cannot write usage; the counts stay in memory and are retried"),
             Err(e) => tracing::error!(error = %e, "usage writer panicked"),
+        }
+        // With Redis: this flush's totals there too, one pipeline (kept and retried if not). A
+        // copy never holds up a stop: cut (its pairs marked again), then one last try, bounded
+        // (with `usage.dir` a restart copies what it missed).
+        if let Some(redis) = &shared.redis {
+            if stopping {
+                let _ = tokio::time::timeout(FINAL_USAGE_COPY, shared.usage.ship(redis)).await;
+                return;
+            }
+            tokio::select! {
+                _ = shared.usage.ship(redis) => {}
+                () = &mut stop => {
+                    let _ = tokio::time::timeout(FINAL_USAGE_COPY, shared.usage.ship(redis)).await;
+                    return;
+                }
+            }
         }
         if stopping {
             return;

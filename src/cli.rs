@@ -68,27 +68,36 @@ pub enum Command {
 }
 
 /// What `bureau-guard usage` asks for: a statement (`--from`, `--to`), or the audit records of
-/// one request (`--request-id`).
+/// one request (`--request-id`) or of one tenant's client request id (`--client-request-id`
+/// with `--tenant`).
 #[derive(clap::Args, Debug)]
 pub struct UsageArgs {
-    /// First day, YYYY-MM-DD (the quota's local day, `quota.utc_offset`). With --request-id:
-    /// audit files last written before it are not read.
-    #[arg(long, required_unless_present = "request_id")]
+    /// First day, YYYY-MM-DD (the quota's local day, `quota.utc_offset`). With --request-id or
+    /// --client-request-id: audit files last written before it are not read.
+    #[arg(long, required_unless_present_any = ["request_id", "client_request_id"])]
     from: Option<String>,
     /// Last day, YYYY-MM-DD, included.
-    #[arg(long, required_unless_present = "request_id")]
+    #[arg(long, required_unless_present_any = ["request_id", "client_request_id"])]
     to: Option<String>,
-    /// Only this tenant.
+    /// Only this tenant; with --client-request-id, the tenant whose id it is (required there).
     #[arg(long, conflicts_with = "request_id")]
     tenant: Option<String>,
     /// CSV with a header row (one row per day, tenant and route) instead of JSON.
-    #[arg(long, conflicts_with = "request_id")]
+    #[arg(long, conflicts_with_all = ["request_id", "client_request_id"])]
     csv: bool,
     /// Reconciliation: the audit records of this request (bureau-guard's `x-request-id`, the
     /// id the bureau received) and of the answers that rode on its bureau call, across rotated
     /// audit files.
     #[arg(long, conflicts_with = "to")]
     request_id: Option<String>,
+    /// Reconciliation by the id the bank sent (`x-client-request-id`), within --tenant only: a
+    /// bank sets it itself, so it is never searched across tenants.
+    #[arg(long, conflicts_with_all = ["to", "request_id"], requires = "tenant")]
+    client_request_id: Option<String>,
+    /// With --request-id or --client-request-id: at most this many records (default 100, at
+    /// most 1000); the answer says `truncated` when more matched.
+    #[arg(long, conflicts_with = "to")]
+    limit: Option<String>,
 }
 
 /// Entry point of the binary.
@@ -243,11 +252,20 @@ fn reload(admin: &str, token: Option<&str>) -> ExitCode {
 /// or CSV); a 400 (bad date, unknown tenant) printed as the error it is, exit 1.
 fn usage(admin: &str, token: Option<&str>, q: &UsageArgs) -> ExitCode {
     let enc = |v: &str| percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string();
-    let path = match (&q.request_id, &q.from, &q.to) {
-        (Some(id), since, _) => {
-            let mut p = format!("/admin/usage/request?id={}", enc(id));
+    let search = match (&q.request_id, &q.client_request_id, &q.tenant) {
+        (Some(id), _, _) => Some(format!("id={}", enc(id))),
+        (None, Some(id), Some(tenant)) => Some(format!("client_request_id={}&tenant={}", enc(id), enc(tenant))),
+        _ => None,
+    };
+    let path = match (search, &q.from, &q.to) {
+        (Some(search), since, _) => {
+            // Bad values (a limit of 0, a bad date) are the endpoint's to refuse, with its message.
+            let mut p = format!("/admin/usage/request?{search}");
             if let Some(s) = since {
                 p.push_str(&format!("&since={}", enc(s)));
+            }
+            if let Some(l) = &q.limit {
+                p.push_str(&format!("&limit={}", enc(l)));
             }
             p
         }
@@ -261,7 +279,7 @@ fn usage(admin: &str, token: Option<&str>, q: &UsageArgs) -> ExitCode {
             }
             p
         }
-        _ => unreachable!("clap requires --from and --to without --request-id"),
+        _ => unreachable!("clap requires --from and --to without --request-id or --client-request-id"),
     };
     let (status, body) = match admin_call(http::Method::GET, admin, &path, token) {
         Ok(answer) => answer,
@@ -272,12 +290,15 @@ fn usage(admin: &str, token: Option<&str>, q: &UsageArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     print!("{}", String::from_utf8_lossy(&body));
-    if q.request_id.is_some()
-        && serde_json::from_slice::<serde_json::Value>(&body)
-            .is_ok_and(|v| v["records"].as_array().is_some_and(Vec::is_empty))
-    {
-        eprintln!("\nno audit record of that request in the files read (see scanned, skipped)");
-        return ExitCode::FAILURE;
+    if q.request_id.is_some() || q.client_request_id.is_some() {
+        let found = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+        if found["records"].as_array().is_some_and(Vec::is_empty) {
+            eprintln!("\nno audit record of that request in the files read (see scanned, skipped)");
+            return ExitCode::FAILURE;
+        }
+        if found["truncated"] == true {
+            eprintln!("\nmore records matched than --limit; the oldest are shown (truncated)");
+        }
     }
     ExitCode::SUCCESS
 }

@@ -237,6 +237,12 @@ impl Shared {
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
             ),
         };
+        if redis.is_some() {
+            // A statement from any replica covers them all (`usage/shared.rs`).
+            usage
+                .share()
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot share usage through Redis: {e}")))?;
+        }
         let tls_listener =
             config.server.tls.as_ref().map(|t| Arc::new(ArcSwap::from_pointee(crate::tls::Listener::new(t))));
         let handshakes = metrics.handshake_counters();

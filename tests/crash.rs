@@ -71,18 +71,7 @@ async fn usage_statement_misses_no_billed_call_after_kill_9_mid_traffic() {
     let mut proc = spawn(&config);
     wait_healthy(&admin).await;
     // 8 clients send look-ups back to back until the process dies under them.
-    let clients: Vec<_> = (0..8)
-        .map(|c| {
-            tokio::spawn(async move {
-                let key = if c % 2 == 0 { KEY_A } else { KEY_B };
-                let client = client();
-                for i in 0.. {
-                    let url = format!("http://127.0.0.1:{port}/v1/score/S-{c}-{i}");
-                    assert_eq!(send(&client, http::Method::GET, &url, &[("x-api-key", key)], b"").await.status, 200);
-                }
-            })
-        })
-        .collect();
+    let clients = clients_back_to_back(&format!("127.0.0.1:{port}"), 8);
     let bureau = mock.bureau.clone();
     wait_until("300 calls served", || bureau.stats().calls_ok >= 300).await;
     proc.0.kill().unwrap(); // SIGKILL: no drain, no final flush

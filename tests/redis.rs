@@ -713,6 +713,10 @@ async fn works_on_a_redis_cluster_with_each_tenant_in_its_own_hash_slot() {
     assert_eq!(metric_value(&metrics, "bureau_guard_state_redis_up"), Some(1.0));
     assert_eq!(metric_value(&metrics, "bureau_guard_replicas"), Some(1.0));
     assert_eq!(metric_value(&metrics, "bureau_guard_state_redis_errors_total{op=\"quota_lease\"}"), Some(0.0));
+    // Usage: one pipeline over keys in both tenants' slots, and a statement across them.
+    assert!(proxy.shared.usage.ship(proxy.shared.redis.as_ref().unwrap()).await, "usage copied through the cluster");
+    let served = mock.bureau.stats().served_by_tenant;
+    assert_eq!(statement_calls(proxy.admin_addr).await, Ok(served));
     proxy.shutdown().await;
 }
 
@@ -1335,4 +1339,163 @@ async fn two_replicas_hold_a_group_to_its_rate_together() {
     for r in replicas {
         r.shutdown().await;
     }
+}
+
+/// Each tenant's `bureau_calls` in a statement from the replica at `admin` (days around today).
+async fn statement_calls(admin: std::net::SocketAddr) -> Result<std::collections::BTreeMap<String, u64>, u16> {
+    let kst = chrono::FixedOffset::east_opt(9 * 3600).unwrap();
+    let today =
+        bureau_guard::usage::day_at(bureau_guard::clock::Clock::now_unix_ms(&bureau_guard::clock::SystemClock), kst);
+    let (from, to) = (bureau_guard::usage::store::date_of(today - 1), bureau_guard::usage::store::date_of(today + 1));
+    let r = get(&format!("http://{admin}/admin/usage?from={from}&to={to}"), &[]).await;
+    if r.status != 200 {
+        return Err(r.status.as_u16());
+    }
+    let j = r.json();
+    Ok(j["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["totals"]["bureau_calls"].as_u64() != Some(0))
+        .map(|t| (t["tenant"].as_str().unwrap().to_string(), t["totals"]["bureau_calls"].as_u64().unwrap()))
+        .collect())
+}
+
+/// Known traffic: `n` look-ups of a and of b, alternating over the replicas, some answered from
+/// each replica's cache (not billed) and some sent.
+async fn usage_traffic(replicas: &[&app::Running], tag: &str, n: usize) {
+    for i in 0..n {
+        let (ra, rb) = (replicas[i % replicas.len()], replicas[(i + 1) % replicas.len()]);
+        let a = get(&format!("http://{}/v1/score/{tag}-A{}", ra.addr, i % 3), &[("x-api-key", KEY_A)]).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        let b = get(&format!("http://{}/v1/score/{tag}-B{i}", rb.addr), &[("x-api-key", KEY_B)]).await;
+        assert_eq!(b.status, 200, "{}", b.text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_statement_from_either_replica_is_the_bureaus_count_through_outage_and_restart() {
+    let Some(mut redis) = RedisServer::start("redis-usage") else { return };
+    let mock = start_mock(fast_mock()).await;
+    let dirs = [temp_dir("redis-usage-0"), temp_dir("redis-usage-1")];
+    let redis_url = redis.url();
+    // Flushes only when the test says (the periodic one is an hour away): each step below is
+    // what one periodic flush does.
+    let text = |n: usize| {
+        let usage = format!("[usage]\ndir = \"{}\"\nflush_interval = \"1h\"\n", dirs[n].display());
+        config_with(
+            &mock.url(),
+            &Extras {
+                score: "cache_ttl = \"10m\"\ncache_key = [\"path.subject_id\"]",
+                sections: &(redis_state(&redis_url, "") + &usage),
+                ..Extras::default()
+            },
+        )
+    };
+    let mut replicas = vec![app::start(parse(&text(0))).await.unwrap(), app::start(parse(&text(1))).await.unwrap()];
+    let flush = |r: &app::Running| {
+        let (usage, redis) = (r.shared.usage.clone(), r.shared.redis.clone().unwrap());
+        async move { usage.ship(&redis).await }
+    };
+    let billed = || -> std::collections::BTreeMap<String, u64> {
+        mock.bureau.stats().served_by_tenant.into_iter().filter(|(_, n)| *n > 0).collect()
+    };
+
+    usage_traffic(&[&replicas[0], &replicas[1]], "one", 12).await;
+    for r in &replicas {
+        assert!(flush(r).await);
+    }
+    let want = billed();
+    assert_eq!(want.len(), 2, "both tenants called: {want:?}");
+    for r in &replicas {
+        assert_eq!(statement_calls(r.admin_addr).await, Ok(want.clone()), "either replica: every call of both");
+    }
+    let covers =
+        get(&format!("http://{}/admin/usage?from=2026-01-01&to=2026-01-02", replicas[0].admin_addr), &[]).await;
+    assert!(covers.json()["covers"].as_str().unwrap().starts_with("every replica"), "{}", covers.text());
+    // Within one replica the cache answered some: the statement is the bureau's, not the requests'.
+    assert!(want["a"] < 12, "{want:?}");
+
+    // Redis down at flush time: the counts stay, a statement says it cannot be made, and the
+    // next flush Redis answers copies them, once.
+    redis.stop();
+    usage_traffic(&[&replicas[0]], "two", 4).await;
+    assert!(!flush(&replicas[0]).await, "Redis is down");
+    assert!(!flush(&replicas[0]).await, "still down: tried again");
+    assert_eq!(statement_calls(replicas[0].admin_addr).await, Err(503));
+    redis.launch();
+    assert!(flush(&replicas[0]).await);
+    assert!(flush(&replicas[0]).await, "a flush with nothing new changes nothing");
+    let want = billed();
+    for r in &replicas {
+        assert_eq!(statement_calls(r.admin_addr).await, Ok(want.clone()), "after the outage, exactly");
+    }
+
+    // A restart continues its own totals from its files: nothing twice.
+    let first = replicas.remove(0);
+    first.shutdown().await;
+    let again = app::start(parse(&text(0))).await.unwrap();
+    usage_traffic(&[&again], "three", 3).await;
+    assert!(flush(&again).await);
+    let want = billed();
+    assert_eq!(statement_calls(again.admin_addr).await, Ok(want.clone()));
+    assert_eq!(statement_calls(replicas[0].admin_addr).await, Ok(want));
+    let keys = redis.cli(&["KEYS", "*usage*"]);
+    assert!(keys.contains(":a}:usage:") && keys.contains(":usage:") && keys.contains(":tenants"), "{keys}");
+    again.shutdown().await;
+    for r in replicas {
+        r.shutdown().await;
+    }
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// `kill -9` of a replica mid-traffic: its restart copies the days written since its last copy
+/// again, so the statement across replicas misses no billed call (it can be above the bureau's
+/// count only by the calls the kill stopped between their charge and their send: at most the
+/// requests in flight, 4 per tenant here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_usage_reaches_the_shared_statement_after_its_restart() {
+    let Some(redis) = RedisServer::start("redis-usage-kill") else { return };
+    let mock =
+        start_mock(bureau_sim::mock_bureau::MockConfig { service_time: Duration::from_millis(5), ..fast_mock() }).await;
+    let dir = temp_dir("redis-usage-kill");
+    // The periodic flush (an hour) plays no part: only the charges on disk, and the restart.
+    let usage = format!("[usage]\ndir = \"{}\"\nflush_interval = \"1h\"\n", dir.join("usage").display());
+    let text =
+        config_with(&mock.url(), &Extras { sections: &(redis_state(&redis.url(), "") + &usage), ..Extras::default() });
+    let config = replica_config(&dir, 0, &text);
+    let other = app::start(parse(&config_with(
+        &mock.url(),
+        &Extras { sections: &redis_state(&redis.url(), ""), ..Extras::default() },
+    )))
+    .await
+    .unwrap();
+    let (mut proc, addr, admin) = spawn_serving(&config);
+    wait_healthy(&admin).await;
+    let clients = clients_back_to_back(&addr, 8);
+    let bureau = mock.bureau.clone();
+    wait_until("200 calls served", || bureau.stats().calls_ok >= 200).await;
+    proc.0.kill().unwrap(); // SIGKILL: no drain, no final flush, no copy to Redis
+    proc.0.wait().unwrap();
+    for c in clients {
+        c.abort();
+    }
+    wait_until("the bureau idle", || bureau.stats().in_flight == 0).await;
+    // The other replica's own calls, flushed (what its periodic flush does).
+    usage_traffic(&[&other], "other", 3).await;
+    assert!(other.shared.usage.ship(other.shared.redis.as_ref().unwrap()).await);
+
+    let (_proc, _, admin) = spawn_serving(&config);
+    wait_healthy(&admin).await;
+    let served = mock.bureau.stats().served_by_tenant;
+    let from_restarted = statement_calls(admin.parse().unwrap()).await.unwrap();
+    for tenant in ["a", "b"] {
+        let (charged, billed) = (from_restarted[tenant], served[tenant]);
+        assert!((billed..=billed + 4).contains(&charged), "{tenant}: statement {charged}, the bureau billed {billed}");
+    }
+    assert_eq!(statement_calls(other.admin_addr).await.unwrap(), from_restarted, "the same from either replica");
+    other.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -169,6 +169,7 @@ async fn statement_equals_the_bureaus_own_count_per_tenant_across_midnight() {
     assert_eq!(j["tenants"].as_array().unwrap().len(), 1, "only the tenant asked for");
     let day2 = statement(&proxy, &format!("from={DAY2}&to={DAY2}")).await.json();
     assert_eq!(day2["totals"]["bureau_calls"], 3, "a's 2 and b's 1 on the 24th");
+    assert_eq!(day2["covers"], "this replica", "no Redis: no other replica's look-ups");
     proxy.shutdown().await;
 }
 
@@ -398,6 +399,117 @@ async fn a_request_id_finds_its_call_and_the_answers_that_rode_on_it_across_a_ro
     assert!(String::from_utf8_lossy(&out.stderr).contains("no audit record"));
     let bad = get(&format!("http://{}/admin/usage/request?id=a%20b", proxy.admin_addr), &[]).await;
     assert_eq!(bad.status, 400);
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A proxy with an audit file in a directory of its own: the directory and the proxy.
+async fn audited(name: &str, mock: &bureau_sim::mock_bureau::MockHandle) -> (std::path::PathBuf, Running) {
+    let dir = temp_dir(name);
+    let sections = format!("[audit]\nfile = \"{}\"", dir.join("audit.jsonl").display());
+    (dir.clone(), start_proxy(&usage_config(&mock.url(), &sections)).await)
+}
+
+async fn search(proxy: &Running, query: &str) -> Resp {
+    get(&format!("http://{}/admin/usage/request?{query}", proxy.admin_addr), &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_request_id_is_searched_within_its_own_tenant_only() {
+    let mock = start_mock(fast_mock()).await;
+    let (dir, proxy) = audited("usage-client-id", &mock).await;
+    let url = |s: &str| format!("http://{}/v1/score/{s}", proxy.addr);
+    // Bank b's look-up with its own client id.
+    let b = get(&url("B1"), &[("x-api-key", KEY_B), ("x-client-request-id", "dispute-42")]).await;
+    let b_id = b.headers["x-request-id"].to_str().unwrap().to_string();
+    // Bank a sends b's client id, and b's request id as a client id of its own.
+    assert_eq!(get(&url("A1"), &[("x-api-key", KEY_A), ("x-client-request-id", "dispute-42")]).await.status, 200);
+    assert_eq!(get(&url("A2"), &[("x-api-key", KEY_A), ("x-client-request-id", &b_id)]).await.status, 200);
+    assert!(proxy.shared.audit.as_ref().unwrap().flush().await);
+    let tenants = |r: &Resp| -> Vec<String> {
+        let j = r.json();
+        j["records"].as_array().unwrap().iter().map(|r| format!("{}:{}", r["tenant"], r["matched"])).collect()
+    };
+
+    // Our request id: b's call only; a's record that carries it as a client id is not b's.
+    let ours = search(&proxy, &format!("id={b_id}")).await;
+    assert_eq!(tenants(&ours), ["\"b\":\"request_id\""], "{}", ours.text());
+    // A client id needs its tenant, and finds that tenant's records only.
+    let unscoped = search(&proxy, "client_request_id=dispute-42").await;
+    assert_eq!(unscoped.status, 400);
+    assert!(unscoped.json()["message"].as_str().unwrap().contains("needs tenant=ID"));
+    let scoped = search(&proxy, "client_request_id=dispute-42&tenant=b").await;
+    assert_eq!(tenants(&scoped), ["\"b\":\"client_request_id\""], "{}", scoped.text());
+    assert_eq!(scoped.json()["tenant"], "b");
+
+    // The CLI: --client-request-id with --tenant; without it clap refuses before any request.
+    let bin = env!("CARGO_BIN_EXE_bureau-guard");
+    let admin = format!("http://{}", proxy.admin_addr);
+    let run = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let admin = admin.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(bin).arg("usage").arg("--admin").arg(admin).args(args).output().unwrap()
+        })
+    };
+    let out = run(&["--client-request-id", "dispute-42", "--tenant", "a"]).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let found: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(found["records"].as_array().unwrap().len(), 1);
+    assert_eq!(found["records"][0]["tenant"], "a");
+    let out = run(&["--client-request-id", "dispute-42"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap: --tenant is required");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tenant"));
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_is_limited_and_one_scan_runs_at_a_time() {
+    let mock = start_mock(fast_mock()).await;
+    let (dir, proxy) = audited("usage-bounded", &mock).await;
+    let call = score(&proxy, KEY_A, "S1").await;
+    let id = call.headers["x-request-id"].to_str().unwrap().to_string();
+    for _ in 0..4 {
+        assert_eq!(score(&proxy, KEY_A, "S1").await.headers["x-cache"], "HIT");
+    }
+    assert!(proxy.shared.audit.as_ref().unwrap().flush().await);
+
+    let all = search(&proxy, &format!("id={id}")).await.json();
+    assert_eq!((all["records"].as_array().unwrap().len(), &all["truncated"]), (5, &false.into()), "{all}");
+    let cut = search(&proxy, &format!("id={id}&limit=2")).await.json();
+    assert_eq!(cut["records"].as_array().unwrap().len(), 2);
+    assert_eq!(cut["truncated"], true);
+    assert_eq!(cut["records"][0]["matched"], "request_id", "the oldest first: the call");
+    for bad in ["0", "1001", "many"] {
+        let r = search(&proxy, &format!("id={id}&limit={bad}")).await;
+        assert_eq!(r.status, 400, "limit={bad}");
+        assert!(r.json()["message"].as_str().unwrap().contains("from 1 to 1000"), "{}", r.text());
+    }
+
+    // While a scan runs, another is refused with 429, Retry-After and a JSON error.
+    let running = proxy.shared.usage.scans().try_start().expect("no scan runs");
+    let busy = search(&proxy, &format!("id={id}")).await;
+    assert_eq!(busy.status, 429);
+    assert!(busy.headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(busy.json()["error"], "scan_in_progress");
+    drop(running);
+    assert_eq!(search(&proxy, &format!("id={id}")).await.status, 200, "the next scan once it has ended");
+
+    let bin = env!("CARGO_BIN_EXE_bureau-guard");
+    let admin = format!("http://{}", proxy.admin_addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin)
+            .args(["usage", "--admin", &admin, "--request-id", &id, "--limit", "3"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let found: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((found["records"].as_array().unwrap().len(), &found["truncated"]), (3, &true.into()));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"));
     proxy.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

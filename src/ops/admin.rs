@@ -8,7 +8,8 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /admin/tenants` | every tenant's limits and live usage, JSON |
 //! | `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD[&tenant=ID][&format=csv\|json]` | usage statement by tenant, route and day (token) |
-//! | `GET /admin/usage/request?id=ID[&since=YYYY-MM-DD]` | the audit records of one request and of the answers that rode on its bureau call (token) |
+//! | `GET /admin/usage/request?id=ID[&since=YYYY-MM-DD][&limit=N]` | the audit records of one request and of the answers that rode on its bureau call, at most `limit` (100; 1000 at most), one scan at a time (429 otherwise) (token) |
+//! | `GET /admin/usage/request?client_request_id=ID&tenant=T[&since=..][&limit=N]` | the records of one tenant's own client request id (token) |
 //! | `POST /admin/tenants/{id}/reset` | zero a tenant's daily and monthly counters, its routes' too (token) |
 //! | `POST /admin/reload` | re-read and apply the config file (token); 200 applied, 422 rejected |
 //! | `POST /admin/cache/purge[?tenant=ID\|?route=NAME]` | drop cached answers: a tenant's, a route's, or all (token) |
@@ -117,18 +118,39 @@ impl Admin {
         };
         let snap = self.shared.snapshot.load_full();
         let (from, to, tenant) = (q.from, q.to, q.tenant.clone());
-        // File reads (and the flush before them) block: off the async workers.
-        let rows = match tokio::task::spawn_blocking(move || usage.rows(from, to, tenant.as_deref())).await {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot read usage");
-                return json(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &serde_json::json!({"error": "usage_unavailable", "message": "the usage files could not be read; see the proxy's log"}),
-                );
+        // With Redis, every replica's usage: this one's copied there first (`usage/shared.rs`).
+        let rows = if let Some(redis) = &self.shared.redis {
+            let shared = if usage.ship(redis).await {
+                redis.read_usage(from, to, tenant.as_deref()).await
+            } else {
+                Err("this replica's latest counts could not be copied".into())
+            };
+            match shared {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read usage from Redis");
+                    let mut resp = json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({"error": "usage_unavailable", "message": "Redis did not answer: the statement across replicas cannot be made now; every replica keeps its counts and copies them once Redis is back"}),
+                    );
+                    resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return resp;
+                }
             }
-            Err(_) => {
-                return json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "usage_unavailable"}));
+        } else {
+            // File reads (and the flush before them) block: off the async workers.
+            match tokio::task::spawn_blocking(move || usage.rows(from, to, tenant.as_deref())).await {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot read usage");
+                    return json(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &serde_json::json!({"error": "usage_unavailable", "message": "the usage files could not be read; see the proxy's log"}),
+                    );
+                }
+                Err(_) => {
+                    return json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({"error": "usage_unavailable"}));
+                }
             }
         };
         let configured: Vec<String> = match &q.tenant {
@@ -148,15 +170,24 @@ impl Admin {
                     .insert(CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8; header=present"));
                 resp
             }
-            Format::Json => json(
-                StatusCode::OK,
-                &crate::usage::statement::statement(q.from, q.to, snap.config.quota.utc_offset, &configured, &rows),
-            ),
+            Format::Json => {
+                let statement =
+                    crate::usage::statement::statement(q.from, q.to, snap.config.quota.utc_offset, &configured, &rows);
+                let mut v = serde_json::to_value(statement).expect("a statement serializes");
+                // Whose look-ups it counts: an operator comparing replicas must know.
+                v["covers"] = serde_json::Value::from(match self.shared.redis {
+                    Some(_) => "every replica sharing this Redis (the others' as of their last flush)",
+                    None => "this replica",
+                });
+                json(StatusCode::OK, &v)
+            }
         }
     }
 
-    /// `GET /admin/usage/request?id=ID[&since=YYYY-MM-DD]`: the audit records of one request and
-    /// of the answers that rode on its bureau call, across rotated audit files (`usage/reconcile.rs`).
+    /// `GET /admin/usage/request?id=ID|client_request_id=ID&tenant=T[&since=YYYY-MM-DD][&limit=N]`:
+    /// the audit records of one request and of the answers that rode on its bureau call, or of
+    /// one tenant's client request id, across rotated audit files (`usage/reconcile.rs`). One
+    /// scan at a time: a second is answered 429 with `Retry-After`.
     async fn usage_request(self, req: Request<Incoming>) -> Response<Body> {
         let bad = |message: String| {
             json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "bad_request", "message": message}))
@@ -165,26 +196,28 @@ impl Admin {
         let Some(audit) = snap.config.audit.file.clone() else {
             return bad("no audit.file in the running config: there are no records to search".into());
         };
-        let (mut id, mut since) = (None, None);
-        for pair in req.uri().query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let decoded =
-                pair.split_once('=').map(|(k, v)| (k, percent_encoding::percent_decode_str(v).decode_utf8_lossy()));
-            match decoded.as_ref().map(|(k, v)| (*k, v.as_ref())) {
-                Some(("id", v)) if crate::usage::reconcile::valid_id(v) => id = Some(v.to_string()),
-                Some(("id", _)) => return bad("id: a request id is 1-128 of A-Za-z0-9-_.:".into()),
-                Some(("since", v)) => match chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d") {
-                    Ok(d) => {
-                        let day = i64::from(crate::usage::store::day_of_date(d));
-                        let offset = i64::from(snap.config.quota.utc_offset.local_minus_utc());
-                        since = Some((day * 86_400 - offset) * 1000);
-                    }
-                    Err(_) => return bad(format!("since: {v:?} is not a date; use YYYY-MM-DD")),
-                },
-                _ => return bad("use ?id=REQUEST_ID[&since=YYYY-MM-DD]".into()),
+        let q = match crate::usage::query::parse_search(req.uri().query().unwrap_or(""), snap.config.quota.utc_offset) {
+            Ok(q) => q,
+            Err(message) => return bad(message),
+        };
+        let permit = match self.shared.usage.scans().try_start() {
+            Ok(permit) => permit,
+            Err(retry_after_s) => {
+                let mut resp = json(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &serde_json::json!({"error": "scan_in_progress", "message": "another reconciliation scan is running; one runs at a time, retry once it has ended", "retry_after_s": retry_after_s}),
+                );
+                resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+                return resp;
             }
-        }
-        let Some(id) = id else { return bad("id is required".into()) };
-        match tokio::task::spawn_blocking(move || crate::usage::reconcile::find(&audit, &id, since)).await {
+        };
+        // The scan reads gigabytes: on a blocking thread, holding the permit to its end even if
+        // the operator's connection goes first.
+        let scan = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            crate::usage::reconcile::find(&audit, &q.search, q.since_unix_ms, q.limit)
+        });
+        match scan.await {
             Ok(Ok(found)) => json(StatusCode::OK, &found),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "cannot read the audit log");

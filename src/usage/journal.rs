@@ -23,8 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
+use super::Kept;
 use super::counts::{Column, Counts};
-use super::store::{Day, Store};
+use super::store::Day;
 
 /// The most charges written as one batch (bounds the writer's memory under a flood).
 const MAX_BATCH: usize = 8192;
@@ -47,7 +48,7 @@ pub struct Committer {
 
 impl Committer {
     /// Starts the writer thread over `store`.
-    pub fn start(store: Arc<Mutex<Store>>, write_errors: prometheus::IntCounter) -> std::io::Result<Committer> {
+    pub(crate) fn start(store: Arc<Mutex<Kept>>, write_errors: prometheus::IntCounter) -> std::io::Result<Committer> {
         let (queue, rx) = mpsc::channel();
         let batches = Arc::new(AtomicU64::new(0));
         let counted = batches.clone();
@@ -73,7 +74,7 @@ impl Committer {
     }
 }
 
-fn run(store: &Mutex<Store>, rx: &mpsc::Receiver<Charge>, batches: &AtomicU64, write_errors: &prometheus::IntCounter) {
+fn run(store: &Mutex<Kept>, rx: &mpsc::Receiver<Charge>, batches: &AtomicU64, write_errors: &prometheus::IntCounter) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {

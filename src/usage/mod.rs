@@ -18,11 +18,14 @@
 //! - `counts.rs`: the columns and their stable names
 //! - `store.rs`: one append-only file per day, compacted, retention
 //! - `statement.rs`: the statement as JSON or CSV, savings stated
+//! - `shared.rs`: with Redis, each replica's totals copied there at each flush, so that a
+//!   statement from any replica covers all of them
 
 pub mod counts;
 pub mod journal;
 pub mod query;
 pub mod reconcile;
+pub mod shared;
 pub mod statement;
 pub mod store;
 
@@ -55,11 +58,50 @@ pub struct Row {
 pub struct Usage {
     shards: Box<[Mutex<Pending>]>,
     /// Only the flusher, the charge committer and statements take it, never the request path.
-    store: Arc<Mutex<Store>>,
+    store: Arc<Mutex<Kept>>,
+    /// One copy to Redis at a time (the periodic flush's, or a statement's).
+    shipping: tokio::sync::Mutex<()>,
     retention_days: u32,
     /// With `usage.dir`: the charge committer's queue (`journal.rs`).
     charges: Option<journal::Committer>,
     metrics: UsageMetrics,
+    /// One reconciliation scan at a time (`reconcile.rs`).
+    scans: reconcile::ScanGate,
+    /// `usage.dir`, where the Redis copy keeps its writer id and mark (`shared.rs`).
+    dir: Option<std::path::PathBuf>,
+}
+
+/// The usage kept, and (with Redis) what of it is still to be copied there.
+pub(crate) struct Kept {
+    pub(crate) store: Store,
+    pub(crate) outbox: Option<shared::Outbox>,
+}
+
+impl Kept {
+    /// Adds `rows` to `day` in the store; with Redis, marks them to be copied there.
+    pub fn append(&mut self, day: u32, rows: Day) -> std::io::Result<()> {
+        let copy = self.outbox.is_some().then(|| rows.clone());
+        self.store.append(day, rows)?;
+        if let (Some(outbox), Some(rows)) = (&mut self.outbox, copy) {
+            outbox.record(day, &rows, &self.store);
+        }
+        Ok(())
+    }
+}
+
+/// A copy taken from the outbox and not yet answered: if its future is dropped (a statement
+/// whose client left, a flush cut by shutdown), its pairs are marked to go again.
+struct Unanswered {
+    usage: Arc<Usage>,
+    shipment: Option<shared::Shipment>,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(shipment) = self.shipment.take() {
+            self.usage.shipped(shipment, shared::Copied::No);
+        }
+    }
 }
 
 /// The local day number (since 1970-01-01) of `unix_ms` at `offset`: the quota's day.
@@ -85,7 +127,7 @@ impl Usage {
             None => Store::Memory(Default::default()),
         };
         let durable = matches!(store, Store::Files(_));
-        let store = Arc::new(Mutex::new(store));
+        let store = Arc::new(Mutex::new(Kept { store, outbox: None }));
         let charges =
             durable.then(|| journal::Committer::start(store.clone(), metrics.write_errors.clone())).transpose()?;
         Ok(Usage {
@@ -94,7 +136,57 @@ impl Usage {
             retention_days: config.retention_days(),
             charges,
             metrics,
+            scans: reconcile::ScanGate::default(),
+            shipping: tokio::sync::Mutex::new(()),
+            dir: config.dir.clone(),
         })
+    }
+
+    /// From now on, what reaches the store is also copied to Redis by [`Usage::ship`] (see
+    /// `shared.rs`); with `usage.dir`, the days written since the last copy are copied again.
+    pub fn share(&self) -> std::io::Result<()> {
+        let outbox = shared::Outbox::open(self.dir.as_deref())?;
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).outbox = Some(outbox);
+        Ok(())
+    }
+
+    /// Flushes, then copies to Redis this replica's totals that changed since the last copy
+    /// (one pipeline); what Redis does not take is copied with the next call. Returns whether
+    /// Redis took it (`true` too when there was nothing to copy, or no sharing). Cancel-safe:
+    /// a copy dropped before Redis answered is marked to go again.
+    pub async fn ship(self: &Arc<Self>, redis: &crate::state::redis::RedisState) -> bool {
+        let _one = self.shipping.lock().await;
+        let usage = self.clone();
+        // Flush and take under the store's lock: file appends, and whole days read at start.
+        let taken = tokio::task::spawn_blocking(move || {
+            let flushed = usage.flush();
+            let mut kept = usage.store.lock().unwrap_or_else(|p| p.into_inner());
+            let Kept { store, outbox } = &mut *kept;
+            let shipment = outbox.as_mut().map(|o| o.take(store));
+            drop(kept);
+            (flushed, shipment.map(|s| Unanswered { usage: usage.clone(), shipment: Some(s) }))
+        })
+        .await;
+        let Ok((flushed, shipment)) = taken else { return false };
+        let Some(mut pending) = shipment else { return flushed.is_ok() };
+        let shipment = pending.shipment.as_ref().expect("taken above");
+        let copied = if shipment.rows.is_empty() {
+            shared::Copied::Yes
+        } else {
+            redis.write_usage(shipment, self.retention_days).await
+        };
+        let shipment = pending.shipment.take().expect("taken above");
+        let usage = self.clone();
+        // `done` writes the copy's mark in `usage.dir`.
+        let _ = tokio::task::spawn_blocking(move || usage.shipped(shipment, copied)).await;
+        flushed.is_ok() && copied == shared::Copied::Yes
+    }
+
+    fn shipped(&self, shipment: shared::Shipment, copied: shared::Copied) {
+        let mut kept = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(outbox) = &mut kept.outbox {
+            outbox.done(shipment, copied);
+        }
     }
 
     /// Counts one `column` for (`day`, `tenant`, `route`). The request path: one uncontended
@@ -154,7 +246,7 @@ impl Usage {
         self.flush_locked(&mut store)
     }
 
-    fn flush_locked(&self, store: &mut Store) -> std::io::Result<()> {
+    fn flush_locked(&self, store: &mut Kept) -> std::io::Result<()> {
         let mut by_day: HashMap<u32, Day> = HashMap::new();
         for shard in self.shards.iter() {
             let drained = std::mem::take(&mut *shard.lock().unwrap_or_else(|p| p.into_inner()));
@@ -191,7 +283,7 @@ impl Usage {
     /// Deletes the days that fall out of `usage.retention` as of `today`; returns how many.
     pub fn prune(&self, today: u32) -> usize {
         let first_kept = today.saturating_sub(self.retention_days - 1);
-        self.store.lock().unwrap_or_else(|p| p.into_inner()).prune(first_kept)
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).store.prune(first_kept)
     }
 
     /// Every row from day `from` to day `to` (inclusive), of `tenant` if given, sorted by
@@ -201,7 +293,7 @@ impl Usage {
         let reader = {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             self.flush_locked(&mut store)?;
-            store.reader(from, to)
+            store.store.reader(from, to)
         };
         // The files are read without the store's lock: charges go on meanwhile.
         let mut out = Vec::new();
@@ -224,6 +316,11 @@ impl Usage {
     /// Days kept, counting today.
     pub fn retention_days(&self) -> u32 {
         self.retention_days
+    }
+
+    /// The process's one reconciliation scan at a time.
+    pub fn scans(&self) -> &reconcile::ScanGate {
+        &self.scans
     }
 }
 

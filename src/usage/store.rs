@@ -281,6 +281,14 @@ impl Store {
         }
     }
 
+    /// All of `day`'s counts.
+    pub fn read_all(&self, day: u32) -> std::io::Result<Day> {
+        match self {
+            Store::Files(f) => f.read(day),
+            Store::Memory(m) => Ok(m.get(&day).cloned().unwrap_or_default()),
+        }
+    }
+
     /// What reads days `from..=to` once the store's lock is released: the directory, or a copy
     /// of those days in memory.
     pub fn reader(&self, from: u32, to: u32) -> Reader {

@@ -303,3 +303,21 @@ pub fn spawn_serving(config: &std::path::Path) -> (Proc, String, String) {
         .unwrap_or_else(|_| panic!("bureau-guard did not start; see {}", config.with_extension("log").display()));
     (proc, addr, admin)
 }
+
+/// `n` clients sending look-ups to the proxy at `addr` back to back, alternating tenants a and
+/// b, each 200, until aborted: the traffic a `kill -9` test kills the proxy under.
+pub fn clients_back_to_back(addr: &str, n: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|c| {
+            let addr = addr.to_string();
+            tokio::spawn(async move {
+                let key = if c % 2 == 0 { KEY_A } else { KEY_B };
+                let client = client();
+                for i in 0.. {
+                    let url = format!("http://{addr}/v1/score/S-{c}-{i}");
+                    assert_eq!(send(&client, Method::GET, &url, &[("x-api-key", key)], b"").await.status, 200);
+                }
+            })
+        })
+        .collect()
+}

@@ -33,7 +33,8 @@
 
 //! Here: the connection (`conn.rs`), the Lua scripts (`*.lua`, loaded by `scripts.rs`), metrics
 //! (`metrics.rs`), the request path's leases (`admission.rs`), heartbeats and the tick
-//! (`heartbeat.rs`), what a replica holds and gives back (`holdings.rs`); this file holds the
+//! (`heartbeat.rs`), what a replica holds and gives back (`holdings.rs`), usage statements
+//! across replicas (`usage.rs`); this file holds the
 //! calls to Redis, the wait for a refill and the admin operations.
 
 mod admission;
@@ -42,6 +43,7 @@ mod heartbeat;
 mod holdings;
 mod metrics;
 mod scripts;
+mod usage;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -159,6 +161,8 @@ pub struct RedisState {
     id_conflict: AtomicBool,
     /// When an error about one tenant's keys was last logged (`now_ns`).
     local_error_logged: AtomicU64,
+    /// The last copy of usage failed (logged once per run of failures, `usage.rs`).
+    usage_failing: AtomicBool,
     scheduler: Arc<Scheduler>,
     metrics: RedisMetrics,
     /// The runtime that started the proxy, where refills run (see `spawn_refill`); `None` when
@@ -206,6 +210,7 @@ impl RedisState {
             id_conflict: AtomicBool::new(false),
             secrets: url_secrets(&settings.url),
             local_error_logged: AtomicU64::new(0),
+            usage_failing: AtomicBool::new(false),
             scheduler,
             metrics,
             background: tokio::runtime::Handle::try_current().ok(),
