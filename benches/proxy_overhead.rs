@@ -121,7 +121,7 @@ usage: cargo bench --bench proxy_overhead -- [options]
   --nginx PATH         nginx binary (default: $NGINX, then PATH, then /usr/sbin/nginx)
   --closed-rounds N    closed mode: rounds, targets in rotated order (default 3; quick 1)
   --closed-secs S      closed mode: seconds of wrk per target and round (default 10; quick 1)
-  --closed-sets LIST   closed mode: subset of bare,features,hit (default all three)";
+  --closed-sets LIST   closed mode: subset of bare,features,hit,memory (default all four)";
 
 // ---------------------------------------------------------------------------
 // Arguments
@@ -325,7 +325,7 @@ impl Args {
                 "--closed-sets" => {
                     args.closed_sets = value()?.split(',').map(|s| s.trim().to_owned()).collect();
                     if let Some(bad) = args.closed_sets.iter().find(|s| !closed::SETS.contains(&s.as_str())) {
-                        bail!("{flag}: unknown set {bad:?} (bare, features, hit)");
+                        bail!("{flag}: unknown set {bad:?} (bare, features, hit, memory)");
                     }
                 }
                 "--closed-secs" => {

@@ -122,7 +122,123 @@ impl Set {
 }
 
 /// The names `--closed-sets` accepts.
-pub(super) const SETS: [&str; 3] = ["bare", "features", "hit"];
+pub(super) const SETS: [&str; 4] = ["bare", "features", "hit", "memory"];
+
+/// Idle connections and cached look-ups the memory set adds.
+const MEMORY_CONNECTIONS: usize = 1000;
+const MEMORY_ENTRIES: usize = 10_000;
+
+/// The memory set: resident memory per idle kept-alive connection (each has served one request)
+/// and per 10,000 cached look-ups, bureau-guard and nginx (`proxy_cache`: its entries are files,
+/// so its figure is its shared memory zone plus page cache, not comparable; reported for
+/// completeness).
+fn memory(env: &Env<'_>, dir: &Path) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+
+    let ports = free_ports::<3>()?;
+    let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let (listen, admin, nginx_addr) = (local(ports[0]), local(ports[1]), local(ports[2]));
+    let file = dir.join("bureau-guard.toml");
+    let config = guard_config(listen, admin, env.mock_addr, true, None);
+    fs::write(&file, config).context("writing a bureau-guard config")?;
+    let mut children = Vec::new();
+    let mut guard =
+        ChildGuard::spawn("bureau-guard", Command::new(env.bin).arg("serve").arg("--config").arg(&file), dir)?;
+    guard.wait_ready(admin, "/healthz")?;
+    guard.wait_ready(listen, PROBE_PATH)?;
+    let mut targets = vec![("bureau-guard", listen, guard.pid(), false)];
+    children.push(guard);
+    if let Some(nginx_bin) = env.nginx_bin {
+        let conf = dir.join("nginx.conf");
+        fs::write(&conf, nginx_config(dir, nginx_addr, env.mock_addr, true, None))
+            .context("writing the nginx config")?;
+        let mut child = ChildGuard::spawn(
+            "nginx",
+            Command::new(nginx_bin)
+                .arg("-p")
+                .arg(dir)
+                .arg("-e")
+                .arg(dir.join("nginx-early-error.log"))
+                .arg("-c")
+                .arg(&conf)
+                .args(["-g", "daemon off;"]),
+            dir,
+        )?;
+        child.wait_ready(nginx_addr, PROBE_PATH)?;
+        targets.push(("nginx", nginx_addr, child.pid(), true));
+        children.push(child);
+    }
+    let ask = |stream: &mut std::net::TcpStream, path: &str| -> anyhow::Result<()> {
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        stream.set_nodelay(true)?;
+        // One write: `write!` straight to the socket sends each piece apart (Nagle, delayed ACK).
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\nx-api-key: {API_KEY}\r\n\r\n").as_bytes())?;
+        let mut buf = [0u8; 4096];
+        let n = stream.read(&mut buf).with_context(|| format!("reading the answer to GET {path}"))?;
+        anyhow::ensure!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "not a 200: {:?}",
+            String::from_utf8_lossy(&buf[..n.min(200)])
+        );
+        Ok(())
+    };
+    println!("\n### Memory: resident set per idle connection and per 10,000 cached look-ups\n");
+    println!(
+        "| target | RSS at start MiB | per idle connection KiB ({MEMORY_CONNECTIONS} kept alive) | per 10,000 cached look-ups MiB |"
+    );
+    println!("|---|---:|---:|---:|");
+    for (name, addr, pid, children_too) in targets {
+        let start = rss_kib(pid, children_too).context("reading the RSS")?;
+        let mut held = Vec::with_capacity(MEMORY_CONNECTIONS);
+        for _ in 0..MEMORY_CONNECTIONS {
+            let mut s = std::net::TcpStream::connect(addr)?;
+            ask(&mut s, HOT_PATH)?;
+            held.push(s);
+        }
+        let with_conns = rss_kib(pid, children_too).context("reading the RSS")?;
+        eprintln!("proxy_overhead: memory: {name}: {MEMORY_CONNECTIONS} idle connections held");
+        let mut one = std::net::TcpStream::connect(addr)?;
+        for i in 0..MEMORY_ENTRIES {
+            ask(&mut one, &format!("/v1/score/M{i:08}"))?;
+        }
+        let with_entries = rss_kib(pid, children_too).context("reading the RSS")?;
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} |",
+            start as f64 / 1024.0,
+            with_conns.saturating_sub(start) as f64 / MEMORY_CONNECTIONS as f64,
+            with_entries.saturating_sub(with_conns) as f64 / 1024.0,
+        );
+        drop(held);
+    }
+    Ok(())
+}
+
+/// Resident set of `pid` (and, with `children`, of the processes it started), KiB.
+fn rss_kib(pid: u32, children: bool) -> Option<u64> {
+    let rss = |pid: &str| -> Option<(u32, u64)> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().trim_end_matches(" kB").trim().to_owned())
+        };
+        Some((field("PPid:")?.parse().ok()?, field("VmRSS:")?.parse().ok()?))
+    };
+    let (_, mut total) = rss(&pid.to_string())?;
+    if children {
+        for entry in fs::read_dir("/proc").ok()?.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+            if let Some((ppid, kib)) = rss(name)
+                && ppid == pid
+            {
+                total += kib;
+            }
+        }
+    }
+    Some(total)
+}
 
 struct Target {
     kind: Kind,
@@ -147,6 +263,11 @@ pub(super) fn run(env: &Env<'_>, dir: &Path) -> anyhow::Result<()> {
         );
         return Ok(());
     };
+    if env.args.closed_sets.iter().any(|s| s == "memory") {
+        let path = dir.join("memory");
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        memory(env, &path)?;
+    }
     for set in [Set::Bare, Set::Features, Set::Hit] {
         let name = set.name();
         if !env.args.closed_sets.iter().any(|s| s == name) {

@@ -130,6 +130,27 @@ impl Fetched {
         Fetched { status, headers, body, received_at: Instant::now(), fetched_for: None, fetched_by: None }
     }
 
+    /// A copy that owns exactly its bytes, for the cache. hyper hands out the body and the header
+    /// values as slices of the bureau connection's read buffer (8 KiB and more), so an entry that
+    /// kept them would pin that whole buffer: the cache's byte bound would count a few hundred
+    /// bytes and hold kilobytes (measured: 8.3 KiB per small look-up, see benches/README.md).
+    pub fn compact(&self) -> Fetched {
+        let mut headers = HeaderMap::with_capacity(self.headers.len());
+        for (name, value) in &self.headers {
+            let mut copy = HeaderValue::from_bytes(value.as_bytes()).expect("a valid header value stays valid");
+            copy.set_sensitive(value.is_sensitive());
+            headers.append(name.clone(), copy);
+        }
+        Fetched {
+            status: self.status,
+            headers,
+            body: Bytes::copy_from_slice(&self.body),
+            received_at: self.received_at,
+            fetched_for: self.fetched_for.clone(),
+            fetched_by: self.fetched_by.clone(),
+        }
+    }
+
     /// A buffered response from `bureau/upstream.rs` (its body is already in memory), received now.
     pub async fn from_response(resp: Response<Body>) -> Fetched {
         let (head, body) = resp.into_parts();
@@ -437,7 +458,7 @@ impl Cache {
         }
         let entry = Entry {
             weight: weight(response, tenant, route),
-            response: response.clone(),
+            response: Arc::new(response.compact()),
             fresh_until,
             stale_until,
             tenant: tenant.clone(),

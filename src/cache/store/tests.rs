@@ -258,3 +258,17 @@ fn entries_weigh_their_body_headers_and_overhead() {
     let a = answer(200, &[("content-type", "json")], "12345");
     assert_eq!(weight(&a, "t", "r"), 5 + (12 + 4 + 32) + 2 + ENTRY_OVERHEAD);
 }
+
+#[test]
+fn a_cached_answer_owns_its_bytes_not_the_connections_read_buffer() {
+    // hyper's body and header values are slices of the connection's read buffer.
+    let buffer = Bytes::from(vec![b'x'; 8192]);
+    let mut headers = HeaderMap::new();
+    headers.insert("x-model", HeaderValue::from_maybe_shared(buffer.slice(0..5)).unwrap());
+    let fetched = Fetched::new(StatusCode::OK, headers, buffer.slice(100..140));
+    let copy = fetched.compact();
+    let pinned = buffer.as_ptr_range();
+    assert!(!pinned.contains(&copy.body.as_ptr()), "the body is a copy");
+    assert!(!pinned.contains(&copy.headers["x-model"].as_bytes().as_ptr()), "so are the header values");
+    assert_eq!((copy.status, &copy.headers, &copy.body), (fetched.status, &fetched.headers, &fetched.body));
+}
