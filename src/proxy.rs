@@ -262,8 +262,12 @@ impl Proxy {
         };
 
         // Priority: the level the call queues in for a bureau slot. Consumed here, never sent on.
-        let level =
-            crate::route::priority::level(&snap.config.priority, tenant.index, route_level, &mut parts.headers)?;
+        let level = snap.level_slot(crate::route::priority::level(
+            &snap.config.priority,
+            tenant.index,
+            route_level,
+            &mut parts.headers,
+        )?);
         // Deadline: how long the client will wait, if it says (consumed; the bureau is told
         // what is left of it).
         let deadline = crate::route::deadline::take(&mut parts.headers, tokio::time::Instant::now())?;

@@ -173,6 +173,67 @@ async fn levels_reload_under_load_without_a_failed_request() {
     assert_eq!(env.proxy.shared.scheduler.in_flight(), 0);
 }
 
+/// A reload that reorders the levels while both have waiters keeps each waiter and each call
+/// in flight in its own level (a level keeps its scheduler slot by name): the gauges still
+/// count interactive work as interactive, and once the bureau serves again interactive waiters
+/// get interactive's share (3 of 4 slots), batch's waiters batch's. Were the slots taken by
+/// place, the reorder would relabel the queues: interactive's 40 waiters counted as batch and
+/// served at batch's share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reordering_levels_live_keeps_each_waiter_in_its_own_level() {
+    let x = bank_a_with_both_levels();
+    let env = Env::with(bureau(), &x).await;
+    // The bureau stalls, so the queues stand still while they are counted.
+    env.mock.bureau.set_workers(0);
+    let order = Arc::new(AtomicUsize::new(0));
+    let surge = |level: &'static str, n: usize| {
+        (0..n)
+            .map(|i| {
+                let (url, order) = (env.url(&format!("/v1/score/{level}-{i}")), Arc::clone(&order));
+                tokio::spawn(async move {
+                    let r = get(&url, &[("x-api-key", KEY_A), ("x-bureau-priority", level)]).await;
+                    (r.status.as_u16(), order.fetch_add(1, Ordering::SeqCst))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let sched = env.proxy.shared.scheduler.clone();
+    let batch = surge("batch", 40);
+    wait_until("batch holds every slot and queues", || sched.in_flight() == 4 && sched.queued_total() == 36).await;
+    let interactive = surge("interactive", 40);
+    wait_until("interactive queues too", || sched.queued_total() == 76).await;
+
+    let reordered = "[[priority]]\nname = \"batch\"\nshare = 1\n[[priority]]\nname = \"interactive\"\nshare = 3\n";
+    let text = config_with(&env.mock.url(), &Extras { sections: reordered, ..x.clone() });
+    let report = bureau_guard::ops::reload::apply(&env.proxy.shared, parse(&text));
+    assert!(report.applied(), "{report:?}");
+    let metrics = get(&env.admin_url("/metrics"), &[]).await.text();
+    for (series, want) in [
+        (r#"bureau_guard_level_queued{level="interactive"}"#, 40.0),
+        (r#"bureau_guard_level_queued{level="batch"}"#, 36.0),
+        (r#"bureau_guard_level_in_flight{level="batch"}"#, 4.0),
+        (r#"bureau_guard_level_in_flight{level="interactive"}"#, 0.0),
+        (r#"bureau_guard_level_nominal{level="interactive"}"#, 3.0),
+    ] {
+        assert_eq!(metric_value(&metrics, series), Some(want), "{series}\n{metrics}");
+    }
+
+    env.mock.bureau.set_workers(4);
+    let mut first_twenty = 0;
+    for t in interactive {
+        let (status, at) = t.await.unwrap();
+        assert_eq!(status, 200);
+        first_twenty += usize::from(at < 20);
+    }
+    for t in batch {
+        assert_eq!(t.await.unwrap().0, 200);
+    }
+    // Interactive's share is 3 of 4 slots: some 15 of the first 20 answers (at batch's share,
+    // some 5).
+    assert!(first_twenty >= 12, "interactive had {first_twenty} of the first 20 answers");
+    assert_eq!(sched.in_flight(), 0);
+}
+
 /// Three affiliates in one group (weight 1) surge together beside an unaffiliated bank
 /// (weight 1) surging as hard: the group's three ids share one share of the bureau between
 /// them, so while all four are backlogged the bank gets about as many calls as the three

@@ -390,13 +390,42 @@ impl Scheduler {
     }
 
     /// Sets the priority levels ([`levels`]). The queued requests of a level no longer in the
-    /// table move, in order and keeping their place in time, to their tenant's default level
-    /// (`default_of(tenant)`, if in the table), else to the least important level.
+    /// table (or whose slot a level of another name now holds) move, in order and keeping their
+    /// place in time, to their tenant's default level (`default_of(tenant)`, a slot, if in the
+    /// table), else to the least important level.
     pub fn set_levels(&self, table: LevelTable, default_of: &dyn Fn(usize) -> Option<usize>) {
         let mut q = self.lock();
+        self.set_levels_locked(&mut q, table, default_of);
+    }
+
+    /// Sets the named priority levels `levels` (most important first), each keeping the slot
+    /// it had by name ([`LevelTable::place`]), and returns each one's slot in `levels`' order
+    /// (none without levels: the whole budget is then one unnamed level, slot 0). Queued
+    /// requests of a removed level move to their tenant's default level (`default_of(tenant)`,
+    /// an index into `levels`), as in [`Scheduler::set_levels`].
+    pub fn set_named_levels(
+        &self,
+        levels: &[(&str, LevelSpec)],
+        default_of: &dyn Fn(usize) -> Option<usize>,
+    ) -> Vec<usize> {
+        let mut q = self.lock();
+        if levels.is_empty() {
+            self.set_levels_locked(&mut q, LevelTable::default(), &|_| None);
+            return Vec::new();
+        }
+        let busy = |s: usize| self.level_held[s].load(Ordering::SeqCst) > 0 || q.levels[s].queued > 0;
+        let (table, slots) = LevelTable::place(&self.levels.load(), levels, &busy)
+            .expect("config validation caps the levels at MAX_LEVELS");
+        self.set_levels_locked(&mut q, table, &|t| default_of(t).and_then(|i| slots.get(i).copied()));
+        slots
+    }
+
+    fn set_levels_locked(&self, q: &mut Queues, table: LevelTable, default_of: &dyn Fn(usize) -> Option<usize>) {
+        let old = self.levels.load();
         let last = *table.order().last().expect("a level table is never empty");
         for from in 0..MAX_LEVELS {
-            if table.contains(from) || q.levels[from].queued == 0 {
+            let same = table.contains(from) && table.name(from) == old.name(from);
+            if same || q.levels[from].queued == 0 {
                 continue;
             }
             for (tenant, waiter) in q.levels[from].take_all() {
@@ -406,7 +435,7 @@ impl Scheduler {
         }
         self.levels.store(Arc::new(table));
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.dispatch_locked(&mut q);
+            self.dispatch_locked(q);
         }
     }
 
