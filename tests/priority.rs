@@ -234,6 +234,47 @@ async fn reordering_levels_live_keeps_each_waiter_in_its_own_level() {
     assert_eq!(sched.in_flight(), 0);
 }
 
+/// A coalesced flight queues at the most important level among its waiters: a batch look-up
+/// queued behind a batch backlog is raised to interactive when the same bank's interactive
+/// look-up of the same subject joins it, falls back when that look-up leaves, and is sent once.
+/// Without it the interactive look-up would wait at batch priority, behind the whole backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_queues_at_its_most_important_waiters_level() {
+    let x = Extras { score: "coalesce = true\ncache_key = [\"path.subject_id\"]", ..bank_a_with_both_levels() };
+    let env = Env::with(bureau(), &x).await;
+    env.mock.bureau.set_workers(0);
+    let sched = env.proxy.shared.scheduler.clone();
+    let (done, batch) = batch_surge(&env, 40);
+    wait_until("batch holds every slot and queues", || sched.in_flight() == 4 && sched.queued_total() == 36).await;
+    let look_up = |level: &'static str| {
+        let url = env.url("/v1/score/X");
+        tokio::spawn(async move { get(&url, &[("x-api-key", KEY_A), ("x-bureau-priority", level)]).await.status })
+    };
+    let (interactive, batch_level) = (sched.levels().order()[0], sched.levels().order()[1]);
+    let queued = |slot| sched.level_stats(slot).queued;
+    let leader = look_up("batch");
+    wait_until("the batch flight queues", || queued(batch_level) == 37).await;
+    // An interactive look-up joins: the flight moves to interactive...
+    let follower = look_up("interactive");
+    wait_until("the flight raised", || queued(interactive) == 1 && queued(batch_level) == 36).await;
+    // ...and back to batch when it leaves.
+    follower.abort();
+    wait_until("the flight back at batch", || queued(interactive) == 0 && queued(batch_level) == 37).await;
+    let follower = look_up("interactive");
+    wait_until("the flight raised again", || queued(interactive) == 1).await;
+
+    env.mock.bureau.set_workers(4);
+    assert_eq!(follower.await.unwrap(), 200);
+    let batch_before = done.load(Ordering::SeqCst);
+    assert_eq!(leader.await.unwrap(), 200);
+    for t in batch {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    // Served at the next free slot or two (interactive's nominal part is 3 of 4), not behind 36.
+    assert!(batch_before <= 12, "{batch_before} batch calls were answered before the raised flight");
+    assert_eq!(env.mock.bureau.stats().calls_total, 41, "the flight was sent once");
+}
+
 /// Three affiliates in one group (weight 1) surge together beside an unaffiliated bank
 /// (weight 1) surging as hard: the group's three ids share one share of the bureau between
 /// them, so while all four are backlogged the bank gets about as many calls as the three
