@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bureau_sim::mock_bureau::MockConfig;
+use bureau_guard::app::Running;
+use bureau_sim::mock_bureau::{MockConfig, MockHandle};
 use common::*;
 
 const LEVELS: &str = r#"
@@ -275,14 +276,12 @@ async fn a_flight_queues_at_its_most_important_waiters_level() {
     assert_eq!(env.mock.bureau.stats().calls_total, 41, "the flight was sent once");
 }
 
-/// Three affiliates in one group (weight 1) surge together beside an unaffiliated bank
-/// (weight 1) surging as hard: the group's three ids share one share of the bureau between
-/// them, so while all four are backlogged the bank gets about as many calls as the three
-/// together (without the group it would get a quarter).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn affiliates_surging_together_get_their_groups_share_not_one_each() {
+/// A bureau of two workers, a proxy of two slots in front of it with bank a (weight 1) alone
+/// and bank b in a group (weight 1) with two affiliates (keys `key-b2`, `key-b3`); deep queues.
+async fn bank_and_family() -> (MockHandle, Running) {
+    let mock = start_mock(MockConfig { workers: 2, ..bureau() }).await;
     let mut text = config_with(
-        "http://127.0.0.1:1",
+        &mock.url(),
         &Extras {
             upstream: "max_concurrency = 2\nqueue_timeout = \"20s\"",
             tenant_a: "max_queue = 1000",
@@ -290,45 +289,81 @@ async fn affiliates_surging_together_get_their_groups_share_not_one_each() {
             ..Extras::default()
         },
     );
-    // Two more affiliates of b's group (keys c and d), and the group.
-    let mock = start_mock(MockConfig { workers: 2, ..bureau() }).await;
-    text = text.replace("http://127.0.0.1:1", &mock.url());
     for (id, key) in [("b2", "key-b2"), ("b3", "key-b3")] {
         text.push_str(&format!("[[tenants]]\nid = \"{id}\"\napi_key_sha256 = \"{}\"\nmax_queue = 1000\n", sha(key)));
     }
     text.push_str("[[groups]]\nid = \"bank-b-family\"\nmembers = [\"b\", \"b2\", \"b3\"]\n");
     let proxy = start_proxy(&text).await;
-    let url = |who: &str, i: usize| format!("http://{}/v1/score/{who}-{i}", proxy.addr);
-    let mut family = Vec::new();
-    for key in [KEY_B, "key-b2", "key-b3"] {
-        for i in 0..60 {
-            let u = url(key, i);
-            family.push(tokio::spawn(async move { get(&u, &[("x-api-key", key)]).await.status }));
-        }
-    }
-    let alone: Vec<_> = (0..60)
+    (mock, proxy)
+}
+
+/// `n` look-ups of the tenant with api key `key`, at once.
+fn surge_of(proxy: &Running, key: &'static str, n: usize) -> Vec<tokio::task::JoinHandle<http::StatusCode>> {
+    (0..n)
         .map(|i| {
-            let u = url("a", i);
-            tokio::spawn(async move { get(&u, &[("x-api-key", KEY_A)]).await.status })
+            let u = format!("http://{}/v1/score/{key}-{i}", proxy.addr);
+            tokio::spawn(async move { get(&u, &[("x-api-key", key)]).await.status })
         })
-        .collect();
-    // Counted from when all four have a backlog (the requests arrive over a few hundred ms).
+        .collect()
+}
+
+/// The bureau calls of tenants `ids` while bank a's surge `alone` is answered, counted from
+/// when the scheduler's tenants `backlogged` all have a backlog.
+async fn calls_while_the_bank_surges(
+    mock: &MockHandle,
+    proxy: &Running,
+    alone: Vec<tokio::task::JoinHandle<http::StatusCode>>,
+    backlogged: &[usize],
+    ids: &[&str],
+) -> (u64, u64) {
     let sched = proxy.shared.scheduler.clone();
-    wait_until("all four backlogged", || (0..4).all(|t| sched.queued(t) >= 20)).await;
+    wait_until("every surging tenant backlogged", || backlogged.iter().all(|&t| sched.queued(t) >= 20)).await;
     let before = mock.bureau.stats().calls_by_tenant;
     for t in alone {
         assert_eq!(t.await.unwrap(), 200);
     }
     let after = mock.bureau.stats().calls_by_tenant;
     let delta = |t: &str| after.get(t).copied().unwrap_or(0) - before.get(t).copied().unwrap_or(0);
-    let family_calls: u64 = ["b", "b2", "b3"].iter().map(|t| delta(t)).sum();
-    let bank = delta("a");
+    (delta("a"), ids.iter().map(|t| delta(t)).sum())
+}
+
+/// Three affiliates in one group (weight 1) surge together beside an unaffiliated bank
+/// (weight 1) surging as hard: the group's three ids share one share of the bureau between
+/// them, so while all four are backlogged the bank gets about as many calls as the three
+/// together (without the group it would get a quarter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affiliates_surging_together_get_their_groups_share_not_one_each() {
+    let (mock, proxy) = bank_and_family().await;
+    let family: Vec<_> = ["key-b", "key-b2", "key-b3"].into_iter().flat_map(|k| surge_of(&proxy, k, 60)).collect();
+    let alone = surge_of(&proxy, KEY_A, 60);
+    // Counted from when all four have a backlog (the requests arrive over a few hundred ms).
+    let (bank, family_calls) =
+        calls_while_the_bank_surges(&mock, &proxy, alone, &[0, 1, 2, 3], &["b", "b2", "b3"]).await;
     assert!(bank >= 20, "the bank's backlog was served while counted: {bank}");
     assert!(
         family_calls <= bank * 5 / 4 + 2,
         "while all were backlogged the three affiliates had {family_calls} calls to the bank's {bank}"
     );
     for t in family {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+}
+
+/// One affiliate surging alone beside an unaffiliated bank of the group's weight gets the
+/// group's whole share, its idle affiliates' parts included: about as many calls as the bank
+/// (its weight divided statically among the three, it would get a third of the bank's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_affiliate_surging_alone_gets_its_groups_whole_share() {
+    let (mock, proxy) = bank_and_family().await;
+    let member = surge_of(&proxy, "key-b", 60);
+    let alone = surge_of(&proxy, KEY_A, 60);
+    let (bank, member_calls) = calls_while_the_bank_surges(&mock, &proxy, alone, &[0, 1], &["b"]).await;
+    assert!(bank >= 20, "the bank's backlog was served while counted: {bank}");
+    assert!(
+        member_calls * 4 >= bank * 3,
+        "while both were backlogged the affiliate had {member_calls} calls to the bank's {bank}"
+    );
+    for t in member {
         assert_eq!(t.await.unwrap(), 200);
     }
 }

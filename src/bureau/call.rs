@@ -16,10 +16,10 @@ use http::header::RETRY_AFTER;
 
 use crate::admission::quota::{self, retry_after_secs};
 use crate::admission::ratelimit::InFlightGuards;
-use crate::admission::tenant::Tenant;
+use crate::admission::tenant::{Tenant, WEIGHT_SCALE};
 use crate::bureau::breaker::{self, Cause, Verdict};
 use crate::bureau::headers::{self, RequestId};
-use crate::bureau::scheduler::{Ask, Permit, Shed, ShedReason};
+use crate::bureau::scheduler::{Ask, AskGroup, Permit, Shed, ShedReason};
 use crate::cache::audit::Record;
 use crate::cache::coalesce::FlightLevels;
 use crate::cache::key::CacheKey;
@@ -144,11 +144,15 @@ impl BureauCall {
         }
         let mut ask = Ask {
             tenant: tenant.state.index,
-            weight: tenant.scheduler_weight,
+            weight: tenant.weight.saturating_mul(WEIGHT_SCALE),
             cost: self.cost,
             max_queue: tenant.limits.max_queue,
             deadline,
             level: self.level,
+            group: tenant
+                .group
+                .as_ref()
+                .map(|g| AskGroup { index: g.queue, weight: g.weight.saturating_mul(WEIGHT_SCALE) }),
         };
         // A request the queue cannot serve before its own deadline is refused now rather than
         // when the deadline passes: it never takes a place, nor a slot.

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 const HOUR: Duration = Duration::from_secs(3600);
 
 fn ask(tenant: usize, weight: u32) -> Ask {
-    Ask { tenant, weight, cost: 1, max_queue: 100_000, deadline: Instant::now() + HOUR, level: 0 }
+    Ask { tenant, weight, cost: 1, max_queue: 100_000, deadline: Instant::now() + HOUR, level: 0, group: None }
 }
 
 type Acquire = Pin<Box<dyn Future<Output = Result<Permit, Shed>> + Send>>;
@@ -250,6 +250,7 @@ async fn surging_tenant_does_not_delay_others_and_still_gets_the_spare_capacity(
                     max_queue: 100,
                     deadline: arrived + Duration::from_secs(1),
                     level: 0,
+                    group: None,
                 };
                 match sched.acquire(a).await {
                     Ok(permit) => {
@@ -370,7 +371,7 @@ async fn sparse_entry_left_by_a_cancelled_waiter_is_not_granted_twice() {
     let mut back = acquire_boxed(&sched, ask(1, 1));
     let mut other = acquire_boxed(&sched, ask(2, 1));
     assert!(poll_once(&mut back).is_pending() && poll_once(&mut other).is_pending());
-    assert_eq!(sched.lock().levels[0].sparse.len(), 2, "the returning tenant kept its one entry");
+    assert_eq!(sched.lock().levels[0].top.sparse.len(), 2, "the returning tenant kept its one entry");
     drop(hold);
     let Poll::Ready(Ok(p)) = poll_once(&mut back) else { panic!("returning sparse tenant not served first") };
     assert!(poll_once(&mut other).is_pending());
@@ -416,6 +417,7 @@ async fn after_the_limit_shrinks_tenants_within_their_share_keep_priority() {
                     max_queue: 50,
                     deadline: arrived + Duration::from_secs(1),
                     level: 0,
+                    group: None,
                 };
                 let Ok(permit) = sched.acquire(a).await else { return };
                 let at = Instant::now() - start;
@@ -782,6 +784,12 @@ async fn random_model(seed: u64) {
                     max_queue: rng.usize(0..6),
                     deadline: Instant::now() + Duration::from_millis(rng.u64(0..50)),
                     level: if split { rng.usize(0..3) } else { 0 },
+                    // Alone, or in one of two groups (a tenant's group may change between
+                    // its asks, as a reload can move it).
+                    group: match rng.usize(0..3) {
+                        0 => None,
+                        g => Some(AskGroup { index: g - 1, weight: rng.u32(1..5) }),
+                    },
                 };
                 let queued_before = sched.queued(tenant);
                 let mut f = acquire_boxed(&sched, a);
@@ -887,6 +895,7 @@ async fn limit_holds_under_concurrency_with_random_cancellations() {
                         max_queue: rng.usize(1..16),
                         deadline: Instant::now() + Duration::from_micros(rng.u64(0..3000)),
                         level: if split { rng.usize(0..2) } else { 0 },
+                        group: None,
                     };
                     let give_up = rng.u32(0..40);
                     let permit = tokio::select! {
@@ -1170,4 +1179,62 @@ async fn a_removed_levels_queue_moves_to_each_tenants_default_level() {
         panic!("tenant 0's oldest request was not served first")
     };
     assert!(poll_once(&mut t0[1]).is_pending() && poll_once(&mut t1[0]).is_pending());
+}
+
+/// Tenant `tenant` (weight 1) in group `group` (weight 1).
+fn member(tenant: usize, group: usize) -> Ask {
+    Ask { group: Some(AskGroup { index: group, weight: 1 }), ..ask(tenant, 1) }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_member_surging_alone_gets_the_groups_whole_share() {
+    // Tenants 1, 2 and 3 are one group of weight 1, tenant 0 a bank of weight 1 on its own.
+    // Only member 1 surges: its idle affiliates' part is its, so it gets half (its weight
+    // divided statically among the three, it would get a quarter).
+    let sched = Scheduler::new(1);
+    let hold = grant_now(&sched, ask(9, 1));
+    let mut rx = backlog(&sched, &[(ask(0, 1), 300), (member(1, 0), 300)]).await;
+    drop(hold);
+    let c = counts(&serve(&mut rx, 400).await, 2);
+    for &got in &c {
+        assert!((got as f64 - 200.0).abs() <= 10.0, "grants {c:?}, want 200/200 within 5%");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn affiliates_surging_together_share_their_groups_weight_by_theirs() {
+    // Members 1 and 2 (weight 1) and 3 (weight 2) of one group (weight 1) against a bank of
+    // weight 1: the group gets half, divided 1:1:2 among its members.
+    let sched = Scheduler::new(1);
+    let hold = grant_now(&sched, ask(9, 1));
+    let heavy = Ask { weight: 2, ..member(3, 0) };
+    let mut rx = backlog(&sched, &[(ask(0, 1), 300), (member(1, 0), 300), (member(2, 0), 300), (heavy, 300)]).await;
+    drop(hold);
+    let c = counts(&serve(&mut rx, 400).await, 4);
+    for (got, want) in c.iter().zip([200.0, 50.0, 50.0, 100.0]) {
+        assert!((*got as f64 - want).abs() <= 10.0, "grants {c:?}, want 200/50/50/100 within 10");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_member_is_served_at_its_groups_next_turn_not_behind_its_affiliates_backlog() {
+    // Member 1 and the bank surge; member 2 asks once: sparse inside its group, it is served
+    // at the group's next turn (one of the next two grants), ahead of member 1's backlog.
+    let sched = Scheduler::new(1);
+    let hold = grant_now(&sched, ask(9, 1));
+    let mut rx = backlog(&sched, &[(ask(0, 1), 100), (member(1, 0), 100)]).await;
+    drop(hold);
+    serve(&mut rx, 20).await;
+    let (_, permit) = rx.recv().await.expect("a waiter is granted");
+    let mut quiet = backlog(&sched, &[(member(2, 0), 1)]).await;
+    drop(permit);
+    // One slot: each grant waits for the previous one's permit to drop.
+    let mut before = 0;
+    loop {
+        tokio::select! {
+            Some((_, p)) = quiet.recv() => { drop(p); break; }
+            Some((_, p)) = rx.recv() => { before += 1; drop(p); }
+        }
+    }
+    assert!(before <= 1, "{before} grants of the others before member 2's");
 }
