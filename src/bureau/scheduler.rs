@@ -689,12 +689,23 @@ impl Scheduler {
                 };
             }
             let next = match held {
-                // A probe's extra slots go to quiet tenants whatever their level.
-                Some(Claim::Light) => (0..MAX_LEVELS).find_map(|l| {
-                    let st = &mut q.levels[l];
-                    let next = st.pop_sparse(sparse_limit, true).or_else(|| st.pop_light(sparse_limit));
-                    next.map(|(tenant, waiter)| (l, tenant, waiter))
-                }),
+                // A probe's extra slots go to quiet tenants, most important level first, within
+                // each level's rules under the cruise limit (its borrowing cap, what the others
+                // keep back): the probe withholds slots, it does not lift the levels' caps.
+                Some(Claim::Light) => {
+                    let cruise = sparse_limit.unwrap_or(limit);
+                    let (seats, held_now) = (table.seats(cruise), self.held_by_level());
+                    let total = self.in_flight.load(Ordering::SeqCst);
+                    let may = |l: usize| {
+                        !table.is_split() || !table.contains(l) || levels::may_take(&seats, &held_now, l, total, cruise)
+                    };
+                    let removed = (0..MAX_LEVELS).filter(|&l| !table.contains(l));
+                    table.order().iter().copied().chain(removed).filter(|&l| may(l)).find_map(|l| {
+                        let st = &mut q.levels[l];
+                        let next = st.pop_sparse(sparse_limit, true).or_else(|| st.pop_light(sparse_limit));
+                        next.map(|(tenant, waiter)| (l, tenant, waiter))
+                    })
+                }
                 _ => q
                     .level_for(&table, &self.held_by_level(), self.in_flight.load(Ordering::SeqCst), limit)
                     .and_then(|l| q.levels[l].pop_next(sparse_limit).map(|(tenant, waiter)| (l, tenant, waiter))),

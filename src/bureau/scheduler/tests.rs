@@ -1238,3 +1238,25 @@ async fn a_quiet_member_is_served_at_its_groups_next_turn_not_behind_its_affilia
     }
     assert!(before <= 1, "{before} grants of the others before member 2's");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_down_probes_extra_slots_respect_each_levels_borrowing_cap() {
+    // Interactive and batch each have 4 of 8 seats; batch may not borrow. During a probe at 6,
+    // a quiet batch tenant gets no extra slot while batch holds its 4 (the cap holds under the
+    // cruise limit too); a quiet interactive tenant below its part does.
+    let sched = Scheduler::new(8);
+    let ctl = Arc::new(AdaptiveLimit::new(AdaptiveConfig::new(4, 64, 8)));
+    sched.set_controller(Some(Arc::clone(&ctl)));
+    sched.set_levels(two_levels(SHARE(1), LevelSpec { share: 1, lendable: 1.0, borrow: Some(0.0) }), &|_| None);
+    let mut interactive: Vec<Permit> = (0..4).map(|_| grant_now(&sched, level_ask(0, 0))).collect();
+    let _batch: Vec<Permit> = (0..4).map(|_| grant_now(&sched, level_ask(1, 1))).collect();
+    let probe = ctl.force_phase(Some(6)).expect("the probe changes the limit");
+    sched.set_limit(probe);
+    let mut quiet_batch = vec![acquire_boxed(&sched, level_ask(2, 1))];
+    let mut got = Vec::new();
+    interactive.pop();
+    assert_eq!(take_granted(&mut quiet_batch, &mut got), 0, "batch borrowed past its cap during the probe");
+    assert_eq!(sched.in_flight(), 7);
+    let mut quiet_interactive = vec![acquire_boxed(&sched, level_ask(3, 0))];
+    assert_eq!(take_granted(&mut quiet_interactive, &mut got), 1, "interactive is below its part");
+}
