@@ -1151,6 +1151,21 @@ struct TenantQueue {
     shed_queue_full_total: u64,
 }
 
+impl TenantQueue {
+    /// Whether entry `ticket` in `group`'s lists is `t`'s live one (current, with a waiter).
+    /// An entry is current only in the group the tenant is queued under (tickets are per
+    /// group); a current one whose queue cancellations emptied is idled, as it is dropped.
+    fn settle(t: &mut TenantQueue, group: usize, ticket: u64) -> bool {
+        if t.group == group && Sfq::current(&t.flow, ticket) {
+            if !t.waiters.is_empty() {
+                return true;
+            }
+            t.flow.listed = Listed::Idle;
+        }
+        false
+    }
+}
+
 struct Waiter {
     id: u64,
     /// The tenant's weight within its group (its own weight for a group of one).
@@ -1271,25 +1286,15 @@ impl State {
     /// the smallest tag. Stale entries met on the way are dropped.
     fn pick_member(&mut self, group: usize) -> Option<Pick> {
         let g = &mut self.groups[group];
-        // A member's entry is current only in the group it is queued under (tickets are per
-        // group); a current one whose queue cancellations emptied is idled as it is dropped.
         while let Some(&(start, ticket, flow)) = g.members.sparse.front() {
-            let t = &mut self.tenants[flow];
-            if t.group == group && Sfq::current(&t.flow, ticket) {
-                if !t.waiters.is_empty() {
-                    return Some(Pick { flow, ticket, start, from_heap: false });
-                }
-                t.flow.listed = Listed::Idle;
+            if TenantQueue::settle(&mut self.tenants[flow], group, ticket) {
+                return Some(Pick { flow, ticket, start, from_heap: false });
             }
             g.members.sparse.pop_front();
         }
         while let Some(&Reverse((start, ticket, flow))) = g.members.heap.peek() {
-            let t = &mut self.tenants[flow];
-            if t.group == group && Sfq::current(&t.flow, ticket) {
-                if !t.waiters.is_empty() {
-                    return Some(Pick { flow, ticket, start, from_heap: true });
-                }
-                t.flow.listed = Listed::Idle;
+            if TenantQueue::settle(&mut self.tenants[flow], group, ticket) {
+                return Some(Pick { flow, ticket, start, from_heap: true });
             }
             g.members.heap.pop();
         }
