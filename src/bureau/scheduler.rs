@@ -67,8 +67,8 @@
 //!   p99 latency is then at most about 32 ms and 34 ms (wait + 22 ms service), against 20 ms
 //!   calm, whatever the number of surging tenants.
 //! - **Priority levels above the tenants** (issue 17, [`levels`]). `State` is one fair-queuing
-//!   level (sparse list + SFQ heap) over tenants; there is one per priority level slot, all
-//!   under the one lock. A freed slot first picks the level (the one furthest below its
+//!   level (sparse lists + SFQ heaps, groups then tenants); there is one per priority level
+//!   slot, all under the one lock. A freed slot first picks the level (the one furthest below its
 //!   nominal part of the limit, then the borrower furthest below it; Kubernetes APF's shares,
 //!   lending and borrowing), then the tenant inside it as above. Each permit counts in its
 //!   level (`level_held`), so a level below its nominal part still takes a free slot on the
@@ -1343,15 +1343,13 @@ impl State {
     /// within its share ([`State::within_share`]) is forgiven the withheld slots ([`Sfq::charge`]).
     fn pop_sparse(&mut self, probe: Option<usize>, within: bool) -> Option<(usize, Waiter)> {
         if within {
-            probe?;
+            let cruise = probe?;
             let found = self.top.sparse.iter().enumerate().find_map(|(at, &(start, ticket, flow))| {
                 let top = Pick { flow, ticket, start, from_heap: false };
                 if !self.live_group(&top) {
                     return None;
                 }
-                let g = &self.groups[flow];
-                let cruise = probe?;
-                let member = g
+                let member = self.groups[flow]
                     .members
                     .sparse
                     .iter()
@@ -1361,8 +1359,8 @@ impl State {
             });
             let (at, top, member) = found?;
             self.top.sparse.remove(at);
-            let forgive = true;
-            return Some(self.grant(top, member, forgive));
+            // Within its share: forgiven the withheld slots.
+            return Some(self.grant(top, member, true));
         }
         loop {
             let (start, ticket, flow) = self.top.sparse.pop_front()?;
