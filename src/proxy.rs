@@ -262,8 +262,12 @@ impl Proxy {
         };
 
         // Priority: the level the call queues in for a bureau slot. Consumed here, never sent on.
-        let level =
-            crate::route::priority::level(&snap.config.priority, tenant.index, route_level, &mut parts.headers)?;
+        let level = snap.level_slot(crate::route::priority::level(
+            &snap.config.priority,
+            tenant.index,
+            route_level,
+            &mut parts.headers,
+        )?);
         // Deadline: how long the client will wait, if it says (consumed; the bureau is told
         // what is left of it).
         let deadline = crate::route::deadline::take(&mut parts.headers, tokio::time::Instant::now())?;
@@ -359,6 +363,7 @@ impl Proxy {
             source,
             cost,
             level,
+            flight: None,
             deadline,
             reservation,
             in_flight,
@@ -404,6 +409,8 @@ impl Proxy {
         // joinable until then: a client that retries after its 504 joins the same call instead
         // of sending (and paying for) the look-up twice.
         let fetch = move |interest: Interest| async move {
+            // Queued at the most important level among the flight's waiters, as they come and go.
+            call.flight = Some(interest.levels());
             let granted = tokio::select! {
                 granted = call.queue() => granted?,
                 () = interest.gone() => {
@@ -423,7 +430,7 @@ impl Proxy {
         // Each request waits as it would for a call of its own: response_timeout from the call's
         // grant, never past request_timeout.
         let deadline = tokio::time::Instant::now() + snap.limits.request_timeout;
-        let (fetched, role) = match self.shared.coalescer.run(key, deadline, response_timeout, fetch).await {
+        let (fetched, role) = match self.shared.coalescer.run(key, level, deadline, response_timeout, fetch).await {
             Ok(answer) => answer,
             Err(CoalesceError::Timeout) => return Err(bureau_timeout(response_timeout)),
             Err(e) => return Err(e.into()),

@@ -69,12 +69,20 @@ pub struct Snapshot {
     pub cells: RequestCells,
     /// Secret of the keyed look-up hashes (config, else random per process).
     pub key_secret: KeySecret,
+    /// The scheduler slot of each `[[priority]]` level, by its place in the config: a level
+    /// keeps its slot by name across reloads ([`set_levels`]), so its place may differ.
+    pub level_slots: Vec<usize>,
 }
 
 impl Snapshot {
     /// The name of route index `route` (a configured route, or `_none` / `_passthrough`).
     pub fn route_name(&self, route: usize) -> Arc<str> {
         self.routes.get(route).map_or_else(|| Arc::from(self.cells.route_label(route)), |r| r.name.clone())
+    }
+
+    /// The scheduler slot of the config's priority level `level` (slot 0 without levels).
+    pub fn level_slot(&self, level: usize) -> usize {
+        self.level_slots.get(level).copied().unwrap_or(0)
     }
 
     /// Compiles a validated config. Cheap enough to run on every reload; never on the request path.
@@ -120,6 +128,8 @@ impl Snapshot {
                 config.tenants.iter().map(|t| t.id.clone()),
                 config.routes.iter().map(|r| r.name.clone()),
             ),
+            // Until the scheduler places the levels (`set_levels`), each in the slot of its place.
+            level_slots: (0..config.priority.levels.len()).collect(),
             config,
         }
     }
@@ -227,7 +237,7 @@ impl Shared {
         let states = StateRegistry::default();
         let scheduler = Scheduler::new(config.upstream.max_concurrency);
         scheduler.set_max_waiting(config.upstream.max_queue_total);
-        scheduler.set_levels(level_table(&config), &|_| None);
+        let level_slots = set_levels(&scheduler, &config, &|_| None);
         let adaptive = adaptive_controller(&config);
         scheduler.set_controller(adaptive.clone());
         let redis = match &config.state.backend {
@@ -253,7 +263,8 @@ impl Shared {
             config.server.auth_penalty,
             metrics.auth_penalties_total.clone(),
         );
-        let snapshot = Snapshot::compile(Arc::new(config), &states, None, &random_secret);
+        let mut snapshot = Snapshot::compile(Arc::new(config), &states, None, &random_secret);
+        snapshot.level_slots = level_slots;
         let calls = TaskTracker::new();
         let breaker = Breaker::new(
             metrics.breaker_state.clone(),
@@ -338,8 +349,8 @@ impl Shared {
         for gauge in [&m.level_in_flight, &m.level_queued, &m.level_nominal] {
             gauge.reset();
         }
-        for (slot, level) in snap.config.priority.levels.iter().enumerate() {
-            let stats = self.scheduler.level_stats(slot);
+        for (i, level) in snap.config.priority.levels.iter().enumerate() {
+            let stats = self.scheduler.level_stats(snap.level_slot(i));
             m.level_in_flight.with_label_values(&[&level.name]).set(stats.in_flight as i64);
             m.level_queued.with_label_values(&[&level.name]).set(stats.queued as i64);
             m.level_nominal.with_label_values(&[&level.name]).set(stats.nominal as i64);
@@ -400,12 +411,11 @@ impl Shared {
     }
 }
 
-/// The scheduler's priority levels for `config`: a level's slot is its place in
-/// `[[priority]]`; without levels, one level that is the whole budget.
-pub fn level_table(config: &Config) -> crate::bureau::scheduler::LevelTable {
-    let levels: Vec<_> = config.priority.levels.iter().enumerate().map(|(slot, l)| (slot, l.spec)).collect();
-    if levels.is_empty() {
-        return crate::bureau::scheduler::LevelTable::default();
-    }
-    crate::bureau::scheduler::LevelTable::new(&levels).expect("config validation caps the levels at MAX_LEVELS")
+/// Sets `config`'s priority levels in `scheduler`, each keeping its slot by name; returns each
+/// level's slot by its place in the config (for [`Snapshot::level_slots`]). The queued requests
+/// of a removed level move to their tenant's default level (`default_of(tenant)`, a level's
+/// place in the config).
+pub fn set_levels(scheduler: &Scheduler, config: &Config, default_of: &dyn Fn(usize) -> Option<usize>) -> Vec<usize> {
+    let levels: Vec<_> = config.priority.levels.iter().map(|l| (l.name.as_str(), l.spec)).collect();
+    scheduler.set_named_levels(&levels, default_of)
 }

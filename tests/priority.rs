@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bureau_sim::mock_bureau::MockConfig;
+use bureau_guard::app::Running;
+use bureau_sim::mock_bureau::{MockConfig, MockHandle};
 use common::*;
 
 const LEVELS: &str = r#"
@@ -173,14 +174,114 @@ async fn levels_reload_under_load_without_a_failed_request() {
     assert_eq!(env.proxy.shared.scheduler.in_flight(), 0);
 }
 
-/// Three affiliates in one group (weight 1) surge together beside an unaffiliated bank
-/// (weight 1) surging as hard: the group's three ids share one share of the bureau between
-/// them, so while all four are backlogged the bank gets about as many calls as the three
-/// together (without the group it would get a quarter).
+/// A reload that reorders the levels while both have waiters keeps each waiter and each call
+/// in flight in its own level (a level keeps its scheduler slot by name): the gauges still
+/// count interactive work as interactive, and once the bureau serves again interactive waiters
+/// get interactive's share (3 of 4 slots), batch's waiters batch's. Were the slots taken by
+/// place, the reorder would relabel the queues: interactive's 40 waiters counted as batch and
+/// served at batch's share.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn affiliates_surging_together_get_their_groups_share_not_one_each() {
+async fn reordering_levels_live_keeps_each_waiter_in_its_own_level() {
+    let x = bank_a_with_both_levels();
+    let env = Env::with(bureau(), &x).await;
+    // The bureau stalls, so the queues stand still while they are counted.
+    env.mock.bureau.set_workers(0);
+    let order = Arc::new(AtomicUsize::new(0));
+    let surge = |level: &'static str, n: usize| {
+        (0..n)
+            .map(|i| {
+                let (url, order) = (env.url(&format!("/v1/score/{level}-{i}")), Arc::clone(&order));
+                tokio::spawn(async move {
+                    let r = get(&url, &[("x-api-key", KEY_A), ("x-bureau-priority", level)]).await;
+                    (r.status.as_u16(), order.fetch_add(1, Ordering::SeqCst))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let sched = env.proxy.shared.scheduler.clone();
+    let batch = surge("batch", 40);
+    wait_until("batch holds every slot and queues", || sched.in_flight() == 4 && sched.queued_total() == 36).await;
+    let interactive = surge("interactive", 40);
+    wait_until("interactive queues too", || sched.queued_total() == 76).await;
+
+    let reordered = "[[priority]]\nname = \"batch\"\nshare = 1\n[[priority]]\nname = \"interactive\"\nshare = 3\n";
+    let text = config_with(&env.mock.url(), &Extras { sections: reordered, ..x.clone() });
+    let report = bureau_guard::ops::reload::apply(&env.proxy.shared, parse(&text));
+    assert!(report.applied(), "{report:?}");
+    let metrics = get(&env.admin_url("/metrics"), &[]).await.text();
+    for (series, want) in [
+        (r#"bureau_guard_level_queued{level="interactive"}"#, 40.0),
+        (r#"bureau_guard_level_queued{level="batch"}"#, 36.0),
+        (r#"bureau_guard_level_in_flight{level="batch"}"#, 4.0),
+        (r#"bureau_guard_level_in_flight{level="interactive"}"#, 0.0),
+        (r#"bureau_guard_level_nominal{level="interactive"}"#, 3.0),
+    ] {
+        assert_eq!(metric_value(&metrics, series), Some(want), "{series}\n{metrics}");
+    }
+
+    env.mock.bureau.set_workers(4);
+    let mut first_twenty = 0;
+    for t in interactive {
+        let (status, at) = t.await.unwrap();
+        assert_eq!(status, 200);
+        first_twenty += usize::from(at < 20);
+    }
+    for t in batch {
+        assert_eq!(t.await.unwrap().0, 200);
+    }
+    // Interactive's share is 3 of 4 slots: some 15 of the first 20 answers (at batch's share,
+    // some 5).
+    assert!(first_twenty >= 12, "interactive had {first_twenty} of the first 20 answers");
+    assert_eq!(sched.in_flight(), 0);
+}
+
+/// A coalesced flight queues at the most important level among its waiters: a batch look-up
+/// queued behind a batch backlog is raised to interactive when the same bank's interactive
+/// look-up of the same subject joins it, falls back when that look-up leaves, and is sent once.
+/// Without it the interactive look-up would wait at batch priority, behind the whole backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_queues_at_its_most_important_waiters_level() {
+    let x = Extras { score: "coalesce = true\ncache_key = [\"path.subject_id\"]", ..bank_a_with_both_levels() };
+    let env = Env::with(bureau(), &x).await;
+    env.mock.bureau.set_workers(0);
+    let sched = env.proxy.shared.scheduler.clone();
+    let (done, batch) = batch_surge(&env, 40);
+    wait_until("batch holds every slot and queues", || sched.in_flight() == 4 && sched.queued_total() == 36).await;
+    let look_up = |level: &'static str| {
+        let url = env.url("/v1/score/X");
+        tokio::spawn(async move { get(&url, &[("x-api-key", KEY_A), ("x-bureau-priority", level)]).await.status })
+    };
+    let (interactive, batch_level) = (sched.levels().order()[0], sched.levels().order()[1]);
+    let queued = |slot| sched.level_stats(slot).queued;
+    let leader = look_up("batch");
+    wait_until("the batch flight queues", || queued(batch_level) == 37).await;
+    // An interactive look-up joins: the flight moves to interactive...
+    let follower = look_up("interactive");
+    wait_until("the flight raised", || queued(interactive) == 1 && queued(batch_level) == 36).await;
+    // ...and back to batch when it leaves.
+    follower.abort();
+    wait_until("the flight back at batch", || queued(interactive) == 0 && queued(batch_level) == 37).await;
+    let follower = look_up("interactive");
+    wait_until("the flight raised again", || queued(interactive) == 1).await;
+
+    env.mock.bureau.set_workers(4);
+    assert_eq!(follower.await.unwrap(), 200);
+    let batch_before = done.load(Ordering::SeqCst);
+    assert_eq!(leader.await.unwrap(), 200);
+    for t in batch {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    // Served at the next free slot or two (interactive's nominal part is 3 of 4), not behind 36.
+    assert!(batch_before <= 12, "{batch_before} batch calls were answered before the raised flight");
+    assert_eq!(env.mock.bureau.stats().calls_total, 41, "the flight was sent once");
+}
+
+/// A bureau of two workers, a proxy of two slots in front of it with bank a (weight 1) alone
+/// and bank b in a group (weight 1) with two affiliates (keys `key-b2`, `key-b3`); deep queues.
+async fn bank_and_family() -> (MockHandle, Running) {
+    let mock = start_mock(MockConfig { workers: 2, ..bureau() }).await;
     let mut text = config_with(
-        "http://127.0.0.1:1",
+        &mock.url(),
         &Extras {
             upstream: "max_concurrency = 2\nqueue_timeout = \"20s\"",
             tenant_a: "max_queue = 1000",
@@ -188,45 +289,81 @@ async fn affiliates_surging_together_get_their_groups_share_not_one_each() {
             ..Extras::default()
         },
     );
-    // Two more affiliates of b's group (keys c and d), and the group.
-    let mock = start_mock(MockConfig { workers: 2, ..bureau() }).await;
-    text = text.replace("http://127.0.0.1:1", &mock.url());
     for (id, key) in [("b2", "key-b2"), ("b3", "key-b3")] {
         text.push_str(&format!("[[tenants]]\nid = \"{id}\"\napi_key_sha256 = \"{}\"\nmax_queue = 1000\n", sha(key)));
     }
     text.push_str("[[groups]]\nid = \"bank-b-family\"\nmembers = [\"b\", \"b2\", \"b3\"]\n");
     let proxy = start_proxy(&text).await;
-    let url = |who: &str, i: usize| format!("http://{}/v1/score/{who}-{i}", proxy.addr);
-    let mut family = Vec::new();
-    for key in [KEY_B, "key-b2", "key-b3"] {
-        for i in 0..60 {
-            let u = url(key, i);
-            family.push(tokio::spawn(async move { get(&u, &[("x-api-key", key)]).await.status }));
-        }
-    }
-    let alone: Vec<_> = (0..60)
+    (mock, proxy)
+}
+
+/// `n` look-ups of the tenant with api key `key`, at once.
+fn surge_of(proxy: &Running, key: &'static str, n: usize) -> Vec<tokio::task::JoinHandle<http::StatusCode>> {
+    (0..n)
         .map(|i| {
-            let u = url("a", i);
-            tokio::spawn(async move { get(&u, &[("x-api-key", KEY_A)]).await.status })
+            let u = format!("http://{}/v1/score/{key}-{i}", proxy.addr);
+            tokio::spawn(async move { get(&u, &[("x-api-key", key)]).await.status })
         })
-        .collect();
-    // Counted from when all four have a backlog (the requests arrive over a few hundred ms).
+        .collect()
+}
+
+/// The bureau calls of tenants `ids` while bank a's surge `alone` is answered, counted from
+/// when the scheduler's tenants `backlogged` all have a backlog.
+async fn calls_while_the_bank_surges(
+    mock: &MockHandle,
+    proxy: &Running,
+    alone: Vec<tokio::task::JoinHandle<http::StatusCode>>,
+    backlogged: &[usize],
+    ids: &[&str],
+) -> (u64, u64) {
     let sched = proxy.shared.scheduler.clone();
-    wait_until("all four backlogged", || (0..4).all(|t| sched.queued(t) >= 20)).await;
+    wait_until("every surging tenant backlogged", || backlogged.iter().all(|&t| sched.queued(t) >= 20)).await;
     let before = mock.bureau.stats().calls_by_tenant;
     for t in alone {
         assert_eq!(t.await.unwrap(), 200);
     }
     let after = mock.bureau.stats().calls_by_tenant;
     let delta = |t: &str| after.get(t).copied().unwrap_or(0) - before.get(t).copied().unwrap_or(0);
-    let family_calls: u64 = ["b", "b2", "b3"].iter().map(|t| delta(t)).sum();
-    let bank = delta("a");
+    (delta("a"), ids.iter().map(|t| delta(t)).sum())
+}
+
+/// Three affiliates in one group (weight 1) surge together beside an unaffiliated bank
+/// (weight 1) surging as hard: the group's three ids share one share of the bureau between
+/// them, so while all four are backlogged the bank gets about as many calls as the three
+/// together (without the group it would get a quarter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affiliates_surging_together_get_their_groups_share_not_one_each() {
+    let (mock, proxy) = bank_and_family().await;
+    let family: Vec<_> = ["key-b", "key-b2", "key-b3"].into_iter().flat_map(|k| surge_of(&proxy, k, 60)).collect();
+    let alone = surge_of(&proxy, KEY_A, 60);
+    // Counted from when all four have a backlog (the requests arrive over a few hundred ms).
+    let (bank, family_calls) =
+        calls_while_the_bank_surges(&mock, &proxy, alone, &[0, 1, 2, 3], &["b", "b2", "b3"]).await;
     assert!(bank >= 20, "the bank's backlog was served while counted: {bank}");
     assert!(
         family_calls <= bank * 5 / 4 + 2,
         "while all were backlogged the three affiliates had {family_calls} calls to the bank's {bank}"
     );
     for t in family {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+}
+
+/// One affiliate surging alone beside an unaffiliated bank of the group's weight gets the
+/// group's whole share, its idle affiliates' parts included: about as many calls as the bank
+/// (its weight divided statically among the three, it would get a third of the bank's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_affiliate_surging_alone_gets_its_groups_whole_share() {
+    let (mock, proxy) = bank_and_family().await;
+    let member = surge_of(&proxy, "key-b", 60);
+    let alone = surge_of(&proxy, KEY_A, 60);
+    let (bank, member_calls) = calls_while_the_bank_surges(&mock, &proxy, alone, &[0, 1], &["b"]).await;
+    assert!(bank >= 20, "the bank's backlog was served while counted: {bank}");
+    assert!(
+        member_calls * 4 >= bank * 3,
+        "while both were backlogged the affiliate had {member_calls} calls to the bank's {bank}"
+    );
+    for t in member {
         assert_eq!(t.await.unwrap(), 200);
     }
 }

@@ -80,6 +80,9 @@ pub struct RouteContract {
 pub struct TenantGroup {
     /// Position in the config's `groups`: a dense index for per-group tables.
     pub index: usize,
+    /// Its fair-scheduler queue: a dense index stable for the life of the process, by id
+    /// (`StateRegistry::group_queue`), as a tenant's `state.index` is.
+    pub queue: usize,
     pub id: Arc<str>,
     /// The group's share of the bureau under contention (`groups[].weight`).
     pub weight: u32,

@@ -47,8 +47,6 @@ pub struct Tenant {
     pub id: Arc<str>,
     pub name: String,
     pub weight: u32,
-    /// Its weight in the fair scheduler ([`scheduler_weight`]).
-    pub scheduler_weight: u32,
     /// `x-tenant` value sent to the bureau, prepared once.
     pub header_value: HeaderValue,
     /// The tenant-wide limits and their live counters (shared with every snapshot that has
@@ -96,23 +94,9 @@ impl Tenant {
     }
 }
 
-/// Weights in the fair scheduler are in thousandths, so that a group's weight can be divided.
+/// Weights in the fair scheduler are in thousandths of a configured weight: precision for the
+/// scheduler's virtual time (`bureau::scheduler`'s `VTIME_SCALE`).
 pub const WEIGHT_SCALE: u32 = 1000;
-
-/// A tenant's weight in the fair scheduler: its `weight` alone; in a group, the group's weight
-/// divided among the members by their weights (`group` is the group's weight and the sum of its
-/// members' weights), so affiliates surging together get the group's share, not one each.
-/// Static: a member alone does not get its idle affiliates' part (full hierarchical fair
-/// queuing, group then tenant, would give it them).
-pub fn scheduler_weight(weight: u32, group: Option<(u32, u64)>) -> u32 {
-    match group {
-        None => weight.saturating_mul(WEIGHT_SCALE),
-        Some((group_weight, members)) => {
-            let w = u64::from(group_weight) * u64::from(WEIGHT_SCALE) * u64::from(weight) / members.max(1);
-            u32::try_from(w).unwrap_or(u32::MAX).max(1)
-        }
-    }
-}
 
 /// Key digest → tenant, built once per config.
 #[derive(Debug)]
@@ -150,13 +134,6 @@ impl TenantTable {
         let mut extra = Vec::new();
         let group_of: HashMap<&str, usize> =
             groups.iter().enumerate().flat_map(|(i, g)| g.members.iter().map(move |m| (m.as_str(), i))).collect();
-        // Each group's members' weights together, to divide the group's weight among them.
-        let mut member_weights = vec![0u64; groups.len()];
-        for c in configs {
-            if let Some(&g) = group_of.get(c.id.as_str()) {
-                member_weights[g] += u64::from(c.weight);
-            }
-        }
         let groups: Vec<Arc<TenantGroup>> = groups
             .iter()
             .enumerate()
@@ -165,7 +142,8 @@ impl TenantTable {
                     .has_limits()
                     .then(|| Arc::new(Contract::extra(format!("group:{}", g.id), Scope::Group, &g.limits, states)));
                 extra.extend(contract.clone());
-                Arc::new(TenantGroup { index, id: Arc::from(g.id.as_str()), weight: g.weight, contract })
+                let queue = states.group_queue(&g.id);
+                Arc::new(TenantGroup { index, queue, id: Arc::from(g.id.as_str()), weight: g.weight, contract })
             })
             .collect();
         let mut by_key: HashMap<u64, ([u8; 32], usize), DigestPrefix> = HashMap::default();
@@ -203,10 +181,6 @@ impl TenantTable {
                 id,
                 name: c.name.clone(),
                 weight: c.weight,
-                scheduler_weight: scheduler_weight(
-                    c.weight,
-                    group.as_ref().map(|g| (g.weight, member_weights[g.index])),
-                ),
                 policy_header: crate::respond::ratelimit_policy(&[Some(&contract), group_contract]),
                 contract,
                 routes: by_route.into_boxed_slice(),

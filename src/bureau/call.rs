@@ -16,11 +16,12 @@ use http::header::RETRY_AFTER;
 
 use crate::admission::quota::{self, retry_after_secs};
 use crate::admission::ratelimit::InFlightGuards;
-use crate::admission::tenant::Tenant;
+use crate::admission::tenant::{Tenant, WEIGHT_SCALE};
 use crate::bureau::breaker::{self, Cause, Verdict};
 use crate::bureau::headers::{self, RequestId};
-use crate::bureau::scheduler::{Ask, Permit, ShedReason};
+use crate::bureau::scheduler::{Ask, AskGroup, Permit, Shed, ShedReason};
 use crate::cache::audit::Record;
+use crate::cache::coalesce::FlightLevels;
 use crate::cache::key::CacheKey;
 use crate::cache::store::{self, Fetched};
 use crate::respond::{Body, ErrorKind, Outcome, ProxyError};
@@ -50,6 +51,9 @@ pub(crate) struct BureauCall {
     pub(crate) cost: u32,
     /// The priority level slot it queues in ([`crate::route::priority`]).
     pub(crate) level: usize,
+    /// A coalesced flight's waiters' levels: while queued, the call queues at the most
+    /// important of them, re-queued as they join and leave. `None`: the call is one request's.
+    pub(crate) flight: Option<FlightLevels>,
     /// The client's own deadline ([`crate::route::deadline`]), if it gave one.
     pub(crate) deadline: Option<tokio::time::Instant>,
     /// The call's quota reservation in each contract it is charged to (tenant, route, group).
@@ -138,13 +142,17 @@ impl BureauCall {
             )
             .retry_after(1));
         }
-        let ask = Ask {
+        let mut ask = Ask {
             tenant: tenant.state.index,
-            weight: tenant.scheduler_weight,
+            weight: tenant.weight.saturating_mul(WEIGHT_SCALE),
             cost: self.cost,
             max_queue: tenant.limits.max_queue,
             deadline,
             level: self.level,
+            group: tenant
+                .group
+                .as_ref()
+                .map(|g| AskGroup { index: g.queue, weight: g.weight.saturating_mul(WEIGHT_SCALE) }),
         };
         // A request the queue cannot serve before its own deadline is refused now rather than
         // when the deadline passes: it never takes a place, nor a slot.
@@ -165,7 +173,7 @@ impl BureauCall {
         }
         let permit = loop {
             self.wait_out_holds(deadline).await?;
-            let permit = match who.shared.scheduler.acquire(ask).await {
+            let permit = match self.acquire(&mut ask).await {
                 Ok(permit) => permit,
                 Err(shed) => {
                     let message = match shed.reason {
@@ -214,6 +222,37 @@ impl BureauCall {
         Ok(Granted { call: self, permit, ticket, queued_at })
     }
 
+    /// A bureau slot for `ask`. A coalesced flight's call queues at the most important level
+    /// among its waiters and, when that changes while it is queued, leaves the queue and joins
+    /// the new level's (same deadline): leaving a queue costs nothing, and the grant is taken
+    /// once, so the call is never sent twice.
+    async fn acquire(&self, ask: &mut Ask) -> Result<Permit, Shed> {
+        let scheduler = &self.who.shared.scheduler;
+        let Some(flight) = &self.flight else { return scheduler.acquire(*ask).await };
+        let mut changes = flight.watch();
+        loop {
+            changes.borrow_and_update();
+            let table = scheduler.levels();
+            ask.level = flight.best(table.order()).unwrap_or(ask.level);
+            let moved = async {
+                loop {
+                    if changes.changed().await.is_err() {
+                        return std::future::pending().await;
+                    }
+                    if flight.best(scheduler.levels().order()).is_some_and(|l| l != ask.level) {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                // A grant that arrives together with a change is used.
+                biased;
+                granted = scheduler.acquire(*ask) => return granted,
+                () = moved => {}
+            }
+        }
+    }
+
     /// Waits out the bureau's holds on this tenant's calls if they end before `deadline`;
     /// otherwise refuses at once (the bureau asked for longer than the request can wait).
     async fn wait_out_holds(&self, deadline: tokio::time::Instant) -> Result<(), ProxyError> {
@@ -246,7 +285,8 @@ impl Granted {
     async fn call(self, mut parts: http::request::Parts, body: bytes::Bytes, keep: Keep) -> Done {
         let Granted { call, permit, ticket, queued_at } = self;
         // The in-flight place is held (unused) until the bureau has answered.
-        let BureauCall { who, source, cost: _, level: _, deadline, reservation, in_flight: _in_flight } = call;
+        let BureauCall { who, source, cost: _, level: _, flight: _, deadline, reservation, in_flight: _in_flight } =
+            call;
         let Attribution { shared, snap, tenant, request_id, .. } = &who;
         let upstream = &snap.config.upstream;
         let granted_at = tokio::time::Instant::now();

@@ -16,7 +16,8 @@
 //!   [`ShedReason::QueueFull`]) until it is granted or its deadline passes
 //!   ([`ShedReason::QueueTimeout`]). One `std` mutex guards the queues; it is held for the few
 //!   instructions of an enqueue, a dispatch or a removal and never across an `.await`.
-//! - **Fairness across tenants: start-time fair queuing** (SFQ, Goyal, Vin and Cheng 1996). A
+//! - **Fairness across tenants: start-time fair queuing** (SFQ, Goyal, Vin and Cheng 1996; told
+//!   here for tenants, and applied to groups, then their members: see *Groups* below). A
 //!   request's virtual service is `cost / weight`. Each tenant with a backlog sits in a min-heap
 //!   keyed by the virtual start tag of its head request; a freed slot goes to the smallest tag,
 //!   the system virtual time moves to that tag, and the tenant's next tag is that tag plus the
@@ -66,14 +67,24 @@
 //!   p99 latency is then at most about 32 ms and 34 ms (wait + 22 ms service), against 20 ms
 //!   calm, whatever the number of surging tenants.
 //! - **Priority levels above the tenants** (issue 17, [`levels`]). `State` is one fair-queuing
-//!   level (sparse list + SFQ heap) over tenants; there is one per priority level slot, all
-//!   under the one lock. A freed slot first picks the level (the one furthest below its
+//!   level (sparse lists + SFQ heaps, groups then tenants); there is one per priority level
+//!   slot, all under the one lock. A freed slot first picks the level (the one furthest below its
 //!   nominal part of the limit, then the borrower furthest below it; Kubernetes APF's shares,
 //!   lending and borrowing), then the tenant inside it as above. Each permit counts in its
 //!   level (`level_held`), so a level below its nominal part still takes a free slot on the
-//!   lock-free fast path. Groups of affiliated tenants sharing one share would make each
-//!   level's heap two-level: groups by tag, then tenants by tag within the group
-//!   (hierarchical SFQ), with the sparse test applied at each level; not built yet.
+//!   lock-free fast path.
+//! - **Groups, then tenants** (issue 17's `[[groups]]`). Within a level the fair queuing is
+//!   hierarchical SFQ: the sparse list and the heap above hold *groups* (a tenant in no group
+//!   is a group of one), tagged by the group's weight; each group holds its own sparse list,
+//!   heap and virtual time over its members, tagged by their weights. A grant picks the group
+//!   (sparse first, then the smallest tag), then the member inside it the same way, and charges
+//!   both. So affiliates surging together share the group's weight by theirs, and one surging
+//!   alone gets all of it (its idle affiliates bank nothing, as idle tenants do not); a quiet
+//!   member of a surging group waits for its group's next turn, not behind its affiliates'
+//!   backlog. A group's members' virtual time moves to the largest finish tag when the group's
+//!   last waiter leaves (SFQ's end of a busy period), so a group of one behaves as the flat
+//!   queue did. The probe's scans and `within_share` read a tenant's share as its group's share
+//!   of the groups that queue times its own within the group.
 //! - **Hand-off.** A queued request receives its `Permit` through a oneshot channel. If the
 //!   waiter is dropped (client gone) after the permit was sent, dropping the unreceived permit
 //!   frees the slot again; if it was dropped before, the send fails and the slot goes to the
@@ -86,10 +97,11 @@
 //!
 //! Within a tenant and a level, requests are FIFO.
 //!
-//! One file of about 900 lines (its tests are in `scheduler/tests.rs`): the fast path, the
-//! hand-off, the sparse list and the heap share one set of invariants (a slot is claimed once,
-//! handed on or given back; a tenant has one current entry), and each function's comment
-//! leans on the others. Split into files, those invariants would be stated nowhere whole.
+//! One file of about 1500 lines (its tests are in `scheduler/tests.rs`): the fast path, the
+//! hand-off, the sparse lists and the heaps share one set of invariants (a slot is claimed
+//! once, handed on or given back; a group and a tenant each have one current entry), and each
+//! function's comment leans on the others. Split into files, those invariants would be stated
+//! nowhere whole.
 //!
 //! # Example
 //! ```
@@ -99,7 +111,7 @@
 //! # use bureau_guard::bureau::scheduler::{Ask, Scheduler};
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime").block_on(async {
 //! let sched = Scheduler::new(400);
-//! let ask = Ask { tenant: 0, weight: 2, cost: 1, max_queue: 100, deadline: Instant::now() + Duration::from_secs(2), level: 0 };
+//! let ask = Ask { tenant: 0, weight: 2, cost: 1, max_queue: 100, deadline: Instant::now() + Duration::from_secs(2), level: 0, group: None };
 //! let permit = sched.acquire(ask).await.expect("a free slot is granted at once");
 //! // ... call the bureau ...
 //! permit.complete(Duration::from_millis(40), Signal::Ok);
@@ -158,6 +170,33 @@ pub struct Ask {
     /// Its priority level's slot ([`levels`]); 0 without levels. A slot not in use is served as
     /// the least important level.
     pub level: usize,
+    /// The group of affiliates the tenant is in, if any: within a level, slots go to groups by
+    /// their weight first, then to members by theirs (`weight` is then the tenant's weight
+    /// within its group). `None`: the tenant is a group of its own, at `weight`.
+    pub group: Option<AskGroup>,
+}
+
+/// A tenant group as the scheduler sees it: see [`Ask::group`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AskGroup {
+    /// Dense group index, stable for the life of the process (as tenant indexes are).
+    pub index: usize,
+    /// The group's share under contention, relative to other groups' and ungrouped tenants'
+    /// weights (>= 1).
+    pub weight: u32,
+}
+
+impl Ask {
+    /// Its group's flow at the top of its level: ungrouped tenants and groups in one index
+    /// space (even: tenant `2t`; odd: group `2g + 1`).
+    fn group_flow(&self) -> usize {
+        self.group.map_or(2 * self.tenant, |g| 2 * g.index + 1)
+    }
+
+    /// Its group's weight at the top of its level: the group's, else its own.
+    fn group_weight(&self) -> u32 {
+        self.group.map_or(self.weight, |g| g.weight).max(1)
+    }
 }
 
 /// Why the scheduler refused a request.
@@ -390,13 +429,42 @@ impl Scheduler {
     }
 
     /// Sets the priority levels ([`levels`]). The queued requests of a level no longer in the
-    /// table move, in order and keeping their place in time, to their tenant's default level
-    /// (`default_of(tenant)`, if in the table), else to the least important level.
+    /// table (or whose slot a level of another name now holds) move, in order and keeping their
+    /// place in time, to their tenant's default level (`default_of(tenant)`, a slot, if in the
+    /// table), else to the least important level.
     pub fn set_levels(&self, table: LevelTable, default_of: &dyn Fn(usize) -> Option<usize>) {
         let mut q = self.lock();
+        self.set_levels_locked(&mut q, table, default_of);
+    }
+
+    /// Sets the named priority levels `levels` (most important first), each keeping the slot
+    /// it had by name ([`LevelTable::place`]), and returns each one's slot in `levels`' order
+    /// (none without levels: the whole budget is then one unnamed level, slot 0). Queued
+    /// requests of a removed level move to their tenant's default level (`default_of(tenant)`,
+    /// an index into `levels`), as in [`Scheduler::set_levels`].
+    pub fn set_named_levels(
+        &self,
+        levels: &[(&str, LevelSpec)],
+        default_of: &dyn Fn(usize) -> Option<usize>,
+    ) -> Vec<usize> {
+        let mut q = self.lock();
+        if levels.is_empty() {
+            self.set_levels_locked(&mut q, LevelTable::default(), &|_| None);
+            return Vec::new();
+        }
+        let busy = |s: usize| self.level_held[s].load(Ordering::SeqCst) > 0 || q.levels[s].queued > 0;
+        let (table, slots) = LevelTable::place(&self.levels.load(), levels, &busy)
+            .expect("config validation caps the levels at MAX_LEVELS");
+        self.set_levels_locked(&mut q, table, &|t| default_of(t).and_then(|i| slots.get(i).copied()));
+        slots
+    }
+
+    fn set_levels_locked(&self, q: &mut Queues, table: LevelTable, default_of: &dyn Fn(usize) -> Option<usize>) {
+        let old = self.levels.load();
         let last = *table.order().last().expect("a level table is never empty");
         for from in 0..MAX_LEVELS {
-            if table.contains(from) || q.levels[from].queued == 0 {
+            let same = table.contains(from) && table.name(from) == old.name(from);
+            if same || q.levels[from].queued == 0 {
                 continue;
             }
             for (tenant, waiter) in q.levels[from].take_all() {
@@ -406,7 +474,7 @@ impl Scheduler {
         }
         self.levels.store(Arc::new(table));
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.dispatch_locked(&mut q);
+            self.dispatch_locked(q);
         }
     }
 
@@ -445,13 +513,10 @@ impl Scheduler {
         let mut q = self.lock();
         let drain = q.drain.sample(Instant::now(), self.released.load(Ordering::Relaxed))?;
         let st = &q.levels[level];
-        let weight = ask.weight.max(1);
-        let service = u128::from(ask.cost.max(1)) * VTIME_SCALE / u128::from(weight);
-        let (queued, finish) = st.tenants.get(ask.tenant).map_or((0, 0), |t| (t.waiters.len(), t.finish));
-        let secs = if queued == 0 && finish <= st.vtime + service {
-            (st.sparse.len() + 1) as f64 / drain
+        let secs = if st.would_be_sparse(ask) {
+            (st.top.sparse.len() + 1) as f64 / drain
         } else {
-            st.drain_secs(drain * part, ask.tenant, weight)
+            st.drain_secs(drain * part, ask)
         };
         secs.is_finite().then(|| Duration::from_secs_f64(secs.min(3600.0)))
     }
@@ -504,7 +569,7 @@ impl Scheduler {
                 // for another tenant's request (the queues together were full).
                 res.map_err(|_| Shed { reason: ShedReason::QueueFullTotal, retry_after: RETRY_AFTER_MIN })
             }
-            () = tokio::time::sleep_until(ask.deadline) => wait.time_out(ask.weight),
+            () = tokio::time::sleep_until(ask.deadline) => wait.time_out(&ask),
         }
     }
 
@@ -552,7 +617,7 @@ impl Scheduler {
         let st = &mut q.levels[ask.level];
         if st.tenant(ask.tenant).waiters.len() >= ask.max_queue {
             st.tenants[ask.tenant].shed_queue_full += 1;
-            let retry_after = st.retry_after(drain, part, ask.tenant, ask.weight);
+            let retry_after = st.retry_after(drain, part, ask);
             return Enqueued::Shed(Shed { reason: ShedReason::QueueFull, retry_after });
         }
         if self.waiting.load(Ordering::SeqCst) >= self.max_waiting.load(Ordering::Relaxed) {
@@ -568,7 +633,7 @@ impl Scheduler {
                 None => {
                     let st = &mut q.levels[ask.level];
                     st.tenants[ask.tenant].shed_queue_full_total += 1;
-                    let retry_after = st.retry_after(drain, part, ask.tenant, ask.weight);
+                    let retry_after = st.retry_after(drain, part, ask);
                     return Enqueued::Shed(Shed { reason: ShedReason::QueueFullTotal, retry_after });
                 }
             }
@@ -624,12 +689,23 @@ impl Scheduler {
                 };
             }
             let next = match held {
-                // A probe's extra slots go to quiet tenants whatever their level.
-                Some(Claim::Light) => (0..MAX_LEVELS).find_map(|l| {
-                    let st = &mut q.levels[l];
-                    let next = st.pop_sparse(sparse_limit, true).or_else(|| st.pop_light(sparse_limit));
-                    next.map(|(tenant, waiter)| (l, tenant, waiter))
-                }),
+                // A probe's extra slots go to quiet tenants, most important level first, within
+                // each level's rules under the cruise limit (its borrowing cap, what the others
+                // keep back): the probe withholds slots, it does not lift the levels' caps.
+                Some(Claim::Light) => {
+                    let cruise = sparse_limit.unwrap_or(limit);
+                    let (seats, held_now) = (table.seats(cruise), self.held_by_level());
+                    let total = self.in_flight.load(Ordering::SeqCst);
+                    let may = |l: usize| {
+                        !table.is_split() || !table.contains(l) || levels::may_take(&seats, &held_now, l, total, cruise)
+                    };
+                    let removed = (0..MAX_LEVELS).filter(|&l| !table.contains(l));
+                    table.order().iter().copied().chain(removed).filter(|&l| may(l)).find_map(|l| {
+                        let st = &mut q.levels[l];
+                        let next = st.pop_sparse(sparse_limit, true).or_else(|| st.pop_light(sparse_limit));
+                        next.map(|(tenant, waiter)| (l, tenant, waiter))
+                    })
+                }
                 _ => q
                     .level_for(&table, &self.held_by_level(), self.in_flight.load(Ordering::SeqCst), limit)
                     .and_then(|l| q.levels[l].pop_next(sparse_limit).map(|(tenant, waiter)| (l, tenant, waiter))),
@@ -713,7 +789,7 @@ struct Wait<'a> {
 }
 
 impl Wait<'_> {
-    fn time_out(&mut self, weight: u32) -> Result<Permit, Shed> {
+    fn time_out(&mut self, ask: &Ask) -> Result<Permit, Shed> {
         self.settled = true;
         let mut q = self.sched.lock();
         if let Some(level) = q.remove(self.level, self.tenant, self.id) {
@@ -723,7 +799,7 @@ impl Wait<'_> {
             let part = self.sched.level_part(&self.sched.levels.load(), level);
             let st = &mut q.levels[level];
             st.tenants[self.tenant].shed_queue_timeout += 1;
-            let retry_after = st.retry_after(drain, part, self.tenant, weight);
+            let retry_after = st.retry_after(drain, part, ask);
             return Err(Shed { reason: ShedReason::QueueTimeout, retry_after });
         }
         drop(q);
@@ -877,53 +953,193 @@ impl Queues {
     }
 }
 
-/// One fair-queuing level over tenants (one per priority level slot). Tenant groups (see the
-/// module doc) would nest a level of groups here.
-struct State {
-    /// Indexed by tenant index; grown on first use of an index.
-    tenants: Vec<TenantQueue>,
-    /// Sparse tenants, FIFO, served before the heap: each arrived with an empty queue and a
-    /// finish tag at most one request ahead of `vtime`. Entries are `(start tag, ticket,
-    /// tenant)`; one whose ticket is not the tenant's current one, or whose queue emptied by
-    /// cancellations, is dropped when popped.
+/// The virtual service of a request of `cost` at `weight`: `cost / weight` in fixed point.
+fn service(cost: u32, weight: u32) -> u128 {
+    u128::from(cost.max(1)) * VTIME_SCALE / u128::from(weight.max(1))
+}
+
+/// One start-time fair queue over flows: the groups of a priority level (a tenant in no group
+/// is a group of its own), or the members of one group. The flows' own state ([`Flow`]) lives
+/// with them; this holds the lists and the virtual clock.
+#[derive(Default)]
+struct Sfq {
+    /// Sparse flows, FIFO, served before the heap: each arrived with nothing queued and a
+    /// finish tag at most one request ahead of `vtime`. Entries are `(start tag, ticket, flow)`;
+    /// one whose ticket is not the flow's current one, or whose flow emptied by cancellations,
+    /// is dropped when popped.
     sparse: VecDeque<(u128, u64, usize)>,
-    /// Backlogged tenants, by the virtual start tag of their head request; ties go to the
-    /// earlier entry. Entries are `(tag, ticket, tenant)`, stale ones dropped when popped.
+    /// Backlogged flows, by the virtual start tag of their next request; ties go to the earlier
+    /// entry. Entries are `(tag, ticket, flow)`, stale ones dropped when popped.
     heap: BinaryHeap<Reverse<(u128, u64, usize)>>,
-    /// System virtual time: the start tag of the last request granted from the heap. Every
-    /// heap tag is >= it (tags are pushed >= it and it only moves to the smallest tag).
+    /// Virtual time: the start tag of the last grant from the heap. Every heap tag is >= it.
     vtime: u128,
     /// Ticket of the last list or heap entry, increasing: the heap's tie-breaker too.
     seq: u64,
-    /// Sum of the weights of tenants with a non-empty queue.
+    /// Sum of the weights of the flows with something queued.
     active_weight: u64,
+    /// The largest finish tag charged: where the virtual time goes when a busy period ends
+    /// ([`GroupQueue::idle`]).
+    max_finish: u128,
+}
+
+/// A flow's place in its [`Sfq`]. A flow has at most one current entry (its `ticket`), so a
+/// stale entry never grants twice, and at most one stale entry per flow lingers.
+#[derive(Default)]
+struct Flow {
+    /// Virtual finish tag of its last grant.
+    finish: u128,
+    listed: Listed,
+    /// The ticket of its current entry (valid while `listed` is not `Idle`).
+    ticket: u64,
+    /// The weight counted in the queue's `active_weight` while it has waiters, 0 while not.
+    active_weight: u32,
+}
+
+/// Where a flow's current entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Listed {
+    /// No current entry: nothing queued and the last entry was popped.
+    #[default]
+    Idle,
+    /// In `Sfq::sparse`.
+    Sparse,
+    /// In `Sfq::heap`.
+    Heap,
+}
+
+/// An entry popped or picked from an [`Sfq`]: whose, its ticket, its start tag, and whether it
+/// came from the heap (whose grants move the virtual time).
+#[derive(Clone, Copy)]
+struct Pick {
+    flow: usize,
+    ticket: u64,
+    start: u128,
+    from_heap: bool,
+}
+
+impl Sfq {
+    /// Counts `flow` (index `id`) active at `weight`, its first request costing `cost`, and
+    /// lists it: sparse if it is within its share (its last finish tag at most that request's
+    /// virtual service ahead of the virtual time), else in the heap at max(vtime, finish), so
+    /// idling banks no credit. The one request of slack absorbs a quiet flow's random bunching;
+    /// a flow sending above its share has a finish tag that runs further ahead.
+    fn activate(&mut self, flow: &mut Flow, id: usize, weight: u32, cost: u32) {
+        flow.active_weight = weight.max(1);
+        self.active_weight += u64::from(flow.active_weight);
+        let start = self.vtime.max(flow.finish);
+        let sparse = flow.finish <= self.vtime + service(cost, weight);
+        match (flow.listed, sparse) {
+            // A stale entry whose flow emptied by cancellations: the flow keeps its place. A
+            // sparse entry stays sparse (`finish` has not moved, `vtime` only grows); a heap
+            // entry's tag is already max(vtime then, finish), and `finish` is still ahead.
+            (Listed::Sparse, _) | (Listed::Heap, false) => {}
+            // Idle, or a stale heap entry of a flow that has become sparse (the new ticket
+            // makes the old entry stale).
+            (_, true) => {
+                self.seq += 1;
+                flow.ticket = self.seq;
+                flow.listed = Listed::Sparse;
+                self.sparse.push_back((start, self.seq, id));
+            }
+            (Listed::Idle, false) => self.push_heap(flow, id, start),
+        }
+    }
+
+    fn push_heap(&mut self, flow: &mut Flow, id: usize, tag: u128) {
+        self.seq += 1;
+        flow.ticket = self.seq;
+        flow.listed = Listed::Heap;
+        self.heap.push(Reverse((tag, self.seq, id)));
+    }
+
+    /// `flow` has nothing queued any more: its weight leaves at once (so that estimates see
+    /// only flows that compete); its entry stays, dropped when popped.
+    fn deactivate(&mut self, flow: &mut Flow) {
+        self.active_weight -= u64::from(flow.active_weight);
+        flow.active_weight = 0;
+    }
+
+    /// Charges `flow` a grant of `cost` at `weight` picked at `pick`, and relists it in the
+    /// heap if it still has waiters (a flow with a backlog is not sparse), else idles it. With
+    /// `forgive` (a down probe's quiet flow) the finish tag stops one request past the virtual
+    /// time: the slots the probe withholds slow the virtual time, and a quiet flow must not
+    /// lose its standing for a shortfall the bureau does not have.
+    fn charge(&mut self, flow: &mut Flow, pick: Pick, cost: u32, weight: u32, more: bool, forgive: bool) {
+        if pick.from_heap {
+            self.vtime = self.vtime.max(pick.start);
+        }
+        let start = pick.start.max(flow.finish);
+        flow.finish = start + service(cost, weight);
+        if forgive {
+            flow.finish = flow.finish.min(self.vtime + service(cost, weight));
+        }
+        self.max_finish = self.max_finish.max(flow.finish);
+        if more {
+            self.push_heap(flow, pick.flow, flow.finish);
+        } else {
+            flow.listed = Listed::Idle;
+            self.deactivate(flow);
+        }
+    }
+
+    /// Whether `entry` (ticket `ticket`) is `flow`'s current one.
+    fn current(flow: &Flow, ticket: u64) -> bool {
+        flow.listed != Listed::Idle && flow.ticket == ticket
+    }
+
+    /// The current entries, sparse ones first (in order), then the heap's (in no order).
+    fn entries(&self) -> impl Iterator<Item = Pick> + '_ {
+        let sparse = self.sparse.iter().map(|&(start, ticket, flow)| Pick { flow, ticket, start, from_heap: false });
+        let heap =
+            self.heap.iter().map(|&Reverse((start, ticket, flow))| Pick { flow, ticket, start, from_heap: true });
+        sparse.chain(heap)
+    }
+}
+
+/// One priority level's fair queuing: groups, then the tenants of each group (hierarchical
+/// start-time fair queuing, group then tenant, each by weight and sparse-first). A tenant in no
+/// group is a group of one. Tenant groups share one weight: a member surging alone gets all of
+/// it, members surging together divide it by their weights.
+struct State {
+    /// The groups with a waiter (and those with stale entries), by flow index
+    /// ([`Ask::group_flow`]).
+    top: Sfq,
+    /// Indexed by flow index; grown on first use.
+    groups: Vec<GroupQueue>,
+    /// Indexed by tenant index; grown on first use of an index.
+    tenants: Vec<TenantQueue>,
     /// Waiters in all its tenants' queues.
     queued: usize,
 }
 
-/// Where a tenant's current entry is. A tenant has at most one current entry (its `ticket`),
-/// so a stale entry never grants twice, and at most one stale entry per tenant lingers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-enum Listed {
-    /// No current entry: the queue is empty and the last entry was popped.
-    #[default]
-    Idle,
-    /// In `State::sparse`.
-    Sparse,
-    /// In `State::heap`.
-    Heap,
+/// A group at the top of a level: its place there, and the fair queue of its members.
+#[derive(Default)]
+struct GroupQueue {
+    flow: Flow,
+    members: Sfq,
+    /// Waiters of the tenants listed under it.
+    queued: usize,
+}
+
+impl GroupQueue {
+    /// Its last waiter left: the members' busy period ends, and their virtual time moves to
+    /// the largest finish tag charged (SFQ's rule at the end of a busy period), so that a
+    /// member that comes back within its share is sparse again inside the group. Without it a
+    /// group of one (a tenant in no group), whose own grants never move its members' clock,
+    /// would drift into its own heap after a couple of requests.
+    fn idle(&mut self) {
+        self.members.vtime = self.members.vtime.max(self.members.max_finish);
+    }
 }
 
 #[derive(Default)]
 struct TenantQueue {
     waiters: VecDeque<Waiter>,
-    /// Virtual finish tag of the tenant's last granted request.
-    finish: u128,
-    listed: Listed,
-    /// The ticket of the tenant's current entry (valid while `listed` is not `Idle`).
-    ticket: u64,
-    /// The weight counted in `active_weight` while the queue is non-empty, 0 while empty.
-    active_weight: u32,
+    /// Its place in its group's fair queue.
+    flow: Flow,
+    /// The group flow it is queued under: set when its queue becomes non-empty, kept until it
+    /// empties (a reload that moves it to another group applies from its next backlog).
+    group: usize,
     /// Permits granted from the queue and not yet released: the slots the tenant holds under
     /// contention. A down probe's extra slots and forgiveness go only to a tenant below its
     /// weighted share of the cruise limit ([`State::within_share`]). Grants made while nobody
@@ -935,24 +1151,35 @@ struct TenantQueue {
     shed_queue_full_total: u64,
 }
 
+impl TenantQueue {
+    /// Whether entry `ticket` in `group`'s lists is `t`'s live one (current, with a waiter).
+    /// An entry is current only in the group the tenant is queued under (tickets are per
+    /// group); a current one whose queue cancellations emptied is idled, as it is dropped.
+    fn settle(t: &mut TenantQueue, group: usize, ticket: u64) -> bool {
+        if t.group == group && Sfq::current(&t.flow, ticket) {
+            if !t.waiters.is_empty() {
+                return true;
+            }
+            t.flow.listed = Listed::Idle;
+        }
+        false
+    }
+}
+
 struct Waiter {
     id: u64,
+    /// The tenant's weight within its group (its own weight for a group of one).
     weight: u32,
+    /// Its group's flow index and weight.
+    group: usize,
+    group_weight: u32,
     cost: u32,
     tx: oneshot::Sender<Permit>,
 }
 
 impl State {
     fn new() -> State {
-        State {
-            tenants: Vec::new(),
-            sparse: VecDeque::new(),
-            heap: BinaryHeap::new(),
-            vtime: 0,
-            seq: 0,
-            active_weight: 0,
-            queued: 0,
-        }
+        State { top: Sfq::default(), groups: Vec::new(), tenants: Vec::new(), queued: 0 }
     }
 
     fn tenant(&mut self, tenant: usize) -> &mut TenantQueue {
@@ -962,194 +1189,248 @@ impl State {
         &mut self.tenants[tenant]
     }
 
-    /// Appends waiter `id` to its tenant's queue; lists the tenant if its queue was empty.
+    /// Appends waiter `id` to its tenant's queue; lists the tenant (and its group) if idle.
     fn push(&mut self, id: u64, ask: &Ask, tx: oneshot::Sender<Permit>) {
-        self.insert(ask.tenant, Waiter { id, weight: ask.weight.max(1), cost: ask.cost.max(1), tx });
+        let waiter = Waiter {
+            id,
+            weight: ask.weight.max(1),
+            group: ask.group_flow(),
+            group_weight: ask.group_weight(),
+            cost: ask.cost.max(1),
+            tx,
+        };
+        self.insert(ask.tenant, waiter);
     }
 
     /// Puts a waiter in `tenant`'s queue in id order (one moved from a removed level may be
-    /// older than those queued here); lists the tenant if its queue was empty.
+    /// older than those queued here); lists the tenant in its group, and the group at the top,
+    /// if they were idle.
     fn insert(&mut self, tenant: usize, waiter: Waiter) {
-        let (weight, cost) = (waiter.weight, waiter.cost);
-        let vtime = self.vtime;
+        let (weight, cost, group_weight) = (waiter.weight, waiter.cost, waiter.group_weight);
         self.tenant(tenant);
-        // Field by field, so that the tenant and the lists can be borrowed together.
+        if waiter.group >= self.groups.len() {
+            self.groups.resize_with(waiter.group + 1, GroupQueue::default);
+        }
         let t = &mut self.tenants[tenant];
+        if t.waiters.is_empty() && t.group != waiter.group {
+            // Queued under another group from now on (a reload moved it): it starts there as
+            // a newcomer; its entries in the old group's lists are stale (`t.group` differs).
+            t.flow = Flow::default();
+            t.group = waiter.group;
+        }
         let at = t.waiters.partition_point(|w| w.id < waiter.id);
         t.waiters.insert(at, waiter);
         self.queued += 1;
-        if t.waiters.len() > 1 {
-            return;
+        let g = &mut self.groups[t.group];
+        if t.waiters.len() == 1 {
+            g.members.activate(&mut t.flow, tenant, weight, cost);
         }
-        t.active_weight = weight;
-        self.active_weight += u64::from(weight);
-        // Sparse: no backlog, and not more than one request ahead of its share (its last
-        // finish tag is at most this request's virtual service ahead of the system virtual
-        // time). A tenant that sends above its share has a finish tag that runs further
-        // ahead, so it queues in the heap like any backlogged tenant. The one request of
-        // slack absorbs a quiet tenant's random bunching; it is charged like any grant.
-        let start = vtime.max(t.finish);
-        let service = u128::from(cost) * VTIME_SCALE / u128::from(weight);
-        let sparse = t.finish <= vtime + service;
-        match (t.listed, sparse) {
-            // A stale entry whose queue emptied by cancellations: the tenant keeps its place.
-            // A sparse entry stays sparse (`finish` has not moved, `vtime` only grows); a heap
-            // entry's tag is already max(vtime then, finish), and `finish` is still ahead.
-            (Listed::Sparse, _) | (Listed::Heap, false) => {}
-            // Idle, or a stale heap entry of a tenant that has become sparse (the new ticket
-            // makes the old entry stale).
-            (_, true) => {
-                self.seq += 1;
-                t.ticket = self.seq;
-                t.listed = Listed::Sparse;
-                self.sparse.push_back((start, self.seq, tenant));
-            }
-            // Idling banks no credit: the tag is max(vtime, finish).
-            (Listed::Idle, false) => {
-                self.seq += 1;
-                t.ticket = self.seq;
-                t.listed = Listed::Heap;
-                self.heap.push(Reverse((start, self.seq, tenant)));
-            }
+        g.queued += 1;
+        if g.queued == 1 {
+            self.top.activate(&mut g.flow, t.group, group_weight, cost);
         }
     }
 
     /// Takes every waiter out, with its tenant, in each tenant's order; leaves the level empty
-    /// (its tenants' finish tags and held permits stay).
+    /// (finish tags and held permits stay).
     fn take_all(&mut self) -> Vec<(usize, Waiter)> {
         let mut out = Vec::with_capacity(self.queued);
         for (tenant, t) in self.tenants.iter_mut().enumerate() {
-            t.listed = Listed::Idle;
-            t.active_weight = 0;
+            t.flow.listed = Listed::Idle;
+            t.flow.active_weight = 0;
             out.extend(t.waiters.drain(..).map(|w| (tenant, w)));
         }
-        self.sparse.clear();
-        self.heap.clear();
-        self.active_weight = 0;
+        for g in &mut self.groups {
+            g.flow.listed = Listed::Idle;
+            g.flow.active_weight = 0;
+            g.queued = 0;
+            g.members.sparse.clear();
+            g.members.heap.clear();
+            g.members.active_weight = 0;
+        }
+        self.top.sparse.clear();
+        self.top.heap.clear();
+        self.top.active_weight = 0;
         self.queued = 0;
         out
     }
 
-    /// Removes and returns the waiter served next: the oldest sparse tenant's, else the one
-    /// start-time fair queuing picks among the backlogged tenants.
+    /// Removes and returns the waiter served next: the oldest sparse group's, else the one
+    /// start-time fair queuing picks among the backlogged groups; within the group, the oldest
+    /// sparse member's, else the backlogged member's with the smallest tag.
     /// During a down probe, a sparse tenant that already holds its share of the cruise limit
     /// comes after the backlogged ones (else, forgiven and so still sparse, it would take the
     /// slots under the probe's limit too).
     fn pop_next(&mut self, probe: Option<usize>) -> Option<(usize, Waiter)> {
         self.pop_sparse(probe, probe.is_some())
-            .or_else(|| self.pop_backlogged())
+            .or_else(|| self.pop_backlogged(probe))
             .or_else(|| self.pop_sparse(probe, false))
     }
 
     /// During a down probe whose cruise limit is `cruise`: whether `tenant` holds fewer slots
-    /// than its weighted share of it among the tenants that queue. Only such a tenant is served
-    /// above the probe's limit and forgiven the withheld slots; one that holds more (all its
-    /// calls in flight, asking again as each returns) would otherwise take every slot the probe
-    /// withholds from the backlogged tenants.
+    /// than its weighted share of it (its group's share among the groups that queue, its own
+    /// within the group). Only such a tenant is served above the probe's limit and forgiven the
+    /// withheld slots; one that holds more (all its calls in flight, asking again as each
+    /// returns) would otherwise take every slot the probe withholds from the backlogged ones.
     fn within_share(&self, tenant: usize, cruise: usize) -> bool {
         let t = &self.tenants[tenant];
-        let weight = u64::from(t.active_weight.max(1));
-        let active = self.active_weight.max(weight);
-        u64::from(t.held) * active < cruise as u64 * weight
+        let g = &self.groups[t.group];
+        let weight = u128::from(t.flow.active_weight.max(1));
+        let members = u128::from(g.members.active_weight).max(weight);
+        let group_weight = u128::from(g.flow.active_weight.max(1));
+        let groups = u128::from(self.top.active_weight).max(group_weight);
+        u128::from(t.held) * members * groups < cruise as u128 * weight * group_weight
     }
 
-    /// During a down probe, the head waiter of the backlogged tenant with the smallest tag
-    /// among those with at most [`LIGHT_QUEUE`] waiters. Such a tenant is not surging: it fell
-    /// into the heap through random bunching near its share, and the slots a probe withholds
-    /// must not come from it. A scan over the backlogged tenants, only while a probe is on;
-    /// a tenant whose queue cancellations emptied is passed over (the heap drops its entry when
-    /// popped), not taken for the last candidate. The entry it bypasses in the heap becomes
-    /// stale (its ticket changes) and is dropped when popped.
+    /// The member of `group` served next: the oldest sparse one, else the backlogged one with
+    /// the smallest tag. Stale entries met on the way are dropped.
+    fn pick_member(&mut self, group: usize) -> Option<Pick> {
+        let g = &mut self.groups[group];
+        while let Some(&(start, ticket, flow)) = g.members.sparse.front() {
+            if TenantQueue::settle(&mut self.tenants[flow], group, ticket) {
+                return Some(Pick { flow, ticket, start, from_heap: false });
+            }
+            g.members.sparse.pop_front();
+        }
+        while let Some(&Reverse((start, ticket, flow))) = g.members.heap.peek() {
+            if TenantQueue::settle(&mut self.tenants[flow], group, ticket) {
+                return Some(Pick { flow, ticket, start, from_heap: true });
+            }
+            g.members.heap.pop();
+        }
+        None
+    }
+
+    /// Whether `pick` is a current entry of a member of `group` with a waiter.
+    fn live_member(&self, group: usize, pick: &Pick) -> bool {
+        let t = &self.tenants[pick.flow];
+        Sfq::current(&t.flow, pick.ticket) && t.group == group && !t.waiters.is_empty()
+    }
+
+    /// Whether `pick` is a current entry at the top of a group with a waiter.
+    fn live_group(&self, pick: &Pick) -> bool {
+        let g = &self.groups[pick.flow];
+        Sfq::current(&g.flow, pick.ticket) && g.queued > 0
+    }
+
+    /// During a down probe, the head waiter of the backlogged group's member with the
+    /// smallest tags among those with at most [`LIGHT_QUEUE`] waiters within their share. Such
+    /// a tenant is not surging: it fell into the heap through random bunching near its share,
+    /// and the slots a probe withholds must not come from it. A scan over the backlogged
+    /// groups and their members, only while a probe is on. The entries it bypasses become
+    /// stale (their tickets change) and are dropped when popped.
     fn pop_light(&mut self, probe: Option<usize>) -> Option<(usize, Waiter)> {
         let cruise = probe?;
-        let Reverse((start, ticket, tenant)) = *self
-            .heap
-            .iter()
-            .filter(|Reverse((_, ticket, t))| {
-                let q = &self.tenants[*t];
-                q.listed == Listed::Heap
-                    && q.ticket == *ticket
-                    && (1..=LIGHT_QUEUE).contains(&q.waiters.len())
-                    && self.within_share(*t, cruise)
-            })
-            .min()?;
-        let waiter = self.grant_head(tenant, ticket, start)?;
-        self.vtime = self.vtime.max(start);
-        Some((tenant, waiter))
+        let mut best: Option<(Pick, Pick)> = None;
+        for top in self.top.entries().filter(|p| p.from_heap && self.live_group(p)) {
+            for member in self.groups[top.flow].members.entries() {
+                let light = (1..=LIGHT_QUEUE).contains(&self.tenants[member.flow].waiters.len());
+                if !light || !self.live_member(top.flow, &member) || !self.within_share(member.flow, cruise) {
+                    continue;
+                }
+                let key = |(t, m): &(Pick, Pick)| (t.start, t.ticket, m.start, m.ticket);
+                if best.as_ref().is_none_or(|b| key(&(top, member)) < key(b)) {
+                    best = Some((top, member));
+                }
+            }
+        }
+        let (top, member) = best?;
+        Some(self.grant(top, member, false))
     }
 
-    /// The oldest sparse tenant's head waiter. During a down probe (`probe` is its cruise
-    /// limit) a tenant within its share of it ([`State::within_share`]) is charged no further
-    /// than one request past the virtual time: the slots the probe withholds slow the virtual
-    /// time, and a quiet tenant must not lose its standing for a shortfall the bureau does not
-    /// have. With `within` only such a tenant is served.
+    /// The oldest sparse group's next waiter (with `within`, the first sparse group with a
+    /// sparse member within its share of a probe's cruise limit). During a down probe a tenant
+    /// within its share ([`State::within_share`]) is forgiven the withheld slots ([`Sfq::charge`]).
     fn pop_sparse(&mut self, probe: Option<usize>, within: bool) -> Option<(usize, Waiter)> {
-        loop {
-            let at = if within {
-                let cruise = probe?;
-                // A scan, only during a probe: the first current entry within its share.
-                self.sparse.iter().position(|&(_, ticket, t)| {
-                    let q = &self.tenants[t];
-                    q.listed == Listed::Sparse
-                        && q.ticket == ticket
-                        && !q.waiters.is_empty()
-                        && self.within_share(t, cruise)
-                })?
-            } else {
-                0
-            };
-            let (start, ticket, tenant) = self.sparse.remove(at)?;
-            let forgive = probe.is_some_and(|cruise| self.within_share(tenant, cruise));
-            // Charged from the start tag SFQ would have given it on arrival, like any grant;
-            // `vtime` stays where the backlogged tenants have brought it.
-            if let Some(waiter) = self.grant_head(tenant, ticket, start) {
-                if forgive {
-                    let cap = self.vtime + u128::from(waiter.cost) * VTIME_SCALE / u128::from(waiter.weight);
-                    let t = &mut self.tenants[tenant];
-                    t.finish = t.finish.min(cap);
+        if within {
+            let cruise = probe?;
+            let found = self.top.sparse.iter().enumerate().find_map(|(at, &(start, ticket, flow))| {
+                let top = Pick { flow, ticket, start, from_heap: false };
+                if !self.live_group(&top) {
+                    return None;
                 }
-                return Some((tenant, waiter));
+                let member = self.groups[flow]
+                    .members
+                    .sparse
+                    .iter()
+                    .map(|&(start, ticket, flow)| Pick { flow, ticket, start, from_heap: false })
+                    .find(|m| self.live_member(top.flow, m) && self.within_share(m.flow, cruise))?;
+                Some((at, top, member))
+            });
+            let (at, top, member) = found?;
+            self.top.sparse.remove(at);
+            // Within its share: forgiven the withheld slots.
+            return Some(self.grant(top, member, true));
+        }
+        loop {
+            let (start, ticket, flow) = self.top.sparse.pop_front()?;
+            let top = Pick { flow, ticket, start, from_heap: false };
+            if let Some(granted) = self.grant_next_of(top, probe) {
+                return Some(granted);
             }
         }
     }
 
-    /// The waiter start-time fair queuing picks among the backlogged tenants.
-    fn pop_backlogged(&mut self) -> Option<(usize, Waiter)> {
-        while let Some(Reverse((start, ticket, tenant))) = self.heap.pop() {
-            if let Some(waiter) = self.grant_head(tenant, ticket, start) {
-                self.vtime = self.vtime.max(start);
-                return Some((tenant, waiter));
+    /// The waiter start-time fair queuing picks among the backlogged groups.
+    fn pop_backlogged(&mut self, probe: Option<usize>) -> Option<(usize, Waiter)> {
+        while let Some(Reverse((start, ticket, flow))) = self.top.heap.pop() {
+            let top = Pick { flow, ticket, start, from_heap: true };
+            if let Some(granted) = self.grant_next_of(top, probe) {
+                return Some(granted);
             }
         }
         None
     }
 
-    /// Pops `tenant`'s head waiter for a grant starting at virtual time `start`, if entry
-    /// `ticket` is still its current one and its queue is not empty; charges its finish tag and
-    /// puts what remains of its queue in the heap (a tenant with a backlog is not sparse).
-    fn grant_head(&mut self, tenant: usize, ticket: u64, start: u128) -> Option<Waiter> {
-        let t = &mut self.tenants[tenant];
-        if t.listed == Listed::Idle || t.ticket != ticket {
+    /// Grants the next member's head waiter of the group of entry `top` (just taken off its
+    /// list), if the entry is current and the group has a waiter; else idles a current entry.
+    fn grant_next_of(&mut self, top: Pick, probe: Option<usize>) -> Option<(usize, Waiter)> {
+        let g = &mut self.groups[top.flow];
+        if !Sfq::current(&g.flow, top.ticket) {
             return None;
         }
-        let Some(waiter) = t.waiters.pop_front() else {
-            t.listed = Listed::Idle;
+        if g.queued == 0 {
+            g.flow.listed = Listed::Idle;
+            return None;
+        }
+        let Some(member) = self.pick_member(top.flow) else {
+            // Unreachable: a group with waiters has a current entry for each member that has
+            // some. Idle it rather than loop on it.
+            debug_assert!(false, "a group with waiters has a member to serve");
+            self.groups[top.flow].flow.listed = Listed::Idle;
             return None;
         };
-        self.queued -= 1;
-        let start = start.max(t.finish);
-        t.finish = start + u128::from(waiter.cost) * VTIME_SCALE / u128::from(waiter.weight);
-        if t.waiters.is_empty() {
-            t.listed = Listed::Idle;
-            self.active_weight -= u64::from(t.active_weight);
-            t.active_weight = 0;
-        } else {
-            self.seq += 1;
-            t.ticket = self.seq;
-            t.listed = Listed::Heap;
-            self.heap.push(Reverse((t.finish, self.seq, tenant)));
+        let forgive = probe.is_some_and(|cruise| !top.from_heap && self.within_share(member.flow, cruise));
+        Some(self.grant(top, member, forgive))
+    }
+
+    /// Pops the head waiter of tenant `member` in group `top` and charges both: the tenant in
+    /// its group's fair queue at its weight, the group at the top at the group's weight (a
+    /// group of one: the same weight twice). Each is relisted in its heap while it has waiters.
+    /// The entries passed are current (the caller checked) and taken off their lists, or
+    /// bypassed (their tickets change here, so they are dropped when popped).
+    fn grant(&mut self, top: Pick, member: Pick, forgive: bool) -> (usize, Waiter) {
+        let g = &mut self.groups[top.flow];
+        let t = &mut self.tenants[member.flow];
+        let waiter = t.waiters.pop_front().expect("a live member has a waiter");
+        // Off its list when it is the head (a bypassed entry elsewhere goes stale).
+        if member.from_heap {
+            if g.members.heap.peek().is_some_and(|Reverse((_, ticket, _))| *ticket == member.ticket) {
+                g.members.heap.pop();
+            }
+        } else if let Some(at) = g.members.sparse.iter().position(|&(_, ticket, _)| ticket == member.ticket) {
+            g.members.sparse.remove(at);
         }
-        Some(waiter)
+        self.queued -= 1;
+        g.queued -= 1;
+        let more = !t.waiters.is_empty();
+        g.members.charge(&mut t.flow, member, waiter.cost, waiter.weight, more, forgive);
+        let more = g.queued > 0;
+        if !more {
+            g.idle();
+        }
+        self.top.charge(&mut g.flow, top, waiter.cost, waiter.group_weight, more, forgive);
+        (member.flow, waiter)
     }
 
     /// Removes waiter `id` from `tenant`'s queue; false if it is no longer queued (granted).
@@ -1158,20 +1439,29 @@ impl State {
         let Ok(at) = t.waiters.binary_search_by_key(&id, |w| w.id) else { return false };
         t.waiters.remove(at);
         self.queued -= 1;
+        let g = &mut self.groups[t.group];
+        g.queued -= 1;
+        // The entries stay (dropped when popped); the weights leave at once so that
+        // Retry-After estimates see only the flows that compete.
         if t.waiters.is_empty() {
-            // The entry stays (it is dropped when popped); the weight leaves at once so that
-            // Retry-After estimates see only tenants that compete.
-            self.active_weight -= u64::from(t.active_weight);
-            t.active_weight = 0;
+            g.members.deactivate(&mut t.flow);
+        }
+        if g.queued == 0 {
+            g.idle();
+            self.top.deactivate(&mut g.flow);
         }
         true
     }
 
-    /// The active tenant with the most waiters, and how many (active tenants only: those with
-    /// a list or heap entry, so the scan is over the tenants that compete, not all configured).
+    /// The active tenant with the most waiters, and how many (active ones only: those listed
+    /// in a listed group, so the scan is over the tenants that compete, not all configured).
     fn longest_queue(&self) -> Option<(usize, usize)> {
-        let listed = self.sparse.iter().map(|&(_, _, t)| t).chain(self.heap.iter().map(|Reverse((_, _, t))| *t));
-        listed.map(|t| (t, self.tenants[t].waiters.len())).max_by_key(|&(_, len)| len).filter(|&(_, len)| len > 0)
+        self.top
+            .entries()
+            .flat_map(|g| self.groups[g.flow].members.entries())
+            .map(|m| (m.flow, self.tenants[m.flow].waiters.len()))
+            .max_by_key(|&(_, len)| len)
+            .filter(|&(_, len)| len > 0)
     }
 
     /// Drops `tenant`'s newest waiter (its sender goes unsent: the waiter is told it was shed).
@@ -1180,31 +1470,50 @@ impl State {
         self.remove(tenant, id)
     }
 
-    /// How long until `tenant`'s queue, plus one more request, has drained, when the bureau
-    /// frees `drain` slots a second and this level's nominal part of them is `part`.
-    fn retry_after(&self, drain: Option<f64>, part: f64, tenant: usize, weight: u32) -> Duration {
+    /// How long until `ask`'s tenant's queue, plus one more request, has drained, when the
+    /// bureau frees `drain` slots a second and this level's nominal part of them is `part`.
+    fn retry_after(&self, drain: Option<f64>, part: f64, ask: &Ask) -> Duration {
         let Some(total_per_sec) = drain.map(|d| d * part) else {
             // Nothing measured yet: no evidence the bureau is slow, and the next shed will
             // have a measured rate.
             return RETRY_AFTER_MIN;
         };
-        let secs = self.drain_secs(total_per_sec, tenant, weight);
+        let secs = self.drain_secs(total_per_sec, ask);
         if !secs.is_finite() || secs >= RETRY_AFTER_MAX.as_secs_f64() {
             return RETRY_AFTER_MAX;
         }
         Duration::from_secs(secs.ceil() as u64).max(RETRY_AFTER_MIN)
     }
 
-    /// Seconds until `tenant`'s queue, plus one more request, has drained when this level frees
-    /// `per_sec` slots a second: under contention the tenant drains at its weighted share of
-    /// them (more if the others use less: WFQ is work-conserving, so this errs long, never
+    /// Seconds until `ask`'s tenant's queue, plus one more request, has drained when this level
+    /// frees `per_sec` slots a second: under contention the tenant drains at its weighted share
+    /// of them, its group's share among the active groups times its own within the group (more
+    /// if the others use less: fair queuing is work-conserving, so this errs long, never
     /// short). Shared by `Retry-After` and [`Scheduler::estimated_wait`].
-    fn drain_secs(&self, per_sec: f64, tenant: usize, weight: u32) -> f64 {
-        let (queued, own) = self.tenants.get(tenant).map_or((0, 0), |t| (t.waiters.len(), t.active_weight));
-        let weight = weight.max(1);
-        let active = self.active_weight + if own == 0 { u64::from(weight) } else { 0 };
-        let share = f64::from(weight) / active as f64;
+    fn drain_secs(&self, per_sec: f64, ask: &Ask) -> f64 {
+        let (queued, own) = self.tenants.get(ask.tenant).map_or((0, 0), |t| (t.waiters.len(), t.flow.active_weight));
+        let group =
+            self.tenants.get(ask.tenant).filter(|t| !t.waiters.is_empty()).map_or(ask.group_flow(), |t| t.group);
+        let (members, group_own) =
+            self.groups.get(group).map_or((0, 0), |g| (g.members.active_weight, g.flow.active_weight));
+        let weight = ask.weight.max(1);
+        let members = members + if own == 0 { u64::from(weight) } else { 0 };
+        let group_weight = ask.group_weight();
+        let groups = self.top.active_weight + if group_own == 0 { u64::from(group_weight) } else { 0 };
+        let share = f64::from(weight) / members as f64 * f64::from(group_weight) / groups as f64;
         (queued + 1) as f64 / (per_sec * share.min(1.0))
+    }
+
+    /// Whether `ask` would be sparse at both levels if it were queued now.
+    fn would_be_sparse(&self, ask: &Ask) -> bool {
+        let (queued, finish) = self.tenants.get(ask.tenant).map_or((0, 0), |t| (t.waiters.len(), t.flow.finish));
+        let group = ask.group_flow();
+        let (g_queued, g_finish, g_vtime) =
+            self.groups.get(group).map_or((0, 0, 0), |g| (g.queued, g.flow.finish, g.members.vtime));
+        queued == 0
+            && finish <= g_vtime + service(ask.cost, ask.weight)
+            && g_queued == 0
+            && g_finish <= self.top.vtime + service(ask.cost, ask.group_weight())
     }
 }
 

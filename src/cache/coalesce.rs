@@ -15,6 +15,11 @@
 //! deadline, and the flight is removed from the map when the call ends, on every path (a guard,
 //! so a panicking call cannot leave waiters stuck behind it).
 //!
+//! A flight queues for its bureau slot at the most important priority level among the requests
+//! waiting for it ([`FlightLevels`]): an interactive look-up that joins a batch pre-screen's
+//! identical call still queued raises the call to interactive (it is re-queued there, keeping
+//! its queue deadline; it is never sent twice), and it falls back when that look-up leaves.
+//!
 //! The in-flight map is sharded by key: a mutex per shard is held only to look up, insert or
 //! remove a flight, never across an `.await`.
 //!
@@ -27,7 +32,7 @@
 //! let coalescer = Coalescer::new();
 //! let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
 //! let result = coalescer
-//!     .run(key, deadline, std::time::Duration::from_secs(5), |_interest| async {
+//!     .run(key, 0, deadline, std::time::Duration::from_secs(5), |_interest| async {
 //!         // Owns everything it needs: runs even if this request is gone.
 //!         Ok(Arc::new(Fetched::new(http::StatusCode::OK, http::HeaderMap::new(), "report".into())))
 //!     })
@@ -45,6 +50,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use crate::bureau::scheduler::MAX_LEVELS;
 use crate::cache::key::CacheKey;
 use crate::cache::store::Fetched;
 use crate::respond::{ErrorKind, ProxyError};
@@ -98,10 +104,71 @@ enum Stage {
     Done(FetchResult),
 }
 
-/// One bureau call that identical requests can join by subscribing.
-type Flight = watch::Sender<Stage>;
+/// One bureau call that identical requests can join by subscribing, and the priority levels of
+/// those waiting for it.
+#[derive(Clone)]
+struct Flight {
+    tx: watch::Sender<Stage>,
+    levels: FlightLevels,
+}
 
 type Shard = Mutex<HashMap<CacheKey, Flight>>;
+
+/// The priority level slots of the requests waiting for one flight (each counted while it
+/// waits), which the flight's call watches while it is queued: it queues at the most important
+/// of them.
+#[derive(Clone)]
+pub struct FlightLevels(Arc<LevelCounts>);
+
+struct LevelCounts {
+    /// Waiters per level slot.
+    counts: [std::sync::atomic::AtomicUsize; MAX_LEVELS],
+    /// Bumped at each join and leave, so a watcher never misses a change.
+    changed: watch::Sender<u64>,
+}
+
+impl FlightLevels {
+    fn new() -> FlightLevels {
+        FlightLevels(Arc::new(LevelCounts {
+            counts: std::array::from_fn(|_| std::sync::atomic::AtomicUsize::new(0)),
+            changed: watch::Sender::new(0),
+        }))
+    }
+
+    /// Counts a waiter in `level` until the returned guard drops.
+    fn join(&self, level: usize) -> LevelGuard {
+        let level = level.min(MAX_LEVELS - 1);
+        self.0.counts[level].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.changed.send_modify(|v| *v += 1);
+        LevelGuard { levels: self.clone(), level }
+    }
+
+    /// The most important level slot with a waiter, by `order` (slots most important first);
+    /// a slot no longer in `order` (its level was removed) ranks last. `None`: nobody waits.
+    pub fn best(&self, order: &[usize]) -> Option<usize> {
+        let waiting = |s: usize| self.0.counts[s].load(std::sync::atomic::Ordering::SeqCst) > 0;
+        order.iter().copied().find(|&s| waiting(s)).or_else(|| (0..MAX_LEVELS).find(|&s| waiting(s)))
+    }
+
+    /// Resolves at the next join or leave after the last one this watcher saw (never, once
+    /// the flight has ended).
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.0.changed.subscribe()
+    }
+}
+
+/// One waiter's place in [`FlightLevels`].
+struct LevelGuard {
+    levels: FlightLevels,
+    level: usize,
+}
+
+impl Drop for LevelGuard {
+    fn drop(&mut self) {
+        self.levels.0.counts[self.level].fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.levels.0.changed.send_modify(|v| *v += 1);
+    }
+}
 
 /// The in-flight map. One per process, shared by every snapshot; cheap to clone.
 #[derive(Clone)]
@@ -115,7 +182,8 @@ pub struct Coalescer {
 pub struct Interest {
     coalescer: Coalescer,
     key: CacheKey,
-    tx: Flight,
+    tx: watch::Sender<Stage>,
+    levels: FlightLevels,
 }
 
 impl Interest {
@@ -128,7 +196,7 @@ impl Interest {
             let mut map = self.coalescer.shard(&self.key);
             // Re-checked under the lock: a request may have joined since `closed` resolved.
             if self.tx.receiver_count() == 0 {
-                if map.get(&self.key).is_some_and(|f| f.same_channel(&self.tx)) {
+                if map.get(&self.key).is_some_and(|f| f.tx.same_channel(&self.tx)) {
                     map.remove(&self.key);
                 }
                 return;
@@ -139,6 +207,12 @@ impl Interest {
     /// Whether any request still waits for the answer.
     pub fn waiting(&self) -> bool {
         self.tx.receiver_count() > 0
+    }
+
+    /// The priority levels of the requests waiting for the flight: while queued, the call
+    /// queues at the most important.
+    pub fn levels(&self) -> FlightLevels {
+        self.levels.clone()
     }
 
     /// The call is at the bureau from now on: waiters give it their `respond_within` from now.
@@ -163,8 +237,10 @@ impl Coalescer {
         Coalescer { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(), tracker }
     }
 
-    /// Answers the look-up `key`: joins the call in flight for it, or starts one with
-    /// `make_fetch` (called at most once, only when leading). Waits until `deadline` at most.
+    /// Answers the look-up `key` for a request of priority level slot `level`: joins the call
+    /// in flight for it, or starts one with `make_fetch` (called at most once, only when
+    /// leading). Waits until `deadline` at most; counts in the flight's [`FlightLevels`] while
+    /// it waits.
     ///
     /// The future `make_fetch` returns runs in a spawned task, detached from this request: it
     /// must own all it needs (request parts, body, quota reservation, the scheduler permit it
@@ -176,6 +252,7 @@ impl Coalescer {
     pub async fn run<F, Fut>(
         &self,
         key: CacheKey,
+        level: usize,
         deadline: Instant,
         respond_within: Duration,
         make_fetch: F,
@@ -184,21 +261,24 @@ impl Coalescer {
         F: FnOnce(Interest) -> Fut,
         Fut: Future<Output = FetchResult> + Send + 'static,
     {
-        let (rx, role) = {
+        let (rx, role, _counted) = {
             let mut map = self.shard(&key);
             match map.get(&key) {
                 Some(flight) => {
                     // Not needed, and what it owns (a quota reservation, say) is released now.
                     drop(make_fetch);
-                    (flight.subscribe(), Role::Follower)
+                    (flight.tx.subscribe(), Role::Follower, flight.levels.join(level))
                 }
                 None => {
                     let (tx, rx) = watch::channel(Stage::Queued);
-                    map.insert(key, tx.clone());
+                    let levels = FlightLevels::new();
+                    // Counted before the call starts, so that it queues at this level.
+                    let counted = levels.join(level);
+                    map.insert(key, Flight { tx: tx.clone(), levels: levels.clone() });
                     drop(map);
                     // The guard exists before the task, so that even a task that never runs
                     // (the runtime shutting down) removes the flight when it is dropped.
-                    let interest = Interest { coalescer: self.clone(), key, tx: tx.clone() };
+                    let interest = Interest { coalescer: self.clone(), key, tx: tx.clone(), levels };
                     let guard = FlightGuard { coalescer: self.clone(), key, tx };
                     let fetch = make_fetch(interest);
                     self.tracker.spawn(async move {
@@ -207,7 +287,7 @@ impl Coalescer {
                         // the flight in between gets this answer at once, a later one starts anew.
                         guard.tx.send_replace(Stage::Done(result));
                     });
-                    (rx, Role::Leader)
+                    (rx, Role::Leader, counted)
                 }
             }
         };
@@ -221,7 +301,7 @@ impl Coalescer {
 
     /// Requests waiting on the call in flight for `key`, its leader's included (0: none in flight).
     pub fn waiting(&self, key: &CacheKey) -> usize {
-        self.shard(key).get(key).map_or(0, watch::Sender::receiver_count)
+        self.shard(key).get(key).map_or(0, |f| f.tx.receiver_count())
     }
 
     fn shard(&self, key: &CacheKey) -> MutexGuard<'_, HashMap<CacheKey, Flight>> {
@@ -264,14 +344,14 @@ async fn wait(
 struct FlightGuard {
     coalescer: Coalescer,
     key: CacheKey,
-    tx: Flight,
+    tx: watch::Sender<Stage>,
 }
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
         let mut map = self.coalescer.shard(&self.key);
         // Only this flight: never a later one under the same key.
-        if map.get(&self.key).is_some_and(|f| f.same_channel(&self.tx)) {
+        if map.get(&self.key).is_some_and(|f| f.tx.same_channel(&self.tx)) {
             map.remove(&self.key);
         }
     }
@@ -343,7 +423,7 @@ mod tests {
     /// A request entering the coalescer with `deadline`; its call (if it leads) answers `result`.
     fn request(c: &Coalescer, b: &Bureau, deadline: Instant, result: FetchResult) -> Run {
         let (c, b) = (c.clone(), b.clone());
-        Box::pin(async move { c.run(key(1), deadline, HOUR, |_| b.fetch(result)).await })
+        Box::pin(async move { c.run(key(1), 0, deadline, HOUR, |_| b.fetch(result)).await })
     }
 
     /// Polls `run` once: enough to lead (insert the flight, spawn the call) or to join, both of
@@ -356,6 +436,30 @@ mod tests {
         .await;
     }
 
+    #[tokio::test]
+    async fn a_flights_level_is_its_most_important_waiters_and_follows_joins_and_leaves() {
+        let levels = FlightLevels::new();
+        let mut changes = levels.watch();
+        let order = [2, 0, 1];
+        assert_eq!(levels.best(&order), None);
+        let batch = levels.join(1);
+        assert_eq!(levels.best(&order), Some(1));
+        let urgent = levels.join(2);
+        assert!(changes.has_changed().unwrap(), "a join is seen");
+        assert_eq!(levels.best(&order), Some(2));
+        changes.borrow_and_update();
+        drop(urgent);
+        assert!(changes.has_changed().unwrap(), "a leave is seen");
+        assert_eq!(levels.best(&order), Some(1));
+        // A slot whose level was removed ranks last.
+        let removed = levels.join(5);
+        assert_eq!(levels.best(&order), Some(1));
+        drop(batch);
+        assert_eq!(levels.best(&order), Some(5));
+        drop(removed);
+        assert_eq!(levels.best(&order), None);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn two_hundred_identical_lookups_make_one_bureau_call() {
         let c = Coalescer::new();
@@ -366,7 +470,7 @@ mod tests {
                 let (c, bureau, start) = (c.clone(), bureau.clone(), start.clone());
                 tokio::spawn(async move {
                     start.wait().await;
-                    c.run(key(1), far(), HOUR, |_| bureau.fetch(Ok(answer("report")))).await
+                    c.run(key(1), 0, far(), HOUR, |_| bureau.fetch(Ok(answer("report")))).await
                 })
             })
             .collect();
@@ -414,7 +518,7 @@ mod tests {
         let held = reservation.clone();
         let (c1, b1) = (c.clone(), bureau.clone());
         let mut follower: Run = Box::pin(async move {
-            c1.run(key(1), far(), HOUR, move |_| {
+            c1.run(key(1), 0, far(), HOUR, move |_| {
                 let _owned = held;
                 b1.fetch(Ok(answer("never")))
             })
@@ -431,8 +535,8 @@ mod tests {
     async fn different_keys_do_not_share() {
         let (c, bureau) = (Coalescer::new(), Bureau::default());
         let (c1, b1, c2, b2) = (c.clone(), bureau.clone(), c.clone(), bureau.clone());
-        let mut a: Run = Box::pin(async move { c1.run(key(1), far(), HOUR, |_| b1.fetch(Ok(answer("a")))).await });
-        let mut b: Run = Box::pin(async move { c2.run(key(2), far(), HOUR, |_| b2.fetch(Ok(answer("b")))).await });
+        let mut a: Run = Box::pin(async move { c1.run(key(1), 0, far(), HOUR, |_| b1.fetch(Ok(answer("a")))).await });
+        let mut b: Run = Box::pin(async move { c2.run(key(2), 0, far(), HOUR, |_| b2.fetch(Ok(answer("b")))).await });
         enter(&mut a).await;
         enter(&mut b).await;
         assert_eq!(c.in_flight(), 2);
@@ -538,8 +642,9 @@ mod tests {
             assert_eq!(bureau.calls(), wave);
         }
         // After a failure too.
-        let r =
-            c.run(key(1), far(), HOUR, |_| async { Err(ProxyError::new(ErrorKind::BureauUnreachable, "down")) }).await;
+        let r = c
+            .run(key(1), 0, far(), HOUR, |_| async { Err(ProxyError::new(ErrorKind::BureauUnreachable, "down")) })
+            .await;
         assert!(matches!(r, Err(CoalesceError::Fetch(_))));
         assert_eq!(c.in_flight(), 0);
     }
@@ -550,7 +655,7 @@ mod tests {
         let release = Arc::new(Notify::new());
         let (c1, r1) = (c.clone(), release.clone());
         let mut waiter: Run = Box::pin(async move {
-            c1.run(key(1), far(), HOUR, |_| async move {
+            c1.run(key(1), 0, far(), HOUR, |_| async move {
                 r1.notified().await;
                 panic!("a bug in the fetch");
             })
@@ -560,7 +665,7 @@ mod tests {
         release.notify_one();
         assert!(matches!(waiter.await, Err(CoalesceError::Abandoned)));
         assert_eq!(c.in_flight(), 0, "the guard removed the flight");
-        let r = c.run(key(1), far(), HOUR, |_| async { Ok(answer("fine")) }).await.unwrap();
+        let r = c.run(key(1), 0, far(), HOUR, |_| async { Ok(answer("fine")) }).await.unwrap();
         assert_eq!(r, (answer("fine"), Role::Leader));
     }
 }

@@ -106,7 +106,7 @@ fn apply_locked(shared: &Shared, config: Config, _one_at_a_time: std::sync::Mute
     let old = shared.snapshot.load_full();
     let changes = diff(&old.config, &config);
     let new_config = Arc::new(config);
-    let snapshot = Snapshot::compile(new_config.clone(), &shared.states, Some(&old), &shared.random_secret);
+    let mut snapshot = Snapshot::compile(new_config.clone(), &shared.states, Some(&old), &shared.random_secret);
 
     // The bureau budget: a new adaptive controller if its settings changed, else the new fixed limit.
     let u_old = &old.config.upstream;
@@ -129,7 +129,9 @@ fn apply_locked(shared: &Shared, config: Config, _one_at_a_time: std::sync::Mute
         }
         defaults[slot] = new_config.priority.tenants.get(t.index).map(|p| p.default);
     }
-    shared.scheduler.set_levels(crate::runtime::level_table(&new_config), &|t| defaults.get(t).copied().flatten());
+    // Each level keeps its scheduler slot by name, so waiters and permits stay in their level.
+    snapshot.level_slots =
+        crate::runtime::set_levels(&shared.scheduler, &new_config, &|t| defaults.get(t).copied().flatten());
     shared.metrics.set_certificate_expiry(&new_config, shared.tls_listener.is_some(), false);
     crate::ops::series::declare(&shared.metrics, &new_config, Some(&old.config));
     for w in new_config.warnings() {

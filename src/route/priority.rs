@@ -5,6 +5,11 @@
 //! route's level (`routes[].priority`) applies, else the tenant's default (`tenants[].priority`,
 //! else the first level). The header is consumed here: the bureau never sees it, so what reaches
 //! the bureau means what bureau-guard queued and priced.
+//!
+//! Without `[[priority]]` levels the header is removed and ignored, not refused: the budget is
+//! then one level, so the header cannot ask for anything a contract withholds, and clients may
+//! send it before an operator configures levels (a 400 would break them on every proxy that has
+//! none). With levels, a name the tenant may not use is a 400: the contract is then explicit.
 
 use http::HeaderMap;
 use http::header::HeaderName;
@@ -25,6 +30,10 @@ pub fn level(
     route: Option<usize>,
     headers: &mut HeaderMap,
 ) -> Result<usize, ProxyError> {
+    if p.levels.is_empty() {
+        headers.remove(&PRIORITY);
+        return Ok(0);
+    }
     let contract = p.tenants.get(tenant).copied();
     let default = route.or(contract.map(|c| c.default)).unwrap_or(0);
     let Some(asked) = take_one(headers)? else { return Ok(default) };
@@ -97,6 +106,18 @@ mod tests {
         assert_eq!(level(&p, 0, Some(1), &mut headers(&["interactive"])).expect("allowed"), 0);
         assert_eq!(level(&p, 0, Some(1), &mut headers(&[])).expect("the route's"), 1);
         assert_eq!(level(&p, 1, None, &mut headers(&[])).expect("the tenant's"), 1);
+    }
+
+    #[test]
+    fn without_levels_the_header_is_removed_and_ignored() {
+        let p = Priorities {
+            levels: Vec::new(),
+            routes: vec![None],
+            tenants: vec![TenantPriority { default: 0, allowed: 1 }],
+        };
+        let mut h = headers(&["interactive", "batch"]);
+        assert_eq!(level(&p, 0, None, &mut h).expect("ignored"), 0);
+        assert!(h.get(&PRIORITY).is_none(), "consumed");
     }
 
     #[test]

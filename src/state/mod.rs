@@ -206,6 +206,8 @@ pub struct StateRegistry {
     /// Apart from the tenants: a tenant's `index` is its fair-scheduler queue, and these are
     /// no tenants. Their ids hold `/` or `:`, which no tenant id does.
     contracts: Mutex<HashMap<String, Arc<TenantState>>>,
+    /// Each group's fair-scheduler queue index, by group id (dense, never reused).
+    groups: Mutex<HashMap<String, usize>>,
 }
 
 /// Whether a saved or registered id is a route's or group's contract, not a tenant's.
@@ -229,6 +231,15 @@ impl StateRegistry {
         debug_assert!(is_contract_id(id), "contract ids hold '/' or ':'");
         let mut map = self.contracts.lock().expect("state registry lock not poisoned");
         map.entry(id.to_string()).or_default().clone()
+    }
+
+    /// Group `id`'s fair-scheduler queue index: dense, and the same for the life of the
+    /// process, so that a reload that reorders `[[groups]]` keeps each group's place in the
+    /// queues.
+    pub fn group_queue(&self, id: &str) -> usize {
+        let mut map = self.groups.lock().expect("state registry lock not poisoned");
+        let next = map.len();
+        *map.entry(id.to_string()).or_insert(next)
     }
 
     /// Every tenant's state, by id (for background work; takes the registry lock once).

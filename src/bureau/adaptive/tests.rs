@@ -100,7 +100,15 @@ impl Sim {
 
     async fn top_up(&mut self) {
         while self.sched.in_flight() < self.sched.limit() && self.clients.is_none_or(|c| self.sched.in_flight() < c) {
-            let ask = Ask { tenant: 0, weight: 1, cost: 1, max_queue: 1, deadline: Instant::now() + SEC, level: 0 };
+            let ask = Ask {
+                tenant: 0,
+                weight: 1,
+                cost: 1,
+                max_queue: 1,
+                deadline: Instant::now() + SEC,
+                level: 0,
+                group: None,
+            };
             let permit = self.sched.acquire(ask).await.expect("a free slot is granted at once");
             self.arrive(permit);
         }

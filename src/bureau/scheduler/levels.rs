@@ -12,8 +12,9 @@
 //! pre-empted: a level that lent its idle slots gets them back as the borrowed calls end (its
 //! requests wait for the next completion, as a sparse tenant's do).
 //!
-//! Levels live in fixed slots (at most [`MAX_LEVELS`]), so a permit's slot index stays valid
-//! across a reload that adds or removes levels.
+//! Levels live in fixed slots (at most [`MAX_LEVELS`]), and a level keeps its slot by name
+//! across reloads ([`LevelTable::place`]): a reload that reorders, adds or removes levels never
+//! relabels a queued waiter or a permit in flight (an `interactive` call counted as `batch`).
 
 /// Most priority levels a scheduler holds.
 pub const MAX_LEVELS: usize = 8;
@@ -40,6 +41,8 @@ impl LevelSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LevelTable {
     specs: [Option<LevelSpec>; MAX_LEVELS],
+    /// The name of the level in each slot (`None`: unnamed, as in [`LevelTable::new`]).
+    names: [Option<Box<str>>; MAX_LEVELS],
     /// Slots in use, most important first.
     order: Vec<usize>,
 }
@@ -85,7 +88,49 @@ impl LevelTable {
         if order.is_empty() {
             return Err("no priority level".to_string());
         }
-        Ok(LevelTable { specs, order })
+        Ok(LevelTable { specs, names: Default::default(), order })
+    }
+
+    /// The named levels `levels` (most important first), each in the slot it had in `previous`
+    /// by name; a new name takes a free slot, preferring one nothing is counted in
+    /// (`busy(slot)`: permits held or waiters queued there) and that `previous` did not use,
+    /// so a removed level's calls still in flight are not counted as the new one's. Returns
+    /// the table and each level's slot, in `levels`' order. Errors on more than
+    /// [`MAX_LEVELS`] levels or none.
+    pub fn place(
+        previous: &LevelTable,
+        levels: &[(&str, LevelSpec)],
+        busy: &dyn Fn(usize) -> bool,
+    ) -> Result<(LevelTable, Vec<usize>), String> {
+        if levels.len() > MAX_LEVELS {
+            return Err(format!("{} levels; at most {MAX_LEVELS}", levels.len()));
+        }
+        let kept = |name: &str| (0..MAX_LEVELS).find(|&s| previous.names[s].as_deref() == Some(name));
+        let mut taken = [false; MAX_LEVELS];
+        let mut slots: Vec<Option<usize>> = levels.iter().map(|(name, _)| kept(name)).collect();
+        for s in slots.iter().flatten() {
+            taken[*s] = true;
+        }
+        for slot in slots.iter_mut().filter(|s| s.is_none()) {
+            let free = (0..MAX_LEVELS)
+                .filter(|&s| !taken[s])
+                .min_by_key(|&s| (busy(s), previous.names[s].is_some(), s))
+                .expect("at most MAX_LEVELS levels, so a slot is free");
+            taken[free] = true;
+            *slot = Some(free);
+        }
+        let slots: Vec<usize> = slots.into_iter().map(|s| s.expect("every level placed")).collect();
+        let specs: Vec<(usize, LevelSpec)> = slots.iter().zip(levels).map(|(&s, &(_, spec))| (s, spec)).collect();
+        let mut table = LevelTable::new(&specs)?;
+        for (&s, (name, _)) in slots.iter().zip(levels) {
+            table.names[s] = Some(Box::from(*name));
+        }
+        Ok((table, slots))
+    }
+
+    /// The name of the level in `slot`, if it has one.
+    pub fn name(&self, slot: usize) -> Option<&str> {
+        self.names.get(slot).and_then(|n| n.as_deref())
     }
 
     /// Slots in use, most important first.
@@ -271,6 +316,37 @@ mod tests {
         let mut held = [0; MAX_LEVELS];
         held[1] = 5;
         assert!(!may_take(&s, &held, 1, 6, 8));
+    }
+
+    #[test]
+    fn a_level_keeps_its_slot_by_name_and_a_new_one_avoids_busy_and_recent_slots() {
+        let whole = LevelSpec::WHOLE;
+        let none = |_: usize| false;
+        let (first, slots) =
+            LevelTable::place(&LevelTable::default(), &[("interactive", whole), ("batch", whole)], &none)
+                .expect("two levels");
+        assert_eq!(slots, [0, 1]);
+        // Reordered: same slots, the new order.
+        let (second, slots) =
+            LevelTable::place(&first, &[("batch", whole), ("interactive", whole)], &none).expect("reordered");
+        assert_eq!(slots, [1, 0]);
+        assert_eq!(second.order(), [1, 0]);
+        assert_eq!((second.name(0), second.name(1)), (Some("interactive"), Some("batch")));
+        // Batch removed while its calls are in flight, a new level added: it takes neither the
+        // busy slot 1 nor a slot of the previous table.
+        let (third, slots) =
+            LevelTable::place(&second, &[("interactive", whole), ("bulk", whole)], &|s| s == 1).expect("renamed");
+        assert_eq!(slots, [0, 2]);
+        assert!(!third.contains(1));
+        // Eight levels fill every slot; a ninth is an error.
+        let names: Vec<String> = (0..9).map(|i| format!("l{i}")).collect();
+        let eight: Vec<(&str, LevelSpec)> = names[..8].iter().map(|n| (n.as_str(), whole)).collect();
+        let (_, slots) = LevelTable::place(&third, &eight, &|_| true).expect("eight levels");
+        let mut sorted = slots.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..8).collect::<Vec<_>>());
+        let nine: Vec<(&str, LevelSpec)> = names.iter().map(|n| (n.as_str(), whole)).collect();
+        assert!(LevelTable::place(&third, &nine, &none).is_err());
     }
 
     #[test]
