@@ -280,8 +280,16 @@ async fn a_flight_queues_at_its_most_important_waiters_level() {
 /// and bank b in a group (weight 1) with two affiliates (keys `key-b2`, `key-b3`); deep queues.
 async fn bank_and_family() -> (MockHandle, Running) {
     let mock = start_mock(MockConfig { workers: 2, ..bureau() }).await;
+    let proxy = start_proxy(&family_config(&mock.url(), FAMILY)).await;
+    (mock, proxy)
+}
+
+const FAMILY: &str = "[[groups]]\nid = \"bank-b-family\"\nmembers = [\"b\", \"b2\", \"b3\"]\n";
+
+/// The config of [`bank_and_family`], with `groups` for its `[[groups]]`.
+fn family_config(mock_url: &str, groups: &str) -> String {
     let mut text = config_with(
-        &mock.url(),
+        mock_url,
         &Extras {
             upstream: "max_concurrency = 2\nqueue_timeout = \"20s\"",
             tenant_a: "max_queue = 1000",
@@ -292,9 +300,36 @@ async fn bank_and_family() -> (MockHandle, Running) {
     for (id, key) in [("b2", "key-b2"), ("b3", "key-b3")] {
         text.push_str(&format!("[[tenants]]\nid = \"{id}\"\napi_key_sha256 = \"{}\"\nmax_queue = 1000\n", sha(key)));
     }
-    text.push_str("[[groups]]\nid = \"bank-b-family\"\nmembers = [\"b\", \"b2\", \"b3\"]\n");
-    let proxy = start_proxy(&text).await;
-    (mock, proxy)
+    text.push_str(groups);
+    text
+}
+
+/// Groups are reloaded live while three affiliates have a backlog: the group's weight changes,
+/// a member leaves it, the group goes away, then comes back. No queued request fails, and the
+/// proxy serves the unaffiliated bank at each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_reload_under_load_without_a_failed_request() {
+    let (mock, proxy) = bank_and_family().await;
+    let family: Vec<_> = ["key-b", "key-b2", "key-b3"].into_iter().flat_map(|k| surge_of(&proxy, k, 40)).collect();
+    let sched = proxy.shared.scheduler.clone();
+    wait_until("the three affiliates backlogged", || [1, 2, 3].iter().all(|&t| sched.queued(t) >= 10)).await;
+    let steps = [
+        format!("{FAMILY}weight = 3\n"),
+        "[[groups]]\nid = \"bank-b-family\"\nmembers = [\"b\", \"b2\"]\n".to_string(),
+        String::new(),
+        FAMILY.to_string(),
+    ];
+    for (i, groups) in steps.iter().enumerate() {
+        let report = bureau_guard::ops::reload::apply(&proxy.shared, parse(&family_config(&mock.url(), groups)));
+        assert!(report.applied(), "step {i}: {report:?}");
+        assert!(sched.queued_total() > 0, "step {i} ran under load");
+        let r = get(&format!("http://{}/v1/score/A-{i}", proxy.addr), &[("x-api-key", KEY_A)]).await;
+        assert_eq!(r.status, 200, "step {i}");
+    }
+    for t in family {
+        assert_eq!(t.await.unwrap(), 200, "no queued request failed through the reloads");
+    }
+    wait_until("every slot back", || sched.in_flight() == 0).await;
 }
 
 /// `n` look-ups of the tenant with api key `key`, at once.
