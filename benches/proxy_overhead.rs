@@ -669,19 +669,7 @@ fn run_scenario(env: &Env<'_>, scenario: Scenario, mock: &mut ChildGuard, dir: &
                 let tls_listen = tls.map(|t| (nginx_tls_addr, t.cert.as_path(), t.key.as_path()));
                 fs::write(&conf, nginx_config(dir, nginx_addr, env.mock_addr, cached, tls_listen))
                     .context("writing the nginx config")?;
-                let mut child = ChildGuard::spawn(
-                    "nginx",
-                    Command::new(nginx_bin)
-                        .arg("-p")
-                        .arg(dir)
-                        .arg("-e")
-                        .arg(dir.join("nginx-early-error.log"))
-                        .arg("-c")
-                        .arg(&conf)
-                        .args(["-g", "daemon off;"]),
-                    dir,
-                )?;
-                child.wait_ready(nginx_addr, PROBE_PATH)?;
+                let child = spawn_nginx(nginx_bin, dir, &conf, nginx_addr)?;
                 let pid = child.pid();
                 nginx_pid = Some(pid);
                 children.push(child);
@@ -1499,6 +1487,25 @@ http {{
 }}
 "#
     )
+}
+
+/// Starts nginx in the foreground with `conf` (its files under `dir`) and waits until it
+/// answers on `addr`.
+fn spawn_nginx(bin: &Path, dir: &Path, conf: &Path, addr: SocketAddr) -> anyhow::Result<ChildGuard> {
+    let mut child = ChildGuard::spawn(
+        "nginx",
+        Command::new(bin)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("nginx-early-error.log"))
+            .arg("-c")
+            .arg(conf)
+            .args(["-g", "daemon off;"]),
+        dir,
+    )?;
+    child.wait_ready(addr, PROBE_PATH)?;
+    Ok(child)
 }
 
 fn find_nginx(explicit: Option<&Path>) -> Option<PathBuf> {

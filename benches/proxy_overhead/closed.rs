@@ -152,19 +152,7 @@ fn memory(env: &Env<'_>, dir: &Path) -> anyhow::Result<()> {
         let conf = dir.join("nginx.conf");
         fs::write(&conf, nginx_config(dir, nginx_addr, env.mock_addr, true, None))
             .context("writing the nginx config")?;
-        let mut child = ChildGuard::spawn(
-            "nginx",
-            Command::new(nginx_bin)
-                .arg("-p")
-                .arg(dir)
-                .arg("-e")
-                .arg(dir.join("nginx-early-error.log"))
-                .arg("-c")
-                .arg(&conf)
-                .args(["-g", "daemon off;"]),
-            dir,
-        )?;
-        child.wait_ready(nginx_addr, PROBE_PATH)?;
+        let child = super::spawn_nginx(nginx_bin, dir, &conf, nginx_addr)?;
         targets.push(("nginx", nginx_addr, child.pid(), true));
         children.push(child);
     }
@@ -302,19 +290,7 @@ fn run_set(env: &Env<'_>, wrk: &Path, dir: &Path, set: Set) -> anyhow::Result<()
             let conf = dir.join("nginx.conf");
             fs::write(&conf, nginx_config(dir, listen, env.mock_addr, cached, None))
                 .context("writing the nginx config")?;
-            let mut child = ChildGuard::spawn(
-                "nginx",
-                Command::new(nginx_bin)
-                    .arg("-p")
-                    .arg(dir)
-                    .arg("-e")
-                    .arg(dir.join("nginx-early-error.log"))
-                    .arg("-c")
-                    .arg(&conf)
-                    .args(["-g", "daemon off;"]),
-                dir,
-            )?;
-            child.wait_ready(listen, PROBE_PATH)?;
+            let child = super::spawn_nginx(nginx_bin, dir, &conf, listen)?;
             let pid = child.pid();
             children.push(child);
             (listen, pid)
