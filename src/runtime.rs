@@ -122,7 +122,10 @@ impl Snapshot {
             key_secret: config.cache.key_secret.clone().unwrap_or_else(|| random_secret.clone()),
             upstream: match previous {
                 Some(p) if same_client(&p.config.upstream, &config.upstream) => p.upstream.clone(),
-                _ => Upstream::new(&config.upstream, config.server.workers.threads()),
+                // `server.workers` needs a restart: a pool per worker thread running, not per
+                // the count a reload asks for (a worker without its own pool would share one).
+                Some(p) => Upstream::new(&config.upstream, p.upstream.workers()),
+                None => Upstream::new(&config.upstream, config.server.workers.threads()),
             },
             cells: RequestCells::new(
                 config.tenants.iter().map(|t| t.id.clone()),
@@ -418,4 +421,32 @@ impl Shared {
 pub fn set_levels(scheduler: &Scheduler, config: &Config, default_of: &dyn Fn(usize) -> Option<usize>) -> Vec<usize> {
     let levels: Vec<_> = config.priority.levels.iter().map(|l| (l.name.as_str(), l.spec)).collect();
     scheduler.set_named_levels(&levels, default_of)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(workers: usize, connect_timeout: &str) -> Config {
+        let text = format!(
+            "[server]\nworkers = {workers}\n[upstream]\nurl = \"http://127.0.0.1:8081\"\nconnect_timeout = \"{connect_timeout}\"\n\
+             [[routes]]\nname = \"score\"\nmethod = \"GET\"\npath = \"/s\"\n\
+             [[tenants]]\nid = \"a\"\napi_key_sha256 = \"{}\"\n[admin]\ninsecure_no_token = true\n",
+            "ab".repeat(32)
+        );
+        Config::from_toml(&text, &|_: &str| None).expect("valid")
+    }
+
+    #[test]
+    fn a_new_bureau_client_has_a_pool_for_each_running_worker_not_the_reloaded_count() {
+        let (states, secret) = (StateRegistry::default(), KeySecret::random());
+        let first = Snapshot::compile(Arc::new(config(4, "1s")), &states, None, &secret);
+        assert_eq!(first.upstream.workers(), 4);
+        // `server.workers` needs a restart: the process still runs 4 workers. A reload that
+        // also changes `[upstream]` builds a new client, which must still have a pool per
+        // running worker, or workers 3 and 4 would share pools with others (and worker 3 the
+        // pool of the threads that are no worker).
+        let second = Snapshot::compile(Arc::new(config(2, "2s")), &states, Some(&first), &secret);
+        assert_eq!(second.upstream.workers(), 4);
+    }
 }

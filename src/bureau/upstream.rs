@@ -158,6 +158,11 @@ impl Upstream {
         }
     }
 
+    /// How many worker threads it has a pool for (0: the shared runtime).
+    pub fn workers(&self) -> usize {
+        self.pools.len() - 1
+    }
+
     /// Whether this client speaks TLS to the bureau.
     pub fn is_tls(&self) -> bool {
         matches!(self.pools[0], Pool::Https(_))
