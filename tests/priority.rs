@@ -276,6 +276,47 @@ async fn a_flight_queues_at_its_most_important_waiters_level() {
     assert_eq!(env.mock.bureau.stats().calls_total, 41, "the flight was sent once");
 }
 
+/// A flight whose most important waiter's level has no room in its tenant's queue stays queued
+/// where it is: its waiters are not failed for it. Bank a's interactive queue is full (3 of 3)
+/// when its interactive look-up joins the batch flight of the same subject; the flight keeps
+/// its batch place and every look-up is answered once the bureau frees up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_that_cannot_move_to_a_full_level_stays_where_it_is() {
+    let x = Extras {
+        score: "coalesce = true\ncache_key = [\"path.subject_id\"]",
+        tenant_a: "priorities = [\"interactive\", \"batch\"]\nmax_queue = 3",
+        ..bank_a_with_both_levels()
+    };
+    let env = Env::with(bureau(), &x).await;
+    env.mock.bureau.set_workers(0);
+    let sched = env.proxy.shared.scheduler.clone();
+    let (interactive, batch_level) = (sched.levels().order()[0], sched.levels().order()[1]);
+    let queued = |slot| sched.level_stats(slot).queued;
+    let look_up = |subject: String, level: &'static str| {
+        let url = env.url(&format!("/v1/score/{subject}"));
+        tokio::spawn(async move { get(&url, &[("x-api-key", KEY_A), ("x-bureau-priority", level)]).await.status })
+    };
+    let mut others: Vec<_> = (0..7).map(|i| look_up(format!("I-{i}"), "interactive")).collect();
+    wait_until("interactive holds every slot, its queue full", || sched.in_flight() == 4 && queued(interactive) == 3)
+        .await;
+    let leader = look_up("X".into(), "batch");
+    wait_until("the batch flight queues", || queued(batch_level) == 1).await;
+    let follower = look_up("X".into(), "interactive");
+    // Eight flights (seven interactive, the batch one) with one waiter each, then the follower.
+    let coalescer = &env.proxy.shared.coalescer;
+    wait_until("the follower joins the flight", || coalescer.waiting_total() == 9).await;
+    // The move was refused: the flight is still queued, at batch.
+    assert_eq!((queued(interactive), queued(batch_level)), (3, 1));
+
+    env.mock.bureau.set_workers(4);
+    assert_eq!(leader.await.unwrap(), 200);
+    assert_eq!(follower.await.unwrap(), 200);
+    for t in others.drain(..) {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(env.mock.bureau.stats().calls_total, 8, "the flight was sent once");
+}
+
 /// A bureau of two workers, a proxy of two slots in front of it with bank a (weight 1) alone
 /// and bank b in a group (weight 1) with two affiliates (keys `key-b2`, `key-b3`); deep queues.
 async fn bank_and_family() -> (MockHandle, Running) {
@@ -401,4 +442,50 @@ async fn an_affiliate_surging_alone_gets_its_groups_whole_share() {
     for t in member {
         assert_eq!(t.await.unwrap(), 200);
     }
+}
+
+/// A raised flight whose interactive waiter leaves while the bank's batch queue is full again
+/// keeps its call: the move back is refused for lack of room, so it stays queued where it is
+/// (its waiters are not failed for a move). Found by review: the move left the queue first and
+/// answered 503 to every waiter when the new level had no room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_falling_back_to_a_full_level_keeps_its_call() {
+    let x = Extras {
+        score: "coalesce = true\ncache_key = [\"path.subject_id\"]",
+        tenant_a: "priorities = [\"interactive\", \"batch\"]\nmax_queue = 37",
+        ..bank_a_with_both_levels()
+    };
+    let env = Env::with(bureau(), &x).await;
+    env.mock.bureau.set_workers(0);
+    let sched = env.proxy.shared.scheduler.clone();
+    let (_, batch) = batch_surge(&env, 40);
+    wait_until("batch holds every slot and queues", || sched.in_flight() == 4 && sched.queued_total() == 36).await;
+    let look_up = |path: &'static str, level: &'static str| {
+        let url = env.url(path);
+        tokio::spawn(async move { get(&url, &[("x-api-key", KEY_A), ("x-bureau-priority", level)]).await.status })
+    };
+    let (interactive, batch_level) = (sched.levels().order()[0], sched.levels().order()[1]);
+    let queued = |slot| sched.level_stats(slot).queued;
+    // The batch flight takes the last place of the bank's batch queue (37).
+    let leader = look_up("/v1/score/X", "batch");
+    wait_until("the batch flight queues", || queued(batch_level) == 37).await;
+    // Raised by an interactive waiter; its batch place is taken by the next batch look-up.
+    let follower = look_up("/v1/score/X", "interactive");
+    wait_until("the flight raised", || queued(interactive) == 1 && queued(batch_level) == 36).await;
+    let late = look_up("/v1/score/L", "batch");
+    wait_until("the batch queue full again", || queued(batch_level) == 37).await;
+    // The interactive waiter gives up: the flight would fall back to a full batch queue.
+    let coalescer = &env.proxy.shared.coalescer;
+    let waiting = coalescer.waiting_total();
+    follower.abort();
+    wait_until("the follower gone", || coalescer.waiting_total() == waiting - 1).await;
+    assert_eq!((queued(interactive), queued(batch_level)), (1, 37), "the flight stays queued");
+    // The bureau frees up only after a service time (40 ms): a refused move has long answered.
+    env.mock.bureau.set_workers(4);
+    assert_eq!(leader.await.unwrap(), 200, "the flight's call was kept");
+    assert_eq!(late.await.unwrap(), 200);
+    for t in batch {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(sched.in_flight(), 0);
 }

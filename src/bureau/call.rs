@@ -19,7 +19,7 @@ use crate::admission::ratelimit::InFlightGuards;
 use crate::admission::tenant::{Tenant, WEIGHT_SCALE};
 use crate::bureau::breaker::{self, Cause, Verdict};
 use crate::bureau::headers::{self, RequestId};
-use crate::bureau::scheduler::{Ask, AskGroup, Permit, Shed, ShedReason};
+use crate::bureau::scheduler::{Ask, AskGroup, Permit, Queued, Shed, ShedReason};
 use crate::cache::audit::Record;
 use crate::cache::coalesce::FlightLevels;
 use crate::cache::key::CacheKey;
@@ -223,32 +223,41 @@ impl BureauCall {
     }
 
     /// A bureau slot for `ask`. A coalesced flight's call queues at the most important level
-    /// among its waiters and, when that changes while it is queued, leaves the queue and joins
-    /// the new level's (same deadline): leaving a queue costs nothing, and the grant is taken
-    /// once, so the call is never sent twice.
+    /// among its waiters and, when that changes while it is queued, moves to the new level's
+    /// queue keeping its place in time and its deadline. A move the new level's queue has no
+    /// room for is not made: the call stays where it is rather than fail its waiters.
     async fn acquire(&self, ask: &mut Ask) -> Result<Permit, Shed> {
         let scheduler = &self.who.shared.scheduler;
         let Some(flight) = &self.flight else { return scheduler.acquire(*ask).await };
         let mut changes = flight.watch();
+        changes.borrow_and_update();
+        ask.level = flight.best(scheduler.levels().order()).unwrap_or(ask.level);
+        let mut waiting = match scheduler.queue(*ask) {
+            Queued::Settled(res) => return res,
+            Queued::Waiting(waiting) => waiting,
+        };
         loop {
-            changes.borrow_and_update();
-            let table = scheduler.levels();
-            ask.level = flight.best(table.order()).unwrap_or(ask.level);
+            let level = waiting.level();
             let moved = async {
                 loop {
                     if changes.changed().await.is_err() {
                         return std::future::pending().await;
                     }
-                    if flight.best(scheduler.levels().order()).is_some_and(|l| l != ask.level) {
-                        return;
+                    match flight.best(scheduler.levels().order()) {
+                        Some(best) if best != level => return best,
+                        _ => {}
                     }
                 }
             };
             tokio::select! {
                 // A grant that arrives together with a change is used.
                 biased;
-                granted = scheduler.acquire(*ask) => return granted,
-                () = moved => {}
+                granted = waiting.granted() => return granted,
+                best = moved => {
+                    if waiting.move_to(best) {
+                        ask.level = waiting.level();
+                    }
+                }
             }
         }
     }

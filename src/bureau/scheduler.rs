@@ -549,27 +549,28 @@ impl Scheduler {
     /// with `QueueFull` if the tenant already has `max_queue` waiters, and with `QueueTimeout`
     /// if `ask.deadline` passes first (a permit granted at that very instant is returned).
     /// Dropping the returned future leaves the queue and takes no slot.
-    pub async fn acquire(self: &Arc<Self>, mut ask: Ask) -> Result<Permit, Shed> {
+    pub async fn acquire(self: &Arc<Self>, ask: Ask) -> Result<Permit, Shed> {
+        match self.queue(ask) {
+            Queued::Settled(res) => res,
+            Queued::Waiting(mut waiting) => waiting.granted().await,
+        }
+    }
+
+    /// [`Scheduler::acquire`] in two steps: grants, refuses or queues `ask` now; a queued
+    /// request is then awaited with [`Waiting::granted`] and may change level while it waits
+    /// ([`Waiting::move_to`]). Dropping the [`Waiting`] leaves the queue and takes no slot.
+    pub fn queue(self: &Arc<Self>, mut ask: Ask) -> Queued<'_> {
         ask.level = Scheduler::level_of(&self.levels.load(), ask.level);
         if self.waiting.load(Ordering::SeqCst) == 0 && self.try_claim(ask.level) {
-            return Ok(Permit::new(Arc::clone(self), ask.level));
+            return Queued::Settled(Ok(Permit::new(Arc::clone(self), ask.level)));
         }
-        let (rx, id) = match self.enqueue(&ask) {
-            Enqueued::Granted(permit) => return Ok(permit),
-            Enqueued::Shed(shed) => return Err(shed),
-            Enqueued::Waiting(rx, id) => (rx, id),
-        };
-        let mut wait = Wait { sched: self, level: ask.level, tenant: ask.tenant, id, rx, settled: false };
-        tokio::select! {
-            // A permit that arrives together with the deadline is used, not thrown away.
-            biased;
-            res = &mut wait.rx => {
-                wait.settled = true;
-                // The sender is dropped unsent only when the waiter was dropped to make room
-                // for another tenant's request (the queues together were full).
-                res.map_err(|_| Shed { reason: ShedReason::QueueFullTotal, retry_after: RETRY_AFTER_MIN })
+        match self.enqueue(&ask) {
+            Enqueued::Granted(permit) => Queued::Settled(Ok(permit)),
+            Enqueued::Shed(shed) => Queued::Settled(Err(shed)),
+            Enqueued::Waiting(rx, id) => {
+                let wait = Wait { sched: self, level: ask.level, tenant: ask.tenant, id, rx, settled: false };
+                Queued::Waiting(Waiting { wait, ask })
             }
-            () = tokio::time::sleep_until(ask.deadline) => wait.time_out(&ask),
         }
     }
 
@@ -779,6 +780,73 @@ enum Enqueued {
 }
 
 /// A queued `acquire`: leaves the queue when dropped unsettled (cancellation or deadline).
+/// What [`Scheduler::queue`] did with a request: settled at once, or queued.
+pub enum Queued<'a> {
+    /// Granted or refused at once.
+    Settled(Result<Permit, Shed>),
+    /// In its tenant's queue.
+    Waiting(Waiting<'a>),
+}
+
+/// A request in its tenant's queue (see [`Scheduler::queue`]).
+pub struct Waiting<'a> {
+    wait: Wait<'a>,
+    ask: Ask,
+}
+
+impl Waiting<'_> {
+    /// Waits until the request is granted, or shed: its deadline passed (a permit granted at
+    /// that very instant is returned), or another request needed its place. Cancel-safe: a
+    /// dropped call leaves the request queued.
+    pub async fn granted(&mut self) -> Result<Permit, Shed> {
+        tokio::select! {
+            // A permit that arrives together with the deadline is used, not thrown away.
+            biased;
+            res = &mut self.wait.rx => {
+                self.wait.settled = true;
+                // The sender is dropped unsent only when the waiter was dropped to make room
+                // for another tenant's request (the queues together were full).
+                res.map_err(|_| Shed { reason: ShedReason::QueueFullTotal, retry_after: RETRY_AFTER_MIN })
+            }
+            () = tokio::time::sleep_until(self.ask.deadline) => self.wait.time_out(&self.ask),
+        }
+    }
+
+    /// The level slot it is queued at.
+    pub fn level(&self) -> usize {
+        self.ask.level
+    }
+
+    /// Moves the request to priority level slot `level`, keeping its place in time (its id)
+    /// and its deadline, if its tenant's queue there has room; false, and nothing changes,
+    /// if it has not, or if the request is no longer queued (granted or shed: [`granted`]
+    /// says which). A move never sheds anyone and never counts as a shed.
+    ///
+    /// [`granted`]: Waiting::granted
+    pub fn move_to(&mut self, level: usize) -> bool {
+        let sched = self.wait.sched;
+        let to = Scheduler::level_of(&sched.levels.load(), level);
+        if to == self.ask.level || self.wait.settled {
+            return to == self.ask.level;
+        }
+        let mut q = sched.lock();
+        if q.levels[to].tenant(self.ask.tenant).waiters.len() >= self.ask.max_queue {
+            return false;
+        }
+        let tenant = self.ask.tenant;
+        let mut from = (0..MAX_LEVELS).map(|i| (self.ask.level + i) % MAX_LEVELS);
+        let Some(waiter) = from.find_map(|l| q.levels[l].take(tenant, self.wait.id)) else {
+            return false;
+        };
+        q.levels[to].insert(tenant, waiter);
+        self.ask.level = to;
+        self.wait.level = to;
+        // The new level may have a free seat the old one had not.
+        sched.dispatch_locked(&mut q);
+        true
+    }
+}
+
 struct Wait<'a> {
     sched: &'a Arc<Scheduler>,
     level: usize,
@@ -1435,9 +1503,14 @@ impl State {
 
     /// Removes waiter `id` from `tenant`'s queue; false if it is no longer queued (granted).
     fn remove(&mut self, tenant: usize, id: u64) -> bool {
-        let Some(t) = self.tenants.get_mut(tenant) else { return false };
-        let Ok(at) = t.waiters.binary_search_by_key(&id, |w| w.id) else { return false };
-        t.waiters.remove(at);
+        self.take(tenant, id).is_some()
+    }
+
+    /// Takes waiter `id` out of `tenant`'s queue; `None` if it is no longer queued (granted).
+    fn take(&mut self, tenant: usize, id: u64) -> Option<Waiter> {
+        let t = self.tenants.get_mut(tenant)?;
+        let at = t.waiters.binary_search_by_key(&id, |w| w.id).ok()?;
+        let waiter = t.waiters.remove(at)?;
         self.queued -= 1;
         let g = &mut self.groups[t.group];
         g.queued -= 1;
@@ -1450,7 +1523,7 @@ impl State {
             g.idle();
             self.top.deactivate(&mut g.flow);
         }
-        true
+        Some(waiter)
     }
 
     /// The active tenant with the most waiters, and how many (active ones only: those listed

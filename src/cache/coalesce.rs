@@ -304,6 +304,12 @@ impl Coalescer {
         self.shard(key).get(key).map_or(0, |f| f.tx.receiver_count())
     }
 
+    /// Requests waiting on all calls in flight, leaders included (takes each shard's lock
+    /// briefly: for metrics and tests, not the request path).
+    pub fn waiting_total(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).values().map(|f| f.tx.receiver_count()).sum::<usize>()).sum()
+    }
+
     fn shard(&self, key: &CacheKey) -> MutexGuard<'_, HashMap<CacheKey, Flight>> {
         // A keyed hash is uniform: its first byte spreads keys over the shards.
         lock(&self.shards[usize::from(key.as_bytes()[0]) % SHARDS])

@@ -1272,3 +1272,32 @@ async fn a_down_probes_extra_slots_respect_each_levels_borrowing_cap() {
     let mut quiet_interactive = vec![acquire_boxed(&sched, level_ask(3, 0))];
     assert_eq!(take_granted(&mut quiet_interactive, &mut got), 1, "interactive is below its part");
 }
+
+/// A queued request moved to another level keeps its place in time there (it is served before
+/// that level's later arrivals), a move to a level where its tenant's queue is full is refused
+/// and changes nothing (no shed counted), and a granted request no longer moves.
+#[tokio::test(start_paused = true)]
+async fn a_queued_request_moves_level_keeping_its_place_unless_the_queue_there_is_full() {
+    let sched = Scheduler::new(1);
+    sched.set_levels(two_levels(SHARE(1), SHARE(1)), &|_| None);
+    let held = grant_now(&sched, level_ask(0, 0));
+    let full = |level| Ask { max_queue: 2, ..level_ask(0, level) };
+    let Queued::Waiting(mut mover) = sched.queue(full(1)) else { panic!("queued") };
+    // Two later interactive requests fill the tenant's interactive queue (2).
+    let mut later: Vec<Acquire> = (0..2).map(|_| acquire_boxed(&sched, full(0))).collect();
+    assert!(later.iter_mut().all(|f| poll_once(f).is_pending()));
+    assert!(!mover.move_to(0), "the interactive queue is full");
+    assert_eq!((sched.level_stats(0).queued, sched.level_stats(1).queued), (2, 1));
+    assert_eq!(sched.tenant_stats(0).shed_queue_full, 0, "a refused move is no shed");
+    // One leaves: the move is made, and the mover is ahead of the one left (it came first).
+    drop(later.pop());
+    assert!(mover.move_to(0));
+    assert_eq!((sched.level_stats(0).queued, sched.level_stats(1).queued), (2, 0));
+    assert_eq!(mover.level(), 0);
+    drop(held);
+    let permit = mover.granted().await.expect("granted first");
+    assert!(poll_once(&mut later[0]).is_pending());
+    assert!(!mover.move_to(1), "granted: nothing to move");
+    drop(permit);
+    assert!(matches!(poll_once(&mut later[0]), Poll::Ready(Ok(_))));
+}
