@@ -74,7 +74,7 @@ impl RedisState {
                 })
                 .collect(),
         );
-        match self.run_groups::<redis::Value>("usage_write", groups).await {
+        match self.for_each_reply::<redis::Value>("usage_write", groups, |_, _, _| {}).await {
             Ok(_) => {
                 if self.usage_failing.swap(false, Ordering::AcqRel) {
                     tracing::info!("usage copied to Redis again; the counts kept meanwhile are in it");
@@ -102,35 +102,35 @@ impl RedisState {
             }
             None => {
                 let lists = days.iter().map(|d| redis::Cmd::smembers(self.usage_tenants_key(*d))).collect();
-                let lists = self.run_groups::<Vec<String>>("usage_read", vec![lists]).await?;
-                for (day, tenants) in days.iter().zip(lists.into_iter().flatten()) {
+                self.for_each_reply("usage_read", vec![lists], |_, i, tenants: Vec<String>| {
                     for t in tenants {
-                        keys.entry(t).or_default().push(*day);
+                        keys.entry(t).or_default().push(days[i]);
                     }
-                }
+                })
+                .await?;
             }
         }
+        let order: Vec<(Arc<str>, &[u32])> =
+            keys.iter().map(|(t, days)| (Arc::from(t.as_str()), days.as_slice())).collect();
         let groups = keys
             .iter()
             .map(|(t, days)| days.iter().map(|d| redis::Cmd::hgetall(self.usage_key(t, *d))).collect())
             .collect();
-        let hashes = self.run_groups::<HashMap<String, String>>("usage_read", groups).await?;
         let mut sums: BTreeMap<(Arc<str>, u32, Arc<str>), Counts> = BTreeMap::new();
-        for ((t, days), hashes) in keys.iter().zip(hashes) {
-            let tenant: Arc<str> = Arc::from(t.as_str());
-            for (day, fields) in days.iter().zip(hashes) {
-                for (field, value) in fields {
-                    let Some((route, _writer)) = field.rsplit_once('|') else { continue };
-                    let Ok(named) = serde_json::from_str::<BTreeMap<String, i64>>(&value) else { continue };
-                    let c = sums.entry((tenant.clone(), *day, Arc::from(route))).or_default();
-                    for (name, n) in named {
-                        if let Some(col) = Column::named(&name) {
-                            c.add(col, n);
-                        }
+        self.for_each_reply("usage_read", groups, |g, i, fields: HashMap<String, String>| {
+            let (tenant, days) = &order[g];
+            for (field, value) in fields {
+                let Some((route, _writer)) = field.rsplit_once('|') else { continue };
+                let Ok(named) = serde_json::from_str::<BTreeMap<String, i64>>(&value) else { continue };
+                let c = sums.entry((tenant.clone(), days[i], Arc::from(route))).or_default();
+                for (name, n) in named {
+                    if let Some(col) = Column::named(&name) {
+                        c.add(col, n);
                     }
                 }
             }
-        }
+        })
+        .await?;
         Ok(sums
             .into_iter()
             .filter(|(_, c)| !c.is_zero())
@@ -138,16 +138,19 @@ impl RedisState {
             .collect())
     }
 
-    /// Runs `groups` of commands, the keys of each group under one hash tag; the replies, group
-    /// by group. On a single Redis they go as pipelines of [`CHUNK`] commands, whatever the
-    /// groups; on a cluster a pipeline reaches one node, so each group is a pipeline of its own
-    /// ([`TICK_CONCURRENCY`] at once).
-    async fn run_groups<T: FromRedisValue + Send + 'static>(
+    /// Runs `groups` of commands, the keys of each group under one hash tag, and hands each
+    /// reply to `each(group, its command's index in the group, reply)` in order as its pipeline
+    /// answers: only one pipeline's replies are held at a time (a statement over every tenant and
+    /// the whole retention reads millions of hashes, each with a field per route and writer).
+    /// On a single Redis they go as pipelines of [`CHUNK`] commands, whatever the groups; on a
+    /// cluster a pipeline reaches one node, so each group is a pipeline of its own
+    /// ([`TICK_CONCURRENCY`] at once, handed on in order).
+    async fn for_each_reply<T: FromRedisValue + Send + 'static>(
         &self,
         op: &'static str,
         groups: Vec<Vec<redis::Cmd>>,
-    ) -> Result<Vec<Vec<T>>, String> {
-        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+        mut each: impl FnMut(usize, usize, T),
+    ) -> Result<(), String> {
         let pipe = |cmds: &[redis::Cmd]| {
             let mut p = redis::pipe();
             for c in cmds {
@@ -155,19 +158,21 @@ impl RedisState {
             }
             p
         };
-        let replies: Vec<T> = match &self.conn {
+        match &self.conn {
             Conn::Single(_) => {
+                let at: Vec<(usize, usize)> =
+                    groups.iter().enumerate().flat_map(|(g, cmds)| (0..cmds.len()).map(move |i| (g, i))).collect();
                 let all: Vec<redis::Cmd> = groups.into_iter().flatten().collect();
-                let mut replies = Vec::with_capacity(all.len());
-                for chunk in all.chunks(CHUNK) {
+                for (chunk, at) in all.chunks(CHUNK).zip(at.chunks(CHUNK)) {
                     let p = pipe(chunk);
                     let got: Vec<T> = self.usage_call(op, async |conn| p.query_async(conn).await).await?;
-                    replies.extend(got);
+                    for (&(g, i), reply) in at.iter().zip(got) {
+                        each(g, i, reply);
+                    }
                 }
-                replies
             }
             Conn::Cluster(_) => {
-                let results: Vec<Result<Vec<T>, String>> = futures_util::stream::iter(groups)
+                let mut replies = futures_util::stream::iter(groups)
                     .map(|group| async move {
                         let mut replies = Vec::with_capacity(group.len());
                         for chunk in group.chunks(CHUNK) {
@@ -175,20 +180,18 @@ impl RedisState {
                             let got: Vec<T> = self.usage_call(op, async |conn| p.query_async(conn).await).await?;
                             replies.extend(got);
                         }
-                        Ok(replies)
+                        Ok::<_, String>(replies)
                     })
                     .buffered(TICK_CONCURRENCY)
-                    .collect()
-                    .await;
-                let mut replies = Vec::new();
-                for r in results {
-                    replies.extend(r?);
+                    .enumerate();
+                while let Some((g, got)) = replies.next().await {
+                    for (i, reply) in got?.into_iter().enumerate() {
+                        each(g, i, reply);
+                    }
                 }
-                replies
             }
-        };
-        let mut replies = replies.into_iter();
-        Ok(sizes.into_iter().map(|n| replies.by_ref().take(n).collect()).collect())
+        }
+        Ok(())
     }
 
     /// One usage pipeline with its own time bound; errors as text without the URL's password.
