@@ -48,6 +48,8 @@ use sha2::Digest;
 
 #[path = "proxy_overhead/closed.rs"]
 mod closed;
+#[path = "proxy_overhead/floor.rs"]
+mod floor;
 
 /// The API key every request carries; bureau-guard's config holds its hash.
 const API_KEY: &str = "bench-key";
@@ -75,6 +77,20 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let raw: Vec<String> = std::env::args().skip(1).collect();
+    // The closed loop's hyper floor: this binary, re-executed as a target of its own.
+    if let [flag, listen, upstream] = raw.as_slice()
+        && flag == "--floor-proxy"
+    {
+        let addrs = listen.parse().and_then(|l| Ok((l, upstream.parse()?)));
+        let result = addrs.map_err(anyhow::Error::from).and_then(|(l, u)| floor::serve(l, u));
+        return result.map_or_else(
+            |e| {
+                eprintln!("proxy_overhead --floor-proxy: {e:#}");
+                ExitCode::FAILURE
+            },
+            |()| ExitCode::SUCCESS,
+        );
+    }
     if !raw.iter().any(|a| a == "--bench") {
         println!("proxy_overhead: skipped (not run by `cargo bench`; see benches/README.md)");
         return ExitCode::SUCCESS;

@@ -10,6 +10,8 @@
 //!   issue 16), bureau-guard with every feature a deployment uses on (rate limit, in-flight cap,
 //!   daily and monthly quotas, quota state file, access log, audit log, usage statements with the
 //!   durable charge journal), and nginx as a plain keep-alive reverse proxy;
+//!   plus the hyper floor (`floor.rs`): bureau-guard's threading and buffering on hyper and
+//!   hyper-util with none of its stages, the least a proxy on the required stack costs;
 //! - **hit**: every request one hot subject, answered from bureau-guard's cache and from nginx's
 //!   `proxy_cache`.
 
@@ -32,6 +34,8 @@ enum Kind {
     GuardShared,
     /// bureau-guard with these features on (see [`Feature`]).
     GuardWith(&'static [Feature]),
+    /// The least a proxy on the required stack does per request (`floor.rs`).
+    Floor,
     Nginx,
 }
 
@@ -90,6 +94,7 @@ impl Kind {
             Kind::GuardWith(f) => {
                 format!("bureau-guard + {}", f.iter().map(|f| f.name()).collect::<Vec<_>>().join(" + "))
             }
+            Kind::Floor => "hyper floor (no bureau-guard stage)".into(),
             Kind::Nginx => "nginx".into(),
         }
     }
@@ -272,7 +277,7 @@ fn run_set(env: &Env<'_>, wrk: &Path, dir: &Path, set: Set) -> anyhow::Result<()
     let args = env.args;
     let cached = set == Set::Hit;
     let kinds: Vec<Kind> = match set {
-        Set::Bare => vec![Kind::Guard, Kind::GuardShared, Kind::GuardWith(EVERY_FEATURE), Kind::Nginx],
+        Set::Bare => vec![Kind::Guard, Kind::GuardShared, Kind::GuardWith(EVERY_FEATURE), Kind::Floor, Kind::Nginx],
         Set::Features => std::iter::once(Kind::Guard)
             .chain(EVERY_FEATURE.iter().map(|f| Kind::GuardWith(std::slice::from_ref(f))))
             .chain([Kind::GuardWith(EVERY_FEATURE)])
@@ -291,6 +296,14 @@ fn run_set(env: &Env<'_>, wrk: &Path, dir: &Path, set: Set) -> anyhow::Result<()
             fs::write(&conf, nginx_config(dir, listen, env.mock_addr, cached, None))
                 .context("writing the nginx config")?;
             let child = super::spawn_nginx(nginx_bin, dir, &conf, listen)?;
+            let pid = child.pid();
+            children.push(child);
+            (listen, pid)
+        } else if kind == Kind::Floor {
+            let exe = std::env::current_exe().context("finding the bench binary")?;
+            let (l, u) = (listen.to_string(), env.mock_addr.to_string());
+            let mut child = ChildGuard::spawn("hyper-floor", Command::new(exe).args(["--floor-proxy", &l, &u]), dir)?;
+            child.wait_ready(listen, PROBE_PATH)?;
             let pid = child.pid();
             children.push(child);
             (listen, pid)
