@@ -25,7 +25,7 @@ use crate::admission::ratelimit::{InFlightGuards, RateDecision};
 use crate::admission::tenant::Tenant;
 use crate::admission::verdict::{self, Mode, Reason, Refusal, Scope};
 use crate::bureau::call::{Answer, Attribution, BureauCall, Keep, Store};
-use crate::bureau::headers::{RequestId, X_CLIENT_REQUEST_ID, X_REQUEST_ID};
+use crate::bureau::headers::{RequestId, SourceFields, X_CLIENT_REQUEST_ID, X_REQUEST_ID};
 use crate::cache::audit::Record;
 use crate::cache::coalesce::{CoalesceError, Interest, Role};
 use crate::cache::key::{CacheKey, KeyError};
@@ -49,6 +49,8 @@ pub struct Proxy {
     client_cert: Option<Arc<ClientCert>>,
     /// The connection's addresses (`None` when not served from a listener, e.g. `oneshot`).
     client: Option<ClientAddr>,
+    /// The peer's address as the bureau is told it, formatted once for the connection.
+    peer_fields: Option<Arc<SourceFields>>,
 }
 
 /// What the stages learned about a request, kept outside the timed future so that a request cut
@@ -72,13 +74,14 @@ struct Ctx {
 
 impl Proxy {
     pub fn new(shared: Arc<Shared>) -> Proxy {
-        Proxy { shared, client_cert: None, client: None }
+        Proxy { shared, client_cert: None, client: None, peer_fields: None }
     }
 
     /// The service for one connection: its addresses, and the client certificate it presented
     /// (verified), if any.
     pub fn for_connection(shared: Arc<Shared>, peer: &Peer) -> Proxy {
-        Proxy { shared, client_cert: peer.client_cert.clone(), client: Some(peer.addr) }
+        let peer_fields = Some(Arc::new(SourceFields::new(peer.addr.client.ip())));
+        Proxy { shared, client_cert: peer.client_cert.clone(), client: Some(peer.addr), peer_fields }
     }
 
     /// Answers one request; never fails (errors become JSON responses). Generic over the body
@@ -360,7 +363,7 @@ impl Proxy {
                 subject: key,
                 request_id: request_id.clone(),
             },
-            source,
+            source: source.map(|ip| SourceFields::of(self.peer_fields.as_ref(), ip)),
             cost,
             level,
             flight: None,

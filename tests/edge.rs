@@ -256,3 +256,26 @@ async fn a_source_failing_authentication_is_held_off_briefly_and_others_are_serv
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Behind a trusted load balancer that says who the client is, the bureau is told that client,
+/// request by request, and the peer's address when the balancer names none (the peer's fields
+/// are formatted once per connection; a client the balancer names gets fields of its own).
+#[tokio::test]
+async fn the_bureau_is_told_the_client_a_trusted_proxy_names_on_each_request() {
+    let env = Env::new(fast_mock(), "trusted_proxies = [\"127.0.0.1/32\"]\nforwarded_for = true", "").await;
+    let url = env.url("/echo/x");
+    let told = |r: &Resp| {
+        let h = &r.json()["headers"];
+        (h["forwarded"].as_str().map(str::to_owned), h["x-forwarded-for"].as_str().map(str::to_owned))
+    };
+    for (claimed, seen) in
+        [(Some("198.51.100.7"), "198.51.100.7"), (None, "127.0.0.1"), (Some("2001:db8::7"), "2001:db8::7")]
+    {
+        let mut headers = vec![("x-api-key", KEY_A)];
+        headers.extend(claimed.map(|ip| ("x-forwarded-for", ip)));
+        let r = get(&url, &headers).await;
+        assert_eq!(r.status, 200);
+        let forwarded = if seen.contains(':') { format!("for=\"[{seen}]\"") } else { format!("for={seen}") };
+        assert_eq!(told(&r), (Some(forwarded), Some(seen.to_owned())), "claimed {claimed:?}");
+    }
+}

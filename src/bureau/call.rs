@@ -47,7 +47,7 @@ pub(crate) struct Attribution {
 pub(crate) struct BureauCall {
     pub(crate) who: Attribution,
     /// The client's address (the connection's, or the one trusted proxies vouch for).
-    pub(crate) source: Option<std::net::IpAddr>,
+    pub(crate) source: Option<Arc<headers::SourceFields>>,
     pub(crate) cost: u32,
     /// The priority level slot it queues in ([`crate::route::priority`]).
     pub(crate) level: usize,
@@ -303,7 +303,7 @@ impl Granted {
 
         // Forward headers: the bureau learns who asked and which request this is from us alone:
         // no credential, and no identity or forwarding field the bank sent, in any spelling.
-        headers::forward(&mut parts.headers, &tenant.header_value, request_id, source);
+        headers::forward(&mut parts.headers, &tenant.header_value, request_id, source.as_deref());
 
         // The charge is durable before the call leaves (`usage/journal.rs`): a crash from here
         // on cannot lose a call the bureau bills. The day is the bureau's day for this call.
