@@ -779,7 +779,6 @@ enum Enqueued {
     Waiting(oneshot::Receiver<Permit>, u64),
 }
 
-/// A queued `acquire`: leaves the queue when dropped unsettled (cancellation or deadline).
 /// What [`Scheduler::queue`] did with a request: settled at once, or queued.
 pub enum Queued<'a> {
     /// Granted or refused at once.
@@ -812,9 +811,11 @@ impl Waiting<'_> {
         }
     }
 
-    /// The level slot it is queued at.
+    /// The level slot it is queued at (a reload may have moved it since it queued), or the
+    /// last one it was seen at once granted or shed.
     pub fn level(&self) -> usize {
-        self.ask.level
+        let q = self.wait.sched.lock();
+        q.find(self.ask.level, self.ask.tenant, self.wait.id).unwrap_or(self.ask.level)
     }
 
     /// Moves the request to priority level slot `level`, keeping its place in time (its id)
@@ -824,20 +825,27 @@ impl Waiting<'_> {
     ///
     /// [`granted`]: Waiting::granted
     pub fn move_to(&mut self, level: usize) -> bool {
+        if self.wait.settled {
+            return false;
+        }
         let sched = self.wait.sched;
-        let to = Scheduler::level_of(&sched.levels.load(), level);
-        if to == self.ask.level || self.wait.settled {
-            return to == self.ask.level;
-        }
-        let mut q = sched.lock();
-        if q.levels[to].tenant(self.ask.tenant).waiters.len() >= self.ask.max_queue {
-            return false;
-        }
         let tenant = self.ask.tenant;
-        let mut from = (0..MAX_LEVELS).map(|i| (self.ask.level + i) % MAX_LEVELS);
-        let Some(waiter) = from.find_map(|l| q.levels[l].take(tenant, self.wait.id)) else {
+        let mut q = sched.lock();
+        // The levels in force and the request's own are read under the lock a reload holds
+        // while it changes both: a level removed meanwhile is not moved into (its queue is
+        // served only when no level in force has a waiter), and a level the reload moved the
+        // request out of is not taken for where it is.
+        let to = Scheduler::level_of(&sched.levels.load(), level);
+        let Some(from) = q.find(self.ask.level, tenant, self.wait.id) else { return false };
+        self.ask.level = from;
+        self.wait.level = from;
+        if from == to {
+            return true;
+        }
+        if q.levels[to].tenant(tenant).waiters.len() >= self.ask.max_queue {
             return false;
-        };
+        }
+        let Some(waiter) = q.levels[from].take(tenant, self.wait.id) else { return false };
         q.levels[to].insert(tenant, waiter);
         self.ask.level = to;
         self.wait.level = to;
@@ -847,6 +855,7 @@ impl Waiting<'_> {
     }
 }
 
+/// A queued `acquire`: leaves the queue when dropped unsettled (cancellation or deadline).
 struct Wait<'a> {
     sched: &'a Arc<Scheduler>,
     level: usize,
@@ -992,6 +1001,15 @@ impl Queues {
             return Some(level);
         }
         (0..MAX_LEVELS).find(|&l| waiting[l] > 0 && !table.contains(l))
+    }
+
+    /// The level waiter `id` of `tenant` is queued in, looking in `level` first (a reload may
+    /// have moved it); `None` if it is no longer queued (granted or shed).
+    fn find(&self, level: usize, tenant: usize, id: u64) -> Option<usize> {
+        let queued = |l: usize| {
+            self.levels[l].tenants.get(tenant).is_some_and(|t| t.waiters.binary_search_by_key(&id, |w| w.id).is_ok())
+        };
+        (0..MAX_LEVELS).map(|i| (level + i) % MAX_LEVELS).find(|&l| queued(l))
     }
 
     /// Removes waiter `id` of `tenant`, looking in `level` first (a reload may have moved it to

@@ -1301,3 +1301,53 @@ async fn a_queued_request_moves_level_keeping_its_place_unless_the_queue_there_i
     drop(permit);
     assert!(matches!(poll_once(&mut later[0]), Poll::Ready(Ok(_))));
 }
+
+/// Polls a queued request once (the tests decide when to look again).
+fn poll_waiting(waiting: &mut Waiting<'_>) -> Poll<Result<Permit, Shed>> {
+    std::pin::pin!(waiting.granted()).poll(&mut Context::from_waker(Waker::noop()))
+}
+
+/// A move decided on the levels in force just before a reload removes the level it moves to
+/// (the reload holding the queue lock meanwhile) lands at a level in force, not in the removed
+/// level's queue, which is served only when no level in force has a waiter.
+#[tokio::test]
+async fn a_move_to_a_level_a_reload_removes_meanwhile_stays_at_a_level_in_force() {
+    let sched = Scheduler::new(1);
+    sched.set_levels(two_levels(SHARE(1), SHARE(1)), &|_| None);
+    let held = grant_now(&sched, level_ask(9, 0));
+    let Queued::Waiting(mut mover) = sched.queue(level_ask(0, 0)) else { panic!("queued") };
+    let one = LevelTable::new(&[(0, SHARE(1))]).expect("one level");
+    std::thread::scope(|s| {
+        let mut q = sched.lock();
+        // Reads the two levels, then waits for the lock the reload holds.
+        let moving = s.spawn(|| mover.move_to(1));
+        std::thread::sleep(Duration::from_millis(200));
+        sched.set_levels_locked(&mut q, one, &|_| None);
+        drop(q);
+        moving.join().expect("no panic");
+    });
+    assert_eq!((sched.level_stats(0).queued, sched.level_stats(1).queued), (1, 0));
+    assert_eq!(mover.level(), 0);
+    // Its bank's later request does not overtake it.
+    let mut later = acquire_boxed(&sched, level_ask(0, 0));
+    assert!(poll_once(&mut later).is_pending());
+    drop(held);
+    let Poll::Ready(Ok(_permit)) = poll_waiting(&mut mover) else { panic!("the earlier request is served first") };
+    assert!(poll_once(&mut later).is_pending());
+}
+
+/// A request a reload moved off a removed level says where it is, and moves from there: once
+/// the slot holds a level again, a move to it is made, not taken for done.
+#[tokio::test]
+async fn a_request_a_reload_moved_knows_its_level_and_moves_from_there() {
+    let sched = Scheduler::new(1);
+    sched.set_levels(two_levels(SHARE(1), SHARE(1)), &|_| None);
+    let _held = grant_now(&sched, level_ask(9, 0));
+    let Queued::Waiting(mut mover) = sched.queue(level_ask(0, 1)) else { panic!("queued") };
+    sched.set_levels(LevelTable::new(&[(0, SHARE(1))]).expect("one level"), &|_| None);
+    assert_eq!(mover.level(), 0, "the reload moved it");
+    sched.set_levels(two_levels(SHARE(1), SHARE(1)), &|_| None);
+    assert!(mover.move_to(1));
+    assert_eq!((sched.level_stats(0).queued, sched.level_stats(1).queued), (0, 1));
+    assert_eq!(mover.level(), 1);
+}
