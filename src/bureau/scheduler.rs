@@ -564,7 +564,7 @@ impl Scheduler {
         if self.waiting.load(Ordering::SeqCst) == 0 && self.try_claim(ask.level) {
             return Queued::Settled(Ok(Permit::new(Arc::clone(self), ask.level)));
         }
-        match self.enqueue(&ask) {
+        match self.enqueue(&mut ask) {
             Enqueued::Granted(permit) => Queued::Settled(Ok(permit)),
             Enqueued::Shed(shed) => Queued::Settled(Err(shed)),
             Enqueued::Waiting(rx, id) => {
@@ -590,8 +590,12 @@ impl Scheduler {
         self.in_flight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1)).is_ok()
     }
 
-    fn enqueue(&self, ask: &Ask) -> Enqueued {
+    fn enqueue(&self, ask: &mut Ask) -> Enqueued {
         let mut q = self.lock();
+        // Resolved again under the lock a reload holds while it removes levels and moves their
+        // queues: a level removed since `queue` looked is not queued in (its queue is served
+        // only when no level in force has a waiter).
+        ask.level = Scheduler::level_of(&self.levels.load(), ask.level);
         // Nobody queued and a slot freed since the fast path looked: it is ours.
         if self.waiting.load(Ordering::SeqCst) == 0 && self.try_claim(ask.level) {
             drop(q);

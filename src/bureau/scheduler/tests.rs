@@ -1351,3 +1351,34 @@ async fn a_request_a_reload_moved_knows_its_level_and_moves_from_there() {
     assert_eq!((sched.level_stats(0).queued, sched.level_stats(1).queued), (0, 1));
     assert_eq!(mover.level(), 1);
 }
+
+/// A request that read the levels in force just before a reload removed its level, and queued
+/// just after (the reload holding the queue lock meanwhile), queues at a level in force: in the
+/// removed level's queue it would be served only when no level in force had a waiter, after
+/// every later request of its bank.
+#[tokio::test]
+async fn a_request_queued_as_a_reload_removes_its_level_queues_at_a_level_in_force() {
+    let sched = Scheduler::new(1);
+    sched.set_levels(two_levels(SHARE(1), SHARE(1)), &|_| None);
+    let held = grant_now(&sched, level_ask(9, 0));
+    let one = LevelTable::new(&[(0, SHARE(1))]).expect("one level");
+    let mut first = std::thread::scope(|s| {
+        let mut q = sched.lock();
+        // Reads the two levels, then waits for the lock the reload holds.
+        let sched_ref = &sched;
+        let queuing = s.spawn(move || sched_ref.queue(level_ask(0, 1)));
+        std::thread::sleep(Duration::from_millis(200));
+        sched.set_levels_locked(&mut q, one, &|_| None);
+        drop(q);
+        match queuing.join().expect("no panic") {
+            Queued::Waiting(waiting) => waiting,
+            Queued::Settled(res) => panic!("expected to queue, got {res:?}"),
+        }
+    });
+    let mut later = acquire_boxed(&sched, level_ask(0, 0));
+    assert!(poll_once(&mut later).is_pending());
+    assert_eq!((sched.level_stats(0).queued, sched.level_stats(1).queued), (2, 0));
+    drop(held);
+    let Poll::Ready(Ok(_permit)) = poll_waiting(&mut first) else { panic!("the earlier request is served first") };
+    assert!(poll_once(&mut later).is_pending());
+}
