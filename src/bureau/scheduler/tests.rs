@@ -1319,7 +1319,10 @@ async fn a_move_to_a_level_a_reload_removes_meanwhile_stays_at_a_level_in_force(
     let one = LevelTable::new(&[(0, SHARE(1))]).expect("one level");
     std::thread::scope(|s| {
         let mut q = sched.lock();
-        // Reads the two levels, then waits for the lock the reload holds.
+        // Waits for the lock the reload holds. The pause is not synchronisation the test's
+        // pass depends on: it only gives the old code (which read the levels before taking
+        // the lock) the chance to read them before the reload; the fixed code takes the lock
+        // first and lands at a level in force whatever the timing.
         let moving = s.spawn(|| mover.move_to(1));
         std::thread::sleep(Duration::from_millis(200));
         sched.set_levels_locked(&mut q, one, &|_| None);
